@@ -1,0 +1,44 @@
+# berth: the two set-up commands are `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+CARGO ?= cargo
+BERTH_CACHE ?= $(HOME)/.cache/berth
+BIN := $(BERTH_CACHE)/bin/current
+ENV := target/debug/berth-env
+export PATH := $(BIN):$(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env
+
+## Everything a fresh machine needs: Debian packages, Kubernetes/etcd/helm binaries built
+## from Go modules (cached by version), the pinned LocalStack venv.
+deps:
+	hack/install-deps.sh
+	hack/build-binaries.sh
+	hack/setup-localstack.sh
+
+build:
+	$(CARGO) build --workspace --bins
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+lint: fmt-check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --lib --bins
+
+## End-to-end suites on the real local cluster (needs root).
+e2e: build
+	hack/e2e.sh
+
+test: deps lint unit e2e
+
+## Start the local cluster in the background (control plane, LocalStack, 3 nodes).
+up: deps build
+	$(ENV) up
+
+down:
+	@if [ -x $(ENV) ]; then $(ENV) down; else echo "nothing to stop"; fi
+
+demo: up
+	hack/demo.sh

@@ -1,0 +1,2 @@
+//! Writes berth's CRD YAML (no CRDs are defined yet).
+fn main() {}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs the end-to-end suites against one local environment for the whole run, and tears
+# it down afterwards, also when a test or the start fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+  echo "e2e: needs root (network namespaces, nftables, veths); run make test as root" >&2
+  exit 1
+fi
+env=target/debug/berth-env
+cargo test -p berth-e2e --tests --no-run
+trap '"$env" down' EXIT
+"$env" up
+cargo test -p berth-e2e --tests -- --test-threads="${E2E_THREADS:-4}"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the Debian packages berth's local environment needs. Idempotent.
+set -euo pipefail
+pkgs=(nftables iproute2 conntrack openssl socat tcpdump curl ca-certificates python3-venv)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[install-deps] installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! rustup component list --installed 2>/dev/null | grep -q clippy; then rustup component add clippy rustfmt; fi
+echo "[install-deps] system packages ready" >&2

@@ -1,0 +1,269 @@
+//! The whole local environment: network, control plane, LocalStack, simulated nodes.
+//! `Env::start` builds it, `Env` tears it down on drop (also when a panic unwinds), and
+//! `EnvInfo` (written to `env.json`) tells tests and users how to reach it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use serde::{Deserialize, Serialize};
+
+use crate::awsinfra::{self, AwsInfra};
+use crate::controlplane::ControlPlane;
+use crate::error::{Error, Result};
+use crate::kubelet::{self, Kubelet};
+use crate::localstack::{self, LocalStack};
+use crate::net::{self, NodePlan};
+use crate::paths;
+use crate::proc::wait_for;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeInfo {
+    #[serde(flatten)]
+    pub plan: NodePlan,
+    pub instance_id: String,
+    pub subnet_id: String,
+    pub provider_id: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EnvInfo {
+    pub kubeconfig: PathBuf,
+    pub apiserver_url: String,
+    pub localstack_endpoint: String,
+    pub region: String,
+    pub cluster_name: String,
+    pub service_cidr: String,
+    pub node_port_range: String,
+    pub bridge: String,
+    pub host_ip: String,
+    pub client_netns: String,
+    pub client_ip: String,
+    pub nodes: Vec<NodeInfo>,
+    pub aws: AwsInfra,
+    pub log_dir: PathBuf,
+    pub supervisor_pid: u32,
+}
+
+impl EnvInfo {
+    pub fn path() -> PathBuf {
+        paths::state_dir().join("env.json")
+    }
+
+    /// The running environment's description, or an error saying how to start one.
+    pub fn load() -> Result<Self> {
+        let path = Self::path();
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::Setup(format!(
+                "no running local environment ({}: {e}); end-to-end tests need root and the \
+                 local cluster: run them with `make test` (or start one with `make up`)",
+                path.display()
+            ))
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::Setup(format!("{}: {e}", path.display())))
+    }
+}
+
+pub struct Env {
+    pub info: EnvInfo,
+    scratch: PathBuf,
+    kubelets: Vec<(Arc<Kubelet>, tokio::task::JoinHandle<()>)>,
+    localstack: Option<LocalStack>,
+    control_plane: Option<ControlPlane>,
+}
+
+/// Removes what an earlier run left: its supervisor, namespaces, links, scratch dirs.
+pub fn sweep() {
+    if let Ok(pid) = std::fs::read_to_string(paths::state_dir().join("supervisor.pid")) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            if pid as u32 != std::process::id() {
+                stop_pid(pid, Duration::from_secs(60));
+            }
+        }
+    }
+    net::sweep();
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(paths::SCRATCH_PREFIX) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_file(paths::state_dir().join("supervisor.pid"));
+    let _ = std::fs::remove_file(EnvInfo::path());
+}
+
+/// SIGTERM, then SIGKILL after `grace`, to a berth-env supervisor found by its pid file.
+pub fn stop_pid(pid: i32, grace: Duration) {
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !cmdline.contains("berth-env") {
+        return;
+    }
+    // SAFETY: kill(2) of the supervisor recorded in berth's own pid file.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline && Path::new(&format!("/proc/{pid}")).exists() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+impl Env {
+    /// Starts everything with `node_count` simulated nodes.
+    pub async fn start(node_count: u8) -> Result<Self> {
+        sweep();
+        let state = paths::state_dir();
+        let log_dir = paths::log_dir();
+        let _ = std::fs::remove_dir_all(&log_dir);
+        for d in [&state, &log_dir] {
+            std::fs::create_dir_all(d).map_err(Error::io("create dir", d))?;
+        }
+        let scratch = std::env::temp_dir().join(format!(
+            "{}{}",
+            paths::SCRATCH_PREFIX,
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&scratch).map_err(Error::io("create scratch dir", &scratch))?;
+        let mut env = Env {
+            info: EnvInfo {
+                kubeconfig: state.join("kubeconfig"),
+                apiserver_url: String::new(),
+                localstack_endpoint: String::new(),
+                region: net::REGION.into(),
+                cluster_name: awsinfra::CLUSTER_NAME.into(),
+                service_cidr: net::SERVICE_CIDR.into(),
+                node_port_range: crate::controlplane::NODE_PORT_RANGE.into(),
+                bridge: net::BRIDGE.into(),
+                host_ip: net::HOST_IP.to_string(),
+                client_netns: net::CLIENT_NETNS.into(),
+                client_ip: net::CLIENT_IP.to_string(),
+                nodes: Vec::new(),
+                aws: AwsInfra {
+                    vpc_id: String::new(),
+                    subnet_ids: Vec::new(),
+                    instance_ids: Vec::new(),
+                },
+                log_dir: log_dir.clone(),
+                supervisor_pid: std::process::id(),
+            },
+            scratch: scratch.clone(),
+            kubelets: Vec::new(),
+            localstack: None,
+            control_plane: None,
+        };
+
+        let plans: Vec<NodePlan> = (1..=node_count).map(NodePlan::new).collect();
+        tracing::info!("creating the test network");
+        net::create_bridge()?;
+        net::create_client()?;
+        for plan in &plans {
+            net::create_node(plan, &plans)?;
+        }
+
+        tracing::info!("starting the control plane and LocalStack");
+        let ls_volume = scratch.join("localstack");
+        let (cp, ls) = tokio::join!(
+            ControlPlane::start(&scratch, &log_dir, &env.info.kubeconfig),
+            LocalStack::start(&ls_volume, &log_dir),
+        );
+        let cp = cp?;
+        env.info.apiserver_url = cp.apiserver_url.clone();
+        env.control_plane = Some(cp);
+        let ls = ls?;
+        env.info.localstack_endpoint = ls.endpoint.clone();
+        env.localstack = Some(ls);
+
+        tracing::info!("creating the VPC, subnets and instances in LocalStack");
+        let sdk = localstack::sdk_config(&env.info.localstack_endpoint).await;
+        let ec2 = aws_sdk_ec2::Client::new(&sdk);
+        env.info.aws = awsinfra::create(&ec2, &plans).await?;
+
+        tracing::info!("registering {} nodes", plans.len());
+        let client = crate::client_from_kubeconfig(&env.info.kubeconfig).await?;
+        for (i, plan) in plans.iter().enumerate() {
+            let instance_id = env.info.aws.instance_ids[i].clone();
+            kubelet::register_node(&client, plan, &instance_id).await?;
+            let kubelet = Kubelet::new(client.clone(), plan.clone(), log_dir.clone());
+            let task = tokio::spawn(kubelet.clone().run());
+            env.kubelets.push((kubelet, task));
+            env.info.nodes.push(NodeInfo {
+                plan: plan.clone(),
+                provider_id: format!("aws:///{}/{}", plan.zone, instance_id),
+                instance_id,
+                subnet_id: env.info.aws.subnet_ids[i].clone(),
+            });
+        }
+        let nodes: Api<Node> = Api::all(client.clone());
+        wait_for(
+            "every node Ready and untainted",
+            Duration::from_secs(60),
+            || async {
+                let Ok(list) = nodes.list(&Default::default()).await else {
+                    return false;
+                };
+                list.items.len() == plans.len()
+                    && list.items.iter().all(|n| {
+                        let untainted = n
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.taints.as_ref())
+                            .is_none_or(|t| t.is_empty());
+                        let ready = n
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_some_and(|c| {
+                                c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                            });
+                        untainted && ready
+                    })
+            },
+        )
+        .await?;
+
+        let json = serde_json::to_string_pretty(&env.info)
+            .map_err(|e| Error::Setup(format!("serialise env.json: {e}")))?;
+        std::fs::write(EnvInfo::path(), json).map_err(Error::io("write env.json", EnvInfo::path()))?;
+        tracing::info!("local environment ready");
+        Ok(env)
+    }
+
+    /// Processes of the environment that died.
+    pub fn dead(&mut self) -> Vec<String> {
+        let mut dead = self
+            .control_plane
+            .as_mut()
+            .map(ControlPlane::dead)
+            .unwrap_or_default();
+        if let Some(status) = self.localstack.as_mut().and_then(LocalStack::exited) {
+            dead.push(format!("localstack exited: {status}"));
+        }
+        dead
+    }
+
+    /// Orderly teardown: pods, kubelets, LocalStack, control plane, network, scratch.
+    pub async fn stop(mut self) {
+        for (kubelet, task) in std::mem::take(&mut self.kubelets) {
+            task.abort();
+            kubelet.stop_all().await;
+        }
+        // Drop does the rest.
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for (_, task) in self.kubelets.drain(..) {
+            task.abort();
+        }
+        self.localstack.take();
+        self.control_plane.take();
+        net::sweep();
+        let _ = std::fs::remove_dir_all(&self.scratch);
+        let _ = std::fs::remove_file(EnvInfo::path());
+        let _ = std::fs::remove_file(&self.info.kubeconfig);
+    }
+}

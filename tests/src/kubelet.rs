@@ -1,0 +1,337 @@
+//! The simulated nodes: a Node object per node namespace, kept Ready by heartbeats, and a
+//! small kubelet that realises the pods bound to it as network namespaces running
+//! `berth-podserver` on their container ports.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use crate::error::{Error, Result};
+use crate::net::{self, NodePlan};
+use crate::paths;
+use crate::proc::Supervised;
+
+pub const KUBELET_VERSION: &str = "v1.36.3";
+
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+/// Registers the Node object for `plan` with the EC2 instance behind it.
+pub async fn register_node(client: &Client, plan: &NodePlan, instance_id: &str) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": plan.name,
+            "labels": {
+                "kubernetes.io/hostname": plan.name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "topology.kubernetes.io/region": net::REGION,
+                "topology.kubernetes.io/zone": plan.zone,
+                "node.kubernetes.io/instance-type": "t3.medium",
+            }
+        },
+        "spec": {
+            "podCIDR": plan.pod_cidr,
+            "podCIDRs": [plan.pod_cidr],
+            "providerID": format!("aws:///{}/{}", plan.zone, instance_id),
+        }
+    }))
+    .map_err(|e| Error::Setup(format!("node object: {e}")))?;
+    nodes
+        .create(&PostParams::default(), &node)
+        .await
+        .map_err(Error::kube(format!("create Node {}", plan.name)))?;
+    heartbeat(client, plan).await
+}
+
+/// Marks the node Ready and renews its Lease, as a kubelet does every few seconds.
+pub async fn heartbeat(client: &Client, plan: &NodePlan) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let t = now();
+    let cond = |kind: &str, status: &str, reason: &str| {
+        json!({"type": kind, "status": status, "reason": reason, "message": reason,
+               "lastHeartbeatTime": t, "lastTransitionTime": t})
+    };
+    let status = json!({"status": {
+        "addresses": [
+            {"type": "InternalIP", "address": plan.ip.to_string()},
+            {"type": "Hostname", "address": plan.name},
+        ],
+        "capacity": {"cpu": "4", "memory": "8Gi", "pods": "110", "ephemeral-storage": "50Gi"},
+        "allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110", "ephemeral-storage": "50Gi"},
+        "conditions": [
+            cond("Ready", "True", "KubeletReady"),
+            cond("MemoryPressure", "False", "KubeletHasSufficientMemory"),
+            cond("DiskPressure", "False", "KubeletHasNoDiskPressure"),
+            cond("PIDPressure", "False", "KubeletHasSufficientPID"),
+        ],
+        "nodeInfo": {
+            "machineID": plan.name, "systemUUID": plan.name, "bootID": plan.name,
+            "kernelVersion": "berth-sim", "osImage": "berth simulated node",
+            "containerRuntimeVersion": "berth-sim://1", "kubeletVersion": KUBELET_VERSION,
+            "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64",
+        },
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+    }});
+    nodes
+        .patch_status(&plan.name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .map_err(Error::kube(format!("heartbeat Node {}", plan.name)))?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let lease = json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": plan.name},
+        "spec": {"holderIdentity": plan.name, "leaseDurationSeconds": 40,
+                 "renewTime": k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()},
+    });
+    leases
+        .patch(
+            &plan.name,
+            &PatchParams::apply("berth-e2e-kubelet").force(),
+            &Patch::Apply(&lease),
+        )
+        .await
+        .map_err(Error::kube(format!("renew Lease {}", plan.name)))?;
+    Ok(())
+}
+
+/// A pod this kubelet runs: its namespace (none for hostNetwork) and its server process.
+struct RunningPod {
+    netns: Option<String>,
+    ip_slot: Option<u8>,
+    _server: Option<Supervised>,
+}
+
+pub struct Kubelet {
+    plan: NodePlan,
+    client: Client,
+    pods: Mutex<BTreeMap<String, RunningPod>>,
+    log_dir: std::path::PathBuf,
+}
+
+impl Kubelet {
+    pub fn new(client: Client, plan: NodePlan, log_dir: std::path::PathBuf) -> Arc<Self> {
+        Arc::new(Self {
+            plan,
+            client,
+            pods: Mutex::new(BTreeMap::new()),
+            log_dir,
+        })
+    }
+
+    /// Heartbeats and pod sync until the task is aborted.
+    pub async fn run(self: Arc<Self>) {
+        let beat = {
+            let this = self.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    if let Err(e) = heartbeat(&this.client, &this.plan).await {
+                        tracing::warn!(node = %this.plan.name, "heartbeat failed: {e}");
+                    }
+                }
+            }
+        };
+        let pods: Api<Pod> = Api::all(self.client.clone());
+        let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", self.plan.name));
+        let sync = watcher(pods, cfg).for_each(|event| {
+            let this = self.clone();
+            async move {
+                match event {
+                    Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
+                        this.sync_pod(pod).await
+                    }
+                    Ok(watcher::Event::Delete(pod)) => {
+                        if let Some(uid) = pod.metadata.uid.as_deref() {
+                            this.teardown(uid).await;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(node = %this.plan.name, "pod watch: {e}"),
+                }
+            }
+        });
+        tokio::join!(beat, sync);
+    }
+
+    async fn sync_pod(&self, pod: Pod) {
+        let Some(uid) = pod.metadata.uid.clone() else {
+            return;
+        };
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        if pod.metadata.deletion_timestamp.is_some() {
+            self.teardown(&uid).await;
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+            let dp = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            if let Err(e) = api.delete(&name, &dp).await {
+                tracing::debug!(pod = %name, "final delete: {e}");
+            }
+            return;
+        }
+        if self.pods.lock().await.contains_key(&uid) {
+            return;
+        }
+        match self.start_pod(&pod, &uid).await {
+            Ok(ip) => {
+                if let Err(e) = self.report_running(&pod, ip).await {
+                    tracing::warn!(pod = %name, "status update failed: {e}");
+                }
+            }
+            Err(e) => tracing::warn!(node = %self.plan.name, pod = %name, "cannot start pod: {e}"),
+        }
+    }
+
+    async fn start_pod(&self, pod: &Pod, uid: &str) -> Result<Ipv4Addr> {
+        let spec = pod
+            .spec
+            .as_ref()
+            .ok_or_else(|| Error::Setup("pod without spec".into()))?;
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let host_network = spec.host_network.unwrap_or(false);
+        let mut pods = self.pods.lock().await;
+        let (netns, ip_slot, ip) = if host_network {
+            (None, None, self.plan.ip)
+        } else {
+            let used: BTreeSet<u8> = pods.values().filter_map(|p| p.ip_slot).collect();
+            let slot = (2..=254u8)
+                .find(|s| !used.contains(s))
+                .ok_or_else(|| Error::Setup(format!("podCIDR of {} is full", self.plan.name)))?;
+            let ip = self.plan.pod_ip(slot);
+            let netns = net::create_pod(&self.plan, uid, ip)?;
+            (Some(netns), Some(slot), ip)
+        };
+        let run_ns = netns.clone().unwrap_or_else(|| self.plan.netns.clone());
+        let server = match podserver_command(pod, &run_ns) {
+            Some(cmd) => {
+                let log = self.log_dir.join(format!(
+                    "pod-{}-{}.log",
+                    pod.metadata.namespace.as_deref().unwrap_or_default(),
+                    name
+                ));
+                Some(Supervised::spawn(&format!("pod {name}"), cmd, &log)?)
+            }
+            None => None,
+        };
+        pods.insert(
+            uid.to_string(),
+            RunningPod {
+                netns,
+                ip_slot,
+                _server: server,
+            },
+        );
+        Ok(ip)
+    }
+
+    async fn teardown(&self, uid: &str) {
+        let running = self.pods.lock().await.remove(uid);
+        if let Some(pod) = running {
+            drop(pod._server);
+            if let Some(ns) = pod.netns {
+                net::delete_netns(&ns);
+            }
+        }
+    }
+
+    async fn report_running(&self, pod: &Pod, ip: Ipv4Addr) -> Result<()> {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let t = now();
+        let containers: Vec<_> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .map(|c| {
+                json!({"name": c.name, "image": c.image.clone().unwrap_or_default(),
+                       "imageID": "", "ready": true, "started": true, "restartCount": 0,
+                       "state": {"running": {"startedAt": t}}})
+            })
+            .collect();
+        let cond = |kind: &str| json!({"type": kind, "status": "True", "lastTransitionTime": t});
+        let status = json!({"status": {
+            "phase": "Running",
+            "hostIP": self.plan.ip.to_string(),
+            "hostIPs": [{"ip": self.plan.ip.to_string()}],
+            "podIP": ip.to_string(),
+            "podIPs": [{"ip": ip.to_string()}],
+            "startTime": t,
+            "conditions": [cond("PodScheduled"), cond("Initialized"), cond("ContainersReady"), cond("Ready")],
+            "containerStatuses": containers,
+        }});
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .map_err(Error::kube(format!("status of pod {ns}/{name}")))?;
+        Ok(())
+    }
+
+    /// Stops every pod this kubelet runs.
+    pub async fn stop_all(&self) {
+        let uids: Vec<String> = self.pods.lock().await.keys().cloned().collect();
+        for uid in uids {
+            self.teardown(&uid).await;
+        }
+    }
+}
+
+/// The command that plays a pod's containers: one `berth-podserver` serving every
+/// container port (HTTP on TCP answering with the pod name, or the nginx welcome page for
+/// `nginx*` images; UDP echo). None when the pod declares no ports.
+fn podserver_command(pod: &Pod, netns: &str) -> Option<Command> {
+    let spec = pod.spec.as_ref()?;
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let mut args = vec!["--name".to_string(), name];
+    let mut any = false;
+    for c in &spec.containers {
+        let nginx = c
+            .image
+            .as_deref()
+            .map(|i| i.rsplit('/').next().unwrap_or(i).starts_with("nginx"))
+            .unwrap_or(false);
+        for p in c.ports.iter().flatten() {
+            let proto = p.protocol.as_deref().unwrap_or("TCP");
+            let flag = match (proto, nginx) {
+                ("UDP", _) => "--udp",
+                ("TCP", true) => "--nginx",
+                ("TCP", false) => "--tcp",
+                _ => continue,
+            };
+            args.push(flag.into());
+            args.push(p.container_port.to_string());
+            any = true;
+        }
+    }
+    if !any {
+        return None;
+    }
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns])
+        .arg(paths::sibling_bin("berth-podserver"))
+        .args(args);
+    Some(cmd)
+}

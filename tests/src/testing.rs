@@ -1,0 +1,128 @@
+//! Helpers for the end-to-end suites: connect to the running environment, isolate a case
+//! in its own Kubernetes namespace, and send traffic from the simulated hosts.
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::PostParams;
+use kube::{Api, Client};
+
+use crate::env::EnvInfo;
+use crate::error::{Error, Result};
+use crate::paths;
+
+pub use crate::proc::wait_for;
+
+/// The running environment as a test sees it. Fails (never skips) when none is running.
+pub struct TestEnv {
+    pub info: EnvInfo,
+    pub client: Client,
+}
+
+impl TestEnv {
+    pub async fn connect() -> Self {
+        let info = EnvInfo::load().unwrap_or_else(|e| panic!("{e}"));
+        let client = crate::client_from_kubeconfig(&info.kubeconfig)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        Self { info, client }
+    }
+
+    /// A fresh namespace named `<prefix>-<random>`, deleted when the guard drops.
+    pub async fn namespace(&self, prefix: &str) -> TestNamespace {
+        let name = format!("{prefix}-{:08x}", rand::random::<u32>());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"berth.dev/e2e": "true"}}
+        }))
+        .expect("static namespace object");
+        Api::<Namespace>::all(self.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+        TestNamespace {
+            name,
+            kubeconfig: self.info.kubeconfig.display().to_string(),
+        }
+    }
+
+    /// Runs kubectl against the environment; panics with its stderr on failure.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let out = self
+            .kubectl_output(args)
+            .unwrap_or_else(|e| panic!("kubectl {}: {e}", args.join(" ")));
+        if !out.status.success() {
+            panic!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn kubectl_output(&self, args: &[&str]) -> std::io::Result<Output> {
+        Command::new(paths::bin("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.info.kubeconfig)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+    }
+
+    /// AWS SDK configuration for the environment's LocalStack.
+    pub async fn aws(&self) -> aws_config::SdkConfig {
+        crate::localstack::sdk_config(&self.info.localstack_endpoint).await
+    }
+}
+
+/// A Kubernetes namespace for one test case; deleted (without waiting) on drop.
+pub struct TestNamespace {
+    pub name: String,
+    kubeconfig: String,
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new(paths::bin("kubectl"))
+            .args(["--kubeconfig", &self.kubeconfig, "delete", "namespace", &self.name])
+            .arg("--wait=false")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Runs `argv` inside network namespace `netns`.
+pub fn exec_in(netns: &str, argv: &[&str]) -> Result<Output> {
+    Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(argv)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(Error::io("ip netns exec", netns))
+}
+
+/// HTTP GET from inside `netns`; the body on a 2xx answer, an error otherwise.
+pub fn curl_in(netns: &str, url: &str, timeout: Duration) -> Result<String> {
+    let secs = format!("{:.1}", timeout.as_secs_f64());
+    let out = exec_in(
+        netns,
+        &["curl", "-sS", "--fail", "--max-time", &secs, "--noproxy", "*", url],
+    )?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(Error::Command {
+            command: format!("curl {url} in {netns}"),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Repository-relative path of an example manifest.
+pub fn example(path: &str) -> String {
+    paths::repo_root().join("examples").join(path).display().to_string()
+}

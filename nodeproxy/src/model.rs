@@ -1,0 +1,439 @@
+//! The node agent's view of the cluster: Services, their endpoints and this node's facts,
+//! as plain values. Everything here is already validated: addresses are parsed, ports are
+//! numbers, names are only ever used as map keys (never rendered into nftables syntax).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use crate::error::Error;
+
+/// Address family of a table, a Service address or an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(addr: &IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The protocol of a Kubernetes port (`None` means TCP, as in the API defaults).
+    pub fn parse(value: Option<&str>) -> Result<Self, Error> {
+        match value.unwrap_or("TCP") {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Ok(Protocol::Sctp),
+            other => Err(Error::InvalidInput(format!("unknown protocol {other:?}"))),
+        }
+    }
+
+    /// nftables' name of the protocol.
+    pub fn nft(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+/// An address prefix such as `10.244.0.0/16`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn new(addr: IpAddr, prefix: u8) -> Result<Self, Error> {
+        let max = match addr {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
+        };
+        if prefix > max {
+            return Err(Error::InvalidInput(format!(
+                "prefix /{prefix} too long for {addr}"
+            )));
+        }
+        Ok(Self {
+            addr: mask(addr, prefix),
+            prefix,
+        })
+    }
+
+    pub fn family(&self) -> Family {
+        Family::of(&self.addr)
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        Family::of(ip) == self.family() && mask(*ip, self.prefix) == self.addr
+    }
+
+    pub fn contains_cidr(&self, other: &Cidr) -> bool {
+        self.prefix <= other.prefix && self.contains(&other.addr)
+    }
+
+    /// The same address space without prefixes nested in others (nft interval sets
+    /// refuse overlapping elements).
+    pub fn minimal(cidrs: &[Cidr]) -> Vec<Cidr> {
+        let mut sorted = cidrs.to_vec();
+        sorted.sort_by_key(|c| (c.prefix, c.addr));
+        let mut kept: Vec<Cidr> = Vec::new();
+        for c in sorted {
+            if !kept.iter().any(|k| k.contains_cidr(&c)) {
+                kept.push(c);
+            }
+        }
+        kept.sort();
+        kept
+    }
+}
+
+fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let bits = u32::from(a);
+            let m = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - prefix)
+            };
+            IpAddr::V4((bits & m).into())
+        }
+        IpAddr::V6(a) => {
+            let bits = u128::from(a);
+            let m = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - prefix)
+            };
+            IpAddr::V6((bits & m).into())
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = || Error::InvalidInput(format!("invalid CIDR {s:?}"));
+        let s = s.trim();
+        match s.split_once('/') {
+            Some((a, p)) => {
+                let addr: IpAddr = a.parse().map_err(|_| bad())?;
+                let prefix: u8 = p.parse().map_err(|_| bad())?;
+                Cidr::new(addr, prefix)
+            }
+            None => {
+                let addr: IpAddr = s.parse().map_err(|_| bad())?;
+                let prefix = if addr.is_ipv4() { 32 } else { 128 };
+                Cidr::new(addr, prefix)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// namespace/name of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceId {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceId {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub node_port: Option<u16>,
+}
+
+/// A proxied Service (ExternalName and headless Services never become one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub id: ServiceId,
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip`, except those with `ipMode: Proxy`.
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub external_local: bool,
+    pub internal_local: bool,
+    /// `sessionAffinity: ClientIP` and its timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    pub source_ranges: Vec<Cidr>,
+    pub health_check_node_port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub node: Option<String>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// One EndpointSlice, joined to its Service by the `kubernetes.io/service-name` label.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slice {
+    pub service: ServiceId,
+    pub ports: Vec<EndpointPort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// What the agent knows about its own node and the cluster's address plan.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct NodeFacts {
+    pub name: String,
+    /// Addresses NodePorts are served on.
+    pub addresses: Vec<IpAddr>,
+    /// Pod addresses; traffic to ClusterIPs from elsewhere is masqueraded.
+    pub cluster_cidrs: Vec<Cidr>,
+    /// Unallocated addresses in these ranges are dropped.
+    pub service_cidrs: Vec<Cidr>,
+}
+
+/// Everything the ruleset is computed from.
+#[derive(Clone, Debug, Default)]
+pub struct Model {
+    pub node: NodeFacts,
+    pub services: BTreeMap<ServiceId, Service>,
+    /// Slices by (namespace, slice name).
+    pub slices: BTreeMap<(String, String), Slice>,
+}
+
+impl Model {
+    /// The slices of one Service.
+    pub fn slices_of<'a>(
+        &'a self,
+        id: &'a ServiceId,
+    ) -> impl Iterator<Item = &'a Slice> + Clone + 'a {
+        self.slices
+            .range((id.namespace.clone(), String::new())..)
+            .take_while(move |((ns, _), _)| *ns == id.namespace)
+            .map(|(_, s)| s)
+            .filter(move |s| &s.service == id)
+    }
+}
+
+/// Fixture builders for unit tests of this crate.
+#[cfg(test)]
+pub mod fixtures {
+    use super::*;
+
+    pub fn ip(s: &str) -> IpAddr {
+        s.parse().expect("fixture address")
+    }
+
+    impl Service {
+        pub fn test(ns: &str, name: &str, cluster_ip: &str) -> Self {
+            Self {
+                id: ServiceId::new(ns, name),
+                cluster_ips: vec![ip(cluster_ip)],
+                ports: Vec::new(),
+                external_ips: Vec::new(),
+                load_balancer_ips: Vec::new(),
+                external_local: false,
+                internal_local: false,
+                affinity_timeout: None,
+                source_ranges: Vec::new(),
+                health_check_node_port: None,
+            }
+        }
+
+        pub fn with_port(mut self, name: &str, protocol: Protocol, port: u16) -> Self {
+            self.ports.push(ServicePort {
+                name: name.into(),
+                protocol,
+                port,
+                node_port: None,
+            });
+            self
+        }
+
+        pub fn with_node_port(mut self, node_port: u16) -> Self {
+            if let Some(p) = self.ports.last_mut() {
+                p.node_port = Some(node_port);
+            }
+            self
+        }
+    }
+
+    impl Endpoint {
+        pub fn test(addr: &str, node: &str) -> Self {
+            Self {
+                addr: ip(addr),
+                node: Some(node.into()),
+                ready: true,
+                serving: true,
+                terminating: false,
+            }
+        }
+
+        pub fn terminating(mut self) -> Self {
+            self.ready = false;
+            self.terminating = true;
+            self
+        }
+    }
+
+    impl Slice {
+        pub fn test(svc: &Service) -> Self {
+            Self {
+                service: svc.id.clone(),
+                ports: Vec::new(),
+                endpoints: Vec::new(),
+            }
+        }
+
+        pub fn with_port(mut self, name: &str, protocol: Protocol, port: u16) -> Self {
+            self.ports.push(EndpointPort {
+                name: name.into(),
+                protocol,
+                port,
+            });
+            self
+        }
+
+        pub fn with(mut self, ep: Endpoint) -> Self {
+            self.endpoints.push(ep);
+            self
+        }
+    }
+
+    impl NodeFacts {
+        pub fn test(name: &str, addr: &str) -> Self {
+            Self {
+                name: name.into(),
+                addresses: vec![ip(addr)],
+                cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+                service_cidrs: vec!["10.96.0.0/16".parse().expect("cidr")],
+            }
+        }
+    }
+
+    impl Model {
+        pub fn test(node: NodeFacts) -> Self {
+            Self {
+                node,
+                ..Default::default()
+            }
+        }
+
+        pub fn with_service(mut self, svc: Service) -> Self {
+            self.services.insert(svc.id.clone(), svc);
+            self
+        }
+
+        pub fn with_slice(mut self, name: &str, slice: Slice) -> Self {
+            self.slices
+                .insert((slice.service.namespace.clone(), name.into()), slice);
+            self
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::*;
+    use super::*;
+
+    #[test]
+    fn cidr_parses_masks_and_contains() {
+        let c: Cidr = "10.244.1.7/16".parse().expect("cidr");
+        assert_eq!(c.to_string(), "10.244.0.0/16");
+        assert!(c.contains(&ip("10.244.200.1")));
+        assert!(!c.contains(&ip("10.245.0.1")));
+        assert!(!c.contains(&ip("::1")));
+        let single: Cidr = "fd00::1".parse().expect("cidr");
+        assert_eq!(single.to_string(), "fd00::1/128");
+        let all: Cidr = "0.0.0.0/0".parse().expect("cidr");
+        assert!(all.contains(&ip("1.2.3.4")));
+    }
+
+    #[test]
+    fn minimal_drops_nested_prefixes() {
+        let c = |s: &str| s.parse::<Cidr>().expect("cidr");
+        let m = Cidr::minimal(&[
+            c("10.18.63.104/32"),
+            c("10.18.0.0/17"),
+            c("10.19.0.0/16"),
+            c("10.18.0.0/17"),
+        ]);
+        assert_eq!(m, vec![c("10.18.0.0/17"), c("10.19.0.0/16")]);
+    }
+
+    #[test]
+    fn cidr_rejects_garbage() {
+        for bad in ["", "10.0.0.0/33", "x/8", "10.0.0.0/-1", "1.2.3.4/8; drop"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn protocol_defaults_to_tcp_and_rejects_unknown() {
+        assert_eq!(Protocol::parse(None).expect("tcp"), Protocol::Tcp);
+        assert_eq!(Protocol::parse(Some("UDP")).expect("udp"), Protocol::Udp);
+        assert_eq!(Protocol::parse(Some("SCTP")).expect("sctp"), Protocol::Sctp);
+        assert!(Protocol::parse(Some("ICMP")).is_err());
+    }
+
+    #[test]
+    fn slices_of_returns_only_that_services_slices() {
+        let a = Service::test("ns", "a", "10.96.0.1");
+        let b = Service::test("ns", "b", "10.96.0.2");
+        let other = Service::test("ns2", "a", "10.96.0.3");
+        let m = Model::test(NodeFacts::test("n1", "198.18.1.10"))
+            .with_slice("a-1", Slice::test(&a))
+            .with_slice("a-2", Slice::test(&a))
+            .with_slice("b-1", Slice::test(&b))
+            .with_slice("a-x", Slice::test(&other));
+        assert_eq!(m.slices_of(&a.id).count(), 2);
+        assert_eq!(m.slices_of(&b.id).count(), 1);
+        assert_eq!(m.slices_of(&other.id).count(), 1);
+    }
+}

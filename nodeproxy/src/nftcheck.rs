@@ -1,0 +1,221 @@
+//! Property test against the real nft: random models, with hostile Service, port and
+//! namespace names, always render to transactions nft accepts, and incremental
+//! transactions apply on top of full ones. Runs in a throwaway network namespace
+//! (`unshare -n`, gone when nft exits); needs root like the rest of `make test`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::process::{Command, Stdio};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::model::{
+    Cidr, Endpoint, EndpointPort, Model, NodeFacts, Protocol, Service, ServiceId, ServicePort,
+    Slice,
+};
+use crate::ruleset::{all_rules, service_rules};
+use crate::sync::{Changes, Programmed};
+
+const HOSTILE: &[&str] = &[
+    "web",
+    "a; flush ruleset",
+    "} table ip x { chain y { drop; } }",
+    "\"quoted\"",
+    "$var @set",
+    "name\nwith\nnewlines",
+    "ünïcødé",
+    "#comment",
+    "",
+];
+
+fn pick<'a>(r: &mut StdRng, v: &'a [&'a str]) -> &'a str {
+    v[r.random_range(0..v.len())]
+}
+
+fn addr(r: &mut StdRng, v6: bool, base: u8) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            u16::from(base),
+            0,
+            0,
+            0,
+            0,
+            r.random(),
+            r.random_range(1..=u16::MAX),
+        ))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(10, base, r.random(), r.random_range(1..=254)))
+    }
+}
+
+fn proto(r: &mut StdRng) -> Protocol {
+    [Protocol::Tcp, Protocol::Udp, Protocol::Sctp][r.random_range(0..3)]
+}
+
+fn random_model(r: &mut StdRng) -> Model {
+    let node = NodeFacts {
+        name: pick(r, HOSTILE).into(),
+        addresses: vec![
+            "198.18.1.10".parse().expect("ip"),
+            "fd00:18::10".parse().expect("ip"),
+        ],
+        cluster_cidrs: vec![
+            "10.244.0.0/16".parse().expect("cidr"),
+            "fd00:244::/48".parse().expect("cidr"),
+        ],
+        service_cidrs: vec!["10.96.0.0/16".parse().expect("cidr")],
+    };
+    let mut m = Model {
+        node,
+        ..Default::default()
+    };
+    for i in 0..r.random_range(0..25) {
+        let v6 = r.random_bool(0.2);
+        let id = ServiceId::new(pick(r, HOSTILE), &format!("{}{i}", pick(r, HOSTILE)));
+        let ports: Vec<ServicePort> = (0..r.random_range(0..4))
+            .map(|_| ServicePort {
+                name: pick(r, HOSTILE).into(),
+                protocol: proto(r),
+                port: r.random_range(1..=u16::MAX),
+                node_port: r.random_bool(0.5).then(|| r.random_range(30000..=32767)),
+            })
+            .collect();
+        let svc = Service {
+            id: id.clone(),
+            cluster_ips: vec![addr(r, v6, 96)],
+            ports: ports.clone(),
+            external_ips: (0..r.random_range(0..2)).map(|_| addr(r, v6, 97)).collect(),
+            load_balancer_ips: (0..r.random_range(0..2)).map(|_| addr(r, v6, 98)).collect(),
+            external_local: r.random_bool(0.3),
+            internal_local: r.random_bool(0.2),
+            affinity_timeout: r.random_bool(0.3).then(|| r.random_range(1..100_000)),
+            source_ranges: (0..r.random_range(0..3))
+                .map(|_| {
+                    let same_family = v6 && r.random_bool(0.8);
+                    let a = addr(r, same_family, 18);
+                    Cidr::new(a, r.random_range(8..=32)).expect("cidr")
+                })
+                .collect(),
+            health_check_node_port: r.random_bool(0.3).then(|| r.random_range(30000..=32767)),
+        };
+        for s in 0..r.random_range(0..3) {
+            let slice = Slice {
+                service: id.clone(),
+                ports: ports
+                    .iter()
+                    .filter_map(|p| {
+                        if !r.random_bool(0.9) {
+                            return None;
+                        }
+                        Some(EndpointPort {
+                            name: p.name.clone(),
+                            protocol: p.protocol,
+                            port: r.random_range(1..=u16::MAX),
+                        })
+                    })
+                    .collect(),
+                endpoints: (0..r.random_range(0..12))
+                    .map(|_| Endpoint {
+                        addr: addr(r, v6, 244),
+                        node: r.random_bool(0.9).then(|| {
+                            if r.random_bool(0.5) {
+                                m.node.name.clone()
+                            } else {
+                                pick(r, HOSTILE).into()
+                            }
+                        }),
+                        ready: r.random_bool(0.7),
+                        serving: r.random_bool(0.8),
+                        terminating: r.random_bool(0.3),
+                    })
+                    .collect(),
+            };
+            m.slices
+                .insert((id.namespace.clone(), format!("{}-{s}", id.name)), slice);
+        }
+        m.services.insert(id, svc);
+    }
+    m
+}
+
+/// Runs the transactions in order in a fresh network namespace; nft's error otherwise.
+fn nft_in_throwaway_netns(transactions: &[String]) -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!(
+        "berth-nftcheck-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut script = String::from("set -e\n");
+    for (i, t) in transactions.iter().enumerate() {
+        let f = dir.join(format!("{i}.nft"));
+        std::fs::File::create(&f)
+            .and_then(|mut fh| fh.write_all(t.as_bytes()))
+            .map_err(|e| e.to_string())?;
+        script.push_str(&format!("nft -f {}\n", f.display()));
+    }
+    let out = Command::new("unshare")
+        .args(["-n", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("unshare: {e}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn random_models_with_hostile_names_render_to_transactions_nft_accepts() {
+    let mut r = StdRng::seed_from_u64(0xbe57);
+    for round in 0..40 {
+        let m = random_model(&mut r);
+        let (full, mut programmed) = Programmed::full(&m.node, all_rules(&m), None);
+        for name in HOSTILE.iter().filter(|n| n.len() > 3) {
+            assert!(
+                !full.transaction.contains(name),
+                "user string {name:?} reached nft syntax"
+            );
+        }
+        // An incremental step: change, remove and add some Services.
+        let next = random_model(&mut r);
+        let mut changes: Changes = BTreeMap::new();
+        for (i, id) in m.services.keys().enumerate() {
+            if i % 2 == 0 {
+                changes.insert(id.clone(), None);
+            }
+        }
+        for (id, svc) in next.services.iter().take(5) {
+            let mut svc = svc.clone();
+            svc.id = id.clone();
+            changes.insert(
+                id.clone(),
+                Some(service_rules(&svc, next.slices_of(id), &m.node)),
+            );
+        }
+        let incr = programmed.plan_incremental(&changes);
+        assert!(
+            !incr.needs_full,
+            "endpoint counts stay below the precreated chains"
+        );
+        programmed.commit(changes);
+        let again = programmed.plan_incremental(&Changes::new());
+        assert_eq!(again.transaction, "");
+        if let Err(e) = nft_in_throwaway_netns(&[
+            full.transaction.clone(),
+            full.transaction.clone(),
+            incr.transaction.clone(),
+        ]) {
+            panic!(
+                "round {round}: nft refused:\n{e}\n--- full ---\n{}\n--- incremental ---\n{}",
+                full.transaction, incr.transaction
+            );
+        }
+    }
+}

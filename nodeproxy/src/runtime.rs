@@ -1,0 +1,434 @@
+//! Wiring: command-line configuration, the watches feeding the index, the debounced sync
+//! loop applying transactions, and the admin HTTP server.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::Notify;
+
+use crate::error::Error;
+use crate::healthcheck::HealthChecks;
+use crate::index::{Index, Kind, NodeConfig, Work};
+use crate::metrics::Metrics;
+use crate::model::{Cidr, ServiceId};
+use crate::ruleset;
+use crate::sync::{Changes, Programmed};
+use crate::{convert, http, nft};
+
+/// `100ms`, `2s`, `1m`: a duration flag.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration unit in {s:?} (ms, s, m)")),
+    }
+}
+
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    name = "berth-nodeproxy",
+    about = "berth's node agent: Service traffic to pods with nftables"
+)]
+pub struct Args {
+    /// This node's name.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Kubeconfig file; without it, in-cluster configuration (or the usual defaults).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Addresses NodePorts are served on (comma-separated); default: the Node's InternalIPs.
+    #[arg(long, value_delimiter = ',')]
+    pub node_addresses: Vec<IpAddr>,
+    /// Pod network ranges: ClusterIP traffic from elsewhere is masqueraded.
+    #[arg(long, value_delimiter = ',')]
+    pub cluster_cidr: Vec<Cidr>,
+    /// Service ranges: traffic to unallocated addresses in them is dropped.
+    #[arg(long, value_delimiter = ',')]
+    pub service_cidr: Vec<Cidr>,
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind: SocketAddr,
+    /// Address the ETP=Local health-check NodePorts listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub health_check_bind: IpAddr,
+    /// Changes arriving faster than this are batched into one sync.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub min_sync_interval: Duration,
+    /// A sync runs at least this often.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub max_sync_interval: Duration,
+    /// `/healthz` fails when the last successful sync is older than this.
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    pub healthz_max_age: Duration,
+    /// JSON logs.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+pub async fn client(args: &Args) -> Result<Client, Error> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| Error::Config(e.to_string()))?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+struct Shared {
+    index: Mutex<Index>,
+    notify: Notify,
+    metrics: Metrics,
+}
+
+impl Shared {
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn warn_all(kind: &str, key: &str, warnings: Vec<String>) {
+    for w in warnings {
+        tracing::warn!(kind, object = key, "ignoring invalid field: {w}");
+    }
+}
+
+async fn watch_services(api: Api<Service>, shared: Arc<Shared>) {
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(ev) = stream.next().await {
+        {
+            let mut idx = shared.index();
+            match ev {
+                Ok(Event::Init) => idx.begin_relist(Kind::Services),
+                Ok(Event::InitDone) => idx.end_relist(Kind::Services),
+                Ok(Event::Apply(s) | Event::InitApply(s)) => {
+                    let id = ServiceId::new(&s.namespace().unwrap_or_default(), &s.name_any());
+                    let mut w = Vec::new();
+                    let model = convert::service(&s, &mut w);
+                    warn_all("Service", &id.to_string(), w);
+                    idx.apply_service(id, model);
+                }
+                Ok(Event::Delete(s)) => idx.delete_service(&ServiceId::new(
+                    &s.namespace().unwrap_or_default(),
+                    &s.name_any(),
+                )),
+                Err(e) => tracing::warn!("Service watch: {e}"),
+            }
+        }
+        shared.notify.notify_one();
+    }
+}
+
+async fn watch_slices(api: Api<EndpointSlice>, shared: Arc<Shared>) {
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(ev) = stream.next().await {
+        {
+            let mut idx = shared.index();
+            match ev {
+                Ok(Event::Init) => idx.begin_relist(Kind::Slices),
+                Ok(Event::InitDone) => idx.end_relist(Kind::Slices),
+                Ok(Event::Apply(s) | Event::InitApply(s)) => {
+                    let ns = s.namespace().unwrap_or_default();
+                    let name = s.name_any();
+                    let mut w = Vec::new();
+                    let model = convert::slice(&s, &mut w);
+                    warn_all("EndpointSlice", &format!("{ns}/{name}"), w);
+                    idx.apply_slice(&ns, &name, model);
+                }
+                Ok(Event::Delete(s)) => {
+                    idx.delete_slice(&s.namespace().unwrap_or_default(), &s.name_any())
+                }
+                Err(e) => tracing::warn!("EndpointSlice watch: {e}"),
+            }
+        }
+        shared.notify.notify_one();
+    }
+}
+
+async fn watch_node(api: Api<Node>, name: String, shared: Arc<Shared>) {
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+    while let Some(ev) = stream.next().await {
+        {
+            let mut idx = shared.index();
+            match ev {
+                Ok(Event::InitDone) => idx.end_relist(Kind::Node),
+                Ok(Event::Apply(n) | Event::InitApply(n)) => {
+                    let mut w = Vec::new();
+                    let ips = convert::node_internal_ips(&n, &mut w);
+                    warn_all("Node", &name, w);
+                    idx.set_node_ips(ips);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("Node watch: {e}"),
+            }
+        }
+        shared.notify.notify_one();
+    }
+}
+
+/// Takes the index's pending work and computes the rules it needs (under the lock: the
+/// model is not copied).
+fn compute(shared: &Shared, force_full: bool) -> Option<(Work, Computed)> {
+    let mut idx = shared.index();
+    if !idx.ready() {
+        return None;
+    }
+    let work = idx.take_work(force_full);
+    let model = &idx.model;
+    let computed = match &work {
+        Work::Nothing => Computed::Nothing,
+        Work::Full => Computed::Full(model.node.clone(), ruleset::all_rules(model)),
+        Work::Services(ids) => Computed::Changes(
+            ids.iter()
+                .map(|id| {
+                    let rules = model
+                        .services
+                        .get(id)
+                        .map(|s| ruleset::service_rules(s, model.slices_of(id), &model.node));
+                    (id.clone(), rules)
+                })
+                .collect(),
+        ),
+    };
+    Some((work, computed))
+}
+
+enum Computed {
+    Nothing,
+    Full(
+        crate::model::NodeFacts,
+        std::collections::BTreeMap<ServiceId, ruleset::ServiceRules>,
+    ),
+    Changes(Changes),
+}
+
+async fn sync_loop(shared: Arc<Shared>, health: HealthChecks, args: Args) {
+    let mut programmed: Option<Programmed> = None;
+    let mut force_full = true;
+    let mut last = Instant::now() - args.min_sync_interval;
+    loop {
+        let wait = if force_full && programmed.is_some() {
+            Duration::from_secs(1)
+        } else {
+            args.max_sync_interval
+        };
+        tokio::select! {
+            _ = shared.notify.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let since = last.elapsed();
+        if since < args.min_sync_interval {
+            tokio::time::sleep(args.min_sync_interval - since).await;
+        }
+        let pending = shared.index().pending_since();
+        let start = Instant::now();
+        let Some((_, computed)) = compute(&shared, force_full || programmed.is_none()) else {
+            continue;
+        };
+        last = Instant::now();
+        let services = shared.index().model.services.len();
+        let (result, full, stale) = match computed {
+            Computed::Nothing => (Ok(()), None, Vec::new()),
+            Computed::Full(node, rules) => {
+                let (plan, next) = Programmed::full(&node, rules, programmed.as_ref());
+                let r = nft::apply(&plan.transaction, "full").await;
+                if r.is_ok() {
+                    tracing::info!(
+                        services,
+                        elements = next.element_count(),
+                        took_ms = start.elapsed().as_millis() as u64,
+                        "full sync"
+                    );
+                    programmed = Some(next);
+                }
+                (r, Some(true), plan.stale_udp)
+            }
+            Computed::Changes(changes) => match programmed.as_mut() {
+                None => (Ok(()), None, Vec::new()),
+                Some(p) => {
+                    let plan = p.plan_incremental(&changes);
+                    let r = if plan.needs_full {
+                        Err(Error::InvalidInput(
+                            "an endpoint count needs a new chain; resyncing fully".into(),
+                        ))
+                    } else if plan.transaction.is_empty() {
+                        Ok(())
+                    } else {
+                        nft::apply(&plan.transaction, "partial").await
+                    };
+                    if r.is_ok() {
+                        tracing::debug!(
+                            changed = changes.len(),
+                            elements = plan.elements_changed,
+                            took_ms = start.elapsed().as_millis() as u64,
+                            "partial sync"
+                        );
+                        p.commit(changes);
+                    }
+                    (r, Some(false), plan.stale_udp)
+                }
+            },
+        };
+        match result {
+            Ok(()) => {
+                force_full = false;
+                nft::clear_udp(&stale).await;
+                if let Some(p) = &programmed {
+                    health.update(p.health_checks()).await;
+                    shared.metrics.sync_ok(
+                        full,
+                        start.elapsed(),
+                        p.element_count(),
+                        p.lb_chain_count(),
+                        services,
+                    );
+                }
+                if full.is_some()
+                    && let Some(t) = pending
+                {
+                    shared.metrics.programming_latency(t.elapsed());
+                    shared.index().synced();
+                }
+            }
+            Err(e) => {
+                tracing::warn!("sync failed, next sync is a full one: {e}");
+                shared.metrics.sync_failed(e.metric_label());
+                force_full = true;
+            }
+        }
+    }
+}
+
+async fn admin(listener: tokio::net::TcpListener, shared: Arc<Shared>, max_age: Duration) {
+    http::serve(listener, move |path| {
+        let shared = shared.clone();
+        async move {
+            match path.as_str() {
+                "/healthz" | "/livez" => {
+                    let (ok, age) = shared.metrics.healthy(max_age);
+                    let body = serde_json::json!({
+                        "lastSuccessfulSyncAgeSeconds": age.map(|a| a.as_secs_f64()),
+                        "healthy": ok,
+                    })
+                    .to_string();
+                    (if ok { 200 } else { 503 }, "application/json", body)
+                }
+                "/metrics" => (200, "text/plain; version=0.0.4", shared.metrics.render()),
+                _ => (404, "text/plain", "not found\n".into()),
+            }
+        }
+    })
+    .await
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(Error::io(format!("bind {addr}")))
+}
+
+/// Runs the agent until the process is stopped. Stopping leaves the rules in place: the
+/// next start replaces them atomically, so established connections keep flowing.
+pub async fn run(args: Args) -> Result<(), Error> {
+    let client = client(&args).await?;
+    let shared = Arc::new(Shared {
+        index: Mutex::new(Index::new(NodeConfig {
+            name: args.node_name.clone(),
+            addresses: args.node_addresses.clone(),
+            cluster_cidrs: args.cluster_cidr.clone(),
+            service_cidrs: args.service_cidr.clone(),
+        })),
+        notify: Notify::new(),
+        metrics: Metrics::default(),
+    });
+    let healthz = bind(args.healthz_bind).await?;
+    let metrics = if args.metrics_bind == args.healthz_bind {
+        None
+    } else {
+        Some(bind(args.metrics_bind).await?)
+    };
+    tracing::info!(node = %args.node_name, healthz = %args.healthz_bind, metrics = %args.metrics_bind, "starting");
+    let health = HealthChecks::new(args.health_check_bind);
+    let tasks = vec![
+        tokio::spawn(watch_services(Api::all(client.clone()), shared.clone())),
+        tokio::spawn(watch_slices(Api::all(client.clone()), shared.clone())),
+        tokio::spawn(watch_node(
+            Api::all(client.clone()),
+            args.node_name.clone(),
+            shared.clone(),
+        )),
+        tokio::spawn(sync_loop(shared.clone(), health, args.clone())),
+        tokio::spawn(admin(healthz, shared.clone(), args.healthz_max_age)),
+    ];
+    if let Some(m) = metrics {
+        tokio::spawn(admin(m, shared.clone(), args.healthz_max_age));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn flags_parse() {
+        let a = Args::try_parse_from([
+            "berth-nodeproxy",
+            "--node-name",
+            "n1",
+            "--node-addresses",
+            "198.18.1.10,fd00::1",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--min-sync-interval",
+            "50ms",
+        ])
+        .expect("flags");
+        assert_eq!(a.node_addresses.len(), 2);
+        assert_eq!(a.cluster_cidr[0].to_string(), "10.244.0.0/16");
+        assert_eq!(a.min_sync_interval, Duration::from_millis(50));
+        assert!(
+            Args::try_parse_from(["berth-nodeproxy", "--node-name", "n", "--cluster-cidr", "x"])
+                .is_err()
+        );
+    }
+}

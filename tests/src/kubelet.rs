@@ -335,3 +335,55 @@ fn podserver_command(pod: &Pod, netns: &str) -> Option<Command> {
         .args(args);
     Some(cmd)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(image: &str, ports: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web-1"},
+            "spec": {"containers": [{"name": "c", "image": image, "ports": ports}]}
+        }))
+        .expect("pod fixture")
+    }
+
+    fn args(cmd: &Command) -> Vec<String> {
+        cmd.get_args()
+            .skip(4) // netns exec <ns> <binary>
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn nginx_images_serve_the_welcome_page_on_tcp_ports() {
+        let p = pod(
+            "docker.io/library/nginx:1.27",
+            json!([{"containerPort": 80}, {"containerPort": 53, "protocol": "UDP"}]),
+        );
+        let cmd = podserver_command(&p, "berth-pod-x").expect("a server");
+        assert_eq!(
+            args(&cmd),
+            ["--name", "web-1", "--nginx", "80", "--udp", "53"]
+        );
+    }
+
+    #[test]
+    fn other_images_answer_with_the_pod_name() {
+        let p = pod(
+            "berth/echo",
+            json!([{"containerPort": 8080, "protocol": "TCP"}]),
+        );
+        let cmd = podserver_command(&p, "berth-pod-x").expect("a server");
+        assert_eq!(args(&cmd), ["--name", "web-1", "--tcp", "8080"]);
+        let ns: Vec<_> = cmd.get_args().take(3).collect();
+        assert_eq!(ns, ["netns", "exec", "berth-pod-x"]);
+    }
+
+    #[test]
+    fn pods_without_ports_run_no_server() {
+        assert!(podserver_command(&pod("busybox", json!([])), "ns").is_none());
+        let sctp = pod("x", json!([{"containerPort": 9, "protocol": "SCTP"}]));
+        assert!(podserver_command(&sctp, "ns").is_none());
+    }
+}

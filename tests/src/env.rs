@@ -170,6 +170,7 @@ impl Env {
         );
         let cp = cp?;
         env.info.apiserver_url = cp.apiserver_url.clone();
+        let ca_cert = cp.ca_cert.clone();
         env.control_plane = Some(cp);
         let ls = ls?;
         env.info.localstack_endpoint = ls.endpoint.clone();
@@ -185,7 +186,12 @@ impl Env {
         for (i, plan) in plans.iter().enumerate() {
             let instance_id = env.info.aws.instance_ids[i].clone();
             kubelet::register_node(&client, plan, &instance_id).await?;
-            let kubelet = Kubelet::new(client.clone(), plan.clone(), log_dir.clone());
+            let dirs = kubelet::KubeletDirs {
+                log_dir: log_dir.clone(),
+                scratch: scratch.clone(),
+                ca_cert: ca_cert.clone(),
+            };
+            let kubelet = Kubelet::new(client.clone(), plan.clone(), dirs);
             let task = tokio::spawn(kubelet.clone().run());
             env.kubelets.push((kubelet, task));
             env.info.nodes.push(NodeInfo {

@@ -11,6 +11,7 @@ pub mod localstack;
 pub mod net;
 pub mod paths;
 pub mod pki;
+pub mod podrun;
 pub mod proc;
 pub mod testing;
 

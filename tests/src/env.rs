@@ -72,6 +72,7 @@ pub struct Env {
     kubelets: Vec<(Arc<Kubelet>, tokio::task::JoinHandle<()>)>,
     localstack: Option<LocalStack>,
     control_plane: Option<ControlPlane>,
+    node_agents: Option<crate::nodeagent::NodeAgents>,
 }
 
 /// Removes what an earlier run left: its supervisor, namespaces, links, scratch dirs.
@@ -152,6 +153,7 @@ impl Env {
             kubelets: Vec::new(),
             localstack: None,
             control_plane: None,
+            node_agents: None,
         };
 
         let plans: Vec<NodePlan> = (1..=node_count).map(NodePlan::new).collect();
@@ -229,6 +231,11 @@ impl Env {
         )
         .await?;
 
+        if crate::nodeagent::enabled() {
+            tracing::info!("starting berth-nodeproxy on every node");
+            env.node_agents = Some(crate::nodeagent::NodeAgents::start(&env.info).await?);
+        }
+
         let json = serde_json::to_string_pretty(&env.info)
             .map_err(|e| Error::Setup(format!("serialise env.json: {e}")))?;
         std::fs::write(EnvInfo::path(), json)
@@ -252,6 +259,7 @@ impl Env {
 
     /// Orderly teardown: pods, kubelets, LocalStack, control plane, network, scratch.
     pub async fn stop(mut self) {
+        self.node_agents.take();
         for (kubelet, task) in std::mem::take(&mut self.kubelets) {
             task.abort();
             kubelet.stop_all().await;
@@ -262,6 +270,7 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        self.node_agents.take();
         for (_, task) in self.kubelets.drain(..) {
             task.abort();
         }

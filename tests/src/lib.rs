@@ -9,6 +9,7 @@ pub mod error;
 pub mod kubelet;
 pub mod localstack;
 pub mod net;
+pub mod nodeagent;
 pub mod paths;
 pub mod pki;
 pub mod podrun;

@@ -167,6 +167,20 @@ pub fn create_pod(node: &NodePlan, pod_uid: &str, addr: Ipv4Addr) -> Result<Stri
         ],
     )?;
     in_ns(&node.netns, &["link", "set", &link, "master", "cbr0", "up"])?;
+    // Hairpin mode, as the bridge CNI sets it: with br_netfilter on, a pod reaching itself
+    // through a Service is bridged back out of the port it came in on.
+    in_ns(
+        &node.netns,
+        &[
+            "link",
+            "set",
+            &link,
+            "type",
+            "bridge_slave",
+            "hairpin",
+            "on",
+        ],
+    )?;
     in_ns(&ns, &["link", "set", "lo", "up"])?;
     in_ns(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
     in_ns(&ns, &["link", "set", "eth0", "up"])?;

@@ -127,8 +127,7 @@ impl Index {
                 if let Some(seen) = self.relisting_slices.take() {
                     let gone: Vec<(String, String)> = self
                         .model
-                        .slices
-                        .keys()
+                        .slice_keys()
                         .filter(|k| !seen.contains(*k))
                         .cloned()
                         .collect();
@@ -170,13 +169,13 @@ impl Index {
         }
         let old = match slice {
             Some(s) => {
-                if self.model.slices.get(&key) == Some(&s) {
+                if self.model.slice(namespace, name) == Some(&s) {
                     return;
                 }
                 self.dirty.insert(s.service.clone());
-                self.model.slices.insert(key, s)
+                self.model.insert_slice(namespace, name, s)
             }
-            None => self.model.slices.remove(&key),
+            None => self.model.remove_slice(namespace, name),
         };
         if let Some(old) = old {
             self.dirty.insert(old.service);
@@ -185,11 +184,7 @@ impl Index {
     }
 
     pub fn delete_slice(&mut self, namespace: &str, name: &str) {
-        if let Some(old) = self
-            .model
-            .slices
-            .remove(&(namespace.to_string(), name.to_string()))
-        {
+        if let Some(old) = self.model.remove_slice(namespace, name) {
             self.dirty.insert(old.service);
             self.pending_since.get_or_insert_with(Instant::now);
         }
@@ -292,7 +287,7 @@ mod tests {
         i.end_relist(Kind::Services);
         i.end_relist(Kind::Slices);
         assert!(i.model.services.is_empty());
-        assert!(i.model.slices.is_empty());
+        assert_eq!(i.model.slice_count(), 0);
         assert_eq!(i.take_work(false), Work::Services(BTreeSet::from([s.id])));
     }
 

@@ -243,7 +243,9 @@ pub struct Model {
     pub node: NodeFacts,
     pub services: BTreeMap<ServiceId, Service>,
     /// Slices by (namespace, slice name).
-    pub slices: BTreeMap<(String, String), Slice>,
+    slices: BTreeMap<(String, String), Slice>,
+    /// Slice names of each Service, so its slices are found without a scan.
+    slice_names: BTreeMap<ServiceId, std::collections::BTreeSet<String>>,
 }
 
 impl Model {
@@ -252,11 +254,49 @@ impl Model {
         &'a self,
         id: &'a ServiceId,
     ) -> impl Iterator<Item = &'a Slice> + Clone + 'a {
+        self.slice_names
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter_map(move |name| self.slices.get(&(id.namespace.clone(), name.clone())))
+    }
+
+    pub fn slice(&self, namespace: &str, name: &str) -> Option<&Slice> {
+        self.slices.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// Every slice key, for relisting.
+    pub fn slice_keys(&self) -> impl Iterator<Item = &(String, String)> {
+        self.slices.keys()
+    }
+
+    pub fn slice_count(&self) -> usize {
+        self.slices.len()
+    }
+
+    /// Adds or replaces a slice; the one it replaced, if any.
+    pub fn insert_slice(&mut self, namespace: &str, name: &str, slice: Slice) -> Option<Slice> {
+        let old = self.remove_slice(namespace, name);
+        self.slice_names
+            .entry(slice.service.clone())
+            .or_default()
+            .insert(name.to_string());
         self.slices
-            .range((id.namespace.clone(), String::new())..)
-            .take_while(move |((ns, _), _)| *ns == id.namespace)
-            .map(|(_, s)| s)
-            .filter(move |s| &s.service == id)
+            .insert((namespace.to_string(), name.to_string()), slice);
+        old
+    }
+
+    pub fn remove_slice(&mut self, namespace: &str, name: &str) -> Option<Slice> {
+        let old = self
+            .slices
+            .remove(&(namespace.to_string(), name.to_string()))?;
+        if let Some(names) = self.slice_names.get_mut(&old.service) {
+            names.remove(name);
+            if names.is_empty() {
+                self.slice_names.remove(&old.service);
+            }
+        }
+        Some(old)
     }
 }
 
@@ -370,8 +410,8 @@ pub mod fixtures {
         }
 
         pub fn with_slice(mut self, name: &str, slice: Slice) -> Self {
-            self.slices
-                .insert((slice.service.namespace.clone(), name.into()), slice);
+            let ns = slice.service.namespace.clone();
+            self.insert_slice(&ns, name, slice);
             self
         }
     }
@@ -435,5 +475,20 @@ mod tests {
         assert_eq!(m.slices_of(&a.id).count(), 2);
         assert_eq!(m.slices_of(&b.id).count(), 1);
         assert_eq!(m.slices_of(&other.id).count(), 1);
+    }
+
+    #[test]
+    fn moving_a_slice_to_another_service_reindexes_it() {
+        let a = Service::test("ns", "a", "10.96.0.1");
+        let b = Service::test("ns", "b", "10.96.0.2");
+        let mut m =
+            Model::test(NodeFacts::test("n1", "198.18.1.10")).with_slice("s", Slice::test(&a));
+        let old = m.insert_slice("ns", "s", Slice::test(&b));
+        assert_eq!(old.map(|s| s.service), Some(a.id.clone()));
+        assert_eq!(m.slices_of(&a.id).count(), 0);
+        assert_eq!(m.slices_of(&b.id).count(), 1);
+        assert!(m.remove_slice("ns", "s").is_some());
+        assert_eq!(m.slices_of(&b.id).count(), 0);
+        assert_eq!(m.slice_count(), 0);
     }
 }

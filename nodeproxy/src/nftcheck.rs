@@ -68,10 +68,7 @@ fn random_model(r: &mut StdRng) -> Model {
         ],
         service_cidrs: vec!["10.96.0.0/16".parse().expect("cidr")],
     };
-    let mut m = Model {
-        node,
-        ..Default::default()
-    };
+    let mut m = Model::test(node);
     for i in 0..r.random_range(0..25) {
         let v6 = r.random_bool(0.2);
         let id = ServiceId::new(pick(r, HOSTILE), &format!("{}{i}", pick(r, HOSTILE)));
@@ -133,8 +130,8 @@ fn random_model(r: &mut StdRng) -> Model {
                     })
                     .collect(),
             };
-            m.slices
-                .insert((id.namespace.clone(), format!("{}-{s}", id.name)), slice);
+            let ns = id.namespace.clone();
+            m.insert_slice(&ns, &format!("{}-{s}", id.name), slice);
         }
         m.services.insert(id, svc);
     }

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::model::{Family, NodeFacts, ServiceId};
 use crate::ruleset::{self, ElemKey, Frontend, HealthCheck, MapName, ServiceRules};
@@ -27,16 +28,19 @@ pub struct Plan {
 /// The in-memory copy of what the kernel holds.
 #[derive(Debug, Default)]
 pub struct Programmed {
-    /// Element → the Services contributing it and their values; the first one wins.
-    owners: HashMap<ElemKey, BTreeMap<ServiceId, Option<String>>>,
+    /// Element → the Services contributing it and their values, sorted by Service; the
+    /// first one wins. (A short Vec: almost every element has exactly one owner.)
+    owners: HashMap<ElemKey, Vec<Owner>>,
     by_service: HashMap<ServiceId, ServiceRules>,
     chains: BTreeSet<(Family, usize)>,
     timeouts: BTreeSet<(Family, u32)>,
     node: NodeFacts,
 }
 
-fn effective(owners: Option<&BTreeMap<ServiceId, Option<String>>>) -> Option<&Option<String>> {
-    owners.and_then(|o| o.values().next())
+type Owner = (Arc<ServiceId>, Option<String>);
+
+fn effective(owners: Option<&Vec<Owner>>) -> Option<&Option<String>> {
+    owners.and_then(|o| o.first()).map(|(_, v)| v)
 }
 
 fn backend_values(r: &ServiceRules) -> BTreeSet<&String> {
@@ -94,11 +98,11 @@ impl Programmed {
     }
 
     fn insert(&mut self, id: ServiceId, r: ServiceRules) {
+        let shared = Arc::new(id.clone());
         for (k, v) in &r.elements {
-            self.owners
-                .entry(k.clone())
-                .or_default()
-                .insert(id.clone(), v.clone());
+            let owners = self.owners.entry(k.clone()).or_default();
+            let at = owners.partition_point(|(o, _)| **o < id);
+            owners.insert(at, (shared.clone(), v.clone()));
         }
         self.chains.extend(r.lb_chains.iter().copied());
         self.timeouts.extend(r.timeouts.iter().copied());
@@ -109,7 +113,7 @@ impl Programmed {
         if let Some(old) = self.by_service.remove(id) {
             for k in old.elements.keys() {
                 if let Some(o) = self.owners.get_mut(k) {
-                    o.remove(id);
+                    o.retain(|(owner, _)| **owner != *id);
                     if o.is_empty() {
                         self.owners.remove(k);
                     }
@@ -176,8 +180,11 @@ impl Programmed {
         for key in touched {
             let owners = self.owners.get(key);
             let before = effective(owners);
-            let mut after: Option<(&ServiceId, &Option<String>)> =
-                owners.and_then(|o| o.iter().find(|(id, _)| !changes.contains_key(*id)));
+            let mut after: Option<(&ServiceId, &Option<String>)> = owners.and_then(|o| {
+                o.iter()
+                    .find(|(id, _)| !changes.contains_key(&**id))
+                    .map(|(id, v)| (&**id, v))
+            });
             for (id, new) in changes {
                 if let Some(v) = new.as_ref().and_then(|n| n.elements.get(key))
                     && after.is_none_or(|(first, _)| id < first)

@@ -6,7 +6,7 @@ BIN := $(BERTH_CACHE)/bin/current
 ENV := target/debug/berth-env
 export PATH := $(BIN):$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env
+.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench
 
 ## Everything a fresh machine needs: Debian packages, Kubernetes/etcd/helm binaries built
 ## from Go modules (cached by version), the pinned LocalStack venv.
@@ -43,3 +43,9 @@ down:
 
 demo: up
 	hack/demo.sh
+
+## Benchmarks (root; release build): node agent full and incremental sync, peak memory,
+## first-connection latency. Prints a report and writes target/bench/results.json.
+bench:
+	$(CARGO) build --release -p berth-nodeproxy --bin berth-nodeproxy-bench
+	$${CARGO_TARGET_DIR:-target}/release/berth-nodeproxy-bench

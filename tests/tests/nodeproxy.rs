@@ -271,7 +271,19 @@ fn http_status(netns: &str, url: &str) -> (String, String) {
     (code.trim().to_string(), body.to_string())
 }
 
-async fn setup(prefix: &str) -> (TestEnv, TestNamespace) {
+/// Cases that need every agent up hold this shared; the restart case holds it exclusively,
+/// so stopping an agent never disturbs another case running at the same time.
+static AGENTS_UP: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+type AgentsUp = tokio::sync::RwLockReadGuard<'static, ()>;
+
+async fn setup(prefix: &str) -> (TestEnv, TestNamespace, AgentsUp) {
+    let up = AGENTS_UP.read().await;
+    let (env, ns) = connect(prefix).await;
+    (env, ns, up)
+}
+
+async fn connect(prefix: &str) -> (TestEnv, TestNamespace) {
     let env = TestEnv::connect().await;
     for n in nodes(&env) {
         nodeagent::wait_healthy(&n.plan, Duration::from_secs(60))
@@ -288,7 +300,7 @@ async fn setup(prefix: &str) -> (TestEnv, TestNamespace) {
 /// and from a pod, and the apiserver's service proxy reaches it through `kubectl proxy`.
 #[tokio::test]
 async fn seed_nginx_service_answers_at_its_cluster_ip_from_nodes_pods_and_kubectl_proxy() {
-    let (env, ns) = setup("np-seed").await;
+    let (env, ns, _up) = setup("np-seed").await;
     env.kubectl(&[
         "apply",
         "-n",
@@ -386,7 +398,7 @@ impl Drop for KubectlProxy {
 /// A NodePort answers from the outside world on every node's address.
 #[tokio::test]
 async fn node_port_answers_from_the_client_on_every_node() {
-    let (env, ns) = setup("np-nodeport").await;
+    let (env, ns, _up) = setup("np-nodeport").await;
     deploy(&env, &ns.name, "web", 2, http_ports()).await;
     let svc = create_service(
         &env,
@@ -415,7 +427,7 @@ async fn node_port_answers_from_the_client_on_every_node() {
 /// 300 new connections to a ClusterIP spread fairly over its 3 pods.
 #[tokio::test]
 async fn three_hundred_requests_spread_fairly_over_three_pods() {
-    let (env, ns) = setup("np-spread").await;
+    let (env, ns, _up) = setup("np-spread").await;
     deploy(&env, &ns.name, "web", 3, http_ports()).await;
     let svc = create_service(
         &env,
@@ -443,7 +455,7 @@ async fn three_hundred_requests_spread_fairly_over_three_pods() {
 /// Scaling 3 → 5 → 1 is followed: traffic reaches exactly the current pods.
 #[tokio::test]
 async fn scaling_three_to_five_to_one_is_followed() {
-    let (env, ns) = setup("np-scale").await;
+    let (env, ns, _up) = setup("np-scale").await;
     deploy(&env, &ns.name, "web", 3, http_ports()).await;
     let svc = create_service(
         &env,
@@ -488,7 +500,7 @@ async fn scaling_three_to_five_to_one_is_followed() {
 /// `sessionAffinity: ClientIP` keeps one client on one pod.
 #[tokio::test]
 async fn client_ip_affinity_keeps_a_client_on_one_pod() {
-    let (env, ns) = setup("np-affinity").await;
+    let (env, ns, _up) = setup("np-affinity").await;
     deploy(&env, &ns.name, "web", 3, http_ports()).await;
     let svc = create_service(
         &env,
@@ -522,7 +534,7 @@ async fn client_ip_affinity_keeps_a_client_on_one_pod() {
 /// local endpoint drop the traffic, and the health-check NodePort says who has endpoints.
 #[tokio::test]
 async fn external_traffic_policy_local_preserves_client_ip_and_reports_health() {
-    let (env, ns) = setup("np-etp").await;
+    let (env, ns, _up) = setup("np-etp").await;
     deploy(&env, &ns.name, "web", 1, http_ports()).await;
     let svc = create_service(
         &env,
@@ -581,7 +593,7 @@ async fn external_traffic_policy_local_preserves_client_ip_and_reports_health() 
 /// `internalTrafficPolicy: Local`: a node's ClusterIP traffic stays on that node's pods.
 #[tokio::test]
 async fn internal_traffic_policy_local_keeps_traffic_on_the_node() {
-    let (env, ns) = setup("np-itp").await;
+    let (env, ns, _up) = setup("np-itp").await;
     deploy(&env, &ns.name, "web", 3, http_ports()).await;
     let svc = create_service(
         &env,
@@ -628,7 +640,7 @@ async fn internal_traffic_policy_local_keeps_traffic_on_the_node() {
 /// hand-written EndpointSlice (label `kubernetes.io/service-name`) listing real pod IPs.
 #[tokio::test]
 async fn selector_less_service_with_hand_written_endpointslice() {
-    let (env, ns) = setup("np-mysql").await;
+    let (env, ns, _up) = setup("np-mysql").await;
     deploy(&env, &ns.name, "mysql", 3, json!([{"containerPort": 3306}])).await;
     let pods = pods(&env, &ns.name, "mysql", 3).await;
     env.kubectl(&[
@@ -673,7 +685,7 @@ async fn selector_less_service_with_hand_written_endpointslice() {
 /// A Service without endpoints refuses connections at once (a reset, not a timeout).
 #[tokio::test]
 async fn service_without_endpoints_refuses_immediately() {
-    let (env, ns) = setup("np-noep").await;
+    let (env, ns, _up) = setup("np-noep").await;
     let svc = create_service(
         &env,
         &ns.name,
@@ -697,7 +709,7 @@ async fn service_without_endpoints_refuses_immediately() {
 /// replaced: the stale conntrack entry to the old pod is deleted, not left to expire.
 #[tokio::test]
 async fn udp_service_keeps_working_when_its_only_endpoint_is_replaced() {
-    let (env, ns) = setup("np-udp").await;
+    let (env, ns, _up) = setup("np-udp").await;
     deploy(
         &env,
         &ns.name,
@@ -763,7 +775,7 @@ fn udp_from_port(netns: &str, target: &str, sport: u16) -> Option<String> {
 /// reach the pods.
 #[tokio::test]
 async fn load_balancer_and_external_ips_routed_to_a_node_reach_pods() {
-    let (env, ns) = setup("np-lbip").await;
+    let (env, ns, _up) = setup("np-lbip").await;
     deploy(&env, &ns.name, "web", 2, http_ports()).await;
     let lb_ip = pool_ip();
     let ext_ip = loop {
@@ -811,7 +823,7 @@ async fn load_balancer_and_external_ips_routed_to_a_node_reach_pods() {
 /// `loadBalancerSourceRanges` admits listed sources and drops the others.
 #[tokio::test]
 async fn load_balancer_source_ranges_are_enforced() {
-    let (env, ns) = setup("np-ranges").await;
+    let (env, ns, _up) = setup("np-ranges").await;
     deploy(&env, &ns.name, "web", 1, http_ports()).await;
     let allowed_ip = pool_ip();
     let denied_ip = loop {
@@ -871,7 +883,7 @@ async fn load_balancer_source_ranges_are_enforced() {
 /// A pod reaching itself through its own Service (hairpin) is answered.
 #[tokio::test]
 async fn pod_reaches_itself_through_its_service() {
-    let (env, ns) = setup("np-hairpin").await;
+    let (env, ns, _up) = setup("np-hairpin").await;
     deploy(&env, &ns.name, "web", 1, http_ports()).await;
     let svc = create_service(
         &env,
@@ -904,7 +916,8 @@ async fn pod_reaches_itself_through_its_service() {
 /// once it is back, it converges.
 #[tokio::test]
 async fn agent_restart_under_steady_load_loses_no_request() {
-    let (env, ns) = setup("np-restart").await;
+    let _exclusive = AGENTS_UP.write().await;
+    let (env, ns) = connect("np-restart").await;
     deploy(&env, &ns.name, "web", 3, http_ports()).await;
     let svc = create_service(
         &env,
@@ -1019,7 +1032,7 @@ impl Drop for HoldAgent {
 /// Each agent serves `/healthz` and Prometheus `/metrics` with its sync figures.
 #[tokio::test]
 async fn agents_report_health_and_metrics() {
-    let (env, _ns) = setup("np-metrics").await;
+    let (env, _ns, _up) = setup("np-metrics").await;
     for n in nodes(&env) {
         let base = format!("http://{}:{}", n.plan.ip, nodeagent::ADMIN_PORT);
         let (code, body) = http_status(&env.info.client_netns, &format!("{base}/healthz"));

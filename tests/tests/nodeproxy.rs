@@ -911,8 +911,8 @@ async fn pod_reaches_itself_through_its_service() {
 }
 
 /// Killing a node's agent (twice, SIGKILL then SIGTERM) under a steady request loop loses
-/// no request: rules stay in place while it is down and the restart replaces them
-/// atomically. While an agent is held down, a new Service is not programmed on its node;
+/// no request and keeps an established connection: rules stay in place while it is down
+/// and the restart replaces them atomically. While an agent is held down, a new Service is not programmed on its node;
 /// once it is back, it converges.
 #[tokio::test]
 async fn agent_restart_under_steady_load_loses_no_request() {
@@ -936,6 +936,11 @@ async fn agent_restart_under_steady_load_loses_no_request() {
         "for i in $(seq 400); do curl -s --fail --max-time 2 --noproxy '*' '{url}' >/dev/null \
          && echo OK || echo FAIL; sleep 0.01; done"
     );
+    let vip: std::net::IpAddr = cluster_ip(&svc).parse().expect("clusterIP");
+    let held = HeldConnection::open(&node.plan.netns, std::net::SocketAddr::new(vip, 80));
+    let first = held
+        .request()
+        .unwrap_or_else(|e| panic!("held connection: {e}"));
     let load = Command::new("ip")
         .args(["netns", "exec", &node.plan.netns, "sh", "-c", &script])
         .stdout(Stdio::piped())
@@ -962,6 +967,12 @@ async fn agent_restart_under_steady_load_loses_no_request() {
             .collect::<Vec<_>>(),
     );
     assert_eq!(t.get("OK").copied(), Some(400), "{t:?}");
+    // The connection opened before the restarts still works, still to the same pod.
+    assert_eq!(
+        held.request(),
+        Ok(first),
+        "established connection across restarts"
+    );
 
     // Held down: changes wait; released: the restarted agent converges.
     let hold = HoldAgent::new(&node.plan.name);
@@ -1010,6 +1021,75 @@ async fn agent_restart_under_steady_load_loses_no_request() {
         "new Service after the restart",
     )
     .await;
+}
+
+/// A keep-alive HTTP connection opened from inside a node's namespace (a thread that
+/// joined it with setns), used for several requests over time.
+struct HeldConnection {
+    requests: std::sync::mpsc::Sender<()>,
+    answers: std::sync::mpsc::Receiver<Result<String, String>>,
+}
+
+impl HeldConnection {
+    fn open(netns: &str, addr: std::net::SocketAddr) -> Self {
+        let (req_tx, req_rx) = std::sync::mpsc::channel::<()>();
+        let (ans_tx, ans_rx) = std::sync::mpsc::channel();
+        let path = format!("/var/run/netns/{netns}");
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            use std::os::fd::AsRawFd;
+            let joined = std::fs::File::open(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|f| {
+                    // SAFETY: setns(2) of this thread only, into a namespace file we opened.
+                    match unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } {
+                        0 => Ok(()),
+                        _ => Err(std::io::Error::last_os_error().to_string()),
+                    }
+                });
+            let mut stream = match joined.and_then(|()| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                    .map_err(|e| e.to_string())
+            }) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = ans_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+            while req_rx.recv().is_ok() {
+                let answer = stream
+                    .write_all(b"GET / HTTP/1.1\r\nHost: berth\r\n\r\n")
+                    .and_then(|()| {
+                        let mut buf = vec![0u8; 4096];
+                        let n = stream.read(&mut buf)?;
+                        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    })
+                    .map_err(|e| e.to_string());
+                if ans_tx.send(answer).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            requests: req_tx,
+            answers: ans_rx,
+        }
+    }
+
+    /// One request on the held connection: the pod that answered.
+    fn request(&self) -> Result<String, String> {
+        self.requests.send(()).map_err(|e| e.to_string())?;
+        let raw = self
+            .answers
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|e| e.to_string())??;
+        raw.lines()
+            .find_map(|l| l.strip_prefix("X-Berth-Pod: "))
+            .map(|p| p.trim().to_string())
+            .ok_or_else(|| format!("no pod header in {raw:?}"))
+    }
 }
 
 /// Keeps a node's agent from being restarted while alive.

@@ -7,11 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 
 use crate::error::Error;
@@ -99,6 +101,7 @@ struct Shared {
     index: Mutex<Index>,
     notify: Notify,
     metrics: Metrics,
+    recorder: Recorder,
 }
 
 impl Shared {
@@ -107,9 +110,46 @@ impl Shared {
     }
 }
 
-fn warn_all(kind: &str, key: &str, warnings: Vec<String>) {
-    for w in warnings {
+/// The Warning event telling a user which fields of their object the agent ignores.
+pub fn invalid_input_event(warnings: &[String]) -> Option<KubeEvent> {
+    if warnings.is_empty() {
+        return None;
+    }
+    let mut note = format!("berth-nodeproxy ignores: {}", warnings.join("; "));
+    if note.len() > 1000 {
+        let mut cut = 1000;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+    }
+    Some(KubeEvent {
+        type_: EventType::Warning,
+        reason: "InvalidField".into(),
+        note: Some(note),
+        action: "Program".into(),
+        secondary: None,
+    })
+}
+
+/// Logs what was ignored and, off the watch loop, records a Warning event on the object.
+fn warn_all(
+    shared: &Arc<Shared>,
+    kind: &str,
+    key: &str,
+    reference: ObjectReference,
+    warnings: Vec<String>,
+) {
+    for w in &warnings {
         tracing::warn!(kind, object = key, "ignoring invalid field: {w}");
+    }
+    if let Some(event) = invalid_input_event(&warnings) {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = shared.recorder.publish(&event, &reference).await {
+                tracing::debug!("cannot record event: {e}");
+            }
+        });
     }
 }
 
@@ -127,7 +167,7 @@ async fn watch_services(api: Api<Service>, shared: Arc<Shared>) {
                     let id = ServiceId::new(&s.namespace().unwrap_or_default(), &s.name_any());
                     let mut w = Vec::new();
                     let model = convert::service(&s, &mut w);
-                    warn_all("Service", &id.to_string(), w);
+                    warn_all(&shared, "Service", &id.to_string(), s.object_ref(&()), w);
                     idx.apply_service(id, model);
                 }
                 Ok(Event::Delete(s)) => idx.delete_service(&ServiceId::new(
@@ -156,7 +196,13 @@ async fn watch_slices(api: Api<EndpointSlice>, shared: Arc<Shared>) {
                     let name = s.name_any();
                     let mut w = Vec::new();
                     let model = convert::slice(&s, &mut w);
-                    warn_all("EndpointSlice", &format!("{ns}/{name}"), w);
+                    warn_all(
+                        &shared,
+                        "EndpointSlice",
+                        &format!("{ns}/{name}"),
+                        s.object_ref(&()),
+                        w,
+                    );
                     idx.apply_slice(&ns, &name, model);
                 }
                 Ok(Event::Delete(s)) => {
@@ -180,7 +226,7 @@ async fn watch_node(api: Api<Node>, name: String, shared: Arc<Shared>) {
                 Ok(Event::Apply(n) | Event::InitApply(n)) => {
                     let mut w = Vec::new();
                     let ips = convert::node_internal_ips(&n, &mut w);
-                    warn_all("Node", &name, w);
+                    warn_all(&shared, "Node", &name, n.object_ref(&()), w);
                     idx.set_node_ips(ips);
                 }
                 Ok(_) => {}
@@ -365,6 +411,13 @@ pub async fn run(args: Args) -> Result<(), Error> {
         })),
         notify: Notify::new(),
         metrics: Metrics::default(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "berth-nodeproxy".into(),
+                instance: Some(args.node_name.clone()),
+            },
+        ),
     });
     let healthz = bind(args.healthz_bind).await?;
     let metrics = if args.metrics_bind == args.healthz_bind {
@@ -398,6 +451,20 @@ pub async fn run(args: Args) -> Result<(), Error> {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn invalid_input_becomes_one_bounded_warning_event() {
+        assert!(invalid_input_event(&[]).is_none());
+        let e = invalid_input_event(&["nodePort 70000 out of range".into(), "x".into()])
+            .expect("event");
+        assert_eq!(e.type_, EventType::Warning);
+        assert_eq!(
+            e.note.as_deref(),
+            Some("berth-nodeproxy ignores: nodePort 70000 out of range; x")
+        );
+        let long = invalid_input_event(&["é".repeat(2000)]).expect("event");
+        assert!(long.note.is_some_and(|n| n.len() <= 1000));
+    }
 
     #[test]
     fn durations_parse() {

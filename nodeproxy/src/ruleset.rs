@@ -36,8 +36,12 @@ const AFFINITY_FLAG: u32 = 0x0100_0000;
 pub enum MapName {
     ServiceIps,
     ServiceNodeports,
+    /// ETP=Local external frontends → cluster-wide balancing, for pods and the node itself.
+    ServiceIpsInternal,
     NoEndpoints,
     Backends,
+    BackendsInternal,
+    InternalShortcut,
     ClusterIps,
     ExternalMasq,
     Hairpin,
@@ -53,6 +57,9 @@ impl MapName {
         match self {
             MapName::ServiceIps => "service-ips".into(),
             MapName::ServiceNodeports => "service-nodeports".into(),
+            MapName::ServiceIpsInternal => "service-ips-internal".into(),
+            MapName::BackendsInternal => "backends-internal".into(),
+            MapName::InternalShortcut => "internal-shortcut".into(),
             MapName::NoEndpoints => "no-endpoints".into(),
             MapName::Backends => "backends".into(),
             MapName::ClusterIps => "cluster-ips".into(),
@@ -70,8 +77,10 @@ impl MapName {
             self,
             MapName::ServiceIps
                 | MapName::ServiceNodeports
+                | MapName::ServiceIpsInternal
                 | MapName::NoEndpoints
                 | MapName::Backends
+                | MapName::BackendsInternal
                 | MapName::AffinityIds
         )
     }
@@ -82,14 +91,19 @@ impl MapName {
         let ip = ip_kw(f);
         let frontend = format!("{a} . inet_proto . inet_service");
         let body = match self {
-            MapName::ServiceIps | MapName::ServiceNodeports | MapName::NoEndpoints => {
+            MapName::ServiceIps
+            | MapName::ServiceNodeports
+            | MapName::ServiceIpsInternal
+            | MapName::NoEndpoints => {
                 format!("type {frontend} : verdict;")
             }
-            MapName::Backends => format!(
+            MapName::Backends | MapName::BackendsInternal => format!(
                 "typeof {ip} daddr . meta l4proto . th dport . numgen random mod 1 : {ip} daddr . th dport;"
             ),
             MapName::ClusterIps => format!("type {a};"),
-            MapName::ExternalMasq | MapName::FirewallFrontends => format!("type {frontend};"),
+            MapName::ExternalMasq | MapName::FirewallFrontends | MapName::InternalShortcut => {
+                format!("type {frontend};")
+            }
             MapName::Hairpin => format!("type {a} . {a};"),
             MapName::FirewallAllow => format!("type {frontend} . {a}; flags interval;"),
             MapName::AffinityIds => format!("type {frontend} : mark;"),
@@ -148,6 +162,8 @@ pub struct ServiceRules {
     pub elements: BTreeMap<ElemKey, Option<String>>,
     /// `ep-N` chains its frontends jump to.
     pub lb_chains: BTreeSet<(Family, usize)>,
+    /// `epi-N` chains (cluster-wide balancing of ETP=Local frontends for internal sources).
+    pub internal_chains: BTreeSet<(Family, usize)>,
     /// ClientIP affinity timeouts it uses.
     pub timeouts: BTreeSet<(Family, u32)>,
     /// Endpoints behind each UDP frontend (stale conntrack entries are deleted on change).
@@ -323,6 +339,26 @@ pub fn service_rules<'a>(
                     out.udp_endpoints
                         .insert(fe, eps.iter().map(|(a, _)| *a).collect());
                 }
+                // Pods and the node itself reach an ETP=Local frontend through every
+                // endpoint, as kube-proxy does: only outside traffic is kept local.
+                if kind != Kind::Cluster && svc.external_local && !all.is_empty() {
+                    out.put(f, MapName::InternalShortcut, key.clone(), None);
+                    out.put(
+                        f,
+                        MapName::ServiceIpsInternal,
+                        key.clone(),
+                        Some(format!("goto epi-{}", all.len())),
+                    );
+                    out.internal_chains.insert((f, all.len()));
+                    for (i, (addr, p)) in all.iter().enumerate() {
+                        out.put(
+                            f,
+                            MapName::BackendsInternal,
+                            format!("{key} . {i}"),
+                            Some(format!("{addr} . {p}")),
+                        );
+                    }
+                }
                 if eps.is_empty() {
                     let verdict = if local_only && !all.is_empty() {
                         "drop"
@@ -425,10 +461,16 @@ pub fn table_family(f: Family) -> &'static str {
 
 /// The `ep-N` chain, inside a table block: pick one of N endpoints of the frontend at
 /// random.
-pub fn lb_chain(f: Family, n: usize) -> String {
+pub fn lb_chain(f: Family, n: usize, internal: bool) -> String {
     let ip = ip_kw(f);
+    let (chain, map) = if internal {
+        ("epi", MapName::BackendsInternal)
+    } else {
+        ("ep", MapName::Backends)
+    };
     format!(
-        "  chain ep-{n} {{ dnat {ip} to {ip} daddr . meta l4proto . th dport . numgen random mod {n} map @backends; }}\n"
+        "  chain {chain}-{n} {{ dnat {ip} to {ip} daddr . meta l4proto . th dport . numgen random mod {n} map @{}; }}\n",
+        map.name()
     )
 }
 
@@ -446,7 +488,12 @@ pub fn timeout_set(f: Family, secs: u32) -> String {
 }
 
 /// The fixed part of one family's table: maps, sets and chains (no elements).
-pub fn skeleton(f: Family, node: &NodeFacts, lb_chains: &BTreeSet<usize>) -> String {
+pub fn skeleton(
+    f: Family,
+    node: &NodeFacts,
+    lb_chains: &BTreeSet<usize>,
+    internal_chains: &BTreeSet<usize>,
+) -> String {
     let ip = ip_kw(f);
     let a = addr_type(f);
     let mut s = String::new();
@@ -454,8 +501,11 @@ pub fn skeleton(f: Family, node: &NodeFacts, lb_chains: &BTreeSet<usize>) -> Str
     for m in [
         MapName::ServiceIps,
         MapName::ServiceNodeports,
+        MapName::ServiceIpsInternal,
         MapName::NoEndpoints,
         MapName::Backends,
+        MapName::BackendsInternal,
+        MapName::InternalShortcut,
         MapName::ClusterIps,
         MapName::ExternalMasq,
         MapName::Hairpin,
@@ -513,6 +563,19 @@ pub fn skeleton(f: Family, node: &NodeFacts, lb_chains: &BTreeSet<usize>) -> Str
             cluster_cidrs.join(", ")
         );
     }
+    // Internal sources (pods, the node itself) of ETP=Local external frontends.
+    let mut internal_sources = vec!["fib saddr type local".to_string()];
+    if !cluster_cidrs.is_empty() {
+        internal_sources.insert(0, format!("{ip} saddr {{ {} }}", cluster_cidrs.join(", ")));
+    }
+    let mut shortcut_checks = String::new();
+    for src in &internal_sources {
+        let _ = write!(services, " {src} {frontend} vmap @service-ips-internal;");
+        let _ = write!(
+            shortcut_checks,
+            " {src} {frontend} @internal-shortcut return;"
+        );
+    }
     let _ = write!(
         services,
         " {frontend} @external-masq jump mark-for-masquerade; \
@@ -528,7 +591,7 @@ pub fn skeleton(f: Family, node: &NodeFacts, lb_chains: &BTreeSet<usize>) -> Str
     );
     let _ = writeln!(
         s,
-        "  chain endpoints-check {{ {frontend} vmap @no-endpoints; }}"
+        "  chain endpoints-check {{{shortcut_checks} {frontend} vmap @no-endpoints; }}"
     );
     let mut cluster_check = format!(" {ip} daddr @cluster-ips reject;");
     if !service_cidrs.is_empty() {
@@ -605,13 +668,11 @@ pub fn skeleton(f: Family, node: &NodeFacts, lb_chains: &BTreeSet<usize>) -> Str
         -90,
         "ct state new jump affinity-record;",
     ));
-    for n in (1..=PRECREATED_LB_CHAINS).chain(
-        lb_chains
-            .iter()
-            .copied()
-            .filter(|n| *n > PRECREATED_LB_CHAINS),
-    ) {
-        s.push_str(&lb_chain(f, n));
+    for (internal, extra) in [(false, lb_chains), (true, internal_chains)] {
+        let beyond = extra.iter().copied().filter(|n| *n > PRECREATED_LB_CHAINS);
+        for n in (1..=PRECREATED_LB_CHAINS).chain(beyond) {
+            s.push_str(&lb_chain(f, n, internal));
+        }
     }
     s.push_str("}\n");
     s
@@ -649,10 +710,12 @@ pub fn element_statements<'a>(
 /// The whole desired state as one transaction that replaces both tables atomically.
 pub fn full_transaction(node: &NodeFacts, rules: &BTreeMap<ServiceId, ServiceRules>) -> String {
     let mut chains: BTreeSet<(Family, usize)> = BTreeSet::new();
+    let mut internal: BTreeSet<(Family, usize)> = BTreeSet::new();
     let mut timeouts: BTreeSet<(Family, u32)> = BTreeSet::new();
     let mut elements: BTreeMap<&ElemKey, Option<&String>> = BTreeMap::new();
     for r in rules.values() {
         chains.extend(r.lb_chains.iter().copied());
+        internal.extend(r.internal_chains.iter().copied());
         timeouts.extend(r.timeouts.iter().copied());
         for (k, v) in &r.elements {
             elements.entry(k).or_insert(v.as_ref());
@@ -662,12 +725,13 @@ pub fn full_transaction(node: &NodeFacts, rules: &BTreeMap<ServiceId, ServiceRul
     for f in [Family::V4, Family::V6] {
         let ip = ip_kw(f);
         let _ = writeln!(out, "add table {ip} {TABLE}\ndelete table {ip} {TABLE}");
-        let mine: BTreeSet<usize> = chains
-            .iter()
-            .filter(|(cf, _)| *cf == f)
-            .map(|(_, n)| *n)
-            .collect();
-        out.push_str(&skeleton(f, node, &mine));
+        let of = |set: &BTreeSet<(Family, usize)>| -> BTreeSet<usize> {
+            set.iter()
+                .filter(|(cf, _)| *cf == f)
+                .map(|(_, n)| *n)
+                .collect()
+        };
+        out.push_str(&skeleton(f, node, &of(&chains), &of(&internal)));
     }
     for (f, t) in &timeouts {
         out.push_str(&timeout_set(*f, *t));
@@ -836,6 +900,39 @@ mod tests {
             &remote_only,
             MapName::ExternalMasq,
             "198.18.1.10 . tcp . 30080"
+        ));
+        // Pods and the node itself still reach it through every endpoint.
+        assert!(has(
+            &remote_only,
+            MapName::InternalShortcut,
+            "198.18.1.10 . tcp . 30080"
+        ));
+        assert_eq!(
+            value(
+                &remote_only,
+                MapName::ServiceIpsInternal,
+                "198.19.0.1 . tcp . 80"
+            )
+            .as_deref(),
+            Some("goto epi-1")
+        );
+        assert_eq!(
+            value(
+                &remote_only,
+                MapName::BackendsInternal,
+                "198.19.0.1 . tcp . 80 . 0"
+            )
+            .as_deref(),
+            Some("10.244.2.3 . 8080")
+        );
+        assert_eq!(
+            remote_only.internal_chains,
+            BTreeSet::from([(Family::V4, 1)])
+        );
+        assert!(!has(
+            &remote_only,
+            MapName::InternalShortcut,
+            "10.96.0.10 . tcp . 80"
         ));
         assert_eq!(
             remote_only.health_check,

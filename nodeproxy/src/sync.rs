@@ -33,6 +33,7 @@ pub struct Programmed {
     owners: HashMap<ElemKey, Vec<Owner>>,
     by_service: HashMap<ServiceId, ServiceRules>,
     chains: BTreeSet<(Family, usize)>,
+    internal_chains: BTreeSet<(Family, usize)>,
     timeouts: BTreeSet<(Family, u32)>,
     node: NodeFacts,
 }
@@ -105,6 +106,8 @@ impl Programmed {
             owners.insert(at, (shared.clone(), v.clone()));
         }
         self.chains.extend(r.lb_chains.iter().copied());
+        self.internal_chains
+            .extend(r.internal_chains.iter().copied());
         self.timeouts.extend(r.timeouts.iter().copied());
         self.by_service.insert(id, r);
     }
@@ -133,7 +136,7 @@ impl Programmed {
 
     /// Chains programmed now (the fixed ones plus `ep-N` and affinity timeout rules).
     pub fn lb_chain_count(&self) -> usize {
-        self.chains.len()
+        self.chains.len() + self.internal_chains.len()
     }
 
     /// Health checks of ETP=Local Services, by port.
@@ -172,6 +175,11 @@ impl Programmed {
             if let Some(new) = new {
                 touched.extend(new.elements.keys());
                 new_chains.extend(new.lb_chains.difference(&self.chains).copied());
+                new_chains.extend(
+                    new.internal_chains
+                        .difference(&self.internal_chains)
+                        .copied(),
+                );
                 new_timeouts.extend(new.timeouts.difference(&self.timeouts).copied());
             }
         }

@@ -531,7 +531,8 @@ async fn client_ip_affinity_keeps_a_client_on_one_pod() {
 }
 
 /// `externalTrafficPolicy: Local`: the pod sees the client's own address, nodes without a
-/// local endpoint drop the traffic, and the health-check NodePort says who has endpoints.
+/// local endpoint drop outside traffic (but not their own or their pods'), and the
+/// health-check NodePort says who has endpoints.
 #[tokio::test]
 async fn external_traffic_policy_local_preserves_client_ip_and_reports_health() {
     let (env, ns, _up) = setup("np-etp").await;
@@ -587,7 +588,33 @@ async fn external_traffic_policy_local_preserves_client_ip_and_reports_health() 
         );
         let (code, body) = http_status(&client, &format!("http://{}:{hc}/", other.plan.ip));
         assert_eq!(code, "503", "health check on {}: {body}", other.plan.name);
+        // The node itself is not outside traffic: it reaches the remote endpoint.
+        let own = get(
+            &other.plan.netns,
+            &format!("http://{}:{np}/", other.plan.ip),
+        );
+        assert_eq!(
+            own.as_deref(),
+            Ok(pods[0].metadata.name.as_deref().unwrap_or_default())
+        );
     }
+    // Nor are pods: one on a node without the endpoint reaches it through its node's port.
+    deploy(&env, &ns.name, "probe", 3, http_ports()).await;
+    let probes = self::pods(&env, &ns.name, "probe", 3).await;
+    let probe = probes
+        .iter()
+        .find(|p| pod_node(p) != home.plan.name)
+        .expect("a probe pod on a node without the endpoint");
+    let probe_node = node_named(&env, &pod_node(probe));
+    let (probe_netns, _) = berth_e2e::net::pod_names(&probe.metadata.uid.clone().expect("uid"));
+    let r = get(
+        &probe_netns,
+        &format!("http://{}:{np}/", probe_node.plan.ip),
+    );
+    assert_eq!(
+        r.as_deref(),
+        Ok(pods[0].metadata.name.as_deref().unwrap_or_default())
+    );
 }
 
 /// `internalTrafficPolicy: Local`: a node's ClusterIP traffic stays on that node's pods.

@@ -318,11 +318,15 @@ async fn sync_loop(shared: Arc<Shared>, health: HealthChecks, args: Args) {
                 None => (Ok(()), None, Vec::new()),
                 Some(p) => {
                     let plan = p.plan_incremental(&changes);
-                    let r = if plan.needs_full {
-                        Err(Error::InvalidInput(
-                            "an endpoint count needs a new chain; resyncing fully".into(),
-                        ))
-                    } else if plan.transaction.is_empty() {
+                    if plan.needs_full {
+                        // An endpoint count beyond the precreated chains: only a full
+                        // sync can add its chain. Not a failure; go again at once.
+                        tracing::info!("new endpoint count needs a new chain; syncing fully");
+                        force_full = true;
+                        shared.notify.notify_one();
+                        continue;
+                    }
+                    let r = if plan.transaction.is_empty() {
                         Ok(())
                     } else {
                         nft::apply(&plan.transaction, "partial").await
@@ -354,10 +358,11 @@ async fn sync_loop(shared: Arc<Shared>, health: HealthChecks, args: Args) {
                         services,
                     );
                 }
-                if full.is_some()
-                    && let Some(t) = pending
-                {
-                    shared.metrics.programming_latency(t.elapsed());
+                if let Some(t) = pending {
+                    // Only a sync that ran measures latency; an empty one still ends it.
+                    if full.is_some() {
+                        shared.metrics.programming_latency(t.elapsed());
+                    }
                     shared.index().synced();
                 }
             }

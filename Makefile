@@ -6,7 +6,7 @@ BIN := $(BERTH_CACHE)/bin/current
 ENV := target/debug/berth-env
 export PATH := $(BIN):$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env
+.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench bench-controller
 
 ## Everything a fresh machine needs: Debian packages, Kubernetes/etcd/helm binaries built
 ## from Go modules (cached by version), the pinned LocalStack venv.
@@ -42,3 +42,9 @@ down:
 
 demo: up
 	hack/demo.sh
+
+## Benchmarks; each writes its keys into target/bench/results.json.
+bench: bench-controller
+
+bench-controller: deps build
+	hack/bench-controller.sh

@@ -23,6 +23,7 @@ fmt-check:
 
 lint: fmt-check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	helm lint charts/berth
 
 unit:
 	$(CARGO) test --workspace --lib --bins

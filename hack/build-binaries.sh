@@ -10,6 +10,8 @@ cache=${BERTH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/berth}
 kube_dir="$cache/bin/kubernetes-v$KUBE_VERSION"
 etcd_dir="$cache/bin/etcd-v$ETCD_VERSION"
 helm_dir="$cache/bin/helm-v$HELM_VERSION"
+command -v go >/dev/null 2>&1 || export PATH="/usr/local/go/bin:$PATH"
+command -v go >/dev/null 2>&1 || { echo "[build-binaries] Go >= 1.26 is required" >&2; exit 1; }
 export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
 
 log() { printf '[build-binaries] %s\n' "$*" >&2; }

@@ -16,12 +16,19 @@ kubectl rollout status deployment/nginx-deployment --timeout=90s
 step "Nodes and pods: each pod runs in its own network namespace on a simulated node"
 kubectl get nodes,pods -o wide
 
+step "A pod answers at its pod IP from another node's namespace"
+ip=$(kubectl get pods -l app=nginx -o jsonpath='{.items[0].status.podIP}')
+node=$(kubectl get pods -l app=nginx -o jsonpath='{.items[0].spec.nodeName}')
+other=$(kubectl get nodes -o jsonpath='{.items[*].metadata.name}' | tr ' ' '\n' | grep -vx "$node" | head -1)
+echo "+ ip netns exec $other curl -s http://$ip/ | grep title"
+ip netns exec "$other" curl -s --max-time 5 "http://$ip/" | grep title
+
 cat <<TXT
 
 The cluster stays up. Explore it with:
   export KUBECONFIG=$PWD/$KUBECONFIG PATH=$bin:\$PATH
   kubectl get all -A
-  ip netns exec berth-client curl http://<pod-or-node-ip>/     # the outside world
+  ip netns exec berth-client ping -c1 198.18.1.10            # the outside world reaches nodes
   ip netns exec berth-node-1 curl http://<pod-ip>/             # from a node
 Stop it with: make down
 TXT

@@ -105,10 +105,18 @@ pub async fn create(ec2: &aws_sdk_ec2::Client, nodes: &[NodePlan]) -> Result<Aws
 }
 
 /// The private IP LocalStack reports for an instance.
-pub async fn instance_private_ip(ec2: &aws_sdk_ec2::Client, instance_id: &str) -> Result<Option<String>> {
+pub async fn instance_private_ip(
+    ec2: &aws_sdk_ec2::Client,
+    instance_id: &str,
+) -> Result<Option<String>> {
     let out = ec2
         .describe_instances()
-        .filters(Filter::builder().name("instance-id").values(instance_id).build())
+        .filters(
+            Filter::builder()
+                .name("instance-id")
+                .values(instance_id)
+                .build(),
+        )
         .send()
         .await
         .map_err(Error::aws(format!("DescribeInstances {instance_id}")))?;

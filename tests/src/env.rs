@@ -76,17 +76,19 @@ pub struct Env {
 
 /// Removes what an earlier run left: its supervisor, namespaces, links, scratch dirs.
 pub fn sweep() {
-    if let Ok(pid) = std::fs::read_to_string(paths::state_dir().join("supervisor.pid")) {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            if pid as u32 != std::process::id() {
-                stop_pid(pid, Duration::from_secs(60));
-            }
-        }
+    let pid = std::fs::read_to_string(paths::state_dir().join("supervisor.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok());
+    if let Some(pid) = pid.filter(|p| *p as u32 != std::process::id()) {
+        stop_pid(pid, Duration::from_secs(60));
     }
     net::sweep();
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(paths::SCRATCH_PREFIX) {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(paths::SCRATCH_PREFIX)
+            {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
@@ -121,11 +123,8 @@ impl Env {
         for d in [&state, &log_dir] {
             std::fs::create_dir_all(d).map_err(Error::io("create dir", d))?;
         }
-        let scratch = std::env::temp_dir().join(format!(
-            "{}{}",
-            paths::SCRATCH_PREFIX,
-            std::process::id()
-        ));
+        let scratch =
+            std::env::temp_dir().join(format!("{}{}", paths::SCRATCH_PREFIX, std::process::id()));
         std::fs::create_dir_all(&scratch).map_err(Error::io("create scratch dir", &scratch))?;
         let mut env = Env {
             info: EnvInfo {
@@ -171,6 +170,7 @@ impl Env {
         );
         let cp = cp?;
         env.info.apiserver_url = cp.apiserver_url.clone();
+        let ca_cert = cp.ca_cert.clone();
         env.control_plane = Some(cp);
         let ls = ls?;
         env.info.localstack_endpoint = ls.endpoint.clone();
@@ -186,7 +186,12 @@ impl Env {
         for (i, plan) in plans.iter().enumerate() {
             let instance_id = env.info.aws.instance_ids[i].clone();
             kubelet::register_node(&client, plan, &instance_id).await?;
-            let kubelet = Kubelet::new(client.clone(), plan.clone(), log_dir.clone());
+            let dirs = kubelet::KubeletDirs {
+                log_dir: log_dir.clone(),
+                scratch: scratch.clone(),
+                ca_cert: ca_cert.clone(),
+            };
+            let kubelet = Kubelet::new(client.clone(), plan.clone(), dirs);
             let task = tokio::spawn(kubelet.clone().run());
             env.kubelets.push((kubelet, task));
             env.info.nodes.push(NodeInfo {
@@ -226,7 +231,8 @@ impl Env {
 
         let json = serde_json::to_string_pretty(&env.info)
             .map_err(|e| Error::Setup(format!("serialise env.json: {e}")))?;
-        std::fs::write(EnvInfo::path(), json).map_err(Error::io("write env.json", EnvInfo::path()))?;
+        std::fs::write(EnvInfo::path(), json)
+            .map_err(Error::io("write env.json", EnvInfo::path()))?;
         tracing::info!("local environment ready");
         Ok(env)
     }

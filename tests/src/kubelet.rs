@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use tokio::sync::Mutex;
 use crate::error::{Error, Result};
 use crate::net::{self, NodePlan};
 use crate::paths;
+use crate::podrun;
 use crate::proc::Supervised;
 
 pub const KUBELET_VERSION: &str = "v1.36.3";
@@ -112,27 +114,35 @@ pub async fn heartbeat(client: &Client, plan: &NodePlan) -> Result<()> {
     Ok(())
 }
 
-/// A pod this kubelet runs: its namespace (none for hostNetwork) and its server process.
+/// A pod this kubelet runs: its namespace (none for hostNetwork) and its processes.
 struct RunningPod {
     netns: Option<String>,
     ip_slot: Option<u8>,
-    _server: Option<Supervised>,
+    processes: Vec<Supervised>,
+    files: Option<PathBuf>,
+}
+
+/// Where a kubelet keeps its pods' logs and files, and the CA it hands to pods.
+pub struct KubeletDirs {
+    pub log_dir: PathBuf,
+    pub scratch: PathBuf,
+    pub ca_cert: PathBuf,
 }
 
 pub struct Kubelet {
     plan: NodePlan,
     client: Client,
     pods: Mutex<BTreeMap<String, RunningPod>>,
-    log_dir: std::path::PathBuf,
+    dirs: KubeletDirs,
 }
 
 impl Kubelet {
-    pub fn new(client: Client, plan: NodePlan, log_dir: std::path::PathBuf) -> Arc<Self> {
+    pub fn new(client: Client, plan: NodePlan, dirs: KubeletDirs) -> Arc<Self> {
         Arc::new(Self {
             plan,
             client,
             pods: Mutex::new(BTreeMap::new()),
-            log_dir,
+            dirs,
         })
     }
 
@@ -202,7 +212,35 @@ impl Kubelet {
                     tracing::warn!(pod = %name, "status update failed: {e}");
                 }
             }
-            Err(e) => tracing::warn!(node = %self.plan.name, pod = %name, "cannot start pod: {e}"),
+            Err(e) => {
+                tracing::warn!(node = %self.plan.name, pod = %name, "cannot start pod: {e}");
+                self.report_failed(&pod, &e.to_string()).await;
+            }
+        }
+    }
+
+    /// Leaves the pod Pending with the reason in its container statuses, as a kubelet
+    /// does when a container cannot start.
+    async fn report_failed(&self, pod: &Pod, message: &str) {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let containers: Vec<_> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .map(|c| {
+                json!({"name": c.name, "image": c.image.clone().unwrap_or_default(),
+                       "imageID": "", "ready": false, "restartCount": 0,
+                       "state": {"waiting": {"reason": "CreateContainerError", "message": message}}})
+            })
+            .collect();
+        let status = json!({"status": {"phase": "Pending", "containerStatuses": containers}});
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        if let Err(e) = api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+        {
+            tracing::warn!(pod = %name, "status update failed: {e}");
         }
     }
 
@@ -211,7 +249,6 @@ impl Kubelet {
             .spec
             .as_ref()
             .ok_or_else(|| Error::Setup("pod without spec".into()))?;
-        let name = pod.metadata.name.clone().unwrap_or_default();
         let host_network = spec.host_network.unwrap_or(false);
         let mut pods = self.pods.lock().await;
         let (netns, ip_slot, ip) = if host_network {
@@ -226,34 +263,84 @@ impl Kubelet {
             (Some(netns), Some(slot), ip)
         };
         let run_ns = netns.clone().unwrap_or_else(|| self.plan.netns.clone());
-        let server = match podserver_command(pod, &run_ns) {
-            Some(cmd) => {
-                let log = self.log_dir.join(format!(
-                    "pod-{}-{}.log",
-                    pod.metadata.namespace.as_deref().unwrap_or_default(),
-                    name
-                ));
-                Some(Supervised::spawn(&format!("pod {name}"), cmd, &log)?)
-            }
-            None => None,
+        let mut running = RunningPod {
+            netns,
+            ip_slot,
+            processes: Vec::new(),
+            files: None,
         };
-        pods.insert(
-            uid.to_string(),
-            RunningPod {
-                netns,
-                ip_slot,
-                _server: server,
-            },
-        );
-        Ok(ip)
+        // Record the pod first: a failure below still tears down what was made.
+        let result = self
+            .start_processes(pod, uid, &run_ns, ip, &mut running)
+            .await;
+        pods.insert(uid.to_string(), running);
+        result.map(|()| ip)
+    }
+
+    async fn start_processes(
+        &self,
+        pod: &Pod,
+        uid: &str,
+        run_ns: &str,
+        ip: Ipv4Addr,
+        running: &mut RunningPod,
+    ) -> Result<()> {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let log = |suffix: &str| {
+            self.dirs
+                .log_dir
+                .join(format!("pod-{ns}-{name}{suffix}.log"))
+        };
+        let facts = podrun::PodFacts {
+            pod,
+            pod_ip: ip.to_string(),
+            host_ip: self.plan.ip.to_string(),
+            node_name: self.plan.name.clone(),
+        };
+        let spec = pod.spec.as_ref();
+        let containers = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
+        let mount_token = spec
+            .and_then(|s| s.automount_service_account_token)
+            .unwrap_or(true);
+        for c in containers {
+            let Some((binary, args)) = podrun::berth_argv(c) else {
+                continue;
+            };
+            let token_dir = if mount_token {
+                let dir = self.dirs.scratch.join("pods").join(uid);
+                podrun::write_service_account(&self.client, pod, &self.dirs.ca_cert, &dir).await?;
+                running.files = Some(dir.clone());
+                Some(dir)
+            } else {
+                None
+            };
+            let env = podrun::container_env(&self.client, &facts, c).await?;
+            let cmd = podrun::berth_command(run_ns, binary, &args, &env, token_dir.as_deref());
+            let label = format!("pod {ns}/{name} container {}", c.name);
+            running.processes.push(Supervised::spawn(
+                &label,
+                cmd,
+                &log(&format!("-{}", c.name)),
+            )?);
+        }
+        if let Some(cmd) = podserver_command(pod, run_ns) {
+            running
+                .processes
+                .push(Supervised::spawn(&format!("pod {name}"), cmd, &log(""))?);
+        }
+        Ok(())
     }
 
     async fn teardown(&self, uid: &str) {
         let running = self.pods.lock().await.remove(uid);
         if let Some(pod) = running {
-            drop(pod._server);
+            drop(pod.processes);
             if let Some(ns) = pod.netns {
                 net::delete_netns(&ns);
+            }
+            if let Some(dir) = pod.files {
+                let _ = std::fs::remove_dir_all(dir);
             }
         }
     }
@@ -299,15 +386,19 @@ impl Kubelet {
     }
 }
 
-/// The command that plays a pod's containers: one `berth-podserver` serving every
-/// container port (HTTP on TCP answering with the pod name, or the nginx welcome page for
+/// The command that plays a pod's containers that are not berth's own: one
+/// `berth-podserver` serving every container port (HTTP on TCP answering with the pod name, or the nginx welcome page for
 /// `nginx*` images; UDP echo). None when the pod declares no ports.
 fn podserver_command(pod: &Pod, netns: &str) -> Option<Command> {
     let spec = pod.spec.as_ref()?;
     let name = pod.metadata.name.clone().unwrap_or_default();
     let mut args = vec!["--name".to_string(), name];
     let mut any = false;
-    for c in &spec.containers {
+    for c in spec
+        .containers
+        .iter()
+        .filter(|c| podrun::berth_argv(c).is_none())
+    {
         let nginx = c
             .image
             .as_deref()
@@ -334,4 +425,56 @@ fn podserver_command(pod: &Pod, netns: &str) -> Option<Command> {
         .arg(paths::sibling_bin("berth-podserver"))
         .args(args);
     Some(cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(image: &str, ports: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web-1"},
+            "spec": {"containers": [{"name": "c", "image": image, "ports": ports}]}
+        }))
+        .expect("pod fixture")
+    }
+
+    fn args(cmd: &Command) -> Vec<String> {
+        cmd.get_args()
+            .skip(4) // netns exec <ns> <binary>
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn nginx_images_serve_the_welcome_page_on_tcp_ports() {
+        let p = pod(
+            "docker.io/library/nginx:1.27",
+            json!([{"containerPort": 80}, {"containerPort": 53, "protocol": "UDP"}]),
+        );
+        let cmd = podserver_command(&p, "berth-pod-x").expect("a server");
+        assert_eq!(
+            args(&cmd),
+            ["--name", "web-1", "--nginx", "80", "--udp", "53"]
+        );
+    }
+
+    #[test]
+    fn other_images_answer_with_the_pod_name() {
+        let p = pod(
+            "berth/echo",
+            json!([{"containerPort": 8080, "protocol": "TCP"}]),
+        );
+        let cmd = podserver_command(&p, "berth-pod-x").expect("a server");
+        assert_eq!(args(&cmd), ["--name", "web-1", "--tcp", "8080"]);
+        let ns: Vec<_> = cmd.get_args().take(3).collect();
+        assert_eq!(ns, ["netns", "exec", "berth-pod-x"]);
+    }
+
+    #[test]
+    fn pods_without_ports_run_no_server() {
+        assert!(podserver_command(&pod("busybox", json!([])), "ns").is_none());
+        let sctp = pod("x", json!([{"containerPort": 9, "protocol": "SCTP"}]));
+        assert!(podserver_command(&sctp, "ns").is_none());
+    }
 }

@@ -12,6 +12,7 @@ pub mod localstack;
 pub mod net;
 pub mod paths;
 pub mod pki;
+pub mod podrun;
 pub mod proc;
 pub mod testing;
 

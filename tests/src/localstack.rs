@@ -25,7 +25,8 @@ impl LocalStack {
         }
         let port = free_port(&HOST_IP.to_string())?;
         let endpoint = format!("http://{HOST_IP}:{port}");
-        std::fs::create_dir_all(volume_dir).map_err(Error::io("create LocalStack volume", volume_dir))?;
+        std::fs::create_dir_all(volume_dir)
+            .map_err(Error::io("create LocalStack volume", volume_dir))?;
         let mut cmd = Command::new(&python);
         cmd.args(["-m", "localstack.runtime.main"])
             .env("GATEWAY_LISTEN", format!("{HOST_IP}:{port}"))
@@ -40,20 +41,21 @@ impl LocalStack {
         let process = Supervised::spawn("localstack", cmd, &log_dir.join("localstack.log"))?;
         let health = format!("{endpoint}/_localstack/health");
         let http = reqwest::Client::new();
-        wait_for("LocalStack health with elbv2 and ec2", Duration::from_secs(120), || async {
-            let Ok(resp) = http.get(&health).send().await else {
-                return false;
-            };
-            let Ok(body) = resp.json::<serde_json::Value>().await else {
-                return false;
-            };
-            ["elbv2", "ec2"].iter().all(|s| {
-                matches!(
-                    body["services"][s].as_str(),
-                    Some("available" | "running")
-                )
-            })
-        })
+        wait_for(
+            "LocalStack health with elbv2 and ec2",
+            Duration::from_secs(120),
+            || async {
+                let Ok(resp) = http.get(&health).send().await else {
+                    return false;
+                };
+                let Ok(body) = resp.json::<serde_json::Value>().await else {
+                    return false;
+                };
+                ["elbv2", "ec2"]
+                    .iter()
+                    .all(|s| matches!(body["services"][s].as_str(), Some("available" | "running")))
+            },
+        )
         .await?;
         Ok(Self { endpoint, process })
     }

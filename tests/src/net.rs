@@ -91,7 +91,10 @@ fn attach_to_bridge(ns: &str, host_link: &str, addr: Ipv4Addr) -> Result<()> {
     in_ns(ns, &["addr", "add", &cidr, "dev", "eth0"])?;
     in_ns(ns, &["link", "set", "eth0", "up"])?;
     // A default route: DNAT in the output hook needs a route to the virtual IP first.
-    in_ns(ns, &["route", "add", "default", "via", &HOST_IP.to_string()])?;
+    in_ns(
+        ns,
+        &["route", "add", "default", "via", &HOST_IP.to_string()],
+    )?;
     Ok(())
 }
 
@@ -111,13 +114,25 @@ pub fn create_node(node: &NodePlan, all: &[NodePlan]) -> Result<()> {
     run(
         "ip",
         &[
-            "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
         ],
     )?;
     for other in all.iter().filter(|o| o.index != node.index) {
         in_ns(
             ns,
-            &["route", "add", &other.pod_cidr, "via", &other.ip.to_string()],
+            &[
+                "route",
+                "add",
+                &other.pod_cidr,
+                "via",
+                &other.ip.to_string(),
+            ],
         )?;
     }
     // The control plane (apiserver service proxy, LocalStack health checks) reaches pods.
@@ -157,7 +172,13 @@ pub fn create_pod(node: &NodePlan, pod_uid: &str, addr: Ipv4Addr) -> Result<Stri
     in_ns(&ns, &["link", "set", "eth0", "up"])?;
     in_ns(
         &ns,
-        &["route", "add", "default", "via", &node.pod_gateway.to_string()],
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            &node.pod_gateway.to_string(),
+        ],
     )?;
     Ok(ns)
 }
@@ -165,7 +186,10 @@ pub fn create_pod(node: &NodePlan, pod_uid: &str, addr: Ipv4Addr) -> Result<Stri
 /// Kills every process in a namespace, then deletes it (its veths go with it).
 pub fn delete_netns(ns: &str) {
     if let Ok(pids) = run("ip", &["netns", "pids", ns]) {
-        for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
             // SAFETY: kill(2) of a process found inside berth's own namespace.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
@@ -190,4 +214,38 @@ pub fn sweep() {
         delete_netns(&ns);
     }
     run_quiet("ip", &["link", "del", BRIDGE]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_plan_addresses_follow_the_index() {
+        let n = NodePlan::new(2);
+        assert_eq!(n.name, "berth-node-2");
+        assert_eq!(n.ip, Ipv4Addr::new(198, 18, 2, 10));
+        assert_eq!(n.pod_cidr, "10.244.2.0/24");
+        assert_eq!(n.pod_gateway, Ipv4Addr::new(10, 244, 2, 1));
+        assert_eq!(n.subnet_cidr, "198.18.2.0/24");
+        assert_eq!(n.zone, "us-east-1b");
+        assert_eq!(n.pod_ip(7), Ipv4Addr::new(10, 244, 2, 7));
+        assert_eq!(
+            NodePlan::new(4).zone,
+            "us-east-1a",
+            "zones cycle over a, b, c"
+        );
+    }
+
+    #[test]
+    fn pod_names_are_stable_short_and_distinct() {
+        let (ns, link) = pod_names("8c0e7f4e-1111-2222-3333-444455556666");
+        assert_eq!(
+            (ns.clone(), link.clone()),
+            pod_names("8c0e7f4e-1111-2222-3333-444455556666")
+        );
+        assert!(ns.starts_with(NETNS_PREFIX), "{ns} must be swept");
+        assert!(link.len() <= 15, "{link} exceeds IFNAMSIZ");
+        assert_ne!(pod_names("a").0, pod_names("b").0);
+    }
 }

@@ -27,7 +27,15 @@ fn s(p: &Path) -> &str {
 fn ec_key(path: &Path) -> Result<()> {
     run(
         "openssl",
-        &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", s(path)],
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            s(path),
+        ],
     )
     .map(drop)
 }
@@ -41,14 +49,36 @@ fn sign(dir: &Path, name: &str, subject: &str, extensions: &str, ca: (&Path, &Pa
     ec_key(&key)?;
     run(
         "openssl",
-        &["req", "-new", "-key", s(&key), "-subj", subject, "-out", s(&csr)],
+        &[
+            "req",
+            "-new",
+            "-key",
+            s(&key),
+            "-subj",
+            subject,
+            "-out",
+            s(&csr),
+        ],
     )?;
     std::fs::write(&ext, extensions).map_err(Error::io("write extensions", &ext))?;
     run(
         "openssl",
         &[
-            "x509", "-req", "-in", s(&csr), "-CA", s(ca.0), "-CAkey", s(ca.1),
-            "-CAcreateserial", "-days", "365", "-sha256", "-extfile", s(&ext), "-out",
+            "x509",
+            "-req",
+            "-in",
+            s(&csr),
+            "-CA",
+            s(ca.0),
+            "-CAkey",
+            s(ca.1),
+            "-CAcreateserial",
+            "-days",
+            "365",
+            "-sha256",
+            "-extfile",
+            s(&ext),
+            "-out",
             s(&crt),
         ],
     )
@@ -64,8 +94,18 @@ impl Pki {
         run(
             "openssl",
             &[
-                "req", "-x509", "-new", "-key", s(&ca_key), "-subj", "/CN=berth-e2e-ca",
-                "-days", "365", "-sha256", "-out", s(&ca_cert),
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                s(&ca_key),
+                "-subj",
+                "/CN=berth-e2e-ca",
+                "-days",
+                "365",
+                "-sha256",
+                "-out",
+                s(&ca_cert),
             ],
         )?;
         let ca = (ca_cert.as_path(), ca_key.as_path());

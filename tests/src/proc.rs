@@ -111,8 +111,8 @@ impl Drop for Supervised {
 
 /// A TCP port nobody listens on at `ip` right now.
 pub fn free_port(ip: &str) -> Result<u16> {
-    let listener =
-        std::net::TcpListener::bind((ip, 0)).map_err(Error::io("bind free port", ip.to_string()))?;
+    let listener = std::net::TcpListener::bind((ip, 0))
+        .map_err(Error::io("bind free port", ip.to_string()))?;
     let port = listener
         .local_addr()
         .map_err(Error::io("read bound port", ip.to_string()))?

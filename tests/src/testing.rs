@@ -86,7 +86,13 @@ pub struct TestNamespace {
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         let _ = Command::new(paths::bin("kubectl"))
-            .args(["--kubeconfig", &self.kubeconfig, "delete", "namespace", &self.name])
+            .args([
+                "--kubeconfig",
+                &self.kubeconfig,
+                "delete",
+                "namespace",
+                &self.name,
+            ])
             .arg("--wait=false")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -109,7 +115,16 @@ pub fn curl_in(netns: &str, url: &str, timeout: Duration) -> Result<String> {
     let secs = format!("{:.1}", timeout.as_secs_f64());
     let out = exec_in(
         netns,
-        &["curl", "-sS", "--fail", "--max-time", &secs, "--noproxy", "*", url],
+        &[
+            "curl",
+            "-sS",
+            "--fail",
+            "--max-time",
+            &secs,
+            "--noproxy",
+            "*",
+            url,
+        ],
     )?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -122,7 +137,43 @@ pub fn curl_in(netns: &str, url: &str, timeout: Duration) -> Result<String> {
     }
 }
 
+/// Sends one UDP datagram from inside `netns` to `addr` (`ip:port`) and returns the first
+/// answer, trimmed; an error when none arrives within `timeout`.
+pub fn udp_in(netns: &str, addr: &str, payload: &str, timeout: Duration) -> Result<String> {
+    use std::io::Write;
+    let secs = format!("{:.1}", timeout.as_secs_f64());
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, "socat", "-T", &secs, "-"])
+        .arg(format!("UDP:{addr}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(Error::io("spawn socat", netns))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(payload.as_bytes())
+            .map_err(Error::io("write to socat", netns))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(Error::io("wait for socat", netns))?;
+    let reply = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if reply.is_empty() {
+        return Err(Error::Command {
+            command: format!("udp {addr} from {netns}"),
+            status: out.status.to_string(),
+            stderr: format!("no answer; {}", String::from_utf8_lossy(&out.stderr).trim()),
+        });
+    }
+    Ok(reply)
+}
+
 /// Repository-relative path of an example manifest.
 pub fn example(path: &str) -> String {
-    paths::repo_root().join("examples").join(path).display().to_string()
+    paths::repo_root()
+        .join("examples")
+        .join(path)
+        .display()
+        .to_string()
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use berth_e2e::testing::{TestEnv, curl_in, example, wait_for};
+use berth_e2e::testing::{TestEnv, curl_in, example, udp_in, wait_for};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
@@ -61,17 +61,33 @@ async fn apiserver_reports_the_pinned_release() {
 async fn seed_nginx_deployment_runs_on_the_simulated_nodes() {
     let env = TestEnv::connect().await;
     let ns = env.namespace("smoke-nginx").await;
-    env.kubectl(&["apply", "-n", &ns.name, "-f", &example("seed/nginx-deployment.yaml")]);
-    env.kubectl(&["apply", "-n", &ns.name, "-f", &example("seed/nginx-service.yaml")]);
+    env.kubectl(&[
+        "apply",
+        "-n",
+        &ns.name,
+        "-f",
+        &example("seed/nginx-deployment.yaml"),
+    ]);
+    env.kubectl(&[
+        "apply",
+        "-n",
+        &ns.name,
+        "-f",
+        &example("seed/nginx-service.yaml"),
+    ]);
 
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns.name);
     let lp = ListParams::default().labels("app=nginx");
-    wait_for("3 Running nginx pods with IPs", Duration::from_secs(60), || async {
-        pods.list(&lp)
-            .await
-            .map(|l| running_pods_with_ip(&l.items).len() == 3)
-            .unwrap_or(false)
-    })
+    wait_for(
+        "3 Running nginx pods with IPs",
+        Duration::from_secs(60),
+        || async {
+            pods.list(&lp)
+                .await
+                .map(|l| running_pods_with_ip(&l.items).len() == 3)
+                .unwrap_or(false)
+        },
+    )
     .await
     .expect("pods");
     let list = pods.list(&lp).await.expect("list pods").items;
@@ -87,31 +103,49 @@ async fn seed_nginx_deployment_runs_on_the_simulated_nodes() {
         .collect();
     let slices: Api<EndpointSlice> = Api::namespaced(env.client.clone(), &ns.name);
     let slp = ListParams::default().labels("kubernetes.io/service-name=nginx-service");
-    wait_for("EndpointSlice with the 3 ready pod IPs", Duration::from_secs(30), || async {
-        let Ok(l) = slices.list(&slp).await else { return false };
-        let ready: BTreeSet<String> = l
-            .items
-            .iter()
-            .flat_map(|s| s.endpoints.iter().flatten())
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-            .flat_map(|e| e.addresses.iter().cloned())
-            .collect();
-        ready == ips
-    })
+    wait_for(
+        "EndpointSlice with the 3 ready pod IPs",
+        Duration::from_secs(30),
+        || async {
+            let Ok(l) = slices.list(&slp).await else {
+                return false;
+            };
+            let ready: BTreeSet<String> = l
+                .items
+                .iter()
+                .flat_map(|s| s.endpoints.iter().flatten())
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                .flat_map(|e| e.addresses.iter().cloned())
+                .collect();
+            ready == ips
+        },
+    )
     .await
     .expect("endpointslice");
 
     for pod in &list {
-        let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("pod ip");
-        let own = pod.spec.as_ref().and_then(|s| s.node_name.clone()).expect("node");
+        let ip = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .expect("pod ip");
+        let own = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .expect("node");
         let other = env
             .info
             .nodes
             .iter()
             .find(|n| n.plan.name != own)
             .expect("another node");
-        let body = curl_in(&other.plan.netns, &format!("http://{ip}/"), Duration::from_secs(5))
-            .unwrap_or_else(|e| panic!("pod {ip} from {}: {e}", other.plan.name));
+        let body = curl_in(
+            &other.plan.netns,
+            &format!("http://{ip}/"),
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("pod {ip} from {}: {e}", other.plan.name));
         assert!(body.contains("Welcome to nginx!"), "body: {body}");
     }
 
@@ -121,7 +155,10 @@ async fn seed_nginx_deployment_runs_on_the_simulated_nodes() {
         ns.name
     );
     let body = env.kubectl(&["get", "--raw", &path]);
-    assert!(body.contains("Welcome to nginx!"), "service proxy body: {body}");
+    assert!(
+        body.contains("Welcome to nginx!"),
+        "service proxy body: {body}"
+    );
 }
 
 #[tokio::test]
@@ -137,7 +174,10 @@ async fn load_balancer_service_gets_cluster_ip_and_node_ports() {
     }))
     .expect("service object");
     let api: Api<Service> = Api::namespaced(env.client.clone(), &ns.name);
-    let created = api.create(&Default::default(), &svc).await.expect("create service");
+    let created = api
+        .create(&Default::default(), &svc)
+        .await
+        .expect("create service");
     let spec = created.spec.expect("spec");
     let ip: std::net::Ipv4Addr = spec
         .cluster_ip
@@ -145,7 +185,11 @@ async fn load_balancer_service_gets_cluster_ip_and_node_ports() {
         .expect("clusterIP")
         .parse()
         .expect("IPv4 clusterIP");
-    assert_eq!(ip.octets()[..2], [10, 96], "clusterIP {ip} in the service CIDR");
+    assert_eq!(
+        ip.octets()[..2],
+        [10, 96],
+        "clusterIP {ip} in the service CIDR"
+    );
     let ports = spec.ports.expect("ports");
     assert_eq!(ports.len(), 2);
     for p in ports {
@@ -185,4 +229,45 @@ async fn localstack_serves_elbv2_through_the_rust_sdk() {
         .send()
         .await
         .expect("DeleteLoadBalancer");
+}
+
+/// A pod's UDP port echoes from another node, and its TCP port answers with the pod name.
+#[tokio::test]
+async fn pod_udp_echo_and_http_name_are_reachable_across_nodes() {
+    let env = TestEnv::connect().await;
+    let ns = env.namespace("smoke-udp").await;
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "echo"},
+        "spec": {"nodeName": env.info.nodes[0].plan.name,
+                 "containers": [{"name": "echo", "image": "berth/echo",
+                                 "ports": [{"containerPort": 8080},
+                                           {"containerPort": 5353, "protocol": "UDP"}]}]}
+    }))
+    .expect("pod object");
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns.name);
+    pods.create(&Default::default(), &pod)
+        .await
+        .expect("create pod");
+    wait_for("pod echo Running", Duration::from_secs(30), || async {
+        pods.get("echo")
+            .await
+            .is_ok_and(|p| !running_pods_with_ip(std::slice::from_ref(&p)).is_empty())
+    })
+    .await
+    .expect("pod running");
+    let ip = pods
+        .get("echo")
+        .await
+        .expect("get pod")
+        .status
+        .and_then(|s| s.pod_ip)
+        .expect("pod ip");
+    let other = &env.info.nodes[1].plan.netns;
+    let body = curl_in(other, &format!("http://{ip}:8080/"), Duration::from_secs(5))
+        .expect("http from another node");
+    assert_eq!(body.trim(), "echo");
+    let reply = udp_in(other, &format!("{ip}:5353"), "ping", Duration::from_secs(3))
+        .expect("udp echo from another node");
+    assert_eq!(reply, "echo ping");
 }

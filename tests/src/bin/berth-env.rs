@@ -59,7 +59,10 @@ fn main() -> ExitCode {
         }
         Cmd::Info => match EnvInfo::load() {
             Ok(info) => {
-                println!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&info).unwrap_or_default()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -98,8 +101,10 @@ fn serve(nodes: u8) -> ExitCode {
 /// Waits for a stop signal, reporting processes that die meanwhile.
 async fn watch(mut env: Env) -> ExitCode {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         eprintln!("berth-env: cannot install signal handlers");
         return ExitCode::FAILURE;
     };
@@ -159,7 +164,10 @@ fn up(nodes: u8) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    eprint!("berth-env: starting the local environment (log: {})", log_path.display());
+    eprint!(
+        "berth-env: starting the local environment (log: {})",
+        log_path.display()
+    );
     let start = Instant::now();
     let deadline = start + Duration::from_secs(300);
     loop {
@@ -167,16 +175,28 @@ fn up(nodes: u8) -> ExitCode {
             break;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            eprintln!("\nberth-env: supervisor exited ({status}) before the environment was ready:");
+            eprintln!(
+                "\nberth-env: supervisor exited ({status}) before the environment was ready:"
+            );
             let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-            for line in text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev() {
+            for line in text
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
                 eprintln!("  {line}");
             }
             eprintln!("process logs: {}", log_dir.display());
             return ExitCode::FAILURE;
         }
         if Instant::now() > deadline {
-            eprintln!("\nberth-env: not ready after 300 s; see {}", log_path.display());
+            eprintln!(
+                "\nberth-env: not ready after 300 s; see {}",
+                log_path.display()
+            );
             env::sweep();
             return ExitCode::FAILURE;
         }
@@ -200,7 +220,10 @@ fn up(nodes: u8) -> ExitCode {
 fn print_summary(info: &EnvInfo) {
     println!("Local cluster is up.");
     println!("  apiserver:   {}", info.apiserver_url);
-    println!("  LocalStack:  {} (region {})", info.localstack_endpoint, info.region);
+    println!(
+        "  LocalStack:  {} (region {})",
+        info.localstack_endpoint, info.region
+    );
     for n in &info.nodes {
         println!(
             "  node:        {} at {} (netns {}, pods {}, {})",

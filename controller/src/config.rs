@@ -42,8 +42,16 @@ pub struct Config {
     #[arg(long, default_value_t = 8)]
     pub concurrency: u16,
     /// Admin HTTP address (`/healthz`, `/readyz`, `/metrics`).
-    #[arg(long, env = "BERTH_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long = "admin-bind",
+        alias = "admin-addr",
+        env = "BERTH_ADMIN_BIND",
+        default_value = "0.0.0.0:8080"
+    )]
     pub admin_addr: String,
+    /// Elect a leader on a Lease (run 2 replicas); without it this replica always leads.
+    #[arg(long)]
+    pub leader_elect: bool,
     /// Leader election: Lease namespace and name, this replica's identity.
     #[arg(long, env = "POD_NAMESPACE", default_value = "berth-system")]
     pub lease_namespace: String,

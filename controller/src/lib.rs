@@ -219,9 +219,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         &identity,
         config.lease_duration,
     ));
-    tokio::select! {
-        _ = elector.acquire() => {}
-        _ = shutdown_signal() => return Ok(()),
+    if config.leader_elect {
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = shutdown_signal() => return Ok(()),
+        }
     }
     metrics.leader.store(true, Ordering::Relaxed);
     tracing::info!(%identity, "leading");
@@ -267,9 +269,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<bool>();
     {
         let elector = elector.clone();
+        let elect = config.leader_elect;
         tokio::spawn(async move {
             let lost = tokio::select! {
-                _ = elector.hold() => true,
+                _ = elector.hold(), if elect => true,
                 _ = shutdown_signal() => false,
             };
             let _ = stop_tx.send(lost);
@@ -291,7 +294,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tracing::error!("lost leadership; exiting");
         return Err(RunError::LostLeadership);
     }
-    elector.release().await;
+    if config.leader_elect {
+        elector.release().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

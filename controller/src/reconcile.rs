@@ -4,7 +4,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_crds::{AwsProvider, FINALIZER, LABEL_SERVICE_NAME, LoadBalancerClass, class_name};
+use berth_crds::{
+    ANNOTATION_OWNER_CLASS, AwsProvider, FINALIZER, LABEL_SERVICE_NAME, LoadBalancerClass,
+    class_name,
+};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -154,6 +157,15 @@ pub fn error_policy(svc: Arc<Service>, err: &Error, _ctx: Arc<Context>) -> Actio
     Action::requeue(crate::aws::backoff(4) + Duration::from_secs(2))
 }
 
+/// Whether this controller cleans up a Service that is not (or no longer) its own but
+/// carries berth's finalizer: when the class that provisioned it is one it handles. Pure.
+pub fn cleans_up(svc: &Service, config: &Config) -> bool {
+    match svc.annotations().get(ANNOTATION_OWNER_CLASS) {
+        Some(class) => config.handles_class(class),
+        None => config.classes.is_empty(),
+    }
+}
+
 async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> {
     let classes = ctx.classes.state();
     let owner = ownership(svc, &classes, &ctx.config);
@@ -161,14 +173,15 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
     let deleting = svc.metadata.deletion_timestamp.is_some();
     match owner {
         Ownership::Class(class) if !deleting => {
-            if !has_finalizer {
+            let recorded = svc.annotations().get(ANNOTATION_OWNER_CLASS);
+            if !has_finalizer || recorded != Some(&class) {
                 // Before anything exists in AWS; the update triggers the next reconcile.
-                add_finalizer(svc, ctx).await?;
+                claim(svc, ctx, &class).await?;
                 return Ok(Action::await_change());
             }
             provision(svc, ctx, &class, &classes).await
         }
-        _ if has_finalizer => cleanup(svc, ctx, deleting).await,
+        _ if has_finalizer && cleans_up(svc, &ctx.config) => cleanup(svc, ctx, deleting).await,
         _ => Ok(Action::await_change()),
     }
 }
@@ -177,10 +190,28 @@ fn services_api(ctx: &Context, svc: &Service) -> Api<Service> {
     Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default())
 }
 
-async fn add_finalizer(svc: &Service, ctx: &Context) -> Result<(), Error> {
+/// Adds the finalizer and records the class, in one write guarded by the resourceVersion.
+async fn claim(svc: &Service, ctx: &Context, class: &str) -> Result<(), Error> {
     let mut finalizers = svc.finalizers().to_vec();
-    finalizers.push(FINALIZER.into());
-    set_finalizers(svc, ctx, finalizers).await
+    if !finalizers.iter().any(|f| f == FINALIZER) {
+        finalizers.push(FINALIZER.into());
+    }
+    let patch = serde_json::json!({
+        "metadata": {
+            "finalizers": finalizers,
+            "annotations": {ANNOTATION_OWNER_CLASS: class},
+            "resourceVersion": svc.metadata.resource_version,
+        }
+    });
+    services_api(ctx, svc)
+        .patch(
+            &svc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+        .map_err(|e| Error::Kube("claim the Service", e))?;
+    Ok(())
 }
 
 async fn remove_finalizer(svc: &Service, ctx: &Context) -> Result<(), Error> {
@@ -676,5 +707,24 @@ mod tests {
             ),
             Ownership::Class("zz".into())
         );
+    }
+
+    #[test]
+    fn only_the_provisioning_class_cleans_up() {
+        let all = Config::try_parse_from(["x"]).expect("config");
+        let only_b = Config::try_parse_from(["x", "--class", "b"]).expect("config");
+        let mut s = svc("ClusterIP", None);
+        assert!(cleans_up(&s, &all));
+        assert!(
+            !cleans_up(&s, &only_b),
+            "unknown owner: a restricted controller keeps out"
+        );
+        let ann = s.metadata.annotations.get_or_insert_default();
+        ann.insert(ANNOTATION_OWNER_CLASS.into(), "b".into());
+        assert!(cleans_up(&s, &only_b));
+        let ann = s.metadata.annotations.get_or_insert_default();
+        ann.insert(ANNOTATION_OWNER_CLASS.into(), "a".into());
+        assert!(!cleans_up(&s, &only_b));
+        assert!(cleans_up(&s, &all));
     }
 }

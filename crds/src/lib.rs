@@ -16,6 +16,9 @@ pub const FINALIZER: &str = "berth.dev/load-balancer";
 pub const CONTROLLER_MANAGER: &str = "berth-controller";
 /// Prefix of `spec.loadBalancerClass` values berth owns: `berth.dev/<class name>`.
 pub const CLASS_PREFIX: &str = "berth.dev/";
+/// Service annotation recording the class that provisioned it: after a type or class
+/// change, only the controller handling that class cleans up.
+pub const ANNOTATION_OWNER_CLASS: &str = "berth.dev/load-balancer-class";
 /// Service condition type written by the controller.
 pub const CONDITION_LB_READY: &str = "berth.dev/LoadBalancerReady";
 /// LoadBalancerClass condition type.

@@ -22,7 +22,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-LOG = logging.getLogger("berth.dataplane")
+LOG = logging.getLogger("localstack.berth.dataplane")
 
 _started = False
 _lock = threading.Lock()
@@ -167,8 +167,8 @@ class HealthMonitor:
         for f in futures:
             try:
                 f.result(timeout=5)
-            except Exception as e:  # noqa: BLE001 - one bad target must not stop the rest
-                LOG.debug("health check: %s", e)
+            except Exception:  # noqa: BLE001 - one bad target must not stop the rest
+                LOG.exception("health check")
         with self._lock:
             for key in [k for k in self._state if k not in seen]:
                 del self._state[key]
@@ -375,6 +375,7 @@ def _sync_forwarders():
                 FORWARDERS.pop(arn).close()
             try:
                 FORWARDERS[arn] = Forwarder(listener, lb, host)
+                LOG.info("serving listener %s on %s:%s", arn, host, FORWARDERS[arn].port)
             except OSError as e:
                 LOG.warning("listener %s: %s", arn, e)
 
@@ -389,8 +390,8 @@ def _loop():
         try:
             _sync_forwarders()
             MONITOR.round()
-        except Exception as e:  # noqa: BLE001 - keep the data plane alive
-            LOG.warning("berth data plane: %s", e)
+        except Exception:  # noqa: BLE001 - keep the data plane alive
+            LOG.exception("berth data plane")
         time.sleep(1)
 
 

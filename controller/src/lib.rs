@@ -253,7 +253,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     {
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let _ = ctx.services.wait_until_ready().await;
+            // The Service store may not report readiness; every deletion is confirmed
+            // against the apiserver anyway (gc::still_exists).
+            let _ = tokio::time::timeout(Duration::from_secs(10), ctx.services.wait_until_ready())
+                .await;
             loop {
                 tokio::time::sleep(ctx.config.gc_interval).await;
                 match gc::sweep(&ctx, true).await {

@@ -254,6 +254,7 @@ pub async fn ensure(
         delete_lb(aws, inventory, existing, keep).await?;
         lb = None;
     }
+    let fresh = lb.is_none();
     let lb = match lb {
         Some(lb) => lb,
         None => {
@@ -289,7 +290,13 @@ pub async fn ensure(
     }
 
     // 2. Target groups: attached ones, then unattached ones by name (left by a crash).
-    let attached = aws.target_groups_of(&lb.arn).await?;
+    // A load balancer created just now has nothing attached: skip the lookups.
+    let attached = if fresh {
+        Vec::new()
+    } else {
+        aws.target_groups_of(&lb.arn).await?
+    };
+    let mut fresh_tgs = BTreeSet::new();
     let mut by_name: HashMap<String, crate::aws::TgInfo> = attached
         .iter()
         .map(|t| (t.name.clone(), t.clone()))
@@ -298,13 +305,26 @@ pub async fn ensure(
         if by_name.contains_key(&d.name) {
             continue;
         }
-        let tg = match aws.find_target_group(&d.name).await? {
+        let existing = if fresh {
+            None
+        } else {
+            aws.find_target_group(&d.name).await?
+        };
+        let tg = match existing {
             Some(tg) => tg,
-            None => {
-                let tg = aws.create_target_group(d).await?;
-                tracing::info!(tg = %tg.name, "created target group");
-                tg
-            }
+            None => match aws.create_target_group(d).await {
+                Ok(tg) => {
+                    tracing::info!(tg = %tg.name, "created target group");
+                    fresh_tgs.insert(tg.arn.clone());
+                    tg
+                }
+                // Left by an earlier load balancer of this Service: adopt it.
+                Err(e) if e.is("DuplicateTargetGroupName") => aws
+                    .find_target_group(&d.name)
+                    .await?
+                    .ok_or(ApplyError::Aws(e))?,
+                Err(e) => return Err(e.into()),
+            },
         };
         inventory.add_tg(uid, &tg.arn);
         by_name.insert(d.name.clone(), tg);
@@ -346,7 +366,11 @@ pub async fn ensure(
                     .await?;
             }
         }
-        let actual = aws.target_health(&tg.arn).await?;
+        let actual = if fresh_tgs.contains(&tg.arn) {
+            Vec::new()
+        } else {
+            aws.target_health(&tg.arn).await?
+        };
         let (register, deregister) = target_changes(&d.targets, &actual);
         if !register.is_empty() {
             aws.register_targets(&tg.arn, &register).await?;
@@ -362,7 +386,11 @@ pub async fn ensure(
     }
 
     // 5. Listeners: create or repoint, then delete the ones no port wants.
-    let listeners = aws.listeners(&lb.arn).await?;
+    let listeners = if fresh {
+        Vec::new()
+    } else {
+        aws.listeners(&lb.arn).await?
+    };
     for l in &desired.listeners {
         let Some(tg) = by_name.get(&l.target_group) else {
             continue;

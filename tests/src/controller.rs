@@ -40,6 +40,8 @@ pub struct ControllerOpts {
     pub resync: &'static str,
     pub gc_interval: &'static str,
     pub lease_duration: &'static str,
+    /// More flags (`--aws-qps`, `--concurrency`, ...).
+    pub extra_args: Vec<String>,
 }
 
 impl ControllerOpts {
@@ -51,6 +53,7 @@ impl ControllerOpts {
             resync: "10s",
             gc_interval: "5s",
             lease_duration: "4s",
+            extra_args: Vec::new(),
         }
     }
 }
@@ -74,6 +77,7 @@ impl ControllerProc {
             .args(["--gc-interval", opts.gc_interval])
             .args(["--node-port-range", &info.node_port_range])
             .args(["--class", &opts.classes.join(",")])
+            .args(&opts.extra_args)
             .env("KUBECONFIG", &info.kubeconfig)
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -410,4 +414,28 @@ pub fn udp_in(netns: &str, addr: &str, payload: &str, timeout: Duration) -> Resu
 /// The host address LocalStack's listeners are served on.
 pub fn listener_host() -> String {
     HOST_IP.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_sums_filter_by_labels() {
+        let text = "# TYPE berth_aws_calls_total counter\n\
+            berth_aws_calls_total{operation=\"DescribeTags\",outcome=\"success\",mutating=\"false\"} 4\n\
+            berth_aws_calls_total{operation=\"CreateListener\",outcome=\"success\",mutating=\"true\"} 2\n\
+            berth_aws_calls_total{operation=\"CreateListener\",outcome=\"error\",mutating=\"true\"} 1\n\
+            berth_leader 1\n";
+        assert_eq!(metric_sum(text, "berth_aws_calls_total", &[]), 7.0);
+        assert_eq!(
+            metric_sum(text, "berth_aws_calls_total", &[("mutating", "true")]),
+            3.0
+        );
+        assert_eq!(
+            metric_sum(text, "berth_aws_calls_total", &[("outcome", "error")]),
+            1.0
+        );
+        assert_eq!(metric_sum(text, "berth_reconciles_total", &[]), 0.0);
+    }
 }

@@ -107,8 +107,21 @@ async fn bench() -> Result<BTreeMap<String, serde_json::Value>, String> {
         serde_json::json!({"scheme": "internet-facing"}),
     );
     let mut opts = ControllerOpts::new(&class.name, &ns.name);
-    opts.resync = "20s";
+    // Resync every 2 minutes (a 30 s window sees about a quarter of the Services
+    // re-checked); AWS calls limited to 50/s as a real account would allow.
+    opts.resync = "2m";
     opts.gc_interval = "5m";
+    opts.extra_args = [
+        "--aws-qps",
+        "50",
+        "--aws-burst",
+        "100",
+        "--concurrency",
+        "16",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let controller = ControllerProc::spawn(&env.info, &format!("bench-{}", ns.name), &opts)
         .map_err(|e| e.to_string())?;
     let api: Api<Service> = Api::namespaced(env.client.clone(), &ns.name);
@@ -145,7 +158,7 @@ async fn bench() -> Result<BTreeMap<String, serde_json::Value>, String> {
     // Steady state: 201 ready Services, one resync period and a bit.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (r0, c0, m0) = counters(&controller).await?;
-    tokio::time::sleep(Duration::from_secs(25)).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
     let (r1, c1, m1) = counters(&controller).await?;
     let per = if r1 > r0 {
         (c1 - c0) / (r1 - r0)

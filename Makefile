@@ -6,7 +6,7 @@ BIN := $(BERTH_CACHE)/bin/current
 ENV := target/debug/berth-env
 export PATH := $(BIN):$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench
+.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench bench-nodeproxy bench-controller
 
 ## Everything a fresh machine needs: Debian packages, Kubernetes/etcd/helm binaries built
 ## from Go modules (cached by version), the pinned LocalStack venv.
@@ -44,8 +44,16 @@ down:
 demo: up
 	hack/demo.sh
 
-## Benchmarks (root; release build): node agent full and incremental sync, peak memory,
-## first-connection latency. Prints a report and writes target/bench/results.json.
-bench:
+## Benchmarks (root); each prints a report and merges its keys into
+## target/bench/results.json.
+bench: bench-nodeproxy bench-controller
+
+## Node agent (release build): full and incremental sync, peak memory, first-connection
+## latency.
+bench-nodeproxy:
 	$(CARGO) build --release -p berth-nodeproxy --bin berth-nodeproxy-bench
 	$${CARGO_TARGET_DIR:-target}/release/berth-nodeproxy-bench
+
+## Controller: creation-to-ready latency and AWS calls per reconcile against LocalStack.
+bench-controller: deps build
+	hack/bench-controller.sh

@@ -14,4 +14,4 @@ flock 9
 cargo test -p berth-e2e --tests --no-run
 trap '"$env" down' EXIT
 "$env" up
-cargo test -p berth-e2e --tests -- --test-threads="${E2E_THREADS:-4}"
+cargo test -p berth-e2e --tests --no-fail-fast -- --test-threads="${E2E_THREADS:-4}"

@@ -1,4 +1,12 @@
-//! berth's API: names shared by the controller, the node agent and the chart.
+//! berth's API: the `LoadBalancerClass` resource and the names (annotations, labels,
+//! finalizer, tags) shared by the controller, the node agent and the chart.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 /// API group of berth's own resources and prefix of its annotations.
 pub const GROUP: &str = "berth.dev";
@@ -6,3 +14,300 @@ pub const GROUP: &str = "berth.dev";
 pub const FINALIZER: &str = "berth.dev/load-balancer";
 /// Field manager for berth's server-side apply writes.
 pub const CONTROLLER_MANAGER: &str = "berth-controller";
+/// Prefix of `spec.loadBalancerClass` values berth owns: `berth.dev/<class name>`.
+pub const CLASS_PREFIX: &str = "berth.dev/";
+/// Service annotation recording the class that provisioned it: after a type or class
+/// change, only the controller handling that class cleans up.
+pub const ANNOTATION_OWNER_CLASS: &str = "berth.dev/load-balancer-class";
+/// Service condition type written by the controller.
+pub const CONDITION_LB_READY: &str = "berth.dev/LoadBalancerReady";
+/// LoadBalancerClass condition type.
+pub const CONDITION_ACCEPTED: &str = "Accepted";
+
+/// Node label that keeps a node out of every load balancer's targets.
+pub const LABEL_EXCLUDE_FROM_LB: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+/// Taint the cluster autoscaler puts on nodes it is about to delete.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+/// Label joining an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+/// Tags berth puts on every AWS resource it creates.
+pub mod tags {
+    /// The controller's cluster name; the orphan sweep only looks at its own cluster.
+    pub const CLUSTER: &str = "berth.dev/cluster";
+    /// `<namespace>/<name>` of the Service.
+    pub const SERVICE: &str = "berth.dev/service";
+    /// UID of the Service: resources whose UID no longer exists are orphans.
+    pub const SERVICE_UID: &str = "berth.dev/service-uid";
+    /// What the resource is for the Service: `loadbalancer` or `targetgroup/<port>/<proto>`.
+    pub const RESOURCE: &str = "berth.dev/resource";
+}
+
+/// Service annotations berth reads: the AWS Load Balancer Controller's names, so existing
+/// manifests keep working.
+pub mod annotations {
+    pub const AWS_PREFIX: &str = "service.beta.kubernetes.io/aws-load-balancer-";
+    pub const SCHEME: &str = "service.beta.kubernetes.io/aws-load-balancer-scheme";
+    pub const NLB_TARGET_TYPE: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-nlb-target-type";
+    pub const NAME: &str = "service.beta.kubernetes.io/aws-load-balancer-name";
+    pub const IP_ADDRESS_TYPE: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-ip-address-type";
+    pub const SUBNETS: &str = "service.beta.kubernetes.io/aws-load-balancer-subnets";
+    pub const ADDITIONAL_RESOURCE_TAGS: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-additional-resource-tags";
+    pub const ATTRIBUTES: &str = "service.beta.kubernetes.io/aws-load-balancer-attributes";
+    pub const TARGET_GROUP_ATTRIBUTES: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-target-group-attributes";
+    pub const TARGET_NODE_LABELS: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-target-node-labels";
+    pub const PROXY_PROTOCOL: &str = "service.beta.kubernetes.io/aws-load-balancer-proxy-protocol";
+    pub const SSL_CERT: &str = "service.beta.kubernetes.io/aws-load-balancer-ssl-cert";
+    pub const SSL_PORTS: &str = "service.beta.kubernetes.io/aws-load-balancer-ssl-ports";
+    pub const HC_PROTOCOL: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-healthcheck-protocol";
+    pub const HC_PORT: &str = "service.beta.kubernetes.io/aws-load-balancer-healthcheck-port";
+    pub const HC_PATH: &str = "service.beta.kubernetes.io/aws-load-balancer-healthcheck-path";
+    pub const HC_INTERVAL: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-healthcheck-interval";
+    pub const HC_TIMEOUT: &str = "service.beta.kubernetes.io/aws-load-balancer-healthcheck-timeout";
+    pub const HC_HEALTHY_THRESHOLD: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-healthcheck-healthy-threshold";
+    pub const HC_UNHEALTHY_THRESHOLD: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-healthcheck-unhealthy-threshold";
+    pub const HC_SUCCESS_CODES: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-healthcheck-success-codes";
+    /// berth's own: pin a pool address (pool provider).
+    pub const POOL_ADDRESS: &str = "berth.dev/load-balancer-address";
+    /// berth's own: Services with the same key share one pool address (pool provider).
+    pub const SHARING_KEY: &str = "berth.dev/sharing-key";
+}
+
+/// A kind of load balancer and its settings. Services select it with
+/// `spec.loadBalancerClass: berth.dev/<name>`; the one with `default: true` also takes
+/// Services without a class.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "berth.dev",
+    version = "v1alpha1",
+    kind = "LoadBalancerClass",
+    status = "LoadBalancerClassStatus",
+    shortname = "lbclass",
+    printcolumn = r#"{"name":"Default","type":"boolean","jsonPath":".spec.default"}"#,
+    printcolumn = r#"{"name":"Scheme","type":"string","jsonPath":".spec.aws.scheme"}"#,
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.aws.targetType"}"#,
+    printcolumn = r#"{"name":"Services","type":"integer","jsonPath":".status.services"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyServices"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new("(has(self.aws) ? 1 : 0) + (has(self.pool) ? 1 : 0) == 1")
+    .message("exactly one provider block (aws or pool) must be set"))]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerClassSpec {
+    /// Take Services that set no `spec.loadBalancerClass`.
+    #[serde(default)]
+    pub default: bool,
+    /// AWS ELBv2 Network Load Balancers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsProvider>,
+    /// Addresses from a pool announced by the node agents (reserved; not provisioned yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolProvider>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Scheme {
+    #[serde(rename = "internal")]
+    Internal,
+    #[serde(rename = "internet-facing")]
+    InternetFacing,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetType {
+    Instance,
+    Ip,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum IpAddressType {
+    Ipv4,
+    Dualstack,
+}
+
+/// The `aws` provider: one NLB per Service.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsProvider {
+    /// Region (default: the controller's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// VPC of the target groups (default: the controller's `--vpc-id`, else the VPC of a
+    /// node's instance).
+    #[serde(default, rename = "vpcID", skip_serializing_if = "Option::is_none")]
+    pub vpc_id: Option<String>,
+    /// `internal` (default, as the AWS Load Balancer Controller) or `internet-facing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<Scheme>,
+    /// `instance` (default: nodes on the NodePort) or `ip` (pod IPs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_type: Option<TargetType>,
+    /// `ipv4` (default) or `dualstack`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_address_type: Option<IpAddressType>,
+    /// Subnets by id or by tags (default: discovered by the `kubernetes.io/role/elb` or
+    /// `kubernetes.io/role/internal-elb` tag and the cluster tag, one per zone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnets: Option<SubnetSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_groups: Option<Vec<String>>,
+    /// Extra tags on every resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<BTreeMap<String, String>>,
+    /// Load balancer attributes (`key: value`), e.g. `load_balancing.cross_zone.enabled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer_attributes: Option<BTreeMap<String, String>>,
+    /// Target group attributes, e.g. `deregistration_delay.timeout_seconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_group_attributes: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckDefaults>,
+    /// Prefix of generated load balancer and target group names (default `k8s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    pub name_prefix: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SubnetSelector {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<Vec<String>>,
+    /// Subnets carrying all of these tags (an empty value matches any value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheckDefaults {
+    /// `TCP`, `HTTP` or `HTTPS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// `traffic-port` or a port number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_seconds: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_threshold: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_threshold: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_codes: Option<String>,
+}
+
+/// The `pool` provider's shape (reserved: the controller does not provision it yet).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolProvider {
+    /// CIDRs (`198.19.0.0/24`) and ranges (`198.19.0.10-198.19.0.20`).
+    pub addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_assign: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Announce the addresses on the node network with ARP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l2: Option<bool>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerClassStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Services of this class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<i32>,
+    /// Services of this class whose load balancer is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_services: Option<i32>,
+}
+
+/// The class name in `spec.loadBalancerClass`, when it is one of berth's.
+pub fn class_name(load_balancer_class: &str) -> Option<&str> {
+    load_balancer_class
+        .strip_prefix(CLASS_PREFIX)
+        .filter(|n| !n.is_empty())
+}
+
+/// Every CRD berth defines, as (file name, YAML).
+pub fn crd_files() -> Vec<(String, String)> {
+    let crd = LoadBalancerClass::crd();
+    let name = format!("{}.yaml", crd.metadata.name.clone().unwrap_or_default());
+    let yaml = serde_yaml::to_string(&crd).unwrap_or_default();
+    vec![(
+        name,
+        format!("# Generated by `cargo run -p berth-crds --bin crdgen`; do not edit.\n{yaml}"),
+    )]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_crd_yaml_matches_the_types() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/berth/crds");
+        for (name, yaml) in crd_files() {
+            let committed = std::fs::read_to_string(dir.join(&name)).unwrap_or_default();
+            assert!(
+                committed == yaml,
+                "charts/berth/crds/{name} differs from the Rust types: run `cargo run -p berth-crds --bin crdgen`"
+            );
+        }
+    }
+
+    #[test]
+    fn crd_has_one_provider_rule_and_is_cluster_scoped() {
+        let crd = LoadBalancerClass::crd();
+        assert_eq!(crd.spec.scope, "Cluster");
+        let json = serde_json::to_string(&crd).unwrap_or_default();
+        assert!(json.contains("x-kubernetes-validations"), "{json}");
+        assert!(json.contains("exactly one provider block"));
+    }
+
+    #[test]
+    fn class_names_need_the_prefix() {
+        assert_eq!(class_name("berth.dev/internet"), Some("internet"));
+        assert_eq!(class_name("berth.dev/"), None);
+        assert_eq!(class_name("service.k8s.aws/nlb"), None);
+    }
+
+    #[test]
+    fn spec_parses_camel_case_yaml() {
+        let spec: LoadBalancerClassSpec = serde_yaml::from_str(
+            "default: true\naws:\n  vpcID: vpc-1\n  scheme: internet-facing\n  targetType: ip\n  subnets:\n    tags:\n      kubernetes.io/role/elb: '1'\n",
+        )
+        .unwrap_or_default();
+        let aws = spec.aws.unwrap_or_default();
+        assert!(spec.default);
+        assert_eq!(aws.vpc_id.as_deref(), Some("vpc-1"));
+        assert_eq!(aws.scheme, Some(Scheme::InternetFacing));
+        assert_eq!(aws.target_type, Some(TargetType::Ip));
+        assert!(
+            aws.subnets
+                .and_then(|s| s.tags)
+                .is_some_and(|t| t.len() == 1)
+        );
+    }
+}

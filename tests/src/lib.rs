@@ -3,6 +3,7 @@
 //! namespaces, and the helpers the end-to-end suites use to reach them.
 
 pub mod awsinfra;
+pub mod controller;
 pub mod controlplane;
 pub mod env;
 pub mod error;

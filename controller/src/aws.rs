@@ -1,0 +1,1048 @@
+//! The AWS edge: ELBv2 and EC2 calls through a client-side rate limiter, with retries and
+//! jitter on throttling and transient errors, counted by operation and outcome.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2 as ec2;
+use aws_sdk_elasticloadbalancingv2 as elb;
+use elb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use elb::types::{
+    Action, ActionTypeEnum, Certificate, IpAddressType as AwsIpType, LoadBalancerAttribute,
+    LoadBalancerSchemeEnum, LoadBalancerTypeEnum, Matcher, ProtocolEnum, Tag, TargetDescription,
+    TargetGroupAttribute, TargetTypeEnum,
+};
+
+use crate::metrics::Metrics;
+use crate::model::{
+    DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Scheme, Target,
+    TargetType,
+};
+use crate::settings::{HealthCheck, HealthPort, SubnetChoice};
+
+/// A failed AWS call: which operation, the AWS error code when there is one, the message.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{operation}: {message}")]
+pub struct AwsError {
+    pub operation: &'static str,
+    pub code: Option<String>,
+    pub message: String,
+}
+
+impl AwsError {
+    pub fn is(&self, code: &str) -> bool {
+        self.code.as_deref() == Some(code)
+    }
+
+    fn other(operation: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            operation,
+            code: None,
+            message: message.into(),
+        }
+    }
+}
+
+const THROTTLING: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "RequestThrottled",
+    "ServiceUnavailable",
+    "InternalFailure",
+];
+
+/// A token bucket shared by every AWS call of the process.
+pub struct RateLimiter {
+    qps: f64,
+    burst: f64,
+    state: tokio::sync::Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    pub fn new(qps: f64, burst: u32) -> Self {
+        Self {
+            qps: qps.max(0.1),
+            burst: f64::from(burst.max(1)),
+            state: tokio::sync::Mutex::new((f64::from(burst.max(1)), Instant::now())),
+        }
+    }
+
+    pub async fn acquire(&self) {
+        loop {
+            let wait = {
+                let mut s = self.state.lock().await;
+                let now = Instant::now();
+                s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.qps).min(self.burst);
+                s.1 = now;
+                if s.0 >= 1.0 {
+                    s.0 -= 1.0;
+                    return;
+                }
+                (1.0 - s.0) / self.qps
+            };
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: attempt 0 → up to 200 ms, doubling, capped at 5 s.
+pub fn backoff(attempt: u32) -> Duration {
+    let cap = (200u64 << attempt.min(5)).min(5_000);
+    Duration::from_millis(rand::random_range(cap / 2..=cap))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LbInfo {
+    pub arn: String,
+    pub name: String,
+    pub dns_name: String,
+    pub state: String,
+    pub scheme: String,
+    pub ip_address_type: String,
+    pub subnets: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerInfo {
+    pub arn: String,
+    pub port: i32,
+    pub protocol: String,
+    pub target_group_arn: Option<String>,
+    pub certificate: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TgInfo {
+    pub arn: String,
+    pub name: String,
+    pub protocol: String,
+    pub port: i32,
+    pub target_type: String,
+    pub health_check: HealthCheck,
+    pub load_balancer_arns: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetState {
+    pub target: Target,
+    pub state: String,
+}
+
+pub struct Aws {
+    pub elb: elb::Client,
+    pub ec2: ec2::Client,
+    limiter: RateLimiter,
+    metrics: Arc<Metrics>,
+    max_attempts: u32,
+}
+
+fn scheme_str(s: Scheme) -> &'static str {
+    match s {
+        Scheme::Internal => "internal",
+        Scheme::InternetFacing => "internet-facing",
+    }
+}
+
+fn ip_type_str(t: IpAddressType) -> &'static str {
+    match t {
+        IpAddressType::Ipv4 => "ipv4",
+        IpAddressType::Dualstack => "dualstack",
+    }
+}
+
+fn health_from(tg: &elb::types::TargetGroup) -> HealthCheck {
+    let port = match tg.health_check_port() {
+        None | Some("traffic-port") => HealthPort::TrafficPort,
+        Some(p) => p
+            .parse()
+            .map(HealthPort::Port)
+            .unwrap_or(HealthPort::TrafficPort),
+    };
+    let protocol = tg
+        .health_check_protocol()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let http = protocol != "TCP";
+    HealthCheck {
+        protocol,
+        port,
+        path: tg.health_check_path().filter(|_| http).map(str::to_string),
+        interval_seconds: tg.health_check_interval_seconds().unwrap_or_default(),
+        timeout_seconds: tg.health_check_timeout_seconds().unwrap_or_default(),
+        healthy_threshold: tg.healthy_threshold_count().unwrap_or_default(),
+        unhealthy_threshold: tg.unhealthy_threshold_count().unwrap_or_default(),
+        success_codes: tg
+            .matcher()
+            .and_then(|m| m.http_code())
+            .filter(|_| http)
+            .map(str::to_string),
+    }
+}
+
+fn tg_info(tg: &elb::types::TargetGroup) -> TgInfo {
+    TgInfo {
+        arn: tg.target_group_arn().unwrap_or_default().to_string(),
+        name: tg.target_group_name().unwrap_or_default().to_string(),
+        protocol: tg
+            .protocol()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default(),
+        port: tg.port().unwrap_or_default(),
+        target_type: tg
+            .target_type()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default(),
+        health_check: health_from(tg),
+        load_balancer_arns: tg.load_balancer_arns().to_vec(),
+    }
+}
+
+fn lb_info(lb: &elb::types::LoadBalancer) -> LbInfo {
+    LbInfo {
+        arn: lb.load_balancer_arn().unwrap_or_default().to_string(),
+        name: lb.load_balancer_name().unwrap_or_default().to_string(),
+        dns_name: lb.dns_name().unwrap_or_default().to_string(),
+        state: lb
+            .state()
+            .and_then(|s| s.code())
+            .map(|c| c.as_str().to_string())
+            .unwrap_or_default(),
+        scheme: lb
+            .scheme()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
+        ip_address_type: lb
+            .ip_address_type()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
+        subnets: lb
+            .availability_zones()
+            .iter()
+            .filter_map(|z| z.subnet_id().map(str::to_string))
+            .collect(),
+    }
+}
+
+fn tags_of(map: &BTreeMap<String, String>) -> Vec<Tag> {
+    map.iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+fn forward(tg_arn: &str) -> Action {
+    Action::builder()
+        .r#type(ActionTypeEnum::Forward)
+        .target_group_arn(tg_arn)
+        .build()
+}
+
+impl Aws {
+    pub fn new(sdk: &aws_config::SdkConfig, qps: f64, burst: u32, metrics: Arc<Metrics>) -> Self {
+        Self {
+            elb: elb::Client::new(sdk),
+            ec2: ec2::Client::new(sdk),
+            limiter: RateLimiter::new(qps, burst),
+            metrics,
+            max_attempts: 5,
+        }
+    }
+
+    /// One AWS operation through the limiter; throttling and transient failures are retried
+    /// with jittered backoff. Every attempt is counted.
+    async fn call<T, E, R, F, Fut>(&self, operation: &'static str, f: F) -> Result<T, AwsError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E, R>>>,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug,
+    {
+        let mut attempt = 0;
+        loop {
+            self.limiter.acquire().await;
+            let started = Instant::now();
+            let result = f().await;
+            self.metrics
+                .aws_call_seconds
+                .observe(started.elapsed().as_secs_f64());
+            match result {
+                Ok(v) => {
+                    self.metrics.aws_call(operation, "success");
+                    return Ok(v);
+                }
+                Err(err) => {
+                    let code = err.code().map(str::to_string);
+                    let transient = matches!(
+                        err,
+                        SdkError::DispatchFailure(_)
+                            | SdkError::TimeoutError(_)
+                            | SdkError::ResponseError(_)
+                    ) || code.as_deref().is_some_and(|c| THROTTLING.contains(&c));
+                    let outcome = if code
+                        .as_deref()
+                        .is_some_and(|c| c.contains("hrottl") || c.contains("LimitExceeded"))
+                    {
+                        "throttled"
+                    } else {
+                        "error"
+                    };
+                    self.metrics.aws_call(operation, outcome);
+                    attempt += 1;
+                    if transient && attempt < self.max_attempts {
+                        tokio::time::sleep(backoff(attempt)).await;
+                        continue;
+                    }
+                    let message = err
+                        .message()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| DisplayErrorContext(&err).to_string());
+                    return Err(AwsError {
+                        operation,
+                        code,
+                        message,
+                    });
+                }
+            }
+        }
+    }
+
+    pub async fn find_load_balancer(&self, name: &str) -> Result<Option<LbInfo>, AwsError> {
+        let res = self
+            .call("DescribeLoadBalancers", || {
+                self.elb.describe_load_balancers().names(name).send()
+            })
+            .await;
+        match res {
+            Ok(out) => Ok(out.load_balancers().first().map(lb_info)),
+            Err(e) if e.is("LoadBalancerNotFound") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn describe_load_balancers(&self, arns: &[String]) -> Result<Vec<LbInfo>, AwsError> {
+        let mut out = Vec::new();
+        for chunk in arns.chunks(20) {
+            let res = self
+                .call("DescribeLoadBalancers", || {
+                    self.elb
+                        .describe_load_balancers()
+                        .set_load_balancer_arns(Some(chunk.to_vec()))
+                        .send()
+                })
+                .await;
+            match res {
+                Ok(r) => out.extend(r.load_balancers().iter().map(lb_info)),
+                Err(e) if e.is("LoadBalancerNotFound") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every load balancer in the region (paginated).
+    pub async fn all_load_balancers(&self) -> Result<Vec<LbInfo>, AwsError> {
+        let mut out = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let m = marker.clone();
+            let page = self
+                .call("DescribeLoadBalancers", || {
+                    self.elb
+                        .describe_load_balancers()
+                        .set_marker(m.clone())
+                        .page_size(400)
+                        .send()
+                })
+                .await?;
+            out.extend(page.load_balancers().iter().map(lb_info));
+            match page.next_marker() {
+                Some(n) if !n.is_empty() && Some(n) != marker.as_deref() => {
+                    marker = Some(n.to_string())
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Every target group in the region (paginated).
+    pub async fn all_target_groups(&self) -> Result<Vec<TgInfo>, AwsError> {
+        let mut out = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let m = marker.clone();
+            let page = self
+                .call("DescribeTargetGroups", || {
+                    self.elb
+                        .describe_target_groups()
+                        .set_marker(m.clone())
+                        .page_size(400)
+                        .send()
+                })
+                .await?;
+            out.extend(page.target_groups().iter().map(tg_info));
+            match page.next_marker() {
+                Some(n) if !n.is_empty() && Some(n) != marker.as_deref() => {
+                    marker = Some(n.to_string())
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Tags of up to any number of resources (20 per call).
+    pub async fn tags(
+        &self,
+        arns: &[String],
+    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, AwsError> {
+        let mut out = BTreeMap::new();
+        for chunk in arns.chunks(20) {
+            let res = self
+                .call("DescribeTags", || {
+                    self.elb
+                        .describe_tags()
+                        .set_resource_arns(Some(chunk.to_vec()))
+                        .send()
+                })
+                .await;
+            let res = match res {
+                Ok(r) => r,
+                // A resource deleted meanwhile: ask one by one.
+                Err(e)
+                    if chunk.len() > 1
+                        && (e.is("LoadBalancerNotFound") || e.is("TargetGroupNotFound")) =>
+                {
+                    for arn in chunk {
+                        if let Ok(one) = self
+                            .call("DescribeTags", || {
+                                self.elb.describe_tags().resource_arns(arn).send()
+                            })
+                            .await
+                        {
+                            for d in one.tag_descriptions() {
+                                out.insert(arn.clone(), tag_map(d.tags()));
+                            }
+                        }
+                    }
+                    continue;
+                }
+                Err(e) if e.is("LoadBalancerNotFound") || e.is("TargetGroupNotFound") => continue,
+                Err(e) => return Err(e),
+            };
+            for d in res.tag_descriptions() {
+                if let Some(arn) = d.resource_arn() {
+                    out.insert(arn.to_string(), tag_map(d.tags()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn add_tags(
+        &self,
+        arn: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(), AwsError> {
+        self.call("AddTags", || {
+            self.elb
+                .add_tags()
+                .resource_arns(arn)
+                .set_tags(Some(tags_of(tags)))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn create_load_balancer(&self, d: &DesiredLoadBalancer) -> Result<LbInfo, AwsError> {
+        let sgs = (!d.security_groups.is_empty()).then(|| d.security_groups.clone());
+        let out = self
+            .call("CreateLoadBalancer", || {
+                self.elb
+                    .create_load_balancer()
+                    .name(&d.name)
+                    .r#type(LoadBalancerTypeEnum::Network)
+                    .scheme(LoadBalancerSchemeEnum::from(scheme_str(d.scheme)))
+                    .ip_address_type(AwsIpType::from(ip_type_str(d.ip_address_type)))
+                    .set_subnets(Some(d.subnets.clone()))
+                    .set_security_groups(sgs.clone())
+                    .set_tags(Some(tags_of(&d.tags)))
+                    .send()
+            })
+            .await?;
+        out.load_balancers()
+            .first()
+            .map(lb_info)
+            .ok_or_else(|| AwsError::other("CreateLoadBalancer", "no load balancer in the answer"))
+    }
+
+    pub async fn set_subnets(&self, arn: &str, subnets: &[String]) -> Result<(), AwsError> {
+        self.call("SetSubnets", || {
+            self.elb
+                .set_subnets()
+                .load_balancer_arn(arn)
+                .set_subnets(Some(subnets.to_vec()))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn set_ip_address_type(&self, arn: &str, t: IpAddressType) -> Result<(), AwsError> {
+        self.call("SetIpAddressType", || {
+            self.elb
+                .set_ip_address_type()
+                .load_balancer_arn(arn)
+                .ip_address_type(AwsIpType::from(ip_type_str(t)))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn load_balancer_attributes(
+        &self,
+        arn: &str,
+    ) -> Result<BTreeMap<String, String>, AwsError> {
+        let out = self
+            .call("DescribeLoadBalancerAttributes", || {
+                self.elb
+                    .describe_load_balancer_attributes()
+                    .load_balancer_arn(arn)
+                    .send()
+            })
+            .await?;
+        Ok(out
+            .attributes()
+            .iter()
+            .filter_map(|a| {
+                Some((
+                    a.key()?.to_string(),
+                    a.value().unwrap_or_default().to_string(),
+                ))
+            })
+            .collect())
+    }
+
+    pub async fn modify_load_balancer_attributes(
+        &self,
+        arn: &str,
+        attrs: &BTreeMap<String, String>,
+    ) -> Result<(), AwsError> {
+        let list: Vec<LoadBalancerAttribute> = attrs
+            .iter()
+            .map(|(k, v)| LoadBalancerAttribute::builder().key(k).value(v).build())
+            .collect();
+        self.call("ModifyLoadBalancerAttributes", || {
+            self.elb
+                .modify_load_balancer_attributes()
+                .load_balancer_arn(arn)
+                .set_attributes(Some(list.clone()))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn delete_load_balancer(&self, arn: &str) -> Result<(), AwsError> {
+        match self
+            .call("DeleteLoadBalancer", || {
+                self.elb
+                    .delete_load_balancer()
+                    .load_balancer_arn(arn)
+                    .send()
+            })
+            .await
+        {
+            Err(e) if e.is("LoadBalancerNotFound") => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    pub async fn listeners(&self, lb_arn: &str) -> Result<Vec<ListenerInfo>, AwsError> {
+        let out = self
+            .call("DescribeListeners", || {
+                self.elb
+                    .describe_listeners()
+                    .load_balancer_arn(lb_arn)
+                    .send()
+            })
+            .await?;
+        Ok(out
+            .listeners()
+            .iter()
+            .map(|l| ListenerInfo {
+                arn: l.listener_arn().unwrap_or_default().to_string(),
+                port: l.port().unwrap_or_default(),
+                protocol: l
+                    .protocol()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_default(),
+                target_group_arn: l
+                    .default_actions()
+                    .iter()
+                    .find_map(|a| a.target_group_arn().map(str::to_string)),
+                certificate: l
+                    .certificates()
+                    .iter()
+                    .find_map(|c| c.certificate_arn().map(str::to_string)),
+            })
+            .collect())
+    }
+
+    pub async fn create_listener(
+        &self,
+        lb_arn: &str,
+        l: &DesiredListener,
+        tg_arn: &str,
+    ) -> Result<(), AwsError> {
+        let certs = l
+            .certificate
+            .as_ref()
+            .map(|c| vec![Certificate::builder().certificate_arn(c).build()]);
+        self.call("CreateListener", || {
+            self.elb
+                .create_listener()
+                .load_balancer_arn(lb_arn)
+                .port(l.port)
+                .protocol(ProtocolEnum::from(l.protocol.as_str()))
+                .set_certificates(certs.clone())
+                .default_actions(forward(tg_arn))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn modify_listener(
+        &self,
+        arn: &str,
+        l: &DesiredListener,
+        tg_arn: &str,
+    ) -> Result<(), AwsError> {
+        let certs = l
+            .certificate
+            .as_ref()
+            .map(|c| vec![Certificate::builder().certificate_arn(c).build()]);
+        self.call("ModifyListener", || {
+            self.elb
+                .modify_listener()
+                .listener_arn(arn)
+                .port(l.port)
+                .protocol(ProtocolEnum::from(l.protocol.as_str()))
+                .set_certificates(certs.clone())
+                .default_actions(forward(tg_arn))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn delete_listener(&self, arn: &str) -> Result<(), AwsError> {
+        match self
+            .call("DeleteListener", || {
+                self.elb.delete_listener().listener_arn(arn).send()
+            })
+            .await
+        {
+            Err(e) if e.is("ListenerNotFound") => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    pub async fn target_groups_of(&self, lb_arn: &str) -> Result<Vec<TgInfo>, AwsError> {
+        match self
+            .call("DescribeTargetGroups", || {
+                self.elb
+                    .describe_target_groups()
+                    .load_balancer_arn(lb_arn)
+                    .send()
+            })
+            .await
+        {
+            Ok(out) => Ok(out.target_groups().iter().map(tg_info).collect()),
+            Err(e) if e.is("LoadBalancerNotFound") || e.is("TargetGroupNotFound") => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn find_target_group(&self, name: &str) -> Result<Option<TgInfo>, AwsError> {
+        match self
+            .call("DescribeTargetGroups", || {
+                self.elb.describe_target_groups().names(name).send()
+            })
+            .await
+        {
+            Ok(out) => Ok(out.target_groups().first().map(tg_info)),
+            Err(e) if e.is("TargetGroupNotFound") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn create_target_group(&self, d: &DesiredTargetGroup) -> Result<TgInfo, AwsError> {
+        let hc = &d.health_check;
+        let matcher = hc
+            .success_codes
+            .as_ref()
+            .map(|c| Matcher::builder().http_code(c).build());
+        let out = self
+            .call("CreateTargetGroup", || {
+                self.elb
+                    .create_target_group()
+                    .name(&d.name)
+                    .protocol(ProtocolEnum::from(d.protocol.as_str()))
+                    .port(d.port)
+                    .vpc_id(&d.vpc_id)
+                    .target_type(match d.target_type {
+                        TargetType::Instance => TargetTypeEnum::Instance,
+                        TargetType::Ip => TargetTypeEnum::Ip,
+                    })
+                    .health_check_protocol(ProtocolEnum::from(hc.protocol.as_str()))
+                    .health_check_port(hc.port_string())
+                    .set_health_check_path(hc.path.clone())
+                    .health_check_interval_seconds(hc.interval_seconds)
+                    .health_check_timeout_seconds(hc.timeout_seconds)
+                    .healthy_threshold_count(hc.healthy_threshold)
+                    .unhealthy_threshold_count(hc.unhealthy_threshold)
+                    .set_matcher(matcher.clone())
+                    .set_tags(Some(tags_of(&d.tags)))
+                    .send()
+            })
+            .await?;
+        out.target_groups()
+            .first()
+            .map(tg_info)
+            .ok_or_else(|| AwsError::other("CreateTargetGroup", "no target group in the answer"))
+    }
+
+    pub async fn modify_health_check(&self, arn: &str, hc: &HealthCheck) -> Result<(), AwsError> {
+        let matcher = hc
+            .success_codes
+            .as_ref()
+            .map(|c| Matcher::builder().http_code(c).build());
+        self.call("ModifyTargetGroup", || {
+            self.elb
+                .modify_target_group()
+                .target_group_arn(arn)
+                .health_check_protocol(ProtocolEnum::from(hc.protocol.as_str()))
+                .health_check_port(hc.port_string())
+                .set_health_check_path(hc.path.clone())
+                .health_check_interval_seconds(hc.interval_seconds)
+                .health_check_timeout_seconds(hc.timeout_seconds)
+                .healthy_threshold_count(hc.healthy_threshold)
+                .unhealthy_threshold_count(hc.unhealthy_threshold)
+                .set_matcher(matcher.clone())
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn target_group_attributes(
+        &self,
+        arn: &str,
+    ) -> Result<BTreeMap<String, String>, AwsError> {
+        let out = self
+            .call("DescribeTargetGroupAttributes", || {
+                self.elb
+                    .describe_target_group_attributes()
+                    .target_group_arn(arn)
+                    .send()
+            })
+            .await?;
+        Ok(out
+            .attributes()
+            .iter()
+            .filter_map(|a| {
+                Some((
+                    a.key()?.to_string(),
+                    a.value().unwrap_or_default().to_string(),
+                ))
+            })
+            .collect())
+    }
+
+    pub async fn modify_target_group_attributes(
+        &self,
+        arn: &str,
+        attrs: &BTreeMap<String, String>,
+    ) -> Result<(), AwsError> {
+        let list: Vec<TargetGroupAttribute> = attrs
+            .iter()
+            .map(|(k, v)| TargetGroupAttribute::builder().key(k).value(v).build())
+            .collect();
+        self.call("ModifyTargetGroupAttributes", || {
+            self.elb
+                .modify_target_group_attributes()
+                .target_group_arn(arn)
+                .set_attributes(Some(list.clone()))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn delete_target_group(&self, arn: &str) -> Result<(), AwsError> {
+        match self
+            .call("DeleteTargetGroup", || {
+                self.elb.delete_target_group().target_group_arn(arn).send()
+            })
+            .await
+        {
+            Err(e) if e.is("TargetGroupNotFound") => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    pub async fn target_health(&self, tg_arn: &str) -> Result<Vec<TargetState>, AwsError> {
+        let out = self
+            .call("DescribeTargetHealth", || {
+                self.elb
+                    .describe_target_health()
+                    .target_group_arn(tg_arn)
+                    .send()
+            })
+            .await?;
+        Ok(out
+            .target_health_descriptions()
+            .iter()
+            .filter_map(|d| {
+                let t = d.target()?;
+                Some(TargetState {
+                    target: Target {
+                        id: t.id()?.to_string(),
+                        port: t.port().unwrap_or_default(),
+                    },
+                    state: d
+                        .target_health()
+                        .and_then(|h| h.state())
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_default(),
+                })
+            })
+            .collect())
+    }
+
+    fn descriptions(targets: &[Target]) -> Vec<TargetDescription> {
+        targets
+            .iter()
+            .map(|t| TargetDescription::builder().id(&t.id).port(t.port).build())
+            .collect()
+    }
+
+    pub async fn register_targets(&self, tg_arn: &str, targets: &[Target]) -> Result<(), AwsError> {
+        let list = Self::descriptions(targets);
+        self.call("RegisterTargets", || {
+            self.elb
+                .register_targets()
+                .target_group_arn(tg_arn)
+                .set_targets(Some(list.clone()))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn deregister_targets(
+        &self,
+        tg_arn: &str,
+        targets: &[Target],
+    ) -> Result<(), AwsError> {
+        let list = Self::descriptions(targets);
+        self.call("DeregisterTargets", || {
+            self.elb
+                .deregister_targets()
+                .target_group_arn(tg_arn)
+                .set_targets(Some(list.clone()))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// The VPC and one subnet per zone for a load balancer: explicit IDs or names, tags, or
+    /// discovery by role tag (`kubernetes.io/role/elb` / `internal-elb`) and cluster tag.
+    pub async fn resolve_subnets(
+        &self,
+        choice: &SubnetChoice,
+        scheme: Scheme,
+        vpc_id: Option<&str>,
+        cluster: &str,
+    ) -> Result<(Option<String>, Vec<String>), AwsError> {
+        use ec2::types::Filter;
+        let mut filters = Vec::new();
+        let mut ids = None;
+        if let Some(vpc) = vpc_id {
+            filters.push(Filter::builder().name("vpc-id").values(vpc).build());
+        }
+        match choice {
+            SubnetChoice::Ids(list) => ids = Some(list.clone()),
+            SubnetChoice::Names(names) => filters.push(
+                Filter::builder()
+                    .name("tag:Name")
+                    .set_values(Some(names.clone()))
+                    .build(),
+            ),
+            SubnetChoice::Tags(tags) => {
+                for (k, v) in tags {
+                    filters.push(if v.is_empty() {
+                        Filter::builder().name("tag-key").values(k).build()
+                    } else {
+                        Filter::builder().name(format!("tag:{k}")).values(v).build()
+                    });
+                }
+            }
+            SubnetChoice::Discover => {
+                let role = match scheme {
+                    Scheme::Internal => "kubernetes.io/role/internal-elb",
+                    Scheme::InternetFacing => "kubernetes.io/role/elb",
+                };
+                filters.push(Filter::builder().name("tag-key").values(role).build());
+            }
+        }
+        let out = self
+            .call("DescribeSubnets", || {
+                self.ec2
+                    .describe_subnets()
+                    .set_subnet_ids(ids.clone())
+                    .set_filters((!filters.is_empty()).then(|| filters.clone()))
+                    .send()
+            })
+            .await;
+        let out = match out {
+            Ok(o) => o,
+            Err(e)
+                if e.code
+                    .as_deref()
+                    .is_some_and(|c| c.starts_with("InvalidSubnet")) =>
+            {
+                return Ok((None, Vec::new()));
+            }
+            Err(e) => return Err(e),
+        };
+        let cluster_tag = format!("kubernetes.io/cluster/{cluster}");
+        let candidates: Vec<Candidate> = out
+            .subnets()
+            .iter()
+            .map(|s| Candidate {
+                id: s.subnet_id().unwrap_or_default().to_string(),
+                vpc: s.vpc_id().unwrap_or_default().to_string(),
+                zone: s.availability_zone().unwrap_or_default().to_string(),
+                cluster_tags: s
+                    .tags()
+                    .iter()
+                    .filter_map(|t| t.key())
+                    .filter(|k| k.starts_with("kubernetes.io/cluster/"))
+                    .map(str::to_string)
+                    .collect(),
+            })
+            .collect();
+        let explicit = !matches!(choice, SubnetChoice::Discover);
+        Ok(pick_subnets(&candidates, &cluster_tag, explicit))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub id: String,
+    pub vpc: String,
+    pub zone: String,
+    pub cluster_tags: Vec<String>,
+}
+
+/// One subnet per zone, in one VPC. Discovered subnets must carry this cluster's tag or no
+/// cluster tag at all (AWS LBC's rule); the lowest ID wins within a zone. Pure.
+pub fn pick_subnets(
+    candidates: &[Candidate],
+    cluster_tag: &str,
+    explicit: bool,
+) -> (Option<String>, Vec<String>) {
+    let mut eligible: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|c| {
+            explicit || c.cluster_tags.is_empty() || c.cluster_tags.iter().any(|t| t == cluster_tag)
+        })
+        .collect();
+    eligible.sort_by(|a, b| (&a.vpc, &a.zone, &a.id).cmp(&(&b.vpc, &b.zone, &b.id)));
+    let Some(vpc) = eligible.first().map(|c| c.vpc.clone()) else {
+        return (None, Vec::new());
+    };
+    let mut zones = BTreeMap::new();
+    for c in eligible.iter().filter(|c| c.vpc == vpc) {
+        zones.entry(c.zone.clone()).or_insert_with(|| c.id.clone());
+    }
+    let mut ids: Vec<String> = zones.into_values().collect();
+    ids.sort();
+    (Some(vpc), ids)
+}
+
+fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
+    tags.iter()
+        .filter_map(|t| {
+            Some((
+                t.key()?.to_string(),
+                t.value().unwrap_or_default().to_string(),
+            ))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(id: &str, vpc: &str, zone: &str, tags: &[&str]) -> Candidate {
+        Candidate {
+            id: id.into(),
+            vpc: vpc.into(),
+            zone: zone.into(),
+            cluster_tags: tags.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn one_subnet_per_zone_tagged_for_this_cluster_or_untagged() {
+        let mine = "kubernetes.io/cluster/c1";
+        let list = vec![
+            cand("subnet-b", "vpc-1", "z1", &[mine]),
+            cand("subnet-a", "vpc-1", "z1", &[mine]),
+            cand("subnet-c", "vpc-1", "z2", &[]),
+            cand("subnet-d", "vpc-1", "z3", &["kubernetes.io/cluster/other"]),
+        ];
+        assert_eq!(
+            pick_subnets(&list, mine, false),
+            (
+                Some("vpc-1".into()),
+                vec!["subnet-a".to_string(), "subnet-c".to_string()]
+            )
+        );
+        assert_eq!(pick_subnets(&list, mine, true).1.len(), 3);
+        assert_eq!(pick_subnets(&[], mine, false), (None, vec![]));
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_a_cap() {
+        for attempt in 0..10 {
+            let d = backoff(attempt).as_millis() as u64;
+            let cap = (200u64 << attempt.min(5)).min(5_000);
+            assert!(d >= cap / 2 && d <= cap, "attempt {attempt}: {d}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rate_limiter_spaces_calls_beyond_the_burst() {
+        let limiter = RateLimiter::new(50.0, 2);
+        let start = Instant::now();
+        for _ in 0..7 {
+            limiter.acquire().await;
+        }
+        // 2 from the burst, 5 more at 50/s: at least ~100 ms.
+        assert!(
+            start.elapsed() >= Duration::from_millis(90),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}

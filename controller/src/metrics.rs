@@ -1,0 +1,189 @@
+//! Prometheus metrics, rendered in the text exposition format by the admin server.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// A histogram with fixed buckets (seconds).
+pub struct Histogram {
+    buckets: &'static [f64],
+    inner: Mutex<(Vec<u64>, f64, u64)>,
+}
+
+impl Histogram {
+    pub fn new(buckets: &'static [f64]) -> Self {
+        Self {
+            buckets,
+            inner: Mutex::new((vec![0; buckets.len()], 0.0, 0)),
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        if let Ok(mut g) = self.inner.lock() {
+            for (i, b) in self.buckets.iter().enumerate() {
+                if v <= *b {
+                    g.0[i] += 1;
+                }
+            }
+            g.1 += v;
+            g.2 += 1;
+        }
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        let Ok(g) = self.inner.lock() else { return };
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, b) in self.buckets.iter().enumerate() {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", g.0[i]);
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", g.2);
+        let _ = writeln!(out, "{name}_sum {}", g.1);
+        let _ = writeln!(out, "{name}_count {}", g.2);
+    }
+}
+
+const SECONDS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+pub struct Metrics {
+    reconciles: Mutex<BTreeMap<(String, String), u64>>,
+    aws_calls: Mutex<BTreeMap<(String, String), u64>>,
+    pub reconcile_seconds: Histogram,
+    pub aws_call_seconds: Histogram,
+    pub ready_seconds: Histogram,
+    pub gc_deleted: AtomicU64,
+    pub leader: AtomicBool,
+    pub ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            reconciles: Mutex::default(),
+            aws_calls: Mutex::default(),
+            reconcile_seconds: Histogram::new(SECONDS),
+            aws_call_seconds: Histogram::new(SECONDS),
+            ready_seconds: Histogram::new(SECONDS),
+            gc_deleted: AtomicU64::new(0),
+            leader: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Operations that change something in AWS (everything but Describe*).
+pub fn is_mutating(operation: &str) -> bool {
+    !operation.starts_with("Describe")
+}
+
+impl Metrics {
+    pub fn reconcile(&self, outcome: &str, reason: &str) {
+        if let Ok(mut m) = self.reconciles.lock() {
+            *m.entry((outcome.to_string(), reason.to_string()))
+                .or_default() += 1;
+        }
+    }
+
+    pub fn aws_call(&self, operation: &str, outcome: &str) {
+        if let Ok(mut m) = self.aws_calls.lock() {
+            *m.entry((operation.to_string(), outcome.to_string()))
+                .or_default() += 1;
+        }
+    }
+
+    /// Total AWS calls so far, and how many of them were mutating.
+    pub fn aws_totals(&self) -> (u64, u64) {
+        let Ok(m) = self.aws_calls.lock() else {
+            return (0, 0);
+        };
+        let total = m.values().sum();
+        let mutating = m
+            .iter()
+            .filter(|((op, _), _)| is_mutating(op))
+            .map(|(_, n)| n)
+            .sum();
+        (total, mutating)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP berth_reconciles_total Service reconciles by outcome and reason.\n# TYPE berth_reconciles_total counter"
+        );
+        if let Ok(m) = self.reconciles.lock() {
+            for ((outcome, reason), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "berth_reconciles_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP berth_aws_calls_total AWS API calls by operation, outcome and whether they change anything.\n# TYPE berth_aws_calls_total counter"
+        );
+        if let Ok(m) = self.aws_calls.lock() {
+            for ((op, outcome), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "berth_aws_calls_total{{operation=\"{op}\",outcome=\"{outcome}\",mutating=\"{}\"}} {n}",
+                    is_mutating(op)
+                );
+            }
+        }
+        self.reconcile_seconds.render(
+            "berth_reconcile_duration_seconds",
+            "Time per Service reconcile.",
+            &mut out,
+        );
+        self.aws_call_seconds.render(
+            "berth_aws_call_duration_seconds",
+            "Time per AWS call attempt.",
+            &mut out,
+        );
+        self.ready_seconds.render(
+            "berth_service_ready_seconds",
+            "Time from Service creation to its load balancer being ready.",
+            &mut out,
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE berth_gc_deleted_total counter\nberth_gc_deleted_total {}",
+            self.gc_deleted.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE berth_leader gauge\nberth_leader {}",
+            u8::from(self.leader.load(Ordering::Relaxed))
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histograms() {
+        let m = Metrics::default();
+        m.aws_call("DescribeTags", "success");
+        m.aws_call("CreateListener", "success");
+        m.aws_call("CreateListener", "error");
+        m.reconcile("success", "Provisioned");
+        m.ready_seconds.observe(0.3);
+        assert_eq!(m.aws_totals(), (3, 2));
+        let text = m.render();
+        assert!(text.contains(
+            r#"berth_aws_calls_total{operation="CreateListener",outcome="error",mutating="true"} 1"#
+        ));
+        assert!(text.contains(r#"berth_service_ready_seconds_bucket{le="0.5"} 1"#));
+        assert!(text.contains(r#"berth_service_ready_seconds_bucket{le="0.25"} 0"#));
+        assert!(
+            text.contains("berth_reconciles_total{outcome=\"success\",reason=\"Provisioned\"} 1")
+        );
+    }
+}

@@ -1,0 +1,615 @@
+//! The desired load balancer for one Service: a pure function of the Service, its class,
+//! the nodes, the EndpointSlices and the subnets found for it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use berth_crds::{LABEL_EXCLUDE_FROM_LB, TAINT_TO_BE_DELETED, tags};
+use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use sha2::{Digest, Sha256};
+
+use crate::settings::{HealthCheck, HealthPort, Settings, SslPorts};
+
+pub use berth_crds::{IpAddressType, Scheme, TargetType};
+
+/// Largest name ELBv2 accepts for load balancers and target groups.
+pub const MAX_NAME: usize = 32;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredLoadBalancer {
+    pub name: String,
+    pub scheme: Scheme,
+    pub ip_address_type: IpAddressType,
+    pub subnets: Vec<String>,
+    pub security_groups: Vec<String>,
+    pub tags: BTreeMap<String, String>,
+    pub attributes: BTreeMap<String, String>,
+    /// Sorted by port.
+    pub listeners: Vec<DesiredListener>,
+    pub target_groups: Vec<DesiredTargetGroup>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredListener {
+    pub port: i32,
+    /// `TCP`, `UDP`, `TCP_UDP` or `TLS`.
+    pub protocol: String,
+    pub certificate: Option<String>,
+    /// Name of the target group in [`DesiredLoadBalancer::target_groups`].
+    pub target_group: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredTargetGroup {
+    pub name: String,
+    pub protocol: String,
+    pub port: i32,
+    pub target_type: TargetType,
+    pub vpc_id: String,
+    pub health_check: HealthCheck,
+    pub attributes: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    pub targets: BTreeSet<Target>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Target {
+    pub id: String,
+    pub port: i32,
+}
+
+/// Why a Service's load balancer cannot be built; each maps to a condition reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    InvalidSpec(String),
+    #[error("no subnets found for the load balancer")]
+    NoSubnets,
+}
+
+/// What the builder needs besides the Service and its settings.
+pub struct World<'a> {
+    pub cluster: &'a str,
+    pub vpc_id: &'a str,
+    pub subnets: &'a [String],
+    pub nodes: &'a [std::sync::Arc<Node>],
+    pub slices: &'a [std::sync::Arc<EndpointSlice>],
+}
+
+/// A name ELBv2 accepts (≤ 32 of `[a-z0-9-]`, no leading, trailing or double hyphen),
+/// stable for a Service UID: `<prefix>-<ns>-<name>-<hash>`.
+pub fn resource_name(prefix: &str, namespace: &str, name: &str, hash_input: &str) -> String {
+    let digest = Sha256::digest(hash_input.as_bytes());
+    let hash: String = digest.iter().take(5).map(|b| format!("{b:02x}")).collect();
+    let room = MAX_NAME.saturating_sub(prefix.len() + hash.len() + 3) / 2;
+    let part = |s: &str| -> String {
+        let clean: String = s
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .map(|c| c.to_ascii_lowercase())
+            .take(room)
+            .collect();
+        if clean.is_empty() { "x".into() } else { clean }
+    };
+    format!("{prefix}-{}-{}-{hash}", part(namespace), part(name))
+}
+
+/// The instance ID in an AWS providerID (`aws:///us-east-1a/i-0abc`).
+pub fn instance_id(provider_id: &str) -> Option<&str> {
+    let rest = provider_id.strip_prefix("aws://")?;
+    let id = rest.rsplit('/').next()?;
+    (id.starts_with("i-")
+        && id.len() > 2
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+    .then_some(id)
+}
+
+/// A node may carry load-balancer traffic: not excluded by label, not being deleted, not
+/// tainted for deletion by the autoscaler, and matching `target-node-labels`.
+pub fn node_eligible(node: &Node, required_labels: &BTreeMap<String, String>) -> bool {
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    if labels.contains_key(LABEL_EXCLUDE_FROM_LB) || node.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
+    if tainted {
+        return false;
+    }
+    required_labels
+        .iter()
+        .all(|(k, v)| labels.get(k).is_some_and(|have| v.is_empty() || have == v))
+}
+
+/// Instance IDs of the eligible nodes.
+pub fn instance_targets(
+    nodes: &[std::sync::Arc<Node>],
+    required: &BTreeMap<String, String>,
+) -> BTreeSet<String> {
+    nodes
+        .iter()
+        .filter(|n| node_eligible(n, required))
+        .filter_map(|n| {
+            n.spec
+                .as_ref()?
+                .provider_id
+                .as_deref()
+                .and_then(instance_id)
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Ready endpoint addresses of the Service port named `port_name` with `protocol`, with the
+/// port each endpoint listens on.
+pub fn ip_targets(
+    slices: &[std::sync::Arc<EndpointSlice>],
+    port_name: &str,
+    protocol: &str,
+) -> BTreeSet<Target> {
+    let mut out = BTreeSet::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let Some(port) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && p.protocol.as_deref().unwrap_or("TCP") == protocol
+        }) else {
+            continue;
+        };
+        let Some(number) = port.port else { continue };
+        for ep in slice.endpoints.iter().flatten() {
+            // An endpoint without a ready condition counts as ready (EndpointSlice API).
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if !ready {
+                continue;
+            }
+            for addr in &ep.addresses {
+                out.insert(Target {
+                    id: addr.clone(),
+                    port: number,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn listener_protocol(protocols: &BTreeSet<&str>) -> Result<&'static str, String> {
+    match (
+        protocols.contains("TCP"),
+        protocols.contains("UDP"),
+        protocols.len(),
+    ) {
+        (true, true, 2) => Ok("TCP_UDP"),
+        (true, false, 1) => Ok("TCP"),
+        (false, true, 1) => Ok("UDP"),
+        _ => Err(format!(
+            "protocols {:?} are not supported by a Network Load Balancer (TCP, UDP)",
+            protocols
+        )),
+    }
+}
+
+/// The Service's ports grouped by port number, sorted.
+fn port_groups(ports: &[ServicePort]) -> BTreeMap<i32, Vec<&ServicePort>> {
+    let mut groups: BTreeMap<i32, Vec<&ServicePort>> = BTreeMap::new();
+    for p in ports {
+        groups.entry(p.port).or_default().push(p);
+    }
+    groups
+}
+
+/// The target group port for one group of Service ports.
+fn target_group_port(
+    group: &[&ServicePort],
+    target_type: TargetType,
+    svc_port: i32,
+) -> Result<i32, String> {
+    match target_type {
+        TargetType::Instance => {
+            let node_ports: BTreeSet<i32> = group.iter().filter_map(|p| p.node_port).collect();
+            if group.iter().any(|p| p.node_port.is_none()) {
+                return Err(format!("port {svc_port} has no nodePort yet"));
+            }
+            match node_ports.len() {
+                1 => Ok(node_ports.into_iter().next().unwrap_or_default()),
+                _ => Err(format!(
+                    "port {svc_port} uses nodePorts {node_ports:?} for TCP and UDP; one listener needs one"
+                )),
+            }
+        }
+        TargetType::Ip => Ok(match group.first().and_then(|p| p.target_port.as_ref()) {
+            Some(IntOrString::Int(n)) => *n,
+            _ => svc_port,
+        }),
+    }
+}
+
+/// Builds the desired load balancer. Pure.
+pub fn build(
+    svc: &Service,
+    settings: &Settings,
+    world: &World,
+) -> Result<DesiredLoadBalancer, BuildError> {
+    let ns = svc.metadata.namespace.clone().unwrap_or_default();
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let uid = svc.metadata.uid.clone().unwrap_or_default();
+    let spec = svc.spec.clone().unwrap_or_default();
+    let ports = spec.ports.clone().unwrap_or_default();
+    if ports.is_empty() {
+        return Err(BuildError::InvalidSpec("the Service has no ports".into()));
+    }
+    if world.subnets.is_empty() {
+        return Err(BuildError::NoSubnets);
+    }
+    let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let mut base_tags = settings.tags.clone();
+    base_tags.insert(tags::CLUSTER.into(), world.cluster.into());
+    base_tags.insert(tags::SERVICE.into(), format!("{ns}/{name}"));
+    base_tags.insert(tags::SERVICE_UID.into(), uid.clone());
+
+    let nodes = match settings.target_type {
+        TargetType::Instance => instance_targets(world.nodes, &settings.target_node_labels),
+        TargetType::Ip => BTreeSet::new(),
+    };
+
+    let mut listeners = Vec::new();
+    let mut target_groups = Vec::new();
+    for (port, group) in port_groups(&ports) {
+        let protocols: BTreeSet<&str> = group
+            .iter()
+            .map(|p| p.protocol.as_deref().unwrap_or("TCP"))
+            .collect();
+        let protocol = listener_protocol(&protocols).map_err(BuildError::InvalidSpec)?;
+        let tg_port = target_group_port(&group, settings.target_type, port)
+            .map_err(BuildError::InvalidSpec)?;
+        let tls = settings.ssl.as_ref().filter(|(_, ports)| {
+            protocol == "TCP"
+                && match ports {
+                    SslPorts::All => true,
+                    SslPorts::Some(set) => {
+                        set.contains(&port.to_string())
+                            || group
+                                .iter()
+                                .any(|p| p.name.as_ref().is_some_and(|n| set.contains(n)))
+                    }
+                }
+        });
+        let tg_protocol = protocol.to_string();
+        let mut health_check = settings.health_check.clone();
+        if etp_local
+            && settings.target_type == TargetType::Instance
+            && !settings.health_check_overridden
+        {
+            health_check = HealthCheck::etp_local(spec.health_check_node_port.unwrap_or_default());
+        }
+        if let HealthPort::Port(0) = health_check.port {
+            return Err(BuildError::InvalidSpec(
+                "externalTrafficPolicy Local but no healthCheckNodePort yet".into(),
+            ));
+        }
+        let targets: BTreeSet<Target> = match settings.target_type {
+            TargetType::Instance => nodes
+                .iter()
+                .map(|id| Target {
+                    id: id.clone(),
+                    port: tg_port,
+                })
+                .collect(),
+            TargetType::Ip => {
+                // For TCP_UDP both entries point at the same pods; the TCP entry names them.
+                let first = group
+                    .iter()
+                    .find(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                    .or(group.first())
+                    .copied();
+                let pname = first.and_then(|p| p.name.clone()).unwrap_or_default();
+                let pproto = first
+                    .and_then(|p| p.protocol.clone())
+                    .unwrap_or_else(|| "TCP".into());
+                ip_targets(world.slices, &pname, &pproto)
+            }
+        };
+        let target_type = match settings.target_type {
+            TargetType::Instance => "instance",
+            TargetType::Ip => "ip",
+        };
+        let tg_name = resource_name(
+            &settings.name_prefix,
+            &ns,
+            &name,
+            &format!(
+                "{}/{uid}/{port}/{tg_protocol}/{tg_port}/{target_type}/{}",
+                world.cluster, world.vpc_id
+            ),
+        );
+        let mut tg_tags = base_tags.clone();
+        tg_tags.insert(
+            tags::RESOURCE.into(),
+            format!("targetgroup/{port}/{protocol}"),
+        );
+        target_groups.push(DesiredTargetGroup {
+            name: tg_name.clone(),
+            protocol: tg_protocol,
+            port: tg_port,
+            target_type: settings.target_type,
+            vpc_id: world.vpc_id.to_string(),
+            health_check,
+            attributes: settings.tg_attributes.clone(),
+            tags: tg_tags,
+            targets,
+        });
+        listeners.push(DesiredListener {
+            port,
+            protocol: if tls.is_some() {
+                "TLS".into()
+            } else {
+                protocol.into()
+            },
+            certificate: tls.map(|(cert, _)| cert.clone()),
+            target_group: tg_name,
+        });
+    }
+    let mut lb_tags = base_tags;
+    lb_tags.insert(tags::RESOURCE.into(), "loadbalancer".into());
+    Ok(DesiredLoadBalancer {
+        name: settings.name.clone(),
+        scheme: settings.scheme,
+        ip_address_type: settings.ip_address_type,
+        subnets: world.subnets.to_vec(),
+        security_groups: settings.security_groups.clone(),
+        tags: lb_tags,
+        attributes: settings.lb_attributes.clone(),
+        listeners,
+        target_groups,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::tests::{node, service, settings_for};
+    use std::sync::Arc;
+
+    fn world<'a>(
+        nodes: &'a [Arc<Node>],
+        slices: &'a [Arc<EndpointSlice>],
+        subnets: &'a [String],
+    ) -> World<'a> {
+        World {
+            cluster: "c1",
+            vpc_id: "vpc-1",
+            subnets,
+            nodes,
+            slices,
+        }
+    }
+
+    #[test]
+    fn names_are_short_valid_and_stable() {
+        let a = resource_name("k8s", "Default-NS", "my_very_long_service_name", "uid-1");
+        assert!(a.len() <= MAX_NAME, "{a}");
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+            "{a}"
+        );
+        assert!(!a.contains("--"));
+        assert_eq!(
+            a,
+            resource_name("k8s", "Default-NS", "my_very_long_service_name", "uid-1")
+        );
+        assert_ne!(
+            a,
+            resource_name("k8s", "Default-NS", "my_very_long_service_name", "uid-2")
+        );
+        assert!(resource_name("longpref", "a", "b", "x").len() <= MAX_NAME);
+        assert!(resource_name("k8s", "", "-", "x").starts_with("k8s-x-x-"));
+    }
+
+    #[test]
+    fn provider_ids_give_instance_ids() {
+        assert_eq!(
+            instance_id("aws:///us-east-1a/i-0abc123"),
+            Some("i-0abc123")
+        );
+        assert_eq!(instance_id("aws:////i-0abc"), Some("i-0abc"));
+        assert_eq!(instance_id("gce://p/z/n"), None);
+        assert_eq!(instance_id("aws:///us-east-1a/"), None);
+        assert_eq!(instance_id("aws:///us-east-1a/i-"), None);
+    }
+
+    #[test]
+    fn excluded_deleting_and_autoscaler_nodes_are_left_out() {
+        let nodes = vec![
+            Arc::new(node("n1", "i-1", &[])),
+            Arc::new(node("n2", "i-2", &[(LABEL_EXCLUDE_FROM_LB, "")])),
+            Arc::new({
+                let mut n = node("n3", "i-3", &[]);
+                n.metadata.deletion_timestamp =
+                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                    ));
+                n
+            }),
+            Arc::new({
+                let mut n = node("n4", "i-4", &[]);
+                n.spec.get_or_insert_default().taints =
+                    Some(vec![k8s_openapi::api::core::v1::Taint {
+                        key: TAINT_TO_BE_DELETED.into(),
+                        effect: "NoSchedule".into(),
+                        ..Default::default()
+                    }]);
+                n
+            }),
+            Arc::new(node("n5", "i-5", &[("pool", "edge")])),
+        ];
+        let all = instance_targets(&nodes, &BTreeMap::new());
+        assert_eq!(all, ["i-1", "i-5"].iter().map(|s| s.to_string()).collect());
+        let edge = instance_targets(
+            &nodes,
+            &BTreeMap::from([("pool".to_string(), "edge".to_string())]),
+        );
+        assert_eq!(edge, ["i-5"].iter().map(|s| s.to_string()).collect());
+        let any_pool = instance_targets(
+            &nodes,
+            &BTreeMap::from([("pool".to_string(), String::new())]),
+        );
+        assert_eq!(any_pool.len(), 1);
+    }
+
+    #[test]
+    fn instance_mode_builds_a_listener_and_target_group_per_port() {
+        let svc = service(
+            &[
+                ("http", 80, "TCP", Some(30080)),
+                ("dns", 53, "UDP", Some(30053)),
+            ],
+            &[],
+        );
+        let nodes = vec![
+            Arc::new(node("n1", "i-1", &[])),
+            Arc::new(node("n2", "i-2", &[])),
+        ];
+        let subnets = vec!["subnet-a".to_string()];
+        let lb = build(&svc, &settings_for(&svc), &world(&nodes, &[], &subnets)).expect("build");
+        assert_eq!(lb.listeners.len(), 2);
+        assert_eq!(lb.listeners[0].port, 53);
+        assert_eq!(lb.listeners[0].protocol, "UDP");
+        assert_eq!(lb.listeners[1].protocol, "TCP");
+        let tg = &lb.target_groups[1];
+        assert_eq!(tg.port, 30080);
+        assert_eq!(
+            tg.targets
+                .iter()
+                .map(|t| (t.id.as_str(), t.port))
+                .collect::<Vec<_>>(),
+            vec![("i-1", 30080), ("i-2", 30080)]
+        );
+        assert_eq!(lb.listeners[1].target_group, tg.name);
+        assert_eq!(
+            lb.tags.get(tags::SERVICE_UID).map(String::as_str),
+            Some("uid-1")
+        );
+        assert_eq!(lb.tags.get(tags::CLUSTER).map(String::as_str), Some("c1"));
+        assert_eq!(
+            tg.tags.get(tags::RESOURCE).map(String::as_str),
+            Some("targetgroup/80/TCP")
+        );
+        assert_ne!(lb.target_groups[0].name, lb.target_groups[1].name);
+    }
+
+    #[test]
+    fn tcp_and_udp_on_one_port_make_tcp_udp() {
+        let svc = service(
+            &[
+                ("dns-tcp", 53, "TCP", Some(30053)),
+                ("dns-udp", 53, "UDP", Some(30053)),
+            ],
+            &[],
+        );
+        let nodes = vec![Arc::new(node("n1", "i-1", &[]))];
+        let subnets = vec!["subnet-a".to_string()];
+        let lb = build(&svc, &settings_for(&svc), &world(&nodes, &[], &subnets)).expect("build");
+        assert_eq!(lb.listeners.len(), 1);
+        assert_eq!(lb.listeners[0].protocol, "TCP_UDP");
+        assert_eq!(lb.target_groups[0].protocol, "TCP_UDP");
+        let split = service(
+            &[("a", 53, "TCP", Some(30053)), ("b", 53, "UDP", Some(30054))],
+            &[],
+        );
+        assert!(matches!(
+            build(&split, &settings_for(&split), &world(&nodes, &[], &subnets)),
+            Err(BuildError::InvalidSpec(_))
+        ));
+    }
+
+    #[test]
+    fn missing_node_ports_subnets_and_sctp_are_errors() {
+        let nodes = vec![Arc::new(node("n1", "i-1", &[]))];
+        let subnets = vec!["subnet-a".to_string()];
+        let no_np = service(&[("http", 80, "TCP", None)], &[]);
+        assert!(build(&no_np, &settings_for(&no_np), &world(&nodes, &[], &subnets)).is_err());
+        let ok = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        assert_eq!(
+            build(&ok, &settings_for(&ok), &world(&nodes, &[], &[])),
+            Err(BuildError::NoSubnets)
+        );
+        let sctp = service(&[("s", 80, "SCTP", Some(30080))], &[]);
+        assert!(matches!(
+            build(&sctp, &settings_for(&sctp), &world(&nodes, &[], &subnets)),
+            Err(BuildError::InvalidSpec(_))
+        ));
+    }
+
+    #[test]
+    fn etp_local_checks_the_health_check_node_port() {
+        let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        let spec = svc.spec.get_or_insert_default();
+        spec.external_traffic_policy = Some("Local".into());
+        spec.health_check_node_port = Some(31999);
+        let nodes = vec![Arc::new(node("n1", "i-1", &[]))];
+        let subnets = vec!["subnet-a".to_string()];
+        let lb = build(&svc, &settings_for(&svc), &world(&nodes, &[], &subnets)).expect("build");
+        let hc = &lb.target_groups[0].health_check;
+        assert_eq!(hc.protocol, "HTTP");
+        assert_eq!(hc.port, HealthPort::Port(31999));
+        assert_eq!(hc.path.as_deref(), Some("/healthz"));
+    }
+
+    #[test]
+    fn ip_mode_targets_ready_pod_ips_on_the_endpoint_port() {
+        let svc = service(
+            &[("http", 80, "TCP", None)],
+            &[(crate::settings::annotations::NLB_TARGET_TYPE, "ip")],
+        );
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s1", "namespace": "ns"},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.244.1.2"], "conditions": {"ready": true}},
+                {"addresses": ["10.244.2.2"], "conditions": {"ready": false}},
+                {"addresses": ["10.244.3.2"]}
+            ]
+        }))
+        .expect("slice");
+        let slices = vec![Arc::new(slice)];
+        let subnets = vec!["subnet-a".to_string()];
+        let lb = build(&svc, &settings_for(&svc), &world(&[], &slices, &subnets)).expect("build");
+        let tg = &lb.target_groups[0];
+        assert_eq!(tg.target_type, TargetType::Ip);
+        let got: Vec<_> = tg.targets.iter().map(|t| (t.id.as_str(), t.port)).collect();
+        assert_eq!(got, vec![("10.244.1.2", 8080), ("10.244.3.2", 8080)]);
+    }
+
+    #[test]
+    fn ssl_ports_make_tls_listeners() {
+        let svc = service(
+            &[
+                ("https", 443, "TCP", Some(30443)),
+                ("http", 80, "TCP", Some(30080)),
+            ],
+            &[
+                (
+                    crate::settings::annotations::SSL_CERT,
+                    "arn:aws:acm:us-east-1:1:certificate/x",
+                ),
+                (crate::settings::annotations::SSL_PORTS, "https"),
+            ],
+        );
+        let nodes = vec![Arc::new(node("n1", "i-1", &[]))];
+        let subnets = vec!["subnet-a".to_string()];
+        let lb = build(&svc, &settings_for(&svc), &world(&nodes, &[], &subnets)).expect("build");
+        assert_eq!(lb.listeners[0].protocol, "TCP");
+        assert_eq!(lb.listeners[1].protocol, "TLS");
+        assert!(lb.listeners[1].certificate.is_some());
+        assert_eq!(lb.target_groups[1].protocol, "TCP");
+    }
+}

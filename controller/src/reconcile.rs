@@ -1,0 +1,730 @@
+//! One Service's reconcile: ownership → finalizer → apply or cleanup → status.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use berth_crds::{
+    ANNOTATION_OWNER_CLASS, AwsProvider, FINALIZER, LABEL_SERVICE_NAME, LoadBalancerClass,
+    class_name,
+};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::apply::{self, ApplyError, Inventory};
+use crate::aws::Aws;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::model::{self, BuildError, TargetType, World};
+use crate::nodeport;
+use crate::settings::{self, SubnetChoice};
+use crate::status::{self, Readiness, reason};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}: {1}")]
+    Kube(&'static str, #[source] kube::Error),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+impl Error {
+    /// Low-cardinality label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(..) => "kube",
+            Error::Apply(ApplyError::Aws(_)) => "aws",
+            Error::Apply(ApplyError::NameConflict(_)) => "name_conflict",
+            Error::Apply(ApplyError::DeletionProtected(_)) => "deletion_protected",
+        }
+    }
+}
+
+/// When a subnet lookup was made, the VPC and the subnets it found.
+type SubnetLookup = (Instant, Option<String>, Vec<String>);
+
+/// What the reconciler needs: clients, stores, shared state.
+pub struct Context {
+    pub client: Client,
+    pub aws: Aws,
+    pub recorder: Recorder,
+    pub config: Config,
+    pub services: Store<Service>,
+    pub nodes: Store<Node>,
+    pub slices: Store<EndpointSlice>,
+    pub classes: Store<LoadBalancerClass>,
+    pub inventory: Inventory,
+    pub metrics: Arc<Metrics>,
+    /// Subnet lookups by (choice, scheme, vpc), cached briefly.
+    subnets: Mutex<HashMap<String, SubnetLookup>>,
+    /// Services already counted in the creation→ready metric.
+    ready_seen: Mutex<std::collections::HashSet<String>>,
+}
+
+impl Context {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        aws: Aws,
+        recorder: Recorder,
+        config: Config,
+        services: Store<Service>,
+        nodes: Store<Node>,
+        slices: Store<EndpointSlice>,
+        classes: Store<LoadBalancerClass>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            client,
+            aws,
+            recorder,
+            config,
+            services,
+            nodes,
+            slices,
+            classes,
+            inventory: Inventory::default(),
+            metrics,
+            subnets: Mutex::default(),
+            ready_seen: Mutex::default(),
+        }
+    }
+}
+
+/// Whose Service this is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ownership {
+    /// berth's, under the named class.
+    Class(String),
+    NotOurs,
+}
+
+/// A LoadBalancer Service with `berth.dev/<class>` (one this controller handles), or
+/// without a class while a handled class is `default: true`. Pure.
+pub fn ownership(svc: &Service, classes: &[Arc<LoadBalancerClass>], config: &Config) -> Ownership {
+    let Some(spec) = svc.spec.as_ref() else {
+        return Ownership::NotOurs;
+    };
+    if spec.type_.as_deref() != Some("LoadBalancer") {
+        return Ownership::NotOurs;
+    }
+    match spec.load_balancer_class.as_deref() {
+        Some(c) => match class_name(c) {
+            Some(name) if config.handles_class(name) => Ownership::Class(name.to_string()),
+            _ => Ownership::NotOurs,
+        },
+        None => {
+            let mut defaults: Vec<String> = classes
+                .iter()
+                .filter(|c| c.spec.default && config.handles_class(&c.name_any()))
+                .map(|c| c.name_any())
+                .collect();
+            defaults.sort();
+            defaults
+                .into_iter()
+                .next()
+                .map(Ownership::Class)
+                .unwrap_or(Ownership::NotOurs)
+        }
+    }
+}
+
+fn svc_uid(svc: &Service) -> String {
+    svc.metadata.uid.clone().unwrap_or_default()
+}
+
+pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&svc, &ctx).await;
+    ctx.metrics
+        .reconcile_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match &result {
+        Ok(_) => ctx.metrics.reconcile("success", ""),
+        Err(e) => ctx.metrics.reconcile("error", e.metric_label()),
+    }
+    result
+}
+
+pub fn error_policy(svc: Arc<Service>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(service = %format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any()), error = %err, "reconcile failed");
+    Action::requeue(crate::aws::backoff(4) + Duration::from_secs(2))
+}
+
+/// Whether this controller cleans up a Service that is not (or no longer) its own but
+/// carries berth's finalizer: when the class that provisioned it is one it handles. Pure.
+pub fn cleans_up(svc: &Service, config: &Config) -> bool {
+    match svc.annotations().get(ANNOTATION_OWNER_CLASS) {
+        Some(class) => config.handles_class(class),
+        None => config.classes.is_empty(),
+    }
+}
+
+async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> {
+    let classes = ctx.classes.state();
+    let owner = ownership(svc, &classes, &ctx.config);
+    let has_finalizer = svc.finalizers().iter().any(|f| f == FINALIZER);
+    let deleting = svc.metadata.deletion_timestamp.is_some();
+    match owner {
+        Ownership::Class(class) if !deleting => {
+            let recorded = svc.annotations().get(ANNOTATION_OWNER_CLASS);
+            if !has_finalizer || recorded != Some(&class) {
+                // Before anything exists in AWS; the update triggers the next reconcile.
+                claim(svc, ctx, &class).await?;
+                return Ok(Action::await_change());
+            }
+            provision(svc, ctx, &class, &classes).await
+        }
+        _ if has_finalizer && cleans_up(svc, &ctx.config) => cleanup(svc, ctx, deleting).await,
+        _ => Ok(Action::await_change()),
+    }
+}
+
+fn services_api(ctx: &Context, svc: &Service) -> Api<Service> {
+    Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default())
+}
+
+/// Adds the finalizer and records the class, in one write guarded by the resourceVersion.
+async fn claim(svc: &Service, ctx: &Context, class: &str) -> Result<(), Error> {
+    let mut finalizers = svc.finalizers().to_vec();
+    if !finalizers.iter().any(|f| f == FINALIZER) {
+        finalizers.push(FINALIZER.into());
+    }
+    let patch = serde_json::json!({
+        "metadata": {
+            "finalizers": finalizers,
+            "annotations": {ANNOTATION_OWNER_CLASS: class},
+            "resourceVersion": svc.metadata.resource_version,
+        }
+    });
+    services_api(ctx, svc)
+        .patch(
+            &svc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+        .map_err(|e| Error::Kube("claim the Service", e))?;
+    Ok(())
+}
+
+async fn remove_finalizer(svc: &Service, ctx: &Context) -> Result<(), Error> {
+    let finalizers: Vec<String> = svc
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    match set_finalizers(svc, ctx, finalizers).await {
+        Err(Error::Kube(_, kube::Error::Api(s))) if s.code == 404 => Ok(()),
+        other => other,
+    }
+}
+
+/// A merge patch carrying the resourceVersion: a concurrent change makes it fail (409)
+/// instead of dropping someone else's finalizer.
+async fn set_finalizers(
+    svc: &Service,
+    ctx: &Context,
+    finalizers: Vec<String>,
+) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": svc.metadata.resource_version}
+    });
+    services_api(ctx, svc)
+        .patch(
+            &svc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+        .map_err(|e| Error::Kube("update finalizers", e))?;
+    Ok(())
+}
+
+async fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, note: String) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &svc.object_ref(&())).await {
+        tracing::warn!(error = %e, "publishing event failed");
+    }
+}
+
+/// Writes the condition (and the ingress when `hostname` is known, else keeps the one
+/// there), with an Event whenever the condition changes.
+async fn report(
+    ctx: &Context,
+    svc: &Service,
+    r: &Readiness,
+    hostname: Option<&str>,
+) -> Result<(), Error> {
+    let cond = status::condition(svc, r, Time(k8s_openapi::jiff::Timestamp::now()));
+    let ingress = match hostname {
+        Some(h) => Some(status::ingress(svc, h)),
+        None => svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.clone())
+            .filter(|v| !v.is_empty()),
+    };
+    if !status::status_changes(svc, &cond, &ingress) {
+        return Ok(());
+    }
+    let previous = status::current_condition(svc).map(|c| (c.reason.clone(), c.message.clone()));
+    if previous.as_ref() != Some(&(cond.reason.clone(), cond.message.clone())) {
+        let type_ = if r.ready || r.reason == reason::PROVISIONING {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        publish(ctx, svc, type_, &r.reason, r.message.clone()).await;
+    }
+    let body = status::status_patch(svc, Some(&cond), &ingress);
+    services_api(ctx, svc)
+        .patch_status(
+            &svc.name_any(),
+            &PatchParams::apply(berth_crds::CONTROLLER_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await
+        .map_err(|e| Error::Kube("write status", e))?;
+    Ok(())
+}
+
+/// Reports a problem the user has to fix: no retry until something changes (the periodic
+/// resync still looks again).
+async fn invalid(
+    ctx: &Context,
+    svc: &Service,
+    reason: &str,
+    message: String,
+) -> Result<Action, Error> {
+    report(ctx, svc, &Readiness::not_ready(reason, message), None).await?;
+    Ok(Action::requeue(ctx.config.resync))
+}
+
+async fn provision(
+    svc: &Service,
+    ctx: &Context,
+    class_name: &str,
+    classes: &[Arc<LoadBalancerClass>],
+) -> Result<Action, Error> {
+    let Some(class) = classes.iter().find(|c| c.name_any() == class_name) else {
+        return invalid(
+            ctx,
+            svc,
+            reason::CLASS_NOT_FOUND,
+            format!("LoadBalancerClass {class_name} does not exist"),
+        )
+        .await;
+    };
+    let Some(aws_class) = class.spec.aws.as_ref() else {
+        return invalid(
+            ctx,
+            svc,
+            reason::UNSUPPORTED_PROVIDER,
+            format!("LoadBalancerClass {class_name} has no aws block; the pool provider is not implemented yet"),
+        )
+        .await;
+    };
+    let settings = match settings::settings(svc, aws_class, &ctx.config.cluster_name) {
+        Ok(s) => s,
+        Err(errors) => {
+            return invalid(ctx, svc, reason::INVALID_ANNOTATION, errors.join("; ")).await;
+        }
+    };
+
+    if settings.target_type == TargetType::Instance && !nodeport::missing(svc).is_empty() {
+        return allocate_node_ports(svc, ctx).await;
+    }
+
+    let (vpc, subnets) =
+        match resolve_subnets(ctx, &settings.subnets, settings.scheme, aws_class).await {
+            Ok(v) => v,
+            Err(e) => return aws_failed(ctx, svc, e.into()).await,
+        };
+    let Some(vpc) = vpc
+        .or_else(|| aws_class.vpc_id.clone())
+        .or_else(|| ctx.config.vpc_id.clone())
+    else {
+        return invalid(
+            ctx,
+            svc,
+            reason::NO_SUBNETS,
+            "no subnets found for the load balancer".into(),
+        )
+        .await;
+    };
+    let ns = svc.namespace().unwrap_or_default();
+    let name = svc.name_any();
+    let slices: Vec<Arc<EndpointSlice>> = ctx.slices.state_filter(|s| {
+        s.namespace().as_deref() == Some(ns.as_str())
+            && s.labels().get(LABEL_SERVICE_NAME).map(String::as_str) == Some(name.as_str())
+    });
+    let nodes = ctx.nodes.state();
+    let world = World {
+        cluster: &ctx.config.cluster_name,
+        vpc_id: &vpc,
+        subnets: &subnets,
+        nodes: &nodes,
+        slices: &slices,
+    };
+    let desired = match model::build(svc, &settings, &world) {
+        Ok(d) => d,
+        Err(BuildError::NoSubnets) => {
+            return invalid(
+                ctx,
+                svc,
+                reason::NO_SUBNETS,
+                BuildError::NoSubnets.to_string(),
+            )
+            .await;
+        }
+        Err(e @ BuildError::InvalidSpec(_)) => {
+            return invalid(ctx, svc, reason::INVALID_SPEC, e.to_string()).await;
+        }
+    };
+    let applied = match apply::ensure(&ctx.aws, &ctx.inventory, &desired, &svc_uid(svc)).await {
+        Ok(a) => a,
+        Err(e) => return aws_failed(ctx, svc, e).await,
+    };
+    let targets: String = applied
+        .health
+        .values()
+        .map(|(h, t)| format!("{h}/{t}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if applied.lb.state == "active" {
+        let message = format!(
+            "load balancer {} ({}) is active; healthy targets per port: {targets}",
+            applied.lb.name, applied.lb.dns_name
+        );
+        let first = ctx
+            .ready_seen
+            .lock()
+            .map(|mut s| s.insert(svc_uid(svc)))
+            .unwrap_or(false);
+        let was_ready = status::current_condition(svc).is_some_and(|c| c.status == "True");
+        report(
+            ctx,
+            svc,
+            &Readiness::ready(message),
+            Some(&applied.lb.dns_name),
+        )
+        .await?;
+        if first
+            && !was_ready
+            && let Some(created) = svc.metadata.creation_timestamp.as_ref()
+        {
+            let ms =
+                k8s_openapi::jiff::Timestamp::now().as_millisecond() - created.0.as_millisecond();
+            ctx.metrics.ready_seconds.observe(ms.max(0) as f64 / 1000.0);
+        }
+        Ok(Action::requeue(ctx.config.resync))
+    } else {
+        let message = format!("load balancer {} is {}", applied.lb.name, applied.lb.state);
+        report(
+            ctx,
+            svc,
+            &Readiness::not_ready(reason::PROVISIONING, message),
+            Some(&applied.lb.dns_name),
+        )
+        .await?;
+        Ok(Action::requeue(Duration::from_secs(3)))
+    }
+}
+
+async fn aws_failed(ctx: &Context, svc: &Service, e: ApplyError) -> Result<Action, Error> {
+    let reason = match &e {
+        ApplyError::NameConflict(_) => reason::NAME_CONFLICT,
+        ApplyError::DeletionProtected(_) => reason::DELETION_PROTECTED,
+        ApplyError::Aws(_) => reason::AWS_ERROR,
+    };
+    report(ctx, svc, &Readiness::not_ready(reason, e.to_string()), None).await?;
+    Err(e.into())
+}
+
+async fn resolve_subnets(
+    ctx: &Context,
+    choice: &SubnetChoice,
+    scheme: model::Scheme,
+    class: &AwsProvider,
+) -> Result<(Option<String>, Vec<String>), crate::aws::AwsError> {
+    let vpc = class.vpc_id.clone().or_else(|| ctx.config.vpc_id.clone());
+    let key = format!("{choice:?}/{scheme:?}/{vpc:?}");
+    if let Ok(cache) = ctx.subnets.lock()
+        && let Some((at, v, s)) = cache.get(&key)
+        && at.elapsed() < Duration::from_secs(60)
+        && !s.is_empty()
+    {
+        return Ok((v.clone(), s.clone()));
+    }
+    let (found_vpc, subnets) = ctx
+        .aws
+        .resolve_subnets(choice, scheme, vpc.as_deref(), &ctx.config.cluster_name)
+        .await?;
+    if let Ok(mut cache) = ctx.subnets.lock() {
+        cache.insert(key, (Instant::now(), found_vpc.clone(), subnets.clone()));
+    }
+    Ok((found_vpc, subnets))
+}
+
+async fn allocate_node_ports(svc: &Service, ctx: &Context) -> Result<Action, Error> {
+    let Some(range) = nodeport::parse_range(&ctx.config.node_port_range) else {
+        return invalid(
+            ctx,
+            svc,
+            reason::NODE_PORT_ALLOCATION,
+            format!("bad --node-port-range {}", ctx.config.node_port_range),
+        )
+        .await;
+    };
+    let services = ctx.services.state();
+    let mut used = nodeport::used_ports(services.iter().map(|s| s.as_ref()));
+    let indexes = nodeport::missing(svc);
+    for _ in 0..8 {
+        let start = rand::random_range(*range.start()..=*range.end());
+        let Some(chosen) = nodeport::choose(svc, &indexes, &used, &range, start) else {
+            return invalid(
+                ctx,
+                svc,
+                reason::NODE_PORT_ALLOCATION,
+                "no free NodePort in the range".into(),
+            )
+            .await;
+        };
+        let patch = nodeport::patch(svc, &chosen);
+        match services_api(ctx, svc)
+            .patch(
+                &svc.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(ports = ?chosen, "allocated NodePorts");
+                return Ok(Action::await_change());
+            }
+            // Taken by the apiserver's allocator meanwhile: mark and pick again.
+            Err(kube::Error::Api(s)) if s.code == 422 && s.message.contains("allocated") => {
+                used.extend(chosen.iter().map(|(_, p)| *p));
+            }
+            // The Service changed (failed test op or conflict): the next event retries.
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 422 => {
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+            Err(e) => return Err(Error::Kube("allocate NodePorts", e)),
+        }
+    }
+    invalid(
+        ctx,
+        svc,
+        reason::NODE_PORT_ALLOCATION,
+        "NodePorts kept colliding; retrying later".into(),
+    )
+    .await
+}
+
+/// Names the Service's load balancer may have: the generated one and the annotation's.
+fn candidate_names(svc: &Service, ctx: &Context) -> Vec<String> {
+    let classes = ctx.classes.state();
+    let mut names = Vec::new();
+    let prefixes: Vec<String> = classes
+        .iter()
+        .filter_map(|c| c.spec.aws.as_ref()?.name_prefix.clone())
+        .chain(std::iter::once("k8s".to_string()))
+        .collect();
+    for prefix in prefixes {
+        names.push(model::resource_name(
+            &prefix,
+            &svc.namespace().unwrap_or_default(),
+            &svc.name_any(),
+            &format!("{}/{}", ctx.config.cluster_name, svc_uid(svc)),
+        ));
+    }
+    if let Some(n) = svc.annotations().get(settings::annotations::NAME)
+        && settings::valid_lb_name(n)
+    {
+        names.push(n.clone());
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Deletes the Service's AWS resources, then clears its status and the finalizer.
+async fn cleanup(svc: &Service, ctx: &Context, deleting: bool) -> Result<Action, Error> {
+    let keep_protection = svc
+        .annotations()
+        .get(settings::annotations::ATTRIBUTES)
+        .and_then(|v| settings::parse_map(v, false).ok())
+        .and_then(|m| m.get("deletion_protection.enabled").cloned())
+        .is_some_and(|v| v == "true");
+    let names = candidate_names(svc, ctx);
+    match apply::remove(
+        &ctx.aws,
+        &ctx.inventory,
+        &svc_uid(svc),
+        &names,
+        keep_protection,
+    )
+    .await
+    {
+        Ok(n) => {
+            if n > 0 {
+                publish(
+                    ctx,
+                    svc,
+                    EventType::Normal,
+                    "Deleted",
+                    "deleted the load balancer and its target groups".into(),
+                )
+                .await;
+            }
+        }
+        Err(e @ ApplyError::DeletionProtected(_)) => {
+            report(
+                ctx,
+                svc,
+                &Readiness::not_ready(reason::DELETION_PROTECTED, e.to_string()),
+                None,
+            )
+            .await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+        Err(e) => {
+            if !deleting {
+                report(
+                    ctx,
+                    svc,
+                    &Readiness::not_ready(reason::AWS_ERROR, e.to_string()),
+                    None,
+                )
+                .await?;
+            }
+            return Err(e.into());
+        }
+    }
+    if !deleting {
+        // No longer ours (type or class changed): drop what berth wrote in the status.
+        services_api(ctx, svc)
+            .patch_status(
+                &svc.name_any(),
+                &PatchParams::apply(berth_crds::CONTROLLER_MANAGER).force(),
+                &Patch::Apply(status::status_patch(svc, None, &None)),
+            )
+            .await
+            .map_err(|e| Error::Kube("clear status", e))?;
+    }
+    remove_finalizer(svc, ctx).await?;
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn class(name: &str, default: bool) -> Arc<LoadBalancerClass> {
+        let mut c = LoadBalancerClass::new(
+            name,
+            berth_crds::LoadBalancerClassSpec {
+                default,
+                aws: Some(AwsProvider::default()),
+                pool: None,
+            },
+        );
+        c.metadata.name = Some(name.into());
+        Arc::new(c)
+    }
+
+    fn svc(type_: &str, class: Option<&str>) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s", "namespace": "n"},
+            "spec": {"type": type_, "loadBalancerClass": class, "ports": [{"port": 80}]}
+        }))
+        .expect("service")
+    }
+
+    #[test]
+    fn ownership_by_class_or_default() {
+        let all = Config::try_parse_from(["x"]).expect("config");
+        let only_b = Config::try_parse_from(["x", "--class", "b"]).expect("config");
+        let classes = vec![class("a", true), class("b", false)];
+        assert_eq!(
+            ownership(&svc("LoadBalancer", Some("berth.dev/b")), &classes, &all),
+            Ownership::Class("b".into())
+        );
+        assert_eq!(
+            ownership(&svc("LoadBalancer", None), &classes, &all),
+            Ownership::Class("a".into())
+        );
+        assert_eq!(
+            ownership(&svc("LoadBalancer", None), &classes, &only_b),
+            Ownership::NotOurs
+        );
+        assert_eq!(
+            ownership(
+                &svc("LoadBalancer", Some("service.k8s.aws/nlb")),
+                &classes,
+                &all
+            ),
+            Ownership::NotOurs
+        );
+        assert_eq!(
+            ownership(&svc("NodePort", Some("berth.dev/b")), &classes, &all),
+            Ownership::NotOurs
+        );
+        assert_eq!(
+            ownership(&svc("LoadBalancer", Some("berth.dev/a")), &classes, &only_b),
+            Ownership::NotOurs
+        );
+        let no_default = vec![class("b", false)];
+        assert_eq!(
+            ownership(&svc("LoadBalancer", None), &no_default, &all),
+            Ownership::NotOurs
+        );
+        // A class that does not exist (yet) still marks the Service as berth's: it gets a
+        // ClassNotFound condition instead of silence.
+        assert_eq!(
+            ownership(
+                &svc("LoadBalancer", Some("berth.dev/zz")),
+                &no_default,
+                &all
+            ),
+            Ownership::Class("zz".into())
+        );
+    }
+
+    #[test]
+    fn only_the_provisioning_class_cleans_up() {
+        let all = Config::try_parse_from(["x"]).expect("config");
+        let only_b = Config::try_parse_from(["x", "--class", "b"]).expect("config");
+        let mut s = svc("ClusterIP", None);
+        assert!(cleans_up(&s, &all));
+        assert!(
+            !cleans_up(&s, &only_b),
+            "unknown owner: a restricted controller keeps out"
+        );
+        let ann = s.metadata.annotations.get_or_insert_default();
+        ann.insert(ANNOTATION_OWNER_CLASS.into(), "b".into());
+        assert!(cleans_up(&s, &only_b));
+        let ann = s.metadata.annotations.get_or_insert_default();
+        ann.insert(ANNOTATION_OWNER_CLASS.into(), "a".into());
+        assert!(!cleans_up(&s, &only_b));
+        assert!(cleans_up(&s, &all));
+    }
+}

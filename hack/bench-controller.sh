@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The controller's benchmark figures on one local environment (started and torn down
+# here); merges them into target/bench/results.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+  echo "bench-controller: needs root (the local environment)" >&2
+  exit 1
+fi
+env=${CARGO_TARGET_DIR:-target}/debug/berth-env
+exec 9>"${TMPDIR:-/tmp}/berth-e2e.lock"
+flock 9
+cargo build -p berth-e2e -p berth-controller --bins
+trap '"$env" down' EXIT
+"$env" up
+${CARGO_TARGET_DIR:-target}/debug/berth-bench-controller

@@ -1,0 +1,414 @@
+"""The NLB data plane moto lacks: health checks and per-listener forwarders.
+
+Health checks run every second (faster than AWS, so tests stay short) with each target
+group's protocol, port, path, matcher and thresholds: TCP connects, HTTP(S) GETs. A
+target starts ``initial``, turns ``healthy`` after HealthyThresholdCount passes and
+``unhealthy`` after UnhealthyThresholdCount failures.
+
+Each listener gets a forwarder on ``BERTH_LISTENER_HOST`` (default: the gateway's host)
+at a free port; TCP_UDP listeners get TCP and UDP on the same port. Connections go to a
+random healthy target of the listener's target group; when no target is healthy, to any
+registered target (AWS NLBs "fail open" the same way).
+"""
+
+import http.client
+import json
+import logging
+import os
+import random
+import socket
+import ssl
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+LOG = logging.getLogger("localstack.berth.dataplane")
+
+_started = False
+_lock = threading.Lock()
+
+
+def _backends():
+    """(account, region, elbv2 backend, ec2 backend) for every backend moto has."""
+    from moto.ec2.models import ec2_backends
+    from moto.elbv2.models import elbv2_backends
+
+    out = []
+    for account, regions in list(elbv2_backends.items()):
+        for region, backend in list(regions.items()):
+            try:
+                ec2 = ec2_backends[account][region]
+            except Exception:  # noqa: BLE001 - no EC2 state in that region
+                ec2 = None
+            out.append((account, region, backend, ec2))
+    return out
+
+
+def _target_address(ec2, target_id):
+    if target_id.startswith("i-"):
+        if ec2 is None:
+            return None
+        try:
+            inst = ec2.get_instance_by_id(target_id)
+        except Exception:  # noqa: BLE001
+            return None
+        return getattr(inst, "private_ip", None) if inst else None
+    return target_id
+
+
+def _codes_match(matcher, status):
+    spec = (matcher or {}).get("HttpCode") or "200"
+    for part in str(spec).split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            if int(lo) <= status <= int(hi):
+                return True
+        elif part and int(part) == status:
+            return True
+    return False
+
+
+class HealthMonitor:
+    def __init__(self):
+        self._state = {}  # (tg arn, id, port) -> dict(state, ok, fail)
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="berth-hc")
+
+    def health(self, tg_arn, target_id, port):
+        """TargetHealth for DescribeTargetHealth, or None to keep moto's answer."""
+        try:
+            key = (tg_arn, target_id, int(port))
+        except (TypeError, ValueError):
+            return None
+        with self._lock:
+            st = self._state.get(key)
+        if st is None:
+            return None
+        if st["state"] == "healthy":
+            return {"State": "healthy"}
+        if st["state"] == "initial":
+            return {
+                "State": "initial",
+                "Reason": "Elb.InitialHealthChecking",
+                "Description": "Initial health checks in progress",
+            }
+        return {
+            "State": "unhealthy",
+            "Reason": "Target.FailedHealthChecks",
+            "Description": st.get("why") or "Health checks failed",
+        }
+
+    def state(self, key):
+        with self._lock:
+            st = self._state.get(key)
+            return st["state"] if st else None
+
+    def _check(self, tg, address, port):
+        proto = (tg.health_check_protocol or "TCP").upper()
+        hc_port = tg.health_check_port
+        if not hc_port or hc_port == "traffic-port":
+            hc_port = port
+        hc_port = int(hc_port)
+        timeout = min(float(tg.health_check_timeout_seconds or 5), 2.0)
+        try:
+            if proto in ("HTTP", "HTTPS"):
+                if proto == "HTTPS":
+                    conn = http.client.HTTPSConnection(
+                        address, hc_port, timeout=timeout, context=ssl._create_unverified_context()
+                    )
+                else:
+                    conn = http.client.HTTPConnection(address, hc_port, timeout=timeout)
+                conn.request("GET", tg.health_check_path or "/")
+                status = conn.getresponse().status
+                conn.close()
+                if _codes_match(getattr(tg, "matcher", None), status):
+                    return True, ""
+                return False, f"Health checks failed with these codes: [{status}]"
+            with socket.create_connection((address, hc_port), timeout=timeout):
+                return True, ""
+        except OSError as e:
+            return False, f"Health check to {address}:{hc_port} failed: {e}"
+
+    def _run_one(self, key, tg, address, port):
+        ok, why = (False, "no address for the target") if not address else self._check(tg, address, port)
+        healthy_n = int(tg.healthy_threshold_count or 3)
+        unhealthy_n = int(tg.unhealthy_threshold_count or 2)
+        with self._lock:
+            st = self._state.setdefault(key, {"state": "initial", "ok": 0, "fail": 0})
+            if ok:
+                st["ok"] += 1
+                st["fail"] = 0
+                if st["ok"] >= healthy_n:
+                    st["state"] = "healthy"
+            else:
+                st["fail"] += 1
+                st["ok"] = 0
+                st["why"] = why
+                if st["fail"] >= unhealthy_n:
+                    st["state"] = "unhealthy"
+
+    def round(self):
+        seen = set()
+        futures = []
+        for _account, _region, backend, ec2 in _backends():
+            for tg in list(backend.target_groups.values()):
+                for t in list(tg.targets.values()):
+                    try:
+                        port = int(t.get("Port") or tg.port)
+                    except (TypeError, ValueError):
+                        continue
+                    key = (tg.arn, t["Id"], port)
+                    seen.add(key)
+                    with self._lock:
+                        self._state.setdefault(key, {"state": "initial", "ok": 0, "fail": 0})
+                    address = _target_address(ec2, t["Id"])
+                    futures.append(self._pool.submit(self._run_one, key, tg, address, port))
+        for f in futures:
+            try:
+                f.result(timeout=5)
+            except Exception:  # noqa: BLE001 - one bad target must not stop the rest
+                LOG.exception("health check")
+        with self._lock:
+            for key in [k for k in self._state if k not in seen]:
+                del self._state[key]
+
+    def targets_for(self, tg_arn):
+        """[(address, port)] of the healthy targets, or of all when none is healthy."""
+        for _account, _region, backend, ec2 in _backends():
+            tg = backend.target_groups.get(tg_arn)
+            if tg is None:
+                continue
+            all_targets, healthy = [], []
+            for t in list(tg.targets.values()):
+                port = int(t.get("Port") or tg.port)
+                address = _target_address(ec2, t["Id"])
+                if not address:
+                    continue
+                all_targets.append((address, port))
+                if self.state((tg_arn, t["Id"], port)) == "healthy":
+                    healthy.append((address, port))
+            return healthy or all_targets
+        return []
+
+
+MONITOR = HealthMonitor()
+
+
+def _listener_host():
+    host = os.environ.get("BERTH_LISTENER_HOST")
+    if host:
+        return host
+    try:
+        from localstack import config
+
+        return config.GATEWAY_LISTEN[0].host or "127.0.0.1"
+    except Exception:  # noqa: BLE001
+        return "127.0.0.1"
+
+
+def _pipe(src, dst):
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class Forwarder:
+    """Serves one listener."""
+
+    def __init__(self, listener, lb, host):
+        self.arn = listener.arn
+        self.listener = listener
+        self.lb = lb
+        self.protocol = (listener.protocol or "TCP").upper()
+        self.host = host
+        self.closed = False
+        self.tcp = None
+        self.udp = None
+        self._bind()
+        for target, name in ((self._serve_tcp, "tcp"), (self._serve_udp, "udp")):
+            if getattr(self, name) is not None:
+                threading.Thread(target=target, daemon=True, name=f"berth-{name}-{self.port}").start()
+
+    def _bind(self):
+        wants_tcp = self.protocol in ("TCP", "TLS", "TCP_UDP", "HTTP", "HTTPS")
+        wants_udp = self.protocol in ("UDP", "TCP_UDP")
+        for _ in range(20):
+            tcp = udp = None
+            try:
+                first = socket.socket(socket.AF_INET, socket.SOCK_STREAM if wants_tcp else socket.SOCK_DGRAM)
+                first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                first.bind((self.host, 0))
+                port = first.getsockname()[1]
+                if wants_tcp:
+                    tcp = first
+                    tcp.listen(128)
+                    if wants_udp:
+                        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                        udp.bind((self.host, port))
+                else:
+                    udp = first
+                self.tcp, self.udp, self.port = tcp, udp, port
+                return
+            except OSError:
+                for s in (tcp, udp):
+                    if s is not None:
+                        s.close()
+        raise OSError("no free port for listener")
+
+    def target_group(self):
+        for action in self.listener.default_actions or []:
+            data = getattr(action, "data", {}) or {}
+            if data.get("TargetGroupArn"):
+                return data["TargetGroupArn"]
+            for tg in (data.get("ForwardConfig") or {}).get("TargetGroups", []):
+                return tg.get("TargetGroupArn")
+        return None
+
+    def _pick(self):
+        targets = MONITOR.targets_for(self.target_group())
+        return random.choice(targets) if targets else None
+
+    def _serve_tcp(self):
+        while not self.closed:
+            try:
+                client, _ = self.tcp.accept()
+            except OSError:
+                return
+            target = self._pick()
+            if target is None:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(target, timeout=3)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=_pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=_pipe, args=(upstream, client), daemon=True).start()
+
+    def _serve_udp(self):
+        flows = {}  # client address -> (upstream socket, last use)
+        while not self.closed:
+            try:
+                data, client = self.udp.recvfrom(65535)
+            except OSError:
+                return
+            flow = flows.get(client)
+            if flow is None:
+                target = self._pick()
+                if target is None:
+                    continue
+                upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                upstream.connect(target)
+                threading.Thread(target=self._udp_replies, args=(upstream, client), daemon=True).start()
+                flows[client] = upstream
+                flow = upstream
+            try:
+                flow.send(data)
+            except OSError:
+                flows.pop(client, None)
+
+    def _udp_replies(self, upstream, client):
+        upstream.settimeout(120)
+        try:
+            while not self.closed:
+                data = upstream.recv(65535)
+                self.udp.sendto(data, client)
+        except OSError:
+            pass
+
+    def close(self):
+        self.closed = True
+        for s in (self.tcp, self.udp):
+            if s is not None:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def describe(self):
+        return {
+            "loadBalancerArn": self.lb.arn,
+            "loadBalancerName": self.lb.name,
+            "dnsName": self.lb.dns_name,
+            "listenerArn": self.arn,
+            "port": int(self.listener.port),
+            "protocol": self.protocol,
+            "targetGroupArn": self.target_group(),
+            "address": f"{self.host}:{self.port}",
+        }
+
+
+FORWARDERS = {}
+
+
+def _sync_forwarders():
+    host = _listener_host()
+    current = {}
+    for _account, _region, backend, _ec2 in _backends():
+        for lb in list(backend.load_balancers.values()):
+            for listener in list(lb.listeners.values()):
+                current[listener.arn] = (listener, lb)
+    with _lock:
+        for arn in [a for a in FORWARDERS if a not in current]:
+            FORWARDERS.pop(arn).close()
+        for arn, (listener, lb) in current.items():
+            fwd = FORWARDERS.get(arn)
+            if fwd is not None and fwd.protocol == (listener.protocol or "TCP").upper():
+                fwd.listener = listener
+                continue
+            if fwd is not None:
+                FORWARDERS.pop(arn).close()
+            try:
+                FORWARDERS[arn] = Forwarder(listener, lb, host)
+                LOG.info("serving listener %s on %s:%s", arn, host, FORWARDERS[arn].port)
+            except OSError as e:
+                LOG.warning("listener %s: %s", arn, e)
+
+
+def listeners():
+    with _lock:
+        return [f.describe() for f in FORWARDERS.values()]
+
+
+def _loop():
+    while True:
+        try:
+            _sync_forwarders()
+            MONITOR.round()
+        except Exception:  # noqa: BLE001 - keep the data plane alive
+            LOG.exception("berth data plane")
+        time.sleep(1)
+
+
+def _listeners_endpoint(_request, **_kwargs):
+    from localstack.http import Response
+
+    return Response(json.dumps(listeners()), status=200, mimetype="application/json")
+
+
+def start():
+    """Starts the data plane once per process and registers the discovery endpoint."""
+    global _started
+    with _lock:
+        if _started:
+            return
+        _started = True
+    from localstack.services.edge import ROUTER
+
+    ROUTER.add(path="/_berth/elbv2/listeners", endpoint=_listeners_endpoint, methods=["GET"])
+    threading.Thread(target=_loop, daemon=True, name="berth-dataplane").start()

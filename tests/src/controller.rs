@@ -218,6 +218,8 @@ impl Drop for ClassGuard {
 #[serde(rename_all = "camelCase")]
 pub struct ServedListener {
     pub load_balancer_arn: String,
+    #[serde(default)]
+    pub dns_name: String,
     pub listener_arn: String,
     pub port: i32,
     pub protocol: String,
@@ -379,36 +381,6 @@ pub async fn targets(
             ))
         })
         .collect())
-}
-
-/// Sends one UDP datagram from inside `netns` to `addr` and returns the answer.
-pub fn udp_in(netns: &str, addr: &str, payload: &str, timeout: Duration) -> Result<String> {
-    let secs = format!("{:.1}", timeout.as_secs_f64());
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "timeout", &secs])
-        .args(["socat", "-T1", "-", &format!("UDP:{addr}")])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            if let Some(mut stdin) = child.stdin.take() {
-                let _ = stdin.write_all(payload.as_bytes());
-            }
-            child.wait_with_output()
-        })
-        .map_err(Error::io("socat", netns))?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if text.is_empty() {
-        Err(Error::Command {
-            command: format!("udp {addr} in {netns}"),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    } else {
-        Ok(text)
-    }
 }
 
 /// The host address LocalStack's listeners are served on.

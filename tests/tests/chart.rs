@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use berth_e2e::paths;
-use berth_e2e::testing::TestEnv;
+use berth_e2e::testing::{TestEnv, example};
 
 fn chart() -> PathBuf {
     paths::repo_root().join("charts").join("berth")
@@ -123,5 +123,277 @@ fn helm_lint_passes_for_every_configuration() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+/// A Helm release; uninstalled on drop so a failing case leaves nothing behind.
+struct Release {
+    name: String,
+    namespace: String,
+    kubeconfig: String,
+}
+
+impl Release {
+    fn helm(&self, verb: &str, values: &[String]) -> Output {
+        let chart = chart().display().to_string();
+        let mut args = vec![verb, &self.name, &chart, "-n", &self.namespace];
+        args.extend([
+            "--kubeconfig",
+            &self.kubeconfig,
+            "--wait",
+            "--timeout",
+            "90s",
+        ]);
+        for v in values {
+            args.extend(["--values", v]);
+        }
+        helm(&args)
+    }
+}
+
+impl Release {
+    fn uninstall(&self) -> Output {
+        helm(&[
+            "uninstall",
+            &self.name,
+            "-n",
+            &self.namespace,
+            "--kubeconfig",
+            &self.kubeconfig,
+            "--wait",
+        ])
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = self.uninstall();
+    }
+}
+
+fn write_values(text: &str) -> String {
+    let path = std::env::temp_dir().join(format!(
+        "{}values-{:08x}.yaml",
+        paths::SCRATCH_PREFIX,
+        rand::random::<u32>()
+    ));
+    std::fs::write(&path, text).expect("write values");
+    path.display().to_string()
+}
+
+fn running_pods(env: &TestEnv, namespace: &str, selector: &str) -> Vec<String> {
+    env.kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        namespace,
+        "-l",
+        selector,
+        "--field-selector",
+        "status.phase=Running",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ])
+    .split_whitespace()
+    .map(str::to_string)
+    .collect()
+}
+
+/// `helm install` of the chart runs berth's controller as pods of the simulated cluster
+/// (berth's own binaries, the chart's args, env and ServiceAccount token, so the apiserver
+/// enforces the chart's RBAC); the seed's nginx behind a LoadBalancer Service of the
+/// chart's class gets an NLB in LocalStack and answers through it; `helm upgrade` rolls
+/// the pods and a Service created afterwards is still provisioned; `helm uninstall`
+/// removes berth's objects. The node agents of the environment stand in for the chart's
+/// DaemonSet (disabled here): two agents on one node would program the same table.
+#[tokio::test]
+async fn helm_install_runs_the_controller_and_serves_the_seed_nginx() {
+    use std::time::Duration;
+
+    use berth_e2e::controller::served_listeners;
+    use berth_e2e::testing::{curl_in, wait_for};
+
+    let env = TestEnv::connect().await;
+    let system = env.namespace("chart-system").await;
+    let web = env.namespace("chart-web").await;
+    env.kubectl(&[
+        "-n",
+        &system.name,
+        "create",
+        "secret",
+        "generic",
+        "aws-creds",
+        "--from-literal=AWS_ACCESS_KEY_ID=test",
+        "--from-literal=AWS_SECRET_ACCESS_KEY=test",
+    ]);
+    let id = format!("{:08x}", rand::random::<u32>());
+    let class = format!("chart-{id}");
+    let values = write_values(&format!(
+        "clusterName: {cluster}\ncontroller:\n  aws: {{region: {region}, endpointURL: \"{ls}\", \
+         credentialsSecret: aws-creds}}\n  extraArgs: [\"--class={class}\"]\n\
+         nodeproxy:\n  enabled: false\nloadBalancerClasses:\n  - name: {class}\n    \
+         aws: {{scheme: internet-facing, targetType: instance}}\n",
+        cluster = env.info.cluster_name,
+        region = env.info.region,
+        ls = env.info.localstack_endpoint,
+    ));
+    let release = Release {
+        name: format!("berth-{id}"),
+        namespace: system.name.clone(),
+        kubeconfig: env.info.kubeconfig.display().to_string(),
+    };
+    let out = release.helm("install", std::slice::from_ref(&values));
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let selector = "app.kubernetes.io/name=berth-controller";
+    assert_eq!(running_pods(&env, &system.name, selector).len(), 2);
+
+    env.kubectl(&[
+        "apply",
+        "-n",
+        &web.name,
+        "-f",
+        &example("seed/nginx-deployment.yaml"),
+    ]);
+    let service = |name: &str| {
+        let path = write_values(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  type: LoadBalancer\n  \
+             loadBalancerClass: berth.dev/{class}\n  selector:\n    app: nginx\n  ports:\n  \
+             - protocol: TCP\n    port: 80\n    targetPort: 80\n"
+        ));
+        env.kubectl(&["apply", "-n", &web.name, "-f", &path]);
+        let _ = std::fs::remove_file(path);
+    };
+    let hostname = |name: &str| {
+        env.kubectl(&[
+            "get",
+            "service",
+            name,
+            "-n",
+            &web.name,
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[0].hostname}",
+        ])
+    };
+    let reach = |name: String| {
+        let env = &env;
+        let hostname = &hostname;
+        async move {
+            let host = hostname(&name);
+            if host.is_empty() {
+                return false;
+            }
+            let Ok(listeners) = served_listeners(&env.info).await else {
+                return false;
+            };
+            let Some(l) = listeners
+                .iter()
+                .find(|l| l.dns_name == host && l.port == 80)
+            else {
+                return false;
+            };
+            curl_in(
+                &env.info.client_netns,
+                &format!("http://{}/", l.address),
+                Duration::from_secs(3),
+            )
+            .is_ok_and(|body| body.contains("Welcome to nginx!"))
+        }
+    };
+    service("nginx-service");
+    wait_for(
+        "nginx through the chart-provisioned NLB",
+        Duration::from_secs(90),
+        || reach("nginx-service".to_string()),
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}",
+            env.kubectl(&["describe", "service", "-n", &web.name])
+        )
+    });
+
+    // A changed value rolls the controller pods; service continues and new Services are
+    // still provisioned by the new pods.
+    let before = running_pods(&env, &system.name, selector);
+    let bump = write_values("controller:\n  podAnnotations: {berth.dev/e2e-rollout: \"2\"}\n");
+    let out = release.helm("upgrade", &[values.clone(), bump.clone()]);
+    assert!(
+        out.status.success(),
+        "helm upgrade: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "the controller pods replaced",
+        Duration::from_secs(60),
+        || async {
+            let now = running_pods(&env, &system.name, selector);
+            now.len() == 2 && now.iter().all(|p| !before.contains(p))
+        },
+    )
+    .await
+    .expect("rollout");
+    assert!(
+        reach("nginx-service".to_string()).await,
+        "service lost by the upgrade"
+    );
+    service("after-upgrade");
+    wait_for(
+        "a Service created after the upgrade",
+        Duration::from_secs(90),
+        || reach("after-upgrade".to_string()),
+    )
+    .await
+    .expect("provisioned by the upgraded controller");
+
+    // Services are deleted while the controller runs: their NLBs go with them.
+    env.kubectl(&[
+        "delete",
+        "service",
+        "--all",
+        "-n",
+        &web.name,
+        "--wait",
+        "--timeout=60s",
+    ]);
+    let services = env.kubectl(&["get", "services", "-n", &web.name, "-o", "name"]);
+    assert!(
+        services.trim().is_empty(),
+        "services still there: {services}"
+    );
+
+    let out = release.uninstall();
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left = env.kubectl(&[
+        "get",
+        "deployments,serviceaccounts,roles,rolebindings",
+        "-n",
+        &system.name,
+        "-l",
+        "app.kubernetes.io/part-of=berth",
+        "-o",
+        "name",
+    ]);
+    assert!(left.trim().is_empty(), "left after uninstall: {left}");
+    let cluster_left = env.kubectl(&[
+        "get",
+        "clusterroles,clusterrolebindings,loadbalancerclasses",
+        "-o",
+        "name",
+    ]);
+    assert!(
+        !cluster_left.contains(&release.name) && !cluster_left.contains(&class),
+        "cluster objects left after uninstall: {cluster_left}"
+    );
+    for f in [values, bump] {
+        let _ = std::fs::remove_file(f);
     }
 }

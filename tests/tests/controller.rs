@@ -8,9 +8,9 @@ use std::time::Duration;
 use aws_sdk_elasticloadbalancingv2 as elb;
 use berth_e2e::controller::{
     AwsView, ClassGuard, ControllerOpts, ControllerProc, aws_view, install_crds, listener_address,
-    metric_sum, targets, udp_in,
+    metric_sum, targets,
 };
-use berth_e2e::testing::{TestEnv, TestNamespace, curl_in, wait_for};
+use berth_e2e::testing::{TestEnv, TestNamespace, curl_in, udp_in, wait_for};
 use k8s_openapi::api::core::v1::{Event, Node, Pod, Service};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};

@@ -366,6 +366,27 @@ async fn helm_install_runs_the_controller_and_serves_the_seed_nginx() {
         "services still there: {services}"
     );
 
+    // A Service that still carries berth's finalizer when berth is uninstalled stays
+    // Terminating until the finalizer is removed by hand; its NLB is left for a later
+    // install's orphan sweep (README, "Install with Helm").
+    service("left-behind");
+    wait_for(
+        "the left-behind Service provisioned",
+        Duration::from_secs(90),
+        || reach("left-behind".to_string()),
+    )
+    .await
+    .expect("provisioned");
+    let uid = env.kubectl(&[
+        "get",
+        "service",
+        "left-behind",
+        "-n",
+        &web.name,
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+
     let out = release.uninstall();
     assert!(
         out.status.success(),
@@ -393,6 +414,64 @@ async fn helm_install_runs_the_controller_and_serves_the_seed_nginx() {
         !cluster_left.contains(&release.name) && !cluster_left.contains(&class),
         "cluster objects left after uninstall: {cluster_left}"
     );
+    env.kubectl(&[
+        "delete",
+        "service",
+        "left-behind",
+        "-n",
+        &web.name,
+        "--wait=false",
+    ]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let state = env.kubectl(&[
+        "get",
+        "service",
+        "left-behind",
+        "-n",
+        &web.name,
+        "-o",
+        "jsonpath={.metadata.deletionTimestamp} {.metadata.finalizers}",
+    ]);
+    assert!(
+        state.contains("berth.dev/load-balancer") && !state.starts_with(' '),
+        "expected a Terminating Service held by berth's finalizer, got {state:?}"
+    );
+    env.kubectl(&[
+        "patch",
+        "service",
+        "left-behind",
+        "-n",
+        &web.name,
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ]);
+    let gone = env.kubectl(&["get", "services", "-n", &web.name, "-o", "name"]);
+    assert!(gone.trim().is_empty(), "service not gone: {gone}");
+    let sdk = env.aws().await;
+    let elb = aws_sdk_elasticloadbalancingv2::Client::new(&sdk);
+    let view = berth_e2e::controller::aws_view(&elb, &uid)
+        .await
+        .expect("LocalStack view");
+    assert_eq!(
+        view.load_balancers.len(),
+        1,
+        "the NLB is left behind: {view:?}"
+    );
+    for (arn, ..) in &view.load_balancers {
+        elb.delete_load_balancer()
+            .load_balancer_arn(arn)
+            .send()
+            .await
+            .expect("remove the left NLB");
+    }
+    for arn in view.target_groups.keys() {
+        elb.delete_target_group()
+            .target_group_arn(arn)
+            .send()
+            .await
+            .expect("remove the left target group");
+    }
     for f in [values, bump] {
         let _ = std::fs::remove_file(f);
     }

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Runs the end-to-end suites against one local environment for the whole run, and tears
-# it down afterwards, also when a test or the start fails.
+# Runs the end-to-end suites against the local environment and tears it down afterwards,
+# also when a test or the start fails. Two phases, one environment each:
+#  1. every suite in tests/tests/ except bare_*.rs, on nodes whose berth-nodeproxy the
+#     harness runs;
+#  2. the bare_*.rs suites, on nodes without node agents (they install berth's own, e.g.
+#     through the Helm chart's DaemonSet).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
@@ -13,5 +17,23 @@ exec 9>"${TMPDIR:-/tmp}/berth-e2e.lock"
 flock 9
 cargo test -p berth-e2e --tests --no-run
 trap '"$env" down' EXIT
+
+with_agents=() bare=()
+for f in tests/tests/*.rs; do
+  name=$(basename "$f" .rs)
+  case "$name" in
+    bare_*) bare+=(--test "$name") ;;
+    *) with_agents+=(--test "$name") ;;
+  esac
+done
+threads=(--test-threads="${E2E_THREADS:-4}")
+
+status=0
 "$env" up
-cargo test -p berth-e2e --tests --no-fail-fast -- --test-threads="${E2E_THREADS:-4}"
+cargo test -p berth-e2e "${with_agents[@]}" --no-fail-fast -- "${threads[@]}" || status=$?
+"$env" down
+if [ ${#bare[@]} -gt 0 ]; then
+  BERTH_E2E_NODEPROXY=0 BERTH_E2E_LOG_DIR=target/e2e-logs/bare "$env" up
+  cargo test -p berth-e2e "${bare[@]}" --no-fail-fast -- "${threads[@]}" || status=$?
+fi
+exit "$status"

@@ -45,6 +45,9 @@ pub struct EnvInfo {
     pub aws: AwsInfra,
     pub log_dir: PathBuf,
     pub supervisor_pid: u32,
+    /// Whether the environment runs berth-nodeproxy on every node (`BERTH_E2E_NODEPROXY`).
+    #[serde(default)]
+    pub node_agents: bool,
 }
 
 impl EnvInfo {
@@ -148,6 +151,7 @@ impl Env {
                 },
                 log_dir: log_dir.clone(),
                 supervisor_pid: std::process::id(),
+                node_agents: crate::nodeagent::enabled(),
             },
             scratch: scratch.clone(),
             kubelets: Vec::new(),

@@ -133,6 +133,9 @@ pub struct Kubelet {
     plan: NodePlan,
     client: Client,
     pods: Mutex<BTreeMap<String, RunningPod>>,
+    /// The last pod address slot handed out: slots go round, so an address freed by a
+    /// deleted pod is reused as late as possible (as IPAM plugins do).
+    last_slot: Mutex<u8>,
     dirs: KubeletDirs,
 }
 
@@ -142,6 +145,7 @@ impl Kubelet {
             plan,
             client,
             pods: Mutex::new(BTreeMap::new()),
+            last_slot: Mutex::new(1),
             dirs,
         })
     }
@@ -255,9 +259,10 @@ impl Kubelet {
             (None, None, self.plan.ip)
         } else {
             let used: BTreeSet<u8> = pods.values().filter_map(|p| p.ip_slot).collect();
-            let slot = (2..=254u8)
-                .find(|s| !used.contains(s))
+            let mut last = self.last_slot.lock().await;
+            let slot = next_free_slot(*last, &used)
                 .ok_or_else(|| Error::Setup(format!("podCIDR of {} is full", self.plan.name)))?;
+            *last = slot;
             let ip = self.plan.pod_ip(slot);
             let netns = net::create_pod(&self.plan, uid, ip)?;
             (Some(netns), Some(slot), ip)
@@ -386,6 +391,15 @@ impl Kubelet {
     }
 }
 
+/// The first free address slot (2..=254) after `last`, wrapping around.
+fn next_free_slot(last: u8, used: &BTreeSet<u8>) -> Option<u8> {
+    // Slot s in 2..=254 has index s - 2; start just after `last` (before 2 for last < 2).
+    let start = i32::from(last) - 2;
+    (1..=253i32)
+        .map(|i| ((start + i).rem_euclid(253) + 2) as u8)
+        .find(|s| !used.contains(s))
+}
+
 /// The command that plays a pod's containers that are not berth's own: one
 /// `berth-podserver` serving every container port (HTTP on TCP answering with the pod name, or the nginx welcome page for
 /// `nginx*` images; UDP echo). None when the pod declares no ports.
@@ -469,6 +483,18 @@ mod tests {
         assert_eq!(args(&cmd), ["--name", "web-1", "--tcp", "8080"]);
         let ns: Vec<_> = cmd.get_args().take(3).collect();
         assert_eq!(ns, ["netns", "exec", "berth-pod-x"]);
+    }
+
+    #[test]
+    fn address_slots_go_round_and_skip_used_ones() {
+        let none = BTreeSet::new();
+        assert_eq!(next_free_slot(1, &none), Some(2));
+        assert_eq!(next_free_slot(2, &none), Some(3));
+        assert_eq!(next_free_slot(254, &none), Some(2), "wraps after .254");
+        let used: BTreeSet<u8> = [3, 4].into();
+        assert_eq!(next_free_slot(2, &used), Some(5));
+        let full: BTreeSet<u8> = (2..=254).collect();
+        assert_eq!(next_free_slot(7, &full), None);
     }
 
     #[test]

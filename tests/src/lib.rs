@@ -7,6 +7,7 @@ pub mod controller;
 pub mod controlplane;
 pub mod env;
 pub mod error;
+pub mod helm;
 pub mod kubelet;
 pub mod localstack;
 pub mod net;

@@ -182,6 +182,9 @@ pub fn create_pod(node: &NodePlan, pod_uid: &str, addr: Ipv4Addr) -> Result<Stri
         ],
     )?;
     in_ns(&ns, &["link", "set", "lo", "up"])?;
+    // The MAC follows from the IP: when a pod IP is reused, the node's neighbour entry
+    // for it is still right (a stale MAC would black-hole traffic until ARP re-resolves).
+    in_ns(&ns, &["link", "set", "eth0", "address", &pod_mac(addr)])?;
     in_ns(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
     in_ns(&ns, &["link", "set", "eth0", "up"])?;
     in_ns(
@@ -195,6 +198,12 @@ pub fn create_pod(node: &NodePlan, pod_uid: &str, addr: Ipv4Addr) -> Result<Stri
         ],
     )?;
     Ok(ns)
+}
+
+/// A locally administered unicast MAC derived from a pod's IPv4 address.
+pub fn pod_mac(addr: Ipv4Addr) -> String {
+    let [a, b, c, d] = addr.octets();
+    format!("0a:58:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
 }
 
 /// Kills every process in a namespace, then deletes it (its veths go with it).
@@ -248,6 +257,15 @@ mod tests {
             NodePlan::new(4).zone,
             "us-east-1a",
             "zones cycle over a, b, c"
+        );
+    }
+
+    #[test]
+    fn pod_mac_is_a_function_of_the_ip() {
+        assert_eq!(pod_mac(Ipv4Addr::new(10, 244, 1, 3)), "0a:58:0a:f4:01:03");
+        assert_ne!(
+            pod_mac(Ipv4Addr::new(10, 244, 1, 3)),
+            pod_mac(Ipv4Addr::new(10, 244, 2, 3))
         );
     }
 

@@ -53,9 +53,12 @@ pub fn state_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target").join("e2e"))
 }
 
-/// One log file per process of the environment.
+/// One log file per process of the environment (`BERTH_E2E_LOG_DIR` overrides it, so
+/// a second environment in one run keeps the first one's logs).
 pub fn log_dir() -> PathBuf {
-    repo_root().join("target").join("e2e-logs")
+    std::env::var_os("BERTH_E2E_LOG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target").join("e2e-logs"))
 }
 
 /// Prefix of scratch directories (PKI, etcd data, LocalStack volume) in the temp dir.

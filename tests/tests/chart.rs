@@ -3,31 +3,11 @@
 //! schema rejects bad values with a message naming the bad key. Needs root and the running
 //! local cluster (`make test`).
 
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-
+use berth_e2e::helm::{
+    Release, chart, helm, running_pods, testdata_values as values, write_values,
+};
 use berth_e2e::paths;
 use berth_e2e::testing::{TestEnv, example};
-
-fn chart() -> PathBuf {
-    paths::repo_root().join("charts").join("berth")
-}
-
-fn values(name: &str) -> String {
-    paths::repo_root()
-        .join("tests/testdata/chart")
-        .join(name)
-        .display()
-        .to_string()
-}
-
-fn helm(args: &[&str]) -> Output {
-    Command::new(paths::bin("helm"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("run helm {}: {e}", args.join(" ")))
-}
 
 fn render(namespace: &str, values_file: Option<&str>) -> String {
     let chart = chart().display().to_string();
@@ -126,79 +106,6 @@ fn helm_lint_passes_for_every_configuration() {
     }
 }
 
-/// A Helm release; uninstalled on drop so a failing case leaves nothing behind.
-struct Release {
-    name: String,
-    namespace: String,
-    kubeconfig: String,
-}
-
-impl Release {
-    fn helm(&self, verb: &str, values: &[String]) -> Output {
-        let chart = chart().display().to_string();
-        let mut args = vec![verb, &self.name, &chart, "-n", &self.namespace];
-        args.extend([
-            "--kubeconfig",
-            &self.kubeconfig,
-            "--wait",
-            "--timeout",
-            "90s",
-        ]);
-        for v in values {
-            args.extend(["--values", v]);
-        }
-        helm(&args)
-    }
-}
-
-impl Release {
-    fn uninstall(&self) -> Output {
-        helm(&[
-            "uninstall",
-            &self.name,
-            "-n",
-            &self.namespace,
-            "--kubeconfig",
-            &self.kubeconfig,
-            "--wait",
-        ])
-    }
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        let _ = self.uninstall();
-    }
-}
-
-fn write_values(text: &str) -> String {
-    let path = std::env::temp_dir().join(format!(
-        "{}values-{:08x}.yaml",
-        paths::SCRATCH_PREFIX,
-        rand::random::<u32>()
-    ));
-    std::fs::write(&path, text).expect("write values");
-    path.display().to_string()
-}
-
-fn running_pods(env: &TestEnv, namespace: &str, selector: &str) -> Vec<String> {
-    env.kubectl(&[
-        "get",
-        "pods",
-        "-n",
-        namespace,
-        "-l",
-        selector,
-        "--field-selector",
-        "status.phase=Running",
-        "-o",
-        "jsonpath={.items[*].metadata.name}",
-    ])
-    .split_whitespace()
-    .map(str::to_string)
-    .collect()
-}
-
 /// `helm install` of the chart runs berth's controller as pods of the simulated cluster
 /// (berth's own binaries, the chart's args, env and ServiceAccount token, so the apiserver
 /// enforces the chart's RBAC); the seed's nginx behind a LoadBalancer Service of the
@@ -237,11 +144,7 @@ async fn helm_install_runs_the_controller_and_serves_the_seed_nginx() {
         region = env.info.region,
         ls = env.info.localstack_endpoint,
     ));
-    let release = Release {
-        name: format!("berth-{id}"),
-        namespace: system.name.clone(),
-        kubeconfig: env.info.kubeconfig.display().to_string(),
-    };
+    let release = Release::new(&env, &format!("berth-{id}"), &system.name);
     let out = release.helm("install", std::slice::from_ref(&values));
     assert!(
         out.status.success(),

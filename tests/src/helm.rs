@@ -1,0 +1,114 @@
+//! Helm from the suites: the repository's chart, releases uninstalled on drop, values
+//! files in the scratch area.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use crate::paths;
+use crate::testing::TestEnv;
+
+/// The repository's chart.
+pub fn chart() -> PathBuf {
+    paths::repo_root().join("charts").join("berth")
+}
+
+/// A values file under `tests/testdata/chart/`.
+pub fn testdata_values(name: &str) -> String {
+    paths::repo_root()
+        .join("tests/testdata/chart")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// Runs the cached helm binary; panics only when it cannot be started.
+pub fn helm(args: &[&str]) -> Output {
+    Command::new(paths::bin("helm"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run helm {}: {e}", args.join(" ")))
+}
+
+/// A Helm release of the chart; uninstalled on drop so a failing case leaves nothing.
+pub struct Release {
+    pub name: String,
+    pub namespace: String,
+    pub kubeconfig: String,
+}
+
+impl Release {
+    pub fn new(env: &TestEnv, name: &str, namespace: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            kubeconfig: env.info.kubeconfig.display().to_string(),
+        }
+    }
+
+    /// `helm install|upgrade <release> <chart> --wait` with the given values files.
+    pub fn helm(&self, verb: &str, values: &[String]) -> Output {
+        let chart = chart().display().to_string();
+        let mut args = vec![verb, &self.name, &chart, "-n", &self.namespace];
+        args.extend([
+            "--kubeconfig",
+            &self.kubeconfig,
+            "--wait",
+            "--timeout",
+            "90s",
+        ]);
+        for v in values {
+            args.extend(["--values", v]);
+        }
+        helm(&args)
+    }
+
+    pub fn uninstall(&self) -> Output {
+        helm(&[
+            "uninstall",
+            &self.name,
+            "-n",
+            &self.namespace,
+            "--kubeconfig",
+            &self.kubeconfig,
+            "--wait",
+        ])
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = self.uninstall();
+    }
+}
+
+/// A values file with `text` in the scratch area (swept with the environment); the
+/// caller removes it.
+pub fn write_values(text: &str) -> String {
+    let path = std::env::temp_dir().join(format!(
+        "{}values-{:08x}.yaml",
+        paths::SCRATCH_PREFIX,
+        rand::random::<u32>()
+    ));
+    std::fs::write(&path, text).expect("write values");
+    path.display().to_string()
+}
+
+/// Names of the Running pods matching `selector` in `namespace`.
+pub fn running_pods(env: &TestEnv, namespace: &str, selector: &str) -> Vec<String> {
+    env.kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        namespace,
+        "-l",
+        selector,
+        "--field-selector",
+        "status.phase=Running",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ])
+    .split_whitespace()
+    .map(str::to_string)
+    .collect()
+}

@@ -46,8 +46,22 @@ impl Release {
         }
     }
 
-    /// `helm install|upgrade <release> <chart> --wait` with the given values files.
-    pub fn helm(&self, verb: &str, values: &[String]) -> Output {
+    /// `helm install <release> <chart> --wait`; panics with helm's stderr on failure.
+    pub fn install(&self, values: &[String]) {
+        expect_success(&self.helm("install", values), "helm install");
+    }
+
+    /// `helm upgrade <release> <chart> --wait`; panics with helm's stderr on failure.
+    pub fn upgrade(&self, values: &[String]) {
+        expect_success(&self.helm("upgrade", values), "helm upgrade");
+    }
+
+    /// `helm uninstall --wait`; panics with helm's stderr on failure.
+    pub fn uninstall(&self) {
+        expect_success(&self.uninstall_output(), "helm uninstall");
+    }
+
+    fn helm(&self, verb: &str, values: &[String]) -> Output {
         let chart = chart().display().to_string();
         let mut args = vec![verb, &self.name, &chart, "-n", &self.namespace];
         args.extend([
@@ -63,7 +77,7 @@ impl Release {
         helm(&args)
     }
 
-    pub fn uninstall(&self) -> Output {
+    fn uninstall_output(&self) -> Output {
         helm(&[
             "uninstall",
             &self.name,
@@ -78,8 +92,17 @@ impl Release {
 
 impl Drop for Release {
     fn drop(&mut self) {
-        let _ = self.uninstall();
+        let _ = self.uninstall_output();
     }
+}
+
+/// Panics with the command's stderr unless it succeeded.
+pub fn expect_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A values file with `text` in the scratch area (swept with the environment); the

@@ -41,12 +41,7 @@ async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() 
     ));
     let id = format!("{:08x}", rand::random::<u32>());
     let release = Release::new(&env, &format!("berth-{id}"), &system.name);
-    let out = release.helm("install", std::slice::from_ref(&values));
-    assert!(
-        out.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    release.install(std::slice::from_ref(&values));
     let selector = "app.kubernetes.io/name=berth-nodeproxy";
     let pods = running_pods(&env, &system.name, selector);
     assert_eq!(
@@ -158,12 +153,7 @@ async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() 
         })
     };
     let bump = write_values("nodeproxy:\n  podAnnotations: {berth.dev/e2e-rollout: \"2\"}\n");
-    let out = release.helm("upgrade", &[values.clone(), bump.clone()]);
-    assert!(
-        out.status.success(),
-        "helm upgrade: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    release.upgrade(&[values.clone(), bump.clone()]);
     wait_for(
         "every agent pod replaced",
         Duration::from_secs(90),
@@ -186,12 +176,7 @@ async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() 
         ok + failed
     );
 
-    let out = release.uninstall();
-    assert!(
-        out.status.success(),
-        "helm uninstall: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    release.uninstall();
     let left = env.kubectl(&[
         "get",
         "daemonsets,serviceaccounts",

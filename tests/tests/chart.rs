@@ -145,12 +145,7 @@ async fn helm_install_runs_the_controller_and_serves_the_seed_nginx() {
         ls = env.info.localstack_endpoint,
     ));
     let release = Release::new(&env, &format!("berth-{id}"), &system.name);
-    let out = release.helm("install", std::slice::from_ref(&values));
-    assert!(
-        out.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    release.install(std::slice::from_ref(&values));
     let selector = "app.kubernetes.io/name=berth-controller";
     assert_eq!(running_pods(&env, &system.name, selector).len(), 2);
 
@@ -224,12 +219,7 @@ async fn helm_install_runs_the_controller_and_serves_the_seed_nginx() {
     // still provisioned by the new pods.
     let before = running_pods(&env, &system.name, selector);
     let bump = write_values("controller:\n  podAnnotations: {berth.dev/e2e-rollout: \"2\"}\n");
-    let out = release.helm("upgrade", &[values.clone(), bump.clone()]);
-    assert!(
-        out.status.success(),
-        "helm upgrade: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    release.upgrade(&[values.clone(), bump.clone()]);
     wait_for(
         "the controller pods replaced",
         Duration::from_secs(60),
@@ -290,12 +280,7 @@ async fn helm_install_runs_the_controller_and_serves_the_seed_nginx() {
         "jsonpath={.metadata.uid}",
     ]);
 
-    let out = release.uninstall();
-    assert!(
-        out.status.success(),
-        "helm uninstall: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    release.uninstall();
     let left = env.kubectl(&[
         "get",
         "deployments,serviceaccounts,roles,rolebindings",

@@ -9,7 +9,8 @@ cache=${BERTH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/berth}
 venv="$cache/localstack-venv-$LOCALSTACK_VERSION"
 python=${BERTH_PYTHON:-}
 if [ -z "$python" ]; then
-  for cand in "$(pyenv root 2>/dev/null)/versions/3.11.7/bin/python3" python3.11 python3; do
+  for cand in "$(pyenv root 2>/dev/null)/versions/3.11.7/bin/python3" \
+    "$HOME/.pyenv/versions/3.11.7/bin/python3" python3.11 python3; do
     if command -v "$cand" >/dev/null 2>&1 &&
       "$cand" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' 2>/dev/null; then
       python=$(command -v "$cand"); break

@@ -93,7 +93,13 @@ pub fn sweep() {
                 .to_string_lossy()
                 .starts_with(paths::SCRATCH_PREFIX)
             {
-                let _ = std::fs::remove_dir_all(e.path());
+                // Scratch dirs, and the values and manifest files tests write.
+                let path = e.path();
+                let _ = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
             }
         }
     }

@@ -196,22 +196,11 @@ async fn claim(svc: &Service, ctx: &Context, class: &str) -> Result<(), Error> {
     if !finalizers.iter().any(|f| f == FINALIZER) {
         finalizers.push(FINALIZER.into());
     }
-    let patch = serde_json::json!({
-        "metadata": {
-            "finalizers": finalizers,
-            "annotations": {ANNOTATION_OWNER_CLASS: class},
-            "resourceVersion": svc.metadata.resource_version,
-        }
+    let metadata = serde_json::json!({
+        "finalizers": finalizers,
+        "annotations": {ANNOTATION_OWNER_CLASS: class},
     });
-    services_api(ctx, svc)
-        .patch(
-            &svc.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
-        .await
-        .map_err(|e| Error::Kube("claim the Service", e))?;
-    Ok(())
+    patch_metadata_guarded(svc, ctx, metadata, "claim the Service").await
 }
 
 async fn remove_finalizer(svc: &Service, ctx: &Context) -> Result<(), Error> {
@@ -221,30 +210,30 @@ async fn remove_finalizer(svc: &Service, ctx: &Context) -> Result<(), Error> {
         .filter(|f| *f != FINALIZER)
         .cloned()
         .collect();
-    match set_finalizers(svc, ctx, finalizers).await {
+    let metadata = serde_json::json!({"finalizers": finalizers});
+    match patch_metadata_guarded(svc, ctx, metadata, "update finalizers").await {
         Err(Error::Kube(_, kube::Error::Api(s))) if s.code == 404 => Ok(()),
         other => other,
     }
 }
 
-/// A merge patch carrying the resourceVersion: a concurrent change makes it fail (409)
-/// instead of dropping someone else's finalizer.
-async fn set_finalizers(
+/// Merge-patches `metadata` of the Service together with the resourceVersion it was read
+/// at: a concurrent change makes the write fail (409) instead of being overwritten.
+async fn patch_metadata_guarded(
     svc: &Service,
     ctx: &Context,
-    finalizers: Vec<String>,
+    mut metadata: serde_json::Value,
+    what: &'static str,
 ) -> Result<(), Error> {
-    let patch = serde_json::json!({
-        "metadata": {"finalizers": finalizers, "resourceVersion": svc.metadata.resource_version}
-    });
+    metadata["resourceVersion"] = serde_json::json!(svc.metadata.resource_version);
     services_api(ctx, svc)
         .patch(
             &svc.name_any(),
             &PatchParams::default(),
-            &Patch::Merge(patch),
+            &Patch::Merge(serde_json::json!({ "metadata": metadata })),
         )
         .await
-        .map_err(|e| Error::Kube("update finalizers", e))?;
+        .map_err(|e| Error::Kube(what, e))?;
     Ok(())
 }
 

@@ -62,6 +62,11 @@ impl TestEnv {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `kubectl apply -n <namespace> -f examples/<path>`.
+    pub fn apply_example(&self, namespace: &str, path: &str) -> String {
+        self.kubectl(&["apply", "-n", namespace, "-f", &example(path)])
+    }
+
     pub fn kubectl_output(&self, args: &[&str]) -> std::io::Result<Output> {
         Command::new(paths::bin("kubectl"))
             .arg("--kubeconfig")

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use berth_e2e::helm::{Release, running_pods, write_values};
-use berth_e2e::testing::{TestEnv, curl_in, example, wait_for};
+use berth_e2e::testing::{TestEnv, curl_in, wait_for};
 
 fn nginx_answers(netns: &str, url: &str) -> bool {
     curl_in(netns, url, Duration::from_secs(2)).is_ok_and(|b| b.contains("Welcome to nginx!"))
@@ -67,20 +67,8 @@ async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() 
         );
     }
 
-    env.kubectl(&[
-        "apply",
-        "-n",
-        &web.name,
-        "-f",
-        &example("seed/nginx-deployment.yaml"),
-    ]);
-    env.kubectl(&[
-        "apply",
-        "-n",
-        &web.name,
-        "-f",
-        &example("seed/nginx-service.yaml"),
-    ]);
+    env.apply_example(&web.name, "seed/nginx-deployment.yaml");
+    env.apply_example(&web.name, "seed/nginx-service.yaml");
     let vip = env.kubectl(&[
         "get",
         "service",

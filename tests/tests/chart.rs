@@ -7,7 +7,7 @@ use berth_e2e::helm::{
     Release, chart, helm, running_pods, testdata_values as values, write_values,
 };
 use berth_e2e::paths;
-use berth_e2e::testing::{TestEnv, example};
+use berth_e2e::testing::TestEnv;
 
 fn render(namespace: &str, values_file: Option<&str>) -> String {
     let chart = chart().display().to_string();
@@ -149,13 +149,7 @@ async fn helm_install_runs_the_controller_and_serves_the_seed_nginx() {
     let selector = "app.kubernetes.io/name=berth-controller";
     assert_eq!(running_pods(&env, &system.name, selector).len(), 2);
 
-    env.kubectl(&[
-        "apply",
-        "-n",
-        &web.name,
-        "-f",
-        &example("seed/nginx-deployment.yaml"),
-    ]);
+    env.apply_example(&web.name, "seed/nginx-deployment.yaml");
     let service = |name: &str| {
         let path = write_values(&format!(
             "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  type: LoadBalancer\n  \

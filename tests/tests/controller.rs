@@ -346,13 +346,8 @@ fn nginx_service_spec() -> serde_json::Value {
 async fn seed_nginx_gets_an_nlb_with_every_node_on_the_node_port() {
     let _nodes = NODES.read().await;
     let case = Case::new("ctl-seed", serde_json::json!({"scheme": "internet-facing"})).await;
-    case.env.kubectl(&[
-        "apply",
-        "-n",
-        &case.ns.name,
-        "-f",
-        &berth_e2e::testing::example("seed/nginx-deployment.yaml"),
-    ]);
+    case.env
+        .apply_example(&case.ns.name, "seed/nginx-deployment.yaml");
     case.create_service("nginx-service", serde_json::json!({}), nginx_service_spec())
         .await;
     let svc = case.wait_ready("nginx-service").await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use berth_e2e::env::NodeInfo;
 use berth_e2e::nodeagent;
-use berth_e2e::testing::{TestEnv, TestNamespace, curl_in, example, exec_in, wait_for};
+use berth_e2e::testing::{TestEnv, TestNamespace, curl_in, exec_in, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -301,20 +301,8 @@ async fn connect(prefix: &str) -> (TestEnv, TestNamespace) {
 #[tokio::test]
 async fn seed_nginx_service_answers_at_its_cluster_ip_from_nodes_pods_and_kubectl_proxy() {
     let (env, ns, _up) = setup("np-seed").await;
-    env.kubectl(&[
-        "apply",
-        "-n",
-        &ns.name,
-        "-f",
-        &example("seed/nginx-deployment.yaml"),
-    ]);
-    env.kubectl(&[
-        "apply",
-        "-n",
-        &ns.name,
-        "-f",
-        &example("seed/nginx-service.yaml"),
-    ]);
+    env.apply_example(&ns.name, "seed/nginx-deployment.yaml");
+    env.apply_example(&ns.name, "seed/nginx-service.yaml");
     let pods = pods(&env, &ns.name, "nginx", 3).await;
     wait_endpoints(&env, &ns.name, "nginx-service", &ips(&pods)).await;
     let svc = Api::<Service>::namespaced(env.client.clone(), &ns.name)
@@ -670,13 +658,7 @@ async fn selector_less_service_with_hand_written_endpointslice() {
     let (env, ns, _up) = setup("np-mysql").await;
     deploy(&env, &ns.name, "mysql", 3, json!([{"containerPort": 3306}])).await;
     let pods = pods(&env, &ns.name, "mysql", 3).await;
-    env.kubectl(&[
-        "apply",
-        "-n",
-        &ns.name,
-        "-f",
-        &example("seed/mysql-service.yaml"),
-    ]);
+    env.apply_example(&ns.name, "seed/mysql-service.yaml");
     let endpoints: Vec<_> = pods
         .iter()
         .map(|p| json!({"addresses": [pod_ip(p)]}))

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use berth_e2e::testing::{TestEnv, curl_in, example, udp_in, wait_for};
+use berth_e2e::testing::{TestEnv, curl_in, udp_in, wait_for};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
@@ -61,20 +61,8 @@ async fn apiserver_reports_the_pinned_release() {
 async fn seed_nginx_deployment_runs_on_the_simulated_nodes() {
     let env = TestEnv::connect().await;
     let ns = env.namespace("smoke-nginx").await;
-    env.kubectl(&[
-        "apply",
-        "-n",
-        &ns.name,
-        "-f",
-        &example("seed/nginx-deployment.yaml"),
-    ]);
-    env.kubectl(&[
-        "apply",
-        "-n",
-        &ns.name,
-        "-f",
-        &example("seed/nginx-service.yaml"),
-    ]);
+    env.apply_example(&ns.name, "seed/nginx-deployment.yaml");
+    env.apply_example(&ns.name, "seed/nginx-service.yaml");
 
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns.name);
     let lp = ListParams::default().labels("app=nginx");

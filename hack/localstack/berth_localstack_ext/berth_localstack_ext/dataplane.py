@@ -8,7 +8,9 @@ target starts ``initial``, turns ``healthy`` after HealthyThresholdCount passes 
 Each listener gets a forwarder on ``BERTH_LISTENER_HOST`` (default: the gateway's host)
 at a free port; TCP_UDP listeners get TCP and UDP on the same port. Connections go to a
 random healthy target of the listener's target group; when no target is healthy, to any
-registered target (AWS NLBs "fail open" the same way).
+registered target (AWS NLBs "fail open" the same way). TLS listeners terminate TLS with
+their certificate (an IAM server certificate; moto keeps its key) and relay the plain
+stream, as an NLB TLS listener with a TCP target group does.
 """
 
 import http.client
@@ -16,8 +18,10 @@ import json
 import logging
 import os
 import random
+import select
 import socket
 import ssl
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -224,6 +228,67 @@ def _pipe(src, dst):
                 pass
 
 
+def _relay_one_thread(a, b):
+    """Relays both directions in one thread: an SSL socket must not be read and written
+    from two threads at once."""
+    socks = [a, b]
+    try:
+        while True:
+            ready = [s for s in socks if isinstance(s, ssl.SSLSocket) and s.pending()]
+            if not ready:
+                ready, _, _ = select.select(socks, [], [], 300)
+                if not ready:
+                    return
+            for s in ready:
+                data = s.recv(65536)
+                if not data:
+                    return
+                (b if s is a else a).sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def _certificate(listener):
+    certs = getattr(listener, "certificates", None) or []
+    return certs[0] if certs else None
+
+
+def _tls_context(lb_arn, cert_arn):
+    """A server context with the listener's IAM server certificate, or None (logged)."""
+    if not cert_arn:
+        return None
+    try:
+        from moto.iam.models import iam_backends
+
+        account = lb_arn.split(":")[4]
+        cert = None
+        for partition in iam_backends.get(account, {}).values():
+            cert = partition.get_certificate_by_arn(cert_arn)
+            if cert is not None:
+                break
+        if cert is None:
+            LOG.warning("TLS listener of %s: certificate %s has no key here (only IAM ones do)", lb_arn, cert_arn)
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        with tempfile.NamedTemporaryFile("w", suffix=".pem") as f:
+            f.write(cert.cert_body.strip() + "\n")
+            if cert.cert_chain:
+                f.write(cert.cert_chain.strip() + "\n")
+            f.write(cert.private_key.strip() + "\n")
+            f.flush()
+            ctx.load_cert_chain(f.name)
+        return ctx
+    except Exception:  # noqa: BLE001 - a bad certificate must not stop the data plane
+        LOG.exception("TLS listener of %s: certificate %s", lb_arn, cert_arn)
+        return None
+
+
 class Forwarder:
     """Serves one listener."""
 
@@ -232,6 +297,8 @@ class Forwarder:
         self.listener = listener
         self.lb = lb
         self.protocol = (listener.protocol or "TCP").upper()
+        self.certificate = _certificate(listener)
+        self.tls = _tls_context(lb.arn, self.certificate) if self.protocol == "TLS" else None
         self.host = host
         self.closed = False
         self.tcp = None
@@ -286,18 +353,35 @@ class Forwarder:
                 client, _ = self.tcp.accept()
             except OSError:
                 return
-            target = self._pick()
-            if target is None:
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client):
+        if self.protocol == "TLS":
+            if self.tls is None:
                 client.close()
-                continue
+                return
             try:
-                upstream = socket.create_connection(target, timeout=3)
-                upstream.settimeout(None)
-            except OSError:
+                client.settimeout(5)
+                client = self.tls.wrap_socket(client, server_side=True)
+                client.settimeout(None)
+            except (OSError, ssl.SSLError):
                 client.close()
-                continue
+                return
+        target = self._pick()
+        if target is None:
+            client.close()
+            return
+        try:
+            upstream = socket.create_connection(target, timeout=3)
+            upstream.settimeout(None)
+        except OSError:
+            client.close()
+            return
+        if self.protocol == "TLS":
+            _relay_one_thread(client, upstream)
+        else:
             threading.Thread(target=_pipe, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=_pipe, args=(upstream, client), daemon=True).start()
+            _pipe(upstream, client)
 
     def _serve_udp(self):
         flows = {}  # client address -> (upstream socket, last use)
@@ -348,6 +432,7 @@ class Forwarder:
             "listenerArn": self.arn,
             "port": int(self.listener.port),
             "protocol": self.protocol,
+            "certificateArn": self.certificate,
             "targetGroupArn": self.target_group(),
             "address": f"{self.host}:{self.port}",
         }
@@ -368,7 +453,11 @@ def _sync_forwarders():
             FORWARDERS.pop(arn).close()
         for arn, (listener, lb) in current.items():
             fwd = FORWARDERS.get(arn)
-            if fwd is not None and fwd.protocol == (listener.protocol or "TCP").upper():
+            if (
+                fwd is not None
+                and fwd.protocol == (listener.protocol or "TCP").upper()
+                and fwd.certificate == _certificate(listener)
+            ):
                 fwd.listener = listener
                 continue
             if fwd is not None:

@@ -1,22 +1,40 @@
 """ELBv2 service provider for LocalStack (community edition ships none).
 
-Every ELBv2 operation is answered by the moto backend that LocalStack bundles, with two
-additions that make it trustworthy for berth's tests (see dataplane.py):
+Every ELBv2 operation is answered by the moto backend that LocalStack bundles, with these
+additions that make it trustworthy for berth's tests (see dataplane.py for the first two):
 
 - DescribeTargetHealth reports the result of real health checks against the registered
   targets (instance targets at the instance's private IP, ip targets at the IP) instead of
   moto's "always healthy".
 - Each listener is served: a forwarder bound on the gateway's host address at a port of
-  its own relays TCP and/or UDP to a healthy target. The addresses are listed at
+  its own relays TCP and/or UDP to a healthy target (TLS listeners terminate TLS with their
+  IAM server certificate first). The addresses are listed at
   ``GET /_berth/elbv2/listeners``.
+- Listeners behave as on a Network Load Balancer: ModifyListener accepts TCP, UDP, TCP_UDP
+  and TLS (moto only takes HTTP, HTTPS and TCP); a TLS listener needs an existing ACM or
+  IAM certificate and gets a known SslPolicy (default ELBSecurityPolicy-2016-08); other
+  protocols carry neither.
+- A load balancer's DNS name is ``<name>-<id>.elb.<region>.amazonaws.com`` with the ID of
+  its ARN, as on AWS, so a recreated load balancer has a new name (moto reuses one).
+- RunInstances honours a ``_custom_id_`` instance tag (ec2ids.py).
 """
 
+from localstack.aws.api import CommonServiceException
 from localstack.aws.skeleton import Skeleton
 from localstack.aws.spec import load_service
 from localstack.services.moto import call_moto
 from localstack.services.plugins import Service, aws_provider
 
-from berth_localstack_ext import dataplane
+from berth_localstack_ext import dataplane, ec2ids
+
+NLB_PROTOCOLS = ("TCP", "UDP", "TCP_UDP", "TLS")
+DEFAULT_SSL_POLICY = "ELBSecurityPolicy-2016-08"
+
+
+def _backend(context):
+    from moto.elbv2.models import elbv2_backends
+
+    return elbv2_backends[context.account_id][context.region]
 
 
 def _forward_to_moto(context, _request):
@@ -34,10 +52,126 @@ def _describe_target_health(context, request):
     return response
 
 
+def _create_load_balancer(context, _request):
+    response = call_moto(context)
+    backend = _backend(context)
+    for desc in response.get("LoadBalancers") or []:
+        lb = backend.load_balancers.get(desc.get("LoadBalancerArn"))
+        if lb is None:
+            continue
+        lb.dns_name = f"{lb.name}-{lb.arn.rsplit('/', 1)[-1]}.elb.{context.region}.amazonaws.com"
+        desc["DNSName"] = lb.dns_name
+    return response
+
+
+def _ssl_policies():
+    from moto.elbv2.responses import SSL_POLICIES
+
+    return {p["name"] for p in SSL_POLICIES}
+
+
+def _tls_settings(backend, certificates, policy):
+    """Validates a TLS listener's certificate and policy as AWS does; returns both."""
+    if len(certificates) != 1:
+        raise CommonServiceException(
+            "CertificateWereNotPassed",
+            "You must provide a list containing exactly one certificate if the listener protocol is TLS.",
+        )
+    if not backend._certificate_exists(certificate_arn=certificates[0]):
+        raise CommonServiceException("CertificateNotFound", f"Certificate '{certificates[0]}' not found")
+    policy = policy or DEFAULT_SSL_POLICY
+    if policy not in _ssl_policies():
+        raise CommonServiceException("SSLPolicyNotFound", f"SSL policy '{policy}' not found")
+    return certificates, policy
+
+
+def _create_listener(context, request):
+    protocol = (request.get("Protocol") or "").upper()
+    if protocol == "TLS":
+        certs = [c.get("CertificateArn") for c in request.get("Certificates") or []]
+        _tls_settings(_backend(context), certs, request.get("SslPolicy"))
+    response = call_moto(context)
+    if protocol != "TLS":
+        # moto gives every listener an SslPolicy; on AWS only TLS/HTTPS ones have one.
+        backend = _backend(context)
+        for desc in response.get("Listeners") or []:
+            for lb in backend.load_balancers.values():
+                listener = lb.listeners.get(desc.get("ListenerArn"))
+                if listener is not None:
+                    listener.ssl_policy = None
+            desc.pop("SslPolicy", None)
+    return response
+
+
+def _find_listener(backend, arn):
+    for lb in backend.load_balancers.values():
+        listener = lb.listeners.get(arn)
+        if listener is not None:
+            return lb, listener
+    raise CommonServiceException("ListenerNotFound", "One or more listeners not found")
+
+
+def _modify_listener(context, request):
+    """ModifyListener with a Network Load Balancer's protocols (moto rejects most)."""
+    from moto.elbv2.models import FakeAction
+
+    backend = _backend(context)
+    lb, listener = _find_listener(backend, request["ListenerArn"])
+    protocol = (request.get("Protocol") or listener.protocol).upper()
+    if lb.type == "network" and protocol not in NLB_PROTOCOLS:
+        raise CommonServiceException(
+            "UnsupportedProtocol", f"Protocol {protocol} is not supported by a network load balancer"
+        )
+    port = request.get("Port")
+    if port is not None and any(
+        str(other.port) == str(port) and other.arn != listener.arn for other in lb.listeners.values()
+    ):
+        raise CommonServiceException("DuplicateListener", "A listener with the specified port already exists.")
+    if protocol == "TLS":
+        certs = [c.get("CertificateArn") for c in request.get("Certificates") or []] or list(listener.certificates)
+        certs, policy = _tls_settings(backend, certs, request.get("SslPolicy") or listener.ssl_policy)
+    else:
+        certs, policy = [], None
+    actions = request.get("DefaultActions")
+    if actions:
+        fake = [FakeAction(dict(a)) for a in actions]
+        backend._validate_actions(fake)
+        old = {arn for a in listener.default_actions for arn in backend._get_target_group_arns_from(a.data)}
+        new = {arn for a in fake for arn in backend._get_target_group_arns_from(a.data)}
+        listener.default_actions = fake
+        listener._default_rule[0].actions = fake
+        for arn in new - old:
+            tg = backend.target_groups.get(arn)
+            if tg is not None and lb.arn not in tg.load_balancer_arns:
+                tg.load_balancer_arns.append(lb.arn)
+    if port is not None:
+        listener.port = port
+    listener.protocol = protocol
+    listener.certificates = certs
+    listener.certificate = certs[0] if certs else None
+    listener.ssl_policy = policy
+    out = {
+        "ListenerArn": listener.arn,
+        "LoadBalancerArn": lb.arn,
+        "Port": int(listener.port),
+        "Protocol": listener.protocol,
+        "DefaultActions": [a.data for a in listener.default_actions],
+    }
+    if certs:
+        out["Certificates"] = [{"CertificateArn": c} for c in certs]
+    if policy:
+        out["SslPolicy"] = policy
+    return {"Listeners": [out]}
+
+
 @aws_provider(api="elbv2")
 def elbv2():
     spec = load_service("elbv2")
     dispatch = {name: _forward_to_moto for name in spec.operation_names}
     dispatch["DescribeTargetHealth"] = _describe_target_health
+    dispatch["CreateLoadBalancer"] = _create_load_balancer
+    dispatch["CreateListener"] = _create_listener
+    dispatch["ModifyListener"] = _modify_listener
+    ec2ids.install()
     dataplane.start()
     return Service("elbv2", skeleton=Skeleton(spec, dispatch))

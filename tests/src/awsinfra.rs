@@ -1,14 +1,30 @@
 //! The AWS side of the simulated cluster in LocalStack: a VPC and one subnet per zone
 //! matching the node network, and one EC2 instance per node whose private IP is the node's
 //! address (so instance targets can be health-checked and reached).
+//!
+//! Every ID is chosen here (LocalStack's `_custom_id_` tag; berth's extension adds it for
+//! instances) and derived from what it stands for, so a LocalStack that lost its state
+//! gets the very same VPC, subnets and instances back: the Nodes' providerIDs stay true.
 
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::net::NodePlan;
 
 pub const CLUSTER_NAME: &str = "berth-e2e";
+
+/// The tag LocalStack (and berth's extension, for instances) takes a resource's ID from.
+const CUSTOM_ID: &str = "_custom_id_";
+
+/// `<prefix>-<17 hex digits>` derived from `what`: the shape of an AWS ID, stable across
+/// runs.
+pub fn chosen_id(prefix: &str, what: &str) -> String {
+    let digest = Sha256::digest(format!("{CLUSTER_NAME}/{what}").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}-{}", &hex[..17])
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AwsInfra {
@@ -30,7 +46,8 @@ fn tags(kind: ResourceType, pairs: &[(&str, &str)]) -> TagSpecification {
         .build()
 }
 
-/// Creates (or, after a LocalStack restart, recreates) the VPC, subnets and instances.
+/// Creates (or, after a LocalStack restart, recreates) the VPC, subnets and instances,
+/// with the same IDs every time.
 pub async fn create(ec2: &aws_sdk_ec2::Client, nodes: &[NodePlan]) -> Result<AwsInfra> {
     let cluster_tag = format!("kubernetes.io/cluster/{CLUSTER_NAME}");
     let vpc = ec2
@@ -38,7 +55,11 @@ pub async fn create(ec2: &aws_sdk_ec2::Client, nodes: &[NodePlan]) -> Result<Aws
         .cidr_block("198.18.0.0/16")
         .tag_specifications(tags(
             ResourceType::Vpc,
-            &[("Name", CLUSTER_NAME), (&cluster_tag, "owned")],
+            &[
+                ("Name", CLUSTER_NAME),
+                (&cluster_tag, "owned"),
+                (CUSTOM_ID, &chosen_id("vpc", "vpc")),
+            ],
         ))
         .send()
         .await
@@ -63,6 +84,7 @@ pub async fn create(ec2: &aws_sdk_ec2::Client, nodes: &[NodePlan]) -> Result<Aws
                     (&cluster_tag, "shared"),
                     ("kubernetes.io/role/elb", "1"),
                     ("kubernetes.io/role/internal-elb", "1"),
+                    (CUSTOM_ID, &chosen_id("subnet", &node.subnet_cidr)),
                 ],
             ))
             .send()
@@ -83,7 +105,11 @@ pub async fn create(ec2: &aws_sdk_ec2::Client, nodes: &[NodePlan]) -> Result<Aws
             .private_ip_address(node.ip.to_string())
             .tag_specifications(tags(
                 ResourceType::Instance,
-                &[("Name", &node.name), (&cluster_tag, "owned")],
+                &[
+                    ("Name", &node.name),
+                    (&cluster_tag, "owned"),
+                    (CUSTOM_ID, &chosen_id("i", &node.name)),
+                ],
             ))
             .send()
             .await
@@ -125,4 +151,18 @@ pub async fn instance_private_ip(
         .iter()
         .flat_map(|r| r.instances())
         .find_map(|i| i.private_ip_address().map(str::to_string)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chosen_ids_look_like_aws_ids_and_are_stable() {
+        let a = chosen_id("i", "berth-node-1");
+        assert_eq!(a.len(), 2 + 17);
+        assert!(a.starts_with("i-") && a[2..].chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(a, chosen_id("i", "berth-node-1"));
+        assert_ne!(a, chosen_id("i", "berth-node-2"));
+    }
 }

@@ -72,6 +72,8 @@ impl EnvInfo {
 pub struct Env {
     pub info: EnvInfo,
     scratch: PathBuf,
+    plans: Vec<NodePlan>,
+    localstack_restarts: u32,
     kubelets: Vec<(Arc<Kubelet>, tokio::task::JoinHandle<()>)>,
     localstack: Option<LocalStack>,
     control_plane: Option<ControlPlane>,
@@ -105,6 +107,76 @@ pub fn sweep() {
     }
     let _ = std::fs::remove_file(paths::state_dir().join("supervisor.pid"));
     let _ = std::fs::remove_file(EnvInfo::path());
+    let _ = std::fs::remove_file(restart_count_file());
+    let _ = std::fs::remove_file(restart_error_file());
+}
+
+/// Files in the state dir through which the supervisor reports LocalStack restarts.
+fn restart_count_file() -> PathBuf {
+    paths::state_dir().join("localstack-restarts")
+}
+
+fn restart_error_file() -> PathBuf {
+    paths::state_dir().join("localstack-restart.error")
+}
+
+/// Records the outcome of the supervisor's `n`-th LocalStack restart for
+/// [`restart_localstack`].
+pub fn record_localstack_restart(n: u32, outcome: &Result<()>) {
+    match outcome {
+        Ok(()) => {
+            let _ = std::fs::write(restart_count_file(), n.to_string());
+        }
+        Err(e) => {
+            let _ = std::fs::write(restart_error_file(), e.to_string());
+        }
+    }
+}
+
+fn restarts_done() -> u32 {
+    std::fs::read_to_string(restart_count_file())
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Asks the running environment's supervisor to restart LocalStack (SIGUSR1) and waits
+/// until it has, with the VPC, subnets and instances back. Disrupts everything that uses
+/// LocalStack meanwhile: only for serial tests.
+pub async fn restart_localstack(info: &EnvInfo) -> Result<()> {
+    let before = restarts_done();
+    let _ = std::fs::remove_file(restart_error_file());
+    let pid = info.supervisor_pid as i32;
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !cmdline.contains("berth-env") {
+        return Err(Error::Setup(format!(
+            "no berth-env supervisor at pid {pid}"
+        )));
+    }
+    // SAFETY: kill(2) of the supervisor named in env.json (checked just above).
+    if unsafe { libc::kill(pid, libc::SIGUSR1) } != 0 {
+        return Err(Error::Setup(format!(
+            "signal the supervisor {pid}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let mut failed = None;
+    let res = wait_for(
+        "the supervisor restarting LocalStack",
+        Duration::from_secs(240),
+        || {
+            if let Ok(e) = std::fs::read_to_string(restart_error_file()) {
+                failed = Some(e);
+            }
+            let done = failed.is_some() || restarts_done() > before;
+            async move { done }
+        },
+    )
+    .await;
+    match failed {
+        Some(e) => Err(Error::Setup(format!("LocalStack restart failed: {e}"))),
+        None => res,
+    }
 }
 
 /// SIGTERM, then SIGKILL after `grace`, to a berth-env supervisor found by its pid file.
@@ -160,6 +232,8 @@ impl Env {
                 node_agents: crate::nodeagent::enabled(),
             },
             scratch: scratch.clone(),
+            plans: Vec::new(),
+            localstack_restarts: 0,
             kubelets: Vec::new(),
             localstack: None,
             control_plane: None,
@@ -167,6 +241,7 @@ impl Env {
         };
 
         let plans: Vec<NodePlan> = (1..=node_count).map(NodePlan::new).collect();
+        env.plans = plans.clone();
         tracing::info!("creating the test network");
         net::create_bridge()?;
         net::create_client()?;
@@ -265,6 +340,49 @@ impl Env {
             dead.push(format!("localstack exited: {status}"));
         }
         dead
+    }
+
+    /// Replaces LocalStack by a fresh one at the same endpoint (all AWS state is lost, as
+    /// in a crash) and recreates the VPC, subnets and instances with their old IDs, so
+    /// env.json and the Nodes' providerIDs stay true. Load balancers are not recreated:
+    /// that is the controller's job.
+    pub async fn restart_localstack(&mut self) -> Result<()> {
+        let old = self
+            .localstack
+            .take()
+            .ok_or_else(|| Error::Setup("LocalStack is not running".into()))?;
+        self.localstack_restarts += 1;
+        let log = self.info.log_dir.join(format!(
+            "localstack-restart-{}.log",
+            self.localstack_restarts
+        ));
+        tracing::info!("restarting LocalStack (log {})", log.display());
+        let ls = old.restart(&self.scratch.join("localstack"), &log).await?;
+        if ls.endpoint != self.info.localstack_endpoint {
+            return Err(Error::Setup(format!(
+                "LocalStack came back at {} instead of {}",
+                ls.endpoint, self.info.localstack_endpoint
+            )));
+        }
+        self.localstack = Some(ls);
+        let sdk = localstack::sdk_config(&self.info.localstack_endpoint).await;
+        let infra = awsinfra::create(&aws_sdk_ec2::Client::new(&sdk), &self.plans).await?;
+        if infra.vpc_id != self.info.aws.vpc_id
+            || infra.subnet_ids != self.info.aws.subnet_ids
+            || infra.instance_ids != self.info.aws.instance_ids
+        {
+            return Err(Error::Setup(format!(
+                "recreated AWS resources differ: {infra:?} instead of {:?}",
+                self.info.aws
+            )));
+        }
+        tracing::info!("LocalStack restarted; VPC, subnets and instances recreated");
+        Ok(())
+    }
+
+    /// How many LocalStack restarts were attempted.
+    pub fn localstack_restarts(&self) -> u32 {
+        self.localstack_restarts
     }
 
     /// Orderly teardown: pods, kubelets, LocalStack, control plane, network, scratch.

@@ -11,11 +11,27 @@ use crate::proc::{Supervised, free_port, wait_for};
 
 pub struct LocalStack {
     pub endpoint: String,
+    port: u16,
     process: Supervised,
 }
 
 impl LocalStack {
+    /// Starts LocalStack at a free port, logging to `localstack.log`.
     pub async fn start(volume_dir: &Path, log_dir: &Path) -> Result<Self> {
+        let port = free_port(&HOST_IP.to_string())?;
+        Self::start_on(port, volume_dir, &log_dir.join("localstack.log")).await
+    }
+
+    /// Stops this LocalStack, losing all its state, and starts a fresh one at the same
+    /// endpoint, logging to `log`.
+    pub async fn restart(self, volume_dir: &Path, log: &Path) -> Result<Self> {
+        let port = self.port;
+        drop(self);
+        let _ = std::fs::remove_dir_all(volume_dir);
+        Self::start_on(port, volume_dir, log).await
+    }
+
+    async fn start_on(port: u16, volume_dir: &Path, log: &Path) -> Result<Self> {
         let python = paths::localstack_venv().join("bin").join("python");
         if !python.exists() {
             return Err(Error::Setup(format!(
@@ -23,7 +39,6 @@ impl LocalStack {
                 python.display()
             )));
         }
-        let port = free_port(&HOST_IP.to_string())?;
         let endpoint = format!("http://{HOST_IP}:{port}");
         std::fs::create_dir_all(volume_dir)
             .map_err(Error::io("create LocalStack volume", volume_dir))?;
@@ -38,7 +53,7 @@ impl LocalStack {
             .env("EAGER_SERVICE_LOADING", "1")
             .env("DNS_ADDRESS", "0")
             .env("PYTHONUNBUFFERED", "1");
-        let process = Supervised::spawn("localstack", cmd, &log_dir.join("localstack.log"))?;
+        let process = Supervised::spawn("localstack", cmd, log)?;
         let health = format!("{endpoint}/_localstack/health");
         let http = reqwest::Client::new();
         wait_for(
@@ -57,7 +72,11 @@ impl LocalStack {
             },
         )
         .await?;
-        Ok(Self { endpoint, process })
+        Ok(Self {
+            endpoint,
+            port,
+            process,
+        })
     }
 
     pub fn exited(&mut self) -> Option<String> {

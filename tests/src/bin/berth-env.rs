@@ -6,6 +6,9 @@
 //!   down.
 //! - `down`: stops a running environment and removes everything it made.
 //! - `info`: prints the running environment's description (env.json).
+//! - `restart-localstack`: has the supervisor replace LocalStack by a fresh one at the same
+//!   endpoint (all AWS state lost) and recreate the VPC, subnets and instances with their
+//!   old IDs (SIGUSR1 to the supervisor does the same).
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -39,6 +42,8 @@ enum Cmd {
     Down,
     /// Print the running environment's description.
     Info,
+    /// Restart LocalStack (losing its state) and recreate the VPC, subnets and instances.
+    RestartLocalstack,
 }
 
 fn main() -> ExitCode {
@@ -57,6 +62,7 @@ fn main() -> ExitCode {
             eprintln!("berth-env: stopped; namespaces, links, processes and scratch removed");
             ExitCode::SUCCESS
         }
+        Cmd::RestartLocalstack => restart_localstack(),
         Cmd::Info => match EnvInfo::load() {
             Ok(info) => {
                 println!(
@@ -70,6 +76,24 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn restart_localstack() -> ExitCode {
+    let result = EnvInfo::load().and_then(|info| {
+        tokio::runtime::Runtime::new()
+            .map_err(|e| berth_e2e::Error::Setup(format!("tokio runtime: {e}")))?
+            .block_on(env::restart_localstack(&info))
+    });
+    match result {
+        Ok(()) => {
+            eprintln!("berth-env: LocalStack restarted; VPC, subnets and instances recreated");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("berth-env: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -98,12 +122,14 @@ fn serve(nodes: u8) -> ExitCode {
     })
 }
 
-/// Waits for a stop signal, reporting processes that die meanwhile.
+/// Waits for a stop signal, reporting processes that die meanwhile; SIGUSR1 restarts
+/// LocalStack.
 async fn watch(mut env: Env) -> ExitCode {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut usr1)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined1()),
     ) else {
         eprintln!("berth-env: cannot install signal handlers");
         return ExitCode::FAILURE;
@@ -114,6 +140,14 @@ async fn watch(mut env: Env) -> ExitCode {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = usr1.recv() => {
+                let outcome = env.restart_localstack().await;
+                if let Err(e) = &outcome {
+                    tracing::error!("LocalStack restart failed: {e}");
+                }
+                env::record_localstack_restart(env.localstack_restarts(), &outcome);
+                reported.retain(|d: &String| !d.starts_with("localstack"));
+            }
             _ = tick.tick() => {
                 for d in env.dead() {
                     if reported.insert(d.clone()) {

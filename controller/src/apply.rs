@@ -163,7 +163,8 @@ pub fn listener_step(
         Some(l)
             if l.protocol == desired.protocol
                 && l.target_group_arn.as_deref() == Some(tg_arn)
-                && l.certificate == desired.certificate =>
+                && l.certificate == desired.certificate
+                && l.ssl_policy == desired.ssl_policy =>
         {
             ListenerStep::Keep
         }
@@ -538,6 +539,7 @@ mod tests {
             port: 80,
             protocol: "TCP".into(),
             certificate: None,
+            ssl_policy: None,
             target_group: "tg".into(),
         };
         let existing = vec![ListenerInfo {
@@ -546,6 +548,7 @@ mod tests {
             protocol: "TCP".into(),
             target_group_arn: Some("arn-tg".into()),
             certificate: None,
+            ssl_policy: None,
         }];
         assert_eq!(listener_step(&d, "arn-tg", &existing), ListenerStep::Keep);
         assert_eq!(
@@ -561,6 +564,32 @@ mod tests {
             ListenerStep::Modify("l1".into())
         );
         assert_eq!(listener_step(&d, "arn-tg", &[]), ListenerStep::Create);
+        let tls = DesiredListener {
+            protocol: "TLS".into(),
+            certificate: Some("arn:cert".into()),
+            ssl_policy: Some("ELBSecurityPolicy-2016-08".into()),
+            ..d.clone()
+        };
+        let tls_now = vec![ListenerInfo {
+            protocol: "TLS".into(),
+            certificate: Some("arn:cert".into()),
+            ssl_policy: Some("ELBSecurityPolicy-2016-08".into()),
+            ..existing[0].clone()
+        }];
+        assert_eq!(listener_step(&tls, "arn-tg", &tls_now), ListenerStep::Keep);
+        let other_policy = DesiredListener {
+            ssl_policy: Some("ELBSecurityPolicy-TLS13-1-2-2021-06".into()),
+            ..tls.clone()
+        };
+        assert_eq!(
+            listener_step(&other_policy, "arn-tg", &tls_now),
+            ListenerStep::Modify("l1".into())
+        );
+        assert_eq!(
+            listener_step(&d, "arn-tg", &tls_now),
+            ListenerStep::Modify("l1".into()),
+            "TLS back to TCP"
+        );
     }
 
     #[test]

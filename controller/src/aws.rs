@@ -113,6 +113,7 @@ pub struct ListenerInfo {
     pub protocol: String,
     pub target_group_arn: Option<String>,
     pub certificate: Option<String>,
+    pub ssl_policy: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -335,6 +336,25 @@ impl Aws {
                 .await;
             match res {
                 Ok(r) => out.extend(r.load_balancers().iter().map(lb_info)),
+                // One ARN gone (deleted, or lost with all AWS state) fails the whole call:
+                // ask one by one so the others are still found.
+                Err(e) if e.is("LoadBalancerNotFound") && chunk.len() > 1 => {
+                    for arn in chunk {
+                        match self
+                            .call("DescribeLoadBalancers", || {
+                                self.elb
+                                    .describe_load_balancers()
+                                    .load_balancer_arns(arn)
+                                    .send()
+                            })
+                            .await
+                        {
+                            Ok(r) => out.extend(r.load_balancers().iter().map(lb_info)),
+                            Err(e) if e.is("LoadBalancerNotFound") => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
                 Err(e) if e.is("LoadBalancerNotFound") => {}
                 Err(e) => return Err(e),
             }
@@ -588,6 +608,7 @@ impl Aws {
                     .certificates()
                     .iter()
                     .find_map(|c| c.certificate_arn().map(str::to_string)),
+                ssl_policy: l.ssl_policy().map(str::to_string),
             })
             .collect())
     }
@@ -609,6 +630,7 @@ impl Aws {
                 .port(l.port)
                 .protocol(ProtocolEnum::from(l.protocol.as_str()))
                 .set_certificates(certs.clone())
+                .set_ssl_policy(l.ssl_policy.clone())
                 .default_actions(forward(tg_arn))
                 .send()
         })
@@ -633,6 +655,7 @@ impl Aws {
                 .port(l.port)
                 .protocol(ProtocolEnum::from(l.protocol.as_str()))
                 .set_certificates(certs.clone())
+                .set_ssl_policy(l.ssl_policy.clone())
                 .default_actions(forward(tg_arn))
                 .send()
         })

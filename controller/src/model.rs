@@ -35,7 +35,9 @@ pub struct DesiredListener {
     pub port: i32,
     /// `TCP`, `UDP`, `TCP_UDP` or `TLS`.
     pub protocol: String,
+    /// TLS only: the certificate ARN and the security policy.
     pub certificate: Option<String>,
+    pub ssl_policy: Option<String>,
     /// Name of the target group in [`DesiredLoadBalancer::target_groups`].
     pub target_group: String,
 }
@@ -269,9 +271,9 @@ pub fn build(
         let protocol = listener_protocol(&protocols).map_err(BuildError::InvalidSpec)?;
         let tg_port = target_group_port(&group, settings.target_type, port)
             .map_err(BuildError::InvalidSpec)?;
-        let tls = settings.ssl.as_ref().filter(|(_, ports)| {
+        let tls = settings.ssl.as_ref().filter(|ssl| {
             protocol == "TCP"
-                && match ports {
+                && match &ssl.ports {
                     SslPorts::All => true,
                     SslPorts::Some(set) => {
                         set.contains(&port.to_string())
@@ -352,7 +354,8 @@ pub fn build(
             } else {
                 protocol.into()
             },
-            certificate: tls.map(|(cert, _)| cert.clone()),
+            certificate: tls.map(|ssl| ssl.certificate.clone()),
+            ssl_policy: tls.map(|ssl| ssl.policy.clone()),
             target_group: tg_name,
         });
     }
@@ -608,8 +611,33 @@ mod tests {
         let subnets = vec!["subnet-a".to_string()];
         let lb = build(&svc, &settings_for(&svc), &world(&nodes, &[], &subnets)).expect("build");
         assert_eq!(lb.listeners[0].protocol, "TCP");
+        assert_eq!(lb.listeners[0].certificate, None);
+        assert_eq!(lb.listeners[0].ssl_policy, None);
         assert_eq!(lb.listeners[1].protocol, "TLS");
-        assert!(lb.listeners[1].certificate.is_some());
+        assert_eq!(
+            lb.listeners[1].certificate.as_deref(),
+            Some("arn:aws:acm:us-east-1:1:certificate/x")
+        );
+        assert_eq!(
+            lb.listeners[1].ssl_policy.as_deref(),
+            Some(crate::settings::DEFAULT_SSL_POLICY)
+        );
         assert_eq!(lb.target_groups[1].protocol, "TCP");
+        // A UDP or TCP_UDP port never turns TLS, even with ssl-ports `*`.
+        let mixed = service(
+            &[
+                ("dns-tcp", 53, "TCP", Some(30053)),
+                ("dns-udp", 53, "UDP", Some(30053)),
+                ("https", 443, "TCP", Some(30443)),
+            ],
+            &[(
+                crate::settings::annotations::SSL_CERT,
+                "arn:aws:acm:us-east-1:1:certificate/x",
+            )],
+        );
+        let lb =
+            build(&mixed, &settings_for(&mixed), &world(&nodes, &[], &subnets)).expect("build");
+        let protocols: Vec<&str> = lb.listeners.iter().map(|l| l.protocol.as_str()).collect();
+        assert_eq!(protocols, vec!["TCP_UDP", "TLS"]);
     }
 }

@@ -74,6 +74,17 @@ pub enum SslPorts {
     Some(BTreeSet<String>),
 }
 
+/// TLS listeners: `ssl-cert`, `ssl-ports`, `ssl-negotiation-policy`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ssl {
+    pub certificate: String,
+    pub ports: SslPorts,
+    pub policy: String,
+}
+
+/// The AWS Load Balancer Controller's default security policy for TLS listeners.
+pub const DEFAULT_SSL_POLICY: &str = "ELBSecurityPolicy-2016-08";
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SubnetChoice {
     Discover,
@@ -102,7 +113,7 @@ pub struct Settings {
     /// Any `healthcheck-*` annotation set: then ETP=Local does not replace the check.
     pub health_check_overridden: bool,
     pub target_node_labels: BTreeMap<String, String>,
-    pub ssl: Option<(String, SslPorts)>,
+    pub ssl: Option<Ssl>,
 }
 
 /// `k1=v1, k2=v2` (AWS LBC's map annotations). A key without `=` has an empty value when
@@ -284,6 +295,23 @@ pub fn settings(
             BTreeMap::new()
         }),
     };
+    let policy = match get(annotations::SSL_NEGOTIATION_POLICY).map(str::trim) {
+        None => DEFAULT_SSL_POLICY.to_string(),
+        Some(p)
+            if !p.is_empty()
+                && p.len() <= 128
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') =>
+        {
+            p.to_string()
+        }
+        Some(p) => {
+            errors.push(format!(
+                "{}: `{p}` is not a security policy name",
+                annotations::SSL_NEGOTIATION_POLICY
+            ));
+            String::new()
+        }
+    };
     let ssl = match (get(annotations::SSL_CERT), get(annotations::SSL_PORTS)) {
         (None, None) => None,
         (None, Some(_)) => {
@@ -306,7 +334,11 @@ pub fn settings(
                 None | Some("*") => SslPorts::All,
                 Some(list) => SslPorts::Some(parse_list(list).into_iter().collect()),
             };
-            Some((cert, ports))
+            Some(Ssl {
+                certificate: cert,
+                ports,
+                policy,
+            })
         }
     };
 
@@ -559,12 +591,43 @@ pub(crate) mod tests {
                 (annotations::ADDITIONAL_RESOURCE_TAGS, "novalue"),
                 (annotations::NAME, "-bad-"),
                 (annotations::SSL_PORTS, "443"),
+                (annotations::SSL_NEGOTIATION_POLICY, "tls 1.3"),
                 (annotations::SUBNETS, "subnet-1,public"),
                 (annotations::HC_SUCCESS_CODES, "ok"),
             ],
         );
         let errors = settings(&svc, &AwsProvider::default(), "c1").expect_err("invalid");
-        assert_eq!(errors.len(), 8, "{errors:?}");
+        assert_eq!(errors.len(), 9, "{errors:?}");
+    }
+
+    #[test]
+    fn ssl_annotations_name_certificate_ports_and_policy() {
+        let cert = "arn:aws:iam::000000000000:server-certificate/web";
+        let svc = service(
+            &[("https", 443, "TCP", None)],
+            &[
+                (annotations::SSL_CERT, cert),
+                (annotations::SSL_PORTS, "https, 8443"),
+                (
+                    annotations::SSL_NEGOTIATION_POLICY,
+                    "ELBSecurityPolicy-TLS13-1-2-2021-06",
+                ),
+            ],
+        );
+        let ssl = settings_for(&svc).ssl.expect("ssl");
+        assert_eq!(ssl.certificate, cert);
+        assert_eq!(
+            ssl.ports,
+            SslPorts::Some(BTreeSet::from(["https".into(), "8443".into()]))
+        );
+        assert_eq!(ssl.policy, "ELBSecurityPolicy-TLS13-1-2-2021-06");
+        let all = service(
+            &[("https", 443, "TCP", None)],
+            &[(annotations::SSL_CERT, cert)],
+        );
+        let ssl = settings_for(&all).ssl.expect("ssl");
+        assert_eq!(ssl.ports, SslPorts::All);
+        assert_eq!(ssl.policy, DEFAULT_SSL_POLICY);
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub mod annotations {
     pub const PROXY_PROTOCOL: &str = "service.beta.kubernetes.io/aws-load-balancer-proxy-protocol";
     pub const SSL_CERT: &str = "service.beta.kubernetes.io/aws-load-balancer-ssl-cert";
     pub const SSL_PORTS: &str = "service.beta.kubernetes.io/aws-load-balancer-ssl-ports";
+    pub const SSL_NEGOTIATION_POLICY: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-ssl-negotiation-policy";
     pub const HC_PROTOCOL: &str =
         "service.beta.kubernetes.io/aws-load-balancer-healthcheck-protocol";
     pub const HC_PORT: &str = "service.beta.kubernetes.io/aws-load-balancer-healthcheck-port";

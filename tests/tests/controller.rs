@@ -10,7 +10,7 @@ use berth_e2e::controller::{
     AwsView, ClassGuard, ControllerOpts, ControllerProc, aws_view, install_crds, listener_address,
     metric_sum, targets,
 };
-use berth_e2e::testing::{TestEnv, TestNamespace, curl_in, udp_in, wait_for};
+use berth_e2e::testing::{TestEnv, TestNamespace, curl_in, exec_in, udp_in, wait_for};
 use k8s_openapi::api::core::v1::{Event, Node, Pod, Service};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -1257,4 +1257,394 @@ async fn steady_state_makes_no_mutating_aws_calls() {
         mutating(&before),
         "mutating calls in steady state"
     );
+}
+
+/// One port number with TCP and UDP (ip targets): ONE listener and ONE target group, both
+/// TCP_UDP, and through that single listener a TCP request and a UDP datagram each reach
+/// the pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_and_udp_on_one_port_share_a_tcp_udp_listener() {
+    let case = Case::new(
+        "ctl-tcpudp",
+        serde_json::json!({"scheme": "internet-facing", "targetType": "ip"}),
+    )
+    .await;
+    case.deploy(
+        "dns",
+        "berth/podserver",
+        1,
+        serde_json::json!([
+            {"containerPort": 5353, "protocol": "TCP"},
+            {"containerPort": 5353, "protocol": "UDP"}
+        ]),
+    );
+    let pods = case.running_pods("dns", 1).await;
+    let pod_name = pods[0].metadata.name.clone().expect("pod name");
+    case.create_service(
+        "dns",
+        serde_json::json!({}),
+        serde_json::json!({
+            "selector": {"app": "dns"},
+            "ports": [
+                {"name": "dns-tcp", "protocol": "TCP", "port": 53, "targetPort": 5353},
+                {"name": "dns-udp", "protocol": "UDP", "port": 53, "targetPort": 5353}
+            ]
+        }),
+    )
+    .await;
+    let svc = case.wait_ready("dns").await;
+    let view = case.one_lb(&uid(&svc), 1).await;
+    let lb = view.load_balancers[0].0.clone();
+    let tg = view.target_groups.keys().next().expect("tg").clone();
+    assert_eq!(
+        case.listeners(&lb).await,
+        vec![(53, "TCP_UDP".to_string(), tg.clone())]
+    );
+    let described = case
+        .elb
+        .describe_target_groups()
+        .target_group_arns(&tg)
+        .send()
+        .await
+        .expect("DescribeTargetGroups");
+    assert_eq!(
+        described.target_groups()[0].protocol().map(|p| p.as_str()),
+        Some("TCP_UDP")
+    );
+    let body = get_through_listener(&case, &lb, 53, &pod_name).await;
+    assert!(body.contains(&pod_name));
+    let last = RefCell::new(String::new());
+    let res = wait_for(
+        "a UDP answer through the TCP_UDP listener",
+        LONG,
+        || async {
+            let Some(addr) = listener_address(&case.env.info, &lb, 53).await else {
+                return false;
+            };
+            match udp_in(
+                &case.env.info.client_netns,
+                &addr,
+                "ping",
+                Duration::from_secs(3),
+            ) {
+                Ok(answer) => {
+                    *last.borrow_mut() = answer.clone();
+                    answer.contains(&format!("{pod_name} ping"))
+                }
+                Err(e) => {
+                    *last.borrow_mut() = e.to_string();
+                    false
+                }
+            }
+        },
+    )
+    .await;
+    if let Err(e) = res {
+        panic!("{e}: {}", last.borrow());
+    }
+}
+
+/// A listener as DescribeListeners shows it: (port, protocol, certificate, SslPolicy, arn).
+type TlsListener = (i32, String, Option<String>, Option<String>, String);
+
+async fn tls_view(case: &Case, lb: &str) -> Vec<TlsListener> {
+    let out = case
+        .elb
+        .describe_listeners()
+        .load_balancer_arn(lb)
+        .send()
+        .await
+        .expect("DescribeListeners");
+    let mut v: Vec<_> = out
+        .listeners()
+        .iter()
+        .map(|l| {
+            (
+                l.port().unwrap_or_default(),
+                l.protocol()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_default(),
+                l.certificates()
+                    .first()
+                    .and_then(|c| c.certificate_arn().map(str::to_string)),
+                l.ssl_policy().map(str::to_string),
+                l.listener_arn().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// An HTTPS request through the listener serving `port`, verifying the certificate
+/// against `ca` for `host`.
+async fn https_through_listener(case: &Case, lb: &str, port: i32, ca: &str, host: &str) -> String {
+    let last = RefCell::new(String::new());
+    let res = wait_for("an HTTPS answer through the TLS listener", LONG, || async {
+        let Some(addr) = listener_address(&case.env.info, lb, port).await else {
+            *last.borrow_mut() = "listener not served".into();
+            return false;
+        };
+        let (ip, lport) = addr.rsplit_once(':').expect("host:port");
+        let resolve = format!("{host}:{lport}:{ip}");
+        let url = format!("https://{host}:{lport}/");
+        match exec_in(
+            &case.env.info.client_netns,
+            &[
+                "curl",
+                "-sS",
+                "--fail",
+                "--max-time",
+                "3",
+                "--noproxy",
+                "*",
+                "--cacert",
+                ca,
+                "--resolve",
+                &resolve,
+                &url,
+            ],
+        ) {
+            Ok(out) if out.status.success() => {
+                *last.borrow_mut() = String::from_utf8_lossy(&out.stdout).into_owned();
+                true
+            }
+            Ok(out) => {
+                *last.borrow_mut() = String::from_utf8_lossy(&out.stderr).into_owned();
+                false
+            }
+            Err(e) => {
+                *last.borrow_mut() = e.to_string();
+                false
+            }
+        }
+    })
+    .await;
+    if let Err(e) = res {
+        panic!("{e}: {}", last.borrow());
+    }
+    last.into_inner()
+}
+
+/// `ssl-cert` (an IAM server certificate uploaded here), `ssl-ports` and
+/// `ssl-negotiation-policy`: the named port's listener is TLS with that certificate and
+/// policy, the other stays TCP without either; the TLS listener presents the certificate
+/// (curl verifies it) and relays to the pod. Changing `ssl-ports` switches both listeners
+/// in place (same listener ARNs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_annotations_make_tls_listeners_and_ssl_ports_changes_apply_in_place() {
+    let case = Case::new(
+        "ctl-tls",
+        serde_json::json!({"scheme": "internet-facing", "targetType": "ip"}),
+    )
+    .await;
+    let host = "web.berth.test";
+    let dir = std::env::temp_dir().join(format!("berth-e2e-{}-tls", case.ns.name));
+    std::fs::create_dir_all(&dir).expect("tls dir");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    berth_e2e::proc::run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={host}"),
+            "-addext",
+            &format!("subjectAltName=DNS:{host}"),
+            "-keyout",
+            key.to_str().expect("path"),
+            "-out",
+            cert.to_str().expect("path"),
+        ],
+    )
+    .expect("openssl req");
+    let iam = aws_sdk_iam::Client::new(&case.env.aws().await);
+    let uploaded = iam
+        .upload_server_certificate()
+        .server_certificate_name(&case.ns.name)
+        .certificate_body(std::fs::read_to_string(&cert).expect("cert"))
+        .private_key(std::fs::read_to_string(&key).expect("key"))
+        .send()
+        .await
+        .expect("UploadServerCertificate");
+    let cert_arn = uploaded
+        .server_certificate_metadata()
+        .map(|m| m.arn().to_string())
+        .expect("certificate ARN");
+
+    case.deploy(
+        "web",
+        "berth/podserver",
+        1,
+        serde_json::json!([{"containerPort": 8080}]),
+    );
+    let pods = case.running_pods("web", 1).await;
+    let pod_name = pods[0].metadata.name.clone().expect("pod name");
+    let policy = "ELBSecurityPolicy-TLS13-1-2-2021-06";
+    case.create_service(
+        "web",
+        serde_json::json!({
+            "service.beta.kubernetes.io/aws-load-balancer-ssl-cert": cert_arn,
+            "service.beta.kubernetes.io/aws-load-balancer-ssl-ports": "https",
+            "service.beta.kubernetes.io/aws-load-balancer-ssl-negotiation-policy": policy,
+        }),
+        serde_json::json!({
+            "selector": {"app": "web"},
+            "ports": [
+                {"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080},
+                {"name": "https", "protocol": "TCP", "port": 443, "targetPort": 8080}
+            ]
+        }),
+    )
+    .await;
+    let svc = case.wait_ready("web").await;
+    let view = case.one_lb(&uid(&svc), 2).await;
+    let lb = view.load_balancers[0].0.clone();
+    let before = tls_view(&case, &lb).await;
+    let shape = |v: &[TlsListener]| {
+        v.iter()
+            .map(|(p, proto, c, s, _)| (*p, proto.clone(), c.clone(), s.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        shape(&before),
+        vec![
+            (80, "TCP".to_string(), None, None),
+            (
+                443,
+                "TLS".to_string(),
+                Some(cert_arn.clone()),
+                Some(policy.to_string())
+            ),
+        ]
+    );
+    let ca = cert.to_str().expect("path");
+    let body = https_through_listener(&case, &lb, 443, ca, host).await;
+    assert!(body.contains(&pod_name), "{body}");
+
+    // TLS moves to port 80 (by number); the default policy applies without the annotation.
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        "service.beta.kubernetes.io/aws-load-balancer-ssl-ports": "80",
+        "service.beta.kubernetes.io/aws-load-balancer-ssl-negotiation-policy": null
+    }}});
+    case.services()
+        .patch("web", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .expect("patch ssl-ports");
+    let want = vec![
+        (
+            80,
+            "TLS".to_string(),
+            Some(cert_arn.clone()),
+            Some("ELBSecurityPolicy-2016-08".to_string()),
+        ),
+        (443, "TCP".to_string(), None, None),
+    ];
+    let last = RefCell::new(Vec::new());
+    let res = wait_for("TLS on port 80, TCP on 443", LONG, || async {
+        let v = tls_view(&case, &lb).await;
+        let ok = shape(&v) == want;
+        *last.borrow_mut() = v;
+        ok
+    })
+    .await;
+    if let Err(e) = res {
+        panic!("{e}: {:?}\n{}", last.borrow(), case.logs());
+    }
+    let arns = |v: &[TlsListener]| v.iter().map(|l| l.4.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        arns(&last.borrow()),
+        arns(&before),
+        "listeners modified in place"
+    );
+    let body = https_through_listener(&case, &lb, 80, ca, host).await;
+    assert!(body.contains(&pod_name), "{body}");
+    let body = get_through_listener(&case, &lb, 443, &pod_name).await;
+    assert!(body.contains(&pod_name));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = iam
+        .delete_server_certificate()
+        .server_certificate_name(&case.ns.name)
+        .send()
+        .await;
+}
+
+/// A port removed from a live Service takes its listener and target group with it, and a
+/// target group tagged for the Service that its desired state does not name (as a
+/// controller that crashed mid-change leaves) is deleted too; the Service's load balancer,
+/// remaining listener and target group stay as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_and_removed_target_groups_of_a_live_service_are_deleted() {
+    let case = Case::new(
+        "ctl-stray",
+        serde_json::json!({"scheme": "internet-facing", "targetType": "ip"}),
+    )
+    .await;
+    let svc = case
+        .create_service(
+            "web",
+            serde_json::json!({}),
+            serde_json::json!({
+                "selector": {"app": "web"},
+                "ports": [
+                    {"name": "a", "protocol": "TCP", "port": 80},
+                    {"name": "b", "protocol": "TCP", "port": 81}
+                ]
+            }),
+        )
+        .await;
+    let id = uid(&svc);
+    case.wait_ready("web").await;
+    let before = case.one_lb(&id, 2).await;
+    let lb = before.load_balancers[0].0.clone();
+    let listeners = case.listeners(&lb).await;
+    assert_eq!(listeners.len(), 2);
+    let kept_tg = listeners[0].2.clone();
+    let tag = |k: &str, v: &str| elb::types::Tag::builder().key(k).value(v).build();
+    let stray = case
+        .elb
+        .create_target_group()
+        .name(format!("stray-{}", &case.ns.name[case.ns.name.len() - 8..]))
+        .protocol(elb::types::ProtocolEnum::Tcp)
+        .port(8080)
+        .vpc_id(&case.env.info.aws.vpc_id)
+        .target_type(elb::types::TargetTypeEnum::Ip)
+        .tags(tag("berth.dev/cluster", &case.env.info.cluster_name))
+        .tags(tag("berth.dev/service-uid", &id))
+        .tags(tag("berth.dev/service", &format!("{}/web", case.ns.name)))
+        .tags(tag("berth.dev/resource", "targetgroup/8080/TCP"))
+        .send()
+        .await
+        .expect("CreateTargetGroup")
+        .target_groups()[0]
+        .target_group_arn()
+        .expect("arn")
+        .to_string();
+    let patch =
+        serde_json::json!({"spec": {"ports": [{"name": "a", "protocol": "TCP", "port": 80}]}});
+    case.services()
+        .patch("web", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .expect("remove port 81");
+    let view = case.one_lb(&id, 1).await;
+    assert_eq!(view.load_balancers[0].0, lb, "same load balancer");
+    assert_eq!(
+        view.target_groups.keys().cloned().collect::<Vec<_>>(),
+        vec![kept_tg.clone()],
+        "the stray and the removed port's target groups are gone, port 80's stays"
+    );
+    assert!(!view.target_groups.contains_key(&stray));
+    assert_eq!(
+        case.listeners(&lb).await,
+        vec![(80, "TCP".to_string(), kept_tg)]
+    );
+    let svc = case.services().get("web").await.expect("get");
+    assert_eq!(condition(&svc).map(|c| c.0), Some("True".to_string()));
 }

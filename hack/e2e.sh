@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs the end-to-end suites against the local environment and tears it down afterwards,
 # also when a test or the start fails. Two phases, one environment each:
-#  1. every suite in tests/tests/ except bare_*.rs, on nodes whose berth-nodeproxy the
-#     harness runs;
+#  1. every suite in tests/tests/ except bare_*.rs and serial_*.rs, in parallel, on nodes
+#     whose berth-nodeproxy the harness runs; then, in the same environment, each
+#     serial_*.rs suite on its own with one test thread (they disrupt what others use,
+#     e.g. restart LocalStack);
 #  2. the bare_*.rs suites, on nodes without node agents (they install berth's own, e.g.
 #     through the Helm chart's DaemonSet).
 set -euo pipefail
@@ -18,11 +20,12 @@ flock 9
 cargo test -p berth-e2e --tests --no-run
 trap '"$env" down' EXIT
 
-with_agents=() bare=()
+with_agents=() serial=() bare=()
 for f in tests/tests/*.rs; do
   name=$(basename "$f" .rs)
   case "$name" in
     bare_*) bare+=(--test "$name") ;;
+    serial_*) serial+=("$name") ;;
     *) with_agents+=(--test "$name") ;;
   esac
 done
@@ -31,6 +34,9 @@ threads=(--test-threads="${E2E_THREADS:-4}")
 status=0
 "$env" up
 cargo test -p berth-e2e "${with_agents[@]}" --no-fail-fast -- "${threads[@]}" || status=$?
+for name in ${serial[@]+"${serial[@]}"}; do
+  cargo test -p berth-e2e --test "$name" -- --test-threads=1 || status=$?
+done
 "$env" down
 if [ ${#bare[@]} -gt 0 ]; then
   BERTH_E2E_NODEPROXY=0 BERTH_E2E_LOG_DIR=target/e2e-logs/bare "$env" up

@@ -10,6 +10,9 @@ fi
 env=${CARGO_TARGET_DIR:-target}/debug/berth-env
 exec 9>"${TMPDIR:-/tmp}/berth-e2e.lock"
 flock 9
+# The LocalStack venv is shared by every checkout: install this one's extension (a no-op
+# when it is already there) while holding the lock, so no other run swaps it meanwhile.
+hack/setup-localstack.sh
 cargo build -p berth-e2e -p berth-controller --bins
 trap '"$env" down' EXIT
 "$env" up

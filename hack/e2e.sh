@@ -17,6 +17,9 @@ env=${CARGO_TARGET_DIR:-target}/debug/berth-env
 # One local environment per machine: runs from several checkouts wait for each other.
 exec 9>"${TMPDIR:-/tmp}/berth-e2e.lock"
 flock 9
+# The LocalStack venv is shared by every checkout: install this one's extension (a no-op
+# when it is already there) while holding the lock, so no other run swaps it meanwhile.
+hack/setup-localstack.sh
 cargo test -p berth-e2e --tests --no-run
 trap '"$env" down' EXIT
 

@@ -10,6 +10,8 @@ instance TagSpecification) creates the instance with that ID.
 import re
 import threading
 
+from localstack.runtime import hooks
+
 TAG = "_custom_id_"
 _ID = re.compile(r"^i-[0-9a-f]{8,17}$")
 
@@ -55,3 +57,10 @@ def install():
             _pending.id = None
 
     instances.InstanceBackend.run_instances = run_with_chosen_id
+
+
+@hooks.on_infra_start()
+def berth_chosen_instance_ids():
+    """Installed at start, before the first request: the ELBv2 provider, which could do
+    it too, loads lazily, after the environment has already created its instances."""
+    install()

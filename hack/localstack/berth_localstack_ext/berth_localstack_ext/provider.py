@@ -16,7 +16,7 @@ additions that make it trustworthy for berth's tests (see dataplane.py for the f
   protocols carry neither.
 - A load balancer's DNS name is ``<name>-<id>.elb.<region>.amazonaws.com`` with the ID of
   its ARN, as on AWS, so a recreated load balancer has a new name (moto reuses one).
-- RunInstances honours a ``_custom_id_`` instance tag (ec2ids.py).
+- RunInstances honours a ``_custom_id_`` instance tag (ec2ids.py, a start hook).
 """
 
 from localstack.aws.api import CommonServiceException
@@ -25,7 +25,7 @@ from localstack.aws.spec import load_service
 from localstack.services.moto import call_moto
 from localstack.services.plugins import Service, aws_provider
 
-from berth_localstack_ext import dataplane, ec2ids
+from berth_localstack_ext import dataplane
 
 NLB_PROTOCOLS = ("TCP", "UDP", "TCP_UDP", "TLS")
 DEFAULT_SSL_POLICY = "ELBSecurityPolicy-2016-08"
@@ -172,6 +172,5 @@ def elbv2():
     dispatch["CreateLoadBalancer"] = _create_load_balancer
     dispatch["CreateListener"] = _create_listener
     dispatch["ModifyListener"] = _modify_listener
-    ec2ids.install()
     dataplane.start()
     return Service("elbv2", skeleton=Skeleton(spec, dispatch))

@@ -123,6 +123,15 @@ pub fn service(svc: &core::Service, warnings: &mut Vec<String>) -> Option<Servic
     let health_check_node_port = spec
         .health_check_node_port
         .and_then(|p| port_u16(p, "healthCheckNodePort", warnings));
+    let owner_class = (spec.type_.as_deref() == Some("LoadBalancer"))
+        .then(|| {
+            svc.metadata
+                .annotations
+                .as_ref()?
+                .get(berth_crds::ANNOTATION_OWNER_CLASS)
+                .cloned()
+        })
+        .flatten();
     Some(Service {
         id: ServiceId::new(namespace, name),
         cluster_ips,
@@ -134,6 +143,7 @@ pub fn service(svc: &core::Service, warnings: &mut Vec<String>) -> Option<Servic
         affinity_timeout,
         source_ranges,
         health_check_node_port,
+        owner_class,
     })
 }
 
@@ -242,6 +252,28 @@ mod tests {
         assert_eq!(m.source_ranges.len(), 1);
         assert_eq!(m.health_check_node_port, Some(32000));
         assert_eq!(w.len(), 2, "{w:?}");
+    }
+
+    #[test]
+    fn owner_class_only_for_load_balancer_services() {
+        let with = |ty: &str| -> core::Service {
+            serde_json::from_value(json!({
+                "metadata": {"namespace": "ns", "name": "web",
+                             "annotations": {berth_crds::ANNOTATION_OWNER_CLASS: "lan"}},
+                "spec": {"clusterIP": "10.96.0.5", "type": ty},
+            }))
+            .expect("service fixture")
+        };
+        let mut w = Vec::new();
+        let lb = service(&with("LoadBalancer"), &mut w).expect("proxied");
+        assert_eq!(lb.owner_class.as_deref(), Some("lan"));
+        let np = service(&with("NodePort"), &mut w).expect("proxied");
+        assert_eq!(np.owner_class, None);
+        let plain = svc(
+            json!({"clusterIP": "10.96.0.5", "type": "LoadBalancer"}),
+            json!({}),
+        );
+        assert_eq!(service(&plain, &mut w).expect("proxied").owner_class, None);
     }
 
     #[test]

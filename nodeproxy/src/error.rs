@@ -15,6 +15,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A command such as `ip addr` failed.
+    #[error("{command} failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
     /// `nft -f -` refused a transaction.
     #[error("nft {mode} sync failed ({status}): {stderr}")]
     Nft {
@@ -37,6 +44,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Config(_) => "config",
             Error::Io { .. } => "io",
+            Error::Command { .. } => "command",
             Error::Nft { .. } => "nft",
         }
     }

@@ -24,16 +24,19 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tokio::select! {
-        r = berth_nodeproxy::run(args) => match r {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e}");
-                ExitCode::FAILURE
-            }
-        },
-        // Rules stay programmed on exit: traffic keeps flowing until the next start.
-        _ = term.recv() => { tracing::info!("SIGTERM: exiting, rules left in place"); ExitCode::SUCCESS }
-        _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: exiting, rules left in place"); ExitCode::SUCCESS }
+    // Rules stay programmed on exit: traffic keeps flowing until the next start. Pool
+    // addresses are released so another node announces them at once.
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: releasing pool addresses and exiting, rules left in place"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: releasing pool addresses and exiting, rules left in place"),
+        }
+    };
+    match berth_nodeproxy::run(args, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -51,6 +51,9 @@ struct Inner {
     lb_chains: usize,
     services: usize,
     last_ok: Option<Instant>,
+    l2_held: usize,
+    l2_transitions: BTreeMap<&'static str, u64>,
+    garps: u64,
 }
 
 /// Metrics and health, updated by the sync loop, read by `/metrics` and `/healthz`.
@@ -96,6 +99,20 @@ impl Metrics {
         self.with(|m| m.programming_latency.observe(d.as_secs_f64()));
     }
 
+    /// Pool addresses this node announces now.
+    pub fn l2_held(&self, n: usize) {
+        self.with(|m| m.l2_held = n);
+    }
+
+    /// A Lease of a pool address changed hands on this node: `acquired`, `released`, `lost`.
+    pub fn l2_transition(&self, event: &'static str) {
+        self.with(|m| *m.l2_transitions.entry(event).or_default() += 1);
+    }
+
+    pub fn garp_sent(&self) {
+        self.with(|m| m.garps += 1);
+    }
+
     /// Healthy when a sync succeeded within `max_age`.
     pub fn healthy(&self, max_age: Duration) -> (bool, Option<Duration>) {
         self.with(|m| {
@@ -136,9 +153,23 @@ impl Metrics {
                 ("berth_nodeproxy_elements_programmed", "Map and set elements programmed.", m.elements),
                 ("berth_nodeproxy_lb_chains_programmed", "Shared ep-N chains programmed.", m.lb_chains),
                 ("berth_nodeproxy_services", "Proxied Services known.", m.services),
+                ("berth_nodeproxy_l2_addresses_held", "Pool addresses this node announces.", m.l2_held),
             ] {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
             }
+            let _ = writeln!(
+                out,
+                "# HELP berth_nodeproxy_l2_lease_transitions_total Pool address Leases acquired, released or lost by this node.\n# TYPE berth_nodeproxy_l2_lease_transitions_total counter"
+            );
+            for event in ["acquired", "released", "lost"] {
+                let n = m.l2_transitions.get(event).copied().unwrap_or(0);
+                let _ = writeln!(out, "berth_nodeproxy_l2_lease_transitions_total{{event=\"{event}\"}} {n}");
+            }
+            let _ = writeln!(
+                out,
+                "# HELP berth_nodeproxy_l2_gratuitous_arps_sent_total Gratuitous ARPs sent for pool addresses.\n# TYPE berth_nodeproxy_l2_gratuitous_arps_sent_total counter\nberth_nodeproxy_l2_gratuitous_arps_sent_total {}",
+                m.garps
+            );
             out
         })
     }
@@ -163,6 +194,22 @@ mod tests {
         assert!(t.contains("berth_nodeproxy_sync_failures_total{reason=\"nft\"} 1"));
         assert!(t.contains("berth_nodeproxy_elements_programmed 8"));
         assert!(t.contains("berth_nodeproxy_endpointslice_programming_latency_seconds_count 1"));
+    }
+
+    #[test]
+    fn l2_metrics_render() {
+        let m = Metrics::default();
+        let t = m.render();
+        assert!(t.contains("berth_nodeproxy_l2_addresses_held 0"));
+        assert!(t.contains("berth_nodeproxy_l2_lease_transitions_total{event=\"lost\"} 0"));
+        m.l2_held(2);
+        m.l2_transition("acquired");
+        m.l2_transition("acquired");
+        m.garp_sent();
+        let t = m.render();
+        assert!(t.contains("berth_nodeproxy_l2_addresses_held 2"));
+        assert!(t.contains("berth_nodeproxy_l2_lease_transitions_total{event=\"acquired\"} 2"));
+        assert!(t.contains("berth_nodeproxy_l2_gratuitous_arps_sent_total 1"));
     }
 
     #[test]

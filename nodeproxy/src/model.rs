@@ -199,6 +199,9 @@ pub struct Service {
     pub affinity_timeout: Option<u32>,
     pub source_ranges: Vec<Cidr>,
     pub health_check_node_port: Option<u16>,
+    /// For `type: LoadBalancer` only: the LoadBalancerClass named by berth's owner
+    /// annotation (pool classes with L2 have their addresses announced).
+    pub owner_class: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -322,6 +325,7 @@ pub mod fixtures {
                 affinity_timeout: None,
                 source_ranges: Vec::new(),
                 health_check_node_port: None,
+                owner_class: None,
             }
         }
 

@@ -97,6 +97,7 @@ fn random_model(r: &mut StdRng) -> Model {
                 })
                 .collect(),
             health_check_node_port: r.random_bool(0.3).then(|| r.random_range(30000..=32767)),
+            owner_class: None,
         };
         for s in 0..r.random_range(0..3) {
             let slice = Slice {

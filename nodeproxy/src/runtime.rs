@@ -16,6 +16,8 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 
+use crate::announce::Timing;
+use crate::announcer::{self, Announcer, ModelView, Snapshot};
 use crate::error::Error;
 use crate::healthcheck::HealthChecks;
 use crate::index::{Index, Kind, NodeConfig, Work};
@@ -23,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::model::{Cidr, ServiceId};
 use crate::ruleset;
 use crate::sync::{Changes, Programmed};
-use crate::{convert, http, nft};
+use crate::{announce, convert, http, nft};
 
 /// `100ms`, `2s`, `1m`: a duration flag.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -79,6 +81,16 @@ pub struct Args {
     /// JSON logs.
     #[arg(long)]
     pub log_json: bool,
+    /// Namespace of the Leases that pick one announcing node per pool address.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    pub lease_namespace: String,
+    /// Lease duration of pool addresses: a stopped holder is replaced within it, and an
+    /// address outlives its last renewal by this long (whole seconds).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub l2_lease_duration: Duration,
+    /// Interface pool addresses are announced on; default: the one with the node's address.
+    #[arg(long)]
+    pub l2_interface: Option<String>,
 }
 
 pub async fn client(args: &Args) -> Result<Client, Error> {
@@ -100,7 +112,7 @@ pub async fn client(args: &Args) -> Result<Client, Error> {
 struct Shared {
     index: Mutex<Index>,
     notify: Notify,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     recorder: Recorder,
 }
 
@@ -403,9 +415,29 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
         .map_err(Error::io(format!("bind {addr}")))
 }
 
-/// Runs the agent until the process is stopped. Stopping leaves the rules in place: the
-/// next start replaces them atomically, so established connections keep flowing.
-pub async fn run(args: Args) -> Result<(), Error> {
+/// The announcer's view of the model: pool addresses with their eligible nodes.
+fn model_view(shared: Arc<Shared>) -> ModelView {
+    Arc::new(move |classes, nodes| {
+        let idx = shared.index();
+        if !idx.ready() {
+            return None;
+        }
+        let mut warnings = Vec::new();
+        let wanted = announce::wanted(&idx.model, classes, nodes, &mut warnings);
+        Some(Snapshot {
+            wanted,
+            node_addresses: idx.model.node.addresses.clone(),
+            warnings,
+        })
+    })
+}
+
+/// Runs the agent until `shutdown` completes (or a task ends). Stopping leaves the rules
+/// in place: the next start replaces them atomically, so established connections keep
+/// flowing. Pool addresses are given up on the way out, so another node takes them over
+/// at once.
+pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    announcer::check_duration(args.l2_lease_duration)?;
     let client = client(&args).await?;
     let shared = Arc::new(Shared {
         index: Mutex::new(Index::new(NodeConfig {
@@ -415,7 +447,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
             service_cidrs: args.service_cidr.clone(),
         })),
         notify: Notify::new(),
-        metrics: Metrics::default(),
+        metrics: Arc::new(Metrics::default()),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -446,8 +478,29 @@ pub async fn run(args: Args) -> Result<(), Error> {
     if let Some(m) = metrics {
         tokio::spawn(admin(m, shared.clone(), args.healthz_max_age));
     }
-    for t in tasks {
-        let _ = t.await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let announcer = Announcer::new(
+        client.clone(),
+        announcer::Config {
+            node: args.node_name.clone(),
+            namespace: args.lease_namespace.clone(),
+            interface: args.l2_interface.clone(),
+            timing: Timing::new(args.l2_lease_duration),
+        },
+        shared.metrics.clone(),
+    );
+    let mut announcing = tokio::spawn(announcer.run(model_view(shared.clone()), stopped));
+    tokio::select! {
+        _ = futures::future::join_all(tasks) => {}
+        _ = &mut announcing => {}
+        _ = shutdown => {
+            let _ = stop.send(true);
+            // Bounded: a stuck apiserver must not keep the agent from exiting; Leases
+            // not released expire, addresses not removed run out of lifetime.
+            if tokio::time::timeout(Duration::from_secs(5), announcing).await.is_err() {
+                tracing::warn!("pool addresses not all released within 5s");
+            }
+        }
     }
     Ok(())
 }
@@ -498,6 +551,26 @@ mod tests {
         assert_eq!(a.node_addresses.len(), 2);
         assert_eq!(a.cluster_cidr[0].to_string(), "10.244.0.0/16");
         assert_eq!(a.min_sync_interval, Duration::from_millis(50));
+        assert_eq!(a.l2_lease_duration, Duration::from_secs(15));
+        assert_eq!(a.l2_interface, None);
+        let l2 = Args::try_parse_from([
+            "berth-nodeproxy",
+            "--node-name",
+            "n1",
+            "--l2-lease-duration",
+            "4s",
+            "--l2-interface",
+            "eth0",
+            "--lease-namespace",
+            "berth",
+        ])
+        .expect("flags");
+        assert_eq!(l2.l2_lease_duration, Duration::from_secs(4));
+        assert_eq!(l2.l2_interface.as_deref(), Some("eth0"));
+        assert_eq!(l2.lease_namespace, "berth");
+        assert!(announcer::check_duration(l2.l2_lease_duration).is_ok());
+        assert!(announcer::check_duration(Duration::from_millis(1500)).is_err());
+        assert!(announcer::check_duration(Duration::from_millis(500)).is_err());
         assert!(
             Args::try_parse_from(["berth-nodeproxy", "--node-name", "n", "--cluster-cidr", "x"])
                 .is_err()

@@ -1,0 +1,754 @@
+//! L2 announcement of pool addresses, the pure part: which addresses this node competes
+//! for, how the eligible nodes are ranked per address, and what to do with each
+//! address's Lease at a given moment. The I/O around it is in [`crate::announcer`] and
+//! [`crate::l2`].
+//!
+//! One `coordination.k8s.io/v1` Lease per address decides which node announces it. A
+//! holder renews every third of the lease duration; the others take a Lease only when it
+//! is absent, released or expired, the best-ranked node at once and each next one a step
+//! later, so addresses spread over the nodes and a silent node does not block the rest.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use berth_crds::LoadBalancerClassSpec;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use sha2::{Digest, Sha256};
+
+use crate::model::{Family, Model};
+
+/// Label on every Lease the announcer creates (its watch selects on it).
+pub const LEASE_LABEL: &str = "berth.dev/l2-announcement";
+/// Annotation naming the node that released a Lease: the others do not wait for it.
+pub const RELEASED_BY: &str = "berth.dev/released-by";
+
+/// Lease name of an address: `berth-l2-198-19-8-5`, `berth-l2-fd00--5`.
+pub fn lease_name(addr: &IpAddr) -> String {
+    let mut name = format!("berth-l2-{addr}").replace(['.', ':'], "-");
+    // A name must end alphanumeric (`fd00::` would end in `-`).
+    if name.ends_with('-') {
+        name.push('0');
+    }
+    name
+}
+
+/// An inclusive range of addresses of one family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrRange {
+    start: IpAddr,
+    end: IpAddr,
+}
+
+fn bits(ip: &IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(u32::from(*a)),
+        IpAddr::V6(a) => u128::from(*a),
+    }
+}
+
+impl AddrRange {
+    /// `198.19.8.0/24` or `198.19.8.10-198.19.8.20`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some((a, b)) = s.split_once('-') {
+            let start: IpAddr = a
+                .trim()
+                .parse()
+                .map_err(|_| format!("invalid range {s:?}"))?;
+            let end: IpAddr = b
+                .trim()
+                .parse()
+                .map_err(|_| format!("invalid range {s:?}"))?;
+            if Family::of(&start) != Family::of(&end) || bits(&start) > bits(&end) {
+                return Err(format!("invalid range {s:?}"));
+            }
+            return Ok(Self { start, end });
+        }
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("invalid CIDR or range {s:?}"))?;
+        let base: IpAddr = a.parse().map_err(|_| format!("invalid CIDR {s:?}"))?;
+        let prefix: u32 = p.parse().map_err(|_| format!("invalid CIDR {s:?}"))?;
+        let width = if base.is_ipv4() { 32 } else { 128 };
+        if prefix > width {
+            return Err(format!("invalid CIDR {s:?}"));
+        }
+        let host_bits = width - prefix;
+        let host_mask = if host_bits == 128 {
+            u128::MAX
+        } else {
+            (1u128 << host_bits) - 1
+        };
+        let first = bits(&base) & !host_mask;
+        let last = first | host_mask;
+        let make = |v: u128| match base {
+            IpAddr::V4(_) => IpAddr::V4((v as u32).into()),
+            IpAddr::V6(_) => IpAddr::V6(v.into()),
+        };
+        Ok(Self {
+            start: make(first),
+            end: make(last),
+        })
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        Family::of(ip) == Family::of(&self.start)
+            && bits(&self.start) <= bits(ip)
+            && bits(ip) <= bits(&self.end)
+    }
+}
+
+/// What the announcer needs of a `pool` LoadBalancerClass.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolClass {
+    /// `spec.pool.l2` is not `false`.
+    pub l2: bool,
+    pub ranges: Vec<AddrRange>,
+}
+
+impl PoolClass {
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        self.ranges.iter().any(|r| r.contains(ip))
+    }
+}
+
+/// The pool part of a class; `None` for classes of another provider. Unparsable
+/// addresses are skipped with a warning.
+pub fn pool_class(spec: &LoadBalancerClassSpec, warnings: &mut Vec<String>) -> Option<PoolClass> {
+    let pool = spec.pool.as_ref()?;
+    let ranges = pool
+        .addresses
+        .iter()
+        .filter_map(|a| match AddrRange::parse(a) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warnings.push(format!("pool addresses: {e}"));
+                None
+            }
+        })
+        .collect();
+    Some(PoolClass {
+        l2: pool.l2 != Some(false),
+        ranges,
+    })
+}
+
+/// Every address to announce with the nodes eligible for it: the load-balancer ingress
+/// IPs of Services whose owner class is a pool class with L2 on, inside that class's
+/// ranges. With `externalTrafficPolicy: Local` only nodes with a ready local endpoint
+/// are eligible; otherwise every node. Addresses outside their class's ranges are left
+/// out with a warning. Pure.
+pub fn wanted(
+    model: &Model,
+    classes: &BTreeMap<String, PoolClass>,
+    nodes: &BTreeSet<String>,
+    warnings: &mut Vec<String>,
+) -> BTreeMap<IpAddr, BTreeSet<String>> {
+    let mut out: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
+    for svc in model.services.values() {
+        let Some(class_name) = svc.owner_class.as_deref() else {
+            continue;
+        };
+        let Some(class) = classes.get(class_name).filter(|c| c.l2) else {
+            continue;
+        };
+        let eligible: BTreeSet<String> = if svc.external_local {
+            model
+                .slices_of(&svc.id)
+                .flat_map(|s| &s.endpoints)
+                .filter(|e| e.ready)
+                .filter_map(|e| e.node.clone())
+                .collect()
+        } else {
+            nodes.clone()
+        };
+        for ip in &svc.load_balancer_ips {
+            if !class.contains(ip) {
+                warnings.push(format!(
+                    "{ip} of Service {} is outside the pool of class {class_name}; not announced",
+                    svc.id
+                ));
+                continue;
+            }
+            out.entry(*ip).or_default().extend(eligible.iter().cloned());
+        }
+    }
+    out
+}
+
+/// A node's stable score for an address; lower ranks first.
+fn score(addr: &IpAddr, node: &str) -> [u8; 8] {
+    let digest = Sha256::digest(format!("{addr}/{node}").as_bytes());
+    let mut s = [0u8; 8];
+    s.copy_from_slice(&digest[..8]);
+    s
+}
+
+/// The eligible nodes of an address, best first, without `skip`. Pure.
+pub fn ranking<'a>(
+    addr: &IpAddr,
+    eligible: &'a BTreeSet<String>,
+    skip: Option<&str>,
+) -> Vec<&'a str> {
+    let mut nodes: Vec<&str> = eligible
+        .iter()
+        .map(String::as_str)
+        .filter(|n| Some(*n) != skip)
+        .collect();
+    nodes.sort_by_key(|n| (score(addr, n), *n));
+    nodes
+}
+
+/// `me`'s place in [`ranking`] (0 = first); after everyone when not eligible.
+pub fn rank(addr: &IpAddr, me: &str, eligible: &BTreeSet<String>, skip: Option<&str>) -> usize {
+    let r = ranking(addr, eligible, skip);
+    r.iter().position(|n| *n == me).unwrap_or(r.len())
+}
+
+/// The part of a Lease the decisions read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseView {
+    pub holder: Option<String>,
+    /// Last renewal (or acquisition), milliseconds since the epoch.
+    pub renewed_ms: i64,
+    pub duration_ms: i64,
+    pub released_by: Option<String>,
+}
+
+impl LeaseView {
+    pub fn of(lease: &Lease) -> Self {
+        let spec = lease.spec.clone().unwrap_or_default();
+        Self {
+            holder: spec.holder_identity.filter(|h| !h.is_empty()),
+            renewed_ms: spec
+                .renew_time
+                .as_ref()
+                .or(spec.acquire_time.as_ref())
+                .map(|t| t.0.as_millisecond())
+                .unwrap_or(0),
+            duration_ms: i64::from(spec.lease_duration_seconds.unwrap_or(15)) * 1000,
+            released_by: lease
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(RELEASED_BY))
+                .cloned(),
+        }
+    }
+
+    pub fn expired(&self, now_ms: i64) -> bool {
+        now_ms > self.renewed_ms + self.duration_ms
+    }
+}
+
+/// Whether `me` may write itself into the Lease: absent, released, expired or its own.
+pub fn takeable(lease: Option<&LeaseView>, me: &str, now_ms: i64) -> bool {
+    match lease {
+        None => true,
+        Some(l) => match l.holder.as_deref() {
+            None => true,
+            Some(h) if h == me => true,
+            Some(_) => l.expired(now_ms),
+        },
+    }
+}
+
+/// The node that last held a takeable Lease: nobody waits for it to come back.
+fn previous_holder(lease: Option<&LeaseView>) -> Option<&str> {
+    let l = lease?;
+    l.holder.as_deref().or(l.released_by.as_deref())
+}
+
+/// Lease timing, all derived from the lease duration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    pub duration: Duration,
+    /// A holder renews this long after its last renewal.
+    pub renew: Duration,
+    /// Each rank waits this much longer before taking a free Lease.
+    pub step: Duration,
+    /// How often the announcer looks at its addresses.
+    pub tick: Duration,
+}
+
+impl Timing {
+    pub fn new(duration: Duration) -> Self {
+        Self {
+            duration,
+            renew: duration / 3,
+            step: duration / 3,
+            tick: (duration / 12).clamp(Duration::from_millis(100), Duration::from_secs(1)),
+        }
+    }
+
+    fn ms(d: Duration) -> i64 {
+        i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+/// What the announcer should do with one address now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Nothing,
+    /// Write this node into the Lease, then add the address and announce it.
+    Acquire,
+    /// Renew the Lease and refresh the address's lifetime.
+    Renew,
+    /// Give the Lease up (this node is no longer eligible) and remove the address.
+    Release,
+    /// Another node holds the Lease, or ours ran out: remove the address, write nothing.
+    Lost,
+}
+
+/// Everything [`decide`] looks at for one address.
+#[derive(Clone, Copy, Debug)]
+pub struct AddrState<'a> {
+    pub me: &'a str,
+    pub addr: IpAddr,
+    /// Eligible nodes; `None` when nobody should announce the address.
+    pub eligible: Option<&'a BTreeSet<String>>,
+    pub lease: Option<&'a LeaseView>,
+    /// When this node holds the address: its last successful renewal (ms).
+    pub held_since_renewal: Option<i64>,
+    /// Since when this node has seen the Lease takeable (ms).
+    pub takeable_since: Option<i64>,
+    pub now_ms: i64,
+    pub timing: Timing,
+}
+
+/// The decision for one address. Pure.
+pub fn decide(s: &AddrState) -> Action {
+    let me_eligible = s.eligible.is_some_and(|e| e.contains(s.me));
+    if let Some(renewed) = s.held_since_renewal {
+        if !me_eligible {
+            return Action::Release;
+        }
+        let taken_by_other = s.lease.is_some_and(|l| {
+            l.holder.as_deref().is_some_and(|h| h != s.me) && !l.expired(s.now_ms)
+        });
+        if taken_by_other || s.now_ms >= renewed + Timing::ms(s.timing.duration) {
+            return Action::Lost;
+        }
+        if s.now_ms >= renewed + Timing::ms(s.timing.renew) {
+            return Action::Renew;
+        }
+        return Action::Nothing;
+    }
+    let Some(eligible) = s.eligible.filter(|_| me_eligible) else {
+        return Action::Nothing;
+    };
+    if !takeable(s.lease, s.me, s.now_ms) {
+        return Action::Nothing;
+    }
+    let ours = s.lease.and_then(|l| l.holder.as_deref()) == Some(s.me);
+    let delay = if ours {
+        0
+    } else {
+        let r = rank(&s.addr, s.me, eligible, previous_holder(s.lease));
+        Timing::ms(s.timing.step).saturating_mul(r as i64)
+    };
+    let since = s.takeable_since.unwrap_or(s.now_ms);
+    if s.now_ms - since >= delay {
+        Action::Acquire
+    } else {
+        Action::Nothing
+    }
+}
+
+/// The spec this node writes to take or renew a Lease. Pure.
+pub fn held_spec(
+    me: &str,
+    duration: Duration,
+    previous: Option<&LeaseSpec>,
+    now: Timestamp,
+) -> LeaseSpec {
+    let ours = previous.and_then(|p| p.holder_identity.as_deref()) == Some(me);
+    let had_holder = previous
+        .and_then(|p| p.holder_identity.as_deref())
+        .is_some_and(|h| !h.is_empty());
+    LeaseSpec {
+        holder_identity: Some(me.to_string()),
+        lease_duration_seconds: Some(i32::try_from(duration.as_secs().max(1)).unwrap_or(i32::MAX)),
+        acquire_time: if ours {
+            previous.and_then(|p| p.acquire_time.clone())
+        } else {
+            Some(MicroTime(now))
+        },
+        renew_time: Some(MicroTime(now)),
+        lease_transitions: Some(
+            previous.and_then(|p| p.lease_transitions).unwrap_or(0)
+                + i32::from(!ours && had_holder),
+        ),
+        ..Default::default()
+    }
+}
+
+/// The spec of a released Lease: no holder, so any eligible node may take it at once.
+pub fn released_spec(previous: &LeaseSpec) -> LeaseSpec {
+    LeaseSpec {
+        holder_identity: None,
+        renew_time: None,
+        ..previous.clone()
+    }
+}
+
+/// Addresses on the interface that berth put there but this node does not hold: host
+/// prefixes inside any pool class's ranges. Pure.
+pub fn stale(
+    on_interface: &[(IpAddr, u8)],
+    classes: &BTreeMap<String, PoolClass>,
+    held: &BTreeSet<IpAddr>,
+) -> Vec<IpAddr> {
+    on_interface
+        .iter()
+        .filter(|(ip, prefix)| {
+            let host = if ip.is_ipv4() { 32 } else { 128 };
+            *prefix == host && !held.contains(ip) && classes.values().any(|c| c.contains(ip))
+        })
+        .map(|(ip, _)| *ip)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fixtures::ip;
+    use crate::model::{Endpoint, NodeFacts, Service, Slice};
+
+    fn nodes(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    fn class(ranges: &[&str], l2: bool) -> PoolClass {
+        PoolClass {
+            l2,
+            ranges: ranges
+                .iter()
+                .map(|r| AddrRange::parse(r).expect("range"))
+                .collect(),
+        }
+    }
+
+    fn lb(name: &str, class: &str, lb_ip: &str) -> Service {
+        let mut s = Service::test("ns", name, "10.96.0.9");
+        s.owner_class = Some(class.into());
+        s.load_balancer_ips = vec![ip(lb_ip)];
+        s
+    }
+
+    const TIMING_S: u64 = 3;
+
+    fn timing() -> Timing {
+        Timing::new(Duration::from_secs(TIMING_S))
+    }
+
+    #[test]
+    fn lease_names_are_dns_labels() {
+        assert_eq!(lease_name(&ip("198.19.8.5")), "berth-l2-198-19-8-5");
+        assert_eq!(lease_name(&ip("fd00::5")), "berth-l2-fd00--5");
+        assert_eq!(lease_name(&ip("fd00::")), "berth-l2-fd00--0");
+    }
+
+    #[test]
+    fn ranges_parse_cidrs_and_spans() {
+        let c = AddrRange::parse("198.19.8.7/24").expect("cidr");
+        assert!(c.contains(&ip("198.19.8.0")) && c.contains(&ip("198.19.8.255")));
+        assert!(!c.contains(&ip("198.19.9.0")) && !c.contains(&ip("::1")));
+        let r = AddrRange::parse("198.19.8.10 - 198.19.8.20").expect("range");
+        assert!(r.contains(&ip("198.19.8.10")) && r.contains(&ip("198.19.8.20")));
+        assert!(!r.contains(&ip("198.19.8.21")));
+        assert!(
+            AddrRange::parse("fd00::/120")
+                .expect("v6")
+                .contains(&ip("fd00::ff"))
+        );
+        assert!(
+            AddrRange::parse("0.0.0.0/0")
+                .expect("all")
+                .contains(&ip("1.2.3.4"))
+        );
+        for bad in [
+            "",
+            "198.19.8.0",
+            "198.19.8.0/33",
+            "198.19.8.9-198.19.8.1",
+            "1.2.3.4-::1",
+            "x/8",
+        ] {
+            assert!(AddrRange::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pool_classes_default_to_l2_and_skip_bad_ranges() {
+        let spec: LoadBalancerClassSpec = serde_json::from_value(serde_json::json!({
+            "pool": {"addresses": ["198.19.8.0/24", "nonsense"]}
+        }))
+        .expect("spec");
+        let mut w = Vec::new();
+        let c = pool_class(&spec, &mut w).expect("pool");
+        assert!(c.l2);
+        assert_eq!(c.ranges.len(), 1);
+        assert_eq!(w.len(), 1, "{w:?}");
+        let off: LoadBalancerClassSpec = serde_json::from_value(serde_json::json!({
+            "pool": {"addresses": ["198.19.8.0/24"], "l2": false}
+        }))
+        .expect("spec");
+        assert!(!pool_class(&off, &mut w).expect("pool").l2);
+        let aws: LoadBalancerClassSpec =
+            serde_json::from_value(serde_json::json!({"aws": {}})).expect("spec");
+        assert!(pool_class(&aws, &mut w).is_none());
+    }
+
+    #[test]
+    fn wanted_addresses_follow_class_l2_range_and_traffic_policy() {
+        let classes = BTreeMap::from([
+            ("lan".to_string(), class(&["198.19.8.0/24"], true)),
+            ("quiet".to_string(), class(&["198.19.8.0/24"], false)),
+        ]);
+        let all = nodes(&["n1", "n2", "n3"]);
+        let mut local = lb("local", "lan", "198.19.8.3");
+        local.external_local = true;
+        let mut no_class = lb("none", "lan", "198.19.8.6");
+        no_class.owner_class = None;
+        let model = Model::test(NodeFacts::test("n1", "198.18.1.10"))
+            .with_service(lb("web", "lan", "198.19.8.1"))
+            .with_service(lb("off", "quiet", "198.19.8.2"))
+            .with_service(lb("outside", "lan", "198.19.7.1"))
+            .with_service(lb("unknown", "other", "198.19.8.5"))
+            .with_service(no_class)
+            .with_service(local.clone())
+            .with_slice(
+                "local-1",
+                Slice::test(&local)
+                    .with(Endpoint::test("10.244.2.5", "n2"))
+                    .with(Endpoint::test("10.244.3.5", "n3").terminating()),
+            );
+        let mut w = Vec::new();
+        let got = wanted(&model, &classes, &all, &mut w);
+        assert_eq!(
+            got,
+            BTreeMap::from([
+                (ip("198.19.8.1"), all.clone()),
+                (ip("198.19.8.3"), nodes(&["n2"]))
+            ])
+        );
+        assert_eq!(w.len(), 1, "only the out-of-range address warns: {w:?}");
+        assert!(w[0].contains("198.19.7.1"), "{w:?}");
+    }
+
+    #[test]
+    fn ranking_is_stable_and_spreads_addresses() {
+        let all = nodes(&["berth-node-1", "berth-node-2", "berth-node-3"]);
+        let firsts: BTreeSet<&str> = (20..26)
+            .map(|i| ranking(&ip(&format!("198.19.8.{i}")), &all, None)[0])
+            .collect();
+        assert!(
+            firsts.len() >= 2,
+            "6 addresses all ranked first on {firsts:?}"
+        );
+        let a = ip("198.19.8.30");
+        let r = ranking(&a, &all, None);
+        assert_eq!(r, ranking(&a, &all, None));
+        assert_eq!(r.len(), 3);
+        assert_eq!(rank(&a, r[1], &all, None), 1);
+        assert_eq!(
+            rank(&a, r[1], &all, Some(r[0])),
+            0,
+            "skipping the first moves up"
+        );
+        assert_eq!(rank(&a, "elsewhere", &all, None), 3);
+    }
+
+    /// The e2e spreading case relies on these six addresses not all ranking one node first.
+    #[test]
+    fn e2e_spread_addresses_rank_at_least_two_nodes_first() {
+        let all = nodes(&["berth-node-1", "berth-node-2", "berth-node-3"]);
+        let firsts: BTreeSet<&str> = (30..36)
+            .map(|i| ranking(&ip(&format!("198.19.8.{i}")), &all, None)[0])
+            .collect();
+        assert!(firsts.len() >= 2, "{firsts:?}");
+    }
+
+    fn view(holder: Option<&str>, renewed_ms: i64) -> LeaseView {
+        LeaseView {
+            holder: holder.map(str::to_string),
+            renewed_ms,
+            duration_ms: (TIMING_S * 1000) as i64,
+            released_by: None,
+        }
+    }
+
+    fn state<'a>(
+        me: &'a str,
+        eligible: Option<&'a BTreeSet<String>>,
+        lease: Option<&'a LeaseView>,
+        now_ms: i64,
+    ) -> AddrState<'a> {
+        AddrState {
+            me,
+            addr: ip("198.19.8.30"),
+            eligible,
+            lease,
+            held_since_renewal: None,
+            takeable_since: None,
+            now_ms,
+            timing: timing(),
+        }
+    }
+
+    #[test]
+    fn takeable_when_absent_released_expired_or_own() {
+        assert!(takeable(None, "a", 0));
+        assert!(takeable(Some(&view(None, 0)), "a", 0));
+        assert!(takeable(Some(&view(Some("a"), 0)), "a", 0));
+        assert!(!takeable(Some(&view(Some("b"), 10_000)), "a", 13_000));
+        assert!(takeable(Some(&view(Some("b"), 10_000)), "a", 13_001));
+    }
+
+    #[test]
+    fn the_first_ranked_node_takes_a_free_lease_at_once_the_others_later() {
+        let all = nodes(&["berth-node-1", "berth-node-2", "berth-node-3"]);
+        let order = ranking(&ip("198.19.8.30"), &all, None);
+        let now = 100_000;
+        assert_eq!(
+            decide(&state(order[0], Some(&all), None, now)),
+            Action::Acquire
+        );
+        let mut second = state(order[1], Some(&all), None, now);
+        second.takeable_since = Some(now - 999);
+        assert_eq!(decide(&second), Action::Nothing, "waits one step (1 s)");
+        second.takeable_since = Some(now - 1000);
+        assert_eq!(decide(&second), Action::Acquire);
+        let mut third = state(order[2], Some(&all), None, now);
+        third.takeable_since = Some(now - 1500);
+        assert_eq!(decide(&third), Action::Nothing, "waits two steps");
+    }
+
+    #[test]
+    fn an_expired_holder_is_skipped_so_the_next_node_takes_over_at_once() {
+        let all = nodes(&["berth-node-1", "berth-node-2", "berth-node-3"]);
+        let order = ranking(&ip("198.19.8.30"), &all, None);
+        let dead = view(Some(order[0]), 10_000);
+        assert_eq!(
+            decide(&state(order[1], Some(&all), Some(&dead), 12_000)),
+            Action::Nothing,
+            "not expired yet"
+        );
+        assert_eq!(
+            decide(&state(order[1], Some(&all), Some(&dead), 13_001)),
+            Action::Acquire
+        );
+        assert_eq!(
+            decide(&state(order[2], Some(&all), Some(&dead), 13_001)),
+            Action::Nothing
+        );
+        let mut released = view(None, 10_000);
+        released.released_by = Some(order[0].to_string());
+        assert_eq!(
+            decide(&state(order[1], Some(&all), Some(&released), 10_001)),
+            Action::Acquire
+        );
+    }
+
+    #[test]
+    fn a_node_restarting_takes_its_own_lease_back_at_once() {
+        let all = nodes(&["berth-node-1", "berth-node-2", "berth-node-3"]);
+        let order = ranking(&ip("198.19.8.30"), &all, None);
+        let own = view(Some(order[2]), 10_000);
+        assert_eq!(
+            decide(&state(order[2], Some(&all), Some(&own), 11_000)),
+            Action::Acquire
+        );
+        assert_eq!(
+            decide(&state(order[0], Some(&all), Some(&own), 11_000)),
+            Action::Nothing
+        );
+    }
+
+    #[test]
+    fn ineligible_nodes_never_acquire_and_holders_release() {
+        let only_n2 = nodes(&["n2"]);
+        assert_eq!(
+            decide(&state("n1", Some(&only_n2), None, 0)),
+            Action::Nothing
+        );
+        assert_eq!(decide(&state("n1", None, None, 0)), Action::Nothing);
+        let lease = view(Some("n1"), 10_000);
+        let mut held = state("n1", Some(&only_n2), Some(&lease), 10_500);
+        held.held_since_renewal = Some(10_000);
+        assert_eq!(decide(&held), Action::Release, "lost its local endpoints");
+        held.eligible = None;
+        assert_eq!(decide(&held), Action::Release, "address no longer wanted");
+    }
+
+    #[test]
+    fn holders_renew_every_third_and_notice_losing_the_lease() {
+        let all = nodes(&["n1", "n2"]);
+        let lease = view(Some("n1"), 10_000);
+        let mut s = state("n1", Some(&all), Some(&lease), 10_999);
+        s.held_since_renewal = Some(10_000);
+        assert_eq!(decide(&s), Action::Nothing);
+        s.now_ms = 11_000;
+        assert_eq!(decide(&s), Action::Renew);
+        s.now_ms = 13_000;
+        assert_eq!(
+            decide(&s),
+            Action::Lost,
+            "no renewal for a whole lease duration"
+        );
+        let other = view(Some("n2"), 12_000);
+        let mut t = state("n1", Some(&all), Some(&other), 12_100);
+        t.held_since_renewal = Some(12_000);
+        assert_eq!(decide(&t), Action::Lost);
+        let stale_view = view(Some("n2"), 1_000);
+        t.lease = Some(&stale_view);
+        assert_eq!(
+            decide(&t),
+            Action::Nothing,
+            "an expired older holder in the cache"
+        );
+    }
+
+    #[test]
+    fn lease_specs_count_transitions_and_keep_acquire_time_on_renewal() {
+        let t0 = Timestamp::from_second(1000).expect("ts");
+        let t1 = Timestamp::from_second(1001).expect("ts");
+        let first = held_spec("n1", Duration::from_secs(3), None, t0);
+        assert_eq!(first.holder_identity.as_deref(), Some("n1"));
+        assert_eq!(first.lease_duration_seconds, Some(3));
+        assert_eq!(first.lease_transitions, Some(0));
+        let renewed = held_spec("n1", Duration::from_secs(3), Some(&first), t1);
+        assert_eq!(renewed.acquire_time, first.acquire_time);
+        assert_eq!(renewed.renew_time, Some(MicroTime(t1)));
+        let taken = held_spec("n2", Duration::from_secs(3), Some(&renewed), t1);
+        assert_eq!(taken.lease_transitions, Some(1));
+        assert_eq!(taken.acquire_time, Some(MicroTime(t1)));
+        let released = released_spec(&taken);
+        assert_eq!(released.holder_identity, None);
+        assert_eq!(released.lease_transitions, Some(1));
+        let retaken = held_spec("n3", Duration::from_secs(3), Some(&released), t1);
+        assert_eq!(
+            retaken.lease_transitions,
+            Some(1),
+            "a released lease is no transition"
+        );
+    }
+
+    #[test]
+    fn stale_addresses_are_unheld_host_prefixes_in_pools() {
+        let classes = BTreeMap::from([("lan".to_string(), class(&["198.19.8.0/24"], false))]);
+        let on = [
+            (ip("198.18.1.10"), 16),
+            (ip("198.19.8.1"), 32),
+            (ip("198.19.8.2"), 32),
+            (ip("198.19.8.3"), 24),
+            (ip("198.19.9.1"), 32),
+        ];
+        let held = BTreeSet::from([ip("198.19.8.2")]);
+        assert_eq!(stale(&on, &classes, &held), vec![ip("198.19.8.1")]);
+    }
+}

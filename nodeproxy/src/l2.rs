@@ -1,0 +1,312 @@
+//! The kernel edge of L2 announcement: pool addresses on the node's interface with a
+//! finite lifetime (`ip addr`), and gratuitous ARP through an `AF_PACKET` socket.
+//!
+//! An address lives as long as one lease duration after its last renewal: if the agent
+//! is killed, the kernel removes it by itself about when another node may take the
+//! Lease, so two nodes never answer ARP for long. IPv6 addresses are added (without
+//! duplicate address detection) but not advertised: no unsolicited neighbour
+//! advertisement is sent, neighbours learn the new holder when their entry goes stale.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::process::Command;
+
+use crate::error::Error;
+
+/// The interface pool addresses are announced on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub index: i32,
+    pub mac: [u8; 6],
+}
+
+#[derive(Debug, Deserialize)]
+struct IpLink {
+    ifindex: i32,
+    ifname: String,
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default)]
+    addr_info: Vec<AddrInfo>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AddrInfo {
+    #[serde(default)]
+    local: Option<String>,
+    #[serde(default)]
+    prefixlen: Option<u8>,
+}
+
+async fn ip(args: &[&str]) -> Result<String, Error> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .await
+        .map_err(Error::io("spawn ip"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(Error::Command {
+            command: format!("ip {}", args.join(" ")),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+async fn links(dev: Option<&str>) -> Result<Vec<IpLink>, Error> {
+    let mut args = vec!["-j", "addr", "show"];
+    if let Some(d) = dev {
+        args.extend(["dev", d]);
+    }
+    let text = ip(&args).await?;
+    serde_json::from_str(&text).map_err(|e| Error::InvalidInput(format!("ip -j addr: {e}")))
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+fn interface(l: &IpLink) -> Result<Interface, Error> {
+    let mac =
+        l.address.as_deref().and_then(parse_mac).ok_or_else(|| {
+            Error::InvalidInput(format!("interface {} has no MAC address", l.ifname))
+        })?;
+    Ok(Interface {
+        name: l.ifname.clone(),
+        index: l.ifindex,
+        mac,
+    })
+}
+
+fn addrs_of(l: &IpLink) -> Vec<(IpAddr, u8)> {
+    l.addr_info
+        .iter()
+        .filter_map(|a| Some((a.local.as_deref()?.parse().ok()?, a.prefixlen?)))
+        .collect()
+}
+
+/// The interface named `name`.
+pub async fn interface_named(name: &str) -> Result<Interface, Error> {
+    let all = links(Some(name)).await?;
+    let l = all
+        .first()
+        .ok_or_else(|| Error::InvalidInput(format!("no interface {name}")))?;
+    interface(l)
+}
+
+/// The interface carrying one of `addresses` (the node's InternalIPs).
+pub async fn interface_with(addresses: &[IpAddr]) -> Result<Interface, Error> {
+    let all = links(None).await?;
+    let l = all
+        .iter()
+        .find(|l| addrs_of(l).iter().any(|(a, _)| addresses.contains(a)))
+        .ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "no interface carries a node address ({addresses:?}); set --l2-interface"
+            ))
+        })?;
+    interface(l)
+}
+
+/// The addresses on `iface` with their prefix lengths.
+pub async fn addresses(iface: &Interface) -> Result<Vec<(IpAddr, u8)>, Error> {
+    Ok(links(Some(&iface.name))
+        .await?
+        .iter()
+        .flat_map(addrs_of)
+        .collect())
+}
+
+fn host_prefix(addr: &IpAddr) -> String {
+    match addr {
+        IpAddr::V4(_) => format!("{addr}/32"),
+        IpAddr::V6(_) => format!("{addr}/128"),
+    }
+}
+
+/// `ip addr replace` arguments: adds the address or refreshes its lifetime.
+pub fn hold_args(dev: &str, addr: &IpAddr, lifetime: Duration) -> Vec<String> {
+    let secs = lifetime.as_secs().max(1).to_string();
+    let mut args: Vec<String> = [
+        "addr",
+        "replace",
+        &host_prefix(addr),
+        "dev",
+        dev,
+        "valid_lft",
+        &secs,
+        "preferred_lft",
+        &secs,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if addr.is_ipv6() {
+        args.push("nodad".into());
+    }
+    args
+}
+
+/// Adds `addr` to `iface` (or refreshes it) for `lifetime`.
+pub async fn hold(iface: &Interface, addr: &IpAddr, lifetime: Duration) -> Result<(), Error> {
+    let args = hold_args(&iface.name, addr, lifetime);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ip(&refs).await.map(|_| ())
+}
+
+/// Removes `addr` from `iface`; an address already gone is no error.
+pub async fn remove(iface: &Interface, addr: &IpAddr) -> Result<(), Error> {
+    let prefix = host_prefix(addr);
+    match ip(&["addr", "del", &prefix, "dev", &iface.name]).await {
+        Ok(_) => Ok(()),
+        Err(Error::Command { stderr, .. })
+            if stderr.contains("Cannot assign requested address") =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A gratuitous ARP request: `ip` announces itself at `mac`, to everyone. The request
+/// form (rather than a reply) is the one every stack accepts for updating a neighbour.
+pub fn garp_frame(mac: [u8; 6], ip: Ipv4Addr) -> [u8; 42] {
+    let mut f = [0u8; 42];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&1u16.to_be_bytes()); // request
+    f[22..28].copy_from_slice(&mac);
+    f[28..32].copy_from_slice(&ip.octets());
+    // Target hardware address stays zero; target protocol address is the sender's.
+    f[38..42].copy_from_slice(&ip.octets());
+    f
+}
+
+/// Sends one gratuitous ARP for `ip` out of `iface` (needs `CAP_NET_RAW`).
+pub fn send_garp(iface: &Interface, ip: Ipv4Addr) -> Result<(), Error> {
+    let frame = garp_frame(iface.mac, ip);
+    let proto = (libc::ETH_P_ARP as u16).to_be();
+    // SAFETY: plain socket(2); the descriptor is closed below on every path.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    if fd < 0 {
+        return Err(Error::Io {
+            what: "open AF_PACKET socket".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid starting value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = iface.index;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: frame and sll outlive the call; the lengths are theirs.
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: fd is the socket opened above.
+    unsafe { libc::close(fd) };
+    if sent < 0 {
+        return Err(Error::Io {
+            what: format!("send gratuitous ARP for {ip} on {}", iface.name),
+            source: err,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garp_frame_bytes() {
+        let mac = [0x0a, 0x58, 0xc6, 0x12, 0x01, 0x0a];
+        let f = garp_frame(mac, Ipv4Addr::new(198, 19, 8, 5));
+        let expected: [u8; 42] = [
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, // destination: broadcast
+            0x0a, 0x58, 0xc6, 0x12, 0x01, 0x0a, // source
+            0x08, 0x06, // ARP
+            0x00, 0x01, 0x08, 0x00, 6, 4, // Ethernet / IPv4, address sizes
+            0x00, 0x01, // request
+            0x0a, 0x58, 0xc6, 0x12, 0x01, 0x0a, 198, 19, 8, 5, // sender
+            0, 0, 0, 0, 0, 0, 198, 19, 8, 5, // target
+        ];
+        assert_eq!(f, expected);
+    }
+
+    #[test]
+    fn macs_parse() {
+        assert_eq!(
+            parse_mac("0a:58:C6:12:01:0a"),
+            Some([0x0a, 0x58, 0xc6, 0x12, 0x01, 0x0a])
+        );
+        assert_eq!(parse_mac("0a:58:c6:12:01"), None);
+        assert_eq!(parse_mac("0a:58:c6:12:01:0a:00"), None);
+        assert_eq!(parse_mac("zz:58:c6:12:01:0a"), None);
+    }
+
+    #[test]
+    fn addresses_are_held_as_host_prefixes_with_a_lifetime() {
+        let v4 = hold_args(
+            "eth0",
+            &"198.19.8.5".parse().expect("ip"),
+            Duration::from_secs(3),
+        );
+        assert_eq!(
+            v4.join(" "),
+            "addr replace 198.19.8.5/32 dev eth0 valid_lft 3 preferred_lft 3"
+        );
+        let v6 = hold_args(
+            "eth0",
+            &"fd00::5".parse().expect("ip"),
+            Duration::from_millis(10),
+        );
+        assert_eq!(
+            v6.join(" "),
+            "addr replace fd00::5/128 dev eth0 valid_lft 1 preferred_lft 1 nodad"
+        );
+    }
+
+    #[test]
+    fn ip_json_links_give_interfaces_and_addresses() {
+        let text = r#"[{"ifindex":2,"ifname":"eth0","address":"0a:58:c6:12:01:0a",
+            "addr_info":[{"family":"inet","local":"198.18.1.10","prefixlen":16},
+                         {"family":"inet","local":"198.19.8.5","prefixlen":32,"valid_life_time":3}]}]"#;
+        let l: Vec<IpLink> = serde_json::from_str(text).expect("json");
+        let i = interface(&l[0]).expect("interface");
+        assert_eq!((i.name.as_str(), i.index), ("eth0", 2));
+        assert_eq!(
+            addrs_of(&l[0]),
+            vec![
+                ("198.18.1.10".parse().expect("ip"), 16),
+                ("198.19.8.5".parse().expect("ip"), 32)
+            ]
+        );
+    }
+}

@@ -177,10 +177,15 @@ pub struct ClassGuard {
 impl ClassGuard {
     /// `aws` is the class's `aws` block.
     pub fn create(env: &TestEnv, name: &str, aws: serde_json::Value) -> Self {
+        Self::with_spec(env, name, serde_json::json!({"aws": aws}))
+    }
+
+    /// A class with the whole `spec` given (e.g. a `pool` block).
+    pub fn with_spec(env: &TestEnv, name: &str, spec: serde_json::Value) -> Self {
         let obj = serde_json::json!({
             "apiVersion": "berth.dev/v1alpha1", "kind": "LoadBalancerClass",
             "metadata": {"name": name},
-            "spec": {"aws": aws}
+            "spec": spec
         });
         let path = std::env::temp_dir().join(format!("berth-e2e-class-{name}.json"));
         std::fs::write(&path, obj.to_string())

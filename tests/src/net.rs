@@ -16,6 +16,9 @@ pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const BRIDGE_PREFIX: u8 = 16;
 pub const CLIENT_NETNS: &str = "berth-client";
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// Load-balancer pool addresses: on-link for the client, so it finds them by ARP (the
+/// L2 announcement); tests that route one through a given node add a more specific route.
+pub const POOL_RANGE: &str = "198.19.0.0/16";
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const NETNS_PREFIX: &str = "berth-";
@@ -98,9 +101,12 @@ fn attach_to_bridge(ns: &str, host_link: &str, addr: Ipv4Addr) -> Result<()> {
     Ok(())
 }
 
-/// The client namespace: on the bridge, no route to pods (it is the outside world).
+/// The client namespace: on the bridge, no route to pods (it is the outside world), pool
+/// addresses on-link.
 pub fn create_client() -> Result<()> {
-    attach_to_bridge(CLIENT_NETNS, "bh-client", CLIENT_IP)
+    attach_to_bridge(CLIENT_NETNS, "bh-client", CLIENT_IP)?;
+    in_ns(CLIENT_NETNS, &["route", "add", POOL_RANGE, "dev", "eth0"])?;
+    Ok(())
 }
 
 /// A node namespace with a pod bridge `cbr0` and routes to every other node's pods.

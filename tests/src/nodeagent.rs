@@ -19,6 +19,12 @@ use crate::proc::{Supervised, wait_for};
 /// Port of each agent's `/healthz` and `/metrics` on its node address.
 pub const ADMIN_PORT: u16 = 10256;
 
+/// `--l2-lease-duration` of the harness's agents: short, so failover tests are quick.
+pub const L2_LEASE_SECONDS: u64 = 4;
+
+/// Namespace of the agents' pool-address Leases.
+pub const L2_LEASE_NAMESPACE: &str = "kube-system";
+
 /// Whether the environment runs node agents (`BERTH_E2E_NODEPROXY`, default on).
 pub fn enabled() -> bool {
     std::env::var("BERTH_E2E_NODEPROXY").map_or(true, |v| v != "0")
@@ -58,6 +64,8 @@ fn command(plan: &NodePlan, kubeconfig: &Path) -> Command {
         ])
         .args(["--healthz-bind", &format!("0.0.0.0:{ADMIN_PORT}")])
         .args(["--metrics-bind", &format!("0.0.0.0:{ADMIN_PORT}")])
+        .args(["--l2-lease-duration", &format!("{L2_LEASE_SECONDS}s")])
+        .args(["--lease-namespace", L2_LEASE_NAMESPACE])
         .env("RUST_LOG", "info,berth_nodeproxy=debug,kube=warn");
     cmd
 }

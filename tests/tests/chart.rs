@@ -76,6 +76,7 @@ fn values_schema_rejects_bad_values_naming_the_key() {
         ("bad-replicas.yaml", "/controller/replicas"),
         ("bad-unknown-key.yaml", "privileged"),
         ("bad-cidr.yaml", "/nodeproxy/serviceCIDR"),
+        ("bad-lease-duration.yaml", "/nodeproxy/l2/leaseDuration"),
     ] {
         let v = values(file);
         let out = helm(&["template", "berth", &chart, "--values", &v]);

@@ -245,9 +245,10 @@ impl Drop for ClientRoute {
     }
 }
 
-/// An address in the pool range 198.19.0.0/24 for this test run.
+/// An address for this test run in 198.19.9.0/24, this suite's range (the L2 suite
+/// announces 198.19.8.0/24 and the controller's pool suite 198.19.1.0-198.19.7.255).
 fn pool_ip() -> String {
-    format!("198.19.0.{}", rand::random_range(10..250u8))
+    format!("198.19.9.{}", rand::random_range(10..250u8))
 }
 
 fn http_status(netns: &str, url: &str) -> (String, String) {

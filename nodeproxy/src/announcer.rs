@@ -110,6 +110,8 @@ async fn reflect<K>(
     let mut failing = false;
     while let Some(ev) = s.next().await {
         match ev {
+            // A retry starts with `Init` whether or not the list then works.
+            Ok(Event::Init) => {}
             Ok(ev) => {
                 failing = false;
                 if matches!(ev, Event::InitDone) {

@@ -23,8 +23,9 @@ use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-/// The pool every case's class draws from.
-const POOL: &str = "198.19.8.0/24";
+/// The pool every case's class draws from: the lower half of the suite's block, so
+/// 198.19.8.128/25 belongs to no class (see the stray-address case).
+const POOL: &str = "198.19.8.0/25";
 const OWNER_ANNOTATION: &str = "berth.dev/load-balancer-class";
 
 /// Cases that need every agent up hold this shared; the failover case, which stops
@@ -276,6 +277,64 @@ async fn stays_with(env: &TestEnv, ip: &str, holder: &str, window: Duration) {
     }
 }
 
+fn metrics_of(env: &TestEnv, name: &str) -> String {
+    let url = format!(
+        "http://{}:{}/metrics",
+        node(env, name).plan.ip,
+        nodeagent::ADMIN_PORT
+    );
+    curl_in(&env.info.client_netns, &url, Duration::from_secs(3)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn garps_sent(env: &TestEnv, name: &str) -> f64 {
+    metrics_of(env, name)
+        .lines()
+        .find_map(|l| l.strip_prefix("berth_nodeproxy_l2_gratuitous_arps_sent_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A host address added to a node's eth0 by hand; removed on drop if still there.
+struct StrayAddress {
+    netns: String,
+    prefix: String,
+}
+
+impl StrayAddress {
+    fn add(netns: &str, ip: &str) -> Self {
+        let prefix = format!("{ip}/32");
+        let out = Command::new("ip")
+            .args(["-n", netns, "addr", "add", &prefix, "dev", "eth0"])
+            .output()
+            .expect("ip addr add");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            netns: netns.to_string(),
+            prefix,
+        }
+    }
+}
+
+impl Drop for StrayAddress {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args([
+                "-n",
+                &self.netns,
+                "addr",
+                "del",
+                &self.prefix,
+                "dev",
+                "eth0",
+            ])
+            .output();
+    }
+}
+
 // ---------- the request loop and its gap ----------
 
 /// A request every 100 ms from the client, each on a new connection: (sent, answered).
@@ -405,6 +464,11 @@ async fn fail_over(env: &TestEnv, ip: &str, holder: &str, signal: i32, what: &st
         },
     )
     .await;
+    let repointed_after = stopped_at.elapsed();
+    assert!(
+        garps_sent(env, &next) > 0.0,
+        "{next} took the address without a gratuitous ARP"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let samples = load.finish();
     let (sent, failed, longest) = gap(&samples, stopped_at);
@@ -415,9 +479,11 @@ async fn fail_over(env: &TestEnv, ip: &str, holder: &str, signal: i32, what: &st
     );
     eprintln!(
         "L2 failover after {what} of {holder}'s agent (lease {L2_LEASE_SECONDS}s): {ip} moved to \
-         {next} after {:.2}s; {failed} of {sent} requests (one per 100 ms) failed; longest gap \
-         between two answered requests {} ms",
+         {next} after {:.2}s, the client's neighbour entry pointed at it after {:.2}s; {failed} \
+         of {sent} requests (one per 100 ms) failed; longest gap between two answered requests \
+         {} ms",
         moved_after.as_secs_f64(),
+        repointed_after.as_secs_f64(),
         longest.as_millis()
     );
     drop(hold);
@@ -606,15 +672,42 @@ async fn l2_off_or_address_gone_means_no_announcement() {
     }
 }
 
+/// A pool address on a node that holds no Lease for it (as a killed agent of an earlier
+/// version, or a person, could leave it) is removed by that node's agent.
+#[tokio::test]
+async fn a_pool_address_nobody_holds_is_removed_from_the_interface() {
+    let _up = AGENTS_UP.read().await;
+    let (env, ns) = connect("l2-stray").await;
+    let _class = pool_class(&env, &class_name(&ns, "lan"), None);
+    let ip = "198.19.8.60";
+    let target = env.info.nodes[1].plan.clone();
+    let _stray = StrayAddress::add(&target.netns, ip);
+    until("the stray address removed", settle(), async || {
+        let on = nodes_with(&env, ip);
+        if on.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{ip} still on {on:?}"))
+        }
+    })
+    .await;
+    // Outside every pool class (no case's class covers it): not berth's, left alone.
+    let foreign = "198.19.8.200";
+    let _kept = StrayAddress::add(&target.netns, foreign);
+    tokio::time::sleep(lease()).await;
+    assert_eq!(
+        nodes_with(&env, foreign),
+        BTreeSet::from([target.name.clone()])
+    );
+}
+
 /// Every agent reports the L2 figures on `/metrics`.
 #[tokio::test]
 async fn agents_report_l2_metrics() {
     let _up = AGENTS_UP.read().await;
     let env = TestEnv::connect().await;
     for n in &env.info.nodes {
-        let url = format!("http://{}:{}/metrics", n.plan.ip, nodeagent::ADMIN_PORT);
-        let text = curl_in(&env.info.client_netns, &url, Duration::from_secs(3))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let text = metrics_of(&env, &n.plan.name);
         for family in [
             "berth_nodeproxy_l2_addresses_held ",
             "berth_nodeproxy_l2_lease_transitions_total{event=\"acquired\"} ",

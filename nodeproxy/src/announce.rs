@@ -138,9 +138,9 @@ pub fn pool_class(spec: &LoadBalancerClassSpec, warnings: &mut Vec<String>) -> O
 
 /// Every address to announce with the nodes eligible for it: the load-balancer ingress
 /// IPs of Services whose owner class is a pool class with L2 on, inside that class's
-/// ranges. With `externalTrafficPolicy: Local` only nodes with a ready local endpoint
-/// are eligible; otherwise every node. Addresses outside their class's ranges are left
-/// out with a warning. Pure.
+/// ranges. Eligible are `nodes` (those not excluded from load balancers), with
+/// `externalTrafficPolicy: Local` only those with a ready local endpoint. Addresses
+/// outside their class's ranges are left out with a warning. Pure.
 pub fn wanted(
     model: &Model,
     classes: &BTreeMap<String, PoolClass>,
@@ -161,6 +161,7 @@ pub fn wanted(
                 .flat_map(|s| &s.endpoints)
                 .filter(|e| e.ready)
                 .filter_map(|e| e.node.clone())
+                .filter(|n| nodes.contains(n))
                 .collect()
         } else {
             nodes.clone()
@@ -525,7 +526,8 @@ mod tests {
                 "local-1",
                 Slice::test(&local)
                     .with(Endpoint::test("10.244.2.5", "n2"))
-                    .with(Endpoint::test("10.244.3.5", "n3").terminating()),
+                    .with(Endpoint::test("10.244.3.5", "n3").terminating())
+                    .with(Endpoint::test("10.244.4.5", "excluded")),
             );
         let mut w = Vec::new();
         let got = wanted(&model, &classes, &all, &mut w);

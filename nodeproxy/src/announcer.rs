@@ -241,11 +241,13 @@ impl Announcer {
         }
         let mut warnings = Vec::new();
         let classes = pool_classes(&self.watched.classes, &mut warnings);
+        // As for other load balancers, excluded nodes do not announce.
         let nodes: BTreeSet<String> = self
             .watched
             .nodes
             .state()
             .iter()
+            .filter(|n| !n.labels().contains_key(berth_crds::LABEL_EXCLUDE_FROM_LB))
             .map(|n| n.name_any())
             .collect();
         let Some(snap) = model(&classes, &nodes) else {

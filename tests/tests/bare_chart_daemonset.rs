@@ -5,14 +5,32 @@
 //! berth's own binary, the chart's args, env and ServiceAccount token, so the chart's RBAC
 //! is what the apiserver enforces); the seed's nginx-service answers at its ClusterIP on
 //! every node and as a NodePort from the client; `helm upgrade` rolls the agents without
-//! losing a request; `helm uninstall` removes the DaemonSet and its RBAC.
+//! losing a request; a pool address of an L2 class is announced by one agent (its Lease in
+//! the release namespace) and reaches nginx from the client, also after the rollout;
+//! `helm uninstall` withdraws it and removes the DaemonSet and its RBAC.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use berth_e2e::controller::ClassGuard;
 use berth_e2e::helm::{Release, running_pods, write_values};
 use berth_e2e::testing::{TestEnv, curl_in, wait_for};
+
+/// Nodes whose eth0 carries `ip` as a host address.
+fn nodes_with(env: &TestEnv, ip: &str) -> Vec<String> {
+    env.info
+        .nodes
+        .iter()
+        .filter(|n| {
+            std::process::Command::new("ip")
+                .args(["-n", &n.plan.netns, "-o", "addr", "show", "dev", "eth0"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {ip}/32 ")))
+        })
+        .map(|n| n.plan.name.clone())
+        .collect()
+}
 
 fn nginx_answers(netns: &str, url: &str) -> bool {
     curl_in(netns, url, Duration::from_secs(2)).is_ok_and(|b| b.contains("Welcome to nginx!"))
@@ -117,6 +135,77 @@ async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() 
         .expect("NodePort served by the chart's agent");
     }
 
+    // A pool address of an L2 class: one chart agent takes its Lease in the release
+    // namespace (the chart's Role) and announces it to the client.
+    let class = ClassGuard::with_spec(
+        &env,
+        &format!("bare-l2-{id}"),
+        serde_json::json!({"pool": {"addresses": ["198.19.8.64/26"]}}),
+    );
+    let pool_ip = "198.19.8.90";
+    env.kubectl(&[
+        "patch",
+        "service",
+        "nginx-service",
+        "-n",
+        &web.name,
+        "-p",
+        &serde_json::json!({"metadata": {"annotations": {"berth.dev/load-balancer-class": class.name}},
+                            "spec": {"type": "LoadBalancer"}})
+        .to_string(),
+    ]);
+    env.kubectl(&[
+        "patch",
+        "service",
+        "nginx-service",
+        "-n",
+        &web.name,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": pool_ip, "ipMode": "VIP"}]}}})
+        .to_string(),
+    ]);
+    let lease = format!("berth-l2-{}", pool_ip.replace('.', "-"));
+    let holder = || {
+        env.kubectl_output(&[
+            "get",
+            "lease",
+            &lease,
+            "-n",
+            &system.name,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+    };
+    wait_for(
+        &format!("{pool_ip} announced by one chart agent"),
+        Duration::from_secs(60),
+        || {
+            let h = holder();
+            let on = nodes_with(&env, pool_ip);
+            async move { !h.is_empty() && on == vec![h] }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: holder {:?}, on {:?}",
+            holder(),
+            nodes_with(&env, pool_ip)
+        )
+    });
+    let url = format!("http://{pool_ip}/");
+    wait_for(
+        &format!("{url} from the client"),
+        Duration::from_secs(30),
+        || async { nginx_answers(&env.info.client_netns, &url) },
+    )
+    .await
+    .expect("pool address announced by the chart's agent");
+
     // Roll the agents with a changed value while a request loop runs: the rules stay
     // programmed while an agent restarts, so no request is lost.
     let stop = Arc::new(AtomicBool::new(false));
@@ -164,10 +253,41 @@ async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() 
         ok + failed
     );
 
+    // After the rollout some agent announces the address again.
+    wait_for(
+        &format!("{pool_ip} announced after the rollout"),
+        Duration::from_secs(60),
+        || {
+            let h = holder();
+            let on = nodes_with(&env, pool_ip);
+            async move { !h.is_empty() && on == vec![h] }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: holder {:?}, on {:?}",
+            holder(),
+            nodes_with(&env, pool_ip)
+        )
+    });
+
     release.uninstall();
+    // Stopped agents release their addresses (or the addresses run out of lifetime).
+    wait_for(
+        &format!("{pool_ip} withdrawn after uninstall"),
+        Duration::from_secs(60),
+        || {
+            let on = nodes_with(&env, pool_ip);
+            async move { on.is_empty() }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: on {:?}", nodes_with(&env, pool_ip)));
+    drop(class);
     let left = env.kubectl(&[
         "get",
-        "daemonsets,serviceaccounts",
+        "daemonsets,serviceaccounts,roles,rolebindings",
         "-n",
         &system.name,
         "-l",

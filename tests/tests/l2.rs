@@ -402,6 +402,52 @@ fn gap(samples: &[(Instant, bool)], from: Instant) -> (usize, usize, Duration) {
     (after.len(), failures, longest)
 }
 
+/// An nftables table in a node's namespace dropping every packet to one address before
+/// anything else sees it; deleted on drop.
+struct BlackHole {
+    netns: String,
+}
+
+const BLACK_HOLE_TABLE: &str = "l2-test-blackhole";
+
+impl BlackHole {
+    fn add(netns: &str, ip: &str) -> Self {
+        let rules = format!(
+            "table ip {BLACK_HOLE_TABLE} {{ chain blackhole {{ type filter hook prerouting \
+             priority -400; ip daddr {ip} drop; }}; }}"
+        );
+        let out = Command::new("ip")
+            .args(["netns", "exec", netns, "nft", &rules])
+            .output()
+            .expect("nft");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            netns: netns.to_string(),
+        }
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.netns,
+                "nft",
+                "delete",
+                "table",
+                "ip",
+                BLACK_HOLE_TABLE,
+            ])
+            .output();
+    }
+}
+
 /// Keeps a node's agent from being restarted while alive.
 struct HoldAgent(std::path::PathBuf);
 
@@ -427,7 +473,17 @@ async fn agent_back(env: &TestEnv, name: &str) {
 
 /// Stops the holder's agent with `signal` (held down), waits until the address has moved
 /// and the client is answered again through the new holder, and reports the gap.
-async fn fail_over(env: &TestEnv, ip: &str, holder: &str, signal: i32, what: &str) -> String {
+/// With `node_down`, the old holder also drops every packet to the address from the
+/// moment its agent stops, as a failed node would; otherwise its rules keep forwarding
+/// what still reaches it.
+async fn fail_over(
+    env: &TestEnv,
+    ip: &str,
+    holder: &str,
+    signal: i32,
+    node_down: bool,
+    what: &str,
+) -> String {
     let url = format!("http://{ip}/");
     let load = RequestLoop::start(&env.info.client_netns, &url);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -437,6 +493,7 @@ async fn fail_over(env: &TestEnv, ip: &str, holder: &str, signal: i32, what: &st
     let stopped_at = Instant::now();
     // SAFETY: kill(2) of the agent the harness started, found by its pid file.
     unsafe { libc::kill(pid, signal) };
+    let _down = node_down.then(|| BlackHole::add(&node(env, holder).plan.netns, ip));
     let next = until(
         &format!("{ip} taken over after {what}"),
         settle(),
@@ -478,7 +535,7 @@ async fn fail_over(env: &TestEnv, ip: &str, holder: &str, signal: i32, what: &st
         "requests after the take-over must succeed (newest first): {tail:?}"
     );
     eprintln!(
-        "L2 failover after {what} of {holder}'s agent (lease {L2_LEASE_SECONDS}s): {ip} moved to \
+        "L2 failover, {what}, from {holder} (lease {L2_LEASE_SECONDS}s): {ip} moved to \
          {next} after {:.2}s, the client's neighbour entry pointed at it after {:.2}s; {failed} \
          of {sent} requests (one per 100 ms) failed; longest gap between two answered requests \
          {} ms",
@@ -516,9 +573,10 @@ async fn one_node_announces_a_pool_address_and_the_client_reaches_nginx() {
 }
 
 /// SIGKILL of the holder's agent: its address runs out of lifetime and another node
-/// takes the Lease; SIGTERM: the holder releases at once. Each time the client is
-/// answered again through the new holder, and the restarted agent neither takes the
-/// address back nor leaves a second copy.
+/// takes the Lease; SIGTERM: the holder releases at once; SIGKILL while the node also
+/// stops forwarding (a failed node). Each time the client is answered again through the
+/// new holder, and the restarted agent neither takes the address back nor leaves a
+/// second copy.
 #[tokio::test]
 async fn the_address_moves_when_the_holders_agent_is_killed_or_stopped() {
     let _exclusive = AGENTS_UP.write().await;
@@ -530,11 +588,38 @@ async fn the_address_moves_when_the_holders_agent_is_killed_or_stopped() {
     let first = one_holder(&env, ip, "one announcing node").await;
     nginx_answers(&env, ip).await;
 
-    let second = fail_over(&env, ip, &first, libc::SIGKILL, "SIGKILL").await;
+    let second = fail_over(
+        &env,
+        ip,
+        &first,
+        libc::SIGKILL,
+        false,
+        "SIGKILL of the agent",
+    )
+    .await;
     stays_with(&env, ip, &second, lease() * 2).await;
 
-    let third = fail_over(&env, ip, &second, libc::SIGTERM, "SIGTERM").await;
+    let third = fail_over(
+        &env,
+        ip,
+        &second,
+        libc::SIGTERM,
+        false,
+        "SIGTERM of the agent",
+    )
+    .await;
     stays_with(&env, ip, &third, lease() * 2).await;
+
+    let fourth = fail_over(
+        &env,
+        ip,
+        &third,
+        libc::SIGKILL,
+        true,
+        "SIGKILL + old node dropping the address's traffic",
+    )
+    .await;
+    stays_with(&env, ip, &fourth, lease() * 2).await;
 
     delete_service(&env, &ns.name, "nginx").await;
     nobody(&env, ip, "address withdrawn with its Service").await;

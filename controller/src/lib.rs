@@ -1,10 +1,11 @@
-//! berth's controller: provisions an AWS Network Load Balancer for each LoadBalancer
-//! Service it owns and reports it in the Service's status.
+//! berth's controller: provisions an AWS Network Load Balancer, or addresses from a pool,
+//! for each LoadBalancer Service it owns and reports it in the Service's status.
 //!
-//! `run` wires the watches (reflector stores for Services, Nodes, EndpointSlices and
-//! LoadBalancerClasses), the admin server, leader election, the orphan sweep and the
-//! reconciler. The logic lives in the modules: `settings` and `model` (pure desired
-//! state), `apply` (diff against AWS), `nodeport`, `status`, `reconcile`, `gc`.
+//! `run` wires the watches (reflector stores for Services, Nodes, EndpointSlices,
+//! LoadBalancerClasses and Namespaces), the admin server, leader election, the orphan sweep
+//! and the reconciler. The logic lives in the modules: `settings` and `model` (pure desired
+//! state), `apply` (diff against AWS), `pool` (address allocation), `nodeport`, `status`,
+//! `reconcile`, `gc`.
 
 pub mod admin;
 pub mod apply;
@@ -15,6 +16,7 @@ pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod nodeport;
+pub mod pool;
 pub mod reconcile;
 pub mod settings;
 pub mod status;
@@ -26,7 +28,7 @@ use std::time::Duration;
 
 use berth_crds::{LABEL_SERVICE_NAME, LoadBalancerClass};
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
@@ -70,7 +72,7 @@ pub fn node_fingerprint(node: &Node) -> String {
     )
 }
 
-type Trigger = futures::channel::mpsc::UnboundedSender<ObjectRef<Service>>;
+use reconcile::Trigger;
 
 fn trigger_all(services: &Store<Service>, tx: &Trigger) {
     for svc in services.state() {
@@ -126,6 +128,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let (nodes, nodes_writer) = reflector::store::<Node>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
     let (classes, classes_writer) = reflector::store::<LoadBalancerClass>();
+    let (namespaces, namespaces_writer) = reflector::store::<Namespace>();
     {
         let (services, tx, nodes_r) = (services.clone(), tx.clone(), nodes.clone());
         let stream = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
@@ -204,10 +207,43 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             }
         });
     }
+    {
+        // Namespace labels feed pool classes' namespaceSelector: a change re-checks the
+        // namespace's Services.
+        let (services, tx) = (services.clone(), tx.clone());
+        let stream = watcher(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(namespaces_writer)
+        .touched_objects();
+        tokio::spawn(async move {
+            let mut seen: std::collections::HashMap<String, BTreeMap<String, String>> =
+                Default::default();
+            futures::pin_mut!(stream);
+            while let Some(item) = stream.next().await {
+                let Ok(ns) = item else { continue };
+                let (name, labels) = (ns.name_any(), ns.labels().clone());
+                if seen.get(&name) == Some(&labels) {
+                    continue;
+                }
+                let known = seen.insert(name.clone(), labels).is_some();
+                if known {
+                    for svc in services.state() {
+                        if svc.namespace().as_deref() == Some(name.as_str()) {
+                            let _ = tx.unbounded_send(ObjectRef::from_obj(svc.as_ref()));
+                        }
+                    }
+                }
+            }
+        });
+    }
     let _ = futures::join!(
         nodes.wait_until_ready(),
         slices.wait_until_ready(),
-        classes.wait_until_ready()
+        classes.wait_until_ready(),
+        namespaces.wait_until_ready()
     );
     metrics.ready.store(true, Ordering::Relaxed);
     tracing::info!(%identity, "watches synced; waiting for leadership");
@@ -240,25 +276,36 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         aws,
         recorder,
         config.clone(),
-        services.clone(),
-        nodes,
-        slices,
-        classes,
+        reconcile::Stores {
+            services: services.clone(),
+            nodes,
+            slices,
+            classes,
+            namespaces,
+        },
         metrics.clone(),
+        tx.clone(),
     ));
     // Learn what exists before the first reconcile (a predecessor may have died mid-way).
-    if let Err(e) = gc::sweep(&ctx, false).await {
+    // Without an AWS class (bare metal) berth never calls AWS.
+    if ctx.uses_aws()
+        && let Err(e) = gc::sweep(&ctx, false).await
+    {
         tracing::warn!(error = %e, "initial inventory sweep failed");
     }
     {
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            // The Service store may not report readiness; every deletion is confirmed
-            // against the apiserver anyway (gc::still_exists).
-            let _ = tokio::time::timeout(Duration::from_secs(10), ctx.services.wait_until_ready())
-                .await;
+            // The Service store fills once the controller below runs; sweeping before
+            // would take every Service for gone.
+            if ctx.services.wait_until_ready().await.is_err() {
+                return;
+            }
             loop {
                 tokio::time::sleep(ctx.config.gc_interval).await;
+                if !ctx.uses_aws() {
+                    continue;
+                }
                 match gc::sweep(&ctx, true).await {
                     Ok(n) if n > 0 => tracing::info!(deleted = n, "orphan sweep"),
                     Ok(_) => {}
@@ -320,7 +367,37 @@ async fn shutdown_signal() {
     }
 }
 
-/// Keeps each handled class's status current: Accepted, Services, Ready.
+/// A class's Accepted condition and, for pool classes, (allocated, available). Pure.
+pub fn class_summary(
+    class: &LoadBalancerClass,
+    holders: &[pool::Holder],
+) -> (bool, &'static str, String, Option<(u64, u64)>) {
+    match (&class.spec.aws, &class.spec.pool) {
+        (Some(_), _) => (true, "Accepted", "aws provider".into(), None),
+        (None, Some(spec)) => match pool::PoolClass::parse(&class.name_any(), spec) {
+            Ok(pc) => {
+                let size = pc.pool.size();
+                let allocated = pool::allocated(&pc.pool, holders);
+                (
+                    true,
+                    "Accepted",
+                    format!("pool provider with {size} addresses"),
+                    Some((allocated, size.saturating_sub(allocated))),
+                )
+            }
+            Err(errors) => (false, "InvalidSpec", errors.join("; "), None),
+        },
+        (None, None) => (
+            false,
+            "UnsupportedProvider",
+            "no provider block".into(),
+            None,
+        ),
+    }
+}
+
+/// Keeps each handled class's status current: Accepted, Services, Ready and, for pool
+/// classes, allocated and available addresses (also exported as metrics).
 async fn class_status_loop(ctx: Arc<reconcile::Context>) {
     use berth_crds::{CONDITION_ACCEPTED, CONDITION_LB_READY};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -330,6 +407,11 @@ async fn class_status_loop(ctx: Arc<reconcile::Context>) {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let classes = ctx.classes.state();
         let services = ctx.services.state();
+        let holders = match ctx.reservations.lock() {
+            Ok(mut r) => reconcile::pool_holders(&services, &classes, &mut r),
+            Err(_) => continue,
+        };
+        let mut gauges = BTreeMap::new();
         for class in classes
             .iter()
             .filter(|c| ctx.config.handles_class(&c.name_any()))
@@ -348,15 +430,14 @@ async fn class_status_loop(ctx: Arc<reconcile::Context>) {
                         .is_some_and(|c| c.type_ == CONDITION_LB_READY && c.status == "True")
                 })
                 .count() as i32;
-            let (ok, reason, message) = if class.spec.aws.is_some() {
-                (true, "Accepted", "aws provider")
-            } else {
-                (
-                    false,
-                    "UnsupportedProvider",
-                    "the pool provider is not implemented yet",
-                )
-            };
+            let (ok, reason, message, addresses) = class_summary(class, &holders);
+            if let Some(a) = addresses {
+                gauges.insert(class.name_any(), a);
+            }
+            let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            let (allocated, available) = addresses
+                .map(|(a, v)| (Some(as_i64(a)), Some(as_i64(v))))
+                .unwrap_or((None, None));
             let status = class.status.clone().unwrap_or_default();
             let old = status
                 .conditions
@@ -364,8 +445,12 @@ async fn class_status_loop(ctx: Arc<reconcile::Context>) {
                 .find(|c| c.type_ == CONDITION_ACCEPTED);
             let unchanged = status.services == Some(mine.len() as i32)
                 && status.ready_services == Some(ready)
+                && status.allocated == allocated
+                && status.available == available
                 && old.is_some_and(|c| {
-                    c.reason == reason && c.observed_generation == class.metadata.generation
+                    c.reason == reason
+                        && c.message == message
+                        && c.observed_generation == class.metadata.generation
                 });
             if unchanged {
                 continue;
@@ -374,7 +459,7 @@ async fn class_status_loop(ctx: Arc<reconcile::Context>) {
                 type_: CONDITION_ACCEPTED.into(),
                 status: if ok { "True" } else { "False" }.into(),
                 reason: reason.into(),
-                message: message.into(),
+                message,
                 last_transition_time: old
                     .filter(|c| c.reason == reason)
                     .map(|c| c.last_transition_time.clone())
@@ -382,7 +467,10 @@ async fn class_status_loop(ctx: Arc<reconcile::Context>) {
                 observed_generation: class.metadata.generation,
             };
             let patch = serde_json::json!({
-                "status": {"conditions": [cond], "services": mine.len(), "readyServices": ready}
+                "status": {
+                    "conditions": [cond], "services": mine.len(), "readyServices": ready,
+                    "allocated": allocated, "available": available,
+                }
             });
             if let Err(e) = api
                 .patch_status(
@@ -395,12 +483,41 @@ async fn class_status_loop(ctx: Arc<reconcile::Context>) {
                 tracing::warn!(class = %class.name_any(), error = %e, "class status");
             }
         }
+        ctx.metrics.set_pool_addresses(gauges);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn class_summary_counts_pool_addresses_and_reports_errors() {
+        let class = |spec: serde_json::Value| -> LoadBalancerClass {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "berth.dev/v1alpha1", "kind": "LoadBalancerClass",
+                "metadata": {"name": "lab"}, "spec": spec
+            }))
+            .expect("class")
+        };
+        let holder = |ip: &str| pool::Holder {
+            uid: ip.into(),
+            ips: vec![ip.parse().expect("ip")],
+            ..pool::Holder::default()
+        };
+        let good = class(serde_json::json!({"pool": {"addresses": ["198.19.1.0/29"]}}));
+        let (ok, _, message, counts) =
+            class_summary(&good, &[holder("198.19.1.1"), holder("198.19.2.1")]);
+        assert!(ok);
+        assert!(message.contains("6 addresses"), "{message}");
+        assert_eq!(counts, Some((1, 5)));
+        let bad = class(serde_json::json!({"pool": {"addresses": ["198.19.1.1/29"]}}));
+        let (ok, reason, message, counts) = class_summary(&bad, &[]);
+        assert!(!ok && reason == "InvalidSpec" && counts.is_none());
+        assert!(message.contains("host bits"), "{message}");
+        let aws = class(serde_json::json!({"aws": {}}));
+        assert_eq!(class_summary(&aws, &[]).3, None);
+    }
 
     #[test]
     fn node_fingerprints_ignore_heartbeats_but_see_labels() {

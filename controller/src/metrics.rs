@@ -50,6 +50,8 @@ const SECONDS: &[f64] = &[
 pub struct Metrics {
     reconciles: Mutex<BTreeMap<(String, String), u64>>,
     aws_calls: Mutex<BTreeMap<(String, String), u64>>,
+    /// Pool class → (allocated, available) addresses.
+    pool_addresses: Mutex<BTreeMap<String, (u64, u64)>>,
     pub reconcile_seconds: Histogram,
     pub aws_call_seconds: Histogram,
     pub ready_seconds: Histogram,
@@ -63,6 +65,7 @@ impl Default for Metrics {
         Self {
             reconciles: Mutex::default(),
             aws_calls: Mutex::default(),
+            pool_addresses: Mutex::default(),
             reconcile_seconds: Histogram::new(SECONDS),
             aws_call_seconds: Histogram::new(SECONDS),
             ready_seconds: Histogram::new(SECONDS),
@@ -90,6 +93,13 @@ impl Metrics {
         if let Ok(mut m) = self.aws_calls.lock() {
             *m.entry((operation.to_string(), outcome.to_string()))
                 .or_default() += 1;
+        }
+    }
+
+    /// Replaces the pool gauges (classes gone since the last call disappear).
+    pub fn set_pool_addresses(&self, by_class: BTreeMap<String, (u64, u64)>) {
+        if let Ok(mut m) = self.pool_addresses.lock() {
+            *m = by_class;
         }
     }
 
@@ -154,6 +164,26 @@ impl Metrics {
             "# TYPE berth_gc_deleted_total counter\nberth_gc_deleted_total {}",
             self.gc_deleted.load(Ordering::Relaxed)
         );
+        if let Ok(m) = self.pool_addresses.lock() {
+            for (name, help, pick) in [
+                (
+                    "berth_pool_addresses_allocated",
+                    "Pool addresses held by Services, per class.",
+                    0,
+                ),
+                (
+                    "berth_pool_addresses_available",
+                    "Pool addresses still free, per class.",
+                    1,
+                ),
+            ] {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+                for (class, (allocated, available)) in m.iter() {
+                    let v = if pick == 0 { allocated } else { available };
+                    let _ = writeln!(out, "{name}{{class=\"{class}\"}} {v}");
+                }
+            }
+        }
         let _ = writeln!(
             out,
             "# TYPE berth_leader gauge\nberth_leader {}",
@@ -185,5 +215,9 @@ mod tests {
         assert!(
             text.contains("berth_reconciles_total{outcome=\"success\",reason=\"Provisioned\"} 1")
         );
+        m.set_pool_addresses(BTreeMap::from([("lab".to_string(), (3, 251))]));
+        let text = m.render();
+        assert!(text.contains("berth_pool_addresses_allocated{class=\"lab\"} 3"));
+        assert!(text.contains("berth_pool_addresses_available{class=\"lab\"} 251"));
     }
 }

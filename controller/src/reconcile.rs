@@ -1,6 +1,7 @@
 //! One Service's reconcile: ownership → finalizer → apply or cleanup → status.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -8,13 +9,14 @@ use berth_crds::{
     ANNOTATION_OWNER_CLASS, AwsProvider, FINALIZER, LABEL_SERVICE_NAME, LoadBalancerClass,
     class_name,
 };
-use k8s_openapi::api::core::v1::{Node, Service};
+use futures::FutureExt;
+use k8s_openapi::api::core::v1::{LoadBalancerIngress, Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::apply::{self, ApplyError, Inventory};
@@ -23,6 +25,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::model::{self, BuildError, TargetType, World};
 use crate::nodeport;
+use crate::pool::{self, Outcome, PoolClass};
 use crate::settings::{self, SubnetChoice};
 use crate::status::{self, Readiness, reason};
 
@@ -49,6 +52,17 @@ impl Error {
 /// When a subnet lookup was made, the VPC and the subnets it found.
 type SubnetLookup = (Instant, Option<String>, Vec<String>);
 
+pub type Trigger = futures::channel::mpsc::UnboundedSender<ObjectRef<Service>>;
+
+/// The stores a reconcile reads, for `Context::new`.
+pub struct Stores {
+    pub services: Store<Service>,
+    pub nodes: Store<Node>,
+    pub slices: Store<EndpointSlice>,
+    pub classes: Store<LoadBalancerClass>,
+    pub namespaces: Store<Namespace>,
+}
+
 /// What the reconciler needs: clients, stores, shared state.
 pub struct Context {
     pub client: Client,
@@ -59,8 +73,17 @@ pub struct Context {
     pub nodes: Store<Node>,
     pub slices: Store<EndpointSlice>,
     pub classes: Store<LoadBalancerClass>,
+    pub namespaces: Store<Namespace>,
     pub inventory: Inventory,
     pub metrics: Arc<Metrics>,
+    /// Queues Services for a reconcile.
+    pub trigger: Trigger,
+    /// Pool addresses written by this process and not yet in the Service store; the lock
+    /// is held for every allocation, so concurrent reconciles never hand out one address
+    /// twice.
+    pub reservations: Mutex<pool::Reservations>,
+    /// Pool Services waiting for an address to free up.
+    pending: Mutex<HashSet<ObjectRef<Service>>>,
     /// Subnet lookups by (choice, scheme, vpc), cached briefly.
     subnets: Mutex<HashMap<String, SubnetLookup>>,
     /// Services already counted in the creation→ready metric.
@@ -68,33 +91,110 @@ pub struct Context {
 }
 
 impl Context {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
         aws: Aws,
         recorder: Recorder,
         config: Config,
-        services: Store<Service>,
-        nodes: Store<Node>,
-        slices: Store<EndpointSlice>,
-        classes: Store<LoadBalancerClass>,
+        stores: Stores,
         metrics: Arc<Metrics>,
+        trigger: Trigger,
     ) -> Self {
         Self {
             client,
             aws,
             recorder,
             config,
-            services,
-            nodes,
-            slices,
-            classes,
+            services: stores.services,
+            nodes: stores.nodes,
+            slices: stores.slices,
+            classes: stores.classes,
+            namespaces: stores.namespaces,
             inventory: Inventory::default(),
             metrics,
+            trigger,
+            reservations: Mutex::default(),
+            pending: Mutex::default(),
             subnets: Mutex::default(),
             ready_seen: Mutex::default(),
         }
     }
+
+    /// Whether a class this controller handles uses AWS; without one it never calls AWS
+    /// (a bare-metal install has no credentials).
+    pub fn uses_aws(&self) -> bool {
+        self.classes
+            .state()
+            .iter()
+            .any(|c| c.spec.aws.is_some() && self.config.handles_class(&c.name_any()))
+    }
+
+    /// Whether every store has delivered its first full list: allocating from a partial
+    /// view of the Services could hand out an address that is already taken.
+    pub fn synced(&self) -> bool {
+        fn ready<K>(s: &Store<K>) -> bool
+        where
+            K: kube::Resource + Clone + 'static,
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            s.wait_until_ready()
+                .now_or_never()
+                .is_some_and(|r| r.is_ok())
+        }
+        ready(&self.services)
+            && ready(&self.nodes)
+            && ready(&self.slices)
+            && ready(&self.classes)
+            && ready(&self.namespaces)
+    }
+
+    /// Queues every pool Service waiting for an address (one was just released).
+    fn retrigger_pending(&self) {
+        let waiting: Vec<ObjectRef<Service>> = self
+            .pending
+            .lock()
+            .map(|p| p.iter().cloned().collect())
+            .unwrap_or_default();
+        for r in waiting {
+            let _ = self.trigger.unbounded_send(r);
+        }
+    }
+
+    fn set_pending(&self, svc: &Service, waiting: bool) {
+        if let Ok(mut p) = self.pending.lock() {
+            let r = ObjectRef::from_obj(svc);
+            if waiting {
+                p.insert(r);
+            } else {
+                p.remove(&r);
+            }
+        }
+    }
+}
+
+/// Whether `name` is a pool class (it exists and has a pool block).
+pub fn is_pool_class(classes: &[Arc<LoadBalancerClass>], name: &str) -> bool {
+    classes
+        .iter()
+        .any(|c| c.name_any() == name && c.spec.pool.is_some())
+}
+
+/// Every Service holding pool addresses, with this process's unsettled writes applied.
+/// Call with the reservations locked.
+pub fn pool_holders(
+    services: &[Arc<Service>],
+    classes: &[Arc<LoadBalancerClass>],
+    reservations: &mut pool::Reservations,
+) -> Vec<pool::Holder> {
+    let by_uid: HashMap<&str, &Service> = services
+        .iter()
+        .filter_map(|s| Some((s.metadata.uid.as_deref()?, s.as_ref())))
+        .collect();
+    reservations.prune(|uid| by_uid.get(uid).map(|s| pool::status_ips(s)));
+    let held = pool::holders(services.iter().map(|s| s.as_ref()), |c| {
+        is_pool_class(classes, c)
+    });
+    reservations.apply(held, |uid| by_uid.get(uid).map(|s| pool::Holder::of(s)))
 }
 
 /// Whose Service this is.
@@ -175,15 +275,73 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
         Ownership::Class(class) if !deleting => {
             let recorded = svc.annotations().get(ANNOTATION_OWNER_CLASS);
             if !has_finalizer || recorded != Some(&class) {
+                if let Some(wait) =
+                    hand_over(svc, ctx, recorded.map(String::as_str), &class, &classes).await?
+                {
+                    return Ok(wait);
+                }
                 // Before anything exists in AWS; the update triggers the next reconcile.
                 claim(svc, ctx, &class).await?;
                 return Ok(Action::await_change());
             }
             provision(svc, ctx, &class, &classes).await
         }
-        _ if has_finalizer && cleans_up(svc, &ctx.config) => cleanup(svc, ctx, deleting).await,
+        _ if has_finalizer && cleans_up(svc, &ctx.config) => {
+            cleanup(svc, ctx, deleting, &classes).await
+        }
         _ => Ok(Action::await_change()),
     }
+}
+
+/// Before a Service changes class: what the previous provider holds is let go first. Pool
+/// addresses leave the status before a non-pool class claims the Service (so the address
+/// is free exactly when no status lists it); AWS resources are deleted before a pool class
+/// writes its address. Between two pool classes the address stays if the new pool has it.
+/// `Some(action)` when the hand-over cannot finish now.
+async fn hand_over(
+    svc: &Service,
+    ctx: &Context,
+    recorded: Option<&str>,
+    class: &str,
+    classes: &[Arc<LoadBalancerClass>],
+) -> Result<Option<Action>, Error> {
+    let Some(previous) = recorded.filter(|r| *r != class) else {
+        return Ok(None);
+    };
+    let to_pool = is_pool_class(classes, class);
+    if !to_pool && !pool::status_ips(svc).is_empty() {
+        release_pool_status(svc, ctx).await?;
+        // The status write changed the resourceVersion the claim is guarded by; its event
+        // brings the Service back.
+        return Ok(Some(Action::await_change()));
+    }
+    if to_pool && !is_pool_class(classes, previous) && ctx.uses_aws() {
+        return remove_aws(svc, ctx, false).await;
+    }
+    Ok(None)
+}
+
+/// Removes berth's status fields, then counts the Service's pool addresses as free.
+async fn release_pool_status(svc: &Service, ctx: &Context) -> Result<(), Error> {
+    services_api(ctx, svc)
+        .patch_status(
+            &svc.name_any(),
+            &PatchParams::apply(berth_crds::CONTROLLER_MANAGER).force(),
+            &Patch::Apply(status::status_patch(svc, None, &None)),
+        )
+        .await
+        .map_err(|e| Error::Kube("clear status", e))?;
+    released(svc, ctx);
+    Ok(())
+}
+
+/// The Service no longer holds pool addresses (its status says so, or it is gone).
+fn released(svc: &Service, ctx: &Context) {
+    if let Ok(mut r) = ctx.reservations.lock() {
+        r.set(&svc_uid(svc), Vec::new());
+    }
+    ctx.set_pending(svc, false);
+    ctx.retrigger_pending();
 }
 
 fn services_api(ctx: &Context, svc: &Service) -> Api<Service> {
@@ -250,23 +408,18 @@ async fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, n
     }
 }
 
-/// Writes the condition (and the ingress when `hostname` is known, else keeps the one
-/// there), with an Event whenever the condition changes.
+/// Writes the condition and the ingress (`None`: keep the hostnames there; empty: none),
+/// with an Event whenever the condition changes.
 async fn report(
     ctx: &Context,
     svc: &Service,
     r: &Readiness,
-    hostname: Option<&str>,
+    ingress: Option<Vec<LoadBalancerIngress>>,
 ) -> Result<(), Error> {
     let cond = status::condition(svc, r, Time(k8s_openapi::jiff::Timestamp::now()));
-    let ingress = match hostname {
-        Some(h) => Some(status::ingress(svc, h)),
-        None => svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.clone())
-            .filter(|v| !v.is_empty()),
+    let ingress = match ingress {
+        Some(v) => Some(v).filter(|v| !v.is_empty()),
+        None => status::hostname_ingress(svc),
     };
     if !status::status_changes(svc, &cond, &ingress) {
         return Ok(());
@@ -319,12 +472,15 @@ async fn provision(
         )
         .await;
     };
+    if let Some(spec) = class.spec.pool.as_ref() {
+        return provision_pool(svc, ctx, class_name, spec, classes).await;
+    }
     let Some(aws_class) = class.spec.aws.as_ref() else {
         return invalid(
             ctx,
             svc,
             reason::UNSUPPORTED_PROVIDER,
-            format!("LoadBalancerClass {class_name} has no aws block; the pool provider is not implemented yet"),
+            format!("LoadBalancerClass {class_name} has no provider block"),
         )
         .await;
     };
@@ -410,7 +566,7 @@ async fn provision(
             ctx,
             svc,
             &Readiness::ready(message),
-            Some(&applied.lb.dns_name),
+            Some(status::ingress(svc, &applied.lb.dns_name)),
         )
         .await?;
         if first
@@ -428,11 +584,127 @@ async fn provision(
             ctx,
             svc,
             &Readiness::not_ready(reason::PROVISIONING, message),
-            Some(&applied.lb.dns_name),
+            Some(status::ingress(svc, &applied.lb.dns_name)),
         )
         .await?;
         Ok(Action::requeue(Duration::from_secs(3)))
     }
+}
+
+/// The pool provider: choose the Service's addresses under the allocation lock, reserve
+/// them, write them into the status.
+async fn provision_pool(
+    svc: &Service,
+    ctx: &Context,
+    class_name: &str,
+    spec: &berth_crds::PoolProvider,
+    classes: &[Arc<LoadBalancerClass>],
+) -> Result<Action, Error> {
+    if !ctx.synced() {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let class = match PoolClass::parse(class_name, spec) {
+        Ok(c) => c,
+        Err(errors) => {
+            // A broken class spec must not take every Service's address away: keep them.
+            let keep = pool::status_ips(svc);
+            report(
+                ctx,
+                svc,
+                &Readiness::not_ready(
+                    reason::INVALID_SPEC,
+                    format!(
+                        "LoadBalancerClass {class_name} is not valid: {}",
+                        errors.join("; ")
+                    ),
+                ),
+                Some(status::ip_ingress(svc, &keep)),
+            )
+            .await?;
+            return Ok(Action::requeue(ctx.config.resync));
+        }
+    };
+    let ns = svc.namespace().unwrap_or_default();
+    let ns_labels = ctx
+        .namespaces
+        .get(&ObjectRef::new(&ns))
+        .map(|n| n.labels().clone())
+        .unwrap_or_default();
+    let uid = svc_uid(svc);
+    let (outcome, before) = {
+        let Ok(mut reservations) = ctx.reservations.lock() else {
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        };
+        let holders = pool_holders(&ctx.services.state(), classes, &mut reservations);
+        let mut me = pool::Holder::of(svc);
+        me.ips = holders
+            .iter()
+            .find(|h| h.uid == uid)
+            .map(|h| h.ips.clone())
+            .unwrap_or_default();
+        let others: Vec<pool::Holder> = holders.into_iter().filter(|h| h.uid != uid).collect();
+        let outcome = pool::decide(svc, &class, &ns_labels, &me, &others);
+        // Until the write lands, the Service holds both its old and its new addresses.
+        let mut during: Vec<IpAddr> = me.ips.clone();
+        if let Outcome::Assigned { ips, .. } = &outcome {
+            during.extend(ips.iter().filter(|ip| !me.ips.contains(ip)));
+        }
+        reservations.set(&uid, during);
+        (outcome, me.ips)
+    };
+    let (readiness, ips, moved) = match &outcome {
+        Outcome::Assigned { ips, moved } => {
+            let list: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+            let message = format!(
+                "{} {} from pool {class_name}",
+                if ips.len() == 1 {
+                    "address"
+                } else {
+                    "addresses"
+                },
+                list.join(", ")
+            );
+            (Readiness::ready(message), ips.clone(), moved.clone())
+        }
+        Outcome::Unassigned { reason, message } => (
+            Readiness::not_ready(reason, message.clone()),
+            Vec::new(),
+            Vec::new(),
+        ),
+    };
+    let written = report(ctx, svc, &readiness, Some(status::ip_ingress(svc, &ips))).await;
+    if let Ok(mut r) = ctx.reservations.lock() {
+        r.set(
+            &uid,
+            if written.is_ok() {
+                ips.clone()
+            } else {
+                before.clone()
+            },
+        );
+    }
+    written?;
+    for (old, new, why) in moved {
+        publish(
+            ctx,
+            svc,
+            EventType::Normal,
+            "AddressMoved",
+            format!("moved from {old} to {new}: {why}"),
+        )
+        .await;
+    }
+    let waiting = matches!(
+        &outcome,
+        Outcome::Unassigned { reason, .. } if *reason == pool::reason::POOL_EXHAUSTED
+            || *reason == pool::reason::PORT_CONFLICT
+            || *reason == pool::reason::ADDRESS_UNAVAILABLE
+    );
+    ctx.set_pending(svc, waiting);
+    if before.iter().any(|ip| !ips.contains(ip)) {
+        ctx.retrigger_pending();
+    }
+    Ok(Action::requeue(ctx.config.resync))
 }
 
 async fn aws_failed(ctx: &Context, svc: &Service, e: ApplyError) -> Result<Action, Error> {
@@ -554,8 +826,41 @@ fn candidate_names(svc: &Service, ctx: &Context) -> Vec<String> {
     names
 }
 
-/// Deletes the Service's AWS resources, then clears its status and the finalizer.
-async fn cleanup(svc: &Service, ctx: &Context, deleting: bool) -> Result<Action, Error> {
+/// Lets go of what the Service's recorded class provisioned (AWS resources, or only the
+/// pool addresses), then clears its status and the finalizer.
+async fn cleanup(
+    svc: &Service,
+    ctx: &Context,
+    deleting: bool,
+    classes: &[Arc<LoadBalancerClass>],
+) -> Result<Action, Error> {
+    let recorded = svc.annotations().get(ANNOTATION_OWNER_CLASS);
+    let pool_owned = recorded.is_some_and(|c| is_pool_class(classes, c));
+    if !pool_owned
+        && ctx.uses_aws()
+        && let Some(action) = remove_aws(svc, ctx, deleting).await?
+    {
+        return Ok(action);
+    }
+    if !deleting {
+        // No longer ours (type or class changed): drop what berth wrote in the status.
+        services_api(ctx, svc)
+            .patch_status(
+                &svc.name_any(),
+                &PatchParams::apply(berth_crds::CONTROLLER_MANAGER).force(),
+                &Patch::Apply(status::status_patch(svc, None, &None)),
+            )
+            .await
+            .map_err(|e| Error::Kube("clear status", e))?;
+    }
+    remove_finalizer(svc, ctx).await?;
+    released(svc, ctx);
+    Ok(Action::await_change())
+}
+
+/// Deletes the Service's AWS resources. `Some(action)` when that cannot finish now
+/// (deletion protection).
+async fn remove_aws(svc: &Service, ctx: &Context, deleting: bool) -> Result<Option<Action>, Error> {
     let keep_protection = svc
         .annotations()
         .get(settings::annotations::ATTRIBUTES)
@@ -592,7 +897,7 @@ async fn cleanup(svc: &Service, ctx: &Context, deleting: bool) -> Result<Action,
                 None,
             )
             .await?;
-            return Ok(Action::requeue(Duration::from_secs(30)));
+            return Ok(Some(Action::requeue(Duration::from_secs(30))));
         }
         Err(e) => {
             if !deleting {
@@ -607,19 +912,7 @@ async fn cleanup(svc: &Service, ctx: &Context, deleting: bool) -> Result<Action,
             return Err(e.into());
         }
     }
-    if !deleting {
-        // No longer ours (type or class changed): drop what berth wrote in the status.
-        services_api(ctx, svc)
-            .patch_status(
-                &svc.name_any(),
-                &PatchParams::apply(berth_crds::CONTROLLER_MANAGER).force(),
-                &Patch::Apply(status::status_patch(svc, None, &None)),
-            )
-            .await
-            .map_err(|e| Error::Kube("clear status", e))?;
-    }
-    remove_finalizer(svc, ctx).await?;
-    Ok(Action::await_change())
+    Ok(None)
 }
 
 #[cfg(test)]

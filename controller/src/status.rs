@@ -1,6 +1,8 @@
 //! The Service status berth writes: `status.loadBalancer` and the
 //! `berth.dev/LoadBalancerReady` condition. Pure builders; the reconciler applies them.
 
+use std::net::IpAddr;
+
 use berth_crds::CONDITION_LB_READY;
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, PortStatus, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -55,10 +57,8 @@ pub fn current_condition(svc: &Service) -> Option<&Condition> {
         .find(|c| c.type_ == CONDITION_LB_READY)
 }
 
-/// The ingress entry for a load balancer DNS name and the Service's ports.
-pub fn ingress(svc: &Service, hostname: &str) -> Vec<LoadBalancerIngress> {
-    let ports = svc
-        .spec
+fn port_status(svc: &Service) -> Option<Vec<PortStatus>> {
+    svc.spec
         .as_ref()
         .and_then(|s| s.ports.as_ref())
         .map(|ps| {
@@ -70,12 +70,45 @@ pub fn ingress(svc: &Service, hostname: &str) -> Vec<LoadBalancerIngress> {
                 })
                 .collect::<Vec<_>>()
         })
-        .filter(|v| !v.is_empty());
+        .filter(|v| !v.is_empty())
+}
+
+/// The ingress entry for a load balancer DNS name and the Service's ports.
+pub fn ingress(svc: &Service, hostname: &str) -> Vec<LoadBalancerIngress> {
     vec![LoadBalancerIngress {
         hostname: Some(hostname.to_string()),
-        ports,
+        ports: port_status(svc),
         ..Default::default()
     }]
+}
+
+/// One ingress entry per pool address: the node agents deliver traffic to it themselves
+/// (`ipMode: VIP`).
+pub fn ip_ingress(svc: &Service, ips: &[IpAddr]) -> Vec<LoadBalancerIngress> {
+    let ports = port_status(svc);
+    ips.iter()
+        .map(|ip| LoadBalancerIngress {
+            ip: Some(ip.to_string()),
+            ip_mode: Some("VIP".into()),
+            ports: ports.clone(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// The Service's current ingress entries that carry a hostname (a provider's own; pool
+/// addresses are not carried over to another provider).
+pub fn hostname_ingress(svc: &Service) -> Option<Vec<LoadBalancerIngress>> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.clone())
+        .map(|v| {
+            v.into_iter()
+                .filter(|i| i.hostname.is_some())
+                .collect::<Vec<_>>()
+        })
+        .filter(|v| !v.is_empty())
 }
 
 /// The condition to write: keeps the transition time when the status does not change.
@@ -165,6 +198,39 @@ mod tests {
         let ports = ing[0].ports.clone().unwrap_or_default();
         assert_eq!(ports.len(), 2);
         assert_eq!(ports[1].protocol, "UDP");
+    }
+
+    #[test]
+    fn ip_ingress_has_one_vip_entry_per_address() {
+        let svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        let ips: Vec<IpAddr> = vec![
+            "198.19.1.1".parse().expect("ip"),
+            "2001:db8::1".parse().expect("ip"),
+        ];
+        let ing = ip_ingress(&svc, &ips);
+        assert_eq!(ing.len(), 2);
+        assert_eq!(ing[1].ip.as_deref(), Some("2001:db8::1"));
+        assert_eq!(ing[0].ip_mode.as_deref(), Some("VIP"));
+        assert_eq!(ing[0].ports.as_ref().map(|p| p[0].port), Some(80));
+        assert!(ing[0].hostname.is_none());
+    }
+
+    #[test]
+    fn only_hostname_entries_carry_over() {
+        let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        assert_eq!(hostname_ingress(&svc), None);
+        let mut entries = ip_ingress(&svc, &["198.19.1.1".parse().expect("ip")]);
+        svc.status.get_or_insert_default().load_balancer =
+            Some(k8s_openapi::api::core::v1::LoadBalancerStatus {
+                ingress: Some(entries.clone()),
+            });
+        assert_eq!(hostname_ingress(&svc), None);
+        entries.extend(ingress(&svc, "h"));
+        svc.status.get_or_insert_default().load_balancer =
+            Some(k8s_openapi::api::core::v1::LoadBalancerStatus {
+                ingress: Some(entries),
+            });
+        assert_eq!(hostname_ingress(&svc).map(|v| v.len()), Some(1));
     }
 
     #[test]

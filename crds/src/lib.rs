@@ -79,10 +79,12 @@ pub mod annotations {
         "service.beta.kubernetes.io/aws-load-balancer-healthcheck-unhealthy-threshold";
     pub const HC_SUCCESS_CODES: &str =
         "service.beta.kubernetes.io/aws-load-balancer-healthcheck-success-codes";
-    /// berth's own: pin a pool address (pool provider).
-    pub const POOL_ADDRESS: &str = "berth.dev/load-balancer-address";
-    /// berth's own: Services with the same key share one pool address (pool provider).
-    pub const SHARING_KEY: &str = "berth.dev/sharing-key";
+    /// berth's own (pool provider): pin the Service's addresses, comma-separated, at most
+    /// one per address family (`198.19.0.10` or `198.19.0.10,2001:db8::10`).
+    pub const LOAD_BALANCER_IPS: &str = "berth.dev/load-balancer-ips";
+    /// berth's own (pool provider): Services in one namespace with the same value share one
+    /// address when their ports (port and protocol) do not overlap.
+    pub const ALLOW_SHARED_IP: &str = "berth.dev/allow-shared-ip";
 }
 
 /// A kind of load balancer and its settings. Services select it with
@@ -100,6 +102,8 @@ pub mod annotations {
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.aws.targetType"}"#,
     printcolumn = r#"{"name":"Services","type":"integer","jsonPath":".status.services"}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyServices"}"#,
+    printcolumn = r#"{"name":"Allocated","type":"integer","jsonPath":".status.allocated","priority":1}"#,
+    printcolumn = r#"{"name":"Available","type":"integer","jsonPath":".status.available","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("(has(self.aws) ? 1 : 0) + (has(self.pool) ? 1 : 0) == 1")
@@ -112,7 +116,7 @@ pub struct LoadBalancerClassSpec {
     /// AWS ELBv2 Network Load Balancers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws: Option<AwsProvider>,
-    /// Addresses from a pool announced by the node agents (reserved; not provisioned yet).
+    /// Addresses from a pool, announced by the node agents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<PoolProvider>,
 }
@@ -215,16 +219,31 @@ pub struct HealthCheckDefaults {
     pub success_codes: Option<String>,
 }
 
-/// The `pool` provider's shape (reserved: the controller does not provision it yet).
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+/// The `pool` provider: each Service gets addresses from `addresses`, written into its
+/// `status.loadBalancer.ingress`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PoolProvider {
-    /// CIDRs (`198.19.0.0/24`) and ranges (`198.19.0.10-198.19.0.20`).
+    /// IPv4 and IPv6 CIDRs (`198.19.0.0/24`: an IPv4 CIDR up to /30 leaves out its network
+    /// and broadcast addresses), ranges (`198.19.0.10-198.19.0.20`) and single addresses.
+    #[schemars(
+        length(min = 1, max = 128),
+        inner(
+            length(max = 100),
+            regex(pattern = r"^[0-9A-Fa-f.:]+((/[0-9]{1,3})|(-[0-9A-Fa-f.:]+))?$")
+        )
+    )]
+    #[x_kube(validation = Rule::new("self.all(a, !a.contains('/') || isCIDR(a))")
+        .message("a CIDR entry of addresses is not a valid CIDR"))]
     pub addresses: Vec<String>,
+    /// Give addresses to every Service of the class (default true); with false only
+    /// Services that pin an address get one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_assign: Option<bool>,
+    /// Only Services with matching labels get addresses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_selector: Option<LabelSelector>,
+    /// Only Services in namespaces with matching labels get addresses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
     /// Announce the addresses on the node network with ARP.
@@ -243,6 +262,12 @@ pub struct LoadBalancerClassStatus {
     /// Services of this class whose load balancer is ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_services: Option<i32>,
+    /// Pool classes: addresses of the pool held by Services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated: Option<i64>,
+    /// Pool classes: addresses of the pool still free (saturates for huge IPv6 pools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available: Option<i64>,
 }
 
 /// The class name in `spec.loadBalancerClass`, when it is one of berth's.
@@ -286,6 +311,21 @@ mod tests {
         let json = serde_json::to_string(&crd).unwrap_or_default();
         assert!(json.contains("x-kubernetes-validations"), "{json}");
         assert!(json.contains("exactly one provider block"));
+    }
+
+    #[test]
+    fn pool_spec_parses_and_is_validated_in_the_schema() {
+        let spec: LoadBalancerClassSpec = serde_yaml::from_str(
+            "pool:\n  addresses: [198.19.0.0/24, 198.19.1.10-198.19.1.20]\n  autoAssign: false\n  serviceSelector:\n    matchLabels: {tier: edge}\n",
+        )
+        .unwrap_or_default();
+        let pool = spec.pool.unwrap_or_default();
+        assert_eq!(pool.addresses.len(), 2);
+        assert_eq!(pool.auto_assign, Some(false));
+        assert!(pool.service_selector.is_some());
+        let json = serde_json::to_string(&LoadBalancerClass::crd()).unwrap_or_default();
+        assert!(json.contains("isCIDR(a)"), "{json}");
+        assert!(json.contains("\"minItems\":1"));
     }
 
     #[test]

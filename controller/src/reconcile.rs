@@ -281,8 +281,15 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
                     return Ok(wait);
                 }
                 // Before anything exists in AWS; the update triggers the next reconcile.
-                claim(svc, ctx, &class).await?;
-                return Ok(Action::await_change());
+                return match claim(svc, ctx, &class).await {
+                    Ok(()) => Ok(Action::await_change()),
+                    // The store is behind the Service (a trigger came before the watch
+                    // event of our own last write): the newer version comes back.
+                    Err(Error::Kube(_, kube::Error::Api(s))) if s.code == 409 => {
+                        Ok(Action::requeue(Duration::from_secs(1)))
+                    }
+                    Err(e) => Err(e),
+                };
             }
             provision(svc, ctx, &class, &classes).await
         }
@@ -844,7 +851,7 @@ async fn cleanup(
     }
     if !deleting {
         // No longer ours (type or class changed): drop what berth wrote in the status.
-        services_api(ctx, svc)
+        let updated = services_api(ctx, svc)
             .patch_status(
                 &svc.name_any(),
                 &PatchParams::apply(berth_crds::CONTROLLER_MANAGER).force(),
@@ -852,9 +859,13 @@ async fn cleanup(
             )
             .await
             .map_err(|e| Error::Kube("clear status", e))?;
+        released(svc, ctx);
+        // Guarded by the version the status write produced, not the one read before it.
+        remove_finalizer(&updated, ctx).await?;
+    } else {
+        remove_finalizer(svc, ctx).await?;
+        released(svc, ctx);
     }
-    remove_finalizer(svc, ctx).await?;
-    released(svc, ctx);
     Ok(Action::await_change())
 }
 

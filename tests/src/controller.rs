@@ -42,6 +42,9 @@ pub struct ControllerOpts {
     pub lease_duration: &'static str,
     /// More flags (`--aws-qps`, `--concurrency`, ...).
     pub extra_args: Vec<String>,
+    /// Give the replica LocalStack's endpoint and test credentials; without, it has no AWS
+    /// configuration at all (a bare-metal install).
+    pub aws: bool,
 }
 
 impl ControllerOpts {
@@ -54,6 +57,7 @@ impl ControllerOpts {
             gc_interval: "5s",
             lease_duration: "4s",
             extra_args: Vec::new(),
+            aws: true,
         }
     }
 }
@@ -65,8 +69,6 @@ impl ControllerProc {
         let log = info.log_dir.join(format!("controller-{name}.log"));
         let mut cmd = Command::new(paths::sibling_bin("berth-controller"));
         cmd.args(["--cluster-name", &info.cluster_name])
-            .args(["--region", &info.region])
-            .args(["--aws-endpoint", &info.localstack_endpoint])
             .args(["--admin-bind", &admin])
             .arg("--leader-elect")
             .args(["--lease-namespace", &opts.lease_namespace])
@@ -79,14 +81,31 @@ impl ControllerProc {
             .args(["--class", &opts.classes.join(",")])
             .args(&opts.extra_args)
             .env("KUBECONFIG", &info.kubeconfig)
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_REGION", &info.region)
             .env_remove("AWS_PROFILE")
             .env(
                 "RUST_LOG",
                 "info,berth_controller=debug,kube=warn,aws_config=warn,aws_smithy_runtime=warn",
             );
+        if opts.aws {
+            cmd.args(["--region", &info.region])
+                .args(["--aws-endpoint", &info.localstack_endpoint])
+                .env("AWS_ACCESS_KEY_ID", "test")
+                .env("AWS_SECRET_ACCESS_KEY", "test")
+                .env("AWS_REGION", &info.region);
+        } else {
+            for var in [
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_SESSION_TOKEN",
+                "AWS_REGION",
+                "AWS_DEFAULT_REGION",
+                "AWS_ENDPOINT_URL",
+                "AWS_CONFIG_FILE",
+                "AWS_SHARED_CREDENTIALS_FILE",
+            ] {
+                cmd.env_remove(var);
+            }
+        }
         let process = Supervised::spawn(&format!("controller-{name}"), cmd, &log)?;
         Ok(Self {
             name: name.to_string(),
@@ -182,6 +201,17 @@ impl ClassGuard {
 
     /// A class with the whole `spec` given (e.g. a `pool` block).
     pub fn with_spec(env: &TestEnv, name: &str, spec: serde_json::Value) -> Self {
+        let guard = Self {
+            name: name.to_string(),
+            kubeconfig: env.info.kubeconfig.display().to_string(),
+        };
+        guard.set_spec(env, spec);
+        guard
+    }
+
+    /// Replaces the class's spec.
+    pub fn set_spec(&self, env: &TestEnv, spec: serde_json::Value) {
+        let name = &self.name;
         let obj = serde_json::json!({
             "apiVersion": "berth.dev/v1alpha1", "kind": "LoadBalancerClass",
             "metadata": {"name": name},
@@ -192,10 +222,6 @@ impl ClassGuard {
             .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
         env.kubectl(&["apply", "-f", &path.display().to_string()]);
         let _ = std::fs::remove_file(&path);
-        Self {
-            name: name.to_string(),
-            kubeconfig: env.info.kubeconfig.display().to_string(),
-        }
     }
 
     pub fn lb_class(&self) -> String {

@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use berth_crds::{LABEL_SERVICE_NAME, LoadBalancerClass};
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
@@ -119,11 +119,23 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let aws = aws::Aws::new(&sdk, config.aws_qps, config.aws_burst, metrics.clone());
 
     let (tx, rx) = futures::channel::mpsc::unbounded::<ObjectRef<Service>>();
-    let controller = Controller::new(
+    // The Service store's own readiness wakes only one waiter (the controller's runner);
+    // everyone else learns it from this flag, set once the first full list is in the store.
+    let (services, services_writer) = reflector::store::<Service>();
+    let (synced_tx, services_synced) = tokio::sync::watch::channel(false);
+    let service_events = watcher(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
-    );
-    let services = controller.store();
+    )
+    .default_backoff()
+    .reflect(services_writer)
+    .inspect_ok(move |ev| {
+        if matches!(ev, watcher::Event::InitDone) {
+            let _ = synced_tx.send(true);
+        }
+    })
+    .applied_objects();
+    let controller = Controller::for_stream(service_events, services.clone());
 
     let (nodes, nodes_writer) = reflector::store::<Node>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
@@ -278,6 +290,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         config.clone(),
         reconcile::Stores {
             services: services.clone(),
+            services_synced,
             nodes,
             slices,
             classes,
@@ -298,7 +311,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tokio::spawn(async move {
             // The Service store fills once the controller below runs; sweeping before
             // would take every Service for gone.
-            if ctx.services.wait_until_ready().await.is_err() {
+            let mut synced = ctx.services_synced.clone();
+            if synced.wait_for(|s| *s).await.is_err() {
                 return;
             }
             loop {

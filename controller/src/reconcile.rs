@@ -57,6 +57,8 @@ pub type Trigger = futures::channel::mpsc::UnboundedSender<ObjectRef<Service>>;
 /// The stores a reconcile reads, for `Context::new`.
 pub struct Stores {
     pub services: Store<Service>,
+    /// True once the Service store holds the first full list.
+    pub services_synced: tokio::sync::watch::Receiver<bool>,
     pub nodes: Store<Node>,
     pub slices: Store<EndpointSlice>,
     pub classes: Store<LoadBalancerClass>,
@@ -70,6 +72,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub config: Config,
     pub services: Store<Service>,
+    pub services_synced: tokio::sync::watch::Receiver<bool>,
     pub nodes: Store<Node>,
     pub slices: Store<EndpointSlice>,
     pub classes: Store<LoadBalancerClass>,
@@ -106,6 +109,7 @@ impl Context {
             recorder,
             config,
             services: stores.services,
+            services_synced: stores.services_synced,
             nodes: stores.nodes,
             slices: stores.slices,
             classes: stores.classes,
@@ -132,6 +136,8 @@ impl Context {
     /// Whether every store has delivered its first full list: allocating from a partial
     /// view of the Services could hand out an address that is already taken.
     pub fn synced(&self) -> bool {
+        // Only for stores `run` awaited before reconciling: a store's readiness keeps one
+        // waker, so polling one that is not ready yet would steal its waiter's.
         fn ready<K>(s: &Store<K>) -> bool
         where
             K: kube::Resource + Clone + 'static,
@@ -141,7 +147,7 @@ impl Context {
                 .now_or_never()
                 .is_some_and(|r| r.is_ok())
         }
-        ready(&self.services)
+        *self.services_synced.borrow()
             && ready(&self.nodes)
             && ready(&self.slices)
             && ready(&self.classes)

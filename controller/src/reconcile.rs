@@ -247,7 +247,15 @@ fn svc_uid(svc: &Service) -> String {
 
 pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = reconcile_inner(&svc, &ctx).await;
+    let result = match reconcile_inner(&svc, &ctx).await {
+        // A write guarded by the resourceVersion met a newer Service (changed meanwhile, or
+        // the store had not caught up with our own last write): that version comes back.
+        Err(Error::Kube(what, kube::Error::Api(s))) if s.code == 409 => {
+            tracing::debug!(what, "the Service changed meanwhile; retrying");
+            Ok(Action::requeue(Duration::from_secs(1)))
+        }
+        other => other,
+    };
     ctx.metrics
         .reconcile_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -287,15 +295,8 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
                     return Ok(wait);
                 }
                 // Before anything exists in AWS; the update triggers the next reconcile.
-                return match claim(svc, ctx, &class).await {
-                    Ok(()) => Ok(Action::await_change()),
-                    // The store is behind the Service (a trigger came before the watch
-                    // event of our own last write): the newer version comes back.
-                    Err(Error::Kube(_, kube::Error::Api(s))) if s.code == 409 => {
-                        Ok(Action::requeue(Duration::from_secs(1)))
-                    }
-                    Err(e) => Err(e),
-                };
+                claim(svc, ctx, &class).await?;
+                return Ok(Action::await_change());
             }
             provision(svc, ctx, &class, &classes).await
         }

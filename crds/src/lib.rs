@@ -102,8 +102,8 @@ pub mod annotations {
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.aws.targetType"}"#,
     printcolumn = r#"{"name":"Services","type":"integer","jsonPath":".status.services"}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyServices"}"#,
-    printcolumn = r#"{"name":"Allocated","type":"integer","jsonPath":".status.allocated","priority":1}"#,
-    printcolumn = r#"{"name":"Available","type":"integer","jsonPath":".status.available","priority":1}"#,
+    printcolumn = r#"{"name":"Allocated","type":"integer","jsonPath":".status.allocated"}"#,
+    printcolumn = r#"{"name":"Available","type":"integer","jsonPath":".status.available"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("(has(self.aws) ? 1 : 0) + (has(self.pool) ? 1 : 0) == 1")

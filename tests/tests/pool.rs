@@ -1,6 +1,7 @@
 //! The controller's pool provider against the real local cluster: each case runs its own
 //! `berth-controller` for its own pool LoadBalancerClass, namespace and addresses (disjoint
-//! blocks of 198.19.1.0/24–198.19.7.0/24), so cases run in parallel.
+//! blocks of 198.19.1.0/24–198.19.7.0/24), so cases run in parallel. The node agents of the
+//! environment announce and serve the addresses.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use berth_e2e::controller::{
     ClassGuard, ControllerOpts, ControllerProc, aws_view, install_crds, metric_sum,
 };
-use berth_e2e::testing::{TestEnv, TestNamespace, wait_for};
+use berth_e2e::testing::{TestEnv, TestNamespace, curl_in, wait_for};
 use k8s_openapi::api::core::v1::{Event, Namespace, Service};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -824,4 +825,43 @@ async fn pool_only_controller_runs_without_aws_configuration() {
         .filter(|l| l.contains("WARN") || l.contains("ERROR"))
         .collect();
     assert!(complaints.is_empty(), "{complaints:#?}");
+}
+
+/// The whole path: the controller allocates an address for the seed's nginx, a node agent
+/// announces it and the client outside the cluster gets the nginx page from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allocated_address_serves_the_client() {
+    let case = Case::new(
+        "pool-traffic",
+        serde_json::json!({"addresses": ["198.19.3.0/29"]}),
+    )
+    .await;
+    case.env
+        .apply_example(&case.ns.name, "seed/nginx-deployment.yaml");
+    case.create_spec(
+        "nginx",
+        serde_json::json!({}),
+        serde_json::json!({"ports": [{"name": "http", "port": 80, "targetPort": 80}]}),
+    )
+    .await;
+    assert_eq!(case.wait_ips("nginx").await, vec!["198.19.3.1"]);
+    let url = "http://198.19.3.1/";
+    let last = std::cell::RefCell::new(String::new());
+    let res = wait_for(
+        "nginx at the pool address from the client",
+        LONG,
+        || async {
+            match curl_in(&case.env.info.client_netns, url, Duration::from_secs(2)) {
+                Ok(body) if body.contains("Welcome to nginx!") => true,
+                other => {
+                    *last.borrow_mut() = format!("{other:?}");
+                    false
+                }
+            }
+        },
+    )
+    .await;
+    if let Err(e) = res {
+        panic!("{e}: last: {}\n{}", last.borrow(), case.logs());
+    }
 }

@@ -41,7 +41,9 @@ up: deps build
 down:
 	@if [ -x $(ENV) ]; then $(ENV) down; else echo "nothing to stop"; fi
 
-demo: up
+## The main job on the local cluster (root): berth installed with Helm, the seed's nginx
+## behind a pool address and an NLB in LocalStack. PROVIDER=pool|aws picks one.
+demo: deps build
 	hack/demo.sh
 
 ## Benchmarks (root); each prints a report and merges its keys into

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages berth's local environment needs. Idempotent.
 set -euo pipefail
-pkgs=(nftables iproute2 conntrack openssl socat tcpdump curl ca-certificates python3-venv)
+pkgs=(nftables iproute2 conntrack openssl socat tcpdump curl jq ca-certificates python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -135,3 +135,22 @@ pub fn running_pods(env: &TestEnv, namespace: &str, selector: &str) -> Vec<Strin
     .map(str::to_string)
     .collect()
 }
+
+/// Values that point the chart's node agents at the environment's apiserver and networks,
+/// for the `bare_*` suites, whose nodes run no harness agent. Panics (a failing case, not a
+/// skip) when the environment runs harness agents: the two would fight over nftables.
+pub fn bare_node_agent_values(env: &TestEnv) -> String {
+    assert!(
+        !env.info.node_agents,
+        "this suite needs nodes without harness agents: hack/e2e.sh runs it in its second \
+         phase (BERTH_E2E_NODEPROXY=0)"
+    );
+    let api = env.info.apiserver_url.trim_start_matches("https://");
+    let (host, port) = api.rsplit_once(':').expect("apiserver host:port");
+    format!(
+        "nodeproxy:\n  apiServer: {{host: \"{host}\", port: {port}}}\n  \
+         clusterCIDR: {}\n  serviceCIDR: {}\n",
+        crate::net::CLUSTER_CIDR,
+        env.info.service_cidr
+    )
+}

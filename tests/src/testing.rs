@@ -76,6 +76,23 @@ impl TestEnv {
             .output()
     }
 
+    /// Names of the nodes whose `eth0` carries `ip` as a host address (an announced pool
+    /// address), in node order.
+    pub fn nodes_with_address(&self, ip: &str) -> Vec<String> {
+        let host = format!(" {ip}/32 ");
+        self.info
+            .nodes
+            .iter()
+            .filter(|n| {
+                Command::new("ip")
+                    .args(["-n", &n.plan.netns, "-o", "addr", "show", "dev", "eth0"])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&host))
+            })
+            .map(|n| n.plan.name.clone())
+            .collect()
+    }
+
     /// AWS SDK configuration for the environment's LocalStack.
     pub async fn aws(&self) -> aws_config::SdkConfig {
         crate::localstack::sdk_config(&self.info.localstack_endpoint).await

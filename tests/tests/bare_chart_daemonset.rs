@@ -14,23 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use berth_e2e::controller::ClassGuard;
-use berth_e2e::helm::{Release, running_pods, write_values};
+use berth_e2e::helm::{Release, bare_node_agent_values, running_pods, write_values};
 use berth_e2e::testing::{TestEnv, curl_in, wait_for};
-
-/// Nodes whose eth0 carries `ip` as a host address.
-fn nodes_with(env: &TestEnv, ip: &str) -> Vec<String> {
-    env.info
-        .nodes
-        .iter()
-        .filter(|n| {
-            std::process::Command::new("ip")
-                .args(["-n", &n.plan.netns, "-o", "addr", "show", "dev", "eth0"])
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {ip}/32 ")))
-        })
-        .map(|n| n.plan.name.clone())
-        .collect()
-}
 
 fn nginx_answers(netns: &str, url: &str) -> bool {
     curl_in(netns, url, Duration::from_secs(2)).is_ok_and(|b| b.contains("Welcome to nginx!"))
@@ -39,24 +24,10 @@ fn nginx_answers(netns: &str, url: &str) -> bool {
 #[tokio::test]
 async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() {
     let env = TestEnv::connect().await;
-    assert!(
-        !env.info.node_agents,
-        "this suite needs nodes without harness agents: hack/e2e.sh runs it in its second \
-         phase (BERTH_E2E_NODEPROXY=0)"
-    );
+    let agents = bare_node_agent_values(&env);
     let system = env.namespace("bare-system").await;
     let web = env.namespace("bare-web").await;
-    let api = env
-        .info
-        .apiserver_url
-        .trim_start_matches("https://")
-        .to_string();
-    let (host, port) = api.rsplit_once(':').expect("apiserver host:port");
-    let values = write_values(&format!(
-        "controller:\n  enabled: false\nnodeproxy:\n  apiServer: {{host: \"{host}\", port: {port}}}\n  \
-         clusterCIDR: 10.244.0.0/16\n  serviceCIDR: {}\n",
-        env.info.service_cidr
-    ));
+    let values = write_values(&format!("controller:\n  enabled: false\n{agents}"));
     let id = format!("{:08x}", rand::random::<u32>());
     let release = Release::new(&env, &format!("berth-{id}"), &system.name);
     release.install(std::slice::from_ref(&values));
@@ -185,7 +156,7 @@ async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() 
         Duration::from_secs(60),
         || {
             let h = holder();
-            let on = nodes_with(&env, pool_ip);
+            let on = env.nodes_with_address(pool_ip);
             async move { !h.is_empty() && on == vec![h] }
         },
     )
@@ -194,7 +165,7 @@ async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() 
         panic!(
             "{e}: holder {:?}, on {:?}",
             holder(),
-            nodes_with(&env, pool_ip)
+            env.nodes_with_address(pool_ip)
         )
     });
     let url = format!("http://{pool_ip}/");
@@ -259,7 +230,7 @@ async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() 
         Duration::from_secs(60),
         || {
             let h = holder();
-            let on = nodes_with(&env, pool_ip);
+            let on = env.nodes_with_address(pool_ip);
             async move { !h.is_empty() && on == vec![h] }
         },
     )
@@ -268,7 +239,7 @@ async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() 
         panic!(
             "{e}: holder {:?}, on {:?}",
             holder(),
-            nodes_with(&env, pool_ip)
+            env.nodes_with_address(pool_ip)
         )
     });
 
@@ -278,12 +249,12 @@ async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() 
         &format!("{pool_ip} withdrawn after uninstall"),
         Duration::from_secs(60),
         || {
-            let on = nodes_with(&env, pool_ip);
+            let on = env.nodes_with_address(pool_ip);
             async move { on.is_empty() }
         },
     )
     .await
-    .unwrap_or_else(|e| panic!("{e}: on {:?}", nodes_with(&env, pool_ip)));
+    .unwrap_or_else(|e| panic!("{e}: on {:?}", env.nodes_with_address(pool_ip)));
     drop(class);
     let left = env.kubectl(&[
         "get",

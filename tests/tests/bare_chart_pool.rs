@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use berth_e2e::helm::{Release, running_pods, write_values};
-use berth_e2e::testing::{TestEnv, curl_in, exec_in, wait_for};
+use berth_e2e::helm::{Release, bare_node_agent_values, running_pods, write_values};
+use berth_e2e::testing::{TestEnv, curl_in, wait_for};
 
 /// The range reserved for the integration suite and the demo.
 const POOL: &str = "198.19.0.224/28";
@@ -28,53 +28,19 @@ fn in_pool(ip: &str) -> bool {
         .is_some_and(|n| (225..=238).contains(&n))
 }
 
-/// The node whose `eth0` carries `ip`, if any, and how many nodes carry it.
-fn announcers(env: &TestEnv, ip: &str) -> Vec<String> {
-    env.info
-        .nodes
-        .iter()
-        .filter(|n| {
-            exec_in(
-                &n.plan.netns,
-                &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
-            )
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .any(|w| w == format!("{ip}/32"))
-            })
-            .unwrap_or(false)
-        })
-        .map(|n| n.plan.name.clone())
-        .collect()
-}
-
 #[tokio::test]
 async fn seed_nginx_on_a_default_pool_class_installed_with_helm() {
     let env = TestEnv::connect().await;
-    assert!(
-        !env.info.node_agents,
-        "this suite needs nodes without harness agents: hack/e2e.sh runs it in its second \
-         phase (BERTH_E2E_NODEPROXY=0)"
-    );
+    let agents = bare_node_agent_values(&env);
     let system = env.namespace("pool-system").await;
     let web = env.namespace("pool-web").await;
-    let api = env
-        .info
-        .apiserver_url
-        .trim_start_matches("https://")
-        .to_string();
-    let (host, port) = api.rsplit_once(':').expect("apiserver host:port");
     let id = format!("{:08x}", rand::random::<u32>());
     let class = format!("lan-{id}");
     // No controller.aws at all: a bare-metal install has no cloud.
     let values = write_values(&format!(
-        "clusterName: lab\ncontroller:\n  replicas: 2\n  logJSON: false\n\
-         nodeproxy:\n  apiServer: {{host: \"{host}\", port: {port}}}\n  \
-         clusterCIDR: 10.244.0.0/16\n  serviceCIDR: {svc}\n  logJSON: false\n\
+        "clusterName: lab\ncontroller:\n  replicas: 2\n{agents}\
          loadBalancerClasses:\n  - name: {class}\n    default: true\n    \
-         pool: {{addresses: [\"{POOL}\"], autoAssign: true, l2: true}}\n",
-        svc = env.info.service_cidr
+         pool: {{addresses: [\"{POOL}\"], autoAssign: true, l2: true}}\n"
     ));
     let release = Release::new(&env, &format!("berth-{id}"), &system.name);
     release.install(std::slice::from_ref(&values));
@@ -137,7 +103,7 @@ async fn seed_nginx_on_a_default_pool_class_installed_with_helm() {
     )
     .await
     .expect("pool address reachable over L2");
-    let holders = announcers(&env, &ip);
+    let holders = env.nodes_with_address(&ip);
     assert_eq!(
         holders.len(),
         1,
@@ -219,12 +185,12 @@ async fn seed_nginx_on_a_default_pool_class_installed_with_helm() {
         "another node announces the address",
         Duration::from_secs(60),
         || async {
-            let now = announcers(&env, &ip);
+            let now = env.nodes_with_address(&ip);
             now.len() == 1 && now[0] != holder
         },
     )
     .await
-    .unwrap_or_else(|e| panic!("{e}: announcers now {:?}", announcers(&env, &ip)));
+    .unwrap_or_else(|e| panic!("{e}: announcers now {:?}", env.nodes_with_address(&ip)));
     wait_for(
         "the agent pod replaced",
         Duration::from_secs(60),
@@ -249,7 +215,7 @@ async fn seed_nginx_on_a_default_pool_class_installed_with_helm() {
     assert!(ok > 10, "too few successful requests: {ok}");
     assert!(nginx_answers(&client, &url), "nginx after the failover");
     assert_eq!(
-        announcers(&env, &ip).len(),
+        env.nodes_with_address(&ip).len(),
         1,
         "one announcer after the restart"
     );
@@ -257,7 +223,7 @@ async fn seed_nginx_on_a_default_pool_class_installed_with_helm() {
     // Deleting the Service releases the address: no node keeps it, the Lease goes.
     env.kubectl(&["delete", "service", "nginx-service", "-n", &web.name]);
     wait_for("address withdrawn", Duration::from_secs(60), || async {
-        announcers(&env, &ip).is_empty()
+        env.nodes_with_address(&ip).is_empty()
     })
     .await
     .expect("address removed from every node");

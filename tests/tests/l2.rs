@@ -155,18 +155,7 @@ async fn lease_holder(env: &TestEnv, ip: &str) -> Option<String> {
 
 /// Nodes whose `eth0` carries `ip` (as a host address).
 fn nodes_with(env: &TestEnv, ip: &str) -> BTreeSet<String> {
-    env.info
-        .nodes
-        .iter()
-        .filter(|n| {
-            let out = Command::new("ip")
-                .args(["-n", &n.plan.netns, "-o", "addr", "show", "dev", "eth0"])
-                .output()
-                .expect("ip addr");
-            String::from_utf8_lossy(&out.stdout).contains(&format!(" {ip}/32 "))
-        })
-        .map(|n| n.plan.name.clone())
-        .collect()
+    env.nodes_with_address(ip).into_iter().collect()
 }
 
 fn node<'a>(env: &'a TestEnv, name: &str) -> &'a NodeInfo {

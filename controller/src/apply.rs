@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use berth_crds::tags;
 
 use crate::aws::{Aws, AwsError, LbInfo, ListenerInfo, TargetState};
-use crate::model::{DesiredListener, DesiredLoadBalancer, IpAddressType, Scheme, Target};
+use crate::model::{DesiredListener, DesiredLoadBalancer, Target};
 use crate::settings::HealthCheck;
 
 #[derive(Debug, thiserror::Error)]
@@ -172,20 +172,6 @@ pub fn listener_step(
     }
 }
 
-fn scheme_str(s: Scheme) -> &'static str {
-    match s {
-        Scheme::Internal => "internal",
-        Scheme::InternetFacing => "internet-facing",
-    }
-}
-
-fn ip_type_str(t: IpAddressType) -> &'static str {
-    match t {
-        IpAddressType::Ipv4 => "ipv4",
-        IpAddressType::Dualstack => "dualstack",
-    }
-}
-
 /// What the Service's load balancer looks like after [`ensure`].
 #[derive(Clone, Debug)]
 pub struct Applied {
@@ -244,7 +230,7 @@ pub async fn ensure(
     // 1. The load balancer: adopt by name, replace when an immutable property changed.
     let mut lb = find_own_lb(aws, &desired.name, uid).await?;
     if let Some(existing) = &lb
-        && existing.scheme != scheme_str(desired.scheme)
+        && existing.scheme != desired.scheme.as_str()
     {
         tracing::info!(lb = %existing.name, "scheme changed: replacing the load balancer");
         let keep = desired
@@ -272,7 +258,7 @@ pub async fn ensure(
             created
         }
     };
-    if lb.ip_address_type != ip_type_str(desired.ip_address_type) {
+    if lb.ip_address_type != desired.ip_address_type.as_str() {
         aws.set_ip_address_type(&lb.arn, desired.ip_address_type)
             .await?;
     }

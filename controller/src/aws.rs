@@ -141,20 +141,6 @@ pub struct Aws {
     max_attempts: u32,
 }
 
-fn scheme_str(s: Scheme) -> &'static str {
-    match s {
-        Scheme::Internal => "internal",
-        Scheme::InternetFacing => "internet-facing",
-    }
-}
-
-fn ip_type_str(t: IpAddressType) -> &'static str {
-    match t {
-        IpAddressType::Ipv4 => "ipv4",
-        IpAddressType::Dualstack => "dualstack",
-    }
-}
-
 fn health_from(tg: &elb::types::TargetGroup) -> HealthCheck {
     let port = match tg.health_check_port() {
         None | Some("traffic-port") => HealthPort::TrafficPort,
@@ -484,8 +470,8 @@ impl Aws {
                     .create_load_balancer()
                     .name(&d.name)
                     .r#type(LoadBalancerTypeEnum::Network)
-                    .scheme(LoadBalancerSchemeEnum::from(scheme_str(d.scheme)))
-                    .ip_address_type(AwsIpType::from(ip_type_str(d.ip_address_type)))
+                    .scheme(LoadBalancerSchemeEnum::from(d.scheme.as_str()))
+                    .ip_address_type(AwsIpType::from(d.ip_address_type.as_str()))
                     .set_subnets(Some(d.subnets.clone()))
                     .set_security_groups(sgs.clone())
                     .set_tags(Some(tags_of(&d.tags)))
@@ -515,7 +501,7 @@ impl Aws {
             self.elb
                 .set_ip_address_type()
                 .load_balancer_arn(arn)
-                .ip_address_type(AwsIpType::from(ip_type_str(t)))
+                .ip_address_type(AwsIpType::from(t.as_str()))
                 .send()
         })
         .await

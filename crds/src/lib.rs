@@ -129,6 +129,16 @@ pub enum Scheme {
     InternetFacing,
 }
 
+impl Scheme {
+    /// The name in the schema, which is also ELBv2's.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Internal => "internal",
+            Scheme::InternetFacing => "internet-facing",
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TargetType {
@@ -141,6 +151,16 @@ pub enum TargetType {
 pub enum IpAddressType {
     Ipv4,
     Dualstack,
+}
+
+impl IpAddressType {
+    /// The name in the schema, which is also ELBv2's.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpAddressType::Ipv4 => "ipv4",
+            IpAddressType::Dualstack => "dualstack",
+        }
+    }
 }
 
 /// The `aws` provider: one NLB per Service.

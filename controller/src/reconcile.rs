@@ -324,7 +324,7 @@ async fn hand_over(
     };
     let to_pool = is_pool_class(classes, class);
     if !to_pool && !pool::status_ips(svc).is_empty() {
-        release_pool_status(svc, ctx).await?;
+        release_status(svc, ctx).await?;
         // The status write changed the resourceVersion the claim is guarded by; its event
         // brings the Service back.
         return Ok(Some(Action::await_change()));
@@ -336,8 +336,9 @@ async fn hand_over(
 }
 
 /// Removes berth's status fields, then counts the Service's pool addresses as free.
-async fn release_pool_status(svc: &Service, ctx: &Context) -> Result<(), Error> {
-    services_api(ctx, svc)
+/// Returns the Service as written (its new resourceVersion guards later writes).
+async fn release_status(svc: &Service, ctx: &Context) -> Result<Service, Error> {
+    let updated = services_api(ctx, svc)
         .patch_status(
             &svc.name_any(),
             &PatchParams::apply(berth_crds::CONTROLLER_MANAGER).force(),
@@ -346,7 +347,7 @@ async fn release_pool_status(svc: &Service, ctx: &Context) -> Result<(), Error> 
         .await
         .map_err(|e| Error::Kube("clear status", e))?;
     released(svc, ctx);
-    Ok(())
+    Ok(updated)
 }
 
 /// The Service no longer holds pool addresses (its status says so, or it is gone).
@@ -858,15 +859,7 @@ async fn cleanup(
     }
     if !deleting {
         // No longer ours (type or class changed): drop what berth wrote in the status.
-        let updated = services_api(ctx, svc)
-            .patch_status(
-                &svc.name_any(),
-                &PatchParams::apply(berth_crds::CONTROLLER_MANAGER).force(),
-                &Patch::Apply(status::status_patch(svc, None, &None)),
-            )
-            .await
-            .map_err(|e| Error::Kube("clear status", e))?;
-        released(svc, ctx);
+        let updated = release_status(svc, ctx).await?;
         // Guarded by the version the status write produced, not the one read before it.
         remove_finalizer(&updated, ctx).await?;
     } else {

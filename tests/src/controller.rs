@@ -22,6 +22,15 @@ use crate::paths;
 use crate::proc::{Supervised, free_port};
 use crate::testing::TestEnv;
 
+/// The recent log of every replica, one section each (for failure messages).
+pub fn logs_of(controllers: &[ControllerProc]) -> String {
+    controllers
+        .iter()
+        .map(|c| format!("--- controller {} ---\n{}", c.name, c.log_tail()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// One controller replica.
 pub struct ControllerProc {
     pub name: String,

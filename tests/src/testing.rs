@@ -4,8 +4,8 @@
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::PostParams;
+use k8s_openapi::api::core::v1::{Event, Namespace, Service};
+use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 
 use crate::env::EnvInfo;
@@ -91,6 +91,26 @@ impl TestEnv {
             })
             .map(|n| n.plan.name.clone())
             .collect()
+    }
+
+    /// Events about the object `name` in `namespace`, as (type, reason, message).
+    pub async fn events(&self, namespace: &str, name: &str) -> Vec<(String, String, String)> {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), namespace);
+        api.list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+            .await
+            .map(|l| {
+                l.items
+                    .into_iter()
+                    .map(|e| {
+                        (
+                            e.type_.unwrap_or_default(),
+                            e.reason.unwrap_or_default(),
+                            e.message.unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// AWS SDK configuration for the environment's LocalStack.
@@ -198,4 +218,37 @@ pub fn example(path: &str) -> String {
         .join(path)
         .display()
         .to_string()
+}
+
+/// The Service's `berth.dev/LoadBalancerReady` condition as (status, reason, message).
+pub fn lb_condition(svc: &Service) -> Option<(String, String, String)> {
+    svc.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == berth_crds::CONDITION_LB_READY)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// The hostname in the Service's `status.loadBalancer.ingress`, if any.
+pub fn lb_hostname(svc: &Service) -> Option<String> {
+    svc.status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .iter()
+        .find_map(|i| i.hostname.clone())
+}
+
+/// The IPs in the Service's `status.loadBalancer.ingress`.
+pub fn lb_ips(svc: &Service) -> Vec<String> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|v| v.iter().filter_map(|i| i.ip.clone()).collect())
+        .unwrap_or_default()
 }

@@ -151,23 +151,30 @@ async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() 
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
     };
-    wait_for(
-        &format!("{pool_ip} announced by one chart agent"),
-        Duration::from_secs(60),
-        || {
-            let h = holder();
-            let on = env.nodes_with_address(pool_ip);
-            async move { !h.is_empty() && on == vec![h] }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e}: holder {:?}, on {:?}",
-            holder(),
-            env.nodes_with_address(pool_ip)
-        )
-    });
+    // One agent holds the address's Lease and is the only node with the address.
+    let one_announcer = |what: &'static str| {
+        let (holder, env) = (&holder, &env);
+        async move {
+            wait_for(
+                &format!("{pool_ip} announced {what}"),
+                Duration::from_secs(60),
+                || {
+                    let h = holder();
+                    let on = env.nodes_with_address(pool_ip);
+                    async move { !h.is_empty() && on == vec![h] }
+                },
+            )
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e}: holder {:?}, on {:?}",
+                    holder(),
+                    env.nodes_with_address(pool_ip)
+                )
+            });
+        }
+    };
+    one_announcer("by one chart agent").await;
     let url = format!("http://{pool_ip}/");
     wait_for(
         &format!("{url} from the client"),
@@ -225,23 +232,7 @@ async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() 
     );
 
     // After the rollout some agent announces the address again.
-    wait_for(
-        &format!("{pool_ip} announced after the rollout"),
-        Duration::from_secs(60),
-        || {
-            let h = holder();
-            let on = env.nodes_with_address(pool_ip);
-            async move { !h.is_empty() && on == vec![h] }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e}: holder {:?}, on {:?}",
-            holder(),
-            env.nodes_with_address(pool_ip)
-        )
-    });
+    one_announcer("after the rollout").await;
 
     release.uninstall();
     // Stopped agents release their addresses (or the addresses run out of lifetime).

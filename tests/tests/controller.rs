@@ -8,10 +8,12 @@ use std::time::Duration;
 use aws_sdk_elasticloadbalancingv2 as elb;
 use berth_e2e::controller::{
     AwsView, ClassGuard, ControllerOpts, ControllerProc, aws_view, install_crds, listener_address,
-    metric_sum, targets,
+    logs_of, metric_sum, targets,
 };
-use berth_e2e::testing::{TestEnv, TestNamespace, curl_in, exec_in, udp_in, wait_for};
-use k8s_openapi::api::core::v1::{Event, Node, Pod, Service};
+use berth_e2e::testing::{
+    TestEnv, TestNamespace, curl_in, exec_in, lb_condition, lb_hostname, udp_in, wait_for,
+};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 
@@ -19,7 +21,6 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 /// sets with the nodes take it for reading.
 static NODES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-const READY: &str = "berth.dev/LoadBalancerReady";
 const LONG: Duration = Duration::from_secs(90);
 
 struct Case {
@@ -67,11 +68,7 @@ impl Case {
     }
 
     fn logs(&self) -> String {
-        self.controllers
-            .iter()
-            .map(|c| format!("--- controller {} ---\n{}", c.name, c.log_tail()))
-            .collect::<Vec<_>>()
-            .join("\n")
+        logs_of(&self.controllers)
     }
 
     fn services(&self) -> Api<Service> {
@@ -145,7 +142,7 @@ impl Case {
         let api = self.services();
         let res = wait_for(&format!("service {name} ready"), LONG, || async {
             api.get(name).await.is_ok_and(|s| {
-                condition(&s).is_some_and(|(st, _, _)| st == "True") && hostname(&s).is_some()
+                lb_condition(&s).is_some_and(|(st, _, _)| st == "True") && lb_hostname(&s).is_some()
             })
         })
         .await;
@@ -168,7 +165,7 @@ impl Case {
             || async {
                 api.get(name)
                     .await
-                    .is_ok_and(|s| condition(&s).is_some_and(|(_, r, _)| r == reason))
+                    .is_ok_and(|s| lb_condition(&s).is_some_and(|(_, r, _)| r == reason))
             },
         )
         .await;
@@ -179,7 +176,7 @@ impl Case {
                 self.logs()
             );
         }
-        condition(&api.get(name).await.expect("get")).expect("condition")
+        lb_condition(&api.get(name).await.expect("get")).expect("condition")
     }
 
     /// The single load balancer LocalStack holds for `uid`, once it has `tgs` target groups.
@@ -235,22 +232,7 @@ impl Case {
     }
 
     async fn events(&self, name: &str) -> Vec<(String, String, String)> {
-        let api: Api<Event> = Api::namespaced(self.env.client.clone(), &self.ns.name);
-        api.list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
-            .await
-            .map(|l| {
-                l.items
-                    .into_iter()
-                    .map(|e| {
-                        (
-                            e.type_.unwrap_or_default(),
-                            e.reason.unwrap_or_default(),
-                            e.message.unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.env.events(&self.ns.name, name).await
     }
 
     fn instance_ids(&self) -> BTreeSet<String> {
@@ -265,28 +247,6 @@ impl Case {
 
 fn uid(svc: &Service) -> String {
     svc.metadata.uid.clone().expect("uid")
-}
-
-fn condition(svc: &Service) -> Option<(String, String, String)> {
-    svc.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == READY)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-fn hostname(svc: &Service) -> Option<String> {
-    svc.status
-        .as_ref()?
-        .load_balancer
-        .as_ref()?
-        .ingress
-        .as_ref()?
-        .first()?
-        .hostname
-        .clone()
 }
 
 fn node_port(svc: &Service, port: i32) -> i32 {
@@ -353,7 +313,7 @@ async fn seed_nginx_gets_an_nlb_with_every_node_on_the_node_port() {
     let svc = case.wait_ready("nginx-service").await;
     let view = case.one_lb(&uid(&svc), 1).await;
     let (lb_arn, _, dns, scheme) = view.load_balancers[0].clone();
-    assert_eq!(hostname(&svc), Some(dns));
+    assert_eq!(lb_hostname(&svc), Some(dns));
     assert_eq!(scheme, "internet-facing");
     let ports = svc
         .status
@@ -922,8 +882,8 @@ async fn delete_and_type_change_leave_nothing_in_localstack() {
     wait_for("retyped Service cleaned up", LONG, || async {
         case.services().get("retyped").await.is_ok_and(|s| {
             s.metadata.finalizers.clone().unwrap_or_default().is_empty()
-                && condition(&s).is_none()
-                && hostname(&s).is_none()
+                && lb_condition(&s).is_none()
+                && lb_hostname(&s).is_none()
         })
     })
     .await
@@ -1065,7 +1025,7 @@ async fn controller_killed_mid_provisioning_leaves_one_lb_and_no_leftovers() {
         view.target_groups.keys().cloned().collect::<BTreeSet<_>>(),
         "no unattached target groups"
     );
-    assert_eq!(hostname(&svc), Some(view.load_balancers[0].2.clone()));
+    assert_eq!(lb_hostname(&svc), Some(view.load_balancers[0].2.clone()));
     wait_for("the orphaned target group swept", LONG, || async {
         case.elb
             .describe_target_groups()
@@ -1646,5 +1606,5 @@ async fn stray_and_removed_target_groups_of_a_live_service_are_deleted() {
         vec![(80, "TCP".to_string(), kept_tg)]
     );
     let svc = case.services().get("web").await.expect("get");
-    assert_eq!(condition(&svc).map(|c| c.0), Some("True".to_string()));
+    assert_eq!(lb_condition(&svc).map(|c| c.0), Some("True".to_string()));
 }

@@ -7,14 +7,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use berth_e2e::controller::{
-    ClassGuard, ControllerOpts, ControllerProc, aws_view, install_crds, metric_sum,
+    ClassGuard, ControllerOpts, ControllerProc, aws_view, install_crds, logs_of, metric_sum,
 };
-use berth_e2e::testing::{TestEnv, TestNamespace, curl_in, wait_for};
-use k8s_openapi::api::core::v1::{Event, Namespace, Service};
+use berth_e2e::testing::{
+    TestEnv, TestNamespace, curl_in, lb_condition, lb_hostname, lb_ips, wait_for,
+};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 
-const READY: &str = "berth.dev/LoadBalancerReady";
 const OWNER: &str = "berth.dev/load-balancer-class";
 const PIN: &str = "berth.dev/load-balancer-ips";
 const SHARE: &str = "berth.dev/allow-shared-ip";
@@ -61,11 +62,7 @@ impl Case {
     }
 
     fn logs(&self) -> String {
-        self.controllers
-            .iter()
-            .map(|c| format!("--- controller {} ---\n{}", c.name, c.log_tail()))
-            .collect::<Vec<_>>()
-            .join("\n")
+        logs_of(&self.controllers)
     }
 
     fn services(&self) -> Api<Service> {
@@ -117,7 +114,8 @@ impl Case {
             LONG,
             || async {
                 api.get(name).await.is_ok_and(|s| {
-                    condition(&s).is_some_and(|(st, _, _)| st == "True") && !ips(&s).is_empty()
+                    lb_condition(&s).is_some_and(|(st, _, _)| st == "True")
+                        && !lb_ips(&s).is_empty()
                 })
             },
         )
@@ -130,14 +128,14 @@ impl Case {
                 self.logs()
             );
         }
-        ips(&api.get(name).await.expect("get service"))
+        lb_ips(&api.get(name).await.expect("get service"))
     }
 
     /// Waits until the Service's address list is `want`.
     async fn wait_ips_equal(&self, name: &str, want: &[&str]) {
         let api = self.services();
         let res = wait_for(&format!("service {name} at {want:?}"), LONG, || async {
-            api.get(name).await.is_ok_and(|s| ips(&s) == want)
+            api.get(name).await.is_ok_and(|s| lb_ips(&s) == want)
         })
         .await;
         if let Err(e) = res {
@@ -159,7 +157,7 @@ impl Case {
             || async {
                 api.get(name)
                     .await
-                    .is_ok_and(|s| condition(&s).is_some_and(|(_, r, _)| r == reason))
+                    .is_ok_and(|s| lb_condition(&s).is_some_and(|(_, r, _)| r == reason))
             },
         )
         .await;
@@ -171,27 +169,12 @@ impl Case {
                 self.logs()
             );
         }
-        let (st, _, msg) = condition(&api.get(name).await.expect("get")).expect("condition");
+        let (st, _, msg) = lb_condition(&api.get(name).await.expect("get")).expect("condition");
         (st, msg)
     }
 
     async fn events(&self, name: &str) -> Vec<(String, String, String)> {
-        let api: Api<Event> = Api::namespaced(self.env.client.clone(), &self.ns.name);
-        api.list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
-            .await
-            .map(|l| {
-                l.items
-                    .into_iter()
-                    .map(|e| {
-                        (
-                            e.type_.unwrap_or_default(),
-                            e.reason.unwrap_or_default(),
-                            e.message.unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.env.events(&self.ns.name, name).await
     }
 
     /// Waits for an event of `type_` and `reason` whose message contains every `needles`.
@@ -244,38 +227,8 @@ impl Case {
     }
 }
 
-fn condition(svc: &Service) -> Option<(String, String, String)> {
-    svc.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == READY)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-fn ips(svc: &Service) -> Vec<String> {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .map(|v| v.iter().filter_map(|i| i.ip.clone()).collect())
-        .unwrap_or_default()
-}
-
 fn annotation(svc: &Service, key: &str) -> Option<String> {
     svc.metadata.annotations.as_ref()?.get(key).cloned()
-}
-
-fn hostname(svc: &Service) -> Option<String> {
-    svc.status
-        .as_ref()?
-        .load_balancer
-        .as_ref()?
-        .ingress
-        .as_ref()?
-        .iter()
-        .find_map(|i| i.hostname.clone())
 }
 
 /// A Service gets the lowest address of the pool (the /27's network address left out) as
@@ -316,7 +269,7 @@ async fn allocation_writes_address_vip_ports_and_condition() {
         ports,
         vec![(80, "TCP".to_string()), (53, "UDP".to_string())]
     );
-    let (_, reason, message) = condition(&svc).expect("condition");
+    let (_, reason, message) = lb_condition(&svc).expect("condition");
     assert_eq!(reason, "Provisioned");
     assert!(
         message.contains("198.19.2.1") && message.contains(&case.class.name),
@@ -378,7 +331,7 @@ async fn restart_keeps_every_address_without_a_write() {
         || async {
             api.list(&ListParams::default())
                 .await
-                .is_ok_and(|l| l.items.iter().filter(|s| !ips(s).is_empty()).count() == SERVICES)
+                .is_ok_and(|l| l.items.iter().filter(|s| !lb_ips(s).is_empty()).count() == SERVICES)
         },
     )
     .await;
@@ -389,7 +342,7 @@ async fn restart_keeps_every_address_without_a_write() {
         items
             .into_iter()
             .map(|s| {
-                let ips = ips(&s);
+                let ips = lb_ips(&s);
                 (
                     s.metadata.name.clone().unwrap_or_default(),
                     (ips, s.metadata.resource_version.clone().unwrap_or_default()),
@@ -454,10 +407,7 @@ async fn leader_killed_other_replica_keeps_addresses() {
     assert!(case.controllers[1 - leaders[0]].is_leader().await);
     for (name, ips) in &held {
         assert_ne!(ips, &d, "d got {name}'s address");
-        assert_eq!(
-            &self::ips(&case.services().get(name).await.expect("get")),
-            ips
-        );
+        assert_eq!(&lb_ips(&case.services().get(name).await.expect("get")), ips);
     }
 }
 
@@ -480,7 +430,7 @@ async fn exhaustion_then_recovery_when_an_address_frees_up() {
     assert!(message.contains(&case.class.name), "{message}");
     case.wait_event("c", "Warning", "PoolExhausted", &[]).await;
     case.wait_class_counts(2, 0).await;
-    assert!(ips(&case.services().get("c").await.expect("get")).is_empty());
+    assert!(lb_ips(&case.services().get("c").await.expect("get")).is_empty());
     case.delete("a").await;
     case.wait_ips_equal("c", &["198.19.2.49"]).await;
     case.wait_event("c", "Normal", "Provisioned", &["198.19.2.49"])
@@ -513,7 +463,7 @@ async fn sharing_needs_the_key_and_disjoint_ports() {
     case.create("alone", serde_json::json!({}), &[8443]).await;
     let alone = case.wait_ips("alone").await;
     assert_ne!(alone, first);
-    assert!(ips(&case.services().get("clash").await.expect("get")).is_empty());
+    assert!(lb_ips(&case.services().get("clash").await.expect("get")).is_empty());
     case.wait_class_counts(2, 12).await;
 }
 
@@ -558,7 +508,7 @@ async fn pinning_through_the_spec_and_the_annotation() {
         .await;
     let (_, message) = case.wait_condition("taken", "AddressUnavailable").await;
     assert!(message.contains("spec-pin"), "{message}");
-    assert!(ips(&case.services().get("taken").await.expect("get")).is_empty());
+    assert!(lb_ips(&case.services().get("taken").await.expect("get")).is_empty());
     // Re-pinned to a free address inside the pool, it gets it.
     case.services()
         .patch(
@@ -595,7 +545,7 @@ async fn shrinking_the_pool_moves_services_with_events() {
     .await;
     // b's address is still in the pool: it stays.
     assert_eq!(
-        ips(&case.services().get("b").await.expect("get")),
+        lb_ips(&case.services().get("b").await.expect("get")),
         vec!["198.19.2.98"]
     );
     assert!(
@@ -623,7 +573,7 @@ async fn auto_assign_off_serves_only_pinned_services() {
     let (status, message) = case.wait_condition("plain", "AutoAssignDisabled").await;
     assert_eq!(status, "False");
     assert!(message.contains(PIN), "{message}");
-    assert!(ips(&case.services().get("plain").await.expect("get")).is_empty());
+    assert!(lb_ips(&case.services().get("plain").await.expect("get")).is_empty());
 }
 
 /// serviceSelector and namespaceSelector: a Service outside either gets NotSelected; a
@@ -670,7 +620,7 @@ async fn selectors_restrict_services_and_namespaces() {
     assert_eq!(case.wait_ips("edge").await, vec!["198.19.2.129"]);
     let (_, message) = case.wait_condition("core", "NotSelected").await;
     assert!(message.contains("serviceSelector"), "{message}");
-    assert!(ips(&case.services().get("core").await.expect("get")).is_empty());
+    assert!(lb_ips(&case.services().get("core").await.expect("get")).is_empty());
 }
 
 /// A Service moved from the pool class to an AWS class (type round trip, as
@@ -717,9 +667,9 @@ async fn moving_between_pool_and_aws_classes_releases_what_the_old_class_held() 
     let api = case.services();
     let res = wait_for("mover ready with an NLB hostname", LONG, || async {
         api.get("mover").await.is_ok_and(|s| {
-            hostname(&s).is_some()
-                && ips(&s).is_empty()
-                && condition(&s).is_some_and(|(st, _, _)| st == "True")
+            lb_hostname(&s).is_some()
+                && lb_ips(&s).is_empty()
+                && lb_condition(&s).is_some_and(|(st, _, _)| st == "True")
                 && annotation(&s, OWNER) == Some(aws_class.name.clone())
         })
     })
@@ -755,7 +705,7 @@ async fn moving_between_pool_and_aws_classes_releases_what_the_old_class_held() 
     if let Err(e) = res {
         panic!("{e}\n{}", case.logs());
     }
-    assert!(hostname(&api.get("mover").await.expect("get")).is_none());
+    assert!(lb_hostname(&api.get("mover").await.expect("get")).is_none());
 }
 
 /// A malformed pin annotation: InvalidAnnotation with a Warning event naming it; the other
@@ -780,7 +730,7 @@ async fn malformed_annotation_gives_condition_and_event_and_spares_others() {
     case.wait_event("bad", "Warning", "InvalidAnnotation", &["not-an-ip"])
         .await;
     assert_eq!(case.wait_ips("good").await, vec!["198.19.2.161"]);
-    assert!(ips(&case.services().get("bad").await.expect("get")).is_empty());
+    assert!(lb_ips(&case.services().get("bad").await.expect("get")).is_empty());
     case.services()
         .patch(
             "bad",

@@ -11,7 +11,7 @@ use berth_e2e::controller::{
     ClassGuard, ControllerOpts, ControllerProc, aws_view, install_crds, listener_address, targets,
 };
 use berth_e2e::env::restart_localstack;
-use berth_e2e::testing::{TestEnv, curl_in, wait_for};
+use berth_e2e::testing::{TestEnv, curl_in, lb_condition, lb_hostname, wait_for};
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
 use kube::api::PostParams;
@@ -20,17 +20,7 @@ const LONG: Duration = Duration::from_secs(120);
 
 /// (condition status, hostname) of the Service.
 fn readiness(svc: &Service) -> (Option<String>, Option<String>) {
-    let status = svc.status.as_ref();
-    let ready = status
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "berth.dev/LoadBalancerReady"))
-        .map(|c| c.status.clone());
-    let hostname = status
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|l| l.ingress.as_ref())
-        .and_then(|i| i.first())
-        .and_then(|i| i.hostname.clone());
-    (ready, hostname)
+    (lb_condition(svc).map(|c| c.0), lb_hostname(svc))
 }
 
 /// nginx's welcome page through the listener serving `port` of `lb_arn`.

@@ -7,6 +7,7 @@
 #     e.g. restart LocalStack);
 #  2. the bare_*.rs suites, on nodes without node agents (they install berth's own, e.g.
 #     through the Helm chart's DaemonSet).
+# E2E_TESTS="pool l2" runs only the named suites (in their phases), for development.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
@@ -26,6 +27,7 @@ trap '"$env" down' EXIT
 with_agents=() serial=() bare=()
 for f in tests/tests/*.rs; do
   name=$(basename "$f" .rs)
+  if [ -n "${E2E_TESTS:-}" ] && [[ " $E2E_TESTS " != *" $name "* ]]; then continue; fi
   case "$name" in
     bare_*) bare+=(--test "$name") ;;
     serial_*) serial+=("$name") ;;
@@ -35,12 +37,16 @@ done
 threads=(--test-threads="${E2E_THREADS:-4}")
 
 status=0
-"$env" up
-cargo test -p berth-e2e "${with_agents[@]}" --no-fail-fast -- "${threads[@]}" || status=$?
-for name in ${serial[@]+"${serial[@]}"}; do
-  cargo test -p berth-e2e --test "$name" -- --test-threads=1 || status=$?
-done
-"$env" down
+if [ ${#with_agents[@]} -gt 0 ] || [ ${#serial[@]} -gt 0 ]; then
+  "$env" up
+  if [ ${#with_agents[@]} -gt 0 ]; then
+    cargo test -p berth-e2e "${with_agents[@]}" --no-fail-fast -- "${threads[@]}" || status=$?
+  fi
+  for name in ${serial[@]+"${serial[@]}"}; do
+    cargo test -p berth-e2e --test "$name" -- --test-threads=1 || status=$?
+  done
+  "$env" down
+fi
 if [ ${#bare[@]} -gt 0 ]; then
   BERTH_E2E_NODEPROXY=0 BERTH_E2E_LOG_DIR=target/e2e-logs/bare "$env" up
   cargo test -p berth-e2e "${bare[@]}" --no-fail-fast -- "${threads[@]}" || status=$?

@@ -18,16 +18,16 @@ if [ -z "$python" ]; then
   done
 fi
 [ -n "$python" ] || { echo "[setup-localstack] need CPython 3.11 (set BERTH_PYTHON)" >&2; exit 1; }
-stamp=$(cat "$here/localstack/constraints.txt" "$here"/localstack/berth_localstack_ext/pyproject.toml \
-  "$here"/localstack/berth_localstack_ext/berth_localstack_ext/*.py | sha256sum | cut -c1-16)
+stamp=$(cat "$here/../localstack/constraints.txt" "$here"/../localstack/berth_localstack_ext/pyproject.toml \
+  "$here"/../localstack/berth_localstack_ext/berth_localstack_ext/*.py | sha256sum | cut -c1-16)
 if [ -f "$venv/.berth-stamp" ] && [ "$(cat "$venv/.berth-stamp")" = "$stamp" ]; then
   echo "[setup-localstack] venv up to date: $venv" >&2; exit 0
 fi
 echo "[setup-localstack] creating $venv with $python" >&2
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip >/dev/null
-"$venv/bin/pip" install -q -c "$here/localstack/constraints.txt" \
+"$venv/bin/pip" install -q -c "$here/../localstack/constraints.txt" \
   "localstack-core[runtime]==$LOCALSTACK_VERSION" cbor2 cryptography pyopenssl service_identity
-"$venv/bin/pip" install -q --no-deps --force-reinstall "$here/localstack/berth_localstack_ext"
+"$venv/bin/pip" install -q --no-deps --force-reinstall "$here/../localstack/berth_localstack_ext"
 echo "$stamp" > "$venv/.berth-stamp"
 echo "[setup-localstack] ready: $venv" >&2

@@ -1,7 +1,11 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease: only the holder calls AWS or
-//! writes. Updates carry the resourceVersion, so two replicas can never both win.
+//! writes. Updates carry the resourceVersion, so two replicas can never both win. Every
+//! successful renewal moves the [`Fence`] deadline forward; losing the Lease (or failing
+//! to renew it in time) loses the fence, which stops every writer.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use berth_runtime::Fence;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -14,6 +18,7 @@ pub struct LeaderElector {
     name: String,
     identity: String,
     duration: Duration,
+    fence: Fence,
 }
 
 /// Whether `spec` lets `identity` take the lease at `now_ms`: free, ours, or expired. Pure.
@@ -39,13 +44,22 @@ impl LeaderElector {
         name: &str,
         identity: &str,
         duration: Duration,
+        fence: Fence,
     ) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
             name: name.into(),
             identity: identity.into(),
             duration,
+            fence,
         }
+    }
+
+    /// Writes are allowed until the lease could have expired as seen by another replica:
+    /// counted from when this attempt started, less a tenth for clock-rate differences.
+    fn held_since(&self, started: Instant) {
+        self.fence
+            .hold_until(started + self.duration - self.duration / 10);
     }
 
     fn spec(&self, previous: Option<&LeaseSpec>, now: Timestamp) -> LeaseSpec {
@@ -70,7 +84,15 @@ impl LeaderElector {
 
     /// One attempt to take or renew the lease; true when this replica holds it afterwards.
     pub async fn try_acquire(&self) -> Result<bool, kube::Error> {
-        let now = Timestamp::now();
+        let started = Instant::now();
+        let held = self.try_acquire_at(Timestamp::now()).await;
+        if matches!(held, Ok(true)) {
+            self.held_since(started);
+        }
+        held
+    }
+
+    async fn try_acquire_at(&self, now: Timestamp) -> Result<bool, kube::Error> {
         match self.api.get_opt(&self.name).await? {
             None => {
                 let lease = Lease {
@@ -124,8 +146,13 @@ impl LeaderElector {
     }
 
     /// Renews until renewing fails for longer than the lease lasts; returns when
-    /// leadership is lost.
+    /// leadership is lost, with the fence lost first.
     pub async fn hold(&self) {
+        self.renew_until_lost().await;
+        self.fence.lose();
+    }
+
+    async fn renew_until_lost(&self) {
         let period = self.retry_period();
         let mut last_ok = std::time::Instant::now();
         loop {
@@ -146,6 +173,8 @@ impl LeaderElector {
 
     /// Gives the lease up (on shutdown) so another replica takes over at once.
     pub async fn release(&self) {
+        // No write of ours may follow the release.
+        self.fence.lose();
         if let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await {
             let mut spec = lease.spec.clone().unwrap_or_default();
             if spec.holder_identity.as_deref() == Some(self.identity.as_str()) {

@@ -3,23 +3,20 @@
 //!
 //! `run` wires the watches (reflector stores for Services, Nodes, EndpointSlices,
 //! LoadBalancerClasses and Namespaces), the admin server, leader election, the orphan sweep
-//! and the reconciler. The logic lives in the modules: `settings` and `model` (pure desired
-//! state), `apply` (diff against AWS), `pool` (address allocation), `nodeport`, `status`,
-//! `reconcile`, `gc`.
+//! and the reconciler. The logic lives in the modules: [`service`] (one Service's
+//! reconcile: ownership, finalizer, NodePorts, status) and [`provider`] (AWS and pools).
 
 pub mod admin;
-pub mod apply;
-pub mod aws;
 pub mod config;
-pub mod gc;
 pub mod leader;
 pub mod metrics;
-pub mod model;
-pub mod nodeport;
-pub mod pool;
-pub mod reconcile;
-pub mod settings;
-pub mod status;
+pub mod provider;
+pub mod service;
+
+use provider::aws::{client as aws, gc};
+use provider::pool::allocation as pool;
+use service as reconcile;
+use service::status;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -260,12 +257,18 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     metrics.ready.store(true, Ordering::Relaxed);
     tracing::info!(%identity, "watches synced; waiting for leadership");
 
+    let fence = if config.leader_elect {
+        berth_runtime::Fence::new()
+    } else {
+        berth_runtime::Fence::unfenced()
+    };
     let elector = Arc::new(leader::LeaderElector::new(
         client.clone(),
         &config.lease_namespace,
         &config.lease_name,
         &identity,
         config.lease_duration,
+        fence.clone(),
     ));
     if config.leader_elect {
         tokio::select! {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::http::{self, Response};
-use crate::model::ServiceId;
+use crate::proxy::model::ServiceId;
 
 pub type Checks = BTreeMap<u16, (ServiceId, usize)>;
 

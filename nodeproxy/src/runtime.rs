@@ -16,16 +16,18 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 
-use crate::announce::Timing;
-use crate::announcer::{self, Announcer, ModelView, Snapshot};
 use crate::error::Error;
 use crate::healthcheck::HealthChecks;
-use crate::index::{Index, Kind, NodeConfig, Work};
+use crate::http;
+use crate::l2::announce;
+use crate::l2::announce::Timing;
+use crate::l2::announcer::{self, Announcer, ModelView, Snapshot};
 use crate::metrics::Metrics;
-use crate::model::{Cidr, ServiceId};
-use crate::ruleset;
-use crate::sync::{Changes, Programmed};
-use crate::{announce, convert, http, nft};
+use crate::proxy::index::{Index, Kind, NodeConfig, Work};
+use crate::proxy::model::{Cidr, ServiceId};
+use crate::proxy::ruleset;
+use crate::proxy::sync::{Changes, Programmed};
+use crate::proxy::{convert, nft};
 
 /// `100ms`, `2s`, `1m`: a duration flag.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -279,7 +281,7 @@ fn compute(shared: &Shared, force_full: bool) -> Option<(Work, Computed)> {
 enum Computed {
     Nothing,
     Full(
-        crate::model::NodeFacts,
+        crate::proxy::model::NodeFacts,
         std::collections::BTreeMap<ServiceId, ruleset::ServiceRules>,
     ),
     Changes(Changes),

@@ -11,10 +11,10 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_nodeproxy::convert;
-use berth_nodeproxy::index::{Index, Kind, NodeConfig};
-use berth_nodeproxy::ruleset;
-use berth_nodeproxy::sync::{Changes, Programmed};
+use berth_nodeproxy::proxy::convert;
+use berth_nodeproxy::proxy::index::{Index, Kind, NodeConfig};
+use berth_nodeproxy::proxy::ruleset;
+use berth_nodeproxy::proxy::sync::{Changes, Programmed};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 

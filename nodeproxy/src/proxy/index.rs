@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use crate::model::{Cidr, Model, NodeFacts, Service, ServiceId, Slice};
+use crate::proxy::model::{Cidr, Model, NodeFacts, Service, ServiceId, Slice};
 
 /// Static configuration of the node facts.
 #[derive(Clone, Debug, Default)]
@@ -212,7 +212,7 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Protocol;
+    use crate::proxy::model::Protocol;
 
     fn idx() -> Index {
         Index::new(NodeConfig {

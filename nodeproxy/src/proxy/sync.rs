@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::model::{Family, NodeFacts, ServiceId};
-use crate::ruleset::{self, ElemKey, Frontend, HealthCheck, MapName, ServiceRules};
+use crate::proxy::model::{Family, NodeFacts, ServiceId};
+use crate::proxy::ruleset::{self, ElemKey, Frontend, HealthCheck, MapName, ServiceRules};
 
 /// A change to apply: new rules of a Service, or `None` when it is gone.
 pub type Changes = BTreeMap<ServiceId, Option<ServiceRules>>;
@@ -251,8 +251,8 @@ impl Programmed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Endpoint, Model, Protocol, Service, Slice};
-    use crate::ruleset::all_rules;
+    use crate::proxy::model::{Endpoint, Model, Protocol, Service, Slice};
+    use crate::proxy::ruleset::all_rules;
 
     fn node() -> NodeFacts {
         NodeFacts::test("n1", "198.18.1.10")

@@ -8,9 +8,9 @@ use std::sync::Mutex;
 
 use berth_crds::tags;
 
-use crate::aws::{Aws, AwsError, LbInfo, ListenerInfo, TargetState};
-use crate::model::{DesiredListener, DesiredLoadBalancer, Target};
-use crate::settings::HealthCheck;
+use crate::provider::aws::annotations::HealthCheck;
+use crate::provider::aws::client::{Aws, AwsError, LbInfo, ListenerInfo, TargetState};
+use crate::provider::aws::model::{DesiredListener, DesiredLoadBalancer, Target};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -284,7 +284,7 @@ pub async fn ensure(
         aws.target_groups_of(&lb.arn).await?
     };
     let mut fresh_tgs = BTreeSet::new();
-    let mut by_name: HashMap<String, crate::aws::TgInfo> = attached
+    let mut by_name: HashMap<String, crate::provider::aws::client::TgInfo> = attached
         .iter()
         .map(|t| (t.name.clone(), t.clone()))
         .collect();

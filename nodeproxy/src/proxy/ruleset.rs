@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use crate::model::{
+use crate::proxy::model::{
     Cidr, Endpoint, Family, Model, NodeFacts, Protocol, Service, ServiceId, ServicePort, Slice,
 };
 
@@ -537,7 +537,7 @@ pub fn skeleton(
         s,
         "  map affinity {{ type {a} . mark . {a} : {a} . inet_service; flags dynamic,timeout; size 1048576; timeout 3h; }}"
     );
-    let cidrs = |v: &[crate::model::Cidr]| -> Vec<String> {
+    let cidrs = |v: &[crate::proxy::model::Cidr]| -> Vec<String> {
         v.iter()
             .filter(|c| c.family() == f)
             .map(|c| c.to_string())
@@ -743,8 +743,8 @@ pub fn full_transaction(node: &NodeFacts, rules: &BTreeMap<ServiceId, ServiceRul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Slice;
-    use crate::model::fixtures::ip;
+    use crate::proxy::model::Slice;
+    use crate::proxy::model::fixtures::ip;
 
     fn node() -> NodeFacts {
         NodeFacts::test("n1", "198.18.1.10")

@@ -9,7 +9,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
 
-use crate::settings::{HealthCheck, HealthPort, Settings, SslPorts};
+use crate::provider::aws::annotations::{HealthCheck, HealthPort, Settings, SslPorts};
 
 pub use berth_crds::{IpAddressType, Scheme, TargetType};
 
@@ -377,7 +377,7 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::tests::{node, service, settings_for};
+    use crate::provider::aws::annotations::tests::{node, service, settings_for};
     use std::sync::Arc;
 
     fn world<'a>(
@@ -570,7 +570,10 @@ mod tests {
     fn ip_mode_targets_ready_pod_ips_on_the_endpoint_port() {
         let svc = service(
             &[("http", 80, "TCP", None)],
-            &[(crate::settings::annotations::NLB_TARGET_TYPE, "ip")],
+            &[(
+                crate::provider::aws::annotations::annotations::NLB_TARGET_TYPE,
+                "ip",
+            )],
         );
         let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "s1", "namespace": "ns"},
@@ -601,10 +604,13 @@ mod tests {
             ],
             &[
                 (
-                    crate::settings::annotations::SSL_CERT,
+                    crate::provider::aws::annotations::annotations::SSL_CERT,
                     "arn:aws:acm:us-east-1:1:certificate/x",
                 ),
-                (crate::settings::annotations::SSL_PORTS, "https"),
+                (
+                    crate::provider::aws::annotations::annotations::SSL_PORTS,
+                    "https",
+                ),
             ],
         );
         let nodes = vec![Arc::new(node("n1", "i-1", &[]))];
@@ -620,7 +626,7 @@ mod tests {
         );
         assert_eq!(
             lb.listeners[1].ssl_policy.as_deref(),
-            Some(crate::settings::DEFAULT_SSL_POLICY)
+            Some(crate::provider::aws::annotations::DEFAULT_SSL_POLICY)
         );
         assert_eq!(lb.target_groups[1].protocol, "TCP");
         // A UDP or TCP_UDP port never turns TLS, even with ssl-ports `*`.
@@ -631,7 +637,7 @@ mod tests {
                 ("https", 443, "TCP", Some(30443)),
             ],
             &[(
-                crate::settings::annotations::SSL_CERT,
+                crate::provider::aws::annotations::annotations::SSL_CERT,
                 "arn:aws:acm:us-east-1:1:certificate/x",
             )],
         );

@@ -8,9 +8,9 @@ use berth_crds::tags;
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
 
-use crate::apply::InventoryData;
-use crate::aws::AwsError;
-use crate::reconcile::Context;
+use crate::provider::aws::client::AwsError;
+use crate::provider::aws::deploy::InventoryData;
+use crate::service::Context;
 
 /// A tagged resource: ARN, Service UID, `namespace/name`.
 #[derive(Clone, Debug, PartialEq, Eq)]

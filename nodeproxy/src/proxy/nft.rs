@@ -7,8 +7,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use crate::error::Error;
-use crate::model::Family;
-use crate::ruleset::Frontend;
+use crate::proxy::model::Family;
+use crate::proxy::ruleset::Frontend;
 
 /// Applies one transaction atomically (nft commits a whole `-f` input or nothing).
 pub async fn apply(transaction: &str, mode: &'static str) -> Result<(), Error> {
@@ -84,7 +84,7 @@ pub async fn clear_udp(stale: &[(Frontend, IpAddr)]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Protocol;
+    use crate::proxy::model::Protocol;
 
     #[test]
     fn conntrack_deletes_by_frontend_and_endpoint() {

@@ -1,7 +1,7 @@
 //! L2 announcement of pool addresses, the pure part: which addresses this node competes
 //! for, how the eligible nodes are ranked per address, and what to do with each
-//! address's Lease at a given moment. The I/O around it is in [`crate::announcer`] and
-//! [`crate::l2`].
+//! address's Lease at a given moment. The I/O around it is in [`crate::l2::announcer`] and
+//! [`super::link`].
 //!
 //! One `coordination.k8s.io/v1` Lease per address decides which node announces it. A
 //! holder renews every third of the lease duration; the others take a Lease only when it
@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use sha2::{Digest, Sha256};
 
-use crate::model::{Family, Model};
+use crate::proxy::model::{Family, Model};
 
 /// Label on every Lease the announcer creates (its watch selects on it).
 pub const LEASE_LABEL: &str = "berth.dev/l2-announcement";
@@ -416,8 +416,8 @@ pub fn stale(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fixtures::ip;
-    use crate::model::{Endpoint, NodeFacts, Service, Slice};
+    use crate::proxy::model::fixtures::ip;
+    use crate::proxy::model::{Endpoint, NodeFacts, Service, Slice};
 
     fn nodes(names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|n| n.to_string()).collect()

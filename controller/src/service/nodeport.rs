@@ -115,7 +115,7 @@ pub fn parse_range(s: &str) -> Option<RangeInclusive<i32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::tests::service;
+    use crate::provider::aws::annotations::tests::service;
 
     #[test]
     fn picks_free_ports_and_shares_one_per_port_number() {

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 
-use crate::model::{
+use crate::proxy::model::{
     Cidr, Endpoint, EndpointPort, Protocol, Service, ServiceId, ServicePort, Slice,
 };
 

@@ -16,11 +16,11 @@ use elb::types::{
 };
 
 use crate::metrics::Metrics;
-use crate::model::{
+use crate::provider::aws::annotations::{HealthCheck, HealthPort, SubnetChoice};
+use crate::provider::aws::model::{
     DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Scheme, Target,
     TargetType,
 };
-use crate::settings::{HealthCheck, HealthPort, SubnetChoice};
 
 /// A failed AWS call: which operation, the AWS error code when there is one, the message.
 #[derive(Clone, Debug, thiserror::Error)]

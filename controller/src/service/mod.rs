@@ -19,15 +19,15 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 
-use crate::apply::{self, ApplyError, Inventory};
-use crate::aws::Aws;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::model::{self, BuildError, TargetType, World};
-use crate::nodeport;
-use crate::pool::{self, Outcome, PoolClass};
-use crate::settings::{self, SubnetChoice};
-use crate::status::{self, Readiness, reason};
+use crate::provider::aws::annotations::{self as settings, SubnetChoice};
+use crate::provider::aws::client::Aws;
+use crate::provider::aws::deploy::{self as apply, ApplyError, Inventory};
+use crate::provider::aws::model::{self, BuildError, TargetType, World};
+use crate::provider::pool::allocation::{self as pool, Outcome, PoolClass};
+use crate::service::nodeport;
+use crate::service::status::{self, Readiness, reason};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -268,7 +268,7 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
 
 pub fn error_policy(svc: Arc<Service>, err: &Error, _ctx: Arc<Context>) -> Action {
     tracing::warn!(service = %format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any()), error = %err, "reconcile failed");
-    Action::requeue(crate::aws::backoff(4) + Duration::from_secs(2))
+    Action::requeue(crate::provider::aws::client::backoff(4) + Duration::from_secs(2))
 }
 
 /// Whether this controller cleans up a Service that is not (or no longer) its own but
@@ -737,7 +737,7 @@ async fn resolve_subnets(
     choice: &SubnetChoice,
     scheme: model::Scheme,
     class: &AwsProvider,
-) -> Result<(Option<String>, Vec<String>), crate::aws::AwsError> {
+) -> Result<(Option<String>, Vec<String>), crate::provider::aws::client::AwsError> {
     let vpc = class.vpc_id.clone().or_else(|| ctx.config.vpc_id.clone());
     let key = format!("{choice:?}/{scheme:?}/{vpc:?}");
     if let Ok(cache) = ctx.subnets.lock()

@@ -1,7 +1,7 @@
 //! The L2 announcer's I/O: watches LoadBalancerClasses, Nodes and its Leases, applies
 //! [`announce::decide`] to every address each tick, writes Leases (always guarded by
 //! their resourceVersion, so two nodes never both win one) and puts addresses on the
-//! interface through [`l2`].
+//! interface through [`link`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -22,9 +22,9 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 
-use crate::announce::{self, Action, AddrState, LeaseView, PoolClass, Timing};
 use crate::error::Error;
-use crate::l2::{self, Interface};
+use crate::l2::announce::{self, Action, AddrState, LeaseView, PoolClass, Timing};
+use crate::l2::link::{self, Interface};
 use crate::metrics::Metrics;
 
 /// What the announcer reads from the agent's model: the addresses to announce with their
@@ -258,8 +258,8 @@ impl Announcer {
         }
         if self.iface.is_none() {
             let found = match &self.cfg.interface {
-                Some(name) => l2::interface_named(name).await,
-                None => l2::interface_with(&snap.node_addresses).await,
+                Some(name) => link::interface_named(name).await,
+                None => link::interface_with(&snap.node_addresses).await,
             };
             match found {
                 Ok(i) => {
@@ -403,7 +403,7 @@ impl Announcer {
                 renewed_ms: now.as_millisecond(),
             },
         );
-        if let Err(e) = l2::hold(&iface, &addr, duration).await {
+        if let Err(e) = link::hold(&iface, &addr, duration).await {
             tracing::warn!(address = %addr, "cannot add the address; giving the Lease up: {e}");
             self.release(addr, "address could not be added").await;
             return false;
@@ -434,7 +434,7 @@ impl Announcer {
                     if !still {
                         break;
                     }
-                    match l2::send_garp(&iface, v4) {
+                    match link::send_garp(&iface, v4) {
                         Ok(()) => metrics.garp_sent(),
                         Err(e) => tracing::warn!(address = %addr, "gratuitous ARP: {e}"),
                     }
@@ -466,7 +466,7 @@ impl Announcer {
                 h.lease = w;
                 h.renewed_ms = now.as_millisecond();
                 // Only a renewed Lease extends the address's life.
-                if let Err(e) = l2::hold(&iface, &addr, duration).await {
+                if let Err(e) = link::hold(&iface, &addr, duration).await {
                     tracing::warn!(address = %addr, "refreshing the address: {e}");
                 }
             }
@@ -491,7 +491,7 @@ impl Announcer {
         };
         self.set_announcing(addr, false);
         if let Some(iface) = &self.iface
-            && let Err(e) = l2::remove(iface, &addr).await
+            && let Err(e) = link::remove(iface, &addr).await
         {
             tracing::warn!(address = %addr, "removing the address: {e}");
         }
@@ -519,7 +519,7 @@ impl Announcer {
         }
         self.set_announcing(addr, false);
         if let Some(iface) = &self.iface
-            && let Err(e) = l2::remove(iface, &addr).await
+            && let Err(e) = link::remove(iface, &addr).await
         {
             tracing::warn!(address = %addr, "removing the address: {e}");
         }
@@ -533,7 +533,7 @@ impl Announcer {
         let Some(iface) = self.iface.clone() else {
             return;
         };
-        let on = match l2::addresses(&iface).await {
+        let on = match link::addresses(&iface).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!("listing addresses of {}: {e}", iface.name);
@@ -543,7 +543,7 @@ impl Announcer {
         self.last_interface_sync = Some(Instant::now());
         let held: BTreeSet<IpAddr> = self.held.keys().copied().collect();
         for addr in announce::stale(&on, classes, &held) {
-            match l2::remove(&iface, &addr).await {
+            match link::remove(&iface, &addr).await {
                 Ok(()) => {
                     tracing::info!(address = %addr, interface = %iface.name, "removed a pool address this node does not hold")
                 }

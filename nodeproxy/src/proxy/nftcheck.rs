@@ -11,12 +11,12 @@ use std::process::{Command, Stdio};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::model::{
+use crate::proxy::model::{
     Cidr, Endpoint, EndpointPort, Model, NodeFacts, Protocol, Service, ServiceId, ServicePort,
     Slice,
 };
-use crate::ruleset::{all_rules, service_rules};
-use crate::sync::{Changes, Programmed};
+use crate::proxy::ruleset::{all_rules, service_rules};
+use crate::proxy::sync::{Changes, Programmed};
 
 const HOSTILE: &[&str] = &[
     "web",

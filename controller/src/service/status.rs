@@ -178,7 +178,7 @@ pub fn status_patch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::tests::service;
+    use crate::provider::aws::annotations::tests::service;
 
     fn now() -> Time {
         Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)

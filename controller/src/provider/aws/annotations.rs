@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Service;
 
 pub use berth_crds::annotations;
 
-use crate::model::{MAX_NAME, resource_name};
+use crate::provider::aws::model::{MAX_NAME, resource_name};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HealthPort {

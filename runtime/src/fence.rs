@@ -22,8 +22,8 @@ pub enum Fenced {
 #[derive(Debug)]
 struct Inner {
     base: Instant,
-    /// Milliseconds after `base` until which writes are allowed; 0 = never held.
-    valid_until_ms: AtomicU64,
+    /// Nanoseconds after `base` until which writes are allowed; 0 = never held.
+    valid_until_ns: AtomicU64,
     /// No Lease: every check passes (leader election off, a single replica).
     unfenced: bool,
     lost: CancellationToken,
@@ -47,7 +47,7 @@ impl Fence {
     fn with(unfenced: bool) -> Self {
         Self(Arc::new(Inner {
             base: Instant::now(),
-            valid_until_ms: AtomicU64::new(0),
+            valid_until_ns: AtomicU64::new(0),
             unfenced,
             lost: CancellationToken::new(),
         }))
@@ -56,11 +56,8 @@ impl Fence {
     /// The Lease is held until `deadline` (monotonic). Never moves the deadline back and
     /// never revives a lost fence.
     pub fn hold_until(&self, deadline: Instant) {
-        let ms = deadline
-            .saturating_duration_since(self.0.base)
-            .as_millis()
-            .min(u128::from(u64::MAX - 1)) as u64;
-        self.0.valid_until_ms.fetch_max(ms.max(1), Ordering::SeqCst);
+        let ns = self.since_base(deadline);
+        self.0.valid_until_ns.fetch_max(ns.max(1), Ordering::SeqCst);
     }
 
     /// Leadership is lost for good: cancel in-flight work, refuse every later write.
@@ -76,11 +73,8 @@ impl Fence {
         if self.0.unfenced {
             return Ok(());
         }
-        let until = self.0.valid_until_ms.load(Ordering::SeqCst);
-        let now = Instant::now()
-            .saturating_duration_since(self.0.base)
-            .as_millis() as u64;
-        if until == 0 || now >= until {
+        let until = self.0.valid_until_ns.load(Ordering::SeqCst);
+        if until == 0 || self.since_base(Instant::now()) >= until {
             return Err(Fenced::NotLeading);
         }
         Ok(())
@@ -94,11 +88,13 @@ impl Fence {
         if self.0.unfenced {
             return Duration::MAX;
         }
-        let until = self.0.valid_until_ms.load(Ordering::SeqCst);
-        let now = Instant::now()
-            .saturating_duration_since(self.0.base)
-            .as_millis() as u64;
-        Duration::from_millis(until.saturating_sub(now))
+        let until = self.0.valid_until_ns.load(Ordering::SeqCst);
+        Duration::from_nanos(until.saturating_sub(self.since_base(Instant::now())))
+    }
+
+    fn since_base(&self, t: Instant) -> u64 {
+        let ns = t.saturating_duration_since(self.0.base).as_nanos();
+        u64::try_from(ns).unwrap_or(u64::MAX - 1)
     }
 
     /// Cancelled once leadership is lost; hand it to work that must stop then.

@@ -1,5 +1,8 @@
 //! One Service's reconcile: ownership → finalizer → apply or cleanup → status.
 
+pub mod nodeport;
+pub mod status;
+
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -26,8 +29,7 @@ use crate::provider::aws::client::Aws;
 use crate::provider::aws::deploy::{self as apply, ApplyError, Inventory};
 use crate::provider::aws::model::{self, BuildError, TargetType, World};
 use crate::provider::pool::allocation::{self as pool, Outcome, PoolClass};
-use crate::service::nodeport;
-use crate::service::status::{self, Readiness, reason};
+use status::{Readiness, reason};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

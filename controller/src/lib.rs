@@ -6,7 +6,6 @@
 //! and the reconciler. The logic lives in the modules: [`service`] (one Service's
 //! reconcile: ownership, finalizer, NodePorts, status) and [`provider`] (AWS and pools).
 
-pub mod admin;
 pub mod config;
 pub mod leader;
 pub mod metrics;
@@ -98,10 +97,13 @@ async fn aws_sdk(config: &Config) -> aws_config::SdkConfig {
 pub async fn run(config: Config) -> Result<(), RunError> {
     let client = Client::try_default().await.map_err(RunError::Client)?;
     let metrics = Arc::new(metrics::Metrics::default());
-    let listener = tokio::net::TcpListener::bind(&config.admin_addr)
+    let listener = berth_runtime::admin::bind(&config.admin_addr)
         .await
         .map_err(|e| RunError::Admin(config.admin_addr.clone(), e))?;
-    tokio::spawn(admin::serve(listener, metrics.clone()));
+    tokio::spawn(
+        berth_runtime::admin::Server::default()
+            .serve(listener, metrics::admin_routes(metrics.clone())),
+    );
 
     let identity = config.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -369,19 +371,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 }
 
 async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => futures::future::pending::<()>().await,
-    }
+    let signal = berth_runtime::signal::shutdown().await;
+    tracing::info!(signal, "stopping");
 }
 
 /// A class's Accepted condition and, for pool classes, (allocated, available). Pure.

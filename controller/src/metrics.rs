@@ -1,57 +1,32 @@
-//! Prometheus metrics, rendered in the text exposition format by the admin server.
+//! The controller's Prometheus metrics (through `berth_runtime::metrics`), and the admin
+//! routes that expose them with health and readiness.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// A histogram with fixed buckets (seconds).
-pub struct Histogram {
-    buckets: &'static [f64],
-    inner: Mutex<(Vec<u64>, f64, u64)>,
-}
-
-impl Histogram {
-    pub fn new(buckets: &'static [f64]) -> Self {
-        Self {
-            buckets,
-            inner: Mutex::new((vec![0; buckets.len()], 0.0, 0)),
-        }
-    }
-
-    pub fn observe(&self, v: f64) {
-        if let Ok(mut g) = self.inner.lock() {
-            for (i, b) in self.buckets.iter().enumerate() {
-                if v <= *b {
-                    g.0[i] += 1;
-                }
-            }
-            g.1 += v;
-            g.2 += 1;
-        }
-    }
-
-    fn render(&self, name: &str, help: &str, out: &mut String) {
-        let Ok(g) = self.inner.lock() else { return };
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, b) in self.buckets.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", g.0[i]);
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", g.2);
-        let _ = writeln!(out, "{name}_sum {}", g.1);
-        let _ = writeln!(out, "{name}_count {}", g.2);
-    }
-}
+use berth_runtime::admin::Reply;
+use berth_runtime::metrics::prometheus_client::metrics::counter::{ConstCounter, Counter};
+use berth_runtime::metrics::prometheus_client::metrics::family::Family;
+use berth_runtime::metrics::prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use berth_runtime::metrics::prometheus_client::metrics::histogram::Histogram;
+use berth_runtime::metrics::prometheus_client::registry::Registry;
+use berth_runtime::metrics::{self, Collect};
 
 const SECONDS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
+type Labels<const N: usize> = [(&'static str, String); N];
+
 pub struct Metrics {
-    reconciles: Mutex<BTreeMap<(String, String), u64>>,
-    aws_calls: Mutex<BTreeMap<(String, String), u64>>,
-    /// Pool class → (allocated, available) addresses.
-    pool_addresses: Mutex<BTreeMap<String, (u64, u64)>>,
+    reconciles: Family<Labels<2>, Counter>,
+    aws_calls: Family<Labels<3>, Counter>,
+    /// All AWS calls, and the mutating ones (for [`Metrics::aws_totals`]).
+    aws_total: AtomicU64,
+    aws_mutating: AtomicU64,
+    pool_allocated: Family<Labels<1>, Gauge>,
+    pool_available: Family<Labels<1>, Gauge>,
     pub reconcile_seconds: Histogram,
     pub aws_call_seconds: Histogram,
     pub ready_seconds: Histogram,
@@ -63,12 +38,15 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
-            reconciles: Mutex::default(),
-            aws_calls: Mutex::default(),
-            pool_addresses: Mutex::default(),
-            reconcile_seconds: Histogram::new(SECONDS),
-            aws_call_seconds: Histogram::new(SECONDS),
-            ready_seconds: Histogram::new(SECONDS),
+            reconciles: Family::default(),
+            aws_calls: Family::default(),
+            aws_total: AtomicU64::new(0),
+            aws_mutating: AtomicU64::new(0),
+            pool_allocated: Family::default(),
+            pool_available: Family::default(),
+            reconcile_seconds: metrics::histogram(SECONDS),
+            aws_call_seconds: metrics::histogram(SECONDS),
+            ready_seconds: metrics::histogram(SECONDS),
             gc_deleted: AtomicU64::new(0),
             leader: AtomicBool::new(false),
             ready: AtomicBool::new(false),
@@ -83,113 +61,114 @@ pub fn is_mutating(operation: &str) -> bool {
 
 impl Metrics {
     pub fn reconcile(&self, outcome: &str, reason: &str) {
-        if let Ok(mut m) = self.reconciles.lock() {
-            *m.entry((outcome.to_string(), reason.to_string()))
-                .or_default() += 1;
-        }
+        self.reconciles
+            .get_or_create(&[("outcome", outcome.into()), ("reason", reason.into())])
+            .inc();
     }
 
     pub fn aws_call(&self, operation: &str, outcome: &str) {
-        if let Ok(mut m) = self.aws_calls.lock() {
-            *m.entry((operation.to_string(), outcome.to_string()))
-                .or_default() += 1;
+        let mutating = is_mutating(operation);
+        self.aws_calls
+            .get_or_create(&[
+                ("operation", operation.into()),
+                ("outcome", outcome.into()),
+                ("mutating", mutating.to_string()),
+            ])
+            .inc();
+        self.aws_total.fetch_add(1, Ordering::Relaxed);
+        if mutating {
+            self.aws_mutating.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Replaces the pool gauges (classes gone since the last call disappear).
     pub fn set_pool_addresses(&self, by_class: BTreeMap<String, (u64, u64)>) {
-        if let Ok(mut m) = self.pool_addresses.lock() {
-            *m = by_class;
+        self.pool_allocated.clear();
+        self.pool_available.clear();
+        for (class, (allocated, available)) in by_class {
+            let labels = [("class", class)];
+            self.pool_allocated
+                .get_or_create(&labels)
+                .set(i64::try_from(allocated).unwrap_or(i64::MAX));
+            self.pool_available
+                .get_or_create(&labels)
+                .set(i64::try_from(available).unwrap_or(i64::MAX));
         }
     }
 
     /// Total AWS calls so far, and how many of them were mutating.
     pub fn aws_totals(&self) -> (u64, u64) {
-        let Ok(m) = self.aws_calls.lock() else {
-            return (0, 0);
-        };
-        let total = m.values().sum();
-        let mutating = m
-            .iter()
-            .filter(|((op, _), _)| is_mutating(op))
-            .map(|(_, n)| n)
-            .sum();
-        (total, mutating)
+        (
+            self.aws_total.load(Ordering::Relaxed),
+            self.aws_mutating.load(Ordering::Relaxed),
+        )
     }
 
+    /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP berth_reconciles_total Service reconciles by outcome and reason.\n# TYPE berth_reconciles_total counter"
+        metrics::encode(self)
+    }
+}
+
+impl Collect for Metrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "berth_reconciles",
+            "Service reconciles by outcome and reason.",
+            self.reconciles.clone(),
         );
-        if let Ok(m) = self.reconciles.lock() {
-            for ((outcome, reason), n) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "berth_reconciles_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} {n}"
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP berth_aws_calls_total AWS API calls by operation, outcome and whether they change anything.\n# TYPE berth_aws_calls_total counter"
+        r.register(
+            "berth_aws_calls",
+            "AWS API calls by operation, outcome and whether they change anything.",
+            self.aws_calls.clone(),
         );
-        if let Ok(m) = self.aws_calls.lock() {
-            for ((op, outcome), n) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "berth_aws_calls_total{{operation=\"{op}\",outcome=\"{outcome}\",mutating=\"{}\"}} {n}",
-                    is_mutating(op)
-                );
-            }
-        }
-        self.reconcile_seconds.render(
+        r.register(
             "berth_reconcile_duration_seconds",
             "Time per Service reconcile.",
-            &mut out,
+            self.reconcile_seconds.clone(),
         );
-        self.aws_call_seconds.render(
+        r.register(
             "berth_aws_call_duration_seconds",
             "Time per AWS call attempt.",
-            &mut out,
+            self.aws_call_seconds.clone(),
         );
-        self.ready_seconds.render(
+        r.register(
             "berth_service_ready_seconds",
             "Time from Service creation to its load balancer being ready.",
-            &mut out,
+            self.ready_seconds.clone(),
         );
-        let _ = writeln!(
-            out,
-            "# TYPE berth_gc_deleted_total counter\nberth_gc_deleted_total {}",
-            self.gc_deleted.load(Ordering::Relaxed)
+        r.register(
+            "berth_gc_deleted",
+            "AWS resources deleted by the orphan sweep.",
+            ConstCounter::new(self.gc_deleted.load(Ordering::Relaxed)),
         );
-        if let Ok(m) = self.pool_addresses.lock() {
-            for (name, help, pick) in [
-                (
-                    "berth_pool_addresses_allocated",
-                    "Pool addresses held by Services, per class.",
-                    0,
-                ),
-                (
-                    "berth_pool_addresses_available",
-                    "Pool addresses still free, per class.",
-                    1,
-                ),
-            ] {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-                for (class, (allocated, available)) in m.iter() {
-                    let v = if pick == 0 { allocated } else { available };
-                    let _ = writeln!(out, "{name}{{class=\"{class}\"}} {v}");
-                }
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# TYPE berth_leader gauge\nberth_leader {}",
-            u8::from(self.leader.load(Ordering::Relaxed))
+        r.register(
+            "berth_pool_addresses_allocated",
+            "Pool addresses held by Services, per class.",
+            self.pool_allocated.clone(),
         );
-        out
+        r.register(
+            "berth_pool_addresses_available",
+            "Pool addresses still free, per class.",
+            self.pool_available.clone(),
+        );
+        r.register(
+            "berth_leader",
+            "1 while this replica leads.",
+            ConstGauge::new(i64::from(self.leader.load(Ordering::Relaxed))),
+        );
+    }
+}
+
+/// The admin routes: `/healthz` (the process runs), `/readyz` (every watch delivered its
+/// first list), `/metrics`.
+pub fn admin_routes(metrics: Arc<Metrics>) -> impl Fn(&str) -> Reply + Send + Sync + 'static {
+    move |path| match path {
+        "/healthz" | "/livez" => Reply::text(200, "ok\n"),
+        "/readyz" if metrics.ready.load(Ordering::Relaxed) => Reply::text(200, "ready\n"),
+        "/readyz" => Reply::text(503, "waiting for the first list of every watch\n"),
+        "/metrics" => Reply::metrics(metrics.render()),
+        _ => Reply::not_found(),
     }
 }
 
@@ -205,6 +184,7 @@ mod tests {
         m.aws_call("CreateListener", "error");
         m.reconcile("success", "Provisioned");
         m.ready_seconds.observe(0.3);
+        m.gc_deleted.fetch_add(2, Ordering::Relaxed);
         assert_eq!(m.aws_totals(), (3, 2));
         let text = m.render();
         assert!(text.contains(
@@ -212,12 +192,42 @@ mod tests {
         ));
         assert!(text.contains(r#"berth_service_ready_seconds_bucket{le="0.5"} 1"#));
         assert!(text.contains(r#"berth_service_ready_seconds_bucket{le="0.25"} 0"#));
+        assert!(text.contains("berth_service_ready_seconds_count 1\n"));
         assert!(
             text.contains("berth_reconciles_total{outcome=\"success\",reason=\"Provisioned\"} 1")
         );
+        assert!(text.contains("\nberth_gc_deleted_total 2\n"), "{text}");
+        assert!(text.contains("\nberth_reconcile_duration_seconds_count 0\n"));
+        assert!(text.contains("\nberth_aws_call_duration_seconds_count 0\n"));
         m.set_pool_addresses(BTreeMap::from([("lab".to_string(), (3, 251))]));
         let text = m.render();
         assert!(text.contains("berth_pool_addresses_allocated{class=\"lab\"} 3"));
         assert!(text.contains("berth_pool_addresses_available{class=\"lab\"} 251"));
+        m.set_pool_addresses(BTreeMap::from([("other".to_string(), (0, 1))]));
+        let text = m.render();
+        assert!(!text.contains("class=\"lab\""), "{text}");
+        assert!(text.contains("berth_pool_addresses_available{class=\"other\"} 1"));
+    }
+
+    #[test]
+    fn leader_gauge_is_a_plain_line() {
+        let m = Metrics::default();
+        assert!(m.render().lines().any(|l| l == "berth_leader 0"));
+        m.leader.store(true, Ordering::Relaxed);
+        assert!(m.render().lines().any(|l| l == "berth_leader 1"));
+    }
+
+    #[test]
+    fn routes() {
+        let m = Arc::new(Metrics::default());
+        let routes = admin_routes(m.clone());
+        assert_eq!(routes("/healthz").status, 200);
+        assert_eq!(routes("/readyz").status, 503);
+        m.ready.store(true, Ordering::Relaxed);
+        assert_eq!(routes("/readyz").status, 200);
+        let metrics = routes("/metrics");
+        assert_eq!(metrics.content_type, berth_runtime::metrics::CONTENT_TYPE);
+        assert!(metrics.body.contains("berth_leader 0"));
+        assert_eq!(routes("/nope").status, 404);
     }
 }

@@ -7,7 +7,6 @@
 
 pub mod error;
 pub mod healthcheck;
-pub mod http;
 pub mod l2;
 pub mod metrics;
 pub mod proxy;

@@ -1,5 +1,5 @@
 //! Wiring: command-line configuration, the watches feeding the index, the debounced sync
-//! loop applying transactions, and the admin HTTP server.
+//! loop applying transactions (wait, compute, apply, record), and the admin listeners.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -14,11 +14,11 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
+use berth_runtime::admin::{self, Reply, Server};
 use tokio::sync::Notify;
 
 use crate::error::Error;
 use crate::healthcheck::HealthChecks;
-use crate::http;
 use crate::l2::announce;
 use crate::l2::announce::Timing;
 use crate::l2::announcer::{self, Announcer, ModelView, Snapshot};
@@ -287,132 +287,232 @@ enum Computed {
     Changes(Changes),
 }
 
-async fn sync_loop(shared: Arc<Shared>, health: HealthChecks, args: Args) {
-    let mut programmed: Option<Programmed> = None;
-    let mut force_full = true;
-    let mut last = Instant::now() - args.min_sync_interval;
-    loop {
-        let wait = if force_full && programmed.is_some() {
-            Duration::from_secs(1)
-        } else {
-            args.max_sync_interval
-        };
-        tokio::select! {
-            _ = shared.notify.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-        }
-        let since = last.elapsed();
-        if since < args.min_sync_interval {
-            tokio::time::sleep(args.min_sync_interval - since).await;
-        }
-        let pending = shared.index().pending_since();
-        let start = Instant::now();
-        let Some((_, computed)) = compute(&shared, force_full || programmed.is_none()) else {
-            continue;
-        };
-        last = Instant::now();
-        let services = shared.index().model.services.len();
-        let (result, full, stale) = match computed {
-            Computed::Nothing => (Ok(()), None, Vec::new()),
-            Computed::Full(node, rules) => {
-                let (plan, next) = Programmed::full(&node, rules, programmed.as_ref());
-                let r = nft::apply(&plan.transaction, "full").await;
-                if r.is_ok() {
-                    tracing::info!(
-                        services,
-                        elements = next.element_count(),
-                        took_ms = start.elapsed().as_millis() as u64,
-                        "full sync"
-                    );
-                    programmed = Some(next);
-                }
-                (r, Some(true), plan.stale_udp)
-            }
-            Computed::Changes(changes) => match programmed.as_mut() {
-                None => (Ok(()), None, Vec::new()),
-                Some(p) => {
-                    let plan = p.plan_incremental(&changes);
-                    if plan.needs_full {
-                        // An endpoint count beyond the precreated chains: only a full
-                        // sync can add its chain. Not a failure; go again at once.
-                        tracing::info!("new endpoint count needs a new chain; syncing fully");
-                        force_full = true;
-                        shared.notify.notify_one();
-                        continue;
-                    }
-                    let r = if plan.transaction.is_empty() {
-                        Ok(())
-                    } else {
-                        nft::apply(&plan.transaction, "partial").await
-                    };
-                    if r.is_ok() {
-                        tracing::debug!(
-                            changed = changes.len(),
-                            elements = plan.elements_changed,
-                            took_ms = start.elapsed().as_millis() as u64,
-                            "partial sync"
-                        );
-                        p.commit(changes);
-                    }
-                    (r, Some(false), plan.stale_udp)
-                }
-            },
-        };
-        match result {
-            Ok(()) => {
-                force_full = false;
-                nft::clear_udp(&stale).await;
-                if let Some(p) = &programmed {
-                    health.update(p.health_checks()).await;
-                    shared.metrics.sync_ok(
-                        full,
-                        start.elapsed(),
-                        p.element_count(),
-                        p.lb_chain_count(),
-                        services,
-                    );
-                }
-                if let Some(t) = pending {
-                    // Only a sync that ran measures latency; an empty one still ends it.
-                    if full.is_some() {
-                        shared.metrics.programming_latency(t.elapsed());
-                    }
-                    shared.index().synced();
-                }
-            }
-            Err(e) => {
-                tracing::warn!("sync failed, next sync is a full one: {e}");
-                shared.metrics.sync_failed(e.metric_label());
-                force_full = true;
-            }
+/// What the sync loop carries from one sync to the next.
+struct SyncState {
+    programmed: Option<Programmed>,
+    /// The next sync rewrites the whole table (first sync, after a failure, or when an
+    /// incremental one cannot express a change).
+    force_full: bool,
+    last: Instant,
+}
+
+/// The result of applying one sync's rules.
+struct Applied {
+    result: Result<(), Error>,
+    /// `Some(true)` full, `Some(false)` partial, `None` nothing was applied.
+    full: Option<bool>,
+    stale_udp: Vec<(crate::proxy::ruleset::Frontend, IpAddr)>,
+}
+
+impl Applied {
+    fn nothing() -> Self {
+        Self {
+            result: Ok(()),
+            full: None,
+            stale_udp: Vec::new(),
         }
     }
 }
 
-async fn admin(listener: tokio::net::TcpListener, shared: Arc<Shared>, max_age: Duration) {
-    http::serve(listener, move |path| {
-        let shared = shared.clone();
-        async move {
-            match path.as_str() {
-                "/healthz" | "/livez" => {
-                    let (ok, age) = shared.metrics.healthy(max_age);
-                    let body = serde_json::json!({
-                        "lastSuccessfulSyncAgeSeconds": age.map(|a| a.as_secs_f64()),
-                        "healthy": ok,
-                    })
-                    .to_string();
-                    (if ok { 200 } else { 503 }, "application/json", body)
-                }
-                "/metrics" => (200, "text/plain; version=0.0.4", shared.metrics.render()),
-                _ => (404, "text/plain", "not found\n".into()),
+async fn sync_loop(shared: Arc<Shared>, health: HealthChecks, args: Args) {
+    let mut state = SyncState {
+        programmed: None,
+        force_full: true,
+        last: Instant::now() - args.min_sync_interval,
+    };
+    loop {
+        wait_for_work(&shared, &state, &args).await;
+        sync_once(&shared, &health, &mut state).await;
+    }
+}
+
+/// Waits for a change (or the periodic sync), then for the rest of the minimum interval
+/// since the last sync, so bursts of changes become one sync.
+async fn wait_for_work(shared: &Shared, state: &SyncState, args: &Args) {
+    let wait = if state.force_full && state.programmed.is_some() {
+        Duration::from_secs(1)
+    } else {
+        args.max_sync_interval
+    };
+    tokio::select! {
+        _ = shared.notify.notified() => {}
+        _ = tokio::time::sleep(wait) => {}
+    }
+    let since = state.last.elapsed();
+    if since < args.min_sync_interval {
+        tokio::time::sleep(args.min_sync_interval - since).await;
+    }
+}
+
+/// Computes the pending rules, applies them and records the outcome.
+async fn sync_once(shared: &Shared, health: &HealthChecks, state: &mut SyncState) {
+    let pending = shared.index().pending_since();
+    let start = Instant::now();
+    let full_wanted = state.force_full || state.programmed.is_none();
+    let Some((_, computed)) = compute(shared, full_wanted) else {
+        return;
+    };
+    state.last = Instant::now();
+    let services = shared.index().model.services.len();
+    let applied = match computed {
+        Computed::Nothing => Applied::nothing(),
+        Computed::Full(node, rules) => apply_full(state, &node, rules, start, services).await,
+        Computed::Changes(changes) => match apply_changes(state, changes, start).await {
+            Some(applied) => applied,
+            None => {
+                // An endpoint count beyond the precreated chains: only a full sync can
+                // add its chain. Not a failure; go again at once.
+                tracing::info!("new endpoint count needs a new chain; syncing fully");
+                state.force_full = true;
+                shared.notify.notify_one();
+                return;
             }
-        }
+        },
+    };
+    record(shared, health, state, applied, pending, start, services).await;
+}
+
+async fn apply_full(
+    state: &mut SyncState,
+    node: &crate::proxy::model::NodeFacts,
+    rules: std::collections::BTreeMap<ServiceId, ruleset::ServiceRules>,
+    start: Instant,
+    services: usize,
+) -> Applied {
+    let (plan, next) = Programmed::full(node, rules, state.programmed.as_ref());
+    let result = nft::apply(&plan.transaction, "full").await;
+    if result.is_ok() {
+        tracing::info!(
+            services,
+            elements = next.element_count(),
+            took_ms = start.elapsed().as_millis() as u64,
+            "full sync"
+        );
+        state.programmed = Some(next);
+    }
+    Applied {
+        result,
+        full: Some(true),
+        stale_udp: plan.stale_udp,
+    }
+}
+
+/// Applies an incremental change; `None` when it needs a full sync instead.
+async fn apply_changes(state: &mut SyncState, changes: Changes, start: Instant) -> Option<Applied> {
+    let Some(programmed) = state.programmed.as_mut() else {
+        return Some(Applied::nothing());
+    };
+    let plan = programmed.plan_incremental(&changes);
+    if plan.needs_full {
+        return None;
+    }
+    let result = if plan.transaction.is_empty() {
+        Ok(())
+    } else {
+        nft::apply(&plan.transaction, "partial").await
+    };
+    if result.is_ok() {
+        tracing::debug!(
+            changed = changes.len(),
+            elements = plan.elements_changed,
+            took_ms = start.elapsed().as_millis() as u64,
+            "partial sync"
+        );
+        programmed.commit(changes);
+    }
+    Some(Applied {
+        result,
+        full: Some(false),
+        stale_udp: plan.stale_udp,
     })
-    .await
+}
+
+/// After applying: conntrack cleanup, health-check ports, metrics, and the index told
+/// its pending changes are programmed (or a full sync scheduled after a failure).
+async fn record(
+    shared: &Shared,
+    health: &HealthChecks,
+    state: &mut SyncState,
+    applied: Applied,
+    pending: Option<Instant>,
+    start: Instant,
+    services: usize,
+) {
+    if let Err(e) = applied.result {
+        tracing::warn!("sync failed, next sync is a full one: {e}");
+        shared.metrics.sync_failed(e.metric_label());
+        state.force_full = true;
+        return;
+    }
+    state.force_full = false;
+    nft::clear_udp(&applied.stale_udp).await;
+    if let Some(p) = &state.programmed {
+        health.update(p.health_checks());
+        shared.metrics.sync_ok(
+            applied.full,
+            start.elapsed(),
+            p.element_count(),
+            p.lb_chain_count(),
+            services,
+        );
+    }
+    if let Some(t) = pending {
+        // Only a sync that ran measures latency; an empty one still ends it.
+        if applied.full.is_some() {
+            shared.metrics.programming_latency(t.elapsed());
+        }
+        shared.index().synced();
+    }
+}
+
+/// `/healthz` (and `/livez`): 200 while a sync succeeded within `max_age`.
+fn health_reply(metrics: &Metrics, max_age: Duration) -> Reply {
+    let (ok, age) = metrics.healthy(max_age);
+    Reply::json(
+        if ok { 200 } else { 503 },
+        &serde_json::json!({
+            "lastSuccessfulSyncAgeSeconds": age.map(|a| a.as_secs_f64()),
+            "healthy": ok,
+        }),
+    )
+}
+
+/// The routes of one admin listener: health on the healthz listener, `/metrics` only on
+/// the metrics listener (both when they share an address).
+fn admin_routes(
+    metrics: Arc<Metrics>,
+    max_age: Duration,
+    health: bool,
+    exports: bool,
+) -> impl Fn(&str) -> Reply + Send + Sync + 'static {
+    move |path| match path {
+        "/healthz" | "/livez" if health => health_reply(&metrics, max_age),
+        "/metrics" if exports => Reply::metrics(metrics.render()),
+        _ => Reply::not_found(),
+    }
+}
+
+/// Binds the healthz and metrics listeners and serves them; one listener with both
+/// routes when they share an address.
+async fn serve_admin(
+    args: &Args,
+    admin: &Server,
+    metrics: Arc<Metrics>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, Error> {
+    let shared_address = args.metrics_bind == args.healthz_bind;
+    let healthz = bind(args.healthz_bind).await?;
+    let routes = admin_routes(metrics.clone(), args.healthz_max_age, true, shared_address);
+    let mut tasks = vec![tokio::spawn(admin.clone().serve(healthz, routes))];
+    if !shared_address {
+        let listener = bind(args.metrics_bind).await?;
+        let routes = admin_routes(metrics, args.healthz_max_age, false, true);
+        tasks.push(tokio::spawn(admin.clone().serve(listener, routes)));
+    }
+    Ok(tasks)
 }
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
-    tokio::net::TcpListener::bind(addr)
+    admin::bind(addr)
         .await
         .map_err(Error::io(format!("bind {addr}")))
 }
@@ -458,15 +558,12 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
             },
         ),
     });
-    let healthz = bind(args.healthz_bind).await?;
-    let metrics = if args.metrics_bind == args.healthz_bind {
-        None
-    } else {
-        Some(bind(args.metrics_bind).await?)
-    };
     tracing::info!(node = %args.node_name, healthz = %args.healthz_bind, metrics = %args.metrics_bind, "starting");
-    let health = HealthChecks::new(args.health_check_bind);
-    let tasks = vec![
+    // One admin server for every listener: one connection cap for the whole agent.
+    let admin = Server::default();
+    let mut tasks = serve_admin(&args, &admin, shared.metrics.clone()).await?;
+    let health = HealthChecks::new(args.health_check_bind, admin);
+    tasks.extend([
         tokio::spawn(watch_services(Api::all(client.clone()), shared.clone())),
         tokio::spawn(watch_slices(Api::all(client.clone()), shared.clone())),
         tokio::spawn(watch_node(
@@ -475,11 +572,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
             shared.clone(),
         )),
         tokio::spawn(sync_loop(shared.clone(), health, args.clone())),
-        tokio::spawn(admin(healthz, shared.clone(), args.healthz_max_age)),
-    ];
-    if let Some(m) = metrics {
-        tokio::spawn(admin(m, shared.clone(), args.healthz_max_age));
-    }
+    ]);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let announcer = Announcer::new(
         client.clone(),
@@ -524,6 +617,28 @@ mod tests {
         );
         let long = invalid_input_event(&["é".repeat(2000)]).expect("event");
         assert!(long.note.is_some_and(|n| n.len() <= 1000));
+    }
+
+    #[test]
+    fn metrics_only_on_the_metrics_listener() {
+        let metrics = Arc::new(Metrics::default());
+        let max_age = Duration::from_secs(90);
+        let healthz = admin_routes(metrics.clone(), max_age, true, false);
+        assert_eq!(healthz("/healthz").status, 503, "no sync yet");
+        assert_eq!(healthz("/metrics").status, 404);
+        metrics.sync_ok(None, Duration::ZERO, 0, 0, 0);
+        let ok = healthz("/livez");
+        assert_eq!(ok.status, 200);
+        let body: serde_json::Value = serde_json::from_str(&ok.body).expect("json");
+        assert_eq!(body["healthy"], true);
+        let exports = admin_routes(metrics.clone(), max_age, false, true);
+        assert_eq!(exports("/healthz").status, 404);
+        let scraped = exports("/metrics");
+        assert_eq!(scraped.status, 200);
+        assert!(scraped.body.contains("berth_nodeproxy_services 0"));
+        let both = admin_routes(metrics, max_age, true, true);
+        assert_eq!(both("/metrics").status, 200);
+        assert_eq!(both("/healthz").status, 200);
     }
 
     #[test]

@@ -16,8 +16,12 @@ use crate::net::{CLUSTER_CIDR, NodePlan, SERVICE_CIDR};
 use crate::paths;
 use crate::proc::{Supervised, wait_for};
 
-/// Port of each agent's `/healthz` and `/metrics` on its node address.
+/// Port of each agent's `/healthz` on its node address.
 pub const ADMIN_PORT: u16 = 10256;
+
+/// Port of each agent's `/metrics` on its node address (the healthz port does not serve
+/// it).
+pub const METRICS_PORT: u16 = 10249;
 
 /// `--l2-lease-duration` of the harness's agents: short, so failover tests are quick.
 pub const L2_LEASE_SECONDS: u64 = 4;
@@ -63,7 +67,7 @@ fn command(plan: &NodePlan, kubeconfig: &Path) -> Command {
             SERVICE_CIDR,
         ])
         .args(["--healthz-bind", &format!("0.0.0.0:{ADMIN_PORT}")])
-        .args(["--metrics-bind", &format!("0.0.0.0:{ADMIN_PORT}")])
+        .args(["--metrics-bind", &format!("0.0.0.0:{METRICS_PORT}")])
         .args(["--l2-lease-duration", &format!("{L2_LEASE_SECONDS}s")])
         .args(["--lease-namespace", L2_LEASE_NAMESPACE])
         .env("RUST_LOG", "info,berth_nodeproxy=debug,kube=warn");

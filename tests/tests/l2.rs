@@ -270,7 +270,7 @@ fn metrics_of(env: &TestEnv, name: &str) -> String {
     let url = format!(
         "http://{}:{}/metrics",
         node(env, name).plan.ip,
-        nodeagent::ADMIN_PORT
+        nodeagent::METRICS_PORT
     );
     curl_in(&env.info.client_netns, &url, Duration::from_secs(3)).unwrap_or_else(|e| panic!("{e}"))
 }

@@ -1119,7 +1119,8 @@ impl Drop for HoldAgent {
     }
 }
 
-/// Each agent serves `/healthz` and Prometheus `/metrics` with its sync figures.
+/// Each agent serves `/healthz`, and Prometheus `/metrics` with its sync figures on its
+/// metrics port only.
 #[tokio::test]
 async fn agents_report_health_and_metrics() {
     let (env, _ns, _up) = setup("np-metrics").await;
@@ -1127,7 +1128,10 @@ async fn agents_report_health_and_metrics() {
         let base = format!("http://{}:{}", n.plan.ip, nodeagent::ADMIN_PORT);
         let (code, body) = http_status(&env.info.client_netns, &format!("{base}/healthz"));
         assert_eq!(code, "200", "{body}");
-        let (code, metrics) = http_status(&env.info.client_netns, &format!("{base}/metrics"));
+        let (code, _) = http_status(&env.info.client_netns, &format!("{base}/metrics"));
+        assert_eq!(code, "404", "/metrics on the healthz port of {}", n.plan.name);
+        let metrics_url = format!("http://{}:{}/metrics", n.plan.ip, nodeagent::METRICS_PORT);
+        let (code, metrics) = http_status(&env.info.client_netns, &metrics_url);
         assert_eq!(code, "200");
         for family in [
             "berth_nodeproxy_full_sync_duration_seconds_count",

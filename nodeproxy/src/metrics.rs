@@ -54,9 +54,11 @@ impl Default for Metrics {
             last_ok: Mutex::new(None),
         };
         // Series that exist from the start, so rates and alerts see them at 0.
-        m.failures.get_or_create(&[("reason", "nft")]);
+        m.failures.get_or_create(&[("reason", "nft")]).inc_by(0);
         for event in ["acquired", "released", "lost"] {
-            m.l2_transitions.get_or_create(&[("event", event)]);
+            m.l2_transitions
+                .get_or_create(&[("event", event)])
+                .inc_by(0);
         }
         m
     }
@@ -198,7 +200,10 @@ mod tests {
         assert!(t.contains("berth_nodeproxy_full_sync_duration_seconds_bucket{le=\"0.01\"} 0"));
         assert!(t.contains("berth_nodeproxy_partial_sync_duration_seconds_count 1"));
         assert!(t.contains("berth_nodeproxy_sync_failures_total{reason=\"nft\"} 1"));
-        assert!(t.contains("\nberth_nodeproxy_elements_programmed 8\n"), "{t}");
+        assert!(
+            t.contains("\nberth_nodeproxy_elements_programmed 8\n"),
+            "{t}"
+        );
         assert!(t.contains("\nberth_nodeproxy_lb_chains_programmed 2\n"));
         assert!(t.contains("\nberth_nodeproxy_services 3\n"));
         assert!(t.contains("berth_nodeproxy_endpointslice_programming_latency_seconds_count 1"));

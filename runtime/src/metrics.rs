@@ -7,8 +7,8 @@
 //! `prometheus-client` appends `_total` to counters itself: counters are registered
 //! without it.
 
-use prometheus_client::encoding::prometheus_text;
 pub use prometheus_client;
+use prometheus_client::encoding::prometheus_text;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -67,12 +67,24 @@ mod tests {
         s.requests.get_or_create(&[("code", "200")]).inc();
         s.seconds.observe(0.5);
         let text = encode(&s);
-        assert!(text.contains("demo_requests_total{code=\"200\"} 1\n"), "{text}");
-        assert!(text.contains("demo_seconds_bucket{le=\"1.0\"} 1\n"), "{text}");
-        assert!(text.contains("demo_seconds_bucket{le=\"0.1\"} 0\n"), "{text}");
+        assert!(
+            text.contains("demo_requests_total{code=\"200\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("demo_seconds_bucket{le=\"1.0\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("demo_seconds_bucket{le=\"0.1\"} 0\n"),
+            "{text}"
+        );
         assert!(text.contains("demo_seconds_count 1\n"), "{text}");
         assert!(text.contains("\ndemo_flag 1\n"), "{text}");
         assert!(text.contains("\ndemo_done_total 3\n"), "{text}");
-        assert!(!text.contains("# EOF"), "Prometheus text, not OpenMetrics: {text}");
+        assert!(
+            !text.contains("# EOF"),
+            "Prometheus text, not OpenMetrics: {text}"
+        );
     }
 }

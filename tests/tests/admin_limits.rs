@@ -238,7 +238,10 @@ fn timed_status(netns: Option<&str>, url: &str) -> (String, Duration) {
             .expect("curl"),
     };
     let took = start.elapsed();
-    (String::from_utf8_lossy(&out.stdout).trim().to_string(), took)
+    (
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        took,
+    )
 }
 
 fn assert_answers(netns: Option<&str>, url: &str, status: &str) {
@@ -347,10 +350,7 @@ async fn time_new_service(env: &TestEnv, ns: &str, node: &NodeInfo, pod_ip: &str
     )
     .await;
     let created = Instant::now();
-    let ip = svc
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .expect("clusterIP");
+    let ip = svc.spec.and_then(|s| s.cluster_ip).expect("clusterIP");
     let url = format!("http://{ip}/");
     let argv = ["curl", "-sf", "--max-time", "0.2", "--noproxy", "*", &url];
     while created.elapsed() < Duration::from_secs(10) {
@@ -448,9 +448,13 @@ async fn controller_admin_port_survives_idle_half_open_connections() {
     let controller = ControllerProc::spawn(&env.info, &format!("{}-0", ns.name), &opts)
         .unwrap_or_else(|e| panic!("start controller: {e}"));
     let base = format!("http://{}", controller.admin);
-    wait_for("controller ready and leading", Duration::from_secs(60), || async {
-        timed_status(None, &format!("{base}/readyz")).0 == "200" && controller.is_leader().await
-    })
+    wait_for(
+        "controller ready and leading",
+        Duration::from_secs(60),
+        || async {
+            timed_status(None, &format!("{base}/readyz")).0 == "200" && controller.is_leader().await
+        },
+    )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", controller.log_tail()));
 
@@ -471,9 +475,16 @@ async fn controller_admin_port_survives_idle_half_open_connections() {
                         "selector": {"app": "pooled"}, "ports": [{"port": 80}]}}),
     )
     .await;
-    wait_for("pool address during the flood", Duration::from_secs(10), || async {
-        services.get("pooled").await.is_ok_and(|s| !lb_ips(&s).is_empty())
-    })
+    wait_for(
+        "pool address during the flood",
+        Duration::from_secs(10),
+        || async {
+            services
+                .get("pooled")
+                .await
+                .is_ok_and(|s| !lb_ips(&s).is_empty())
+        },
+    )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", controller.log_tail()));
 

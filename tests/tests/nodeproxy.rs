@@ -1129,7 +1129,11 @@ async fn agents_report_health_and_metrics() {
         let (code, body) = http_status(&env.info.client_netns, &format!("{base}/healthz"));
         assert_eq!(code, "200", "{body}");
         let (code, _) = http_status(&env.info.client_netns, &format!("{base}/metrics"));
-        assert_eq!(code, "404", "/metrics on the healthz port of {}", n.plan.name);
+        assert_eq!(
+            code, "404",
+            "/metrics on the healthz port of {}",
+            n.plan.name
+        );
         let metrics_url = format!("http://{}:{}/metrics", n.plan.ip, nodeagent::METRICS_PORT);
         let (code, metrics) = http_status(&env.info.client_netns, &metrics_url);
         assert_eq!(code, "200");

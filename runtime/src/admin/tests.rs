@@ -51,16 +51,26 @@ async fn routes_get_and_head_only() {
     let ok = exchange(addr, b"GET /healthz?verbose=1 HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
     assert!(ok.ends_with("\r\n\r\nok\n"), "{ok}");
-    assert!(ok.to_ascii_lowercase().contains("connection: close"), "{ok}");
+    assert!(
+        ok.to_ascii_lowercase().contains("connection: close"),
+        "{ok}"
+    );
     let json = exchange(addr, b"GET /json HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(json.starts_with("HTTP/1.1 503 "), "{json}");
     assert!(json.contains("application/json"), "{json}");
     let head = exchange(addr, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     assert!(head.ends_with("\r\n\r\n"), "HEAD has no body: {head}");
-    let post = exchange(addr, b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").await;
+    let post = exchange(
+        addr,
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
     assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
-    assert!(post.to_ascii_lowercase().contains("allow: get, head"), "{post}");
+    assert!(
+        post.to_ascii_lowercase().contains("allow: get, head"),
+        "{post}"
+    );
     let missing = exchange(addr, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
     task.abort();
@@ -81,7 +91,9 @@ async fn oversized_heads_are_refused() {
     assert!(reply.starts_with("HTTP/1.1 431 "), "{reply}");
     // A head that never ends is cut off at the read buffer, not buffered without end.
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(b"GET /healthz HTTP/1.1\r\n").await.expect("write");
+    s.write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .expect("write");
     let header = format!("X-Pad: {}\r\n", "a".repeat(1000));
     let mut sent = 0;
     while sent < 64 * 1024 {
@@ -106,7 +118,9 @@ async fn idle_and_slow_connections_are_closed() {
     };
     let (addr, server, task) = start(limits).await;
     let mut idle = TcpStream::connect(addr).await.expect("connect");
-    idle.write_all(b"GET /healthz HTTP/1.1\r\nHo").await.expect("write");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHo")
+        .await
+        .expect("write");
     let silent = TcpStream::connect(addr).await.expect("connect");
     for s in [idle, silent] {
         let took = closed_after(s, Duration::from_secs(3)).await;
@@ -159,20 +173,33 @@ async fn the_cap_holds_and_a_new_client_is_still_answered() {
     let mut idle = Vec::new();
     for _ in 0..100 {
         let mut s = TcpStream::connect(addr).await.expect("connect");
-        s.write_all(b"GET /healthz HTTP/1.1\r\n").await.expect("write");
+        s.write_all(b"GET /healthz HTTP/1.1\r\n")
+            .await
+            .expect("write");
         idle.push(s);
     }
     // Let the server accept everything it is going to.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(server.open_connections() <= cap, "{}", server.open_connections());
+    assert!(
+        server.open_connections() <= cap,
+        "{}",
+        server.open_connections()
+    );
     // This process holds both ends: 100 client sockets, and at most the cap (plus the
     // one accepted socket waiting for a slot) on the server side.
     let grown = open_descriptors().saturating_sub(before);
-    assert!(grown <= 100 + cap + 1, "{grown} descriptors for 100 clients");
+    assert!(
+        grown <= 100 + cap + 1,
+        "{grown} descriptors for 100 clients"
+    );
     let started = Instant::now();
     let ok = exchange(addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     // The connections that lost their slot were closed by the server.
     let mut closed = 0;
     for s in idle {
@@ -180,7 +207,10 @@ async fn the_cap_holds_and_a_new_client_is_still_answered() {
             closed += 1;
         }
     }
-    assert!(closed >= 100 - cap, "only {closed} of 100 idle connections closed");
+    assert!(
+        closed >= 100 - cap,
+        "only {closed} of 100 idle connections closed"
+    );
     task.abort();
 }
 

@@ -114,47 +114,47 @@ impl Collect for Metrics {
     fn register(&self, r: &mut Registry) {
         r.register(
             "berth_reconciles",
-            "Service reconciles by outcome and reason.",
+            "Service reconciles by outcome and reason",
             self.reconciles.clone(),
         );
         r.register(
             "berth_aws_calls",
-            "AWS API calls by operation, outcome and whether they change anything.",
+            "AWS API calls by operation, outcome and whether they change anything",
             self.aws_calls.clone(),
         );
         r.register(
             "berth_reconcile_duration_seconds",
-            "Time per Service reconcile.",
+            "Time per Service reconcile",
             self.reconcile_seconds.clone(),
         );
         r.register(
             "berth_aws_call_duration_seconds",
-            "Time per AWS call attempt.",
+            "Time per AWS call attempt",
             self.aws_call_seconds.clone(),
         );
         r.register(
             "berth_service_ready_seconds",
-            "Time from Service creation to its load balancer being ready.",
+            "Time from Service creation to its load balancer being ready",
             self.ready_seconds.clone(),
         );
         r.register(
             "berth_gc_deleted",
-            "AWS resources deleted by the orphan sweep.",
+            "AWS resources deleted by the orphan sweep",
             ConstCounter::new(self.gc_deleted.load(Ordering::Relaxed)),
         );
         r.register(
             "berth_pool_addresses_allocated",
-            "Pool addresses held by Services, per class.",
+            "Pool addresses held by Services, per class",
             self.pool_allocated.clone(),
         );
         r.register(
             "berth_pool_addresses_available",
-            "Pool addresses still free, per class.",
+            "Pool addresses still free, per class",
             self.pool_available.clone(),
         );
         r.register(
             "berth_leader",
-            "1 while this replica leads.",
+            "1 while this replica leads",
             ConstGauge::new(i64::from(self.leader.load(Ordering::Relaxed))),
         );
     }

@@ -128,43 +128,43 @@ impl Collect for Metrics {
     fn register(&self, r: &mut Registry) {
         r.register(
             "berth_nodeproxy_full_sync_duration_seconds",
-            "Duration of full syncs (build, render, nft commit).",
+            "Duration of full syncs (build, render, nft commit)",
             self.full_sync.clone(),
         );
         r.register(
             "berth_nodeproxy_partial_sync_duration_seconds",
-            "Duration of incremental syncs.",
+            "Duration of incremental syncs",
             self.partial_sync.clone(),
         );
         r.register(
             "berth_nodeproxy_endpointslice_programming_latency_seconds",
-            "Time from an EndpointSlice change reaching the agent to its rules being programmed.",
+            "Time from an EndpointSlice change reaching the agent to its rules being programmed",
             self.programming_latency.clone(),
         );
         r.register(
             "berth_nodeproxy_sync_failures",
-            "Failed syncs by reason.",
+            "Failed syncs by reason",
             self.failures.clone(),
         );
         for (name, help, gauge) in [
             (
                 "berth_nodeproxy_elements_programmed",
-                "Map and set elements programmed.",
+                "Map and set elements programmed",
                 &self.elements,
             ),
             (
                 "berth_nodeproxy_lb_chains_programmed",
-                "Shared ep-N chains programmed.",
+                "Shared ep-N chains programmed",
                 &self.lb_chains,
             ),
             (
                 "berth_nodeproxy_services",
-                "Proxied Services known.",
+                "Proxied Services known",
                 &self.services,
             ),
             (
                 "berth_nodeproxy_l2_addresses_held",
-                "Pool addresses this node announces.",
+                "Pool addresses this node announces",
                 &self.l2_held,
             ),
         ] {
@@ -172,12 +172,12 @@ impl Collect for Metrics {
         }
         r.register(
             "berth_nodeproxy_l2_lease_transitions",
-            "Pool address Leases acquired, released or lost by this node.",
+            "Pool address Leases acquired, released or lost by this node",
             self.l2_transitions.clone(),
         );
         r.register(
             "berth_nodeproxy_l2_gratuitous_arps_sent",
-            "Gratuitous ARPs sent for pool addresses.",
+            "Gratuitous ARPs sent for pool addresses",
             self.garps.clone(),
         );
     }

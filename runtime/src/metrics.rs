@@ -4,8 +4,8 @@
 //! Each binary keeps its metrics in a struct of `prometheus-client` handles (and plain
 //! atomics for values other modules set directly) and implements [`Collect`], which
 //! registers them, under their exposed names, in a registry built per scrape.
-//! `prometheus-client` appends `_total` to counters itself: counters are registered
-//! without it.
+//! `prometheus-client` appends `_total` to counters itself, and a full stop to help texts:
+//! both are registered without.
 
 pub use prometheus_client;
 use prometheus_client::encoding::prometheus_text;
@@ -51,10 +51,10 @@ mod tests {
 
     impl Collect for Sample {
         fn register(&self, r: &mut Registry) {
-            r.register("demo_requests", "Requests.", self.requests.clone());
-            r.register("demo_seconds", "Durations.", self.seconds.clone());
-            r.register("demo_flag", "A flag.", ConstGauge::new(1));
-            r.register("demo_done", "Done.", ConstCounter::new(3u64));
+            r.register("demo_requests", "Requests", self.requests.clone());
+            r.register("demo_seconds", "Durations", self.seconds.clone());
+            r.register("demo_flag", "A flag", ConstGauge::new(1));
+            r.register("demo_done", "Done", ConstCounter::new(3u64));
         }
     }
 
@@ -71,15 +71,16 @@ mod tests {
             text.contains("demo_requests_total{code=\"200\"} 1\n"),
             "{text}"
         );
-        assert!(
-            text.contains("demo_seconds_bucket{le=\"1.0\"} 1\n"),
-            "{text}"
-        );
+        assert!(text.contains("demo_seconds_bucket{le=\"1\"} 1\n"), "{text}");
         assert!(
             text.contains("demo_seconds_bucket{le=\"0.1\"} 0\n"),
             "{text}"
         );
         assert!(text.contains("demo_seconds_count 1\n"), "{text}");
+        assert!(
+            text.contains("# HELP demo_requests_total Requests.\n"),
+            "{text}"
+        );
         assert!(text.contains("\ndemo_flag 1\n"), "{text}");
         assert!(text.contains("\ndemo_done_total 3\n"), "{text}");
         assert!(

@@ -133,9 +133,8 @@ async fn drip(mut s: tokio::net::TcpStream) -> Option<Duration> {
         }
         // A closed connection shows as EOF on read before a write fails.
         let mut buf = [0u8; 64];
-        match tokio::time::timeout(DRIP_EVERY, s.read(&mut buf)).await {
-            Ok(Ok(0) | Err(_)) => return Some(start.elapsed()),
-            Ok(Ok(_)) | Err(_) => {}
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(DRIP_EVERY, s.read(&mut buf)).await {
+            return Some(start.elapsed());
         }
     }
     None
@@ -425,7 +424,7 @@ fn controller_pid(admin: &str) -> i32 {
                 let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
                 args.first()
                     .is_some_and(|a| a.ends_with(b"berth-controller"))
-                    && args.iter().any(|a| *a == admin.as_bytes())
+                    && args.contains(&admin.as_bytes())
             })
         });
     found.unwrap_or_else(|| panic!("no berth-controller serving {admin}"))

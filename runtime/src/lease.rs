@@ -333,8 +333,8 @@ impl LeaseClient {
         if lease.metadata.resource_version.is_none() {
             return Err(LeaseError::Unguarded { name });
         }
-        let put = self.api.replace(&name, &PostParams::default(), lease);
-        match by(&name, deadline, put).await {
+        let params = PostParams::default();
+        match by(&name, deadline, self.api.replace(&name, &params, lease)).await {
             Ok(l) => Ok(Write::Done(l)),
             Err(e) if is_conflict(&e) => Ok(Write::Conflict),
             Err(e) => Err(e),

@@ -118,9 +118,13 @@ impl LeaderElector {
                 seen.lease
             }
         };
-        match self.leases.acquire(current, Timestamp::now(), deadline).await? {
+        match self
+            .leases
+            .acquire(current, Timestamp::now(), deadline)
+            .await?
+        {
             Write::Done(written) => {
-                self.observe(written);
+                self.observe(*written);
                 Ok(true)
             }
             Write::Conflict => Ok(false),
@@ -159,7 +163,9 @@ impl LeaderElector {
             }
         }
         self.fence.lose();
-        tracing::warn!("leadership lost: the Lease is held by another replica or was not renewed in time");
+        tracing::warn!(
+            "leadership lost: the Lease is held by another replica or was not renewed in time"
+        );
     }
 
     /// Gives the Lease up (on shutdown) so another replica takes over at once.

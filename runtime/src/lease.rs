@@ -231,7 +231,7 @@ pub enum LeaseError {
 #[derive(Clone, Debug)]
 pub enum Write {
     /// Written; the Lease as stored now.
-    Done(Lease),
+    Done(Box<Lease>),
     /// Not written: the Lease changed since it was read (another writer came first, or it
     /// was deleted), or it names another holder than the one renewing or releasing it.
     Conflict,
@@ -286,8 +286,14 @@ impl LeaseClient {
             self.replace(&current, deadline).await
         } else {
             let name = current.name_any();
-            match by(&name, deadline, self.api.create(&PostParams::default(), &current)).await {
-                Ok(l) => Ok(Write::Done(l)),
+            match by(
+                &name,
+                deadline,
+                self.api.create(&PostParams::default(), &current),
+            )
+            .await
+            {
+                Ok(l) => Ok(Write::Done(Box::new(l))),
                 Err(e) if is_conflict(&e) => Ok(Write::Conflict),
                 Err(e) => Err(e),
             }
@@ -335,7 +341,7 @@ impl LeaseClient {
         }
         let params = PostParams::default();
         match by(&name, deadline, self.api.replace(&name, &params, lease)).await {
-            Ok(l) => Ok(Write::Done(l)),
+            Ok(l) => Ok(Write::Done(Box::new(l))),
             Err(e) if is_conflict(&e) => Ok(Write::Conflict),
             Err(e) => Err(e),
         }

@@ -323,9 +323,9 @@ pub fn decide(s: &AddrState) -> Action {
             return Action::Release;
         }
         // A holder other than this node, seen writing within a lease duration.
-        let taken_by_other = s.lease.is_some_and(|l| {
-            l.holder.as_deref().is_some_and(|h| h != s.me) && !l.expired(s.now)
-        });
+        let taken_by_other = s
+            .lease
+            .is_some_and(|l| l.holder.as_deref().is_some_and(|h| h != s.me) && !l.expired(s.now));
         if taken_by_other || s.now >= renewed + s.timing.duration {
             return Action::Lost;
         }

@@ -253,7 +253,11 @@ impl Announcer {
     }
 
     async fn step(&mut self, model: &ModelView) {
-        let listed = self.watched.listed.iter().all(|l| l.load(Ordering::Relaxed));
+        let listed = self
+            .watched
+            .listed
+            .iter()
+            .all(|l| l.load(Ordering::Relaxed));
         if !listed {
             return;
         }
@@ -287,10 +291,7 @@ impl Announcer {
 
     /// The pool classes and the model's addresses with their eligible nodes; `None` until
     /// the model has listed.
-    fn inputs(
-        &mut self,
-        model: &ModelView,
-    ) -> Option<(BTreeMap<String, PoolClass>, Snapshot)> {
+    fn inputs(&mut self, model: &ModelView) -> Option<(BTreeMap<String, PoolClass>, Snapshot)> {
         let mut warnings = Vec::new();
         let classes = pool_classes(&self.watched.classes, &mut warnings);
         // As for other load balancers, excluded nodes do not announce.
@@ -452,8 +453,12 @@ impl Announcer {
             }
         };
         let deadline = started + self.cfg.timing.attempt;
-        match self.leases.acquire(current, Timestamp::now(), deadline).await {
-            Ok(Write::Done(l)) => Some(l),
+        match self
+            .leases
+            .acquire(current, Timestamp::now(), deadline)
+            .await
+        {
+            Ok(Write::Done(l)) => Some(*l),
             Ok(Write::Conflict) => {
                 tracing::debug!(address = %addr, "another node took the Lease first");
                 None
@@ -511,7 +516,7 @@ impl Announcer {
                 self.held.insert(
                     addr,
                     Held {
-                        lease: w,
+                        lease: *w,
                         renewed_at: started,
                     },
                 );
@@ -531,7 +536,9 @@ impl Announcer {
         let name = announce::lease_name(&addr);
         let deadline = Instant::now() + self.cfg.timing.attempt;
         match self.leases.get(&name, deadline).await {
-            Ok(Some(fresh)) if lease::Record::of(&fresh).holder.as_deref() == Some(&self.cfg.node) => {
+            Ok(Some(fresh))
+                if lease::Record::of(&fresh).holder.as_deref() == Some(&self.cfg.node) =>
+            {
                 if let Some(h) = self.held.get_mut(&addr) {
                     h.lease = fresh;
                 }

@@ -40,7 +40,10 @@ fn a_skewed_holder_clock_neither_ends_a_live_lease_nor_keeps_a_dead_one() {
             // Each renewal arrives 50 ms after it was made; the observer reads in between.
             let o = Observed::new(seen.as_ref(), lease, at(base, n * 1000 + 50));
             for probe in [n * 1000 + 50, n * 1000 + 999] {
-                assert!(!o.expired(at(base, probe)), "skew {offset_s}s at {probe} ms");
+                assert!(
+                    !o.expired(at(base, probe)),
+                    "skew {offset_s}s at {probe} ms"
+                );
                 assert!(!o.free_for("b", at(base, probe)), "skew {offset_s}s");
             }
             seen = Some(o);
@@ -50,8 +53,14 @@ fn a_skewed_holder_clock_neither_ends_a_live_lease_nor_keeps_a_dead_one() {
         // Re-reading the unchanged record does not make it look renewed.
         let reread = Observed::new(Some(&last), last.lease.clone(), at(base, renewed + 5000));
         assert_eq!(reread.seen_at, at(base, renewed));
-        assert!(!reread.free_for("b", at(base, renewed + 9_999)), "skew {offset_s}s");
-        assert!(reread.free_for("b", at(base, renewed + 10_000)), "skew {offset_s}s");
+        assert!(
+            !reread.free_for("b", at(base, renewed + 9_999)),
+            "skew {offset_s}s"
+        );
+        assert!(
+            reread.free_for("b", at(base, renewed + 10_000)),
+            "skew {offset_s}s"
+        );
         assert!(reread.free_for("a", at(base, renewed + 1)), "its own Lease");
     }
 }
@@ -64,7 +73,13 @@ fn any_change_of_the_record_restarts_the_clock_and_a_free_lease_is_free_at_once(
     let changes = [
         renewal("b", 1, t, 10),
         renewal("a", 2, t, 10),
-        renewal("a", 1, t.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(1)).expect("ts"), 10),
+        renewal(
+            "a",
+            1,
+            t.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(1))
+                .expect("ts"),
+            10,
+        ),
         {
             let mut l = renewal("a", 1, t, 10);
             l.spec.as_mut().expect("spec").lease_transitions = Some(4);
@@ -153,7 +168,7 @@ fn soon() -> Instant {
 
 fn done(w: Write) -> Lease {
     match w {
-        Write::Done(l) => l,
+        Write::Done(l) => *l,
         Write::Conflict => panic!("conflict where a write was expected"),
     }
 }
@@ -164,10 +179,17 @@ async fn creating_an_absent_lease_is_a_race_that_one_writer_wins() {
     let (a, b) = clients(&fake);
     let labels = BTreeMap::from([("k".to_string(), "v".to_string())]);
     let now = Timestamp::now();
-    let won = done(a.acquire(absent("l", labels.clone()), now, soon()).await.expect("create"));
+    let won = done(
+        a.acquire(absent("l", labels.clone()), now, soon())
+            .await
+            .expect("create"),
+    );
     assert_eq!(Record::of(&won).holder.as_deref(), Some("a"));
     assert_eq!(won.metadata.labels, Some(labels.clone()));
-    let lost = b.acquire(absent("l", labels), now, soon()).await.expect("409");
+    let lost = b
+        .acquire(absent("l", labels), now, soon())
+        .await
+        .expect("409");
     assert!(matches!(lost, Write::Conflict), "{lost:?}");
     let stored = a.get("l", soon()).await.expect("get").expect("stored");
     assert_eq!(Record::of(&stored).holder.as_deref(), Some("a"));
@@ -178,39 +200,70 @@ async fn writes_are_guarded_by_the_resource_version_read() {
     let fake = FakeApiserver::new(NS);
     let (a, b) = clients(&fake);
     let now = Timestamp::now();
-    let held = done(a.acquire(absent("l", BTreeMap::new()), now, soon()).await.expect("a"));
+    let held = done(
+        a.acquire(absent("l", BTreeMap::new()), now, soon())
+            .await
+            .expect("a"),
+    );
     done(a.release(held.clone(), soon()).await.expect("release"));
     // Both read the released Lease and race to take it: one wins, the other conflicts.
     let read = b.get("l", soon()).await.expect("get").expect("stored");
     let b_won = done(b.acquire(read.clone(), now, soon()).await.expect("b"));
-    assert!(matches!(a.acquire(read, now, soon()).await.expect("a"), Write::Conflict));
+    assert!(matches!(
+        a.acquire(read, now, soon()).await.expect("a"),
+        Write::Conflict
+    ));
     assert_eq!(Record::of(&b_won).holder.as_deref(), Some("b"));
     assert_eq!(Record::of(&b_won).transitions, 1);
     // A renewal or release from a stale copy is refused, and so is one of a Lease that
     // names another holder (without asking the server).
-    assert!(matches!(a.renew(held.clone(), now, soon()).await.expect("a"), Write::Conflict));
+    assert!(matches!(
+        a.renew(held.clone(), now, soon()).await.expect("a"),
+        Write::Conflict
+    ));
     let asked = fake.requests();
-    assert!(matches!(a.renew(b_won.clone(), now, soon()).await.expect("a"), Write::Conflict));
-    assert!(matches!(a.release(b_won.clone(), soon()).await.expect("a"), Write::Conflict));
+    assert!(matches!(
+        a.renew(b_won.clone(), now, soon()).await.expect("a"),
+        Write::Conflict
+    ));
+    assert!(matches!(
+        a.release(b_won.clone(), soon()).await.expect("a"),
+        Write::Conflict
+    ));
     assert_eq!(fake.requests(), asked, "no write for another's Lease");
     let renewed = done(b.renew(b_won.clone(), now, soon()).await.expect("renew"));
-    assert_eq!(renewed.spec.as_ref().and_then(|s| s.acquire_time.clone()),
-        b_won.spec.as_ref().and_then(|s| s.acquire_time.clone()));
+    assert_eq!(
+        renewed.spec.as_ref().and_then(|s| s.acquire_time.clone()),
+        b_won.spec.as_ref().and_then(|s| s.acquire_time.clone())
+    );
     let stale = b.release(b_won, soon()).await.expect("b");
-    assert!(matches!(stale, Write::Conflict), "released from a stale copy: {stale:?}");
+    assert!(
+        matches!(stale, Write::Conflict),
+        "released from a stale copy: {stale:?}"
+    );
     let mut unguarded = renewed.clone();
     unguarded.metadata.resource_version = None;
-    assert!(matches!(b.renew(unguarded, now, soon()).await, Err(LeaseError::Unguarded { .. })));
+    assert!(matches!(
+        b.renew(unguarded, now, soon()).await,
+        Err(LeaseError::Unguarded { .. })
+    ));
 }
 
 #[tokio::test]
 async fn a_released_lease_has_no_holder_and_keeps_its_count() {
     let fake = FakeApiserver::new(NS);
     let (a, _) = clients(&fake);
-    let held = done(a.acquire(absent("l", BTreeMap::new()), Timestamp::now(), soon()).await.expect("a"));
+    let held = done(
+        a.acquire(absent("l", BTreeMap::new()), Timestamp::now(), soon())
+            .await
+            .expect("a"),
+    );
     let released = done(a.release(held, soon()).await.expect("release"));
     let stored = a.get("l", soon()).await.expect("get").expect("stored");
-    assert_eq!(stored.metadata.resource_version, released.metadata.resource_version);
+    assert_eq!(
+        stored.metadata.resource_version,
+        released.metadata.resource_version
+    );
     let r = Record::of(&stored);
     assert_eq!((r.holder, r.renew_time, r.transitions), (None, None, 0));
 }
@@ -224,6 +277,15 @@ async fn an_attempt_gives_up_at_its_deadline() {
     let got = a.get("l", deadline).await;
     assert!(matches!(got, Err(LeaseError::Deadline { .. })), "{got:?}");
     assert!(Instant::now() >= deadline);
-    let write = a.acquire(absent("l", BTreeMap::new()), Timestamp::now(), Instant::now() + Duration::from_millis(100)).await;
-    assert!(matches!(write, Err(LeaseError::Deadline { .. })), "{write:?}");
+    let write = a
+        .acquire(
+            absent("l", BTreeMap::new()),
+            Timestamp::now(),
+            Instant::now() + Duration::from_millis(100),
+        )
+        .await;
+    assert!(
+        matches!(write, Err(LeaseError::Deadline { .. })),
+        "{write:?}"
+    );
 }

@@ -1,40 +1,35 @@
-//! Leader election on a `coordination.k8s.io/v1` Lease: only the holder calls AWS or
-//! writes. Updates carry the resourceVersion, so two replicas can never both win. Every
-//! successful renewal moves the [`Fence`] deadline forward; losing the Lease (or failing
-//! to renew it in time) loses the fence, which stops every writer.
+//! Leader election on a `coordination.k8s.io/v1` Lease, through [`berth_runtime::lease`]:
+//! only the holder calls AWS or writes. Another replica's Lease counts as expired once this
+//! process has seen it unchanged for a whole lease duration on its own clock, so skewed
+//! clocks between nodes cannot move leadership; writes carry the resourceVersion read, so
+//! two replicas never both win. Each successful renewal moves the [`Fence`] deadline to the
+//! attempt's start plus the duration, less a margin; losing the Lease, or not confirming a
+//! renewal before that deadline, loses the fence, which stops every writer.
 
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use berth_runtime::Fence;
-
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use berth_runtime::lease::{self, LeaseClient, LeaseError, Observed, Write};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 
 pub struct LeaderElector {
-    api: Api<Lease>,
+    leases: LeaseClient,
     name: String,
-    identity: String,
     duration: Duration,
     fence: Fence,
+    state: Mutex<State>,
 }
 
-/// Whether `spec` lets `identity` take the lease at `now_ms`: free, ours, or expired. Pure.
-pub fn can_take(spec: &LeaseSpec, identity: &str, now_ms: i64) -> bool {
-    let holder = spec.holder_identity.as_deref().unwrap_or("");
-    if holder.is_empty() || holder == identity {
-        return true;
-    }
-    let renewed = spec
-        .renew_time
-        .as_ref()
-        .or(spec.acquire_time.as_ref())
-        .map(|t| t.0.as_millisecond())
-        .unwrap_or(0);
-    let duration_ms = i64::from(spec.lease_duration_seconds.unwrap_or(15)) * 1000;
-    now_ms > renewed + duration_ms
+#[derive(Default)]
+struct State {
+    /// The Lease as last read or written, with when its record last changed.
+    observed: Option<Observed>,
+    /// The fence's deadline while this replica holds the Lease.
+    held_until: Option<Instant>,
 }
 
 impl LeaderElector {
@@ -47,88 +42,96 @@ impl LeaderElector {
         fence: Fence,
     ) -> Self {
         Self {
-            api: Api::namespaced(client, namespace),
+            leases: LeaseClient::new(Api::namespaced(client, namespace), identity, duration),
             name: name.into(),
-            identity: identity.into(),
             duration,
             fence,
+            state: Mutex::default(),
         }
     }
 
-    /// Writes are allowed until the lease could have expired as seen by another replica:
-    /// counted from when this attempt started, less a tenth for clock-rate differences.
-    fn held_since(&self, started: Instant) {
-        self.fence
-            .hold_until(started + self.duration - self.duration / 10);
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn spec(&self, previous: Option<&LeaseSpec>, now: Timestamp) -> LeaseSpec {
-        let ours =
-            previous.and_then(|p| p.holder_identity.as_deref()) == Some(self.identity.as_str());
-        LeaseSpec {
-            holder_identity: Some(self.identity.clone()),
-            lease_duration_seconds: Some(self.duration.as_secs().max(1) as i32),
-            acquire_time: if ours {
-                previous.and_then(|p| p.acquire_time.clone())
-            } else {
-                Some(MicroTime(now))
-            },
-            renew_time: Some(MicroTime(now)),
-            lease_transitions: Some(
-                previous.and_then(|p| p.lease_transitions).unwrap_or(0)
-                    + i32::from(!ours && previous.is_some()),
-            ),
-            ..Default::default()
-        }
+    /// Until when a write made in an attempt started at `started` is safe. Another replica
+    /// sees the write no earlier than it is made, so it cannot take over before `started`
+    /// plus the duration; a tenth less covers clocks running at different rates.
+    fn valid_until(&self, started: Instant) -> Instant {
+        started + self.duration - self.duration / 10
     }
 
-    /// One attempt to take or renew the lease; true when this replica holds it afterwards.
-    pub async fn try_acquire(&self) -> Result<bool, kube::Error> {
+    pub fn retry_period(&self) -> Duration {
+        (self.duration / 4).max(Duration::from_millis(250))
+    }
+
+    /// One attempt to take or renew the Lease; true when this replica holds it afterwards.
+    /// A renewal gives up at the deadline it would extend: past it, leadership is lost.
+    pub async fn try_acquire(&self) -> Result<bool, LeaseError> {
         let started = Instant::now();
-        let held = self.try_acquire_at(Timestamp::now()).await;
-        if matches!(held, Ok(true)) {
-            self.held_since(started);
+        let holding = self.state().held_until;
+        if holding.is_some_and(|until| started >= until) {
+            self.lost();
+            return Ok(false);
         }
-        held
+        let deadline = holding.unwrap_or_else(|| self.valid_until(started));
+        let result = self.attempt(deadline).await;
+        match &result {
+            Ok(true) => {
+                let until = self.valid_until(started);
+                self.fence.hold_until(until);
+                self.state().held_until = Some(until);
+            }
+            Ok(false) if holding.is_some() => self.lost(),
+            Err(_) if holding.is_some_and(|until| Instant::now() >= until) => self.lost(),
+            _ => {}
+        }
+        result
     }
 
-    async fn try_acquire_at(&self, now: Timestamp) -> Result<bool, kube::Error> {
-        match self.api.get_opt(&self.name).await? {
-            None => {
-                let lease = Lease {
-                    metadata: ObjectMeta {
-                        name: Some(self.name.clone()),
-                        ..Default::default()
-                    },
-                    spec: Some(self.spec(None, now)),
-                };
-                match self.api.create(&PostParams::default(), &lease).await {
-                    Ok(_) => Ok(true),
-                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-                    Err(e) => Err(e),
-                }
-            }
-            Some(mut lease) => {
-                let spec = lease.spec.clone().unwrap_or_default();
-                if !can_take(&spec, &self.identity, now.as_millisecond()) {
+    fn lost(&self) {
+        self.state().held_until = None;
+        self.fence.lose();
+    }
+
+    /// Records `lease` as seen now; an unchanged record keeps its earlier time.
+    fn observe(&self, lease: Lease) -> Observed {
+        let mut state = self.state();
+        let seen = Observed::new(state.observed.as_ref(), lease, Instant::now());
+        state.observed = Some(seen.clone());
+        seen
+    }
+
+    async fn attempt(&self, deadline: Instant) -> Result<bool, LeaseError> {
+        let identity = self.leases.identity();
+        let current = match self.leases.get(&self.name, deadline).await? {
+            None => lease::absent(&self.name, BTreeMap::new()),
+            Some(read) => {
+                let seen = self.observe(read);
+                if !seen.free_for(identity, Instant::now()) {
+                    tracing::debug!(
+                        holder = seen.holder().unwrap_or_default(),
+                        "the leader Lease is held by another replica"
+                    );
                     return Ok(false);
                 }
-                lease.spec = Some(self.spec(Some(&spec), now));
-                // replace() sends the resourceVersion we read: a concurrent writer wins, we lose.
-                match self
-                    .api
-                    .replace(&self.name, &PostParams::default(), &lease)
-                    .await
-                {
-                    Ok(_) => Ok(true),
-                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-                    Err(e) => Err(e),
-                }
+                seen.lease
             }
+        };
+        match self
+            .leases
+            .acquire(current, Timestamp::now(), deadline)
+            .await?
+        {
+            Write::Done(written) => {
+                self.observe(*written);
+                Ok(true)
+            }
+            Write::Conflict => Ok(false),
         }
     }
 
-    /// Waits until this replica holds the lease.
+    /// Waits until this replica holds the Lease.
     pub async fn acquire(&self) {
         let period = self.retry_period();
         loop {
@@ -141,51 +144,44 @@ impl LeaderElector {
         }
     }
 
-    pub fn retry_period(&self) -> Duration {
-        (self.duration / 4).max(Duration::from_millis(250))
-    }
-
-    /// Renews until renewing fails for longer than the lease lasts; returns when
-    /// leadership is lost, with the fence lost first.
+    /// Renews until leadership is lost: another replica holds the Lease, or no renewal was
+    /// confirmed before the fence's deadline. Returns then, with the fence lost.
     pub async fn hold(&self) {
-        self.renew_until_lost().await;
-        self.fence.lose();
-    }
-
-    async fn renew_until_lost(&self) {
         let period = self.retry_period();
-        let mut last_ok = std::time::Instant::now();
         loop {
-            tokio::time::sleep(period).await;
+            let next = Instant::now() + period;
+            // Wake at the deadline at the latest, so losing is noticed when it happens.
+            let wake = self.state().held_until.map_or(next, |u| next.min(u));
+            tokio::time::sleep_until(wake.into()).await;
             match self.try_acquire().await {
-                Ok(true) => last_ok = std::time::Instant::now(),
-                Ok(false) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "renewing the lease");
-                    // Stop before another replica may take over.
-                    if last_ok.elapsed() + period >= self.duration {
-                        return;
-                    }
-                }
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => tracing::warn!(error = %e, "renewing the leader Lease"),
+            }
+            if self.fence.is_lost() {
+                break;
             }
         }
+        self.fence.lose();
+        tracing::warn!(
+            "leadership lost: the Lease is held by another replica or was not renewed in time"
+        );
     }
 
-    /// Gives the lease up (on shutdown) so another replica takes over at once.
+    /// Gives the Lease up (on shutdown) so another replica takes over at once.
     pub async fn release(&self) {
         // No write of ours may follow the release.
-        self.fence.lose();
-        if let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await {
-            let mut spec = lease.spec.clone().unwrap_or_default();
-            if spec.holder_identity.as_deref() == Some(self.identity.as_str()) {
-                spec.holder_identity = None;
-                spec.renew_time = None;
-                lease.spec = Some(spec);
-                let _ = self
-                    .api
-                    .replace(&self.name, &PostParams::default(), &lease)
-                    .await;
-            }
+        self.lost();
+        let deadline = Instant::now() + self.retry_period();
+        let released = match self.leases.get(&self.name, deadline).await {
+            Ok(Some(held)) => self.leases.release(held, deadline).await,
+            Ok(None) => Ok(Write::Conflict),
+            Err(e) => Err(e),
+        };
+        match released {
+            Ok(Write::Done(_)) => tracing::info!("released the leader Lease"),
+            Ok(Write::Conflict) => {}
+            Err(e) => tracing::warn!(error = %e, "releasing the leader Lease"),
         }
     }
 }
@@ -193,24 +189,119 @@ impl LeaderElector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_runtime::lease::fake::FakeApiserver;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use k8s_openapi::jiff::SignedDuration;
 
-    fn spec(holder: Option<&str>, renew_s: i64, duration: i32) -> LeaseSpec {
-        LeaseSpec {
-            holder_identity: holder.map(str::to_string),
+    const NS: &str = "kube-system";
+    const LEASE: &str = "berth-controller";
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn elector(fake: &FakeApiserver, identity: &str) -> (LeaderElector, Fence) {
+        let fence = Fence::new();
+        let e = LeaderElector::new(fake.client(), NS, LEASE, identity, SECOND, fence.clone());
+        (e, fence)
+    }
+
+    fn holder(fake: &FakeApiserver) -> Option<String> {
+        fake.get(LEASE)
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+    }
+
+    /// Another replica's Lease, renewed by a clock `skew_s` off ours.
+    fn held_by_skewed(fake: &FakeApiserver, skew_s: i64) {
+        let mut l = lease::absent(LEASE, BTreeMap::new());
+        l.spec = Some(LeaseSpec {
+            holder_identity: Some("skewed".into()),
+            lease_duration_seconds: Some(1),
             renew_time: Some(MicroTime(
-                Timestamp::from_second(renew_s).unwrap_or(Timestamp::UNIX_EPOCH),
+                Timestamp::now()
+                    .checked_add(SignedDuration::from_secs(skew_s))
+                    .expect("timestamp"),
             )),
-            lease_duration_seconds: Some(duration),
             ..Default::default()
+        });
+        fake.put(l);
+    }
+
+    #[tokio::test]
+    async fn one_replica_leads_and_the_other_takes_over_after_a_lease_unchanged() {
+        let fake = FakeApiserver::new(NS);
+        let (a, a_fence) = elector(&fake, "a");
+        let (b, b_fence) = elector(&fake, "b");
+        assert!(a.try_acquire().await.expect("a"));
+        assert!(a_fence.check().is_ok());
+        assert!(!b.try_acquire().await.expect("b"), "a live Lease");
+        assert!(b_fence.check().is_err());
+        assert!(a.try_acquire().await.expect("a renews"));
+        assert!(!b.try_acquire().await.expect("b"), "a renewed Lease");
+        // a stops renewing; b has seen a's last renewal for a whole duration.
+        tokio::time::sleep(SECOND).await;
+        assert!(b.try_acquire().await.expect("b"));
+        assert_eq!(holder(&fake).as_deref(), Some("b"));
+        assert_eq!(
+            fake.get(LEASE).and_then(|l| l.spec?.lease_transitions),
+            Some(1)
+        );
+        assert!(!a.try_acquire().await.expect("a"), "a finds b holding");
+        assert!(a_fence.is_lost(), "losing the Lease loses the fence");
+    }
+
+    /// Whether the holder's clock runs 30 s ahead or behind, its Lease is taken after one
+    /// duration unchanged: not at once (behind), not 30 s later (ahead).
+    #[tokio::test]
+    async fn a_skewed_holder_is_judged_by_the_time_its_lease_stood_still() {
+        for skew_s in [-30, 30] {
+            let fake = FakeApiserver::new(NS);
+            held_by_skewed(&fake, skew_s);
+            let (b, _) = elector(&fake, "b");
+            assert!(!b.try_acquire().await.expect("b"), "skew {skew_s}s");
+            tokio::time::sleep(SECOND).await;
+            assert!(b.try_acquire().await.expect("b"), "skew {skew_s}s");
         }
     }
 
-    #[test]
-    fn leases_are_taken_when_free_ours_or_expired() {
-        assert!(can_take(&spec(None, 100, 15), "a", 101_000));
-        assert!(can_take(&spec(Some(""), 100, 15), "a", 101_000));
-        assert!(can_take(&spec(Some("a"), 100, 15), "a", 101_000));
-        assert!(!can_take(&spec(Some("b"), 100, 15), "a", 114_000));
-        assert!(can_take(&spec(Some("b"), 100, 15), "a", 116_000));
+    #[tokio::test]
+    async fn hold_returns_with_the_fence_lost_when_renewals_go_unanswered() {
+        let fake = FakeApiserver::new(NS);
+        let (a, fence) = elector(&fake, "a");
+        a.acquire().await;
+        fake.stall(true);
+        tokio::time::timeout(SECOND * 5, a.hold())
+            .await
+            .expect("hold returns once renewal cannot be confirmed in time");
+        assert!(fence.is_lost());
+    }
+
+    #[tokio::test]
+    async fn hold_returns_when_another_replica_took_the_lease() {
+        let fake = FakeApiserver::new(NS);
+        let (a, fence) = elector(&fake, "a");
+        a.acquire().await;
+        let mut taken = fake.get(LEASE).expect("lease");
+        taken.spec = taken.spec.map(|s| LeaseSpec {
+            holder_identity: Some("b".into()),
+            ..s
+        });
+        fake.put(taken);
+        tokio::time::timeout(SECOND * 5, a.hold())
+            .await
+            .expect("hold returns");
+        assert!(fence.is_lost());
+        assert_eq!(holder(&fake).as_deref(), Some("b"), "a wrote nothing");
+    }
+
+    #[tokio::test]
+    async fn a_released_lease_is_taken_at_once() {
+        let fake = FakeApiserver::new(NS);
+        let (a, a_fence) = elector(&fake, "a");
+        let (b, _) = elector(&fake, "b");
+        assert!(a.try_acquire().await.expect("a"));
+        a.release().await;
+        assert!(a_fence.is_lost());
+        assert_eq!(holder(&fake), None);
+        assert!(b.try_acquire().await.expect("b"));
     }
 }

@@ -1,9 +1,10 @@
-//! What both berth binaries share, written once: leader fencing ([`fence`]), the
-//! hardened admin HTTP server ([`admin`]), Prometheus metrics ([`metrics`]), logging
-//! ([`logging`]) and the shutdown signal ([`signal`]).
+//! What both berth binaries share, written once: the hardened admin HTTP server
+//! ([`admin`]), Prometheus metrics ([`metrics`]), Leases ([`lease`]) and leader fencing
+//! ([`fence`]), logging ([`logging`]) and the shutdown signal ([`signal`]).
 
 pub mod admin;
 pub mod fence;
+pub mod lease;
 pub mod logging;
 pub mod metrics;
 pub mod signal;

@@ -7,15 +7,16 @@
 //! holder renews every third of the lease duration; the others take a Lease only when it
 //! is absent, released or expired, the best-ranked node at once and each next one a step
 //! later, so addresses spread over the nodes and a silent node does not block the rest.
+//! Expired means this node has seen the Lease unchanged for a whole duration
+//! ([`berth_runtime::lease::Observed`]): the holder's clock never enters the decision.
+//! Every time is a monotonic [`Instant`] passed in.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use berth_crds::LoadBalancerClassSpec;
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::Timestamp;
+use berth_runtime::lease::Observed;
 use sha2::{Digest, Sha256};
 
 use crate::proxy::model::{Family, Model};
@@ -209,29 +210,23 @@ pub fn rank(addr: &IpAddr, me: &str, eligible: &BTreeSet<String>, skip: Option<&
     r.iter().position(|n| *n == me).unwrap_or(r.len())
 }
 
-/// The part of a Lease the decisions read.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The part of an observed Lease the decisions read.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseView {
     pub holder: Option<String>,
-    /// Last renewal (or acquisition), milliseconds since the epoch.
-    pub renewed_ms: i64,
-    pub duration_ms: i64,
+    /// When the holder's claim runs out unless this node sees the Lease change before:
+    /// when it last saw it change, plus its duration.
+    pub expires_at: Instant,
     pub released_by: Option<String>,
 }
 
 impl LeaseView {
-    pub fn of(lease: &Lease) -> Self {
-        let spec = lease.spec.clone().unwrap_or_default();
+    pub fn of(seen: &Observed) -> Self {
         Self {
-            holder: spec.holder_identity.filter(|h| !h.is_empty()),
-            renewed_ms: spec
-                .renew_time
-                .as_ref()
-                .or(spec.acquire_time.as_ref())
-                .map(|t| t.0.as_millisecond())
-                .unwrap_or(0),
-            duration_ms: i64::from(spec.lease_duration_seconds.unwrap_or(15)) * 1000,
-            released_by: lease
+            holder: seen.holder().map(str::to_string),
+            expires_at: seen.expires_at(),
+            released_by: seen
+                .lease
                 .metadata
                 .annotations
                 .as_ref()
@@ -240,19 +235,19 @@ impl LeaseView {
         }
     }
 
-    pub fn expired(&self, now_ms: i64) -> bool {
-        now_ms > self.renewed_ms + self.duration_ms
+    pub fn expired(&self, now: Instant) -> bool {
+        now >= self.expires_at
     }
 }
 
 /// Whether `me` may write itself into the Lease: absent, released, expired or its own.
-pub fn takeable(lease: Option<&LeaseView>, me: &str, now_ms: i64) -> bool {
+pub fn takeable(lease: Option<&LeaseView>, me: &str, now: Instant) -> bool {
     match lease {
         None => true,
         Some(l) => match l.holder.as_deref() {
             None => true,
             Some(h) if h == me => true,
-            Some(_) => l.expired(now_ms),
+            Some(_) => l.expired(now),
         },
     }
 }
@@ -273,6 +268,9 @@ pub struct Timing {
     pub step: Duration,
     /// How often the announcer looks at its addresses.
     pub tick: Duration,
+    /// A Lease read or write gives up after this long, so that one slow call does not
+    /// hold up the other addresses' renewals.
+    pub attempt: Duration,
 }
 
 impl Timing {
@@ -282,11 +280,8 @@ impl Timing {
             renew: duration / 3,
             step: duration / 3,
             tick: (duration / 12).clamp(Duration::from_millis(100), Duration::from_secs(1)),
+            attempt: duration / 6,
         }
-    }
-
-    fn ms(d: Duration) -> i64 {
-        i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
     }
 }
 
@@ -312,11 +307,11 @@ pub struct AddrState<'a> {
     /// Eligible nodes; `None` when nobody should announce the address.
     pub eligible: Option<&'a BTreeSet<String>>,
     pub lease: Option<&'a LeaseView>,
-    /// When this node holds the address: its last successful renewal (ms).
-    pub held_since_renewal: Option<i64>,
-    /// Since when this node has seen the Lease takeable (ms).
-    pub takeable_since: Option<i64>,
-    pub now_ms: i64,
+    /// When this node holds the address: the start of its last successful renewal.
+    pub held_since_renewal: Option<Instant>,
+    /// Since when this node has seen the Lease takeable.
+    pub takeable_since: Option<Instant>,
+    pub now: Instant,
     pub timing: Timing,
 }
 
@@ -327,13 +322,14 @@ pub fn decide(s: &AddrState) -> Action {
         if !me_eligible {
             return Action::Release;
         }
-        let taken_by_other = s.lease.is_some_and(|l| {
-            l.holder.as_deref().is_some_and(|h| h != s.me) && !l.expired(s.now_ms)
-        });
-        if taken_by_other || s.now_ms >= renewed + Timing::ms(s.timing.duration) {
+        // A holder other than this node, seen writing within a lease duration.
+        let taken_by_other = s
+            .lease
+            .is_some_and(|l| l.holder.as_deref().is_some_and(|h| h != s.me) && !l.expired(s.now));
+        if taken_by_other || s.now >= renewed + s.timing.duration {
             return Action::Lost;
         }
-        if s.now_ms >= renewed + Timing::ms(s.timing.renew) {
+        if s.now >= renewed + s.timing.renew {
             return Action::Renew;
         }
         return Action::Nothing;
@@ -341,58 +337,23 @@ pub fn decide(s: &AddrState) -> Action {
     let Some(eligible) = s.eligible.filter(|_| me_eligible) else {
         return Action::Nothing;
     };
-    if !takeable(s.lease, s.me, s.now_ms) {
+    if !takeable(s.lease, s.me, s.now) {
         return Action::Nothing;
     }
     let ours = s.lease.and_then(|l| l.holder.as_deref()) == Some(s.me);
     let delay = if ours {
-        0
+        Duration::ZERO
     } else {
         let r = rank(&s.addr, s.me, eligible, previous_holder(s.lease));
-        Timing::ms(s.timing.step).saturating_mul(r as i64)
+        s.timing
+            .step
+            .saturating_mul(u32::try_from(r).unwrap_or(u32::MAX))
     };
-    let since = s.takeable_since.unwrap_or(s.now_ms);
-    if s.now_ms - since >= delay {
+    let since = s.takeable_since.unwrap_or(s.now);
+    if s.now.saturating_duration_since(since) >= delay {
         Action::Acquire
     } else {
         Action::Nothing
-    }
-}
-
-/// The spec this node writes to take or renew a Lease. Pure.
-pub fn held_spec(
-    me: &str,
-    duration: Duration,
-    previous: Option<&LeaseSpec>,
-    now: Timestamp,
-) -> LeaseSpec {
-    let ours = previous.and_then(|p| p.holder_identity.as_deref()) == Some(me);
-    let had_holder = previous
-        .and_then(|p| p.holder_identity.as_deref())
-        .is_some_and(|h| !h.is_empty());
-    LeaseSpec {
-        holder_identity: Some(me.to_string()),
-        lease_duration_seconds: Some(i32::try_from(duration.as_secs().max(1)).unwrap_or(i32::MAX)),
-        acquire_time: if ours {
-            previous.and_then(|p| p.acquire_time.clone())
-        } else {
-            Some(MicroTime(now))
-        },
-        renew_time: Some(MicroTime(now)),
-        lease_transitions: Some(
-            previous.and_then(|p| p.lease_transitions).unwrap_or(0)
-                + i32::from(!ours && had_holder),
-        ),
-        ..Default::default()
-    }
-}
-
-/// The spec of a released Lease: no holder, so any eligible node may take it at once.
-pub fn released_spec(previous: &LeaseSpec) -> LeaseSpec {
-    LeaseSpec {
-        holder_identity: None,
-        renew_time: None,
-        ..previous.clone()
     }
 }
 
@@ -415,6 +376,8 @@ pub fn stale(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::LazyLock;
+
     use super::*;
     use crate::proxy::model::fixtures::ip;
     use crate::proxy::model::{Endpoint, NodeFacts, Service, Slice};
@@ -575,11 +538,18 @@ mod tests {
         assert!(firsts.len() >= 2, "{firsts:?}");
     }
 
-    fn view(holder: Option<&str>, renewed_ms: i64) -> LeaseView {
+    static T0: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+    /// `ms` milliseconds into a test.
+    fn at(ms: u64) -> Instant {
+        *T0 + Duration::from_millis(ms)
+    }
+
+    /// A Lease this node saw change at `seen_ms`.
+    fn view(holder: Option<&str>, seen_ms: u64) -> LeaseView {
         LeaseView {
             holder: holder.map(str::to_string),
-            renewed_ms,
-            duration_ms: (TIMING_S * 1000) as i64,
+            expires_at: at(seen_ms + TIMING_S * 1000),
             released_by: None,
         }
     }
@@ -588,7 +558,7 @@ mod tests {
         me: &'a str,
         eligible: Option<&'a BTreeSet<String>>,
         lease: Option<&'a LeaseView>,
-        now_ms: i64,
+        now_ms: u64,
     ) -> AddrState<'a> {
         AddrState {
             me,
@@ -597,18 +567,18 @@ mod tests {
             lease,
             held_since_renewal: None,
             takeable_since: None,
-            now_ms,
+            now: at(now_ms),
             timing: timing(),
         }
     }
 
     #[test]
     fn takeable_when_absent_released_expired_or_own() {
-        assert!(takeable(None, "a", 0));
-        assert!(takeable(Some(&view(None, 0)), "a", 0));
-        assert!(takeable(Some(&view(Some("a"), 0)), "a", 0));
-        assert!(!takeable(Some(&view(Some("b"), 10_000)), "a", 13_000));
-        assert!(takeable(Some(&view(Some("b"), 10_000)), "a", 13_001));
+        assert!(takeable(None, "a", at(0)));
+        assert!(takeable(Some(&view(None, 0)), "a", at(0)));
+        assert!(takeable(Some(&view(Some("a"), 0)), "a", at(0)));
+        assert!(!takeable(Some(&view(Some("b"), 10_000)), "a", at(12_999)));
+        assert!(takeable(Some(&view(Some("b"), 10_000)), "a", at(13_000)));
     }
 
     #[test]
@@ -621,12 +591,12 @@ mod tests {
             Action::Acquire
         );
         let mut second = state(order[1], Some(&all), None, now);
-        second.takeable_since = Some(now - 999);
+        second.takeable_since = Some(at(now - 999));
         assert_eq!(decide(&second), Action::Nothing, "waits one step (1 s)");
-        second.takeable_since = Some(now - 1000);
+        second.takeable_since = Some(at(now - 1000));
         assert_eq!(decide(&second), Action::Acquire);
         let mut third = state(order[2], Some(&all), None, now);
-        third.takeable_since = Some(now - 1500);
+        third.takeable_since = Some(at(now - 1500));
         assert_eq!(decide(&third), Action::Nothing, "waits two steps");
     }
 
@@ -636,16 +606,16 @@ mod tests {
         let order = ranking(&ip("198.19.8.30"), &all, None);
         let dead = view(Some(order[0]), 10_000);
         assert_eq!(
-            decide(&state(order[1], Some(&all), Some(&dead), 12_000)),
+            decide(&state(order[1], Some(&all), Some(&dead), 12_999)),
             Action::Nothing,
             "not expired yet"
         );
         assert_eq!(
-            decide(&state(order[1], Some(&all), Some(&dead), 13_001)),
+            decide(&state(order[1], Some(&all), Some(&dead), 13_000)),
             Action::Acquire
         );
         assert_eq!(
-            decide(&state(order[2], Some(&all), Some(&dead), 13_001)),
+            decide(&state(order[2], Some(&all), Some(&dead), 13_000)),
             Action::Nothing
         );
         let mut released = view(None, 10_000);
@@ -681,7 +651,7 @@ mod tests {
         assert_eq!(decide(&state("n1", None, None, 0)), Action::Nothing);
         let lease = view(Some("n1"), 10_000);
         let mut held = state("n1", Some(&only_n2), Some(&lease), 10_500);
-        held.held_since_renewal = Some(10_000);
+        held.held_since_renewal = Some(at(10_000));
         assert_eq!(decide(&held), Action::Release, "lost its local endpoints");
         held.eligible = None;
         assert_eq!(decide(&held), Action::Release, "address no longer wanted");
@@ -692,11 +662,11 @@ mod tests {
         let all = nodes(&["n1", "n2"]);
         let lease = view(Some("n1"), 10_000);
         let mut s = state("n1", Some(&all), Some(&lease), 10_999);
-        s.held_since_renewal = Some(10_000);
+        s.held_since_renewal = Some(at(10_000));
         assert_eq!(decide(&s), Action::Nothing);
-        s.now_ms = 11_000;
+        s.now = at(11_000);
         assert_eq!(decide(&s), Action::Renew);
-        s.now_ms = 13_000;
+        s.now = at(13_000);
         assert_eq!(
             decide(&s),
             Action::Lost,
@@ -704,7 +674,7 @@ mod tests {
         );
         let other = view(Some("n2"), 12_000);
         let mut t = state("n1", Some(&all), Some(&other), 12_100);
-        t.held_since_renewal = Some(12_000);
+        t.held_since_renewal = Some(at(12_000));
         assert_eq!(decide(&t), Action::Lost);
         let stale_view = view(Some("n2"), 1_000);
         t.lease = Some(&stale_view);
@@ -715,29 +685,38 @@ mod tests {
         );
     }
 
+    /// The Lease of a holder whose clock runs 30 s ahead or behind this node's: only
+    /// when this node saw it change counts, so it is taken one duration after that.
     #[test]
-    fn lease_specs_count_transitions_and_keep_acquire_time_on_renewal() {
-        let t0 = Timestamp::from_second(1000).expect("ts");
-        let t1 = Timestamp::from_second(1001).expect("ts");
-        let first = held_spec("n1", Duration::from_secs(3), None, t0);
-        assert_eq!(first.holder_identity.as_deref(), Some("n1"));
-        assert_eq!(first.lease_duration_seconds, Some(3));
-        assert_eq!(first.lease_transitions, Some(0));
-        let renewed = held_spec("n1", Duration::from_secs(3), Some(&first), t1);
-        assert_eq!(renewed.acquire_time, first.acquire_time);
-        assert_eq!(renewed.renew_time, Some(MicroTime(t1)));
-        let taken = held_spec("n2", Duration::from_secs(3), Some(&renewed), t1);
-        assert_eq!(taken.lease_transitions, Some(1));
-        assert_eq!(taken.acquire_time, Some(MicroTime(t1)));
-        let released = released_spec(&taken);
-        assert_eq!(released.holder_identity, None);
-        assert_eq!(released.lease_transitions, Some(1));
-        let retaken = held_spec("n3", Duration::from_secs(3), Some(&released), t1);
-        assert_eq!(
-            retaken.lease_transitions,
-            Some(1),
-            "a released lease is no transition"
-        );
+    fn a_skewed_holders_lease_expires_one_duration_after_it_was_seen_to_change() {
+        let all = nodes(&["berth-node-1", "berth-node-2", "berth-node-3"]);
+        let order = ranking(&ip("198.19.8.30"), &all, None);
+        for skew_s in [30, -30] {
+            let mut lease = k8s_openapi::api::coordination::v1::Lease::default();
+            lease.metadata.resource_version = Some("5".into());
+            lease.spec = Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                holder_identity: Some(order[0].into()),
+                lease_duration_seconds: Some(TIMING_S as i32),
+                renew_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                    k8s_openapi::jiff::Timestamp::now()
+                        .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(skew_s))
+                        .expect("timestamp"),
+                )),
+                ..Default::default()
+            });
+            let seen = Observed::new(None, lease, at(10_000));
+            let v = LeaseView::of(&seen);
+            assert_eq!(
+                decide(&state(order[1], Some(&all), Some(&v), 12_999)),
+                Action::Nothing,
+                "skew {skew_s}s: alive"
+            );
+            assert_eq!(
+                decide(&state(order[1], Some(&all), Some(&v), 13_000)),
+                Action::Acquire,
+                "skew {skew_s}s: expired"
+            );
+        }
     }
 
     #[test]

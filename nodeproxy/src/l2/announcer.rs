@@ -1,20 +1,23 @@
 //! The L2 announcer's I/O: watches LoadBalancerClasses, Nodes and its Leases, applies
-//! [`announce::decide`] to every address each tick, writes Leases (always guarded by
-//! their resourceVersion, so two nodes never both win one) and puts addresses on the
-//! interface through [`link`].
+//! [`announce::decide`] to every address each tick, writes Leases through
+//! [`berth_runtime::lease`] (always guarded by their resourceVersion, so two nodes never
+//! both win one; each call with a deadline) and puts addresses on the interface through
+//! [`link`]. A Lease's observation time is the arrival of the watch event that last
+//! changed it, so another node's Lease expires by this node's clock alone.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use berth_crds::LoadBalancerClass;
+use berth_runtime::lease::{self, LeaseClient, Observations, Observed, Write};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ObjectMeta, PartialObjectMeta, PostParams};
+use kube::api::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::utils::Backoff;
@@ -48,27 +51,36 @@ pub struct Config {
     pub timing: Timing,
 }
 
+/// An address this node holds.
 struct Held {
+    /// The Lease as this node last wrote it: the next write's resourceVersion.
     lease: Lease,
-    renewed_ms: i64,
+    /// When the last successful write of it started; the claim lasts a duration from there.
+    renewed_at: Instant,
+}
+
+type SharedObservations = Arc<Mutex<Observations>>;
+
+fn lock(o: &SharedObservations) -> MutexGuard<'_, Observations> {
+    o.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 struct Watched {
     classes: Store<LoadBalancerClass>,
     nodes: Store<PartialObjectMeta<Node>>,
-    leases: Store<Lease>,
+    leases: SharedObservations,
     listed: [Arc<AtomicBool>; 3],
 }
 
 pub struct Announcer {
     cfg: Config,
-    api: Api<Lease>,
+    leases: LeaseClient,
     metrics: Arc<Metrics>,
     watched: Watched,
     held: BTreeMap<IpAddr, Held>,
     /// Addresses on the interface now; a gratuitous ARP burst stops when its address leaves.
     announcing: Arc<Mutex<BTreeSet<IpAddr>>>,
-    takeable_since: BTreeMap<IpAddr, i64>,
+    takeable_since: BTreeMap<IpAddr, Instant>,
     iface: Option<Interface>,
     last_interface_sync: Option<Instant>,
     warned: BTreeSet<String>,
@@ -94,29 +106,27 @@ impl Backoff for RetryOften {
     }
 }
 
-/// Mirrors one watch into its store; `listed` turns true after the first full list.
-async fn reflect<K>(
+/// Hands every event of one watch to `sink`; `listed` turns true after the first full list.
+async fn follow<K>(
     what: &'static str,
-    writer: reflector::store::Writer<K>,
     stream: impl futures::Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
     listed: Arc<AtomicBool>,
+    mut sink: impl FnMut(Event<K>) + Send,
 ) where
-    K: kube::Resource + Clone + Send + Sync + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+    K: Send + 'static,
 {
-    let mut s = reflector::reflector(writer, stream)
-        .backoff(RetryOften::default())
-        .boxed();
+    let mut s = stream.backoff(RetryOften::default()).boxed();
     let mut failing = false;
     while let Some(ev) = s.next().await {
         match ev {
             // A retry starts with `Init` whether or not the list then works.
-            Ok(Event::Init) => {}
+            Ok(ev @ Event::Init) => sink(ev),
             Ok(ev) => {
                 failing = false;
                 if matches!(ev, Event::InitDone) {
                     listed.store(true, Ordering::Relaxed);
                 }
+                sink(ev);
             }
             Err(e) if !failing => {
                 failing = true;
@@ -125,6 +135,28 @@ async fn reflect<K>(
             Err(e) => tracing::debug!("{what} watch: {e}"),
         }
     }
+}
+
+/// Mirrors one watch into a store.
+fn reflect<K>(
+    what: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    listed: Arc<AtomicBool>,
+) -> Store<K>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+    K: Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+{
+    let (store, mut writer) = reflector::store();
+    tokio::spawn(follow(
+        what,
+        watcher::watcher(api, config),
+        listed,
+        move |ev| writer.apply_watcher_event(&ev),
+    ));
+    store
 }
 
 fn pool_classes(
@@ -149,45 +181,35 @@ fn pool_classes(
 impl Announcer {
     /// Starts the watches; [`Announcer::run`] then does the work.
     pub fn new(client: Client, cfg: Config, metrics: Arc<Metrics>) -> Self {
-        let listed = [
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
-        ];
-        let (classes, w) = reflector::store();
-        tokio::spawn(reflect(
+        let listed: [Arc<AtomicBool>; 3] = Default::default();
+        let classes = reflect(
             "LoadBalancerClass",
-            w,
-            watcher::watcher(
-                Api::<LoadBalancerClass>::all(client.clone()),
-                watcher::Config::default(),
-            ),
+            Api::all(client.clone()),
+            watcher::Config::default(),
             listed[0].clone(),
-        ));
-        let (nodes, w) = reflector::store();
-        tokio::spawn(reflect(
+        );
+        let nodes = reflect(
             "Node",
-            w,
-            watcher::watcher(
-                Api::<PartialObjectMeta<Node>>::all(client.clone()),
-                watcher::Config::default(),
-            ),
+            Api::all(client.clone()),
+            watcher::Config::default(),
             listed[1].clone(),
-        ));
+        );
         let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
-        let (leases, w) = reflector::store();
-        tokio::spawn(reflect(
+        let leases = SharedObservations::default();
+        let observations = leases.clone();
+        tokio::spawn(follow(
             "Lease",
-            w,
             watcher::watcher(
                 api.clone(),
                 watcher::Config::default().labels(announce::LEASE_LABEL),
             ),
             listed[2].clone(),
+            // Stamped on arrival: the only clock that judges another node's Lease.
+            move |ev| lock(&observations).apply(ev, Instant::now()),
         ));
         Self {
+            leases: LeaseClient::new(api, &cfg.node, cfg.timing.duration),
             cfg,
-            api,
             metrics,
             watched: Watched {
                 classes,
@@ -231,56 +253,20 @@ impl Announcer {
     }
 
     async fn step(&mut self, model: &ModelView) {
-        if !self
+        let listed = self
             .watched
             .listed
             .iter()
-            .all(|l| l.load(Ordering::Relaxed))
-        {
+            .all(|l| l.load(Ordering::Relaxed));
+        if !listed {
             return;
         }
-        let mut warnings = Vec::new();
-        let classes = pool_classes(&self.watched.classes, &mut warnings);
-        // As for other load balancers, excluded nodes do not announce.
-        let nodes: BTreeSet<String> = self
-            .watched
-            .nodes
-            .state()
-            .iter()
-            .filter(|n| !n.labels().contains_key(berth_crds::LABEL_EXCLUDE_FROM_LB))
-            .map(|n| n.name_any())
-            .collect();
-        let Some(snap) = model(&classes, &nodes) else {
+        let Some((classes, snap)) = self.inputs(model) else {
             return;
         };
-        for w in warnings.into_iter().chain(snap.warnings) {
-            self.warn_once(w);
+        if !self.find_interface(&snap.node_addresses).await {
+            return;
         }
-        if self.iface.is_none() {
-            let found = match &self.cfg.interface {
-                Some(name) => link::interface_named(name).await,
-                None => link::interface_with(&snap.node_addresses).await,
-            };
-            match found {
-                Ok(i) => {
-                    tracing::info!(interface = %i.name, "L2 announcement interface");
-                    self.iface = Some(i);
-                }
-                Err(e) => {
-                    // Without an interface this node must not take any Lease.
-                    self.warn_once(e.to_string());
-                    return;
-                }
-            }
-        }
-        let leases: BTreeMap<String, Arc<Lease>> = self
-            .watched
-            .leases
-            .state()
-            .into_iter()
-            .map(|l| (l.name_any(), l))
-            .collect();
-        let now_ms = Timestamp::now().as_millisecond();
         let addrs: BTreeSet<IpAddr> = snap
             .wanted
             .keys()
@@ -289,39 +275,8 @@ impl Announcer {
             .collect();
         let mut changed = false;
         for addr in addrs {
-            let lease = leases.get(&announce::lease_name(&addr));
-            let view = lease.map(|l| LeaseView::of(l));
-            let held = self.held.get(&addr).map(|h| h.renewed_ms);
-            if held.is_none() && announce::takeable(view.as_ref(), &self.cfg.node, now_ms) {
-                self.takeable_since.entry(addr).or_insert(now_ms);
-            } else {
-                self.takeable_since.remove(&addr);
-            }
-            let action = announce::decide(&AddrState {
-                me: &self.cfg.node,
-                addr,
-                eligible: snap.wanted.get(&addr),
-                lease: view.as_ref(),
-                held_since_renewal: held,
-                takeable_since: self.takeable_since.get(&addr).copied(),
-                now_ms,
-                timing: self.cfg.timing,
-            });
-            match action {
-                Action::Nothing => {}
-                Action::Acquire => {
-                    changed |= self.acquire(addr, lease.map(|l| l.as_ref()), view).await
-                }
-                Action::Renew => self.renew(addr).await,
-                Action::Release => {
-                    self.release(addr, "no longer eligible").await;
-                    changed = true;
-                }
-                Action::Lost => {
-                    self.lost(addr).await;
-                    changed = true;
-                }
-            }
+            let (action, seen) = self.decide(addr, snap.wanted.get(&addr));
+            changed |= self.act(addr, action, seen).await;
         }
         self.takeable_since
             .retain(|a, _| snap.wanted.contains_key(a));
@@ -334,6 +289,99 @@ impl Announcer {
         self.metrics.l2_held(self.held.len());
     }
 
+    /// The pool classes and the model's addresses with their eligible nodes; `None` until
+    /// the model has listed.
+    fn inputs(&mut self, model: &ModelView) -> Option<(BTreeMap<String, PoolClass>, Snapshot)> {
+        let mut warnings = Vec::new();
+        let classes = pool_classes(&self.watched.classes, &mut warnings);
+        // As for other load balancers, excluded nodes do not announce.
+        let nodes: BTreeSet<String> = self
+            .watched
+            .nodes
+            .state()
+            .iter()
+            .filter(|n| !n.labels().contains_key(berth_crds::LABEL_EXCLUDE_FROM_LB))
+            .map(|n| n.name_any())
+            .collect();
+        let snap = model(&classes, &nodes)?;
+        for w in warnings.into_iter().chain(snap.warnings.iter().cloned()) {
+            self.warn_once(w);
+        }
+        Some((classes, snap))
+    }
+
+    /// Finds the interface once; false while there is none (then no Lease may be taken).
+    async fn find_interface(&mut self, node_addresses: &[IpAddr]) -> bool {
+        if self.iface.is_some() {
+            return true;
+        }
+        let found = match &self.cfg.interface {
+            Some(name) => link::interface_named(name).await,
+            None => link::interface_with(node_addresses).await,
+        };
+        match found {
+            Ok(i) => {
+                tracing::info!(interface = %i.name, "L2 announcement interface");
+                self.iface = Some(i);
+                true
+            }
+            Err(e) => {
+                self.warn_once(e.to_string());
+                false
+            }
+        }
+    }
+
+    /// What to do with `addr` now, with its Lease as last observed.
+    fn decide(
+        &mut self,
+        addr: IpAddr,
+        eligible: Option<&BTreeSet<String>>,
+    ) -> (Action, Option<Observed>) {
+        let seen = lock(&self.watched.leases)
+            .get(&announce::lease_name(&addr))
+            .cloned();
+        let view = seen.as_ref().map(LeaseView::of);
+        let held = self.held.get(&addr).map(|h| h.renewed_at);
+        let now = Instant::now();
+        if held.is_none() && announce::takeable(view.as_ref(), &self.cfg.node, now) {
+            self.takeable_since.entry(addr).or_insert(now);
+        } else {
+            self.takeable_since.remove(&addr);
+        }
+        let action = announce::decide(&AddrState {
+            me: &self.cfg.node,
+            addr,
+            eligible,
+            lease: view.as_ref(),
+            held_since_renewal: held,
+            takeable_since: self.takeable_since.get(&addr).copied(),
+            now,
+            timing: self.cfg.timing,
+        });
+        (action, seen)
+    }
+
+    /// Carries `action` out; true when the addresses on the interface changed.
+    async fn act(&mut self, addr: IpAddr, action: Action, seen: Option<Observed>) -> bool {
+        match action {
+            Action::Nothing => false,
+            Action::Acquire => self.acquire(addr, seen).await,
+            Action::Renew => {
+                self.renew(addr).await;
+                false
+            }
+            Action::Release => {
+                self.release(addr, "no longer eligible").await;
+                true
+            }
+            Action::Lost => {
+                self.lost(addr).await;
+                true
+            }
+        }
+    }
+
     fn set_announcing(&self, addr: IpAddr, on: bool) {
         let mut a = self.announcing.lock().unwrap_or_else(|p| p.into_inner());
         if on {
@@ -343,72 +391,30 @@ impl Announcer {
         }
     }
 
-    /// Writes this node into the Lease; true when it now holds the address.
-    async fn acquire(
-        &mut self,
-        addr: IpAddr,
-        lease: Option<&Lease>,
-        view: Option<LeaseView>,
-    ) -> bool {
+    /// Writes this node into the Lease, adds the address and announces it; true when it
+    /// now holds the address.
+    async fn acquire(&mut self, addr: IpAddr, seen: Option<Observed>) -> bool {
         let Some(iface) = self.iface.clone() else {
             return false;
         };
-        let name = announce::lease_name(&addr);
-        let now = Timestamp::now();
-        let duration = self.cfg.timing.duration;
-        let written = match lease {
-            None => {
-                let fresh = Lease {
-                    metadata: ObjectMeta {
-                        name: Some(name.clone()),
-                        labels: Some(
-                            [(announce::LEASE_LABEL.to_string(), "true".to_string())].into(),
-                        ),
-                        ..Default::default()
-                    },
-                    spec: Some(announce::held_spec(&self.cfg.node, duration, None, now)),
-                };
-                self.api.create(&PostParams::default(), &fresh).await
-            }
-            Some(l) => {
-                let mut l = l.clone();
-                l.spec = Some(announce::held_spec(
-                    &self.cfg.node,
-                    duration,
-                    l.spec.as_ref(),
-                    now,
-                ));
-                if let Some(a) = l.metadata.annotations.as_mut() {
-                    a.remove(announce::RELEASED_BY);
-                }
-                // The resourceVersion read with it guards the write: a concurrent taker wins.
-                self.api.replace(&name, &PostParams::default(), &l).await
-            }
-        };
-        let written = match written {
-            Ok(w) => w,
-            Err(kube::Error::Api(s)) if s.code == 409 => {
-                tracing::debug!(address = %addr, "another node took the Lease first");
-                return false;
-            }
-            Err(e) => {
-                tracing::warn!(address = %addr, "taking the Lease {name}: {e}");
-                return false;
-            }
+        let started = Instant::now();
+        let Some(written) = self.take_lease(addr, seen.as_ref(), started).await else {
+            return false;
         };
         self.held.insert(
             addr,
             Held {
                 lease: written,
-                renewed_ms: now.as_millisecond(),
+                renewed_at: started,
             },
         );
-        if let Err(e) = link::hold(&iface, &addr, duration).await {
+        if let Err(e) = link::hold(&iface, &addr, self.cfg.timing.duration).await {
             tracing::warn!(address = %addr, "cannot add the address; giving the Lease up: {e}");
             self.release(addr, "address could not be added").await;
             return false;
         }
-        let previous = view.and_then(|v| v.holder.or(v.released_by));
+        let previous = seen.as_ref().map(LeaseView::of);
+        let previous = previous.and_then(|v| v.holder.or(v.released_by));
         tracing::info!(
             address = %addr,
             interface = %iface.name,
@@ -418,69 +424,137 @@ impl Announcer {
         self.metrics.l2_transition("acquired");
         self.set_announcing(addr, true);
         if let IpAddr::V4(v4) = addr {
-            let announcing = self.announcing.clone();
-            let metrics = self.metrics.clone();
-            tokio::spawn(async move {
-                // Several, spread over a second: a neighbour ignores updates for an entry
-                // changed less than its locktime ago.
-                for i in 0..3 {
-                    if i > 0 {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                    let still = announcing
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .contains(&addr);
-                    if !still {
-                        break;
-                    }
-                    match link::send_garp(&iface, v4) {
-                        Ok(()) => metrics.garp_sent(),
-                        Err(e) => tracing::warn!(address = %addr, "gratuitous ARP: {e}"),
-                    }
-                }
-            });
+            self.send_garps(iface, v4);
         }
         true
+    }
+
+    /// The Lease write of [`Self::acquire`]: creates the Lease, or takes the one observed
+    /// (at the resourceVersion observed). The Lease as written, or `None` when another
+    /// node came first or the write failed.
+    async fn take_lease(
+        &self,
+        addr: IpAddr,
+        seen: Option<&Observed>,
+        started: Instant,
+    ) -> Option<Lease> {
+        let name = announce::lease_name(&addr);
+        let current = match seen {
+            None => lease::absent(
+                &name,
+                [(announce::LEASE_LABEL.to_string(), "true".to_string())].into(),
+            ),
+            Some(s) => {
+                let mut l = s.lease.clone();
+                if let Some(a) = l.metadata.annotations.as_mut() {
+                    a.remove(announce::RELEASED_BY);
+                }
+                l
+            }
+        };
+        let deadline = started + self.cfg.timing.attempt;
+        match self
+            .leases
+            .acquire(current, Timestamp::now(), deadline)
+            .await
+        {
+            Ok(Write::Done(l)) => Some(*l),
+            Ok(Write::Conflict) => {
+                tracing::debug!(address = %addr, "another node took the Lease first");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(address = %addr, "taking the Lease: {e}");
+                None
+            }
+        }
+    }
+
+    /// Several gratuitous ARPs, spread over a second: a neighbour ignores updates for an
+    /// entry changed less than its locktime ago. Stops when the address leaves.
+    fn send_garps(&self, iface: Interface, v4: std::net::Ipv4Addr) {
+        let announcing = self.announcing.clone();
+        let metrics = self.metrics.clone();
+        let addr = IpAddr::V4(v4);
+        tokio::spawn(async move {
+            for i in 0..3 {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                let still = announcing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&addr);
+                if !still {
+                    break;
+                }
+                match link::send_garp(&iface, v4) {
+                    Ok(()) => metrics.garp_sent(),
+                    Err(e) => tracing::warn!(address = %addr, "gratuitous ARP: {e}"),
+                }
+            }
+        });
     }
 
     async fn renew(&mut self, addr: IpAddr) {
         let Some(iface) = self.iface.clone() else {
             return;
         };
-        let Some(h) = self.held.get_mut(&addr) else {
+        let Some(h) = self.held.get(&addr) else {
             return;
         };
-        let name = announce::lease_name(&addr);
-        let now = Timestamp::now();
-        let duration = self.cfg.timing.duration;
-        let mut l = h.lease.clone();
-        l.spec = Some(announce::held_spec(
-            &self.cfg.node,
-            duration,
-            l.spec.as_ref(),
-            now,
-        ));
-        match self.api.replace(&name, &PostParams::default(), &l).await {
-            Ok(w) => {
-                h.lease = w;
-                h.renewed_ms = now.as_millisecond();
+        let started = Instant::now();
+        let timing = self.cfg.timing;
+        // Past the claim's end the address is lost anyway.
+        let deadline = (started + timing.attempt).min(h.renewed_at + timing.duration);
+        let renewed = self
+            .leases
+            .renew(h.lease.clone(), Timestamp::now(), deadline)
+            .await;
+        match renewed {
+            Ok(Write::Done(w)) => {
+                self.held.insert(
+                    addr,
+                    Held {
+                        lease: *w,
+                        renewed_at: started,
+                    },
+                );
                 // Only a renewed Lease extends the address's life.
-                if let Err(e) = link::hold(&iface, &addr, duration).await {
+                if let Err(e) = link::hold(&iface, &addr, timing.duration).await {
                     tracing::warn!(address = %addr, "refreshing the address: {e}");
                 }
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => match self.api.get_opt(&name).await {
-                Ok(Some(fresh))
-                    if LeaseView::of(&fresh).holder.as_deref() == Some(self.cfg.node.as_str()) =>
-                {
-                    // Still ours, written by someone else meanwhile: renew on the next tick.
+            Ok(Write::Conflict) => self.reread(addr).await,
+            Err(e) => tracing::warn!(address = %addr, "renewing the Lease: {e}"),
+        }
+    }
+
+    /// A renewal conflicted: if the Lease is still this node's (written by someone else
+    /// meanwhile), renew from the fresh copy on the next tick; otherwise it is lost.
+    async fn reread(&mut self, addr: IpAddr) {
+        let name = announce::lease_name(&addr);
+        let deadline = Instant::now() + self.cfg.timing.attempt;
+        match self.leases.get(&name, deadline).await {
+            Ok(Some(fresh))
+                if lease::Record::of(&fresh).holder.as_deref() == Some(&self.cfg.node) =>
+            {
+                if let Some(h) = self.held.get_mut(&addr) {
                     h.lease = fresh;
                 }
-                Ok(_) => self.lost(addr).await,
-                Err(e) => tracing::warn!(address = %addr, "reading the Lease {name}: {e}"),
-            },
-            Err(e) => tracing::warn!(address = %addr, "renewing the Lease {name}: {e}"),
+            }
+            Ok(_) => self.lost(addr).await,
+            Err(e) => tracing::warn!(address = %addr, "reading the Lease: {e}"),
+        }
+    }
+
+    /// Removes the address from the interface and stops its gratuitous ARPs.
+    async fn withdraw(&self, addr: IpAddr) {
+        self.set_announcing(addr, false);
+        if let Some(iface) = &self.iface
+            && let Err(e) = link::remove(iface, &addr).await
+        {
+            tracing::warn!(address = %addr, "removing the address: {e}");
         }
     }
 
@@ -489,24 +563,20 @@ impl Announcer {
         let Some(h) = self.held.remove(&addr) else {
             return;
         };
-        self.set_announcing(addr, false);
-        if let Some(iface) = &self.iface
-            && let Err(e) = link::remove(iface, &addr).await
-        {
-            tracing::warn!(address = %addr, "removing the address: {e}");
-        }
+        self.withdraw(addr).await;
         let mut l = h.lease;
-        if let Some(spec) = l.spec.as_ref() {
-            l.spec = Some(announce::released_spec(spec));
-            l.metadata
-                .annotations
-                .get_or_insert_with(Default::default)
-                .insert(announce::RELEASED_BY.into(), self.cfg.node.clone());
-            let name = announce::lease_name(&addr);
-            if let Err(e) = self.api.replace(&name, &PostParams::default(), &l).await {
-                // Another node may have taken it already; otherwise it expires.
-                tracing::debug!(address = %addr, "releasing the Lease {name}: {e}");
+        l.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(announce::RELEASED_BY.into(), self.cfg.node.clone());
+        let deadline = Instant::now() + self.cfg.timing.attempt;
+        match self.leases.release(l, deadline).await {
+            Ok(Write::Done(_)) => {}
+            // Another node may have taken it already; otherwise it expires.
+            Ok(Write::Conflict) => {
+                tracing::debug!(address = %addr, "the Lease changed before its release")
             }
+            Err(e) => tracing::debug!(address = %addr, "releasing the Lease: {e}"),
         }
         tracing::info!(address = %addr, reason = why, "stopped announcing pool address (released the Lease)");
         self.metrics.l2_transition("released");
@@ -517,12 +587,7 @@ impl Announcer {
         if self.held.remove(&addr).is_none() {
             return;
         }
-        self.set_announcing(addr, false);
-        if let Some(iface) = &self.iface
-            && let Err(e) = link::remove(iface, &addr).await
-        {
-            tracing::warn!(address = %addr, "removing the address: {e}");
-        }
+        self.withdraw(addr).await;
         tracing::info!(address = %addr, "stopped announcing pool address (lost the Lease)");
         self.metrics.l2_transition("lost");
     }

@@ -1,6 +1,8 @@
 //! berth's API: the `LoadBalancerClass` resource and the names (annotations, labels,
 //! finalizer, tags) shared by the controller, the node agent and the chart.
 
+pub mod addresses;
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
@@ -245,16 +247,17 @@ pub struct HealthCheckDefaults {
 #[serde(rename_all = "camelCase")]
 pub struct PoolProvider {
     /// IPv4 and IPv6 CIDRs (`198.19.0.0/24`: an IPv4 CIDR up to /30 leaves out its network
-    /// and broadcast addresses), ranges (`198.19.0.10-198.19.0.20`) and single addresses.
+    /// and broadcast addresses), ranges (`198.19.0.10-198.19.0.20`) and single addresses
+    /// (`198.19.0.77`).
     #[schemars(
         length(min = 1, max = 128),
-        inner(
-            length(max = 100),
-            regex(pattern = r"^[0-9A-Fa-f.:]+((/[0-9]{1,3})|(-[0-9A-Fa-f.:]+))?$")
-        )
+        inner(length(max = 100), regex(pattern = addresses::SCHEMA_PATTERN))
     )]
-    #[x_kube(validation = Rule::new("self.all(a, !a.contains('/') || isCIDR(a))")
-        .message("a CIDR entry of addresses is not a valid CIDR"))]
+    #[x_kube(
+        validation = Rule::new(addresses::SCHEMA_RULES[0].0).message(addresses::SCHEMA_RULES[0].1),
+        validation = Rule::new(addresses::SCHEMA_RULES[1].0).message(addresses::SCHEMA_RULES[1].1),
+        validation = Rule::new(addresses::SCHEMA_RULES[2].0).message(addresses::SCHEMA_RULES[2].1),
+    )]
     pub addresses: Vec<String>,
     /// Give addresses to every Service of the class (default true); with false only
     /// Services that pin an address get one.

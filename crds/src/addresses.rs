@@ -257,13 +257,8 @@ impl AddressRange {
 
     /// How many addresses the range has, saturating (`::/0` has one more than `u128`
     /// holds).
-    pub fn len(&self) -> u128 {
+    pub fn size(&self) -> u128 {
         (self.end - self.start).saturating_add(1)
-    }
-
-    /// Never true: every entry stands for at least one address.
-    pub fn is_empty(&self) -> bool {
-        false
     }
 }
 
@@ -356,7 +351,7 @@ impl AddressPool {
     /// How many addresses the pool has, saturating.
     pub fn size(&self) -> u64 {
         self.ranges.iter().fold(0u64, |acc, r| {
-            acc.saturating_add(u64::try_from(r.len()).unwrap_or(u64::MAX))
+            acc.saturating_add(u64::try_from(r.size()).unwrap_or(u64::MAX))
         })
     }
 

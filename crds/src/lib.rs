@@ -346,9 +346,25 @@ mod tests {
         assert_eq!(pool.addresses.len(), 2);
         assert_eq!(pool.auto_assign, Some(false));
         assert!(pool.service_selector.is_some());
-        let json = serde_json::to_string(&LoadBalancerClass::crd()).unwrap_or_default();
-        assert!(json.contains("isCIDR(a)"), "{json}");
-        assert!(json.contains("\"minItems\":1"));
+        let crd = serde_json::to_value(LoadBalancerClass::crd()).unwrap_or_default();
+        let addresses = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+            ["spec"]["properties"]["pool"]["properties"]["addresses"];
+        assert_eq!(addresses["minItems"], 1, "{addresses}");
+        assert_eq!(addresses["items"]["pattern"], addresses::SCHEMA_PATTERN);
+        let rules: Vec<(&str, &str)> = addresses["x-kubernetes-validations"]
+            .as_array()
+            .map(|rs| {
+                rs.iter()
+                    .map(|r| {
+                        (
+                            r["rule"].as_str().unwrap_or_default(),
+                            r["message"].as_str().unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(rules, addresses::SCHEMA_RULES.to_vec());
     }
 
     #[test]

@@ -25,7 +25,7 @@ fn v4_cidrs_skip_network_and_broadcast_up_to_30() {
     let r = range("198.19.1.0/30");
     assert_eq!((r.start(), r.end()), (ip("198.19.1.1"), ip("198.19.1.2")));
     assert!(!r.contains(&ip("198.19.1.0")) && !r.contains(&ip("198.19.1.3")));
-    assert_eq!(range("198.19.1.0/24").len(), 254);
+    assert_eq!(range("198.19.1.0/24").size(), 254);
     let r31 = range("198.19.1.4/31");
     assert_eq!(
         (r31.start(), r31.end()),
@@ -49,8 +49,8 @@ fn v6_cidrs_use_every_address() {
     assert_eq!((r.start(), r.end()), (ip("2001:db8::"), ip("2001:db8::3")));
     assert_eq!(r.family(), IpFamily::V6);
     assert_eq!(range("2001:DB8::/32").start(), ip("2001:db8::"));
-    assert_eq!(range("::/0").len(), u128::MAX);
-    assert_eq!(range("fd00::5/128").len(), 1);
+    assert_eq!(range("::/0").size(), u128::MAX);
+    assert_eq!(range("fd00::5/128").size(), 1);
 }
 
 #[test]
@@ -68,9 +68,9 @@ fn ranges_take_both_ends_with_or_without_spaces() {
         );
         assert_eq!(r.to_string(), "198.19.1.10-198.19.1.12");
     }
-    assert_eq!(range("198.19.1.10-198.19.1.10").len(), 1);
+    assert_eq!(range("198.19.1.10-198.19.1.10").size(), 1);
     let v6 = range("fd00::10-fd00::1:0");
-    assert_eq!(v6.len(), 0xfff1);
+    assert_eq!(v6.size(), 0xfff1);
 }
 
 #[test]
@@ -83,7 +83,7 @@ fn single_addresses_are_one_address_pools() {
         "::",
     ] {
         let r = range(a);
-        assert_eq!((r.start(), r.end(), r.len()), (ip(a), ip(a), 1), "{a}");
+        assert_eq!((r.start(), r.end(), r.size()), (ip(a), ip(a), 1), "{a}");
         assert_eq!(r.to_string(), ip(a).to_string());
     }
     let p = pool(&["198.19.0.77"]);

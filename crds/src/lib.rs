@@ -347,8 +347,8 @@ mod tests {
         assert_eq!(pool.auto_assign, Some(false));
         assert!(pool.service_selector.is_some());
         let crd = serde_json::to_value(LoadBalancerClass::crd()).unwrap_or_default();
-        let addresses = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
-            ["spec"]["properties"]["pool"]["properties"]["addresses"];
+        let addresses = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["pool"]["properties"]["addresses"];
         assert_eq!(addresses["minItems"], 1, "{addresses}");
         assert_eq!(addresses["items"]["pattern"], addresses::SCHEMA_PATTERN);
         let rules: Vec<(&str, &str)> = addresses["x-kubernetes-validations"]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{TestEnv, curl_in, udp_in, wait_for};
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::ListParams;

@@ -83,7 +83,7 @@ async fn pods(env: &TestEnv, ns: &str, app: &str, n: usize) -> Vec<Pod> {
     wait_true(
         &format!("{n} running pods of {app}"),
         Duration::from_secs(90),
-        &agents(&env),
+        &agents(env),
         async || {
             api.list(&lp)
                 .await
@@ -122,7 +122,7 @@ async fn wait_endpoints(env: &TestEnv, ns: &str, svc: &str, ips: &BTreeSet<Strin
     wait_true(
         &format!("EndpointSlices of {svc} = {ips:?}"),
         Duration::from_secs(60),
-        &agents(&env),
+        &agents(env),
         async || {
             let Ok(l) = slices.list(&lp).await else {
                 return false;

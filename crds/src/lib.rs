@@ -1,6 +1,8 @@
 //! berth's API: the `LoadBalancerClass` resource and the names (annotations, labels,
 //! finalizer, tags) shared by the controller, the node agent and the chart.
 
+pub mod addresses;
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
@@ -245,16 +247,17 @@ pub struct HealthCheckDefaults {
 #[serde(rename_all = "camelCase")]
 pub struct PoolProvider {
     /// IPv4 and IPv6 CIDRs (`198.19.0.0/24`: an IPv4 CIDR up to /30 leaves out its network
-    /// and broadcast addresses), ranges (`198.19.0.10-198.19.0.20`) and single addresses.
+    /// and broadcast addresses), ranges (`198.19.0.10-198.19.0.20`) and single addresses
+    /// (`198.19.0.77`).
     #[schemars(
         length(min = 1, max = 128),
-        inner(
-            length(max = 100),
-            regex(pattern = r"^[0-9A-Fa-f.:]+((/[0-9]{1,3})|(-[0-9A-Fa-f.:]+))?$")
-        )
+        inner(length(max = 100), regex(pattern = addresses::SCHEMA_PATTERN))
     )]
-    #[x_kube(validation = Rule::new("self.all(a, !a.contains('/') || isCIDR(a))")
-        .message("a CIDR entry of addresses is not a valid CIDR"))]
+    #[x_kube(
+        validation = Rule::new(addresses::SCHEMA_RULES[0].0).message(addresses::SCHEMA_RULES[0].1),
+        validation = Rule::new(addresses::SCHEMA_RULES[1].0).message(addresses::SCHEMA_RULES[1].1),
+        validation = Rule::new(addresses::SCHEMA_RULES[2].0).message(addresses::SCHEMA_RULES[2].1),
+    )]
     pub addresses: Vec<String>,
     /// Give addresses to every Service of the class (default true); with false only
     /// Services that pin an address get one.
@@ -343,9 +346,25 @@ mod tests {
         assert_eq!(pool.addresses.len(), 2);
         assert_eq!(pool.auto_assign, Some(false));
         assert!(pool.service_selector.is_some());
-        let json = serde_json::to_string(&LoadBalancerClass::crd()).unwrap_or_default();
-        assert!(json.contains("isCIDR(a)"), "{json}");
-        assert!(json.contains("\"minItems\":1"));
+        let crd = serde_json::to_value(LoadBalancerClass::crd()).unwrap_or_default();
+        let addresses = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["pool"]["properties"]["addresses"];
+        assert_eq!(addresses["minItems"], 1, "{addresses}");
+        assert_eq!(addresses["items"]["pattern"], addresses::SCHEMA_PATTERN);
+        let rules: Vec<(&str, &str)> = addresses["x-kubernetes-validations"]
+            .as_array()
+            .map(|rs| {
+                rs.iter()
+                    .map(|r| {
+                        (
+                            r["rule"].as_str().unwrap_or_default(),
+                            r["message"].as_str().unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(rules, addresses::SCHEMA_RULES.to_vec());
     }
 
     #[test]

@@ -16,7 +16,9 @@ pub mod paths;
 pub mod pki;
 pub mod podrun;
 pub mod proc;
+pub mod service;
 pub mod testing;
+pub mod wait;
 
 pub use env::{Env, EnvInfo};
 pub use error::{Error, Result};

@@ -95,28 +95,38 @@ impl TestEnv {
 
     /// Events about the object `name` in `namespace`, as (type, reason, message).
     pub async fn events(&self, namespace: &str, name: &str) -> Vec<(String, String, String)> {
-        let api: Api<Event> = Api::namespaced(self.client.clone(), namespace);
-        api.list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
-            .await
-            .map(|l| {
-                l.items
-                    .into_iter()
-                    .map(|e| {
-                        (
-                            e.type_.unwrap_or_default(),
-                            e.reason.unwrap_or_default(),
-                            e.message.unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+        events_in(&self.client, namespace, name).await
     }
 
     /// AWS SDK configuration for the environment's LocalStack.
     pub async fn aws(&self) -> aws_config::SdkConfig {
         crate::localstack::sdk_config(&self.info.localstack_endpoint).await
     }
+}
+
+/// Events about the object `name` in `namespace`, as (type, reason, message); none when
+/// they cannot be listed.
+pub async fn events_in(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Vec<(String, String, String)> {
+    let api: Api<Event> = Api::namespaced(client.clone(), namespace);
+    api.list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .map(|e| {
+                    (
+                        e.type_.unwrap_or_default(),
+                        e.reason.unwrap_or_default(),
+                        e.message.unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A Kubernetes namespace for one test case; deleted (without waiting) on drop.

@@ -10,9 +10,11 @@ use berth_e2e::controller::{
     AwsView, ClassGuard, ControllerOpts, ControllerProc, aws_view, install_crds, listener_address,
     logs_of, metric_sum, targets,
 };
+use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{
     TestEnv, TestNamespace, curl_in, exec_in, lb_condition, lb_hostname, udp_in, wait_for,
 };
+use berth_e2e::wait::{Diagnostics, wait_true};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -71,6 +73,11 @@ impl Case {
         logs_of(&self.controllers)
     }
 
+    /// What a timed-out wait shows: the controllers' logs.
+    fn dump(&self) -> Diagnostics {
+        Diagnostics::new(&self.env).controllers(&self.controllers)
+    }
+
     fn services(&self) -> Api<Service> {
         Api::namespaced(self.env.client.clone(), &self.ns.name)
     }
@@ -81,19 +88,13 @@ impl Case {
         annotations: serde_json::Value,
         spec: serde_json::Value,
     ) -> Service {
-        let mut spec = spec;
-        spec["type"] = "LoadBalancer".into();
-        spec["loadBalancerClass"] = self.class.lb_class().into();
-        let svc: Service = serde_json::from_value(serde_json::json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "annotations": annotations},
-            "spec": spec,
-        }))
-        .expect("service object");
-        self.services()
-            .create(&PostParams::default(), &svc)
+        ServiceBuilder::load_balancer(name)
+            .merge_spec(&spec)
+            .type_("LoadBalancer")
+            .class(&self.class.lb_class())
+            .annotations(&annotations)
+            .create_with(&self.services())
             .await
-            .unwrap_or_else(|e| panic!("create service {name}: {e}"))
     }
 
     /// A Deployment of `replicas` pods labelled app=`name` with the given container ports.
@@ -455,7 +456,7 @@ async fn ip_targets_follow_pods_and_serve_requests() {
         .iter()
         .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
         .collect();
-    wait_for("3 ip targets", LONG, || async {
+    wait_true("3 ip targets", LONG, &case.dump(), async || {
         targets(&case.elb, &tg).await.is_ok_and(|t| {
             t.iter()
                 .map(|(id, _, _)| id.clone())
@@ -463,8 +464,7 @@ async fn ip_targets_follow_pods_and_serve_requests() {
                 == want
         })
     })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", case.logs()));
+    .await;
 }
 
 fn futures_block<F: std::future::Future>(f: F) -> F::Output {
@@ -860,14 +860,18 @@ async fn delete_and_type_change_leave_nothing_in_localstack() {
         .delete("gone", &DeleteParams::default())
         .await
         .expect("delete");
-    wait_for("the Service gone (finalizer removed)", LONG, || async {
-        case.services()
-            .get_opt("gone")
-            .await
-            .is_ok_and(|s| s.is_none())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", case.logs()));
+    wait_true(
+        "the Service gone (finalizer removed)",
+        LONG,
+        &case.dump(),
+        async || {
+            case.services()
+                .get_opt("gone")
+                .await
+                .is_ok_and(|s| s.is_none())
+        },
+    )
+    .await;
     let view = aws_view(&case.elb, &uid(&gone)).await.expect("view");
     assert!(
         view.load_balancers.is_empty() && view.target_groups.is_empty(),
@@ -879,15 +883,19 @@ async fn delete_and_type_change_leave_nothing_in_localstack() {
         .patch("retyped", &PatchParams::default(), &Patch::Merge(patch))
         .await
         .expect("retype");
-    wait_for("retyped Service cleaned up", LONG, || async {
-        case.services().get("retyped").await.is_ok_and(|s| {
-            s.metadata.finalizers.clone().unwrap_or_default().is_empty()
-                && lb_condition(&s).is_none()
-                && lb_hostname(&s).is_none()
-        })
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", case.logs()));
+    wait_true(
+        "retyped Service cleaned up",
+        LONG,
+        &case.dump(),
+        async || {
+            case.services().get("retyped").await.is_ok_and(|s| {
+                s.metadata.finalizers.clone().unwrap_or_default().is_empty()
+                    && lb_condition(&s).is_none()
+                    && lb_hostname(&s).is_none()
+            })
+        },
+    )
+    .await;
     let view = aws_view(&case.elb, &uid(&retyped)).await.expect("view");
     assert!(
         view.load_balancers.is_empty() && view.target_groups.is_empty(),
@@ -921,14 +929,18 @@ async fn deletion_protection_blocks_deletion_until_lifted() {
         .patch("web", &PatchParams::default(), &Patch::Merge(lift))
         .await
         .expect("lift");
-    wait_for("the Service and its NLB gone", LONG, || async {
-        case.services()
-            .get_opt("web")
-            .await
-            .is_ok_and(|s| s.is_none())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", case.logs()));
+    wait_true(
+        "the Service and its NLB gone",
+        LONG,
+        &case.dump(),
+        async || {
+            case.services()
+                .get_opt("web")
+                .await
+                .is_ok_and(|s| s.is_none())
+        },
+    )
+    .await;
     let view = aws_view(&case.elb, &uid(&svc)).await.expect("view");
     assert!(
         view.load_balancers.is_empty() && view.target_groups.is_empty(),
@@ -1000,13 +1012,17 @@ async fn controller_killed_mid_provisioning_leaves_one_lb_and_no_leftovers() {
         .await;
     let id = uid(&svc);
     // Kill as soon as the load balancer exists: listeners and target groups are not done.
-    wait_for("the load balancer being created", LONG, || async {
-        aws_view(&case.elb, &id)
-            .await
-            .is_ok_and(|v| !v.load_balancers.is_empty())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", case.logs()));
+    wait_true(
+        "the load balancer being created",
+        LONG,
+        &case.dump(),
+        async || {
+            aws_view(&case.elb, &id)
+                .await
+                .is_ok_and(|v| !v.load_balancers.is_empty())
+        },
+    )
+    .await;
     case.controllers[0].kill();
     let partial = aws_view(&case.elb, &id).await.expect("view");
     let name = format!("{}-again", case.ns.name);
@@ -1026,16 +1042,20 @@ async fn controller_killed_mid_provisioning_leaves_one_lb_and_no_leftovers() {
         "no unattached target groups"
     );
     assert_eq!(lb_hostname(&svc), Some(view.load_balancers[0].2.clone()));
-    wait_for("the orphaned target group swept", LONG, || async {
-        case.elb
-            .describe_target_groups()
-            .target_group_arns(&orphan)
-            .send()
-            .await
-            .is_err()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", case.logs()));
+    wait_true(
+        "the orphaned target group swept",
+        LONG,
+        &case.dump(),
+        async || {
+            case.elb
+                .describe_target_groups()
+                .target_group_arns(&orphan)
+                .send()
+                .await
+                .is_err()
+        },
+    )
+    .await;
 }
 
 /// Two replicas: one leads; killing it lets the other take the lease and provision.

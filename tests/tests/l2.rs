@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use berth_e2e::controller::{ClassGuard, install_crds};
 use berth_e2e::env::NodeInfo;
 use berth_e2e::nodeagent::{self, L2_LEASE_NAMESPACE, L2_LEASE_SECONDS};
+use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{TestEnv, TestNamespace, curl_in};
+use berth_e2e::wait::{Diagnostics, wait_until};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
@@ -78,18 +80,13 @@ async fn lb_service(
     local: bool,
     ips: &[&str],
 ) {
-    let svc: Service = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "annotations": {OWNER_ANNOTATION: class}},
-        "spec": {"type": "LoadBalancer", "selector": {"app": app},
-                 "externalTrafficPolicy": if local { "Local" } else { "Cluster" },
-                 "ports": [{"port": 80, "targetPort": 80}]}
-    }))
-    .expect("service object");
-    let api: Api<Service> = Api::namespaced(env.client.clone(), ns);
-    api.create(&PostParams::default(), &svc)
-        .await
-        .unwrap_or_else(|e| panic!("create service {name}: {e}"));
+    ServiceBuilder::load_balancer(name)
+        .owner_class(class)
+        .app(app)
+        .external_local(local)
+        .tcp(80, 80)
+        .create(env, ns)
+        .await;
     set_ingress(env, ns, name, ips).await;
 }
 
@@ -190,31 +187,21 @@ fn client_neighbour(env: &TestEnv, ip: &str) -> Option<String> {
     words.next().map(str::to_lowercase)
 }
 
-/// Polls `probe` until it answers `Ok`; panics with its last `Err` (the state seen)
-/// after `timeout`.
+/// Polls `probe` until it answers `Ok`; panics with its last `Err` (the state seen) and
+/// the node agents' logs after `timeout`.
 async fn until<T>(
+    env: &TestEnv,
     what: &str,
     timeout: Duration,
-    mut probe: impl AsyncFnMut() -> Result<T, String>,
+    probe: impl AsyncFnMut() -> Result<T, String>,
 ) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match probe().await {
-            Ok(v) => return v,
-            Err(state) if Instant::now() >= deadline => {
-                panic!(
-                    "timed out after {}s waiting for {what}: {state}",
-                    timeout.as_secs()
-                )
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    let dump = Diagnostics::new(env).node_agents(&env.info);
+    wait_until(what, timeout, &dump, probe).await
 }
 
 /// Exactly one node holds the Lease and it alone has the address; that node.
 async fn one_holder(env: &TestEnv, ip: &str, what: &str) -> String {
-    until(what, settle(), async || {
+    until(env, what, settle(), async || {
         let holder = lease_holder(env, ip).await;
         let on = nodes_with(env, ip);
         match holder {
@@ -227,7 +214,7 @@ async fn one_holder(env: &TestEnv, ip: &str, what: &str) -> String {
 
 /// No node has the address and its Lease has no holder.
 async fn nobody(env: &TestEnv, ip: &str, what: &str) {
-    until(what, settle(), async || {
+    until(env, what, settle(), async || {
         let holder = lease_holder(env, ip).await;
         let on = nodes_with(env, ip);
         if holder.is_none() && on.is_empty() {
@@ -242,6 +229,7 @@ async fn nobody(env: &TestEnv, ip: &str, what: &str) {
 async fn nginx_answers(env: &TestEnv, ip: &str) {
     let url = format!("http://{ip}/");
     until(
+        env,
         &format!("nginx at {url} from the client"),
         settle(),
         async || match curl_in(&env.info.client_netns, &url, Duration::from_secs(2)) {
@@ -484,6 +472,7 @@ async fn fail_over(
     unsafe { libc::kill(pid, signal) };
     let _down = node_down.then(|| BlackHole::add(&node(env, holder).plan.netns, ip));
     let next = until(
+        env,
         &format!("{ip} taken over after {what}"),
         settle(),
         async || {
@@ -502,6 +491,7 @@ async fn fail_over(
     // Gratuitous ARP re-pointed the client's neighbour entry at the new holder.
     let new_mac = mac_of(&node(env, &next).plan.netns);
     until(
+        env,
         "client neighbour entry re-pointed",
         settle(),
         async || match client_neighbour(env, ip) {
@@ -674,15 +664,20 @@ async fn local_traffic_policy_announces_from_the_pods_node_and_follows_it() {
         )
         .await
         .expect("move the pod");
-    until("the announcement follows the pod", settle(), async || {
-        let h = lease_holder(&env, ip).await;
-        let on = nodes_with(&env, ip);
-        if h.as_deref() == Some(b.as_str()) && on == BTreeSet::from([b.clone()]) {
-            Ok(())
-        } else {
-            Err(format!("Lease holder {h:?}, {ip} on {on:?}"))
-        }
-    })
+    until(
+        &env,
+        "the announcement follows the pod",
+        settle(),
+        async || {
+            let h = lease_holder(&env, ip).await;
+            let on = nodes_with(&env, ip);
+            if h.as_deref() == Some(b.as_str()) && on == BTreeSet::from([b.clone()]) {
+                Ok(())
+            } else {
+                Err(format!("Lease holder {h:?}, {ip} on {on:?}"))
+            }
+        },
+    )
     .await;
     nginx_answers(&env, ip).await;
     delete_service(&env, &ns.name, "web").await;
@@ -756,7 +751,7 @@ async fn a_pool_address_nobody_holds_is_removed_from_the_interface() {
     let ip = "198.19.8.60";
     let target = env.info.nodes[1].plan.clone();
     let _stray = StrayAddress::add(&target.netns, ip);
-    until("the stray address removed", settle(), async || {
+    until(&env, "the stray address removed", settle(), async || {
         let on = nodes_with(&env, ip);
         if on.is_empty() {
             Ok(())

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use berth_e2e::env::NodeInfo;
 use berth_e2e::nodeagent;
+use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{TestEnv, TestNamespace, curl_in, exec_in, wait_for};
+use berth_e2e::wait::{Diagnostics, wait_true};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -38,19 +40,13 @@ async fn deploy(env: &TestEnv, ns: &str, name: &str, replicas: i32, ports: serde
         .unwrap_or_else(|e| panic!("create deployment {name}: {e}"));
 }
 
-fn http_ports() -> serde_json::Value {
-    json!([{"containerPort": 8080}])
+/// What a timed-out wait shows: every node agent's log.
+fn agents(env: &TestEnv) -> Diagnostics {
+    Diagnostics::new(env).node_agents(&env.info)
 }
 
-async fn create_service(env: &TestEnv, ns: &str, name: &str, spec: serde_json::Value) -> Service {
-    let svc: Service = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": spec
-    }))
-    .expect("service object");
-    Api::<Service>::namespaced(env.client.clone(), ns)
-        .create(&PostParams::default(), &svc)
-        .await
-        .unwrap_or_else(|e| panic!("create service {name}: {e}"))
+fn http_ports() -> serde_json::Value {
+    json!([{"containerPort": 8080}])
 }
 
 fn cluster_ip(svc: &Service) -> String {
@@ -84,18 +80,18 @@ async fn pods(env: &TestEnv, ns: &str, app: &str, n: usize) -> Vec<Pod> {
             .cloned()
             .collect()
     };
-    wait_for(
+    wait_true(
         &format!("{n} running pods of {app}"),
         Duration::from_secs(90),
-        || async {
+        &agents(env),
+        async || {
             api.list(&lp)
                 .await
                 .map(|l| running(&l.items).len() == n && l.items.len() == n)
                 .unwrap_or(false)
         },
     )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .await;
     running(&api.list(&lp).await.expect("list pods").items)
 }
 
@@ -123,10 +119,11 @@ fn pod_node(p: &Pod) -> String {
 async fn wait_endpoints(env: &TestEnv, ns: &str, svc: &str, ips: &BTreeSet<String>) {
     let slices: Api<EndpointSlice> = Api::namespaced(env.client.clone(), ns);
     let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={svc}"));
-    wait_for(
+    wait_true(
         &format!("EndpointSlices of {svc} = {ips:?}"),
         Duration::from_secs(60),
-        || async {
+        &agents(env),
+        async || {
             let Ok(l) = slices.list(&lp).await else {
                 return false;
             };
@@ -140,8 +137,7 @@ async fn wait_endpoints(env: &TestEnv, ns: &str, svc: &str, ips: &BTreeSet<Strin
             &ready == ips
         },
     )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .await;
 }
 
 fn ips(pods: &[Pod]) -> BTreeSet<String> {
@@ -389,14 +385,12 @@ impl Drop for KubectlProxy {
 async fn node_port_answers_from_the_client_on_every_node() {
     let (env, ns, _up) = setup("np-nodeport").await;
     deploy(&env, &ns.name, "web", 2, http_ports()).await;
-    let svc = create_service(
-        &env,
-        &ns.name,
-        "web",
-        json!({"type": "NodePort", "selector": {"app": "web"},
-               "ports": [{"port": 80, "targetPort": 8080}]}),
-    )
-    .await;
+    let svc = ServiceBuilder::new("web")
+        .type_("NodePort")
+        .app("web")
+        .tcp(80, 8080)
+        .create(&env, &ns.name)
+        .await;
     let pods = pods(&env, &ns.name, "web", 2).await;
     wait_endpoints(&env, &ns.name, "web", &ips(&pods)).await;
     let np = node_port(&svc, 0);
@@ -418,13 +412,11 @@ async fn node_port_answers_from_the_client_on_every_node() {
 async fn three_hundred_requests_spread_fairly_over_three_pods() {
     let (env, ns, _up) = setup("np-spread").await;
     deploy(&env, &ns.name, "web", 3, http_ports()).await;
-    let svc = create_service(
-        &env,
-        &ns.name,
-        "web",
-        json!({"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}),
-    )
-    .await;
+    let svc = ServiceBuilder::new("web")
+        .app("web")
+        .tcp(80, 8080)
+        .create(&env, &ns.name)
+        .await;
     let pods = pods(&env, &ns.name, "web", 3).await;
     wait_endpoints(&env, &ns.name, "web", &ips(&pods)).await;
     let url = format!("http://{}/", cluster_ip(&svc));
@@ -446,13 +438,11 @@ async fn three_hundred_requests_spread_fairly_over_three_pods() {
 async fn scaling_three_to_five_to_one_is_followed() {
     let (env, ns, _up) = setup("np-scale").await;
     deploy(&env, &ns.name, "web", 3, http_ports()).await;
-    let svc = create_service(
-        &env,
-        &ns.name,
-        "web",
-        json!({"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}),
-    )
-    .await;
+    let svc = ServiceBuilder::new("web")
+        .app("web")
+        .tcp(80, 8080)
+        .create(&env, &ns.name)
+        .await;
     let url = format!("http://{}/", cluster_ip(&svc));
     let node = nodes(&env)[1].plan.netns.clone();
     let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns.name);
@@ -491,24 +481,27 @@ async fn scaling_three_to_five_to_one_is_followed() {
 async fn client_ip_affinity_keeps_a_client_on_one_pod() {
     let (env, ns, _up) = setup("np-affinity").await;
     deploy(&env, &ns.name, "web", 3, http_ports()).await;
-    let svc = create_service(
-        &env,
-        &ns.name,
-        "web",
-        json!({"selector": {"app": "web"}, "sessionAffinity": "ClientIP",
-               "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 300}},
-               "ports": [{"port": 80, "targetPort": 8080}]}),
-    )
-    .await;
+    let svc = ServiceBuilder::new("web")
+        .app("web")
+        .set("sessionAffinity", "ClientIP")
+        .set(
+            "sessionAffinityConfig",
+            json!({"clientIP": {"timeoutSeconds": 300}}),
+        )
+        .tcp(80, 8080)
+        .create(&env, &ns.name)
+        .await;
     let pods = pods(&env, &ns.name, "web", 3).await;
     wait_endpoints(&env, &ns.name, "web", &ips(&pods)).await;
     let url = format!("http://{}/", cluster_ip(&svc));
     for n in nodes(&env) {
-        wait_for("service answering", Duration::from_secs(20), || async {
-            get(&n.plan.netns, &url).is_ok()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        wait_true(
+            "service answering",
+            Duration::from_secs(20),
+            &agents(&env),
+            async || get(&n.plan.netns, &url).is_ok(),
+        )
+        .await;
         let t = tally(&requests(&n.plan.netns, &url, 40));
         assert_eq!(t.len(), 1, "client on {} saw {t:?}", n.plan.name);
         let only = t.keys().next().expect("one answer");
@@ -526,14 +519,13 @@ async fn client_ip_affinity_keeps_a_client_on_one_pod() {
 async fn external_traffic_policy_local_preserves_client_ip_and_reports_health() {
     let (env, ns, _up) = setup("np-etp").await;
     deploy(&env, &ns.name, "web", 1, http_ports()).await;
-    let svc = create_service(
-        &env,
-        &ns.name,
-        "web",
-        json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "selector": {"app": "web"},
-               "ports": [{"port": 80, "targetPort": 8080}]}),
-    )
-    .await;
+    let svc = ServiceBuilder::new("web")
+        .type_("LoadBalancer")
+        .external_local(true)
+        .app("web")
+        .tcp(80, 8080)
+        .create(&env, &ns.name)
+        .await;
     let pods = pods(&env, &ns.name, "web", 1).await;
     wait_endpoints(&env, &ns.name, "web", &ips(&pods)).await;
     let np = node_port(&svc, 0);
@@ -611,14 +603,12 @@ async fn external_traffic_policy_local_preserves_client_ip_and_reports_health() 
 async fn internal_traffic_policy_local_keeps_traffic_on_the_node() {
     let (env, ns, _up) = setup("np-itp").await;
     deploy(&env, &ns.name, "web", 3, http_ports()).await;
-    let svc = create_service(
-        &env,
-        &ns.name,
-        "web",
-        json!({"selector": {"app": "web"}, "internalTrafficPolicy": "Local",
-               "ports": [{"port": 80, "targetPort": 8080}]}),
-    )
-    .await;
+    let svc = ServiceBuilder::new("web")
+        .app("web")
+        .set("internalTrafficPolicy", "Local")
+        .tcp(80, 8080)
+        .create(&env, &ns.name)
+        .await;
     let pods = pods(&env, &ns.name, "web", 3).await;
     wait_endpoints(&env, &ns.name, "web", &ips(&pods)).await;
     let url = format!("http://{}/", cluster_ip(&svc));
@@ -696,13 +686,11 @@ async fn selector_less_service_with_hand_written_endpointslice() {
 #[tokio::test]
 async fn service_without_endpoints_refuses_immediately() {
     let (env, ns, _up) = setup("np-noep").await;
-    let svc = create_service(
-        &env,
-        &ns.name,
-        "empty",
-        json!({"selector": {"app": "nothing-here"}, "ports": [{"port": 80, "targetPort": 8080}]}),
-    )
-    .await;
+    let svc = ServiceBuilder::new("empty")
+        .app("nothing-here")
+        .tcp(80, 8080)
+        .create(&env, &ns.name)
+        .await;
     let url = format!("http://{}/", cluster_ip(&svc));
     let node = &nodes(&env)[0].plan.netns;
     // curl exit 7 = connection refused; 28 would be a timeout (dropped packets).
@@ -728,13 +716,11 @@ async fn udp_service_keeps_working_when_its_only_endpoint_is_replaced() {
         json!([{"containerPort": 5353, "protocol": "UDP"}]),
     )
     .await;
-    let svc = create_service(
-        &env,
-        &ns.name,
-        "dns",
-        json!({"selector": {"app": "dns"}, "ports": [{"port": 53, "targetPort": 5353, "protocol": "UDP"}]}),
-    )
-    .await;
+    let svc = ServiceBuilder::new("dns")
+        .app("dns")
+        .udp(53, 5353)
+        .create(&env, &ns.name)
+        .await;
     let first = pods(&env, &ns.name, "dns", 1).await;
     wait_endpoints(&env, &ns.name, "dns", &ips(&first)).await;
     let target = format!("{}:53", cluster_ip(&svc));
@@ -794,14 +780,13 @@ async fn load_balancer_and_external_ips_routed_to_a_node_reach_pods() {
             break ip;
         }
     };
-    create_service(
-        &env,
-        &ns.name,
-        "web",
-        json!({"type": "LoadBalancer", "selector": {"app": "web"}, "externalIPs": [ext_ip],
-               "ports": [{"port": 80, "targetPort": 8080}]}),
-    )
-    .await;
+    ServiceBuilder::new("web")
+        .type_("LoadBalancer")
+        .app("web")
+        .set("externalIPs", json!([ext_ip]))
+        .tcp(80, 8080)
+        .create(&env, &ns.name)
+        .await;
     Api::<Service>::namespaced(env.client.clone(), &ns.name)
         .patch_status(
             "web",
@@ -848,15 +833,13 @@ async fn load_balancer_source_ranges_are_enforced() {
         ("allowed", client_range.as_str(), &allowed_ip),
         ("denied", "203.0.113.0/24", &denied_ip),
     ] {
-        create_service(
-            &env,
-            &ns.name,
-            name,
-            json!({"type": "LoadBalancer", "selector": {"app": "web"},
-                   "loadBalancerSourceRanges": [range],
-                   "ports": [{"port": 80, "targetPort": 8080}]}),
-        )
-        .await;
+        ServiceBuilder::new(name)
+            .type_("LoadBalancer")
+            .app("web")
+            .source_ranges(&[range])
+            .tcp(80, 8080)
+            .create(&env, &ns.name)
+            .await;
         services
             .patch_status(
                 name,
@@ -895,13 +878,11 @@ async fn load_balancer_source_ranges_are_enforced() {
 async fn pod_reaches_itself_through_its_service() {
     let (env, ns, _up) = setup("np-hairpin").await;
     deploy(&env, &ns.name, "web", 1, http_ports()).await;
-    let svc = create_service(
-        &env,
-        &ns.name,
-        "web",
-        json!({"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}),
-    )
-    .await;
+    let svc = ServiceBuilder::new("web")
+        .app("web")
+        .tcp(80, 8080)
+        .create(&env, &ns.name)
+        .await;
     let pods = pods(&env, &ns.name, "web", 1).await;
     wait_endpoints(&env, &ns.name, "web", &ips(&pods)).await;
     let (pod_netns, _) = berth_e2e::net::pod_names(&pods[0].metadata.uid.clone().expect("uid"));
@@ -929,13 +910,11 @@ async fn agent_restart_under_steady_load_loses_no_request() {
     let _exclusive = AGENTS_UP.write().await;
     let (env, ns) = connect("np-restart").await;
     deploy(&env, &ns.name, "web", 3, http_ports()).await;
-    let svc = create_service(
-        &env,
-        &ns.name,
-        "web",
-        json!({"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}),
-    )
-    .await;
+    let svc = ServiceBuilder::new("web")
+        .app("web")
+        .tcp(80, 8080)
+        .create(&env, &ns.name)
+        .await;
     let pods = pods(&env, &ns.name, "web", 3).await;
     wait_endpoints(&env, &ns.name, "web", &ips(&pods)).await;
     let node = nodes(&env)[2].clone();
@@ -960,11 +939,13 @@ async fn agent_restart_under_steady_load_loses_no_request() {
         let pid = nodeagent::agent_pid(&node.plan.name).expect("agent pid");
         // SAFETY: kill(2) of the agent the harness started, found by its pid file.
         unsafe { libc::kill(pid, signal) };
-        wait_for("agent restarted", Duration::from_secs(30), || async {
-            nodeagent::agent_pid(&node.plan.name).is_some_and(|p| p != pid)
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        wait_true(
+            "agent restarted",
+            Duration::from_secs(30),
+            &agents(&env),
+            async || nodeagent::agent_pid(&node.plan.name).is_some_and(|p| p != pid),
+        )
+        .await;
         nodeagent::wait_healthy(&node.plan, Duration::from_secs(30))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -989,18 +970,18 @@ async fn agent_restart_under_steady_load_loses_no_request() {
     let pid = nodeagent::agent_pid(&node.plan.name).expect("agent pid");
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    wait_for("agent stopped", Duration::from_secs(30), || async {
-        nodeagent::agent_pid(&node.plan.name).is_none()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    let late = create_service(
-        &env,
-        &ns.name,
-        "late",
-        json!({"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}),
+    wait_true(
+        "agent stopped",
+        Duration::from_secs(30),
+        &agents(&env),
+        async || nodeagent::agent_pid(&node.plan.name).is_none(),
     )
     .await;
+    let late = ServiceBuilder::new("late")
+        .app("web")
+        .tcp(80, 8080)
+        .create(&env, &ns.name)
+        .await;
     wait_endpoints(&env, &ns.name, "late", &ips(&pods)).await;
     let late_url = format!("http://{}/", cluster_ip(&late));
     let other = &nodes(&env)[0].plan.netns;

@@ -9,12 +9,12 @@ use std::time::Duration;
 use berth_e2e::controller::{
     ClassGuard, ControllerOpts, ControllerProc, aws_view, install_crds, logs_of, metric_sum,
 };
-use berth_e2e::testing::{
-    TestEnv, TestNamespace, curl_in, lb_condition, lb_hostname, lb_ips, wait_for,
-};
+use berth_e2e::service::ServiceBuilder;
+use berth_e2e::testing::{TestEnv, TestNamespace, curl_in, lb_condition, lb_hostname, lb_ips};
+use berth_e2e::wait::{Diagnostics, wait_true, wait_until};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 
 const OWNER: &str = "berth.dev/load-balancer-class";
 const PIN: &str = "berth.dev/load-balancer-ips";
@@ -65,6 +65,16 @@ impl Case {
         logs_of(&self.controllers)
     }
 
+    /// What a timed-out wait shows: the controllers' logs.
+    fn dump(&self) -> Diagnostics {
+        Diagnostics::new(&self.env).controllers(&self.controllers)
+    }
+
+    /// The controllers' logs and the events of Service `name`.
+    fn dump_of(&self, name: &str) -> Diagnostics {
+        self.dump().events(&self.ns.name, name)
+    }
+
     fn services(&self) -> Api<Service> {
         Api::namespaced(self.env.client.clone(), &self.ns.name)
     }
@@ -75,102 +85,74 @@ impl Case {
             .set_spec(&self.env, serde_json::json!({ "pool": pool }));
     }
 
+    /// A LoadBalancer Service of the case's class selecting `app: <name>`.
+    fn service(&self, name: &str) -> ServiceBuilder {
+        ServiceBuilder::load_balancer(name)
+            .class(&self.class.lb_class())
+            .app(name)
+    }
+
     /// A LoadBalancer Service of the case's class with TCP `ports`.
     async fn create(&self, name: &str, annotations: serde_json::Value, ports: &[i32]) -> Service {
-        let ports: Vec<serde_json::Value> = ports
+        ports
             .iter()
-            .map(|p| serde_json::json!({"name": format!("p{p}"), "port": p, "protocol": "TCP"}))
-            .collect();
-        self.create_spec(name, annotations, serde_json::json!({ "ports": ports }))
+            .fold(self.service(name).annotations(&annotations), |b, p| {
+                b.named_port(&format!("p{p}"), "TCP", *p, None)
+            })
+            .create_with(&self.services())
             .await
     }
 
-    async fn create_spec(
-        &self,
-        name: &str,
-        annotations: serde_json::Value,
-        mut spec: serde_json::Value,
-    ) -> Service {
-        spec["type"] = "LoadBalancer".into();
-        spec["loadBalancerClass"] = self.class.lb_class().into();
-        spec["selector"] = serde_json::json!({"app": name});
-        let svc: Service = serde_json::from_value(serde_json::json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "annotations": annotations},
-            "spec": spec,
-        }))
-        .expect("service object");
-        self.services()
-            .create(&PostParams::default(), &svc)
-            .await
-            .unwrap_or_else(|e| panic!("create service {name}: {e}"))
+    /// The Service's state for a timed-out wait's message.
+    async fn state(&self, name: &str) -> String {
+        match self.services().get(name).await {
+            Ok(s) => format!("status {:?}", s.status),
+            Err(e) => e.to_string(),
+        }
     }
 
     /// Waits until the Service is Ready with pool addresses; returns them.
     async fn wait_ips(&self, name: &str) -> Vec<String> {
         let api = self.services();
-        let res = wait_for(
-            &format!("service {name} ready with an address"),
-            LONG,
-            || async {
-                api.get(name).await.is_ok_and(|s| {
-                    lb_condition(&s).is_some_and(|(st, _, _)| st == "True")
-                        && !lb_ips(&s).is_empty()
-                })
-            },
-        )
-        .await;
-        if let Err(e) = res {
-            let s = api.get(name).await.ok();
-            panic!(
-                "{e}; status: {:?}\n{}",
-                s.and_then(|s| s.status),
-                self.logs()
-            );
-        }
-        lb_ips(&api.get(name).await.expect("get service"))
+        let what = format!("service {name} ready with an address");
+        wait_until(&what, LONG, &self.dump_of(name), async || {
+            match api.get(name).await {
+                Ok(s)
+                    if lb_condition(&s).is_some_and(|(st, _, _)| st == "True")
+                        && !lb_ips(&s).is_empty() =>
+                {
+                    Ok(lb_ips(&s))
+                }
+                _ => Err(self.state(name).await),
+            }
+        })
+        .await
     }
 
     /// Waits until the Service's address list is `want`.
     async fn wait_ips_equal(&self, name: &str, want: &[&str]) {
         let api = self.services();
-        let res = wait_for(&format!("service {name} at {want:?}"), LONG, || async {
-            api.get(name).await.is_ok_and(|s| lb_ips(&s) == want)
+        let what = format!("service {name} at {want:?}");
+        wait_until(&what, LONG, &self.dump_of(name), async || {
+            match api.get(name).await {
+                Ok(s) if lb_ips(&s) == want => Ok(()),
+                _ => Err(self.state(name).await),
+            }
         })
-        .await;
-        if let Err(e) = res {
-            let s = api.get(name).await.ok();
-            panic!(
-                "{e}; status: {:?}\n{}",
-                s.and_then(|s| s.status),
-                self.logs()
-            );
-        }
+        .await
     }
 
     /// Waits for condition `reason` and returns (status, message).
     async fn wait_condition(&self, name: &str, reason: &str) -> (String, String) {
         let api = self.services();
-        let res = wait_for(
-            &format!("service {name} condition {reason}"),
-            LONG,
-            || async {
-                api.get(name)
-                    .await
-                    .is_ok_and(|s| lb_condition(&s).is_some_and(|(_, r, _)| r == reason))
-            },
-        )
-        .await;
-        if let Err(e) = res {
-            let s = api.get(name).await.ok();
-            panic!(
-                "{e}; status: {:?}\n{}",
-                s.and_then(|s| s.status),
-                self.logs()
-            );
-        }
-        let (st, _, msg) = lb_condition(&api.get(name).await.expect("get")).expect("condition");
-        (st, msg)
+        let what = format!("service {name} condition {reason}");
+        wait_until(&what, LONG, &self.dump_of(name), async || {
+            match api.get(name).await.ok().as_ref().and_then(lb_condition) {
+                Some((st, r, msg)) if r == reason => Ok((st, msg)),
+                _ => Err(self.state(name).await),
+            }
+        })
+        .await
     }
 
     async fn events(&self, name: &str) -> Vec<(String, String, String)> {
@@ -179,19 +161,14 @@ impl Case {
 
     /// Waits for an event of `type_` and `reason` whose message contains every `needles`.
     async fn wait_event(&self, name: &str, type_: &str, reason: &str, needles: &[&str]) {
-        let res = wait_for(
-            &format!("{type_} event {reason} on {name}"),
-            LONG,
-            || async {
-                self.events(name).await.iter().any(|(t, r, m)| {
-                    t == type_ && r == reason && needles.iter().all(|n| m.contains(n))
-                })
-            },
-        )
-        .await;
-        if let Err(e) = res {
-            panic!("{e}: {:?}\n{}", self.events(name).await, self.logs());
-        }
+        let what = format!("{type_} event {reason} on {name}");
+        wait_true(&what, LONG, &self.dump_of(name), async || {
+            self.events(name)
+                .await
+                .iter()
+                .any(|(t, r, m)| t == type_ && r == reason && needles.iter().all(|n| m.contains(n)))
+        })
+        .await
     }
 
     async fn delete(&self, name: &str) {
@@ -204,26 +181,23 @@ impl Case {
     /// Waits until the class status shows `allocated` and `available`.
     async fn wait_class_counts(&self, allocated: i64, available: i64) {
         let api: Api<berth_crds::LoadBalancerClass> = Api::all(self.env.client.clone());
-        let res = wait_for(
-            &format!("class status allocated {allocated}, available {available}"),
-            LONG,
-            || async {
-                api.get(&self.class.name).await.is_ok_and(|c| {
-                    c.status.as_ref().is_some_and(|s| {
-                        s.allocated == Some(allocated)
-                            && s.available == Some(available)
-                            && s.conditions
-                                .iter()
-                                .any(|c| c.type_ == "Accepted" && c.status == "True")
-                    })
-                })
-            },
-        )
-        .await;
-        if let Err(e) = res {
-            let c = api.get(&self.class.name).await.ok();
-            panic!("{e}: {:?}\n{}", c.and_then(|c| c.status), self.logs());
-        }
+        let what = format!("class status allocated {allocated}, available {available}");
+        wait_until(&what, LONG, &self.dump(), async || {
+            let status = api.get(&self.class.name).await.ok().and_then(|c| c.status);
+            let done = status.as_ref().is_some_and(|s| {
+                s.allocated == Some(allocated)
+                    && s.available == Some(available)
+                    && s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Accepted" && c.status == "True")
+            });
+            if done {
+                Ok(())
+            } else {
+                Err(format!("class status {status:?}"))
+            }
+        })
+        .await
     }
 }
 
@@ -242,11 +216,11 @@ async fn allocation_writes_address_vip_ports_and_condition() {
         serde_json::json!({"addresses": ["198.19.2.0/27"]}),
     )
     .await;
-    let spec = serde_json::json!({"ports": [
-        {"name": "http", "port": 80, "protocol": "TCP"},
-        {"name": "dns", "port": 53, "protocol": "UDP"}
-    ]});
-    case.create_spec("web", serde_json::json!({}), spec).await;
+    case.service("web")
+        .named_port("http", "TCP", 80, None)
+        .named_port("dns", "UDP", 53, None)
+        .create_with(&case.services())
+        .await;
     assert_eq!(case.wait_ips("web").await, vec!["198.19.2.1"]);
     let svc = case.services().get("web").await.expect("get");
     let ingress = svc
@@ -325,19 +299,17 @@ async fn restart_keeps_every_address_without_a_write() {
             .await;
     }
     let api = case.services();
-    let res = wait_for(
+    wait_true(
         &format!("{SERVICES} Services with addresses"),
         LONG * 2,
-        || async {
+        &case.dump(),
+        async || {
             api.list(&ListParams::default())
                 .await
                 .is_ok_and(|l| l.items.iter().filter(|s| !lb_ips(s).is_empty()).count() == SERVICES)
         },
     )
     .await;
-    if let Err(e) = res {
-        panic!("{e}\n{}", case.logs());
-    }
     let snapshot = |items: Vec<Service>| -> BTreeMap<String, (Vec<String>, String)> {
         items
             .into_iter()
@@ -357,10 +329,11 @@ async fn restart_keeps_every_address_without_a_write() {
     case.controllers[0].kill();
     case.start(&format!("{}-1", case.ns.name), opts);
     let fresh = &case.controllers[1];
-    let res = wait_for(
+    wait_true(
         "the new controller reconciled every Service",
         LONG,
-        || async {
+        &case.dump(),
+        async || {
             fresh.metrics().await.is_ok_and(|m| {
                 metric_sum(&m, "berth_reconciles_total", &[("outcome", "success")])
                     >= SERVICES as f64
@@ -368,9 +341,6 @@ async fn restart_keeps_every_address_without_a_write() {
         },
     )
     .await;
-    if let Err(e) = res {
-        panic!("{e}\n{}", case.logs());
-    }
     let after = snapshot(api.list(&ListParams::default()).await.expect("list").items);
     assert_eq!(before, after, "addresses or resourceVersions changed");
     case.wait_class_counts(SERVICES as i64, 254 - SERVICES as i64)
@@ -476,12 +446,11 @@ async fn pinning_through_the_spec_and_the_annotation() {
         serde_json::json!({"addresses": ["198.19.2.80/28"]}),
     )
     .await;
-    case.create_spec(
-        "spec-pin",
-        serde_json::json!({}),
-        serde_json::json!({"loadBalancerIP": "198.19.2.90", "ports": [{"port": 80}]}),
-    )
-    .await;
+    case.service("spec-pin")
+        .set("loadBalancerIP", "198.19.2.90")
+        .port(80)
+        .create_with(&case.services())
+        .await;
     case.wait_ips_equal("spec-pin", &["198.19.2.90"]).await;
     case.create("ann-pin", serde_json::json!({ PIN: "198.19.2.91" }), &[80])
         .await;
@@ -591,18 +560,13 @@ async fn selectors_restrict_services_and_namespaces() {
         }),
     )
     .await;
-    let labelled = |name: &str, tier: &str| {
-        serde_json::json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "labels": {"tier": tier}},
-            "spec": {"type": "LoadBalancer", "loadBalancerClass": case.class.lb_class(),
-                "ports": [{"port": 80}]}})
-    };
     for (name, tier) in [("edge", "edge"), ("core", "core")] {
-        let svc: Service = serde_json::from_value(labelled(name, tier)).expect("svc");
-        case.services()
-            .create(&PostParams::default(), &svc)
-            .await
-            .expect("create");
+        ServiceBuilder::load_balancer(name)
+            .class(&case.class.lb_class())
+            .label("tier", tier)
+            .port(80)
+            .create_with(&case.services())
+            .await;
     }
     let (_, message) = case.wait_condition("edge", "NotSelected").await;
     assert!(message.contains("namespaceSelector"), "{message}");
@@ -665,23 +629,25 @@ async fn moving_between_pool_and_aws_classes_releases_what_the_old_class_held() 
     }
     case.wait_ips_equal("waiter", &["198.19.2.145"]).await;
     let api = case.services();
-    let res = wait_for("mover ready with an NLB hostname", LONG, || async {
-        api.get("mover").await.is_ok_and(|s| {
-            lb_hostname(&s).is_some()
+    let dump = case.dump_of("mover");
+    wait_until(
+        "mover ready with an NLB hostname",
+        LONG,
+        &dump,
+        async || {
+            let s = api.get("mover").await.map_err(|e| e.to_string())?;
+            let ready = lb_hostname(&s).is_some()
                 && lb_ips(&s).is_empty()
                 && lb_condition(&s).is_some_and(|(st, _, _)| st == "True")
-                && annotation(&s, OWNER) == Some(aws_class.name.clone())
-        })
-    })
+                && annotation(&s, OWNER) == Some(aws_class.name.clone());
+            if ready {
+                Ok(())
+            } else {
+                Err(format!("{:?}", (s.metadata.annotations, s.status)))
+            }
+        },
+    )
     .await;
-    if let Err(e) = res {
-        let s = api.get("mover").await.ok();
-        panic!(
-            "{e}: {:?}\n{}",
-            s.map(|s| (s.metadata.annotations, s.status)),
-            case.logs()
-        );
-    }
     let mover = api.get("mover").await.expect("get");
     let uid = mover.metadata.uid.clone().expect("uid");
     let view = aws_view(&elb, &uid).await.expect("aws view");
@@ -696,15 +662,12 @@ async fn moving_between_pool_and_aws_classes_releases_what_the_old_class_held() 
             .expect("retype mover");
     }
     case.wait_ips_equal("mover", &["198.19.2.145"]).await;
-    let res = wait_for("the mover's NLB deleted", LONG, || async {
+    wait_true("the mover's NLB deleted", LONG, &dump, async || {
         aws_view(&elb, &uid)
             .await
             .is_ok_and(|v| v.load_balancers.is_empty() && v.target_groups.is_empty())
     })
     .await;
-    if let Err(e) = res {
-        panic!("{e}\n{}", case.logs());
-    }
     assert!(lb_hostname(&api.get("mover").await.expect("get")).is_none());
 }
 
@@ -761,11 +724,10 @@ async fn pool_only_controller_runs_without_aws_configuration() {
     assert_eq!(case.wait_ips("web").await, vec!["198.19.2.177"]);
     case.delete("web").await;
     let api = case.services();
-    wait_for("web deleted", LONG, || async {
+    wait_true("web deleted", LONG, &case.dump_of("web"), async || {
         api.get_opt("web").await.is_ok_and(|s| s.is_none())
     })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", case.logs()));
+    .await;
     // Several sweep intervals have passed by now; the sweep stays off without AWS classes.
     let metrics = case.controllers[0].metrics().await.expect("metrics");
     assert_eq!(metric_sum(&metrics, "berth_aws_calls_total", &[]), 0.0);
@@ -788,30 +750,21 @@ async fn the_allocated_address_serves_the_client() {
     .await;
     case.env
         .apply_example(&case.ns.name, "seed/nginx-deployment.yaml");
-    case.create_spec(
-        "nginx",
-        serde_json::json!({}),
-        serde_json::json!({"ports": [{"name": "http", "port": 80, "targetPort": 80}]}),
-    )
-    .await;
+    case.service("nginx")
+        .named_port("http", "TCP", 80, Some(80))
+        .create_with(&case.services())
+        .await;
     assert_eq!(case.wait_ips("nginx").await, vec!["198.19.3.1"]);
     let url = "http://198.19.3.1/";
-    let last = std::cell::RefCell::new(String::new());
-    let res = wait_for(
+    let dump = case.dump_of("nginx").node_agents(&case.env.info);
+    wait_until(
         "nginx at the pool address from the client",
         LONG,
-        || async {
-            match curl_in(&case.env.info.client_netns, url, Duration::from_secs(2)) {
-                Ok(body) if body.contains("Welcome to nginx!") => true,
-                other => {
-                    *last.borrow_mut() = format!("{other:?}");
-                    false
-                }
-            }
+        &dump,
+        async || match curl_in(&case.env.info.client_netns, url, Duration::from_secs(2)) {
+            Ok(body) if body.contains("Welcome to nginx!") => Ok(()),
+            other => Err(format!("last: {other:?}")),
         },
     )
     .await;
-    if let Err(e) = res {
-        panic!("{e}: last: {}\n{}", last.borrow(), case.logs());
-    }
 }

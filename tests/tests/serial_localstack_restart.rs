@@ -11,10 +11,10 @@ use berth_e2e::controller::{
     ClassGuard, ControllerOpts, ControllerProc, aws_view, install_crds, listener_address, targets,
 };
 use berth_e2e::env::restart_localstack;
+use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{TestEnv, curl_in, lb_condition, lb_hostname, wait_for};
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
-use kube::api::PostParams;
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -90,21 +90,12 @@ async fn localstack_restarted_resources_are_recreated() {
 
     env.apply_example(&ns.name, "seed/nginx-deployment.yaml");
     let services: Api<Service> = Api::namespaced(env.client.clone(), &ns.name);
-    let svc: Service = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "nginx-service"},
-        "spec": {
-            "type": "LoadBalancer",
-            "loadBalancerClass": class.lb_class(),
-            "selector": {"app": "nginx"},
-            "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 80}]
-        }
-    }))
-    .expect("service");
-    let svc = services
-        .create(&PostParams::default(), &svc)
-        .await
-        .expect("create service");
+    let svc = ServiceBuilder::load_balancer("nginx-service")
+        .class(&class.lb_class())
+        .app("nginx")
+        .named_port("http", "TCP", 80, Some(80))
+        .create_with(&services)
+        .await;
     let uid = svc.metadata.uid.clone().expect("uid");
     ready_with(&services, |_| true)
         .await

@@ -4,8 +4,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{TestEnv, curl_in, udp_in, wait_for};
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::ListParams;
@@ -153,19 +154,12 @@ async fn seed_nginx_deployment_runs_on_the_simulated_nodes() {
 async fn load_balancer_service_gets_cluster_ip_and_node_ports() {
     let env = TestEnv::connect().await;
     let ns = env.namespace("smoke-lb").await;
-    let svc: Service = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "web"},
-        "spec": {"type": "LoadBalancer", "selector": {"app": "web"},
-                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
-                           {"name": "dns", "port": 53, "protocol": "UDP"}]}
-    }))
-    .expect("service object");
-    let api: Api<Service> = Api::namespaced(env.client.clone(), &ns.name);
-    let created = api
-        .create(&Default::default(), &svc)
-        .await
-        .expect("create service");
+    let created = ServiceBuilder::load_balancer("web")
+        .app("web")
+        .named_port("http", "TCP", 80, Some(8080))
+        .named_port("dns", "UDP", 53, None)
+        .create(&env, &ns.name)
+        .await;
     let spec = created.spec.expect("spec");
     let ip: std::net::Ipv4Addr = spec
         .cluster_ip

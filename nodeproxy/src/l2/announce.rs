@@ -16,10 +16,11 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use berth_crds::LoadBalancerClassSpec;
+use berth_crds::addresses::AddressPool;
 use berth_runtime::lease::Observed;
 use sha2::{Digest, Sha256};
 
-use crate::proxy::model::{Family, Model};
+use crate::proxy::model::Model;
 
 /// Label on every Lease the announcer creates (its watch selects on it).
 pub const LEASE_LABEL: &str = "berth.dev/l2-announcement";
@@ -36,104 +37,30 @@ pub fn lease_name(addr: &IpAddr) -> String {
     name
 }
 
-/// An inclusive range of addresses of one family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AddrRange {
-    start: IpAddr,
-    end: IpAddr,
-}
-
-fn bits(ip: &IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(a) => u128::from(u32::from(*a)),
-        IpAddr::V6(a) => u128::from(*a),
-    }
-}
-
-impl AddrRange {
-    /// `198.19.8.0/24` or `198.19.8.10-198.19.8.20`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        if let Some((a, b)) = s.split_once('-') {
-            let start: IpAddr = a
-                .trim()
-                .parse()
-                .map_err(|_| format!("invalid range {s:?}"))?;
-            let end: IpAddr = b
-                .trim()
-                .parse()
-                .map_err(|_| format!("invalid range {s:?}"))?;
-            if Family::of(&start) != Family::of(&end) || bits(&start) > bits(&end) {
-                return Err(format!("invalid range {s:?}"));
-            }
-            return Ok(Self { start, end });
-        }
-        let (a, p) = s
-            .split_once('/')
-            .ok_or_else(|| format!("invalid CIDR or range {s:?}"))?;
-        let base: IpAddr = a.parse().map_err(|_| format!("invalid CIDR {s:?}"))?;
-        let prefix: u32 = p.parse().map_err(|_| format!("invalid CIDR {s:?}"))?;
-        let width = if base.is_ipv4() { 32 } else { 128 };
-        if prefix > width {
-            return Err(format!("invalid CIDR {s:?}"));
-        }
-        let host_bits = width - prefix;
-        let host_mask = if host_bits == 128 {
-            u128::MAX
-        } else {
-            (1u128 << host_bits) - 1
-        };
-        let first = bits(&base) & !host_mask;
-        let last = first | host_mask;
-        let make = |v: u128| match base {
-            IpAddr::V4(_) => IpAddr::V4((v as u32).into()),
-            IpAddr::V6(_) => IpAddr::V6(v.into()),
-        };
-        Ok(Self {
-            start: make(first),
-            end: make(last),
-        })
-    }
-
-    pub fn contains(&self, ip: &IpAddr) -> bool {
-        Family::of(ip) == Family::of(&self.start)
-            && bits(&self.start) <= bits(ip)
-            && bits(ip) <= bits(&self.end)
-    }
-}
-
 /// What the announcer needs of a `pool` LoadBalancerClass.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PoolClass {
     /// `spec.pool.l2` is not `false`.
     pub l2: bool,
-    pub ranges: Vec<AddrRange>,
+    /// The class's usable addresses, as the controller allocates them.
+    pub addresses: AddressPool,
 }
 
 impl PoolClass {
     pub fn contains(&self, ip: &IpAddr) -> bool {
-        self.ranges.iter().any(|r| r.contains(ip))
+        self.addresses.contains(ip)
     }
 }
 
 /// The pool part of a class; `None` for classes of another provider. Unparsable
-/// addresses are skipped with a warning.
+/// entries are skipped with a warning: the good ones keep being announced.
 pub fn pool_class(spec: &LoadBalancerClassSpec, warnings: &mut Vec<String>) -> Option<PoolClass> {
     let pool = spec.pool.as_ref()?;
-    let ranges = pool
-        .addresses
-        .iter()
-        .filter_map(|a| match AddrRange::parse(a) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                warnings.push(format!("pool addresses: {e}"));
-                None
-            }
-        })
-        .collect();
+    let (addresses, errors) = AddressPool::parse_lenient(&pool.addresses);
+    warnings.extend(errors.iter().map(|e| format!("pool addresses: {e}")));
     Some(PoolClass {
         l2: pool.l2 != Some(false),
-        ranges,
+        addresses,
     })
 }
 
@@ -386,13 +313,10 @@ mod tests {
         names.iter().map(|n| n.to_string()).collect()
     }
 
-    fn class(ranges: &[&str], l2: bool) -> PoolClass {
+    fn class(entries: &[&str], l2: bool) -> PoolClass {
         PoolClass {
             l2,
-            ranges: ranges
-                .iter()
-                .map(|r| AddrRange::parse(r).expect("range"))
-                .collect(),
+            addresses: AddressPool::parse(entries).expect("pool"),
         }
     }
 
@@ -417,33 +341,43 @@ mod tests {
     }
 
     #[test]
-    fn ranges_parse_cidrs_and_spans() {
-        let c = AddrRange::parse("198.19.8.7/24").expect("cidr");
-        assert!(c.contains(&ip("198.19.8.0")) && c.contains(&ip("198.19.8.255")));
-        assert!(!c.contains(&ip("198.19.9.0")) && !c.contains(&ip("::1")));
-        let r = AddrRange::parse("198.19.8.10 - 198.19.8.20").expect("range");
-        assert!(r.contains(&ip("198.19.8.10")) && r.contains(&ip("198.19.8.20")));
-        assert!(!r.contains(&ip("198.19.8.21")));
-        assert!(
-            AddrRange::parse("fd00::/120")
-                .expect("v6")
-                .contains(&ip("fd00::ff"))
-        );
-        assert!(
-            AddrRange::parse("0.0.0.0/0")
-                .expect("all")
-                .contains(&ip("1.2.3.4"))
-        );
-        for bad in [
-            "",
-            "198.19.8.0",
-            "198.19.8.0/33",
-            "198.19.8.9-198.19.8.1",
-            "1.2.3.4-::1",
-            "x/8",
+    fn pool_classes_take_cidrs_ranges_and_single_addresses() {
+        let spec: LoadBalancerClassSpec = serde_json::from_value(serde_json::json!({
+            "pool": {"addresses": ["198.19.8.0/30", "198.19.8.10 - 198.19.8.11", "198.19.0.77", "fd00::/127"]}
+        }))
+        .expect("spec");
+        let mut w = Vec::new();
+        let c = pool_class(&spec, &mut w).expect("pool");
+        assert!(w.is_empty(), "{w:?}");
+        for inside in [
+            "198.19.8.1",
+            "198.19.8.2",
+            "198.19.8.11",
+            "198.19.0.77",
+            "fd00::1",
         ] {
-            assert!(AddrRange::parse(bad).is_err(), "{bad}");
+            assert!(c.contains(&ip(inside)), "{inside}");
         }
+        for outside in ["198.19.8.0", "198.19.8.3", "198.19.8.12", "198.19.0.78"] {
+            assert!(!c.contains(&ip(outside)), "{outside}");
+        }
+    }
+
+    #[test]
+    fn a_single_address_entry_is_announced() {
+        let classes = BTreeMap::from([("one".to_string(), class(&["198.19.0.77"], true))]);
+        let all = nodes(&["n1", "n2"]);
+        let model = Model::test(NodeFacts::test("n1", "198.18.1.10")).with_service(lb(
+            "web",
+            "one",
+            "198.19.0.77",
+        ));
+        let mut w = Vec::new();
+        assert_eq!(
+            wanted(&model, &classes, &all, &mut w),
+            BTreeMap::from([(ip("198.19.0.77"), all.clone())])
+        );
+        assert!(w.is_empty(), "{w:?}");
     }
 
     #[test]
@@ -455,7 +389,7 @@ mod tests {
         let mut w = Vec::new();
         let c = pool_class(&spec, &mut w).expect("pool");
         assert!(c.l2);
-        assert_eq!(c.ranges.len(), 1);
+        assert_eq!(c.addresses.ranges().len(), 1);
         assert_eq!(w.len(), 1, "{w:?}");
         let off: LoadBalancerClassSpec = serde_json::from_value(serde_json::json!({
             "pool": {"addresses": ["198.19.8.0/24"], "l2": false}

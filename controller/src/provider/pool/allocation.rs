@@ -8,7 +8,7 @@
 //! own status writes that the Service store has not shown yet.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use berth_crds::{ANNOTATION_OWNER_CLASS, LoadBalancerClass, PoolProvider, annotations};
@@ -25,207 +25,9 @@ pub mod reason {
     pub const NOT_SELECTED: &str = "NotSelected";
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    pub fn of(ip: &IpAddr) -> Self {
-        match ip {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        }
-    }
-
-    fn from_kube(s: &str) -> Option<Self> {
-        match s {
-            "IPv4" => Some(Family::V4),
-            "IPv6" => Some(Family::V6),
-            _ => None,
-        }
-    }
-
-    fn addr(self, n: u128) -> IpAddr {
-        match self {
-            // Blocks of the V4 family only hold values that fit in 32 bits.
-            Family::V4 => IpAddr::V4(Ipv4Addr::from(n as u32)),
-            Family::V6 => IpAddr::V6(Ipv6Addr::from(n)),
-        }
-    }
-}
-
-fn to_int(ip: &IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(a) => u32::from(*a) as u128,
-        IpAddr::V6(a) => u128::from(*a),
-    }
-}
-
-/// Usable addresses `start..=end` of one family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Block {
-    family: Family,
-    start: u128,
-    end: u128,
-}
-
-/// A class's usable addresses: sorted, non-overlapping blocks.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Pool {
-    blocks: Vec<Block>,
-}
-
-/// One `addresses` entry: a CIDR, a range `a-b` or a single address.
-fn parse_entry(entry: &str) -> Result<Block, String> {
-    let e = entry.trim();
-    let ip = |s: &str| {
-        s.trim()
-            .parse::<IpAddr>()
-            .map_err(|_| format!("`{entry}`: `{}` is not an IP address", s.trim()))
-    };
-    if let Some((addr, len)) = e.split_once('/') {
-        let addr = ip(addr)?;
-        let bits: u32 = if addr.is_ipv4() { 32 } else { 128 };
-        let len: u32 = len
-            .trim()
-            .parse()
-            .ok()
-            .filter(|l| *l <= bits)
-            .ok_or_else(|| format!("`{entry}`: bad prefix length"))?;
-        let host_bits = bits - len;
-        let host_mask: u128 = if host_bits == 128 {
-            u128::MAX
-        } else {
-            (1u128 << host_bits) - 1
-        };
-        let start = to_int(&addr);
-        if start & host_mask != 0 {
-            let net = Family::of(&addr).addr(start & !host_mask);
-            return Err(format!(
-                "`{entry}` has host bits set (the network is {net}/{len})"
-            ));
-        }
-        let end = start | host_mask;
-        // The network and broadcast addresses of an IPv4 subnet are not usable hosts; /31
-        // and /32 have none (RFC 3021).
-        if addr.is_ipv4() && len <= 30 {
-            return Ok(Block {
-                family: Family::V4,
-                start: start + 1,
-                end: end - 1,
-            });
-        }
-        return Ok(Block {
-            family: Family::of(&addr),
-            start,
-            end,
-        });
-    }
-    if let Some((a, b)) = e.split_once('-') {
-        let (a, b) = (ip(a)?, ip(b)?);
-        if Family::of(&a) != Family::of(&b) {
-            return Err(format!(
-                "`{entry}`: both ends must be of one address family"
-            ));
-        }
-        if to_int(&a) > to_int(&b) {
-            return Err(format!("`{entry}`: the range ends before it starts"));
-        }
-        return Ok(Block {
-            family: Family::of(&a),
-            start: to_int(&a),
-            end: to_int(&b),
-        });
-    }
-    let a = ip(e)?;
-    Ok(Block {
-        family: Family::of(&a),
-        start: to_int(&a),
-        end: to_int(&a),
-    })
-}
-
-impl Pool {
-    /// Parses every entry; all errors at once.
-    pub fn parse(entries: &[String]) -> Result<Self, Vec<String>> {
-        let mut blocks = Vec::new();
-        let mut errors = Vec::new();
-        for e in entries {
-            match parse_entry(e) {
-                Ok(b) => blocks.push(b),
-                Err(m) => errors.push(m),
-            }
-        }
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        if blocks.is_empty() {
-            return Err(vec!["no addresses".into()]);
-        }
-        blocks.sort();
-        let mut merged: Vec<Block> = Vec::with_capacity(blocks.len());
-        for b in blocks {
-            match merged.last_mut() {
-                Some(last) if last.family == b.family && b.start <= last.end.saturating_add(1) => {
-                    last.end = last.end.max(b.end);
-                }
-                _ => merged.push(b),
-            }
-        }
-        Ok(Self { blocks: merged })
-    }
-
-    pub fn contains(&self, ip: &IpAddr) -> bool {
-        let (f, n) = (Family::of(ip), to_int(ip));
-        self.blocks
-            .iter()
-            .any(|b| b.family == f && b.start <= n && n <= b.end)
-    }
-
-    pub fn has_family(&self, f: Family) -> bool {
-        self.blocks.iter().any(|b| b.family == f)
-    }
-
-    /// How many addresses the pool has, saturating.
-    pub fn size(&self) -> u64 {
-        self.blocks.iter().fold(0u64, |acc, b| {
-            let n = (b.end - b.start).saturating_add(1);
-            acc.saturating_add(u64::try_from(n).unwrap_or(u64::MAX))
-        })
-    }
-
-    /// The lowest address of `family` not in `used`. Walks only the used addresses inside
-    /// each block, so huge IPv6 blocks cost nothing.
-    pub fn first_free(&self, family: Family, used: &BTreeSet<IpAddr>) -> Option<IpAddr> {
-        for b in self.blocks.iter().filter(|b| b.family == family) {
-            let mut candidate = b.start;
-            for u in used.range(family.addr(b.start)..=family.addr(b.end)) {
-                let n = to_int(u);
-                if n == candidate {
-                    if candidate == b.end {
-                        break;
-                    }
-                    candidate += 1;
-                } else if n > candidate {
-                    break;
-                }
-            }
-            if !used.contains(&family.addr(candidate)) {
-                return Some(family.addr(candidate));
-            }
-        }
-        None
-    }
-}
+/// The families and the pool come from the one parser of pool addresses, which the node
+/// agents also use to decide what to announce.
+pub use berth_crds::addresses::{AddressPool as Pool, IpFamily as Family};
 
 /// A pool class, parsed.
 #[derive(Clone, Debug)]
@@ -242,7 +44,7 @@ impl PoolClass {
     pub fn parse(name: &str, spec: &PoolProvider) -> Result<Self, Vec<String>> {
         let mut errors = Vec::new();
         let pool = Pool::parse(&spec.addresses)
-            .map_err(|e| errors.extend(e))
+            .map_err(|e| errors.extend(e.iter().map(ToString::to_string)))
             .ok();
         let mut selector = |what: &str, s: &Option<_>| -> Option<Selector> {
             let s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector = s.as_ref()?;
@@ -452,7 +254,7 @@ pub fn families(svc: &Service, pool: &Pool, class: &str) -> Result<Vec<Family>, 
     let spec = svc.spec.as_ref();
     let listed: Vec<Family> = spec
         .and_then(|s| s.ip_families.as_ref())
-        .map(|f| f.iter().filter_map(|f| Family::from_kube(f)).collect())
+        .map(|f| f.iter().filter_map(|f| Family::from_name(f)).collect())
         .unwrap_or_default();
     let primary = listed.first().copied().unwrap_or(Family::V4);
     let other = match primary {
@@ -824,7 +626,7 @@ mod tests {
     }
 
     fn pool(entries: &[&str]) -> Pool {
-        Pool::parse(&entries.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("pool")
+        Pool::parse(entries).expect("pool")
     }
 
     fn class(entries: &[&str]) -> PoolClass {
@@ -850,14 +652,6 @@ mod tests {
         }
     }
 
-    fn all(p: &Pool, family: Family) -> Vec<IpAddr> {
-        let mut used = BTreeSet::new();
-        while let Some(a) = p.first_free(family, &used) {
-            used.insert(a);
-        }
-        used.into_iter().collect()
-    }
-
     fn assigned(o: &Outcome) -> Vec<IpAddr> {
         match o {
             Outcome::Assigned { ips, .. } => ips.clone(),
@@ -873,95 +667,17 @@ mod tests {
     }
 
     #[test]
-    fn v4_cidrs_skip_network_and_broadcast_up_to_30() {
-        let p = pool(&["198.19.1.0/30"]);
+    fn a_single_address_entry_is_allocated_once() {
+        let c = class(&["198.19.0.77"]);
+        let want = Want::Auto(vec![Family::V4]);
+        let first = holder("a", 1, &[]);
         assert_eq!(
-            all(&p, Family::V4),
-            vec![ip("198.19.1.1"), ip("198.19.1.2")]
+            assigned(&allocate(&c, &first, &want, &[])),
+            vec![ip("198.19.0.77")]
         );
-        assert_eq!(p.size(), 2);
-        assert!(!p.contains(&ip("198.19.1.0")) && !p.contains(&ip("198.19.1.3")));
-        assert_eq!(pool(&["198.19.1.0/24"]).size(), 254);
-        let p31 = pool(&["198.19.1.4/31"]);
-        assert_eq!(
-            all(&p31, Family::V4),
-            vec![ip("198.19.1.4"), ip("198.19.1.5")]
-        );
-        assert_eq!(
-            all(&pool(&["198.19.1.9/32"]), Family::V4),
-            vec![ip("198.19.1.9")]
-        );
-    }
-
-    #[test]
-    fn ranges_single_addresses_and_v6_use_every_address() {
-        let p = pool(&["198.19.1.10-198.19.1.12", "198.19.1.20", "2001:db8::/126"]);
-        assert_eq!(
-            all(&p, Family::V4),
-            vec![
-                ip("198.19.1.10"),
-                ip("198.19.1.11"),
-                ip("198.19.1.12"),
-                ip("198.19.1.20")
-            ]
-        );
-        assert_eq!(all(&p, Family::V6).len(), 4);
-        assert!(p.contains(&ip("2001:db8::")));
-        assert_eq!(p.size(), 8);
-    }
-
-    #[test]
-    fn overlapping_entries_are_counted_once() {
-        let p = pool(&["198.19.1.0/29", "198.19.1.4-198.19.1.9"]);
-        assert_eq!(p.size(), 9, "{p:?}");
-    }
-
-    #[test]
-    fn huge_v6_pools_saturate_and_allocate_quickly() {
-        let p = pool(&["2001:db8::/32", "2001:db9::/64"]);
-        assert_eq!(p.size(), u64::MAX);
-        let used = BTreeSet::from([ip("2001:db8::"), ip("2001:db8::1")]);
-        assert_eq!(p.first_free(Family::V6, &used), Some(ip("2001:db8::2")));
-        assert_eq!(p.first_free(Family::V4, &used), None);
-        assert_eq!(pool(&["::/0"]).size(), u64::MAX);
-    }
-
-    #[test]
-    fn bad_entries_are_all_reported() {
-        let errs = Pool::parse(&[
-            "198.19.1.5/24".to_string(),
-            "10.0.0.9-10.0.0.1".to_string(),
-            "nonsense".to_string(),
-            "10.0.0.1-2001:db8::1".to_string(),
-            "10.0.0.0/33".to_string(),
-            "198.19.1.0/24".to_string(),
-        ])
-        .expect_err("bad");
-        assert_eq!(errs.len(), 5, "{errs:?}");
-        assert!(errs[0].contains("198.19.1.0/24"), "{}", errs[0]);
-        assert!(errs[1].contains("ends before"));
-        assert!(errs[2].contains("not an IP address"));
-        assert!(errs[3].contains("one address family"));
-        assert!(errs[4].contains("prefix length"));
-        assert!(Pool::parse(&[]).is_err());
-    }
-
-    #[test]
-    fn first_free_skips_used_addresses_across_blocks() {
-        let p = pool(&["198.19.1.1-198.19.1.2", "198.19.1.10-198.19.1.11"]);
-        let used = BTreeSet::from([ip("198.19.1.1"), ip("198.19.1.2"), ip("198.19.1.10")]);
-        assert_eq!(p.first_free(Family::V4, &used), Some(ip("198.19.1.11")));
-        let full: BTreeSet<IpAddr> = all(&p, Family::V4).into_iter().collect();
-        assert_eq!(p.first_free(Family::V4, &full), None);
-        let top = pool(&["255.255.255.255"]);
-        assert_eq!(
-            top.first_free(Family::V4, &BTreeSet::new()),
-            Some(ip("255.255.255.255"))
-        );
-        assert_eq!(
-            top.first_free(Family::V4, &BTreeSet::from([ip("255.255.255.255")])),
-            None
-        );
+        let held = vec![holder("a", 1, &["198.19.0.77"])];
+        let (r, _) = unassigned(&allocate(&c, &holder("b", 2, &[]), &want, &held));
+        assert_eq!(r, reason::POOL_EXHAUSTED);
     }
 
     #[test]

@@ -305,7 +305,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // Learn what exists before the first reconcile (a predecessor may have died mid-way).
     // Without an AWS class (bare metal) berth never calls AWS.
     if ctx.uses_aws()
-        && let Err(e) = gc::sweep(&ctx, false).await
+        && let Err(e) = gc::refresh(&ctx.aws, &ctx.inventory, &ctx.config.cluster_name).await
     {
         tracing::warn!(error = %e, "initial inventory sweep failed");
     }
@@ -323,9 +323,24 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 if !ctx.uses_aws() {
                     continue;
                 }
-                match gc::sweep(&ctx, true).await {
-                    Ok(n) if n > 0 => tracing::info!(deleted = n, "orphan sweep"),
-                    Ok(_) => {}
+                let live: std::collections::BTreeSet<String> = ctx
+                    .services
+                    .state()
+                    .iter()
+                    .filter_map(|s| s.metadata.uid.clone())
+                    .collect();
+                let client = &ctx.client;
+                let cluster = &ctx.config.cluster_name;
+                let exists = |r: gc::Tagged| async move { gc::service_exists(client, &r).await };
+                match gc::sweep(&ctx.aws, &ctx.inventory, cluster, &live, exists).await {
+                    Ok(report) => {
+                        ctx.metrics
+                            .gc_deleted
+                            .fetch_add(report.deleted as u64, std::sync::atomic::Ordering::Relaxed);
+                        if report != gc::SweepReport::default() {
+                            tracing::info!(?report, "orphan sweep");
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "orphan sweep failed"),
                 }
             }

@@ -3,7 +3,14 @@
 //! the orphan sweep ([`gc`]).
 
 pub mod annotations;
+pub mod api;
 pub mod client;
 pub mod deploy;
+#[cfg(test)]
+pub mod fake;
 pub mod gc;
+pub mod inventory;
 pub mod model;
+pub mod subnets;
+pub mod naming;
+pub mod settings;

@@ -7,14 +7,11 @@ use berth_crds::{LABEL_EXCLUDE_FROM_LB, TAINT_TO_BE_DELETED, tags};
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use sha2::{Digest, Sha256};
+use crate::provider::aws::settings::{HealthCheck, HealthPort, Settings, SslPorts};
 
-use crate::provider::aws::annotations::{HealthCheck, HealthPort, Settings, SslPorts};
+pub use crate::provider::aws::naming::{MAX_NAME, resource_name};
 
 pub use berth_crds::{IpAddressType, Scheme, TargetType};
-
-/// Largest name ELBv2 accepts for load balancers and target groups.
-pub const MAX_NAME: usize = 32;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredLoadBalancer {
@@ -77,24 +74,6 @@ pub struct World<'a> {
     pub subnets: &'a [String],
     pub nodes: &'a [std::sync::Arc<Node>],
     pub slices: &'a [std::sync::Arc<EndpointSlice>],
-}
-
-/// A name ELBv2 accepts (≤ 32 of `[a-z0-9-]`, no leading, trailing or double hyphen),
-/// stable for a Service UID: `<prefix>-<ns>-<name>-<hash>`.
-pub fn resource_name(prefix: &str, namespace: &str, name: &str, hash_input: &str) -> String {
-    let digest = Sha256::digest(hash_input.as_bytes());
-    let hash: String = digest.iter().take(5).map(|b| format!("{b:02x}")).collect();
-    let room = MAX_NAME.saturating_sub(prefix.len() + hash.len() + 3) / 2;
-    let part = |s: &str| -> String {
-        let clean: String = s
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric())
-            .map(|c| c.to_ascii_lowercase())
-            .take(room)
-            .collect();
-        if clean.is_empty() { "x".into() } else { clean }
-    };
-    format!("{prefix}-{}-{}-{hash}", part(namespace), part(name))
 }
 
 /// The instance ID in an AWS providerID (`aws:///us-east-1a/i-0abc`).
@@ -392,28 +371,6 @@ mod tests {
             nodes,
             slices,
         }
-    }
-
-    #[test]
-    fn names_are_short_valid_and_stable() {
-        let a = resource_name("k8s", "Default-NS", "my_very_long_service_name", "uid-1");
-        assert!(a.len() <= MAX_NAME, "{a}");
-        assert!(
-            a.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
-            "{a}"
-        );
-        assert!(!a.contains("--"));
-        assert_eq!(
-            a,
-            resource_name("k8s", "Default-NS", "my_very_long_service_name", "uid-1")
-        );
-        assert_ne!(
-            a,
-            resource_name("k8s", "Default-NS", "my_very_long_service_name", "uid-2")
-        );
-        assert!(resource_name("longpref", "a", "b", "x").len() <= MAX_NAME);
-        assert!(resource_name("k8s", "", "-", "x").starts_with("k8s-x-x-"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub use berth_crds::annotations;
 
 pub use crate::provider::aws::naming::valid_lb_name;
 pub use crate::provider::aws::settings::{
-    DEFAULT_SSL_POLICY, Draft, HealthCheck, HealthPort, Settings, SubnetChoice, Ssl, SslPorts,
+    DEFAULT_SSL_POLICY, Draft, HealthCheck, HealthPort, Settings, Ssl, SslPorts, SubnetChoice,
 };
 
 use crate::provider::aws::naming::MAX_NAME;
@@ -45,7 +45,10 @@ pub const TABLE: &[Annotation] = &[
         group: Group::LoadBalancer,
         values: "internal | internet-facing",
         apply: |d, v| {
-            let options = [("internal", Scheme::Internal), ("internet-facing", Scheme::InternetFacing)];
+            let options = [
+                ("internal", Scheme::Internal),
+                ("internet-facing", Scheme::InternetFacing),
+            ];
             d.settings.scheme = one_of(v, &options)?;
             Ok(())
         },
@@ -65,7 +68,10 @@ pub const TABLE: &[Annotation] = &[
         group: Group::LoadBalancer,
         values: "ipv4 | dualstack",
         apply: |d, v| {
-            let options = [("ipv4", IpAddressType::Ipv4), ("dualstack", IpAddressType::Dualstack)];
+            let options = [
+                ("ipv4", IpAddressType::Ipv4),
+                ("dualstack", IpAddressType::Dualstack),
+            ];
             d.settings.ip_address_type = one_of(v, &options)?;
             Ok(())
         },
@@ -397,6 +403,7 @@ pub fn settings(
 pub(crate) mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::Node;
+    use std::collections::BTreeSet;
 
     /// A Service fixture: ports as (name, port, protocol, nodePort).
     pub fn service(
@@ -588,7 +595,9 @@ pub(crate) mod tests {
     fn readme_keys() -> Vec<String> {
         let readme = include_str!("../../../../README.md");
         let intro = "apply (`service.beta.kubernetes.io/aws-load-balancer-`:";
-        let start = readme.find(intro).expect("the README lists the annotations");
+        let start = readme
+            .find(intro)
+            .expect("the README lists the annotations");
         let list = &readme[start + "apply (`".len()..];
         let list = &list[..list.find(").").expect("the list ends")];
         let mut items = list.split('`').step_by(2).map(str::trim);
@@ -624,7 +633,10 @@ pub(crate) mod tests {
 
     /// A valid sample value per annotation, and the annotations it needs to matter.
     fn sample(key: &str) -> Option<(&'static str, Vec<(&'static str, &'static str)>)> {
-        let cert = (annotations::SSL_CERT, "arn:aws:acm:us-east-1:1:certificate/x");
+        let cert = (
+            annotations::SSL_CERT,
+            "arn:aws:acm:us-east-1:1:certificate/x",
+        );
         let http = (annotations::HC_PROTOCOL, "HTTP");
         Some(match key {
             annotations::SCHEME => ("internet-facing", vec![]),
@@ -634,12 +646,16 @@ pub(crate) mod tests {
             annotations::SUBNETS => ("subnet-1, subnet-2", vec![]),
             annotations::ADDITIONAL_RESOURCE_TAGS => ("env=prod", vec![]),
             annotations::ATTRIBUTES => ("deletion_protection.enabled=true", vec![]),
-            annotations::TARGET_GROUP_ATTRIBUTES => ("deregistration_delay.timeout_seconds=10", vec![]),
+            annotations::TARGET_GROUP_ATTRIBUTES => {
+                ("deregistration_delay.timeout_seconds=10", vec![])
+            }
             annotations::PROXY_PROTOCOL => ("*", vec![]),
             annotations::TARGET_NODE_LABELS => ("role=edge", vec![]),
             annotations::SSL_CERT => ("arn:aws:acm:us-east-1:1:certificate/x", vec![]),
             annotations::SSL_PORTS => ("443", vec![cert]),
-            annotations::SSL_NEGOTIATION_POLICY => ("ELBSecurityPolicy-TLS13-1-2-2021-06", vec![cert]),
+            annotations::SSL_NEGOTIATION_POLICY => {
+                ("ELBSecurityPolicy-TLS13-1-2-2021-06", vec![cert])
+            }
             annotations::HC_PROTOCOL => ("HTTP", vec![]),
             annotations::HC_PORT => ("8080", vec![]),
             annotations::HC_PATH => ("/ready", vec![http]),
@@ -660,7 +676,11 @@ pub(crate) mod tests {
             assert!(lookup(key).is_some(), "{key} is not in the table");
         }
         for a in TABLE {
-            assert!(documented.contains(&a.key.to_string()), "{} is not in the README", a.key);
+            assert!(
+                documented.contains(&a.key.to_string()),
+                "{} is not in the README",
+                a.key
+            );
         }
     }
 
@@ -674,11 +694,20 @@ pub(crate) mod tests {
             s
         };
         for a in TABLE {
-            let (value, context) = sample(a.key).unwrap_or_else(|| panic!("no sample for {}", a.key));
-            let base = plain(settings(&service(&ports, &context), &AwsProvider::default(), "c1"));
+            let (value, context) =
+                sample(a.key).unwrap_or_else(|| panic!("no sample for {}", a.key));
+            let base = plain(settings(
+                &service(&ports, &context),
+                &AwsProvider::default(),
+                "c1",
+            ));
             let mut with = context.clone();
             with.push((a.key, value));
-            let changed = plain(settings(&service(&ports, &with), &AwsProvider::default(), "c1"));
+            let changed = plain(settings(
+                &service(&ports, &with),
+                &AwsProvider::default(),
+                "c1",
+            ));
             assert_ne!(base, changed, "{} = {value} changed nothing", a.key);
         }
     }
@@ -695,9 +724,18 @@ pub(crate) mod tests {
         };
         let plain = service(&[("http", 80, "TCP", None)], &[]);
         let s = settings(&plain, &class, "c1").expect("settings");
-        assert_eq!((s.health_check.protocol.as_str(), s.health_check.interval_seconds), ("HTTP", 30));
+        assert_eq!(
+            (
+                s.health_check.protocol.as_str(),
+                s.health_check.interval_seconds
+            ),
+            ("HTTP", 30)
+        );
         assert!(!s.health_check_overridden);
-        let annotated = service(&[("http", 80, "TCP", None)], &[(annotations::HC_INTERVAL, "20")]);
+        let annotated = service(
+            &[("http", 80, "TCP", None)],
+            &[(annotations::HC_INTERVAL, "20")],
+        );
         let s = settings(&annotated, &class, "c1").expect("settings");
         assert_eq!(s.health_check.interval_seconds, 20);
         assert!(s.health_check_overridden);

@@ -116,8 +116,10 @@ pub trait AwsApi: Send + Sync {
     /// The load balancer named `name`, if any.
     fn find_load_balancer(&self, name: &str) -> impl Future<Output = Res<Option<LbInfo>>> + Send;
     /// The load balancers among `arns` that exist.
-    fn describe_load_balancers(&self, arns: &[String])
-    -> impl Future<Output = Res<Vec<LbInfo>>> + Send;
+    fn describe_load_balancers(
+        &self,
+        arns: &[String],
+    ) -> impl Future<Output = Res<Vec<LbInfo>>> + Send;
     fn all_load_balancers(&self) -> impl Future<Output = Res<Vec<LbInfo>>> + Send;
     fn all_target_groups(&self) -> impl Future<Output = Res<Vec<TgInfo>>> + Send;
     /// Tags of the resources among `arns` that exist.

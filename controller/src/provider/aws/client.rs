@@ -402,11 +402,7 @@ impl AwsApi for Aws {
         Ok(out)
     }
 
-    async fn add_tags(
-        &self,
-        arn: &str,
-        tags: &BTreeMap<String, String>,
-    ) -> Result<(), AwsError> {
+    async fn add_tags(&self, arn: &str, tags: &BTreeMap<String, String>) -> Result<(), AwsError> {
         self.call("AddTags", || {
             self.elb
                 .add_tags()
@@ -803,11 +799,7 @@ impl AwsApi for Aws {
         .map(|_| ())
     }
 
-    async fn deregister_targets(
-        &self,
-        tg_arn: &str,
-        targets: &[Target],
-    ) -> Result<(), AwsError> {
+    async fn deregister_targets(&self, tg_arn: &str, targets: &[Target]) -> Result<(), AwsError> {
         let list = descriptions(targets);
         self.call("DeregisterTargets", || {
             self.elb

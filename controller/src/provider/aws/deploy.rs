@@ -179,7 +179,12 @@ async fn delete_load_balancers<A: AwsApi>(
     }
     let mut target_groups = BTreeSet::new();
     for lb in lbs {
-        target_groups.extend(aws.target_groups_of(&lb.arn).await?.into_iter().map(|t| t.arn));
+        target_groups.extend(
+            aws.target_groups_of(&lb.arn)
+                .await?
+                .into_iter()
+                .map(|t| t.arn),
+        );
         if protected.contains(&lb.arn) {
             let off = BTreeMap::from([(DELETION_PROTECTION.to_string(), "false".to_string())]);
             aws.modify_load_balancer_attributes(&lb.arn, &off).await?;
@@ -239,7 +244,11 @@ pub async fn teardown<A: AwsApi>(
 
 /// Whether `desired` itself asks for deletion protection.
 fn wants_protection(desired: &DesiredLoadBalancer) -> Protection {
-    match desired.attributes.get(DELETION_PROTECTION).map(String::as_str) {
+    match desired
+        .attributes
+        .get(DELETION_PROTECTION)
+        .map(String::as_str)
+    {
         Some("true") => Protection::Respect,
         _ => Protection::Lift,
     }
@@ -674,5 +683,263 @@ mod tests {
         let mut unknown_codes = http.clone();
         unknown_codes.success_codes = None;
         assert!(!health_check_differs(&http, &unknown_codes));
+    }
+
+    mod against_the_fake {
+        use std::sync::Arc;
+
+        use berth_crds::tags;
+        use k8s_openapi::api::core::v1::{Node, Service};
+
+        use super::super::*;
+        use crate::provider::aws::annotations::tests::{node, service};
+        use crate::provider::aws::annotations::{annotations as keys, settings};
+        use crate::provider::aws::fake::FakeAws;
+        use crate::provider::aws::model::{World, build};
+
+        const UID: &str = "uid-1";
+
+        fn web(annotations: &[(&str, &str)]) -> Service {
+            service(
+                &[
+                    ("http", 80, "TCP", Some(30080)),
+                    ("dns", 53, "UDP", Some(30053)),
+                ],
+                annotations,
+            )
+        }
+
+        fn nodes(ids: &[&str]) -> Vec<Arc<Node>> {
+            ids.iter().map(|id| Arc::new(node(id, id, &[]))).collect()
+        }
+
+        fn desired(svc: &Service, nodes: &[Arc<Node>]) -> DesiredLoadBalancer {
+            let subnets = vec!["subnet-a".to_string(), "subnet-b".to_string()];
+            let world = World {
+                cluster: "c1",
+                vpc_id: "vpc-1",
+                subnets: &subnets,
+                nodes,
+                slices: &[],
+            };
+            let settings = settings(svc, &Default::default(), "c1").expect("settings");
+            build(svc, &settings, &world).expect("build")
+        }
+
+        fn mutations(aws: &FakeAws) -> Vec<String> {
+            aws.take_calls()
+        }
+
+        fn count(calls: &[String], op: &str) -> usize {
+            calls
+                .iter()
+                .filter(|c| c.starts_with(&format!("{op} ")))
+                .count()
+        }
+
+        #[tokio::test]
+        async fn creates_everything_from_nothing_then_changes_nothing() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1", "i-2"]));
+            let applied = ensure(&aws, &inv, &d, UID).await.expect("ensure");
+            assert_eq!(applied.lb.name, d.name);
+            {
+                let s = aws.state();
+                assert_eq!((s.lbs.len(), s.tgs.len(), s.listeners.len()), (1, 2, 2));
+                for tg in s.tgs.values() {
+                    assert_eq!(tg.targets.len(), 2, "{}", tg.info.name);
+                    assert_eq!(
+                        tg.tags.get(tags::SERVICE_UID).map(String::as_str),
+                        Some(UID)
+                    );
+                }
+                let ports: BTreeSet<i32> = s.listeners.values().map(|l| l.info.port).collect();
+                assert_eq!(ports, BTreeSet::from([53, 80]));
+            }
+            assert_eq!(inv.of(UID).0.len(), 1);
+            assert_eq!(inv.of(UID).1.len(), 2);
+            mutations(&aws);
+            ensure(&aws, &inv, &d, UID).await.expect("ensure again");
+            assert_eq!(
+                mutations(&aws),
+                Vec::<String>::new(),
+                "a second ensure changes nothing"
+            );
+        }
+
+        #[tokio::test]
+        async fn adopts_what_a_crashed_run_left() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            // A run that died after creating the load balancer and one target group, and
+            // whose inventory died with it.
+            aws.create_load_balancer(&d).await.expect("lb");
+            aws.create_target_group(&d.target_groups[0])
+                .await
+                .expect("tg");
+            mutations(&aws);
+            ensure(&aws, &inv, &d, UID).await.expect("ensure");
+            let calls = mutations(&aws);
+            assert_eq!(count(&calls, "CreateLoadBalancer"), 0, "{calls:?}");
+            assert_eq!(count(&calls, "CreateTargetGroup"), 1, "{calls:?}");
+            assert_eq!(count(&calls, "CreateListener"), 2, "{calls:?}");
+            let s = aws.state();
+            assert_eq!((s.lbs.len(), s.tgs.len(), s.listeners.len()), (1, 2, 2));
+            assert!(s.tgs.values().all(|t| t.targets.len() == 1));
+        }
+
+        #[tokio::test]
+        async fn a_lost_create_answer_is_adopted() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            aws.create_load_balancer(&d).await.expect("lb");
+            // Seen as absent by the lookup (e.g. eventual consistency), so ensure creates.
+            let lb = aws
+                .find_load_balancer(&d.name)
+                .await
+                .expect("find")
+                .expect("lb");
+            aws.fail("CreateLoadBalancer", &d.name, "DuplicateLoadBalancerName");
+            let applied = ensure(&aws, &inv, &d, UID).await.expect("ensure");
+            assert_eq!(applied.lb.arn, lb.arn);
+            assert_eq!(aws.state().lbs.len(), 1);
+        }
+
+        #[tokio::test]
+        async fn updates_attributes_health_check_targets_and_listeners_in_place() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let first = desired(&web(&[]), &nodes(&["i-1", "i-2"]));
+            let lb = ensure(&aws, &inv, &first, UID).await.expect("ensure").lb;
+            let changed = service(
+                &[
+                    ("http", 80, "TCP", Some(30080)),
+                    ("https", 443, "TCP", Some(30443)),
+                ],
+                &[
+                    (keys::ATTRIBUTES, "load_balancing.cross_zone.enabled=true"),
+                    (keys::HC_INTERVAL, "30"),
+                    (
+                        keys::TARGET_GROUP_ATTRIBUTES,
+                        "deregistration_delay.timeout_seconds=5",
+                    ),
+                    (keys::SSL_CERT, "arn:aws:acm:us-east-1:1:certificate/x"),
+                    (keys::SSL_PORTS, "443"),
+                ],
+            );
+            let d = desired(&changed, &nodes(&["i-2", "i-3"]));
+            mutations(&aws);
+            let applied = ensure(&aws, &inv, &d, UID).await.expect("update");
+            assert_eq!(applied.lb.arn, lb.arn, "the same load balancer");
+            let calls = mutations(&aws);
+            assert_eq!(count(&calls, "CreateLoadBalancer"), 0, "{calls:?}");
+            let s = aws.state();
+            let attrs = &s.lbs[&lb.arn].attributes;
+            assert_eq!(attrs["load_balancing.cross_zone.enabled"], "true");
+            let tg_of = |name: &str| s.tgs.values().find(|t| t.info.name == name).expect(name);
+            for dtg in &d.target_groups {
+                let tg = tg_of(&dtg.name);
+                assert_eq!(tg.info.health_check.interval_seconds, 30);
+                assert_eq!(tg.attributes["deregistration_delay.timeout_seconds"], "5");
+                let ids: Vec<&str> = tg.targets.iter().map(|t| t.id.as_str()).collect();
+                assert_eq!(ids, vec!["i-2", "i-3"]);
+            }
+            let mut listeners: Vec<(i32, String)> = s
+                .listeners
+                .values()
+                .map(|l| (l.info.port, l.info.protocol.clone()))
+                .collect();
+            listeners.sort();
+            assert_eq!(listeners, vec![(80, "TCP".into()), (443, "TLS".into())]);
+            // The UDP port's target group went with its listener.
+            assert_eq!(s.tgs.len(), 2);
+            assert!(s.tgs.values().all(|t| t.info.protocol == "TCP"));
+        }
+
+        #[tokio::test]
+        async fn remove_deletes_listeners_then_load_balancer_then_target_groups() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            ensure(&aws, &inv, &d, UID).await.expect("ensure");
+            mutations(&aws);
+            // Only by name: the inventory is gone (a restarted controller before a sweep).
+            let n = remove(&aws, &Inventory::default(), UID, &[d.name.clone()], false)
+                .await
+                .expect("remove");
+            assert_eq!(n, 1);
+            let calls = mutations(&aws);
+            let ops: Vec<&str> = calls.iter().filter_map(|c| c.split(' ').next()).collect();
+            assert_eq!(
+                ops,
+                vec![
+                    "DeleteListener",
+                    "DeleteListener",
+                    "DeleteLoadBalancer",
+                    "DeleteTargetGroup",
+                    "DeleteTargetGroup"
+                ]
+            );
+            let s = aws.state();
+            assert!(s.lbs.is_empty() && s.tgs.is_empty() && s.listeners.is_empty());
+        }
+
+        #[tokio::test]
+        async fn a_protected_load_balancer_keeps_everything_unless_protection_is_dropped() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let svc = web(&[(keys::ATTRIBUTES, "deletion_protection.enabled=true")]);
+            let d = desired(&svc, &nodes(&["i-1"]));
+            ensure(&aws, &inv, &d, UID).await.expect("ensure");
+            mutations(&aws);
+            let err = remove(&aws, &inv, UID, &[d.name.clone()], true).await;
+            assert!(
+                matches!(err, Err(ApplyError::DeletionProtected(ref n)) if *n == d.name),
+                "{err:?}"
+            );
+            assert_eq!(mutations(&aws), Vec::<String>::new(), "nothing touched");
+            assert_eq!(aws.state().listeners.len(), 2);
+            // The annotation no longer asks for protection: lifted, then deleted.
+            remove(&aws, &inv, UID, &[d.name.clone()], false)
+                .await
+                .expect("remove");
+            let calls = mutations(&aws);
+            assert!(
+                calls[0].starts_with("ModifyLoadBalancerAttributes"),
+                "{calls:?}"
+            );
+            assert!(aws.state().lbs.is_empty() && aws.state().tgs.is_empty());
+        }
+
+        #[tokio::test]
+        async fn a_name_taken_by_another_service_is_a_conflict_and_never_deleted() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            let mut other = d.clone();
+            other
+                .tags
+                .insert(tags::SERVICE_UID.into(), "uid-other".into());
+            aws.create_load_balancer(&other).await.expect("other");
+            let err = ensure(&aws, &inv, &d, UID).await;
+            assert!(matches!(err, Err(ApplyError::NameConflict(_))), "{err:?}");
+            let n = remove(&aws, &inv, UID, &[d.name.clone()], false)
+                .await
+                .expect("remove");
+            assert_eq!(n, 0);
+            assert_eq!(aws.state().lbs.len(), 1);
+        }
+
+        #[tokio::test]
+        async fn a_scheme_change_replaces_the_load_balancer_and_keeps_target_groups() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            let old = ensure(&aws, &inv, &d, UID).await.expect("ensure").lb;
+            let tgs: BTreeSet<String> = aws.state().tgs.keys().cloned().collect();
+            let public = desired(&web(&[(keys::SCHEME, "internet-facing")]), &nodes(&["i-1"]));
+            let new = ensure(&aws, &inv, &public, UID).await.expect("replace").lb;
+            assert_ne!(new.arn, old.arn);
+            assert_eq!(new.scheme, "internet-facing");
+            let s = aws.state();
+            assert_eq!(s.lbs.len(), 1);
+            assert_eq!(s.tgs.keys().cloned().collect::<BTreeSet<_>>(), tgs);
+            assert!(s.listeners.values().all(|l| l.lb_arn == new.arn));
+        }
     }
 }

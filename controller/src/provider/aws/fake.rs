@@ -55,6 +55,8 @@ pub struct State {
     subnets: Vec<FakeSubnet>,
     /// Mutating calls made, as `Operation target`.
     pub calls: Vec<String>,
+    /// Calls (`Operation target`) to fail, with the error code.
+    failures: BTreeMap<String, String>,
 }
 
 impl State {
@@ -89,7 +91,13 @@ impl State {
             .ok_or_else(|| AwsError::coded(op, "TargetGroupNotFound", arn.to_string()))
     }
 
-    fn listener(&self, lb_arn: &str, l: &DesiredListener, tg_arn: &str, arn: String) -> FakeListener {
+    fn listener(
+        &self,
+        lb_arn: &str,
+        l: &DesiredListener,
+        tg_arn: &str,
+        arn: String,
+    ) -> FakeListener {
         FakeListener {
             lb_arn: lb_arn.to_string(),
             info: ListenerInfo {
@@ -115,10 +123,22 @@ impl FakeAws {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn log(&self, op: &str, target: &str) -> MutexGuard<'_, State> {
+    /// Logs a mutating call, failing it when a test asked for that with [`FakeAws::fail`].
+    fn log(&self, op: &'static str, target: &str) -> Result<MutexGuard<'_, State>, AwsError> {
         let mut s = self.state();
-        s.calls.push(format!("{op} {target}"));
-        s
+        let call = format!("{op} {target}");
+        if let Some(code) = s.failures.get(&call).cloned() {
+            return Err(AwsError::coded(op, &code, "injected failure"));
+        }
+        s.calls.push(call);
+        Ok(s)
+    }
+
+    /// Makes the call `op` on `target` (as logged) fail with `code` from now on.
+    pub fn fail(&self, op: &str, target: &str, code: &str) {
+        self.state()
+            .failures
+            .insert(format!("{op} {target}"), code.to_string());
     }
 
     pub fn add_subnet(&self, id: &str, vpc: &str, zone: &str, tags: &[(&str, &str)]) {
@@ -151,7 +171,10 @@ fn subnet_matches(s: &FakeSubnet, q: &SubnetQuery) -> bool {
 impl AwsApi for FakeAws {
     async fn find_load_balancer(&self, name: &str) -> Result<Option<LbInfo>, AwsError> {
         let s = self.state();
-        Ok(s.lbs.values().find(|l| l.info.name == name).map(|l| l.info.clone()))
+        Ok(s.lbs
+            .values()
+            .find(|l| l.info.name == name)
+            .map(|l| l.info.clone()))
     }
 
     async fn describe_load_balancers(&self, arns: &[String]) -> Result<Vec<LbInfo>, AwsError> {
@@ -187,7 +210,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn add_tags(&self, arn: &str, tags: &Tags) -> Result<(), AwsError> {
-        let mut s = self.log("AddTags", arn);
+        let mut s = self.log("AddTags", arn)?;
         if let Some(l) = s.lbs.get_mut(arn) {
             l.tags.extend(tags.clone());
         } else {
@@ -197,7 +220,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn create_load_balancer(&self, d: &DesiredLoadBalancer) -> Result<LbInfo, AwsError> {
-        let mut s = self.log("CreateLoadBalancer", &d.name);
+        let mut s = self.log("CreateLoadBalancer", &d.name)?;
         if s.lbs.values().any(|l| l.info.name == d.name) {
             return Err(AwsError::coded(
                 "CreateLoadBalancer",
@@ -226,24 +249,26 @@ impl AwsApi for FakeAws {
     }
 
     async fn set_subnets(&self, arn: &str, subnets: &[String]) -> Result<(), AwsError> {
-        let mut s = self.log("SetSubnets", arn);
+        let mut s = self.log("SetSubnets", arn)?;
         s.lb("SetSubnets", arn)?.info.subnets = subnets.to_vec();
         Ok(())
     }
 
     async fn set_ip_address_type(&self, arn: &str, t: IpAddressType) -> Result<(), AwsError> {
-        let mut s = self.log("SetIpAddressType", arn);
+        let mut s = self.log("SetIpAddressType", arn)?;
         s.lb("SetIpAddressType", arn)?.info.ip_address_type = t.as_str().into();
         Ok(())
     }
 
     async fn load_balancer_attributes(&self, arn: &str) -> Result<Tags, AwsError> {
         let mut s = self.state();
-        Ok(s.lb("DescribeLoadBalancerAttributes", arn)?.attributes.clone())
+        Ok(s.lb("DescribeLoadBalancerAttributes", arn)?
+            .attributes
+            .clone())
     }
 
     async fn modify_load_balancer_attributes(&self, arn: &str, a: &Tags) -> Result<(), AwsError> {
-        let mut s = self.log("ModifyLoadBalancerAttributes", arn);
+        let mut s = self.log("ModifyLoadBalancerAttributes", arn)?;
         s.lb("ModifyLoadBalancerAttributes", arn)?
             .attributes
             .extend(a.clone());
@@ -251,11 +276,16 @@ impl AwsApi for FakeAws {
     }
 
     async fn delete_load_balancer(&self, arn: &str) -> Result<(), AwsError> {
-        let mut s = self.log("DeleteLoadBalancer", arn);
+        let mut s = self.log("DeleteLoadBalancer", arn)?;
         let Some(lb) = s.lbs.get(arn) else {
             return Ok(());
         };
-        if lb.attributes.get("deletion_protection.enabled").map(String::as_str) == Some("true") {
+        if lb
+            .attributes
+            .get("deletion_protection.enabled")
+            .map(String::as_str)
+            == Some("true")
+        {
             return Err(AwsError::coded(
                 "DeleteLoadBalancer",
                 "OperationNotPermitted",
@@ -283,7 +313,7 @@ impl AwsApi for FakeAws {
         l: &DesiredListener,
         tg_arn: &str,
     ) -> Result<(), AwsError> {
-        let mut s = self.log("CreateListener", &format!("{lb_arn}:{}", l.port));
+        let mut s = self.log("CreateListener", &format!("{lb_arn}:{}", l.port))?;
         s.lb("CreateListener", lb_arn)?;
         s.tg("CreateListener", tg_arn)?;
         let taken = s
@@ -291,7 +321,11 @@ impl AwsApi for FakeAws {
             .values()
             .any(|x| x.lb_arn == lb_arn && x.info.port == l.port);
         if taken {
-            return Err(AwsError::coded("CreateListener", "DuplicateListener", lb_arn.to_string()));
+            return Err(AwsError::coded(
+                "CreateListener",
+                "DuplicateListener",
+                lb_arn.to_string(),
+            ));
         }
         let arn = s.arn("listener", &l.port.to_string());
         let listener = s.listener(lb_arn, l, tg_arn, arn.clone());
@@ -305,10 +339,14 @@ impl AwsApi for FakeAws {
         l: &DesiredListener,
         tg_arn: &str,
     ) -> Result<(), AwsError> {
-        let mut s = self.log("ModifyListener", arn);
+        let mut s = self.log("ModifyListener", arn)?;
         s.tg("ModifyListener", tg_arn)?;
         let Some(lb_arn) = s.listeners.get(arn).map(|x| x.lb_arn.clone()) else {
-            return Err(AwsError::coded("ModifyListener", "ListenerNotFound", arn.to_string()));
+            return Err(AwsError::coded(
+                "ModifyListener",
+                "ListenerNotFound",
+                arn.to_string(),
+            ));
         };
         let listener = s.listener(&lb_arn, l, tg_arn, arn.to_string());
         s.listeners.insert(arn.to_string(), listener);
@@ -316,7 +354,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn delete_listener(&self, arn: &str) -> Result<(), AwsError> {
-        self.log("DeleteListener", arn).listeners.remove(arn);
+        self.log("DeleteListener", arn)?.listeners.remove(arn);
         Ok(())
     }
 
@@ -333,12 +371,16 @@ impl AwsApi for FakeAws {
 
     async fn find_target_group(&self, name: &str) -> Result<Option<TgInfo>, AwsError> {
         let s = self.state();
-        let arn = s.tgs.values().find(|t| t.info.name == name).map(|t| &t.info.arn);
+        let arn = s
+            .tgs
+            .values()
+            .find(|t| t.info.name == name)
+            .map(|t| &t.info.arn);
         Ok(arn.and_then(|a| s.tg_info(a)))
     }
 
     async fn create_target_group(&self, d: &DesiredTargetGroup) -> Result<TgInfo, AwsError> {
-        let mut s = self.log("CreateTargetGroup", &d.name);
+        let mut s = self.log("CreateTargetGroup", &d.name)?;
         if s.tgs.values().any(|t| t.info.name == d.name) {
             return Err(AwsError::coded(
                 "CreateTargetGroup",
@@ -370,18 +412,20 @@ impl AwsApi for FakeAws {
     }
 
     async fn modify_health_check(&self, arn: &str, hc: &HealthCheck) -> Result<(), AwsError> {
-        let mut s = self.log("ModifyTargetGroup", arn);
+        let mut s = self.log("ModifyTargetGroup", arn)?;
         s.tg("ModifyTargetGroup", arn)?.info.health_check = hc.clone();
         Ok(())
     }
 
     async fn target_group_attributes(&self, arn: &str) -> Result<Tags, AwsError> {
         let mut s = self.state();
-        Ok(s.tg("DescribeTargetGroupAttributes", arn)?.attributes.clone())
+        Ok(s.tg("DescribeTargetGroupAttributes", arn)?
+            .attributes
+            .clone())
     }
 
     async fn modify_target_group_attributes(&self, arn: &str, a: &Tags) -> Result<(), AwsError> {
-        let mut s = self.log("ModifyTargetGroupAttributes", arn);
+        let mut s = self.log("ModifyTargetGroupAttributes", arn)?;
         s.tg("ModifyTargetGroupAttributes", arn)?
             .attributes
             .extend(a.clone());
@@ -389,13 +433,17 @@ impl AwsApi for FakeAws {
     }
 
     async fn delete_target_group(&self, arn: &str) -> Result<(), AwsError> {
-        let mut s = self.log("DeleteTargetGroup", arn);
+        let mut s = self.log("DeleteTargetGroup", arn)?;
         let in_use = s
             .listeners
             .values()
             .any(|l| l.info.target_group_arn.as_deref() == Some(arn));
         if in_use {
-            return Err(AwsError::coded("DeleteTargetGroup", "ResourceInUse", arn.to_string()));
+            return Err(AwsError::coded(
+                "DeleteTargetGroup",
+                "ResourceInUse",
+                arn.to_string(),
+            ));
         }
         s.tgs.remove(arn);
         Ok(())
@@ -415,7 +463,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn register_targets(&self, tg_arn: &str, targets: &[Target]) -> Result<(), AwsError> {
-        let mut s = self.log("RegisterTargets", tg_arn);
+        let mut s = self.log("RegisterTargets", tg_arn)?;
         s.tg("RegisterTargets", tg_arn)?
             .targets
             .extend(targets.iter().cloned());
@@ -423,7 +471,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn deregister_targets(&self, tg_arn: &str, targets: &[Target]) -> Result<(), AwsError> {
-        let mut s = self.log("DeregisterTargets", tg_arn);
+        let mut s = self.log("DeregisterTargets", tg_arn)?;
         let tg = s.tg("DeregisterTargets", tg_arn)?;
         for t in targets {
             tg.targets.remove(t);

@@ -181,8 +181,14 @@ where
         let service = tagged.service;
         tracing::info!(%uid, %service, "deleting an orphaned load balancer and target groups");
         let lbs = &orphan.load_balancers;
-        match deploy::teardown(aws, inventory, lbs, orphan.target_groups, Protection::Respect)
-            .await
+        match deploy::teardown(
+            aws,
+            inventory,
+            lbs,
+            orphan.target_groups,
+            Protection::Respect,
+        )
+        .await
         {
             Ok(removed) => report.deleted += removed.load_balancers + removed.target_groups,
             Err(ApplyError::DeletionProtected(lb)) => {
@@ -227,5 +233,115 @@ mod tests {
         let o = orphans(&mine, &live);
         assert_eq!(o.len(), 1);
         assert_eq!(o[0].arn, "b");
+    }
+
+    mod sweeping {
+        use std::sync::Arc;
+
+        use super::super::*;
+        use crate::provider::aws::annotations::tests::{node, service};
+        use crate::provider::aws::annotations::{annotations as keys, settings};
+        use crate::provider::aws::deploy::ensure;
+        use crate::provider::aws::fake::FakeAws;
+        use crate::provider::aws::model::{World, build};
+
+        /// Provisions a Service named `name` with `uid` through deploy.
+        async fn provision(aws: &FakeAws, name: &str, uid: &str, annotations: &[(&str, &str)]) {
+            let mut svc = service(&[("http", 80, "TCP", Some(30080))], annotations);
+            svc.metadata.name = Some(name.into());
+            svc.metadata.uid = Some(uid.into());
+            let subnets = vec!["subnet-a".to_string()];
+            let nodes = vec![Arc::new(node("n1", "i-1", &[]))];
+            let world = World {
+                cluster: "c1",
+                vpc_id: "vpc-1",
+                subnets: &subnets,
+                nodes: &nodes,
+                slices: &[],
+            };
+            let s = settings(&svc, &Default::default(), "c1").expect("settings");
+            let d = build(&svc, &s, &world).expect("build");
+            ensure(aws, &Inventory::default(), &d, uid)
+                .await
+                .expect("ensure");
+        }
+
+        fn uids_left(aws: &FakeAws) -> BTreeSet<String> {
+            let s = aws.state();
+            s.lbs
+                .values()
+                .filter_map(|l| l.tags.get(tags::SERVICE_UID).cloned())
+                .collect()
+        }
+
+        async fn gone(_: Tagged) -> bool {
+            false
+        }
+
+        #[tokio::test]
+        async fn a_protected_orphan_is_kept_whole_and_the_others_are_deleted() {
+            let aws = FakeAws::default();
+            let protect = [(keys::ATTRIBUTES, "deletion_protection.enabled=true")];
+            provision(&aws, "kept", "u-protected", &protect).await;
+            provision(&aws, "gone", "u-orphan", &[]).await;
+            provision(&aws, "live", "u-live", &[]).await;
+            aws.take_calls();
+            let inv = Inventory::default();
+            let live = BTreeSet::from(["u-live".to_string()]);
+            let report = sweep(&aws, &inv, "c1", &live, gone).await.expect("sweep");
+            assert_eq!(
+                report,
+                SweepReport {
+                    deleted: 2,
+                    protected: 1,
+                    failed: 0
+                }
+            );
+            assert_eq!(
+                uids_left(&aws),
+                BTreeSet::from(["u-live".to_string(), "u-protected".to_string()])
+            );
+            let s = aws.state();
+            assert_eq!(s.listeners.len(), 2, "the protected one keeps its listener");
+            assert_eq!(s.tgs.len(), 2, "and its target group");
+            let calls = &s.calls;
+            assert!(!calls.iter().any(|c| c.contains("kept")), "{calls:?}");
+            assert_eq!(inv.of("u-live").0.len(), 1, "the inventory is refreshed");
+        }
+
+        #[tokio::test]
+        async fn one_failing_orphan_does_not_stop_the_sweep() {
+            let aws = FakeAws::default();
+            provision(&aws, "bad", "u-bad", &[]).await;
+            provision(&aws, "ok", "u-ok", &[]).await;
+            let bad = aws
+                .state()
+                .lbs
+                .values()
+                .find(|l| l.tags.get(tags::SERVICE_UID).map(String::as_str) == Some("u-bad"))
+                .map(|l| l.info.arn.clone())
+                .expect("bad lb");
+            aws.fail("DeleteLoadBalancer", &bad, "InternalFailure");
+            let inv = Inventory::default();
+            let report = sweep(&aws, &inv, "c1", &BTreeSet::new(), gone)
+                .await
+                .expect("sweep");
+            assert_eq!(report.failed, 1);
+            assert_eq!(report.deleted, 2);
+            assert_eq!(uids_left(&aws), BTreeSet::from(["u-bad".to_string()]));
+        }
+
+        #[tokio::test]
+        async fn a_service_the_apiserver_still_has_is_spared() {
+            let aws = FakeAws::default();
+            provision(&aws, "new", "u-new", &[]).await;
+            let inv = Inventory::default();
+            let exists = |r: Tagged| async move { r.uid == "u-new" };
+            let report = sweep(&aws, &inv, "c1", &BTreeSet::new(), exists)
+                .await
+                .expect("sweep");
+            assert_eq!(report, SweepReport::default());
+            assert_eq!(aws.state().lbs.len(), 1);
+        }
     }
 }

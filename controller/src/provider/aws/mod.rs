@@ -11,6 +11,6 @@ pub mod fake;
 pub mod gc;
 pub mod inventory;
 pub mod model;
-pub mod subnets;
 pub mod naming;
 pub mod settings;
+pub mod subnets;

@@ -46,9 +46,7 @@ pub async fn resolve<A: AwsApi + ?Sized>(
     vpc_id: Option<&str>,
     cluster: &str,
 ) -> Result<(Option<String>, Vec<String>), AwsError> {
-    let candidates = aws
-        .describe_subnets(&query(choice, scheme, vpc_id))
-        .await?;
+    let candidates = aws.describe_subnets(&query(choice, scheme, vpc_id)).await?;
     let cluster_tag = format!("kubernetes.io/cluster/{cluster}");
     let explicit = !matches!(choice, SubnetChoice::Discover);
     Ok(pick_subnets(&candidates, &cluster_tag, explicit))

@@ -789,23 +789,6 @@ mod tests {
         }
 
         #[tokio::test]
-        async fn a_lost_create_answer_is_adopted() {
-            let (aws, inv) = (FakeAws::default(), Inventory::default());
-            let d = desired(&web(&[]), &nodes(&["i-1"]));
-            aws.create_load_balancer(&d).await.expect("lb");
-            // Seen as absent by the lookup (e.g. eventual consistency), so ensure creates.
-            let lb = aws
-                .find_load_balancer(&d.name)
-                .await
-                .expect("find")
-                .expect("lb");
-            aws.fail("CreateLoadBalancer", &d.name, "DuplicateLoadBalancerName");
-            let applied = ensure(&aws, &inv, &d, UID).await.expect("ensure");
-            assert_eq!(applied.lb.arn, lb.arn);
-            assert_eq!(aws.state().lbs.len(), 1);
-        }
-
-        #[tokio::test]
         async fn updates_attributes_health_check_targets_and_listeners_in_place() {
             let (aws, inv) = (FakeAws::default(), Inventory::default());
             let first = desired(&web(&[]), &nodes(&["i-1", "i-2"]));

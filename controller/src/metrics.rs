@@ -50,6 +50,10 @@ const SECONDS: &[f64] = &[
 pub struct Metrics {
     reconciles: Mutex<BTreeMap<(String, String), u64>>,
     aws_calls: Mutex<BTreeMap<(String, String), u64>>,
+    /// Kubernetes writes made, by what they wrote.
+    kube_writes: Mutex<BTreeMap<String, u64>>,
+    /// Writes the leader fence refused, by target (`kubernetes`, `aws`).
+    fenced_writes: Mutex<BTreeMap<String, u64>>,
     /// Pool class → (allocated, available) addresses.
     pool_addresses: Mutex<BTreeMap<String, (u64, u64)>>,
     pub reconcile_seconds: Histogram,
@@ -65,6 +69,8 @@ impl Default for Metrics {
         Self {
             reconciles: Mutex::default(),
             aws_calls: Mutex::default(),
+            kube_writes: Mutex::default(),
+            fenced_writes: Mutex::default(),
             pool_addresses: Mutex::default(),
             reconcile_seconds: Histogram::new(SECONDS),
             aws_call_seconds: Histogram::new(SECONDS),
@@ -94,6 +100,24 @@ impl Metrics {
             *m.entry((operation.to_string(), outcome.to_string()))
                 .or_default() += 1;
         }
+    }
+
+    pub fn kube_write(&self, what: &str) {
+        if let Ok(mut m) = self.kube_writes.lock() {
+            *m.entry(what.to_string()).or_default() += 1;
+        }
+    }
+
+    pub fn fenced_write(&self, target: &str) {
+        if let Ok(mut m) = self.fenced_writes.lock() {
+            *m.entry(target.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Kubernetes writes made, and writes the fence refused, so far.
+    pub fn write_totals(&self) -> (u64, u64) {
+        let sum = |m: &Mutex<BTreeMap<String, u64>>| m.lock().map(|m| m.values().sum()).unwrap_or(0);
+        (sum(&self.kube_writes), sum(&self.fenced_writes))
     }
 
     /// Replaces the pool gauges (classes gone since the last call disappear).
@@ -142,6 +166,27 @@ impl Metrics {
                     "berth_aws_calls_total{{operation=\"{op}\",outcome=\"{outcome}\",mutating=\"{}\"}} {n}",
                     is_mutating(op)
                 );
+            }
+        }
+        for (name, help, label, map) in [
+            (
+                "berth_kube_writes_total",
+                "Kubernetes writes made, by what they wrote.",
+                "write",
+                &self.kube_writes,
+            ),
+            (
+                "berth_fenced_writes_total",
+                "Writes refused because this replica was not (or no longer known to be) leading.",
+                "target",
+                &self.fenced_writes,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            if let Ok(m) = map.lock() {
+                for (value, n) in m.iter() {
+                    let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+                }
             }
         }
         self.reconcile_seconds.render(

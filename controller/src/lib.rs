@@ -134,19 +134,22 @@ fn service_events(
     class_wake: Arc<Notify>,
 ) -> impl Stream<Item = Result<Service, watcher::Error>> + Send + 'static {
     let mut prints = Fingerprints::default();
-    watcher(Api::<Service>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .inspect_ok(move |ev| {
-            let change = watch::change_of(ev);
-            if matches!(change, Change::Relisted) {
-                let _ = synced.send(true);
-            }
-            if prints.observe(&change, service_fingerprint).is_some() {
-                class_wake.notify_one();
-            }
-        })
-        .applied_objects()
+    watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .inspect_ok(move |ev| {
+        let change = watch::change_of(ev);
+        if matches!(change, Change::Relisted) {
+            let _ = synced.send(true);
+        }
+        if prints.observe(&change, service_fingerprint).is_some() {
+            class_wake.notify_one();
+        }
+    })
+    .applied_objects()
 }
 
 /// Spawns the watches of nodes, EndpointSlices, classes and namespaces; each change that
@@ -156,46 +159,86 @@ fn spawn_watches(
     services: &Store<Service>,
     tx: &Trigger,
     class_wake: &Arc<Notify>,
-) -> (Store<Node>, Store<EndpointSlice>, Store<LoadBalancerClass>, Store<Namespace>) {
+) -> (
+    Store<Node>,
+    Store<EndpointSlice>,
+    Store<LoadBalancerClass>,
+    Store<Namespace>,
+) {
     let cfg = watcher::Config::default;
     let (nodes, nodes_w) = reflector::store::<Node>();
     let (s, t, mut prints) = (services.clone(), tx.clone(), Fingerprints::default());
-    tokio::spawn(watch::feed(Api::all(client.clone()), cfg(), nodes_w, move |c| {
-        if prints.observe(&c, node_fingerprint).is_some() {
-            trigger_all(&s, &t);
-        }
-    }));
+    tokio::spawn(watch::feed(
+        Api::all(client.clone()),
+        cfg(),
+        nodes_w,
+        move |c| {
+            if prints.observe(&c, node_fingerprint).is_some() {
+                trigger_all(&s, &t);
+            }
+        },
+    ));
     let (slices, slices_w) = reflector::store::<EndpointSlice>();
     let t = tx.clone();
-    tokio::spawn(watch::feed(Api::all(client.clone()), cfg(), slices_w, move |c| {
-        if let Change::Applied(slice) | Change::Deleted(slice) = c
-            && let (Some(ns), Some(name)) = (slice.namespace(), slice.labels().get(LABEL_SERVICE_NAME))
-        {
-            let _ = t.unbounded_send(ObjectRef::new(name).within(&ns));
-        }
-    }));
+    tokio::spawn(watch::feed(
+        Api::all(client.clone()),
+        cfg(),
+        slices_w,
+        move |c| {
+            if let Change::Applied(slice) | Change::Deleted(slice) = c
+                && let (Some(ns), Some(name)) =
+                    (slice.namespace(), slice.labels().get(LABEL_SERVICE_NAME))
+            {
+                let _ = t.unbounded_send(ObjectRef::new(name).within(&ns));
+            }
+        },
+    ));
     let (classes, classes_w) = reflector::store::<LoadBalancerClass>();
-    let (s, t, wake, mut prints) = (services.clone(), tx.clone(), class_wake.clone(), Fingerprints::default());
+    let (s, t, wake, mut prints) = (
+        services.clone(),
+        tx.clone(),
+        class_wake.clone(),
+        Fingerprints::default(),
+    );
     // Spec changes only: the class status berth writes itself must not re-trigger.
-    tokio::spawn(watch::feed(Api::all(client.clone()), cfg(), classes_w, move |c| {
-        if prints.observe(&c, |k: &LoadBalancerClass| k.metadata.generation).is_some() {
-            trigger_all(&s, &t);
-            wake.notify_one();
-        }
-    }));
+    tokio::spawn(watch::feed(
+        Api::all(client.clone()),
+        cfg(),
+        classes_w,
+        move |c| {
+            if prints
+                .observe(&c, |k: &LoadBalancerClass| k.metadata.generation)
+                .is_some()
+            {
+                trigger_all(&s, &t);
+                wake.notify_one();
+            }
+        },
+    ));
     // Namespace labels feed pool classes' namespaceSelector: a change re-checks the
     // namespace's Services.
     let (namespaces, namespaces_w) = reflector::store::<Namespace>();
     let (s, t, mut prints) = (services.clone(), tx.clone(), Fingerprints::default());
-    tokio::spawn(watch::feed(Api::all(client.clone()), cfg(), namespaces_w, move |c| {
-        let labels = |n: &Namespace| n.labels().clone();
-        if let (Some(watch::Delta::Changed(_)), Change::Applied(ns)) = (prints.observe(&c, labels), &c) {
-            let name = ns.name_any();
-            for svc in s.state().iter().filter(|svc| svc.namespace().as_deref() == Some(&name)) {
-                let _ = t.unbounded_send(ObjectRef::from_obj(svc.as_ref()));
+    tokio::spawn(watch::feed(
+        Api::all(client.clone()),
+        cfg(),
+        namespaces_w,
+        move |c| {
+            let labels = |n: &Namespace| n.labels().clone();
+            if let (Some(watch::Delta::Changed(_)), Change::Applied(ns)) =
+                (prints.observe(&c, labels), &c)
+            {
+                let name = ns.name_any();
+                for svc in s
+                    .state()
+                    .iter()
+                    .filter(|svc| svc.namespace().as_deref() == Some(name.as_str()))
+                {
+                    let _ = t.unbounded_send(ObjectRef::from_obj(svc.as_ref()));
+                }
             }
-        }
-    }));
+        },
+    ));
     (nodes, slices, classes, namespaces)
 }
 
@@ -217,15 +260,31 @@ async fn context(
     let writer = writes::Writer::new(client.clone(), recorder, fence.clone(), metrics.clone());
     let sdk = aws_sdk(config).await;
     let aws = Aws::new(&sdk, config.aws_qps, config.aws_burst, metrics.clone());
-    let aws = AwsProvider::new(aws, fence, stores.clone(), config.clone(), client.clone(), metrics.clone());
+    let aws = AwsProvider::new(
+        aws,
+        fence,
+        stores.clone(),
+        config.clone(),
+        client.clone(),
+        metrics.clone(),
+    );
     let pool = PoolProvider::new(stores.clone(), tx);
     let providers: Vec<Arc<dyn Provider>> = vec![Arc::new(pool), Arc::new(aws)];
     let registry = Registry::new(providers);
-    Arc::new(service::Context::new(writer, config.clone(), stores, registry, metrics))
+    Arc::new(service::Context::new(
+        writer,
+        config.clone(),
+        stores,
+        registry,
+        metrics,
+    ))
 }
 
 /// Resolves true when leadership is lost, false on a shutdown signal.
-fn stop_signal(elector: Arc<leader::LeaderElector>, elect: bool) -> futures::channel::oneshot::Receiver<bool> {
+fn stop_signal(
+    elector: Arc<leader::LeaderElector>,
+    elect: bool,
+) -> futures::channel::oneshot::Receiver<bool> {
     let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<bool>();
     tokio::spawn(async move {
         let lost = tokio::select! {
@@ -275,11 +334,22 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         classes.wait_until_ready(),
         namespaces.wait_until_ready()
     );
-    let stores = Stores { services, services_synced, nodes, slices, classes, namespaces };
+    let stores = Stores {
+        services,
+        services_synced,
+        nodes,
+        slices,
+        classes,
+        namespaces,
+    };
     metrics.ready.store(true, Ordering::Relaxed);
     tracing::info!(%identity, "watches synced; waiting for leadership");
 
-    let fence = if config.leader_elect { Fence::new() } else { Fence::unfenced() };
+    let fence = if config.leader_elect {
+        Fence::new()
+    } else {
+        Fence::unfenced()
+    };
     let elector = Arc::new(leader::LeaderElector::new(
         client.clone(),
         &config.lease_namespace,
@@ -297,7 +367,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     metrics.leader.store(true, Ordering::Relaxed);
     tracing::info!(%identity, "leading");
 
-    let ctx = context(&client, &config, &identity, stores, fence, tx, metrics.clone()).await;
+    let ctx = context(
+        &client,
+        &config,
+        &identity,
+        stores,
+        fence,
+        tx,
+        metrics.clone(),
+    )
+    .await;
     ctx.providers.prepare().await;
     spawn_leader_work(&ctx, class_wake);
     let stop = stop_signal(elector.clone(), config.leader_elect);
@@ -317,7 +396,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         let (aws_calls, aws_mutating) = metrics.aws_totals();
         let (kube_writes, fenced_writes) = metrics.write_totals();
         // The last word of a replica that stepped down: what it wrote, what it was refused.
-        tracing::error!(aws_calls, aws_mutating, kube_writes, fenced_writes, "lost leadership; exiting");
+        tracing::error!(
+            aws_calls,
+            aws_mutating,
+            kube_writes,
+            fenced_writes,
+            "lost leadership; exiting"
+        );
         return Err(RunError::LostLeadership);
     }
     if config.leader_elect {

@@ -116,7 +116,8 @@ impl Metrics {
 
     /// Kubernetes writes made, and writes the fence refused, so far.
     pub fn write_totals(&self) -> (u64, u64) {
-        let sum = |m: &Mutex<BTreeMap<String, u64>>| m.lock().map(|m| m.values().sum()).unwrap_or(0);
+        let sum =
+            |m: &Mutex<BTreeMap<String, u64>>| m.lock().map(|m| m.values().sum()).unwrap_or(0);
         (sum(&self.kube_writes), sum(&self.fenced_writes))
     }
 

@@ -45,3 +45,41 @@ impl Stores {
             && ready(&self.namespaces)
     }
 }
+
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+    use kube::runtime::reflector;
+    use kube::runtime::watcher::Event;
+
+    fn filled<K>(objects: Vec<K>) -> Store<K>
+    where
+        K: kube::Resource + Clone + 'static,
+        K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+    {
+        let (store, mut writer) = reflector::store::<K>();
+        writer.apply_watcher_event(&Event::Init);
+        for o in objects {
+            writer.apply_watcher_event(&Event::InitApply(o));
+        }
+        writer.apply_watcher_event(&Event::InitDone);
+        store
+    }
+
+    /// Synced stores holding these objects (no slices, no namespaces).
+    pub fn stores(
+        classes: Vec<LoadBalancerClass>,
+        services: Vec<Service>,
+        nodes: Vec<Node>,
+    ) -> Stores {
+        let (_, synced) = tokio::sync::watch::channel(true);
+        Stores {
+            services: filled(services),
+            services_synced: synced,
+            nodes: filled(nodes),
+            slices: filled(Vec::new()),
+            classes: filled(classes),
+            namespaces: filled(Vec::new()),
+        }
+    }
+}

@@ -112,9 +112,7 @@ impl<V: PartialEq> Fingerprints<V> {
             }
             Change::Deleted(o) => {
                 let key = key_of(*o);
-                self.seen
-                    .remove(&key)
-                    .map(|_| Delta::Removed(vec![key]))
+                self.seen.remove(&key).map(|_| Delta::Removed(vec![key]))
             }
             Change::Relisting => {
                 self.relisted = Some(HashSet::new());

@@ -110,7 +110,12 @@ async fn listener_ports(client: &elb::Client, uid: &str) -> Vec<i32> {
     let Some((lb, ..)) = view.load_balancers.first() else {
         return Vec::new();
     };
-    let Ok(out) = client.describe_listeners().load_balancer_arn(lb).send().await else {
+    let Ok(out) = client
+        .describe_listeners()
+        .load_balancer_arn(lb)
+        .send()
+        .await
+    else {
         return Vec::new();
     };
     let mut ports: Vec<i32> = out.listeners().iter().filter_map(|l| l.port()).collect();
@@ -134,19 +139,28 @@ async fn a_frozen_leader_resumes_fenced_and_steps_down() {
     // The first leader calls AWS slowly, so it is still mid-way through provisioning when
     // it is frozen: its next calls wait for the rate limiter.
     let mut slow = opts.clone();
-    slow.extra_args = ["--aws-qps", "0.5", "--aws-burst", "1"].map(String::from).to_vec();
+    slow.extra_args = ["--aws-qps", "0.5", "--aws-burst", "1"]
+        .map(String::from)
+        .to_vec();
     let mut a = ControllerProc::spawn(&env.info, &format!("{}-a", ns.name), &slow).expect("a");
-    wait_for("a leads", LONG, || a.is_leader()).await.expect("a leads");
+    wait_for("a leads", LONG, || a.is_leader())
+        .await
+        .expect("a leads");
     let b = ControllerProc::spawn(&env.info, &format!("{}-b", ns.name), &opts).expect("b");
     wait_for("b follows", LONG, || async {
-        b.metrics().await.is_ok_and(|m| m.lines().any(|l| l == "berth_leader 0"))
+        b.metrics()
+            .await
+            .is_ok_and(|m| m.lines().any(|l| l == "berth_leader 0"))
     })
     .await
     .expect("b follows");
 
     let api: Api<Service> = Api::namespaced(env.client.clone(), &ns.name);
     let pp = PostParams::default();
-    let first = api.create(&pp, &service("first", &class.lb_class(), &[80])).await.expect("first");
+    let first = api
+        .create(&pp, &service("first", &class.lb_class(), &[80]))
+        .await
+        .expect("first");
     let uid = first.metadata.uid.clone().expect("uid");
     // Freeze a right after its first mutating AWS call (the load balancer): target groups,
     // listeners and the status are still to come.
@@ -163,7 +177,10 @@ async fn a_frozen_leader_resumes_fenced_and_steps_down() {
     a.signal(libc::SIGSTOP);
     frozen.unwrap_or_else(|e| panic!("{e}\n{}", logs_of(std::slice::from_ref(&a))));
     let before = before.get().expect("a's metrics");
-    assert_eq!(before.fenced, 0, "nothing refused while leading: {before:?}");
+    assert_eq!(
+        before.fenced, 0,
+        "nothing refused while leading: {before:?}"
+    );
 
     // Meanwhile the Service gains a port (a's frozen reconcile still wants one listener),
     // and a second Service is created; b takes over and serves both.
@@ -171,9 +188,15 @@ async fn a_frozen_leader_resumes_fenced_and_steps_down() {
         {"name": "p80", "protocol": "TCP", "port": 80},
         {"name": "p8080", "protocol": "TCP", "port": 8080},
     ]}});
-    api.patch("first", &PatchParams::default(), &Patch::Merge(port)).await.expect("patch");
-    api.create(&pp, &service("second", &class.lb_class(), &[81])).await.expect("second");
-    wait_for("b leads", LONG, || b.is_leader()).await.unwrap_or_else(|e| panic!("{e}\n{}", b.log_tail()));
+    api.patch("first", &PatchParams::default(), &Patch::Merge(port))
+        .await
+        .expect("patch");
+    api.create(&pp, &service("second", &class.lb_class(), &[81]))
+        .await
+        .expect("second");
+    wait_for("b leads", LONG, || b.is_leader())
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", b.log_tail()));
     wait_ready(&api, "second", || b.log_tail()).await;
     wait_for("first's listeners on 80 and 8080", LONG, || async {
         listener_ports(&elb, &uid).await == [80, 8080]
@@ -192,17 +215,39 @@ async fn a_frozen_leader_resumes_fenced_and_steps_down() {
     let log = std::fs::read_to_string(&a.log).expect("a's log");
     let after = Writes::from_exit_log(&log)
         .unwrap_or_else(|| panic!("no exit summary in a's log\n{}", a.log_tail()));
-    assert_eq!(after.aws_mutating, before.aws_mutating, "a called AWS after resuming\n{}", a.log_tail());
-    assert_eq!(after.kube, before.kube, "a wrote to Kubernetes after resuming\n{}", a.log_tail());
-    assert!(after.fenced > before.fenced, "a's writes were not refused: {after:?}\n{}", a.log_tail());
+    assert_eq!(
+        after.aws_mutating,
+        before.aws_mutating,
+        "a called AWS after resuming\n{}",
+        a.log_tail()
+    );
+    assert_eq!(
+        after.kube,
+        before.kube,
+        "a wrote to Kubernetes after resuming\n{}",
+        a.log_tail()
+    );
+    assert!(
+        after.fenced > before.fenced,
+        "a's writes were not refused: {after:?}\n{}",
+        a.log_tail()
+    );
     assert!(b.is_leader().await, "b still leads");
-    assert_eq!(listener_ports(&elb, &uid).await, [80, 8080], "a undid b's listener");
+    assert_eq!(
+        listener_ports(&elb, &uid).await,
+        [80, 8080],
+        "a undid b's listener"
+    );
 
     for name in ["first", "second"] {
-        api.delete(name, &DeleteParams::default()).await.expect("delete");
+        api.delete(name, &DeleteParams::default())
+            .await
+            .expect("delete");
     }
     wait_for("Services deleted", LONG, || async {
-        api.list(&Default::default()).await.is_ok_and(|l| l.items.is_empty())
+        api.list(&Default::default())
+            .await
+            .is_ok_and(|l| l.items.is_empty())
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", b.log_tail()));

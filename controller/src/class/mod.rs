@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use berth_crds::{
     CONDITION_ACCEPTED, CONDITION_LB_READY, LoadBalancerClass, LoadBalancerClassStatus,
@@ -67,7 +68,11 @@ pub fn changes(class: &LoadBalancerClass, want: &LoadBalancerClassStatus) -> boo
             c.observed_generation,
         )
     };
-    let conditions_same = have.conditions.iter().map(key).eq(want.conditions.iter().map(key));
+    let conditions_same = have
+        .conditions
+        .iter()
+        .map(key)
+        .eq(want.conditions.iter().map(key));
     !(conditions_same
         && have.services == want.services
         && have.ready_services == want.ready_services
@@ -145,6 +150,10 @@ async fn write_all(ctx: &Context) {
     ctx.metrics.set_pool_addresses(gauges);
 }
 
+/// Changes arriving this soon after a wake-up are taken in by the same pass: a burst of
+/// Service events makes one class write, not one per event.
+const COALESCE: Duration = Duration::from_millis(300);
+
 /// Writes class status whenever `wake` is notified, until leadership is lost.
 pub async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
     let token = ctx.writer.fence().token();
@@ -155,7 +164,10 @@ pub async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
         }
         tokio::select! {
             () = token.cancelled() => return,
-            () = write_all(&ctx) => {}
+            () = async {
+                tokio::time::sleep(COALESCE).await;
+                write_all(&ctx).await;
+            } => {}
         }
     }
 }
@@ -214,8 +226,8 @@ mod tests {
 
     #[test]
     fn the_apply_body_omits_counts_a_class_does_not_have() {
-        let body = serde_json::to_value(desired(&class(), &accepted(None), 0, 0, at(1)))
-            .expect("json");
+        let body =
+            serde_json::to_value(desired(&class(), &accepted(None), 0, 0, at(1))).expect("json");
         assert!(body.get("allocated").is_none() && body.get("available").is_none());
         assert_eq!(body["readyServices"], 0);
     }

@@ -199,8 +199,11 @@ pub trait Provider: Send + Sync {
     /// Whether this provider serves `class`.
     fn serves(&self, class: &LoadBalancerClass) -> bool;
     /// Makes what `svc` of `class` needs.
-    fn ensure<'a>(&'a self, svc: &'a Service, class: &'a LoadBalancerClass)
-    -> BoxFuture<'a, Outcome>;
+    fn ensure<'a>(
+        &'a self,
+        svc: &'a Service,
+        class: &'a LoadBalancerClass,
+    ) -> BoxFuture<'a, Outcome>;
     /// Lets go of what the provider holds for `svc` (it is being deleted, or no longer
     /// this provider's). [`Next::Done`] means everything is gone.
     fn release<'a>(&'a self, svc: &'a Service, deleting: bool) -> BoxFuture<'a, Outcome>;
@@ -382,9 +385,15 @@ mod tests {
                 .expect("class"),
             )
         };
-        let r = Registry::new(vec![Arc::new(Named("pool", true)), Arc::new(Named("aws", false))]);
+        let r = Registry::new(vec![
+            Arc::new(Named("pool", true)),
+            Arc::new(Named("aws", false)),
+        ]);
         let classes = vec![
-            class("p", serde_json::json!({"pool": {"addresses": ["198.19.0.0/30"]}})),
+            class(
+                "p",
+                serde_json::json!({"pool": {"addresses": ["198.19.0.0/30"]}}),
+            ),
             class("a", serde_json::json!({"aws": {}})),
             class("none", serde_json::json!({})),
         ];

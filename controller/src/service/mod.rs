@@ -143,7 +143,10 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
         // A write guarded by the resourceVersion met a newer Service (changed meanwhile, or
         // the store had not caught up with our own last write): that version comes back.
         Err(Error::Write(WriteError::Kube(what, kube::Error::Api(s)))) if s.code == 409 => {
-            tracing::debug!(write = what.as_str(), "the Service changed meanwhile; retrying");
+            tracing::debug!(
+                write = what.as_str(),
+                "the Service changed meanwhile; retrying"
+            );
             Ok(Action::requeue(Duration::from_secs(1)))
         }
         other => other,
@@ -208,7 +211,12 @@ async fn provision(
     };
     let Some(provider) = ctx.providers.for_class(class) else {
         let message = format!("LoadBalancerClass {class_name} has no provider block");
-        return finish(svc, ctx, Outcome::invalid(reason::UNSUPPORTED_PROVIDER, message)).await;
+        return finish(
+            svc,
+            ctx,
+            Outcome::invalid(reason::UNSUPPORTED_PROVIDER, message),
+        )
+        .await;
     };
     let outcome = provider.ensure(svc, class).await;
     if outcome.next == Next::NodePorts {

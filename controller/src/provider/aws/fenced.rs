@@ -12,8 +12,7 @@ use berth_runtime::Fence;
 use crate::metrics::Metrics;
 use crate::provider::aws::annotations::HealthCheck;
 use crate::provider::aws::api::{
-    AwsApi, AwsError, Candidate, LbInfo, ListenerInfo, SubnetQuery, TagsByArn, TargetState,
-    TgInfo,
+    AwsApi, AwsError, Candidate, LbInfo, ListenerInfo, SubnetQuery, TagsByArn, TargetState, TgInfo,
 };
 use crate::provider::aws::model::{
     DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Target,
@@ -54,6 +53,11 @@ impl<A: AwsApi> FencedAws<A> {
         }
     }
 
+    /// The client behind the fence (reads; tests).
+    pub fn inner(&self) -> &A {
+        &self.inner
+    }
+
     fn refuse(&self, operation: &'static str) -> AwsError {
         self.metrics.fenced_write("aws");
         tracing::warn!(operation, "AWS call refused: not leading");
@@ -64,7 +68,11 @@ impl<A: AwsApi> FencedAws<A> {
         )
     }
 
-    async fn guard<T>(&self, operation: &'static str, call: impl Future<Output = Res<T>>) -> Res<T> {
+    async fn guard<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Res<T>>,
+    ) -> Res<T> {
         if self.fence.check().is_err() {
             return Err(self.refuse(operation));
         }
@@ -140,7 +148,10 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let aws = FencedAws::new(FakeAws::default(), fence.clone(), metrics.clone());
         let tags = BTreeMap::from([("k".to_string(), "v".to_string())]);
-        let refused = aws.add_tags("arn:x", &tags).await.expect_err("not leading yet");
+        let refused = aws
+            .add_tags("arn:x", &tags)
+            .await
+            .expect_err("not leading yet");
         assert!(refused.is(FENCED_CODE), "{refused:?}");
         assert!(aws.all_load_balancers().await.is_ok(), "reads pass");
         assert!(aws.inner.take_calls().is_empty(), "nothing reached AWS");
@@ -157,7 +168,11 @@ mod tests {
     async fn a_call_waiting_past_the_deadline_is_dropped() {
         let fence = Fence::new();
         fence.hold_until(Instant::now() + Duration::from_millis(200));
-        let aws = FencedAws::new(FakeAws::default(), fence.clone(), Arc::new(Metrics::default()));
+        let aws = FencedAws::new(
+            FakeAws::default(),
+            fence.clone(),
+            Arc::new(Metrics::default()),
+        );
         let slow = async {
             tokio::time::sleep(Duration::from_secs(10)).await;
             Ok(())

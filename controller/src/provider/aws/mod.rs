@@ -189,11 +189,13 @@ impl<A: AwsApi> AwsProvider<A> {
         if settings.target_type == TargetType::Instance && lacks_node_ports(svc) {
             return Outcome::done().then(Next::NodePorts);
         }
-        let (vpc, subnets) =
-            match self.resolve_subnets(&settings.subnets, settings.scheme, aws_class).await {
-                Ok(v) => v,
-                Err(e) => return failed(&e.into()),
-            };
+        let (vpc, subnets) = match self
+            .resolve_subnets(&settings.subnets, settings.scheme, aws_class)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => return failed(&e.into()),
+        };
         let vpc = vpc
             .or_else(|| aws_class.vpc_id.clone())
             .or_else(|| self.config.vpc_id.clone());
@@ -234,19 +236,24 @@ impl<A: AwsApi> AwsProvider<A> {
             .and_then(|m| m.get("deletion_protection.enabled").cloned())
             .is_some_and(|v| v == "true");
         let names = self.candidate_names(svc);
-        let removed =
-            deploy::remove(&self.aws, &self.inventory, &uid(svc), &names, keep_protection).await;
+        let removed = deploy::remove(
+            &self.aws,
+            &self.inventory,
+            &uid(svc),
+            &names,
+            keep_protection,
+        )
+        .await;
         match removed {
             Ok(0) => Outcome::done(),
             Ok(_) => Outcome::done().with_events(vec![Note::normal(
                 "Deleted",
                 "deleted the load balancer and its target groups",
             )]),
-            Err(e @ ApplyError::DeletionProtected(_)) => Outcome::invalid(
-                reason::DELETION_PROTECTED,
-                e.to_string(),
-            )
-            .then(Next::Requeue(Duration::from_secs(30))),
+            Err(e @ ApplyError::DeletionProtected(_)) => {
+                Outcome::invalid(reason::DELETION_PROTECTED, e.to_string())
+                    .then(Next::Requeue(Duration::from_secs(30)))
+            }
             Err(e) => {
                 let (reason, error) = failure(&e);
                 if deleting || error.is_fenced() {
@@ -374,5 +381,103 @@ impl<A: AwsApi + 'static> Provider for AwsProvider<A> {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::provider::Report;
+    use crate::provider::aws::annotations::tests::{node, service};
+    use crate::provider::aws::fake::FakeAws;
+    use crate::stores::testing::stores;
+
+    fn class() -> LoadBalancerClass {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "berth.dev/v1alpha1", "kind": "LoadBalancerClass",
+            "metadata": {"name": "lab"},
+            "spec": {"aws": {"scheme": "internet-facing", "targetType": "instance"}}
+        }))
+        .expect("class")
+    }
+
+    fn provider(fence: Fence) -> AwsProvider<FakeAws> {
+        let fake = FakeAws::default();
+        for (id, zone) in [("subnet-a", "us-east-1a"), ("subnet-b", "us-east-1b")] {
+            fake.add_subnet(id, "vpc-1", zone, &[("kubernetes.io/role/elb", "1")]);
+        }
+        let nodes = vec![node("n1", "i-1", &[]), node("n2", "i-2", &[])];
+        let config = Config::try_parse_from(["x", "--cluster-name", "c1"]).expect("config");
+        let url = "http://127.0.0.1:9".parse().expect("url");
+        let client = kube::Client::try_from(kube::Config::new(url)).expect("client");
+        let stores = stores(vec![class()], Vec::new(), nodes);
+        let metrics = Arc::new(Metrics::default());
+        AwsProvider::new(fake, fence, stores, config, client, metrics)
+    }
+
+    #[tokio::test]
+    async fn ensure_builds_the_load_balancer_and_reports_its_hostname() {
+        let p = provider(Fence::unfenced());
+        let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        svc.metadata.uid = Some("u1".into());
+        let out = p.ensure(&svc, &class()).await;
+        assert!(out.error.is_none(), "{:?}", out.error);
+        let Report::Set { readiness, ingress } = &out.report else {
+            panic!("no status: {:?}", out.report);
+        };
+        assert!(
+            readiness.ready || readiness.reason == reason::PROVISIONING,
+            "{readiness:?}"
+        );
+        let Ingress::Set(entries) = ingress else {
+            panic!("no ingress");
+        };
+        assert!(entries[0].hostname.is_some());
+        let state = p.aws.inner().state();
+        assert_eq!(state.lbs.len(), 1);
+        assert_eq!(state.listeners.len(), 1);
+        drop(state);
+        // Again: nothing left to change.
+        p.aws.inner().take_calls();
+        let again = p.ensure(&svc, &class()).await;
+        assert!(again.error.is_none());
+        assert!(
+            p.aws.inner().take_calls().is_empty(),
+            "a second ensure mutated AWS"
+        );
+    }
+
+    #[tokio::test]
+    async fn instance_targets_without_node_ports_ask_for_them() {
+        let p = provider(Fence::unfenced());
+        let svc = service(&[("http", 80, "TCP", None)], &[]);
+        assert_eq!(p.ensure(&svc, &class()).await.next, Next::NodePorts);
+        assert!(p.aws.inner().take_calls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_fenced_provider_changes_nothing_and_says_so() {
+        let fence = Fence::new();
+        fence.hold_until(Instant::now());
+        let p = provider(fence);
+        let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        svc.metadata.uid = Some("u1".into());
+        let out = p.ensure(&svc, &class()).await;
+        assert!(
+            out.error.as_ref().is_some_and(|e| e.is_fenced()),
+            "{:?}",
+            out.error
+        );
+        assert!(p.aws.inner().take_calls().is_empty());
+        assert!(p.aws.inner().state().lbs.is_empty());
+        let released = p.release(&svc, true).await;
+        assert!(
+            released.error.is_none(),
+            "nothing to delete: no AWS call needed"
+        );
     }
 }

@@ -197,7 +197,10 @@ impl PoolProvider {
             Err(errors) => {
                 // A broken class spec must not take every Service's address away: keep them.
                 let keep = allocation::status_ips(svc);
-                let message = format!("LoadBalancerClass {name} is not valid: {}", errors.join("; "));
+                let message = format!(
+                    "LoadBalancerClass {name} is not valid: {}",
+                    errors.join("; ")
+                );
                 return Outcome::report(
                     Readiness::not_ready(reason::INVALID_SPEC, message),
                     Ingress::Set(ip_ingress(svc, &keep)),
@@ -218,7 +221,14 @@ impl PoolProvider {
         let (state, uid, me) = (self.state.clone(), uid(svc), ObjectRef::from_obj(svc));
         let kept = ips.clone();
         let settle: Settle = Box::new(move |written| {
-            state.hold(&uid, if written { kept.clone() } else { before.clone() });
+            state.hold(
+                &uid,
+                if written {
+                    kept.clone()
+                } else {
+                    before.clone()
+                },
+            );
             if written {
                 state.set_pending(me, waiting);
                 if before.iter().any(|ip| !kept.contains(ip)) {
@@ -346,9 +356,15 @@ mod tests {
             reason,
             message: String::new(),
         };
-        assert!(waits_for_address(&unassigned(allocation::reason::POOL_EXHAUSTED)));
-        assert!(waits_for_address(&unassigned(allocation::reason::PORT_CONFLICT)));
-        assert!(!waits_for_address(&unassigned(allocation::reason::NOT_SELECTED)));
+        assert!(waits_for_address(&unassigned(
+            allocation::reason::POOL_EXHAUSTED
+        )));
+        assert!(waits_for_address(&unassigned(
+            allocation::reason::PORT_CONFLICT
+        )));
+        assert!(!waits_for_address(&unassigned(
+            allocation::reason::NOT_SELECTED
+        )));
         let (r, ips, _) = readiness_of(
             &Allocation::Assigned {
                 ips: vec!["198.19.1.1".parse().expect("ip")],

@@ -4,7 +4,6 @@
 //! are refused and counted) and steps down. Runs alone: it freezes a process for seconds.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aws_sdk_elasticloadbalancingv2 as elb;
@@ -36,24 +35,27 @@ impl Writes {
         }
     }
 
-    /// The counters the replica logs as its last line when it steps down.
+    /// The counters the replica logs as its last line when it steps down (plain
+    /// `key=value` or JSON `"key":value` fields).
     fn from_exit_log(log: &str) -> Option<Self> {
-        let line = strip_ansi(log)
+        let log = strip_ansi(log);
+        let line = log
             .lines()
             .rev()
-            .find(|l| l.contains("lost leadership; exiting"))?
-            .to_string();
-        let fields: BTreeMap<&str, u64> = line
-            .split_whitespace()
-            .filter_map(|w| {
-                let (k, v) = w.split_once('=')?;
-                Some((k, v.parse().ok()?))
-            })
-            .collect();
+            .find(|l| l.contains("lost leadership; exiting"))?;
+        let field = |key: &str| -> Option<u64> {
+            let rest = &line[line.find(key)? + key.len()..];
+            let digits: String = rest
+                .trim_start_matches(['"', '=', ':', ' '])
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        };
         Some(Self {
-            aws_mutating: *fields.get("aws_mutating")?,
-            kube: *fields.get("kube_writes")?,
-            fenced: *fields.get("fenced_writes")?,
+            aws_mutating: field("aws_mutating")?,
+            kube: field("kube_writes")?,
+            fenced: field("fenced_writes")?,
         })
     }
 }

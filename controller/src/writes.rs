@@ -37,11 +37,17 @@ impl Write {
     }
 }
 
+impl std::fmt::Display for Write {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    #[error("{}: {1}", .0.as_str())]
+    #[error("{0}: {1}")]
     Kube(Write, #[source] kube::Error),
-    #[error("{} refused: {1}", .0.as_str())]
+    #[error("{0} refused: {1}")]
     Fenced(Write, #[source] Fenced),
 }
 

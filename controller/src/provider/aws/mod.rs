@@ -437,10 +437,11 @@ mod tests {
             panic!("no ingress");
         };
         assert!(entries[0].hostname.is_some());
-        let state = p.aws.inner().state();
-        assert_eq!(state.lbs.len(), 1);
-        assert_eq!(state.listeners.len(), 1);
-        drop(state);
+        let (lbs, listeners) = {
+            let state = p.aws.inner().state();
+            (state.lbs.len(), state.listeners.len())
+        };
+        assert_eq!((lbs, listeners), (1, 1));
         // Again: nothing left to change.
         p.aws.inner().take_calls();
         let again = p.ensure(&svc, &class()).await;

@@ -27,6 +27,12 @@ pub struct Metrics {
     aws_mutating: AtomicU64,
     pool_allocated: Family<Labels<1>, Gauge>,
     pool_available: Family<Labels<1>, Gauge>,
+    /// Kubernetes writes made, by what they wrote.
+    kube_writes: Family<Labels<1>, Counter>,
+    /// Writes the leader fence refused, by target (`kubernetes`, `aws`).
+    fenced_writes: Family<Labels<1>, Counter>,
+    kube_writes_total: AtomicU64,
+    fenced_writes_total: AtomicU64,
     pub reconcile_seconds: Histogram,
     pub aws_call_seconds: Histogram,
     pub ready_seconds: Histogram,
@@ -44,6 +50,10 @@ impl Default for Metrics {
             aws_mutating: AtomicU64::new(0),
             pool_allocated: Family::default(),
             pool_available: Family::default(),
+            kube_writes: Family::default(),
+            fenced_writes: Family::default(),
+            kube_writes_total: AtomicU64::new(0),
+            fenced_writes_total: AtomicU64::new(0),
             reconcile_seconds: metrics::histogram(SECONDS),
             aws_call_seconds: metrics::histogram(SECONDS),
             ready_seconds: metrics::histogram(SECONDS),
@@ -79,6 +89,26 @@ impl Metrics {
         if mutating {
             self.aws_mutating.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    pub fn kube_write(&self, what: &str) {
+        self.kube_writes.get_or_create(&[("write", what.into())]).inc();
+        self.kube_writes_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn fenced_write(&self, target: &str) {
+        self.fenced_writes
+            .get_or_create(&[("target", target.into())])
+            .inc();
+        self.fenced_writes_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Kubernetes writes made, and writes the fence refused, so far.
+    pub fn write_totals(&self) -> (u64, u64) {
+        (
+            self.kube_writes_total.load(Ordering::Relaxed),
+            self.fenced_writes_total.load(Ordering::Relaxed),
+        )
     }
 
     /// Replaces the pool gauges (classes gone since the last call disappear).
@@ -151,6 +181,16 @@ impl Collect for Metrics {
             "berth_pool_addresses_available",
             "Pool addresses still free, per class",
             self.pool_available.clone(),
+        );
+        r.register(
+            "berth_kube_writes",
+            "Kubernetes writes made, by what they wrote",
+            self.kube_writes.clone(),
+        );
+        r.register(
+            "berth_fenced_writes",
+            "Writes the leader fence refused, by target",
+            self.fenced_writes.clone(),
         );
         r.register(
             "berth_leader",

@@ -133,6 +133,14 @@ impl ControllerProc {
         }
     }
 
+    /// Sends `signal` (SIGSTOP, SIGCONT, ...) to the replica's process group.
+    pub fn signal(&self, signal: i32) {
+        if let Some(p) = self.process.as_ref() {
+            // SAFETY: kill(2) of our own child's process group.
+            unsafe { libc::kill(-(p.pid() as i32), signal) };
+        }
+    }
+
     pub fn exited(&mut self) -> Option<String> {
         self.process.as_mut().and_then(Supervised::exited)
     }

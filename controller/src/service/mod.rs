@@ -1,208 +1,81 @@
-//! One Service's reconcile: ownership → finalizer → apply or cleanup → status.
+//! One Service's reconcile, knowing no provider: ownership → finalizer → the class's
+//! provider ensures (or the recorded one releases) → status, conditions and events from
+//! its [`Outcome`]. NodePorts are allocated here when a provider asks for them.
 
 pub mod nodeport;
 pub mod status;
 
-use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_crds::{
-    ANNOTATION_OWNER_CLASS, AwsProvider, FINALIZER, LABEL_SERVICE_NAME, LoadBalancerClass,
-    class_name,
-};
-use futures::FutureExt;
-use k8s_openapi::api::core::v1::{LoadBalancerIngress, Namespace, Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use berth_crds::{ANNOTATION_OWNER_CLASS, FINALIZER, LoadBalancerClass, class_name};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::provider::aws::annotations::{self as settings, SubnetChoice};
-use crate::provider::aws::client::Aws;
-use crate::provider::aws::deploy::{self as apply, ApplyError, Inventory};
-use crate::provider::aws::model::{self, BuildError, TargetType, World};
-use crate::provider::pool::allocation::{self as pool, Outcome, PoolClass};
-use status::{Readiness, reason};
+use crate::provider::{Ingress, Next, Note, Outcome, ProviderError, Readiness, Registry, Report};
+use crate::reason;
+use crate::stores::Stores;
+use crate::writes::{Write, WriteError, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}: {1}")]
-    Kube(&'static str, #[source] kube::Error),
     #[error(transparent)]
-    Apply(#[from] ApplyError),
+    Write(#[from] WriteError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error("stopped: leadership was lost")]
+    Stopped,
 }
 
 impl Error {
     /// Low-cardinality label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::Kube(..) => "kube",
-            Error::Apply(ApplyError::Aws(_)) => "aws",
-            Error::Apply(ApplyError::NameConflict(_)) => "name_conflict",
-            Error::Apply(ApplyError::DeletionProtected(_)) => "deletion_protected",
+            Error::Write(WriteError::Kube(..)) => "kube",
+            Error::Write(WriteError::Fenced(..)) | Error::Stopped => crate::provider::FENCED,
+            Error::Provider(e) => e.label,
         }
+    }
+
+    fn fenced(&self) -> bool {
+        self.metric_label() == crate::provider::FENCED
     }
 }
 
-/// When a subnet lookup was made, the VPC and the subnets it found.
-type SubnetLookup = (Instant, Option<String>, Vec<String>);
-
-pub type Trigger = futures::channel::mpsc::UnboundedSender<ObjectRef<Service>>;
-
-/// The stores a reconcile reads, for `Context::new`.
-pub struct Stores {
-    pub services: Store<Service>,
-    /// True once the Service store holds the first full list.
-    pub services_synced: tokio::sync::watch::Receiver<bool>,
-    pub nodes: Store<Node>,
-    pub slices: Store<EndpointSlice>,
-    pub classes: Store<LoadBalancerClass>,
-    pub namespaces: Store<Namespace>,
-}
-
-/// What the reconciler needs: clients, stores, shared state.
+/// What the reconciler needs: the fenced writer, stores, the providers.
 pub struct Context {
-    pub client: Client,
-    pub aws: Aws,
-    pub recorder: Recorder,
+    pub writer: Writer,
     pub config: Config,
-    pub services: Store<Service>,
-    pub services_synced: tokio::sync::watch::Receiver<bool>,
-    pub nodes: Store<Node>,
-    pub slices: Store<EndpointSlice>,
-    pub classes: Store<LoadBalancerClass>,
-    pub namespaces: Store<Namespace>,
-    pub inventory: Inventory,
+    pub stores: Stores,
+    pub providers: Registry,
     pub metrics: Arc<Metrics>,
-    /// Queues Services for a reconcile.
-    pub trigger: Trigger,
-    /// Pool addresses written by this process and not yet in the Service store; the lock
-    /// is held for every allocation, so concurrent reconciles never hand out one address
-    /// twice.
-    pub reservations: Mutex<pool::Reservations>,
-    /// Pool Services waiting for an address to free up.
-    pending: Mutex<HashSet<ObjectRef<Service>>>,
-    /// Subnet lookups by (choice, scheme, vpc), cached briefly.
-    subnets: Mutex<HashMap<String, SubnetLookup>>,
     /// Services already counted in the creation→ready metric.
-    ready_seen: Mutex<std::collections::HashSet<String>>,
+    ready_seen: Mutex<HashSet<String>>,
 }
 
 impl Context {
     pub fn new(
-        client: Client,
-        aws: Aws,
-        recorder: Recorder,
+        writer: Writer,
         config: Config,
         stores: Stores,
+        providers: Registry,
         metrics: Arc<Metrics>,
-        trigger: Trigger,
     ) -> Self {
         Self {
-            client,
-            aws,
-            recorder,
+            writer,
             config,
-            services: stores.services,
-            services_synced: stores.services_synced,
-            nodes: stores.nodes,
-            slices: stores.slices,
-            classes: stores.classes,
-            namespaces: stores.namespaces,
-            inventory: Inventory::default(),
+            stores,
+            providers,
             metrics,
-            trigger,
-            reservations: Mutex::default(),
-            pending: Mutex::default(),
-            subnets: Mutex::default(),
             ready_seen: Mutex::default(),
         }
     }
-
-    /// Whether a class this controller handles uses AWS; without one it never calls AWS
-    /// (a bare-metal install has no credentials).
-    pub fn uses_aws(&self) -> bool {
-        self.classes
-            .state()
-            .iter()
-            .any(|c| c.spec.aws.is_some() && self.config.handles_class(&c.name_any()))
-    }
-
-    /// Whether every store has delivered its first full list: allocating from a partial
-    /// view of the Services could hand out an address that is already taken.
-    pub fn synced(&self) -> bool {
-        // Only for stores `run` awaited before reconciling: a store's readiness keeps one
-        // waker, so polling one that is not ready yet would steal its waiter's.
-        fn ready<K>(s: &Store<K>) -> bool
-        where
-            K: kube::Resource + Clone + 'static,
-            K::DynamicType: Eq + std::hash::Hash + Clone,
-        {
-            s.wait_until_ready()
-                .now_or_never()
-                .is_some_and(|r| r.is_ok())
-        }
-        *self.services_synced.borrow()
-            && ready(&self.nodes)
-            && ready(&self.slices)
-            && ready(&self.classes)
-            && ready(&self.namespaces)
-    }
-
-    /// Queues every pool Service waiting for an address (one was just released).
-    fn retrigger_pending(&self) {
-        let waiting: Vec<ObjectRef<Service>> = self
-            .pending
-            .lock()
-            .map(|p| p.iter().cloned().collect())
-            .unwrap_or_default();
-        for r in waiting {
-            let _ = self.trigger.unbounded_send(r);
-        }
-    }
-
-    fn set_pending(&self, svc: &Service, waiting: bool) {
-        if let Ok(mut p) = self.pending.lock() {
-            let r = ObjectRef::from_obj(svc);
-            if waiting {
-                p.insert(r);
-            } else {
-                p.remove(&r);
-            }
-        }
-    }
-}
-
-/// Whether `name` is a pool class (it exists and has a pool block).
-pub fn is_pool_class(classes: &[Arc<LoadBalancerClass>], name: &str) -> bool {
-    classes
-        .iter()
-        .any(|c| c.name_any() == name && c.spec.pool.is_some())
-}
-
-/// Every Service holding pool addresses, with this process's unsettled writes applied.
-/// Call with the reservations locked.
-pub fn pool_holders(
-    services: &[Arc<Service>],
-    classes: &[Arc<LoadBalancerClass>],
-    reservations: &mut pool::Reservations,
-) -> Vec<pool::Holder> {
-    let by_uid: HashMap<&str, &Service> = services
-        .iter()
-        .filter_map(|s| Some((s.metadata.uid.as_deref()?, s.as_ref())))
-        .collect();
-    reservations.prune(|uid| by_uid.get(uid).map(|s| pool::status_ips(s)));
-    let held = pool::holders(services.iter().map(|s| s.as_ref()), |c| {
-        is_pool_class(classes, c)
-    });
-    reservations.apply(held, |uid| by_uid.get(uid).map(|s| pool::Holder::of(s)))
 }
 
 /// Whose Service this is.
@@ -243,17 +116,37 @@ pub fn ownership(svc: &Service, classes: &[Arc<LoadBalancerClass>], config: &Con
     }
 }
 
+/// Whether this controller cleans up a Service that is not (or no longer) its own but
+/// carries berth's finalizer: when the class that provisioned it is one it handles. Pure.
+pub fn cleans_up(svc: &Service, config: &Config) -> bool {
+    match svc.annotations().get(ANNOTATION_OWNER_CLASS) {
+        Some(class) => config.handles_class(class),
+        None => config.classes.is_empty(),
+    }
+}
+
 fn svc_uid(svc: &Service) -> String {
     svc.metadata.uid.clone().unwrap_or_default()
 }
 
+/// Reconciles one Service; stops at once when leadership is lost (work that is ready
+/// goes first, so it meets the fence and counts as refused instead of vanishing).
 pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = match reconcile_inner(&svc, &ctx).await {
+    let token = ctx.writer.fence().token();
+    let result = tokio::select! {
+        biased;
+        r = reconcile_inner(&svc, &ctx) => r,
+        () = token.cancelled() => Err(Error::Stopped),
+    };
+    let result = match result {
         // A write guarded by the resourceVersion met a newer Service (changed meanwhile, or
         // the store had not caught up with our own last write): that version comes back.
-        Err(Error::Kube(what, kube::Error::Api(s))) if s.code == 409 => {
-            tracing::debug!(what, "the Service changed meanwhile; retrying");
+        Err(Error::Write(WriteError::Kube(what, kube::Error::Api(s)))) if s.code == 409 => {
+            tracing::debug!(
+                write = what.as_str(),
+                "the Service changed meanwhile; retrying"
+            );
             Ok(Action::requeue(Duration::from_secs(1)))
         }
         other => other,
@@ -269,21 +162,18 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
 }
 
 pub fn error_policy(svc: Arc<Service>, err: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(service = %format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any()), error = %err, "reconcile failed");
+    let service = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
+    if err.fenced() {
+        // Not leading: the new leader has it.
+        tracing::info!(%service, error = %err, "reconcile stopped");
+        return Action::await_change();
+    }
+    tracing::warn!(%service, error = %err, "reconcile failed");
     Action::requeue(crate::provider::aws::client::backoff(4) + Duration::from_secs(2))
 }
 
-/// Whether this controller cleans up a Service that is not (or no longer) its own but
-/// carries berth's finalizer: when the class that provisioned it is one it handles. Pure.
-pub fn cleans_up(svc: &Service, config: &Config) -> bool {
-    match svc.annotations().get(ANNOTATION_OWNER_CLASS) {
-        Some(class) => config.handles_class(class),
-        None => config.classes.is_empty(),
-    }
-}
-
 async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> {
-    let classes = ctx.classes.state();
+    let classes = ctx.stores.classes.state();
     let owner = ownership(svc, &classes, &ctx.config);
     let has_finalizer = svc.finalizers().iter().any(|f| f == FINALIZER);
     let deleting = svc.metadata.deletion_timestamp.is_some();
@@ -296,7 +186,7 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
                 {
                     return Ok(wait);
                 }
-                // Before anything exists in AWS; the update triggers the next reconcile.
+                // Before the provider makes anything; the update triggers the next reconcile.
                 claim(svc, ctx, &class).await?;
                 return Ok(Action::await_change());
             }
@@ -309,10 +199,79 @@ async fn reconcile_inner(svc: &Service, ctx: &Context) -> Result<Action, Error> 
     }
 }
 
-/// Before a Service changes class: what the previous provider holds is let go first. Pool
-/// addresses leave the status before a non-pool class claims the Service (so the address
-/// is free exactly when no status lists it); AWS resources are deleted before a pool class
-/// writes its address. Between two pool classes the address stays if the new pool has it.
+async fn provision(
+    svc: &Service,
+    ctx: &Context,
+    class_name: &str,
+    classes: &[Arc<LoadBalancerClass>],
+) -> Result<Action, Error> {
+    let Some(class) = classes.iter().find(|c| c.name_any() == class_name) else {
+        let message = format!("LoadBalancerClass {class_name} does not exist");
+        return finish(svc, ctx, Outcome::invalid(reason::CLASS_NOT_FOUND, message)).await;
+    };
+    let Some(provider) = ctx.providers.for_class(class) else {
+        let message = format!("LoadBalancerClass {class_name} has no provider block");
+        return finish(
+            svc,
+            ctx,
+            Outcome::invalid(reason::UNSUPPORTED_PROVIDER, message),
+        )
+        .await;
+    };
+    let outcome = provider.ensure(svc, class).await;
+    if outcome.next == Next::NodePorts {
+        return allocate_node_ports(svc, ctx).await;
+    }
+    finish(svc, ctx, outcome).await
+}
+
+/// Turns a provider's outcome into status, events and the next reconcile.
+async fn finish(svc: &Service, ctx: &Context, mut outcome: Outcome) -> Result<Action, Error> {
+    let settle = outcome.settle.take();
+    if let Some(e) = outcome.error.as_ref().filter(|e| e.is_fenced()) {
+        if let Some(settle) = settle {
+            settle(false);
+        }
+        return Err(e.clone().into());
+    }
+    let written = write_report(svc, ctx, &outcome.report).await;
+    if let Some(settle) = settle {
+        settle(written.is_ok());
+    }
+    written?;
+    publish_all(svc, ctx, &outcome.events).await;
+    if let Some(e) = outcome.error {
+        return Err(e.into());
+    }
+    Ok(match outcome.next {
+        Next::Requeue(after) => Action::requeue(after),
+        Next::Done | Next::NodePorts => Action::requeue(ctx.config.resync),
+    })
+}
+
+/// Writes what the report asks for; the Service as written when it wrote anything.
+async fn write_report(
+    svc: &Service,
+    ctx: &Context,
+    report: &Report,
+) -> Result<Option<Service>, Error> {
+    match report {
+        Report::Keep => Ok(None),
+        Report::Clear => clear_status(svc, ctx).await.map(Some),
+        Report::Set { readiness, ingress } => {
+            let ingress = match ingress {
+                Ingress::Keep => status::kept_ingress(svc),
+                Ingress::Set(v) => Some(v.clone()).filter(|v| !v.is_empty()),
+            };
+            set_status(svc, ctx, readiness, ingress).await
+        }
+    }
+}
+
+/// Before a Service changes class to one of another provider, the previous provider lets
+/// go first: pool addresses leave the status before the new class claims the Service (so
+/// an address is free exactly when no status lists it); AWS resources are deleted before
+/// a pool class writes its address. Within one provider the provider carries it over.
 /// `Some(action)` when the hand-over cannot finish now.
 async fn hand_over(
     svc: &Service,
@@ -324,45 +283,90 @@ async fn hand_over(
     let Some(previous) = recorded.filter(|r| *r != class) else {
         return Ok(None);
     };
-    let to_pool = is_pool_class(classes, class);
-    if !to_pool && !pool::status_ips(svc).is_empty() {
-        release_status(svc, ctx).await?;
-        // The status write changed the resourceVersion the claim is guarded by; its event
-        // brings the Service back.
-        return Ok(Some(Action::await_change()));
-    }
-    if to_pool && !is_pool_class(classes, previous) && ctx.uses_aws() {
-        return remove_aws(svc, ctx, false).await;
+    let next = classes
+        .iter()
+        .find(|c| c.name_any() == class)
+        .and_then(|c| ctx.providers.for_class(c))
+        .map(|p| p.name());
+    for provider in ctx.providers.holding(classes, Some(previous)) {
+        if Some(provider.name()) == next {
+            continue;
+        }
+        let mut outcome = provider.release(svc, false).await;
+        if outcome.report == Report::Clear {
+            let settle = outcome.settle.take();
+            let cleared = clear_status(svc, ctx).await;
+            if let Some(settle) = settle {
+                settle(cleared.is_ok());
+            }
+            cleared?;
+            // The status write changed the resourceVersion the claim is guarded by; its
+            // event brings the Service back.
+            return Ok(Some(Action::await_change()));
+        }
+        if outcome.next != Next::Done || outcome.error.is_some() {
+            return finish(svc, ctx, outcome).await.map(Some);
+        }
+        if let Some(settle) = outcome.settle.take() {
+            settle(true);
+        }
+        publish_all(svc, ctx, &outcome.events).await;
     }
     Ok(None)
 }
 
-/// Removes berth's status fields, then counts the Service's pool addresses as free.
-/// Returns the Service as written (its new resourceVersion guards later writes).
-async fn release_status(svc: &Service, ctx: &Context) -> Result<Service, Error> {
-    let updated = services_api(ctx, svc)
-        .patch_status(
-            &svc.name_any(),
-            &PatchParams::apply(berth_crds::CONTROLLER_MANAGER).force(),
-            &Patch::Apply(status::status_patch(svc, None, &None)),
-        )
-        .await
-        .map_err(|e| Error::Kube("clear status", e))?;
-    released(svc, ctx);
-    Ok(updated)
-}
-
-/// The Service no longer holds pool addresses (its status says so, or it is gone).
-fn released(svc: &Service, ctx: &Context) {
-    if let Ok(mut r) = ctx.reservations.lock() {
-        r.set(&svc_uid(svc), Vec::new());
+/// Lets go of what the Service's recorded class provisioned, then clears its status and
+/// the finalizer.
+async fn cleanup(
+    svc: &Service,
+    ctx: &Context,
+    deleting: bool,
+    classes: &[Arc<LoadBalancerClass>],
+) -> Result<Action, Error> {
+    let recorded = svc.annotations().get(ANNOTATION_OWNER_CLASS);
+    let mut settles = Vec::new();
+    for provider in ctx.providers.holding(classes, recorded.map(String::as_str)) {
+        let mut outcome = provider.release(svc, deleting).await;
+        if outcome.next != Next::Done || outcome.error.is_some() {
+            return finish(svc, ctx, outcome).await;
+        }
+        settles.extend(outcome.settle.take());
+        publish_all(svc, ctx, &outcome.events).await;
     }
-    ctx.set_pending(svc, false);
-    ctx.retrigger_pending();
+    let done = if deleting {
+        remove_finalizer(svc, ctx).await
+    } else {
+        // No longer ours (type or class changed): drop what berth wrote in the status,
+        // then the finalizer, guarded by the version the status write produced.
+        match clear_status(svc, ctx).await {
+            Ok(updated) => remove_finalizer(&updated, ctx).await,
+            Err(e) => Err(e),
+        }
+    };
+    for settle in settles {
+        settle(done.is_ok());
+    }
+    done?;
+    Ok(Action::await_change())
 }
 
 fn services_api(ctx: &Context, svc: &Service) -> Api<Service> {
-    Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default())
+    Api::namespaced(
+        ctx.writer.client().clone(),
+        &svc.namespace().unwrap_or_default(),
+    )
+}
+
+/// Removes berth's status fields. Returns the Service as written (its new
+/// resourceVersion guards later writes).
+async fn clear_status(svc: &Service, ctx: &Context) -> Result<Service, Error> {
+    let body = status::status_patch(svc, None, &None);
+    let api = services_api(ctx, svc);
+    let written = ctx
+        .writer
+        .apply_status(&api, &svc.name_any(), body, Write::ServiceStatus)
+        .await?;
+    Ok(written)
 }
 
 /// Adds the finalizer and records the class, in one write guarded by the resourceVersion.
@@ -375,7 +379,7 @@ async fn claim(svc: &Service, ctx: &Context, class: &str) -> Result<(), Error> {
         "finalizers": finalizers,
         "annotations": {ANNOTATION_OWNER_CLASS: class},
     });
-    patch_metadata_guarded(svc, ctx, metadata, "claim the Service").await
+    patch_metadata_guarded(svc, ctx, metadata).await
 }
 
 async fn remove_finalizer(svc: &Service, ctx: &Context) -> Result<(), Error> {
@@ -386,8 +390,8 @@ async fn remove_finalizer(svc: &Service, ctx: &Context) -> Result<(), Error> {
         .cloned()
         .collect();
     let metadata = serde_json::json!({"finalizers": finalizers});
-    match patch_metadata_guarded(svc, ctx, metadata, "update finalizers").await {
-        Err(Error::Kube(_, kube::Error::Api(s))) if s.code == 404 => Ok(()),
+    match patch_metadata_guarded(svc, ctx, metadata).await {
+        Err(Error::Write(WriteError::Kube(_, kube::Error::Api(s)))) if s.code == 404 => Ok(()),
         other => other,
     }
 }
@@ -398,398 +402,102 @@ async fn patch_metadata_guarded(
     svc: &Service,
     ctx: &Context,
     mut metadata: serde_json::Value,
-    what: &'static str,
 ) -> Result<(), Error> {
     metadata["resourceVersion"] = serde_json::json!(svc.metadata.resource_version);
-    services_api(ctx, svc)
-        .patch(
-            &svc.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "metadata": metadata })),
-        )
-        .await
-        .map_err(|e| Error::Kube(what, e))?;
+    let body = serde_json::json!({ "metadata": metadata });
+    let api = services_api(ctx, svc);
+    ctx.writer
+        .merge(&api, &svc.name_any(), body, Write::ServiceMetadata)
+        .await?;
     Ok(())
 }
 
-async fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, note: String) {
+async fn publish(ctx: &Context, svc: &Service, warning: bool, reason: &str, message: &str) {
     let ev = Event {
-        type_,
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
         reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
+        note: Some(message.chars().take(1000).collect()),
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &svc.object_ref(&())).await {
-        tracing::warn!(error = %e, "publishing event failed");
+    ctx.writer.publish(&ev, &svc.object_ref(&())).await;
+}
+
+async fn publish_all(svc: &Service, ctx: &Context, notes: &[Note]) {
+    for n in notes {
+        publish(ctx, svc, n.warning, n.reason, &n.message).await;
     }
 }
 
-/// Writes the condition and the ingress (`None`: keep the hostnames there; empty: none),
-/// with an Event whenever the condition changes.
-async fn report(
-    ctx: &Context,
+/// Writes the condition and the ingress (None: none), with an Event whenever the
+/// condition changes; counts the first time a Service turns ready. The Service as written
+/// when anything changed.
+async fn set_status(
     svc: &Service,
+    ctx: &Context,
     r: &Readiness,
-    ingress: Option<Vec<LoadBalancerIngress>>,
-) -> Result<(), Error> {
+    ingress: Option<Vec<k8s_openapi::api::core::v1::LoadBalancerIngress>>,
+) -> Result<Option<Service>, Error> {
     let cond = status::condition(svc, r, Time(k8s_openapi::jiff::Timestamp::now()));
-    let ingress = match ingress {
-        Some(v) => Some(v).filter(|v| !v.is_empty()),
-        None => status::hostname_ingress(svc),
-    };
     if !status::status_changes(svc, &cond, &ingress) {
-        return Ok(());
+        return Ok(None);
     }
-    let previous = status::current_condition(svc).map(|c| (c.reason.clone(), c.message.clone()));
-    if previous.as_ref() != Some(&(cond.reason.clone(), cond.message.clone())) {
-        let type_ = if r.ready || r.reason == reason::PROVISIONING {
-            EventType::Normal
-        } else {
-            EventType::Warning
-        };
-        publish(ctx, svc, type_, &r.reason, r.message.clone()).await;
+    let previous = status::current_condition(svc);
+    if previous.map(|c| (&c.reason, &c.message)) != Some((&cond.reason, &cond.message)) {
+        let warning = !(r.ready || r.reason == reason::PROVISIONING);
+        publish(ctx, svc, warning, &r.reason, &r.message).await;
     }
+    let was_ready = previous.is_some_and(|c| c.status == "True");
     let body = status::status_patch(svc, Some(&cond), &ingress);
-    services_api(ctx, svc)
-        .patch_status(
-            &svc.name_any(),
-            &PatchParams::apply(berth_crds::CONTROLLER_MANAGER).force(),
-            &Patch::Apply(body),
-        )
-        .await
-        .map_err(|e| Error::Kube("write status", e))?;
-    Ok(())
-}
-
-/// Reports a problem the user has to fix: no retry until something changes (the periodic
-/// resync still looks again).
-async fn invalid(
-    ctx: &Context,
-    svc: &Service,
-    reason: &str,
-    message: String,
-) -> Result<Action, Error> {
-    report(ctx, svc, &Readiness::not_ready(reason, message), None).await?;
-    Ok(Action::requeue(ctx.config.resync))
-}
-
-async fn provision(
-    svc: &Service,
-    ctx: &Context,
-    class_name: &str,
-    classes: &[Arc<LoadBalancerClass>],
-) -> Result<Action, Error> {
-    let Some(class) = classes.iter().find(|c| c.name_any() == class_name) else {
-        return invalid(
-            ctx,
-            svc,
-            reason::CLASS_NOT_FOUND,
-            format!("LoadBalancerClass {class_name} does not exist"),
-        )
-        .await;
-    };
-    if let Some(spec) = class.spec.pool.as_ref() {
-        return provision_pool(svc, ctx, class_name, spec, classes).await;
-    }
-    let Some(aws_class) = class.spec.aws.as_ref() else {
-        return invalid(
-            ctx,
-            svc,
-            reason::UNSUPPORTED_PROVIDER,
-            format!("LoadBalancerClass {class_name} has no provider block"),
-        )
-        .await;
-    };
-    let settings = match settings::settings(svc, aws_class, &ctx.config.cluster_name) {
-        Ok(s) => s,
-        Err(errors) => {
-            return invalid(ctx, svc, reason::INVALID_ANNOTATION, errors.join("; ")).await;
-        }
-    };
-
-    if settings.target_type == TargetType::Instance && !nodeport::missing(svc).is_empty() {
-        return allocate_node_ports(svc, ctx).await;
-    }
-
-    let (vpc, subnets) =
-        match resolve_subnets(ctx, &settings.subnets, settings.scheme, aws_class).await {
-            Ok(v) => v,
-            Err(e) => return aws_failed(ctx, svc, e.into()).await,
-        };
-    let Some(vpc) = vpc
-        .or_else(|| aws_class.vpc_id.clone())
-        .or_else(|| ctx.config.vpc_id.clone())
-    else {
-        return invalid(
-            ctx,
-            svc,
-            reason::NO_SUBNETS,
-            "no subnets found for the load balancer".into(),
-        )
-        .await;
-    };
-    let ns = svc.namespace().unwrap_or_default();
-    let name = svc.name_any();
-    let slices: Vec<Arc<EndpointSlice>> = ctx.slices.state_filter(|s| {
-        s.namespace().as_deref() == Some(ns.as_str())
-            && s.labels().get(LABEL_SERVICE_NAME).map(String::as_str) == Some(name.as_str())
-    });
-    let nodes = ctx.nodes.state();
-    let world = World {
-        cluster: &ctx.config.cluster_name,
-        vpc_id: &vpc,
-        subnets: &subnets,
-        nodes: &nodes,
-        slices: &slices,
-    };
-    let desired = match model::build(svc, &settings, &world) {
-        Ok(d) => d,
-        Err(BuildError::NoSubnets) => {
-            return invalid(
-                ctx,
-                svc,
-                reason::NO_SUBNETS,
-                BuildError::NoSubnets.to_string(),
-            )
-            .await;
-        }
-        Err(e @ BuildError::InvalidSpec(_)) => {
-            return invalid(ctx, svc, reason::INVALID_SPEC, e.to_string()).await;
-        }
-    };
-    let applied = match apply::ensure(&ctx.aws, &ctx.inventory, &desired, &svc_uid(svc)).await {
-        Ok(a) => a,
-        Err(e) => return aws_failed(ctx, svc, e).await,
-    };
-    let targets: String = applied
-        .health
-        .values()
-        .map(|(h, t)| format!("{h}/{t}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    if applied.lb.state == "active" {
-        let message = format!(
-            "load balancer {} ({}) is active; healthy targets per port: {targets}",
-            applied.lb.name, applied.lb.dns_name
-        );
-        let first = ctx
-            .ready_seen
-            .lock()
-            .map(|mut s| s.insert(svc_uid(svc)))
-            .unwrap_or(false);
-        let was_ready = status::current_condition(svc).is_some_and(|c| c.status == "True");
-        report(
-            ctx,
-            svc,
-            &Readiness::ready(message),
-            Some(status::ingress(svc, &applied.lb.dns_name)),
-        )
+    let api = services_api(ctx, svc);
+    let written = ctx
+        .writer
+        .apply_status(&api, &svc.name_any(), body, Write::ServiceStatus)
         .await?;
-        if first
-            && !was_ready
-            && let Some(created) = svc.metadata.creation_timestamp.as_ref()
-        {
-            let ms =
-                k8s_openapi::jiff::Timestamp::now().as_millisecond() - created.0.as_millisecond();
-            ctx.metrics.ready_seconds.observe(ms.max(0) as f64 / 1000.0);
-        }
-        Ok(Action::requeue(ctx.config.resync))
-    } else {
-        let message = format!("load balancer {} is {}", applied.lb.name, applied.lb.state);
-        report(
-            ctx,
-            svc,
-            &Readiness::not_ready(reason::PROVISIONING, message),
-            Some(status::ingress(svc, &applied.lb.dns_name)),
-        )
-        .await?;
-        Ok(Action::requeue(Duration::from_secs(3)))
+    if r.ready && !was_ready {
+        observe_ready(svc, ctx);
+    }
+    Ok(Some(written))
+}
+
+/// Counts the time from creation to ready, once per Service and process.
+fn observe_ready(svc: &Service, ctx: &Context) {
+    let first = ctx
+        .ready_seen
+        .lock()
+        .map(|mut s| s.insert(svc_uid(svc)))
+        .unwrap_or(false);
+    if first && let Some(created) = svc.metadata.creation_timestamp.as_ref() {
+        let ms = k8s_openapi::jiff::Timestamp::now().as_millisecond() - created.0.as_millisecond();
+        ctx.metrics.ready_seconds.observe(ms.max(0) as f64 / 1000.0);
     }
 }
 
-/// The pool provider: choose the Service's addresses under the allocation lock, reserve
-/// them, write them into the status.
-async fn provision_pool(
-    svc: &Service,
-    ctx: &Context,
-    class_name: &str,
-    spec: &berth_crds::PoolProvider,
-    classes: &[Arc<LoadBalancerClass>],
-) -> Result<Action, Error> {
-    if !ctx.synced() {
-        return Ok(Action::requeue(Duration::from_secs(1)));
-    }
-    let class = match PoolClass::parse(class_name, spec) {
-        Ok(c) => c,
-        Err(errors) => {
-            // A broken class spec must not take every Service's address away: keep them.
-            let keep = pool::status_ips(svc);
-            report(
-                ctx,
-                svc,
-                &Readiness::not_ready(
-                    reason::INVALID_SPEC,
-                    format!(
-                        "LoadBalancerClass {class_name} is not valid: {}",
-                        errors.join("; ")
-                    ),
-                ),
-                Some(status::ip_ingress(svc, &keep)),
-            )
-            .await?;
-            return Ok(Action::requeue(ctx.config.resync));
-        }
-    };
-    let ns = svc.namespace().unwrap_or_default();
-    let ns_labels = ctx
-        .namespaces
-        .get(&ObjectRef::new(&ns))
-        .map(|n| n.labels().clone())
-        .unwrap_or_default();
-    let uid = svc_uid(svc);
-    let (outcome, before) = {
-        let Ok(mut reservations) = ctx.reservations.lock() else {
-            return Ok(Action::requeue(Duration::from_secs(1)));
-        };
-        let holders = pool_holders(&ctx.services.state(), classes, &mut reservations);
-        let mut me = pool::Holder::of(svc);
-        me.ips = holders
-            .iter()
-            .find(|h| h.uid == uid)
-            .map(|h| h.ips.clone())
-            .unwrap_or_default();
-        let others: Vec<pool::Holder> = holders.into_iter().filter(|h| h.uid != uid).collect();
-        let outcome = pool::decide(svc, &class, &ns_labels, &me, &others);
-        // Until the write lands, the Service holds both its old and its new addresses.
-        let mut during: Vec<IpAddr> = me.ips.clone();
-        if let Outcome::Assigned { ips, .. } = &outcome {
-            during.extend(ips.iter().filter(|ip| !me.ips.contains(ip)));
-        }
-        reservations.set(&uid, during);
-        (outcome, me.ips)
-    };
-    let (readiness, ips, moved) = match &outcome {
-        Outcome::Assigned { ips, moved } => {
-            let list: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
-            let message = format!(
-                "{} {} from pool {class_name}",
-                if ips.len() == 1 {
-                    "address"
-                } else {
-                    "addresses"
-                },
-                list.join(", ")
-            );
-            (Readiness::ready(message), ips.clone(), moved.clone())
-        }
-        Outcome::Unassigned { reason, message } => (
-            Readiness::not_ready(reason, message.clone()),
-            Vec::new(),
-            Vec::new(),
-        ),
-    };
-    let written = report(ctx, svc, &readiness, Some(status::ip_ingress(svc, &ips))).await;
-    if let Ok(mut r) = ctx.reservations.lock() {
-        r.set(
-            &uid,
-            if written.is_ok() {
-                ips.clone()
-            } else {
-                before.clone()
-            },
-        );
-    }
-    written?;
-    for (old, new, why) in moved {
-        publish(
-            ctx,
-            svc,
-            EventType::Normal,
-            "AddressMoved",
-            format!("moved from {old} to {new}: {why}"),
-        )
-        .await;
-    }
-    let waiting = matches!(
-        &outcome,
-        Outcome::Unassigned { reason, .. } if *reason == pool::reason::POOL_EXHAUSTED
-            || *reason == pool::reason::PORT_CONFLICT
-            || *reason == pool::reason::ADDRESS_UNAVAILABLE
-    );
-    ctx.set_pending(svc, waiting);
-    if before.iter().any(|ip| !ips.contains(ip)) {
-        ctx.retrigger_pending();
-    }
-    Ok(Action::requeue(ctx.config.resync))
-}
-
-async fn aws_failed(ctx: &Context, svc: &Service, e: ApplyError) -> Result<Action, Error> {
-    let reason = match &e {
-        ApplyError::NameConflict(_) => reason::NAME_CONFLICT,
-        ApplyError::DeletionProtected(_) => reason::DELETION_PROTECTED,
-        ApplyError::Aws(_) => reason::AWS_ERROR,
-    };
-    report(ctx, svc, &Readiness::not_ready(reason, e.to_string()), None).await?;
-    Err(e.into())
-}
-
-async fn resolve_subnets(
-    ctx: &Context,
-    choice: &SubnetChoice,
-    scheme: model::Scheme,
-    class: &AwsProvider,
-) -> Result<(Option<String>, Vec<String>), crate::provider::aws::client::AwsError> {
-    let vpc = class.vpc_id.clone().or_else(|| ctx.config.vpc_id.clone());
-    let key = format!("{choice:?}/{scheme:?}/{vpc:?}");
-    if let Ok(cache) = ctx.subnets.lock()
-        && let Some((at, v, s)) = cache.get(&key)
-        && at.elapsed() < Duration::from_secs(60)
-        && !s.is_empty()
-    {
-        return Ok((v.clone(), s.clone()));
-    }
-    let (found_vpc, subnets) = ctx
-        .aws
-        .resolve_subnets(choice, scheme, vpc.as_deref(), &ctx.config.cluster_name)
-        .await?;
-    if let Ok(mut cache) = ctx.subnets.lock() {
-        cache.insert(key, (Instant::now(), found_vpc.clone(), subnets.clone()));
-    }
-    Ok((found_vpc, subnets))
-}
-
+/// NodePorts for the ports that lack one, chosen among the free ones; the apiserver's
+/// allocator has the last word.
 async fn allocate_node_ports(svc: &Service, ctx: &Context) -> Result<Action, Error> {
+    let invalid = |message: String| Outcome::invalid(reason::NODE_PORT_ALLOCATION, message);
     let Some(range) = nodeport::parse_range(&ctx.config.node_port_range) else {
-        return invalid(
-            ctx,
-            svc,
-            reason::NODE_PORT_ALLOCATION,
-            format!("bad --node-port-range {}", ctx.config.node_port_range),
-        )
-        .await;
+        let message = format!("bad --node-port-range {}", ctx.config.node_port_range);
+        return finish(svc, ctx, invalid(message)).await;
     };
-    let services = ctx.services.state();
+    let services = ctx.stores.services.state();
     let mut used = nodeport::used_ports(services.iter().map(|s| s.as_ref()));
     let indexes = nodeport::missing(svc);
+    let api = services_api(ctx, svc);
     for _ in 0..8 {
         let start = rand::random_range(*range.start()..=*range.end());
         let Some(chosen) = nodeport::choose(svc, &indexes, &used, &range, start) else {
-            return invalid(
-                ctx,
-                svc,
-                reason::NODE_PORT_ALLOCATION,
-                "no free NodePort in the range".into(),
-            )
-            .await;
+            return finish(svc, ctx, invalid("no free NodePort in the range".into())).await;
         };
         let patch = nodeport::patch(svc, &chosen);
-        match services_api(ctx, svc)
-            .patch(
-                &svc.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(patch),
-            )
+        match ctx
+            .writer
+            .merge(&api, &svc.name_any(), patch, Write::NodePorts)
             .await
         {
             Ok(_) => {
@@ -797,135 +505,20 @@ async fn allocate_node_ports(svc: &Service, ctx: &Context) -> Result<Action, Err
                 return Ok(Action::await_change());
             }
             // Taken by the apiserver's allocator meanwhile: mark and pick again.
-            Err(kube::Error::Api(s)) if s.code == 422 && s.message.contains("allocated") => {
+            Err(WriteError::Kube(_, kube::Error::Api(s)))
+                if s.code == 422 && s.message.contains("allocated") =>
+            {
                 used.extend(chosen.iter().map(|(_, p)| *p));
             }
             // The Service changed (failed test op or conflict): the next event retries.
-            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 422 => {
+            Err(WriteError::Kube(_, kube::Error::Api(s))) if s.code == 409 || s.code == 422 => {
                 return Ok(Action::requeue(Duration::from_secs(1)));
             }
-            Err(e) => return Err(Error::Kube("allocate NodePorts", e)),
+            Err(e) => return Err(e.into()),
         }
     }
-    invalid(
-        ctx,
-        svc,
-        reason::NODE_PORT_ALLOCATION,
-        "NodePorts kept colliding; retrying later".into(),
-    )
-    .await
-}
-
-/// Names the Service's load balancer may have: the generated one and the annotation's.
-fn candidate_names(svc: &Service, ctx: &Context) -> Vec<String> {
-    let classes = ctx.classes.state();
-    let mut names = Vec::new();
-    let prefixes: Vec<String> = classes
-        .iter()
-        .filter_map(|c| c.spec.aws.as_ref()?.name_prefix.clone())
-        .chain(std::iter::once("k8s".to_string()))
-        .collect();
-    for prefix in prefixes {
-        names.push(model::resource_name(
-            &prefix,
-            &svc.namespace().unwrap_or_default(),
-            &svc.name_any(),
-            &format!("{}/{}", ctx.config.cluster_name, svc_uid(svc)),
-        ));
-    }
-    if let Some(n) = svc.annotations().get(settings::annotations::NAME)
-        && settings::valid_lb_name(n)
-    {
-        names.push(n.clone());
-    }
-    names.sort();
-    names.dedup();
-    names
-}
-
-/// Lets go of what the Service's recorded class provisioned (AWS resources, or only the
-/// pool addresses), then clears its status and the finalizer.
-async fn cleanup(
-    svc: &Service,
-    ctx: &Context,
-    deleting: bool,
-    classes: &[Arc<LoadBalancerClass>],
-) -> Result<Action, Error> {
-    let recorded = svc.annotations().get(ANNOTATION_OWNER_CLASS);
-    let pool_owned = recorded.is_some_and(|c| is_pool_class(classes, c));
-    if !pool_owned
-        && ctx.uses_aws()
-        && let Some(action) = remove_aws(svc, ctx, deleting).await?
-    {
-        return Ok(action);
-    }
-    if !deleting {
-        // No longer ours (type or class changed): drop what berth wrote in the status.
-        let updated = release_status(svc, ctx).await?;
-        // Guarded by the version the status write produced, not the one read before it.
-        remove_finalizer(&updated, ctx).await?;
-    } else {
-        remove_finalizer(svc, ctx).await?;
-        released(svc, ctx);
-    }
-    Ok(Action::await_change())
-}
-
-/// Deletes the Service's AWS resources. `Some(action)` when that cannot finish now
-/// (deletion protection).
-async fn remove_aws(svc: &Service, ctx: &Context, deleting: bool) -> Result<Option<Action>, Error> {
-    let keep_protection = svc
-        .annotations()
-        .get(settings::annotations::ATTRIBUTES)
-        .and_then(|v| settings::parse_map(v, false).ok())
-        .and_then(|m| m.get("deletion_protection.enabled").cloned())
-        .is_some_and(|v| v == "true");
-    let names = candidate_names(svc, ctx);
-    match apply::remove(
-        &ctx.aws,
-        &ctx.inventory,
-        &svc_uid(svc),
-        &names,
-        keep_protection,
-    )
-    .await
-    {
-        Ok(n) => {
-            if n > 0 {
-                publish(
-                    ctx,
-                    svc,
-                    EventType::Normal,
-                    "Deleted",
-                    "deleted the load balancer and its target groups".into(),
-                )
-                .await;
-            }
-        }
-        Err(e @ ApplyError::DeletionProtected(_)) => {
-            report(
-                ctx,
-                svc,
-                &Readiness::not_ready(reason::DELETION_PROTECTED, e.to_string()),
-                None,
-            )
-            .await?;
-            return Ok(Some(Action::requeue(Duration::from_secs(30))));
-        }
-        Err(e) => {
-            if !deleting {
-                report(
-                    ctx,
-                    svc,
-                    &Readiness::not_ready(reason::AWS_ERROR, e.to_string()),
-                    None,
-                )
-                .await?;
-            }
-            return Err(e.into());
-        }
-    }
-    Ok(None)
+    let message = "NodePorts kept colliding; retrying later".to_string();
+    finish(svc, ctx, invalid(message)).await
 }
 
 #[cfg(test)]
@@ -938,7 +531,7 @@ mod tests {
             name,
             berth_crds::LoadBalancerClassSpec {
                 default,
-                aws: Some(AwsProvider::default()),
+                aws: Some(berth_crds::AwsProvider::default()),
                 pool: None,
             },
         );

@@ -1,51 +1,12 @@
 //! The Service status berth writes: `status.loadBalancer` and the
 //! `berth.dev/LoadBalancerReady` condition. Pure builders; the reconciler applies them.
-
-use std::net::IpAddr;
+//! What a provider asks for ([`Readiness`], ingress entries) is in [`crate::provider`].
 
 use berth_crds::CONDITION_LB_READY;
-use k8s_openapi::api::core::v1::{LoadBalancerIngress, PortStatus, Service};
+use k8s_openapi::api::core::v1::{LoadBalancerIngress, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-/// Reasons of the `berth.dev/LoadBalancerReady` condition.
-pub mod reason {
-    pub const PROVISIONED: &str = "Provisioned";
-    pub const PROVISIONING: &str = "Provisioning";
-    pub const INVALID_ANNOTATION: &str = "InvalidAnnotation";
-    pub const INVALID_SPEC: &str = "InvalidSpec";
-    pub const NO_SUBNETS: &str = "NoSubnets";
-    pub const CLASS_NOT_FOUND: &str = "ClassNotFound";
-    pub const UNSUPPORTED_PROVIDER: &str = "UnsupportedProvider";
-    pub const AWS_ERROR: &str = "AWSError";
-    pub const NAME_CONFLICT: &str = "NameConflict";
-    pub const DELETION_PROTECTED: &str = "DeletionProtected";
-    pub const NODE_PORT_ALLOCATION: &str = "NodePortAllocationFailed";
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Readiness {
-    pub ready: bool,
-    pub reason: String,
-    pub message: String,
-}
-
-impl Readiness {
-    pub fn ready(message: impl Into<String>) -> Self {
-        Self {
-            ready: true,
-            reason: reason::PROVISIONED.into(),
-            message: message.into(),
-        }
-    }
-
-    pub fn not_ready(reason: &str, message: impl Into<String>) -> Self {
-        Self {
-            ready: false,
-            reason: reason.into(),
-            message: message.into(),
-        }
-    }
-}
+use crate::provider::Readiness;
 
 /// The Service's current berth condition, if any.
 pub fn current_condition(svc: &Service) -> Option<&Condition> {
@@ -57,48 +18,9 @@ pub fn current_condition(svc: &Service) -> Option<&Condition> {
         .find(|c| c.type_ == CONDITION_LB_READY)
 }
 
-fn port_status(svc: &Service) -> Option<Vec<PortStatus>> {
-    svc.spec
-        .as_ref()
-        .and_then(|s| s.ports.as_ref())
-        .map(|ps| {
-            ps.iter()
-                .map(|p| PortStatus {
-                    port: p.port,
-                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                    error: None,
-                })
-                .collect::<Vec<_>>()
-        })
-        .filter(|v| !v.is_empty())
-}
-
-/// The ingress entry for a load balancer DNS name and the Service's ports.
-pub fn ingress(svc: &Service, hostname: &str) -> Vec<LoadBalancerIngress> {
-    vec![LoadBalancerIngress {
-        hostname: Some(hostname.to_string()),
-        ports: port_status(svc),
-        ..Default::default()
-    }]
-}
-
-/// One ingress entry per pool address: the node agents deliver traffic to it themselves
-/// (`ipMode: VIP`).
-pub fn ip_ingress(svc: &Service, ips: &[IpAddr]) -> Vec<LoadBalancerIngress> {
-    let ports = port_status(svc);
-    ips.iter()
-        .map(|ip| LoadBalancerIngress {
-            ip: Some(ip.to_string()),
-            ip_mode: Some("VIP".into()),
-            ports: ports.clone(),
-            ..Default::default()
-        })
-        .collect()
-}
-
 /// The Service's current ingress entries that carry a hostname (a provider's own; pool
 /// addresses are not carried over to another provider).
-pub fn hostname_ingress(svc: &Service) -> Option<Vec<LoadBalancerIngress>> {
+pub fn kept_ingress(svc: &Service) -> Option<Vec<LoadBalancerIngress>> {
     svc.status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
@@ -179,58 +101,29 @@ pub fn status_patch(
 mod tests {
     use super::*;
     use crate::provider::aws::annotations::tests::service;
+    use crate::provider::{hostname_ingress as ingress, ip_ingress};
+    use crate::reason;
 
     fn now() -> Time {
         Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
     }
 
     #[test]
-    fn ingress_lists_hostname_and_ports() {
-        let svc = service(
-            &[
-                ("http", 80, "TCP", Some(30080)),
-                ("dns", 53, "UDP", Some(30053)),
-            ],
-            &[],
-        );
-        let ing = ingress(&svc, "lb-1.elb.example");
-        assert_eq!(ing[0].hostname.as_deref(), Some("lb-1.elb.example"));
-        let ports = ing[0].ports.clone().unwrap_or_default();
-        assert_eq!(ports.len(), 2);
-        assert_eq!(ports[1].protocol, "UDP");
-    }
-
-    #[test]
-    fn ip_ingress_has_one_vip_entry_per_address() {
-        let svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
-        let ips: Vec<IpAddr> = vec![
-            "198.19.1.1".parse().expect("ip"),
-            "2001:db8::1".parse().expect("ip"),
-        ];
-        let ing = ip_ingress(&svc, &ips);
-        assert_eq!(ing.len(), 2);
-        assert_eq!(ing[1].ip.as_deref(), Some("2001:db8::1"));
-        assert_eq!(ing[0].ip_mode.as_deref(), Some("VIP"));
-        assert_eq!(ing[0].ports.as_ref().map(|p| p[0].port), Some(80));
-        assert!(ing[0].hostname.is_none());
-    }
-
-    #[test]
     fn only_hostname_entries_carry_over() {
         let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
-        assert_eq!(hostname_ingress(&svc), None);
+        assert_eq!(kept_ingress(&svc), None);
         let mut entries = ip_ingress(&svc, &["198.19.1.1".parse().expect("ip")]);
         svc.status.get_or_insert_default().load_balancer =
             Some(k8s_openapi::api::core::v1::LoadBalancerStatus {
                 ingress: Some(entries.clone()),
             });
-        assert_eq!(hostname_ingress(&svc), None);
+        assert_eq!(kept_ingress(&svc), None);
         entries.extend(ingress(&svc, "h"));
         svc.status.get_or_insert_default().load_balancer =
             Some(k8s_openapi::api::core::v1::LoadBalancerStatus {
                 ingress: Some(entries),
             });
-        assert_eq!(hostname_ingress(&svc).map(|v| v.len()), Some(1));
+        assert_eq!(kept_ingress(&svc).map(|v| v.len()), Some(1));
     }
 
     #[test]

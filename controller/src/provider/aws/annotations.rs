@@ -1,119 +1,299 @@
-//! A Service's load-balancer settings: its class's `aws` block overlaid with the AWS Load
-//! Balancer Controller annotations. Pure; every malformed value is reported, none panics.
+//! The AWS Load Balancer Controller annotations berth reads, as a table: each key with the
+//! values it takes and what it sets. [`settings`] lays them over the class's settings;
+//! every malformed value is reported at once, none panics.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use berth_crds::{AwsProvider, IpAddressType, Scheme, TargetType};
 use k8s_openapi::api::core::v1::Service;
 
 pub use berth_crds::annotations;
 
-use crate::provider::aws::model::{MAX_NAME, resource_name};
+pub use crate::provider::aws::naming::valid_lb_name;
+pub use crate::provider::aws::settings::{
+    DEFAULT_SSL_POLICY, Draft, HealthCheck, HealthPort, Settings, Ssl, SslPorts, SubnetChoice,
+};
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HealthPort {
-    TrafficPort,
-    Port(i32),
+use crate::provider::aws::naming::MAX_NAME;
+use crate::provider::aws::settings::class_health_check;
+
+/// What an annotation configures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Group {
+    LoadBalancer,
+    TargetGroup,
+    /// Any of these set: `externalTrafficPolicy: Local` no longer replaces the check.
+    HealthCheck,
+    Tls,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HealthCheck {
-    /// `TCP`, `HTTP` or `HTTPS`.
-    pub protocol: String,
-    pub port: HealthPort,
-    pub path: Option<String>,
-    pub interval_seconds: i32,
-    pub timeout_seconds: i32,
-    pub healthy_threshold: i32,
-    pub unhealthy_threshold: i32,
-    pub success_codes: Option<String>,
+/// One annotation: its key, the values it takes, and how a value changes the settings.
+pub struct Annotation {
+    pub key: &'static str,
+    pub group: Group,
+    /// The values it takes, as the README documents them.
+    pub values: &'static str,
+    /// Parses `value` into the draft, or says what is wrong with it.
+    pub apply: fn(&mut Draft, &str) -> Result<(), String>,
 }
 
-impl HealthCheck {
-    /// The AWS Load Balancer Controller's NLB default: TCP on the traffic port.
-    pub fn default_tcp() -> Self {
-        Self {
-            protocol: "TCP".into(),
-            port: HealthPort::TrafficPort,
-            path: None,
-            interval_seconds: 10,
-            timeout_seconds: 10,
-            healthy_threshold: 3,
-            unhealthy_threshold: 3,
-            success_codes: None,
-        }
+/// Every annotation, in the order they are applied (`proxy-protocol` after
+/// `target-group-attributes`, so it wins).
+pub const TABLE: &[Annotation] = &[
+    Annotation {
+        key: annotations::SCHEME,
+        group: Group::LoadBalancer,
+        values: "internal | internet-facing",
+        apply: |d, v| {
+            let options = [
+                ("internal", Scheme::Internal),
+                ("internet-facing", Scheme::InternetFacing),
+            ];
+            d.settings.scheme = one_of(v, &options)?;
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::NLB_TARGET_TYPE,
+        group: Group::TargetGroup,
+        values: "instance | ip",
+        apply: |d, v| {
+            let options = [("instance", TargetType::Instance), ("ip", TargetType::Ip)];
+            d.settings.target_type = one_of(v, &options)?;
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::IP_ADDRESS_TYPE,
+        group: Group::LoadBalancer,
+        values: "ipv4 | dualstack",
+        apply: |d, v| {
+            let options = [
+                ("ipv4", IpAddressType::Ipv4),
+                ("dualstack", IpAddressType::Dualstack),
+            ];
+            d.settings.ip_address_type = one_of(v, &options)?;
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::NAME,
+        group: Group::LoadBalancer,
+        values: "a load balancer name",
+        apply: |d, v| {
+            if !valid_lb_name(v) {
+                return Err(format!(
+                    "`{v}` is not a valid load balancer name (≤{MAX_NAME} letters, digits, hyphens)"
+                ));
+            }
+            d.settings.name = v.to_string();
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::SUBNETS,
+        group: Group::LoadBalancer,
+        values: "subnet IDs or Name tags, comma-separated",
+        apply: |d, v| {
+            d.settings.subnets = subnet_choice(v)?;
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::ADDITIONAL_RESOURCE_TAGS,
+        group: Group::LoadBalancer,
+        values: "k1=v1, k2=v2",
+        apply: |d, v| {
+            let tags = parse_map(v, false)?;
+            let reserved: Vec<&String> = tags
+                .keys()
+                .filter(|k| k.starts_with("berth.dev/") || k.starts_with("aws:"))
+                .collect();
+            if !reserved.is_empty() {
+                return Err(format!("tags {reserved:?} are reserved"));
+            }
+            d.settings.tags.extend(tags);
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::ATTRIBUTES,
+        group: Group::LoadBalancer,
+        values: "k1=v1, k2=v2",
+        apply: |d, v| {
+            d.settings.lb_attributes.extend(parse_map(v, false)?);
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::TARGET_GROUP_ATTRIBUTES,
+        group: Group::TargetGroup,
+        values: "k1=v1, k2=v2",
+        apply: |d, v| {
+            d.settings.tg_attributes.extend(parse_map(v, false)?);
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::PROXY_PROTOCOL,
+        group: Group::TargetGroup,
+        values: "*",
+        apply: |d, v| {
+            one_of(v, &[("*", ())])?;
+            let key = "proxy_protocol_v2.enabled".to_string();
+            d.settings.tg_attributes.insert(key, "true".into());
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::TARGET_NODE_LABELS,
+        group: Group::TargetGroup,
+        values: "k1=v1, k2 (a bare key: any value)",
+        apply: |d, v| {
+            d.settings.target_node_labels = parse_map(v, true)?;
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::SSL_CERT,
+        group: Group::Tls,
+        values: "a certificate ARN",
+        apply: |d, v| {
+            let cert = v.trim();
+            if !cert.starts_with("arn:") {
+                return Err(format!("`{cert}` is not a certificate ARN"));
+            }
+            d.ssl_certificate = Some(cert.to_string());
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::SSL_PORTS,
+        group: Group::Tls,
+        values: "* | port numbers or names, comma-separated",
+        apply: |d, v| {
+            d.ssl_ports = Some(match v.trim() {
+                "*" => SslPorts::All,
+                list => SslPorts::Some(parse_list(list).into_iter().collect()),
+            });
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::SSL_NEGOTIATION_POLICY,
+        group: Group::Tls,
+        values: "a security policy name",
+        apply: |d, v| {
+            let p = v.trim();
+            let valid = !p.is_empty()
+                && p.len() <= 128
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+            if !valid {
+                return Err(format!("`{p}` is not a security policy name"));
+            }
+            d.ssl_policy = p.to_string();
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::HC_PROTOCOL,
+        group: Group::HealthCheck,
+        values: "TCP | HTTP | HTTPS",
+        apply: |d, v| {
+            let upper = v.to_ascii_uppercase();
+            if !["TCP", "HTTP", "HTTPS"].contains(&upper.as_str()) {
+                return Err(format!("`{v}` is not TCP, HTTP or HTTPS"));
+            }
+            d.settings.health_check.protocol = upper;
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::HC_PORT,
+        group: Group::HealthCheck,
+        values: "traffic-port | 1..=65535",
+        apply: |d, v| {
+            d.settings.health_check.port = match v {
+                "traffic-port" => HealthPort::TrafficPort,
+                _ => HealthPort::Port(parse_int(v, 1..=65535)?),
+            };
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::HC_PATH,
+        group: Group::HealthCheck,
+        values: "/path",
+        apply: |d, v| {
+            if !v.starts_with('/') {
+                return Err(format!("`{v}` does not start with /"));
+            }
+            d.settings.health_check.path = Some(v.to_string());
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::HC_INTERVAL,
+        group: Group::HealthCheck,
+        values: "5..=300 seconds",
+        apply: |d, v| {
+            d.settings.health_check.interval_seconds = parse_int(v, 5..=300)?;
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::HC_TIMEOUT,
+        group: Group::HealthCheck,
+        values: "2..=120 seconds",
+        apply: |d, v| {
+            d.settings.health_check.timeout_seconds = parse_int(v, 2..=120)?;
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::HC_HEALTHY_THRESHOLD,
+        group: Group::HealthCheck,
+        values: "2..=10",
+        apply: |d, v| {
+            d.settings.health_check.healthy_threshold = parse_int(v, 2..=10)?;
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::HC_UNHEALTHY_THRESHOLD,
+        group: Group::HealthCheck,
+        values: "2..=10",
+        apply: |d, v| {
+            d.settings.health_check.unhealthy_threshold = parse_int(v, 2..=10)?;
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::HC_SUCCESS_CODES,
+        group: Group::HealthCheck,
+        values: "HTTP codes like 200-399 or 200,302",
+        apply: |d, v| {
+            if !valid_codes(v) {
+                return Err(format!("`{v}` is not HTTP codes like 200-399"));
+            }
+            d.settings.health_check.success_codes = Some(v.to_string());
+            Ok(())
+        },
+    },
+];
+
+/// The table entry for `key`.
+pub fn lookup(key: &str) -> Option<&'static Annotation> {
+    TABLE.iter().find(|a| a.key == key)
+}
+
+/// `value` as one of `options`, or an error naming them.
+fn one_of<T: Copy>(value: &str, options: &[(&str, T)]) -> Result<T, String> {
+    if let Some((_, t)) = options.iter().find(|(name, _)| *name == value) {
+        return Ok(*t);
     }
-
-    /// `externalTrafficPolicy: Local`: the node answers `/healthz` on the
-    /// healthCheckNodePort with 200 only when it has a local endpoint.
-    pub fn etp_local(node_port: i32) -> Self {
-        Self {
-            protocol: "HTTP".into(),
-            port: HealthPort::Port(node_port),
-            path: Some("/healthz".into()),
-            interval_seconds: 10,
-            timeout_seconds: 6,
-            healthy_threshold: 2,
-            unhealthy_threshold: 2,
-            success_codes: Some("200-399".into()),
-        }
-    }
-
-    pub fn port_string(&self) -> String {
-        match self.port {
-            HealthPort::TrafficPort => "traffic-port".into(),
-            HealthPort::Port(p) => p.to_string(),
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SslPorts {
-    All,
-    /// Port numbers or names.
-    Some(BTreeSet<String>),
-}
-
-/// TLS listeners: `ssl-cert`, `ssl-ports`, `ssl-negotiation-policy`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Ssl {
-    pub certificate: String,
-    pub ports: SslPorts,
-    pub policy: String,
-}
-
-/// The AWS Load Balancer Controller's default security policy for TLS listeners.
-pub const DEFAULT_SSL_POLICY: &str = "ELBSecurityPolicy-2016-08";
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SubnetChoice {
-    Discover,
-    /// Subnet IDs (`subnet-…`).
-    Ids(Vec<String>),
-    /// Subnets named (tag `Name`) like these.
-    Names(Vec<String>),
-    Tags(BTreeMap<String, String>),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Settings {
-    pub name: String,
-    pub name_prefix: String,
-    pub scheme: Scheme,
-    pub target_type: TargetType,
-    pub ip_address_type: IpAddressType,
-    pub vpc_id: Option<String>,
-    pub subnets: SubnetChoice,
-    pub security_groups: Vec<String>,
-    /// Class tags and `additional-resource-tags` (berth's own tags are added by the builder).
-    pub tags: BTreeMap<String, String>,
-    pub lb_attributes: BTreeMap<String, String>,
-    pub tg_attributes: BTreeMap<String, String>,
-    pub health_check: HealthCheck,
-    /// Any `healthcheck-*` annotation set: then ETP=Local does not replace the check.
-    pub health_check_overridden: bool,
-    pub target_node_labels: BTreeMap<String, String>,
-    pub ssl: Option<Ssl>,
+    let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+    Err(format!("`{value}` is not {}", names.join(" or ")))
 }
 
 /// `k1=v1, k2=v2` (AWS LBC's map annotations). A key without `=` has an empty value when
@@ -143,25 +323,46 @@ fn parse_list(value: &str) -> Vec<String> {
         .collect()
 }
 
-fn parse_int(key: &str, value: &str, range: std::ops::RangeInclusive<i32>) -> Result<i32, String> {
+fn parse_int(value: &str, range: std::ops::RangeInclusive<i32>) -> Result<i32, String> {
     match value.trim().parse::<i32>() {
         Ok(n) if range.contains(&n) => Ok(n),
         _ => Err(format!(
-            "{key}: `{value}` is not a number in {}..={}",
+            "`{value}` is not a number in {}..={}",
             range.start(),
             range.end()
         )),
     }
 }
 
-/// A load balancer name ELBv2 accepts.
-pub fn valid_lb_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-        && !name.starts_with("internal-")
+fn subnet_choice(value: &str) -> Result<SubnetChoice, String> {
+    let list = parse_list(value);
+    let ids = list.iter().filter(|s| s.starts_with("subnet-")).count();
+    match ids {
+        _ if list.is_empty() => Err("empty".into()),
+        n if n == list.len() => Ok(SubnetChoice::Ids(list)),
+        0 => Ok(SubnetChoice::Names(list)),
+        _ => Err("mixes subnet IDs and names".into()),
+    }
+}
+
+/// `200`, `200,302`, `200-399`: codes within 200..600.
+fn valid_codes(value: &str) -> bool {
+    value.split(',').all(|c| {
+        c.split('-').all(|n| {
+            n.trim()
+                .parse::<u16>()
+                .is_ok_and(|n| (200..600).contains(&n))
+        })
+    })
+}
+
+/// Applies `value` of the annotation `key` to the draft, collecting the error.
+fn apply(key: &str, value: &str, draft: &mut Draft, errors: &mut Vec<String>) {
+    if let Some(a) = lookup(key)
+        && let Err(e) = (a.apply)(draft, value)
+    {
+        errors.push(format!("{key}: {e}"));
+    }
 }
 
 /// The settings for `svc` under the class `aws` block, or every problem found.
@@ -171,310 +372,38 @@ pub fn settings(
     cluster: &str,
 ) -> Result<Settings, Vec<String>> {
     let ann = svc.metadata.annotations.clone().unwrap_or_default();
-    let get = |k: &str| ann.get(k).map(String::as_str);
+    let meta = &svc.metadata;
+    let field = |f: &Option<String>| f.clone().unwrap_or_default();
+    let (ns, name, uid) = (field(&meta.namespace), field(&meta.name), field(&meta.uid));
+    let mut draft = Draft::from_class(class, &ns, &name, &uid, cluster);
     let mut errors = Vec::new();
-    let ns = svc.metadata.namespace.clone().unwrap_or_default();
-    let svc_name = svc.metadata.name.clone().unwrap_or_default();
-    let uid = svc.metadata.uid.clone().unwrap_or_default();
-    let name_prefix = class.name_prefix.clone().unwrap_or_else(|| "k8s".into());
-
-    let scheme = match get(annotations::SCHEME) {
-        None => class.scheme.unwrap_or(Scheme::Internal),
-        Some("internal") => Scheme::Internal,
-        Some("internet-facing") => Scheme::InternetFacing,
-        Some(v) => {
-            errors.push(format!(
-                "{}: `{v}` is not internal or internet-facing",
-                annotations::SCHEME
-            ));
-            Scheme::Internal
-        }
-    };
-    let target_type = match get(annotations::NLB_TARGET_TYPE) {
-        None => class.target_type.unwrap_or(TargetType::Instance),
-        Some("instance") => TargetType::Instance,
-        Some("ip") => TargetType::Ip,
-        Some(v) => {
-            errors.push(format!(
-                "{}: `{v}` is not instance or ip",
-                annotations::NLB_TARGET_TYPE
-            ));
-            TargetType::Instance
-        }
-    };
-    let ip_address_type = match get(annotations::IP_ADDRESS_TYPE) {
-        None => class.ip_address_type.unwrap_or(IpAddressType::Ipv4),
-        Some("ipv4") => IpAddressType::Ipv4,
-        Some("dualstack") => IpAddressType::Dualstack,
-        Some(v) => {
-            errors.push(format!(
-                "{}: `{v}` is not ipv4 or dualstack",
-                annotations::IP_ADDRESS_TYPE
-            ));
-            IpAddressType::Ipv4
-        }
-    };
-    let name = match get(annotations::NAME) {
-        Some(n) if valid_lb_name(n) => n.to_string(),
-        Some(n) => {
-            errors.push(format!(
-                "{}: `{n}` is not a valid load balancer name (≤32 letters, digits, hyphens)",
-                annotations::NAME
-            ));
-            String::new()
-        }
-        None => resource_name(&name_prefix, &ns, &svc_name, &format!("{cluster}/{uid}")),
-    };
-    let subnets = match get(annotations::SUBNETS).map(parse_list) {
-        Some(list) if list.is_empty() => {
-            errors.push(format!("{}: empty", annotations::SUBNETS));
-            SubnetChoice::Discover
-        }
-        Some(list) if list.iter().all(|s| s.starts_with("subnet-")) => SubnetChoice::Ids(list),
-        Some(list) if list.iter().any(|s| s.starts_with("subnet-")) => {
-            errors.push(format!(
-                "{}: mixes subnet IDs and names",
-                annotations::SUBNETS
-            ));
-            SubnetChoice::Discover
-        }
-        Some(list) => SubnetChoice::Names(list),
-        None => match &class.subnets {
-            Some(sel) if sel.ids.as_ref().is_some_and(|i| !i.is_empty()) => {
-                SubnetChoice::Ids(sel.ids.clone().unwrap_or_default())
-            }
-            Some(sel) if sel.tags.as_ref().is_some_and(|t| !t.is_empty()) => {
-                SubnetChoice::Tags(sel.tags.clone().unwrap_or_default())
-            }
-            _ => SubnetChoice::Discover,
-        },
-    };
-    let mut tags = class.tags.clone().unwrap_or_default();
-    if let Some(v) = get(annotations::ADDITIONAL_RESOURCE_TAGS) {
-        match parse_map(v, false) {
-            Ok(m) => {
-                for k in m
-                    .keys()
-                    .filter(|k| k.starts_with("berth.dev/") || k.starts_with("aws:"))
-                {
-                    errors.push(format!(
-                        "{}: tag `{k}` is reserved",
-                        annotations::ADDITIONAL_RESOURCE_TAGS
-                    ));
-                }
-                tags.extend(m);
-            }
-            Err(e) => errors.push(format!("{}: {e}", annotations::ADDITIONAL_RESOURCE_TAGS)),
+    for (key, value) in class_health_check(class) {
+        if !ann.contains_key(key) {
+            apply(key, &value, &mut draft, &mut errors);
         }
     }
-    let mut lb_attributes = class.load_balancer_attributes.clone().unwrap_or_default();
-    if let Some(v) = get(annotations::ATTRIBUTES) {
-        match parse_map(v, false) {
-            Ok(m) => lb_attributes.extend(m),
-            Err(e) => errors.push(format!("{}: {e}", annotations::ATTRIBUTES)),
-        }
-    }
-    let mut tg_attributes = class.target_group_attributes.clone().unwrap_or_default();
-    if let Some(v) = get(annotations::TARGET_GROUP_ATTRIBUTES) {
-        match parse_map(v, false) {
-            Ok(m) => tg_attributes.extend(m),
-            Err(e) => errors.push(format!("{}: {e}", annotations::TARGET_GROUP_ATTRIBUTES)),
-        }
-    }
-    match get(annotations::PROXY_PROTOCOL) {
-        None => {}
-        Some("*") => {
-            tg_attributes.insert("proxy_protocol_v2.enabled".into(), "true".into());
-        }
-        Some(v) => errors.push(format!("{}: `{v}` is not `*`", annotations::PROXY_PROTOCOL)),
-    }
-    let target_node_labels = match get(annotations::TARGET_NODE_LABELS) {
-        None => BTreeMap::new(),
-        Some(v) => parse_map(v, true).unwrap_or_else(|e| {
-            errors.push(format!("{}: {e}", annotations::TARGET_NODE_LABELS));
-            BTreeMap::new()
-        }),
-    };
-    let policy = match get(annotations::SSL_NEGOTIATION_POLICY).map(str::trim) {
-        None => DEFAULT_SSL_POLICY.to_string(),
-        Some(p)
-            if !p.is_empty()
-                && p.len() <= 128
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') =>
-        {
-            p.to_string()
-        }
-        Some(p) => {
-            errors.push(format!(
-                "{}: `{p}` is not a security policy name",
-                annotations::SSL_NEGOTIATION_POLICY
-            ));
-            String::new()
-        }
-    };
-    let ssl = match (get(annotations::SSL_CERT), get(annotations::SSL_PORTS)) {
-        (None, None) => None,
-        (None, Some(_)) => {
-            errors.push(format!(
-                "{} needs {}",
-                annotations::SSL_PORTS,
-                annotations::SSL_CERT
-            ));
-            None
-        }
-        (Some(cert), ports) => {
-            let cert = cert.trim().to_string();
-            if !cert.starts_with("arn:") {
-                errors.push(format!(
-                    "{}: `{cert}` is not a certificate ARN",
-                    annotations::SSL_CERT
-                ));
-            }
-            let ports = match ports.map(str::trim) {
-                None | Some("*") => SslPorts::All,
-                Some(list) => SslPorts::Some(parse_list(list).into_iter().collect()),
-            };
-            Some(Ssl {
-                certificate: cert,
-                ports,
-                policy,
-            })
-        }
-    };
-
-    let defaults = class.health_check.clone().unwrap_or_default();
-    let mut hc = HealthCheck::default_tcp();
-    let mut overridden = false;
-    let hc_values = [
-        (annotations::HC_PROTOCOL, defaults.protocol.clone(), false),
-        (annotations::HC_PORT, defaults.port.clone(), false),
-        (annotations::HC_PATH, defaults.path.clone(), false),
-        (
-            annotations::HC_INTERVAL,
-            defaults.interval_seconds.map(|n| n.to_string()),
-            false,
-        ),
-        (
-            annotations::HC_TIMEOUT,
-            defaults.timeout_seconds.map(|n| n.to_string()),
-            false,
-        ),
-        (
-            annotations::HC_HEALTHY_THRESHOLD,
-            defaults.healthy_threshold.map(|n| n.to_string()),
-            false,
-        ),
-        (
-            annotations::HC_UNHEALTHY_THRESHOLD,
-            defaults.unhealthy_threshold.map(|n| n.to_string()),
-            false,
-        ),
-        (
-            annotations::HC_SUCCESS_CODES,
-            defaults.success_codes.clone(),
-            false,
-        ),
-    ];
-    for (key, class_value, _) in hc_values {
-        let value = match get(key) {
-            Some(v) => {
-                overridden = true;
-                v.to_string()
-            }
-            None => match class_value {
-                Some(v) => v,
-                None => continue,
-            },
+    for a in TABLE {
+        let Some(value) = ann.get(a.key) else {
+            continue;
         };
-        match key {
-            annotations::HC_PROTOCOL => match value.to_ascii_uppercase().as_str() {
-                p @ ("TCP" | "HTTP" | "HTTPS") => hc.protocol = p.to_string(),
-                _ => errors.push(format!("{key}: `{value}` is not TCP, HTTP or HTTPS")),
-            },
-            annotations::HC_PORT => {
-                if value == "traffic-port" {
-                    hc.port = HealthPort::TrafficPort;
-                } else {
-                    match parse_int(key, &value, 1..=65535) {
-                        Ok(p) => hc.port = HealthPort::Port(p),
-                        Err(e) => errors.push(e),
-                    }
-                }
-            }
-            annotations::HC_PATH => {
-                if value.starts_with('/') {
-                    hc.path = Some(value);
-                } else {
-                    errors.push(format!("{key}: `{value}` does not start with /"));
-                }
-            }
-            annotations::HC_INTERVAL => match parse_int(key, &value, 5..=300) {
-                Ok(n) => hc.interval_seconds = n,
-                Err(e) => errors.push(e),
-            },
-            annotations::HC_TIMEOUT => match parse_int(key, &value, 2..=120) {
-                Ok(n) => hc.timeout_seconds = n,
-                Err(e) => errors.push(e),
-            },
-            annotations::HC_HEALTHY_THRESHOLD => match parse_int(key, &value, 2..=10) {
-                Ok(n) => hc.healthy_threshold = n,
-                Err(e) => errors.push(e),
-            },
-            annotations::HC_UNHEALTHY_THRESHOLD => match parse_int(key, &value, 2..=10) {
-                Ok(n) => hc.unhealthy_threshold = n,
-                Err(e) => errors.push(e),
-            },
-            _ => {
-                if value.split(',').all(|c| {
-                    c.split('-').all(|n| {
-                        n.trim()
-                            .parse::<u16>()
-                            .is_ok_and(|n| (200..600).contains(&n))
-                    })
-                }) {
-                    hc.success_codes = Some(value);
-                } else {
-                    errors.push(format!("{key}: `{value}` is not HTTP codes like 200-399"));
-                }
-            }
+        if a.group == Group::HealthCheck {
+            draft.settings.health_check_overridden = true;
         }
+        apply(a.key, value, &mut draft, &mut errors);
     }
-    if hc.protocol != "TCP" {
-        hc.path.get_or_insert_with(|| "/".into());
-        hc.success_codes.get_or_insert_with(|| "200-399".into());
+    let settings = draft.finish(&mut errors);
+    if errors.is_empty() {
+        Ok(settings)
     } else {
-        hc.path = None;
-        hc.success_codes = None;
+        Err(errors)
     }
-    if hc.timeout_seconds > hc.interval_seconds {
-        hc.timeout_seconds = hc.interval_seconds;
-    }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    Ok(Settings {
-        name,
-        name_prefix,
-        scheme,
-        target_type,
-        ip_address_type,
-        vpc_id: class.vpc_id.clone(),
-        subnets,
-        security_groups: class.security_groups.clone().unwrap_or_default(),
-        tags,
-        lb_attributes,
-        tg_attributes,
-        health_check: hc,
-        health_check_overridden: overridden,
-        target_node_labels,
-        ssl,
-    })
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::Node;
+    use std::collections::BTreeSet;
 
     /// A Service fixture: ports as (name, port, protocol, nodePort).
     pub fn service(
@@ -631,14 +560,11 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn maps_and_names_parse_strictly() {
+    fn maps_parse_strictly() {
         assert_eq!(parse_map("a=1,b = 2 ,", false).map(|m| m.len()), Ok(2));
         assert!(parse_map("a", false).is_err());
         assert!(parse_map("=1", false).is_err());
-        assert!(valid_lb_name("abc-1"));
-        assert!(!valid_lb_name("internal-x"));
-        assert!(!valid_lb_name(&"a".repeat(33)));
-        assert!(!valid_lb_name("a_b"));
+        assert_eq!(parse_map("gpu, a=b", true).map(|m| m.len()), Ok(2));
     }
 
     #[test]
@@ -663,5 +589,155 @@ pub(crate) mod tests {
             settings(&plain, &class, "c").map(|s| s.subnets),
             Ok(SubnetChoice::Tags(_))
         ));
+    }
+
+    /// The keys of the README's list of AWS annotations (`healthcheck-{a,b}` expanded).
+    fn readme_keys() -> Vec<String> {
+        let readme = include_str!("../../../../README.md");
+        let intro = "apply (`service.beta.kubernetes.io/aws-load-balancer-`:";
+        let start = readme
+            .find(intro)
+            .expect("the README lists the annotations");
+        let list = &readme[start + "apply (`".len()..];
+        let list = &list[..list.find(").").expect("the list ends")];
+        let mut items = list.split('`').step_by(2).map(str::trim);
+        let prefix = items.next().expect("the prefix");
+        let mut keys = Vec::new();
+        for item in items {
+            match item.split_once('{') {
+                Some((head, tail)) => {
+                    for part in tail.trim_end_matches('}').split(',') {
+                        keys.push(format!("{prefix}{head}{part}"));
+                    }
+                }
+                None => keys.push(format!("{prefix}{item}")),
+            }
+        }
+        keys
+    }
+
+    /// The values of the AWS annotation constants in `berth_crds::annotations`.
+    fn crd_keys() -> Vec<String> {
+        let source = include_str!("../../../../crds/src/lib.rs");
+        let start = source.find("pub mod annotations {").expect("the module");
+        let block = &source[start..];
+        let block = &block[..block.find("\n}\n").expect("its end")];
+        block
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| s.starts_with(annotations::AWS_PREFIX) && *s != annotations::AWS_PREFIX)
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// A valid sample value per annotation, and the annotations it needs to matter.
+    fn sample(key: &str) -> Option<(&'static str, Vec<(&'static str, &'static str)>)> {
+        let cert = (
+            annotations::SSL_CERT,
+            "arn:aws:acm:us-east-1:1:certificate/x",
+        );
+        let http = (annotations::HC_PROTOCOL, "HTTP");
+        Some(match key {
+            annotations::SCHEME => ("internet-facing", vec![]),
+            annotations::NLB_TARGET_TYPE => ("ip", vec![]),
+            annotations::IP_ADDRESS_TYPE => ("dualstack", vec![]),
+            annotations::NAME => ("my-nlb", vec![]),
+            annotations::SUBNETS => ("subnet-1, subnet-2", vec![]),
+            annotations::ADDITIONAL_RESOURCE_TAGS => ("env=prod", vec![]),
+            annotations::ATTRIBUTES => ("deletion_protection.enabled=true", vec![]),
+            annotations::TARGET_GROUP_ATTRIBUTES => {
+                ("deregistration_delay.timeout_seconds=10", vec![])
+            }
+            annotations::PROXY_PROTOCOL => ("*", vec![]),
+            annotations::TARGET_NODE_LABELS => ("role=edge", vec![]),
+            annotations::SSL_CERT => ("arn:aws:acm:us-east-1:1:certificate/x", vec![]),
+            annotations::SSL_PORTS => ("443", vec![cert]),
+            annotations::SSL_NEGOTIATION_POLICY => {
+                ("ELBSecurityPolicy-TLS13-1-2-2021-06", vec![cert])
+            }
+            annotations::HC_PROTOCOL => ("HTTP", vec![]),
+            annotations::HC_PORT => ("8080", vec![]),
+            annotations::HC_PATH => ("/ready", vec![http]),
+            annotations::HC_INTERVAL => ("30", vec![]),
+            annotations::HC_TIMEOUT => ("5", vec![]),
+            annotations::HC_HEALTHY_THRESHOLD => ("5", vec![]),
+            annotations::HC_UNHEALTHY_THRESHOLD => ("5", vec![]),
+            annotations::HC_SUCCESS_CODES => ("200", vec![http]),
+            _ => return None,
+        })
+    }
+
+    #[test]
+    fn the_table_holds_every_documented_annotation() {
+        let documented = readme_keys();
+        assert!(documented.len() >= 20, "{documented:?}");
+        for key in documented.iter().chain(crd_keys().iter()) {
+            assert!(lookup(key).is_some(), "{key} is not in the table");
+        }
+        for a in TABLE {
+            assert!(
+                documented.contains(&a.key.to_string()),
+                "{} is not in the README",
+                a.key
+            );
+        }
+    }
+
+    #[test]
+    fn every_annotation_parses_a_sample_and_changes_the_settings() {
+        let ports = [("https", 443, "TCP", Some(30443))];
+        let plain = |s: Result<Settings, Vec<String>>| {
+            let mut s = s.expect("valid settings");
+            // Any health-check annotation sets this; the test wants the value's own effect.
+            s.health_check_overridden = false;
+            s
+        };
+        for a in TABLE {
+            let (value, context) =
+                sample(a.key).unwrap_or_else(|| panic!("no sample for {}", a.key));
+            let base = plain(settings(
+                &service(&ports, &context),
+                &AwsProvider::default(),
+                "c1",
+            ));
+            let mut with = context.clone();
+            with.push((a.key, value));
+            let changed = plain(settings(
+                &service(&ports, &with),
+                &AwsProvider::default(),
+                "c1",
+            ));
+            assert_ne!(base, changed, "{} = {value} changed nothing", a.key);
+        }
+    }
+
+    #[test]
+    fn class_health_check_values_apply_unless_annotated() {
+        let class = AwsProvider {
+            health_check: Some(berth_crds::HealthCheckDefaults {
+                protocol: Some("HTTP".into()),
+                interval_seconds: Some(30),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let plain = service(&[("http", 80, "TCP", None)], &[]);
+        let s = settings(&plain, &class, "c1").expect("settings");
+        assert_eq!(
+            (
+                s.health_check.protocol.as_str(),
+                s.health_check.interval_seconds
+            ),
+            ("HTTP", 30)
+        );
+        assert!(!s.health_check_overridden);
+        let annotated = service(
+            &[("http", 80, "TCP", None)],
+            &[(annotations::HC_INTERVAL, "20")],
+        );
+        let s = settings(&annotated, &class, "c1").expect("settings");
+        assert_eq!(s.health_check.interval_seconds, 20);
+        assert!(s.health_check_overridden);
     }
 }

@@ -1,5 +1,6 @@
-//! The AWS edge: ELBv2 and EC2 calls through a client-side rate limiter, with retries and
-//! jitter on throttling and transient errors, counted by operation and outcome.
+//! The AWS edge: [`AwsApi`] over the ELBv2 and EC2 SDK clients, every call through a
+//! client-side rate limiter, with retries and jitter on throttling and transient errors,
+//! counted by operation and outcome.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -21,29 +22,13 @@ use crate::provider::aws::model::{
     DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Scheme, Target,
     TargetType,
 };
+use crate::provider::aws::subnets;
 
-/// A failed AWS call: which operation, the AWS error code when there is one, the message.
-#[derive(Clone, Debug, thiserror::Error)]
-#[error("{operation}: {message}")]
-pub struct AwsError {
-    pub operation: &'static str,
-    pub code: Option<String>,
-    pub message: String,
-}
-
-impl AwsError {
-    pub fn is(&self, code: &str) -> bool {
-        self.code.as_deref() == Some(code)
-    }
-
-    fn other(operation: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            operation,
-            code: None,
-            message: message.into(),
-        }
-    }
-}
+pub use crate::provider::aws::api::{
+    AwsApi, AwsError, Candidate, LbInfo, ListenerInfo, SubnetFilter, SubnetQuery, TagsByArn,
+    TargetState, TgInfo,
+};
+pub use crate::provider::aws::subnets::pick_subnets;
 
 const THROTTLING: &[&str] = &[
     "Throttling",
@@ -93,44 +78,6 @@ impl RateLimiter {
 pub fn backoff(attempt: u32) -> Duration {
     let cap = (200u64 << attempt.min(5)).min(5_000);
     Duration::from_millis(rand::random_range(cap / 2..=cap))
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LbInfo {
-    pub arn: String,
-    pub name: String,
-    pub dns_name: String,
-    pub state: String,
-    pub scheme: String,
-    pub ip_address_type: String,
-    pub subnets: Vec<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ListenerInfo {
-    pub arn: String,
-    pub port: i32,
-    pub protocol: String,
-    pub target_group_arn: Option<String>,
-    pub certificate: Option<String>,
-    pub ssl_policy: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TgInfo {
-    pub arn: String,
-    pub name: String,
-    pub protocol: String,
-    pub port: i32,
-    pub target_type: String,
-    pub health_check: HealthCheck,
-    pub load_balancer_arns: Vec<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TargetState {
-    pub target: Target,
-    pub state: String,
 }
 
 pub struct Aws {
@@ -227,6 +174,13 @@ fn forward(tg_arn: &str) -> Action {
         .build()
 }
 
+fn descriptions(targets: &[Target]) -> Vec<TargetDescription> {
+    targets
+        .iter()
+        .map(|t| TargetDescription::builder().id(&t.id).port(t.port).build())
+        .collect()
+}
+
 impl Aws {
     pub fn new(sdk: &aws_config::SdkConfig, qps: f64, burst: u32, metrics: Arc<Metrics>) -> Self {
         Self {
@@ -295,8 +249,10 @@ impl Aws {
             }
         }
     }
+}
 
-    pub async fn find_load_balancer(&self, name: &str) -> Result<Option<LbInfo>, AwsError> {
+impl AwsApi for Aws {
+    async fn find_load_balancer(&self, name: &str) -> Result<Option<LbInfo>, AwsError> {
         let res = self
             .call("DescribeLoadBalancers", || {
                 self.elb.describe_load_balancers().names(name).send()
@@ -309,7 +265,7 @@ impl Aws {
         }
     }
 
-    pub async fn describe_load_balancers(&self, arns: &[String]) -> Result<Vec<LbInfo>, AwsError> {
+    async fn describe_load_balancers(&self, arns: &[String]) -> Result<Vec<LbInfo>, AwsError> {
         let mut out = Vec::new();
         for chunk in arns.chunks(20) {
             let res = self
@@ -349,7 +305,7 @@ impl Aws {
     }
 
     /// Every load balancer in the region (paginated).
-    pub async fn all_load_balancers(&self) -> Result<Vec<LbInfo>, AwsError> {
+    async fn all_load_balancers(&self) -> Result<Vec<LbInfo>, AwsError> {
         let mut out = Vec::new();
         let mut marker: Option<String> = None;
         loop {
@@ -374,7 +330,7 @@ impl Aws {
     }
 
     /// Every target group in the region (paginated).
-    pub async fn all_target_groups(&self) -> Result<Vec<TgInfo>, AwsError> {
+    async fn all_target_groups(&self) -> Result<Vec<TgInfo>, AwsError> {
         let mut out = Vec::new();
         let mut marker: Option<String> = None;
         loop {
@@ -399,7 +355,7 @@ impl Aws {
     }
 
     /// Tags of up to any number of resources (20 per call).
-    pub async fn tags(
+    async fn tags(
         &self,
         arns: &[String],
     ) -> Result<BTreeMap<String, BTreeMap<String, String>>, AwsError> {
@@ -446,11 +402,7 @@ impl Aws {
         Ok(out)
     }
 
-    pub async fn add_tags(
-        &self,
-        arn: &str,
-        tags: &BTreeMap<String, String>,
-    ) -> Result<(), AwsError> {
+    async fn add_tags(&self, arn: &str, tags: &BTreeMap<String, String>) -> Result<(), AwsError> {
         self.call("AddTags", || {
             self.elb
                 .add_tags()
@@ -462,7 +414,7 @@ impl Aws {
         .map(|_| ())
     }
 
-    pub async fn create_load_balancer(&self, d: &DesiredLoadBalancer) -> Result<LbInfo, AwsError> {
+    async fn create_load_balancer(&self, d: &DesiredLoadBalancer) -> Result<LbInfo, AwsError> {
         let sgs = (!d.security_groups.is_empty()).then(|| d.security_groups.clone());
         let out = self
             .call("CreateLoadBalancer", || {
@@ -484,7 +436,7 @@ impl Aws {
             .ok_or_else(|| AwsError::other("CreateLoadBalancer", "no load balancer in the answer"))
     }
 
-    pub async fn set_subnets(&self, arn: &str, subnets: &[String]) -> Result<(), AwsError> {
+    async fn set_subnets(&self, arn: &str, subnets: &[String]) -> Result<(), AwsError> {
         self.call("SetSubnets", || {
             self.elb
                 .set_subnets()
@@ -496,7 +448,7 @@ impl Aws {
         .map(|_| ())
     }
 
-    pub async fn set_ip_address_type(&self, arn: &str, t: IpAddressType) -> Result<(), AwsError> {
+    async fn set_ip_address_type(&self, arn: &str, t: IpAddressType) -> Result<(), AwsError> {
         self.call("SetIpAddressType", || {
             self.elb
                 .set_ip_address_type()
@@ -508,7 +460,7 @@ impl Aws {
         .map(|_| ())
     }
 
-    pub async fn load_balancer_attributes(
+    async fn load_balancer_attributes(
         &self,
         arn: &str,
     ) -> Result<BTreeMap<String, String>, AwsError> {
@@ -532,7 +484,7 @@ impl Aws {
             .collect())
     }
 
-    pub async fn modify_load_balancer_attributes(
+    async fn modify_load_balancer_attributes(
         &self,
         arn: &str,
         attrs: &BTreeMap<String, String>,
@@ -552,7 +504,7 @@ impl Aws {
         .map(|_| ())
     }
 
-    pub async fn delete_load_balancer(&self, arn: &str) -> Result<(), AwsError> {
+    async fn delete_load_balancer(&self, arn: &str) -> Result<(), AwsError> {
         match self
             .call("DeleteLoadBalancer", || {
                 self.elb
@@ -567,7 +519,7 @@ impl Aws {
         }
     }
 
-    pub async fn listeners(&self, lb_arn: &str) -> Result<Vec<ListenerInfo>, AwsError> {
+    async fn listeners(&self, lb_arn: &str) -> Result<Vec<ListenerInfo>, AwsError> {
         let out = self
             .call("DescribeListeners", || {
                 self.elb
@@ -599,7 +551,7 @@ impl Aws {
             .collect())
     }
 
-    pub async fn create_listener(
+    async fn create_listener(
         &self,
         lb_arn: &str,
         l: &DesiredListener,
@@ -624,7 +576,7 @@ impl Aws {
         .map(|_| ())
     }
 
-    pub async fn modify_listener(
+    async fn modify_listener(
         &self,
         arn: &str,
         l: &DesiredListener,
@@ -649,7 +601,7 @@ impl Aws {
         .map(|_| ())
     }
 
-    pub async fn delete_listener(&self, arn: &str) -> Result<(), AwsError> {
+    async fn delete_listener(&self, arn: &str) -> Result<(), AwsError> {
         match self
             .call("DeleteListener", || {
                 self.elb.delete_listener().listener_arn(arn).send()
@@ -661,7 +613,7 @@ impl Aws {
         }
     }
 
-    pub async fn target_groups_of(&self, lb_arn: &str) -> Result<Vec<TgInfo>, AwsError> {
+    async fn target_groups_of(&self, lb_arn: &str) -> Result<Vec<TgInfo>, AwsError> {
         match self
             .call("DescribeTargetGroups", || {
                 self.elb
@@ -677,7 +629,7 @@ impl Aws {
         }
     }
 
-    pub async fn find_target_group(&self, name: &str) -> Result<Option<TgInfo>, AwsError> {
+    async fn find_target_group(&self, name: &str) -> Result<Option<TgInfo>, AwsError> {
         match self
             .call("DescribeTargetGroups", || {
                 self.elb.describe_target_groups().names(name).send()
@@ -690,7 +642,7 @@ impl Aws {
         }
     }
 
-    pub async fn create_target_group(&self, d: &DesiredTargetGroup) -> Result<TgInfo, AwsError> {
+    async fn create_target_group(&self, d: &DesiredTargetGroup) -> Result<TgInfo, AwsError> {
         let hc = &d.health_check;
         let matcher = hc
             .success_codes
@@ -726,7 +678,7 @@ impl Aws {
             .ok_or_else(|| AwsError::other("CreateTargetGroup", "no target group in the answer"))
     }
 
-    pub async fn modify_health_check(&self, arn: &str, hc: &HealthCheck) -> Result<(), AwsError> {
+    async fn modify_health_check(&self, arn: &str, hc: &HealthCheck) -> Result<(), AwsError> {
         let matcher = hc
             .success_codes
             .as_ref()
@@ -749,7 +701,7 @@ impl Aws {
         .map(|_| ())
     }
 
-    pub async fn target_group_attributes(
+    async fn target_group_attributes(
         &self,
         arn: &str,
     ) -> Result<BTreeMap<String, String>, AwsError> {
@@ -773,7 +725,7 @@ impl Aws {
             .collect())
     }
 
-    pub async fn modify_target_group_attributes(
+    async fn modify_target_group_attributes(
         &self,
         arn: &str,
         attrs: &BTreeMap<String, String>,
@@ -793,7 +745,7 @@ impl Aws {
         .map(|_| ())
     }
 
-    pub async fn delete_target_group(&self, arn: &str) -> Result<(), AwsError> {
+    async fn delete_target_group(&self, arn: &str) -> Result<(), AwsError> {
         match self
             .call("DeleteTargetGroup", || {
                 self.elb.delete_target_group().target_group_arn(arn).send()
@@ -805,7 +757,7 @@ impl Aws {
         }
     }
 
-    pub async fn target_health(&self, tg_arn: &str) -> Result<Vec<TargetState>, AwsError> {
+    async fn target_health(&self, tg_arn: &str) -> Result<Vec<TargetState>, AwsError> {
         let out = self
             .call("DescribeTargetHealth", || {
                 self.elb
@@ -834,15 +786,8 @@ impl Aws {
             .collect())
     }
 
-    fn descriptions(targets: &[Target]) -> Vec<TargetDescription> {
-        targets
-            .iter()
-            .map(|t| TargetDescription::builder().id(&t.id).port(t.port).build())
-            .collect()
-    }
-
-    pub async fn register_targets(&self, tg_arn: &str, targets: &[Target]) -> Result<(), AwsError> {
-        let list = Self::descriptions(targets);
+    async fn register_targets(&self, tg_arn: &str, targets: &[Target]) -> Result<(), AwsError> {
+        let list = descriptions(targets);
         self.call("RegisterTargets", || {
             self.elb
                 .register_targets()
@@ -854,12 +799,8 @@ impl Aws {
         .map(|_| ())
     }
 
-    pub async fn deregister_targets(
-        &self,
-        tg_arn: &str,
-        targets: &[Target],
-    ) -> Result<(), AwsError> {
-        let list = Self::descriptions(targets);
+    async fn deregister_targets(&self, tg_arn: &str, targets: &[Target]) -> Result<(), AwsError> {
+        let list = descriptions(targets);
         self.call("DeregisterTargets", || {
             self.elb
                 .deregister_targets()
@@ -870,52 +811,25 @@ impl Aws {
         .await
         .map(|_| ())
     }
-
-    /// The VPC and one subnet per zone for a load balancer: explicit IDs or names, tags, or
-    /// discovery by role tag (`kubernetes.io/role/elb` / `internal-elb`) and cluster tag.
-    pub async fn resolve_subnets(
-        &self,
-        choice: &SubnetChoice,
-        scheme: Scheme,
-        vpc_id: Option<&str>,
-        cluster: &str,
-    ) -> Result<(Option<String>, Vec<String>), AwsError> {
+    async fn describe_subnets(&self, query: &SubnetQuery) -> Result<Vec<Candidate>, AwsError> {
         use ec2::types::Filter;
-        let mut filters = Vec::new();
-        let mut ids = None;
-        if let Some(vpc) = vpc_id {
-            filters.push(Filter::builder().name("vpc-id").values(vpc).build());
-        }
-        match choice {
-            SubnetChoice::Ids(list) => ids = Some(list.clone()),
-            SubnetChoice::Names(names) => filters.push(
-                Filter::builder()
-                    .name("tag:Name")
-                    .set_values(Some(names.clone()))
+        let filters: Vec<Filter> = query
+            .filters
+            .iter()
+            .map(|f| match f {
+                SubnetFilter::Vpc(vpc) => Filter::builder().name("vpc-id").values(vpc).build(),
+                SubnetFilter::TagKey(k) => Filter::builder().name("tag-key").values(k).build(),
+                SubnetFilter::Tag(k, values) => Filter::builder()
+                    .name(format!("tag:{k}"))
+                    .set_values(Some(values.clone()))
                     .build(),
-            ),
-            SubnetChoice::Tags(tags) => {
-                for (k, v) in tags {
-                    filters.push(if v.is_empty() {
-                        Filter::builder().name("tag-key").values(k).build()
-                    } else {
-                        Filter::builder().name(format!("tag:{k}")).values(v).build()
-                    });
-                }
-            }
-            SubnetChoice::Discover => {
-                let role = match scheme {
-                    Scheme::Internal => "kubernetes.io/role/internal-elb",
-                    Scheme::InternetFacing => "kubernetes.io/role/elb",
-                };
-                filters.push(Filter::builder().name("tag-key").values(role).build());
-            }
-        }
+            })
+            .collect();
         let out = self
             .call("DescribeSubnets", || {
                 self.ec2
                     .describe_subnets()
-                    .set_subnet_ids(ids.clone())
+                    .set_subnet_ids(query.ids.clone())
                     .set_filters((!filters.is_empty()).then(|| filters.clone()))
                     .send()
             })
@@ -927,12 +841,11 @@ impl Aws {
                     .as_deref()
                     .is_some_and(|c| c.starts_with("InvalidSubnet")) =>
             {
-                return Ok((None, Vec::new()));
+                return Ok(Vec::new());
             }
             Err(e) => return Err(e),
         };
-        let cluster_tag = format!("kubernetes.io/cluster/{cluster}");
-        let candidates: Vec<Candidate> = out
+        Ok(out
             .subnets()
             .iter()
             .map(|s| Candidate {
@@ -947,44 +860,21 @@ impl Aws {
                     .map(str::to_string)
                     .collect(),
             })
-            .collect();
-        let explicit = !matches!(choice, SubnetChoice::Discover);
-        Ok(pick_subnets(&candidates, &cluster_tag, explicit))
+            .collect())
     }
 }
 
-#[derive(Clone, Debug)]
-pub struct Candidate {
-    pub id: String,
-    pub vpc: String,
-    pub zone: String,
-    pub cluster_tags: Vec<String>,
-}
-
-/// One subnet per zone, in one VPC. Discovered subnets must carry this cluster's tag or no
-/// cluster tag at all (AWS LBC's rule); the lowest ID wins within a zone. Pure.
-pub fn pick_subnets(
-    candidates: &[Candidate],
-    cluster_tag: &str,
-    explicit: bool,
-) -> (Option<String>, Vec<String>) {
-    let mut eligible: Vec<&Candidate> = candidates
-        .iter()
-        .filter(|c| {
-            explicit || c.cluster_tags.is_empty() || c.cluster_tags.iter().any(|t| t == cluster_tag)
-        })
-        .collect();
-    eligible.sort_by(|a, b| (&a.vpc, &a.zone, &a.id).cmp(&(&b.vpc, &b.zone, &b.id)));
-    let Some(vpc) = eligible.first().map(|c| c.vpc.clone()) else {
-        return (None, Vec::new());
-    };
-    let mut zones = BTreeMap::new();
-    for c in eligible.iter().filter(|c| c.vpc == vpc) {
-        zones.entry(c.zone.clone()).or_insert_with(|| c.id.clone());
+impl Aws {
+    /// The VPC and one subnet per zone for a load balancer (see [`subnets::resolve`]).
+    pub async fn resolve_subnets(
+        &self,
+        choice: &SubnetChoice,
+        scheme: Scheme,
+        vpc_id: Option<&str>,
+        cluster: &str,
+    ) -> Result<(Option<String>, Vec<String>), AwsError> {
+        subnets::resolve(self, choice, scheme, vpc_id, cluster).await
     }
-    let mut ids: Vec<String> = zones.into_values().collect();
-    ids.sort();
-    (Some(vpc), ids)
 }
 
 fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
@@ -1001,35 +891,6 @@ fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cand(id: &str, vpc: &str, zone: &str, tags: &[&str]) -> Candidate {
-        Candidate {
-            id: id.into(),
-            vpc: vpc.into(),
-            zone: zone.into(),
-            cluster_tags: tags.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    #[test]
-    fn one_subnet_per_zone_tagged_for_this_cluster_or_untagged() {
-        let mine = "kubernetes.io/cluster/c1";
-        let list = vec![
-            cand("subnet-b", "vpc-1", "z1", &[mine]),
-            cand("subnet-a", "vpc-1", "z1", &[mine]),
-            cand("subnet-c", "vpc-1", "z2", &[]),
-            cand("subnet-d", "vpc-1", "z3", &["kubernetes.io/cluster/other"]),
-        ];
-        assert_eq!(
-            pick_subnets(&list, mine, false),
-            (
-                Some("vpc-1".into()),
-                vec!["subnet-a".to_string(), "subnet-c".to_string()]
-            )
-        );
-        assert_eq!(pick_subnets(&list, mine, true).1.len(), 3);
-        assert_eq!(pick_subnets(&[], mine, false), (None, vec![]));
-    }
 
     #[test]
     fn backoff_grows_with_jitter_and_a_cap() {

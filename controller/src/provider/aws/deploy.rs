@@ -1,16 +1,20 @@
-//! Makes AWS match a desired load balancer, and removes a Service's resources. Every
-//! step finds what exists first (by deterministic name, by attachment to the load
-//! balancer, and by the tag inventory), so a crash between any two calls leaves nothing the
-//! next run cannot adopt or delete.
+//! Makes AWS match a desired load balancer, and deletes load balancers. Every step finds
+//! what exists first (by deterministic name, by attachment to the load balancer, and by the
+//! tag inventory), so a crash between any two calls leaves nothing the next run cannot
+//! adopt or delete. [`teardown`] is the one delete path: Service deletion ([`remove`]),
+//! replacement, and the orphan sweep all go through it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
 
 use berth_crds::tags;
 
 use crate::provider::aws::annotations::HealthCheck;
-use crate::provider::aws::client::{Aws, AwsError, LbInfo, ListenerInfo, TargetState};
+use crate::provider::aws::api::{AwsApi, AwsError, LbInfo, ListenerInfo, TargetState, TgInfo};
 use crate::provider::aws::model::{DesiredListener, DesiredLoadBalancer, Target};
+
+pub use crate::provider::aws::inventory::{Inventory, InventoryData};
+
+const DELETION_PROTECTION: &str = "deletion_protection.enabled";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -22,74 +26,6 @@ pub enum ApplyError {
         "deletion protection is enabled on load balancer {0}: remove deletion_protection.enabled=true from the attributes annotation to delete it"
     )]
     DeletionProtected(String),
-}
-
-/// berth's resources in AWS by Service UID, from the last tag sweep plus what this process
-/// created since.
-#[derive(Default)]
-pub struct Inventory {
-    inner: Mutex<InventoryData>,
-}
-
-#[derive(Default, Clone, Debug)]
-pub struct InventoryData {
-    /// uid → load balancer ARNs.
-    pub load_balancers: HashMap<String, BTreeSet<String>>,
-    /// uid → target group ARNs.
-    pub target_groups: HashMap<String, BTreeSet<String>>,
-}
-
-impl Inventory {
-    pub fn replace(&self, data: InventoryData) {
-        if let Ok(mut g) = self.inner.lock() {
-            *g = data;
-        }
-    }
-
-    pub fn add_lb(&self, uid: &str, arn: &str) {
-        if let Ok(mut g) = self.inner.lock() {
-            g.load_balancers
-                .entry(uid.into())
-                .or_default()
-                .insert(arn.into());
-        }
-    }
-
-    pub fn add_tg(&self, uid: &str, arn: &str) {
-        if let Ok(mut g) = self.inner.lock() {
-            g.target_groups
-                .entry(uid.into())
-                .or_default()
-                .insert(arn.into());
-        }
-    }
-
-    pub fn remove(&self, arn: &str) {
-        if let Ok(mut g) = self.inner.lock() {
-            let InventoryData {
-                load_balancers,
-                target_groups,
-            } = &mut *g;
-            for set in load_balancers
-                .values_mut()
-                .chain(target_groups.values_mut())
-            {
-                set.remove(arn);
-            }
-        }
-    }
-
-    pub fn of(&self, uid: &str) -> (BTreeSet<String>, BTreeSet<String>) {
-        self.inner
-            .lock()
-            .map(|g| {
-                (
-                    g.load_balancers.get(uid).cloned().unwrap_or_default(),
-                    g.target_groups.get(uid).cloned().unwrap_or_default(),
-                )
-            })
-            .unwrap_or_default()
-    }
 }
 
 /// Attributes whose desired value differs from the actual one. Pure.
@@ -181,7 +117,11 @@ pub struct Applied {
 }
 
 /// Finds the load balancer named `name`; one tagged for another Service is a conflict.
-async fn find_own_lb(aws: &Aws, name: &str, uid: &str) -> Result<Option<LbInfo>, ApplyError> {
+async fn find_own_lb<A: AwsApi>(
+    aws: &A,
+    name: &str,
+    uid: &str,
+) -> Result<Option<LbInfo>, ApplyError> {
     let Some(lb) = aws.find_load_balancer(name).await? else {
         return Ok(None);
     };
@@ -193,71 +133,167 @@ async fn find_own_lb(aws: &Aws, name: &str, uid: &str) -> Result<Option<LbInfo>,
     Ok(Some(lb))
 }
 
-/// Deletes a load balancer (its listeners go with it) unless deletion protection is on
-/// and still wanted.
-async fn delete_lb(
-    aws: &Aws,
+/// What to do about a load balancer with deletion protection on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protection {
+    /// Delete nothing and answer [`ApplyError::DeletionProtected`]: the owner still wants
+    /// protection, or there is no owner left to say it does not (an orphan).
+    Respect,
+    /// The owner no longer asks for protection: turn it off, then delete.
+    Lift,
+}
+
+/// What [`teardown`] deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    pub load_balancers: usize,
+    pub target_groups: usize,
+}
+
+async fn is_protected<A: AwsApi>(aws: &A, lb: &LbInfo) -> Result<bool, AwsError> {
+    match aws.load_balancer_attributes(&lb.arn).await {
+        Ok(attrs) => Ok(attrs.get(DELETION_PROTECTION).map(String::as_str) == Some("true")),
+        // Gone meanwhile: nothing protects it.
+        Err(e) if e.is("LoadBalancerNotFound") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes load balancers with their listeners, and answers the target groups they
+/// forwarded to. Deletion protection is checked on all of them before anything is
+/// deleted, so a protected load balancer keeps its listeners.
+async fn delete_load_balancers<A: AwsApi>(
+    aws: &A,
     inventory: &Inventory,
-    lb: &LbInfo,
-    keep_protection: bool,
-) -> Result<(), ApplyError> {
-    let attrs = aws.load_balancer_attributes(&lb.arn).await?;
-    if attrs.get("deletion_protection.enabled").map(String::as_str) == Some("true") {
-        if keep_protection {
-            return Err(ApplyError::DeletionProtected(lb.name.clone()));
+    lbs: &[LbInfo],
+    protection: Protection,
+) -> Result<BTreeSet<String>, ApplyError> {
+    let mut protected = Vec::new();
+    for lb in lbs {
+        if is_protected(aws, lb).await? {
+            if protection == Protection::Respect {
+                return Err(ApplyError::DeletionProtected(lb.name.clone()));
+            }
+            protected.push(lb.arn.clone());
         }
-        let off = BTreeMap::from([(
-            "deletion_protection.enabled".to_string(),
-            "false".to_string(),
-        )]);
-        aws.modify_load_balancer_attributes(&lb.arn, &off).await?;
     }
-    for l in aws.listeners(&lb.arn).await? {
-        aws.delete_listener(&l.arn).await?;
+    let mut target_groups = BTreeSet::new();
+    for lb in lbs {
+        target_groups.extend(
+            aws.target_groups_of(&lb.arn)
+                .await?
+                .into_iter()
+                .map(|t| t.arn),
+        );
+        if protected.contains(&lb.arn) {
+            let off = BTreeMap::from([(DELETION_PROTECTION.to_string(), "false".to_string())]);
+            aws.modify_load_balancer_attributes(&lb.arn, &off).await?;
+        }
+        // Explicitly, so the target groups are free even where deleting the load balancer
+        // leaves its listeners behind for a while.
+        for l in aws.listeners(&lb.arn).await.or_else(not_found)? {
+            aws.delete_listener(&l.arn).await?;
+        }
+        aws.delete_load_balancer(&lb.arn).await?;
+        inventory.remove(&lb.arn);
+        tracing::info!(lb = %lb.name, arn = %lb.arn, "deleted load balancer");
     }
-    aws.delete_load_balancer(&lb.arn).await?;
-    inventory.remove(&lb.arn);
+    Ok(target_groups)
+}
+
+/// A listing of something already deleted is empty.
+fn not_found<T: Default>(e: AwsError) -> Result<T, AwsError> {
+    if e.is("LoadBalancerNotFound") || e.is("TargetGroupNotFound") {
+        Ok(T::default())
+    } else {
+        Err(e)
+    }
+}
+
+async fn delete_target_groups<A: AwsApi>(
+    aws: &A,
+    inventory: &Inventory,
+    arns: &BTreeSet<String>,
+) -> Result<(), ApplyError> {
+    for arn in arns {
+        aws.delete_target_group(arn).await?;
+        inventory.remove(arn);
+        tracing::info!(arn = %arn, "deleted target group");
+    }
     Ok(())
 }
 
-/// Makes AWS match `desired` for the Service `uid`.
-pub async fn ensure(
-    aws: &Aws,
+/// The one delete path: the load balancers `lbs` (listeners first), then the target
+/// groups they forwarded to and `target_groups`. With [`Protection::Respect`] a protected
+/// load balancer stops it before anything is deleted, keeping listeners and target groups.
+pub async fn teardown<A: AwsApi>(
+    aws: &A,
+    inventory: &Inventory,
+    lbs: &[LbInfo],
+    target_groups: BTreeSet<String>,
+    protection: Protection,
+) -> Result<Removed, ApplyError> {
+    let mut tgs = delete_load_balancers(aws, inventory, lbs, protection).await?;
+    tgs.extend(target_groups);
+    delete_target_groups(aws, inventory, &tgs).await?;
+    Ok(Removed {
+        load_balancers: lbs.len(),
+        target_groups: tgs.len(),
+    })
+}
+
+/// Whether `desired` itself asks for deletion protection.
+fn wants_protection(desired: &DesiredLoadBalancer) -> Protection {
+    match desired
+        .attributes
+        .get(DELETION_PROTECTION)
+        .map(String::as_str)
+    {
+        Some("true") => Protection::Respect,
+        _ => Protection::Lift,
+    }
+}
+
+/// Step 1: the load balancer, adopted by name, replaced when an immutable property
+/// changed, else created. Answers it and whether it was created just now.
+async fn ensure_load_balancer<A: AwsApi>(
+    aws: &A,
     inventory: &Inventory,
     desired: &DesiredLoadBalancer,
     uid: &str,
-) -> Result<Applied, ApplyError> {
-    // 1. The load balancer: adopt by name, replace when an immutable property changed.
+) -> Result<(LbInfo, bool), ApplyError> {
     let mut lb = find_own_lb(aws, &desired.name, uid).await?;
     if let Some(existing) = &lb
         && existing.scheme != desired.scheme.as_str()
     {
         tracing::info!(lb = %existing.name, "scheme changed: replacing the load balancer");
-        let keep = desired
-            .attributes
-            .get("deletion_protection.enabled")
-            .map(String::as_str)
-            == Some("true");
-        delete_lb(aws, inventory, existing, keep).await?;
+        // Its target groups stay: the new load balancer adopts them by name.
+        let protection = wants_protection(desired);
+        delete_load_balancers(aws, inventory, std::slice::from_ref(existing), protection).await?;
         lb = None;
     }
-    let fresh = lb.is_none();
-    let lb = match lb {
-        Some(lb) => lb,
-        None => {
-            let created = match aws.create_load_balancer(desired).await {
-                Ok(lb) => lb,
-                // Created by an earlier attempt whose answer was lost.
-                Err(e) if e.is("DuplicateLoadBalancerName") => find_own_lb(aws, &desired.name, uid)
-                    .await?
-                    .ok_or_else(|| ApplyError::NameConflict(desired.name.clone()))?,
-                Err(e) => return Err(e.into()),
-            };
-            inventory.add_lb(uid, &created.arn);
-            tracing::info!(lb = %created.name, arn = %created.arn, "created load balancer");
-            created
-        }
+    if let Some(lb) = lb {
+        return Ok((lb, false));
+    }
+    let created = match aws.create_load_balancer(desired).await {
+        Ok(lb) => lb,
+        // Created by an earlier attempt whose answer was lost.
+        Err(e) if e.is("DuplicateLoadBalancerName") => find_own_lb(aws, &desired.name, uid)
+            .await?
+            .ok_or_else(|| ApplyError::NameConflict(desired.name.clone()))?,
+        Err(e) => return Err(e.into()),
     };
+    inventory.add_lb(uid, &created.arn);
+    tracing::info!(lb = %created.name, arn = %created.arn, "created load balancer");
+    Ok((created, true))
+}
+
+/// The load balancer's mutable properties: address type, subnets, attributes.
+async fn update_load_balancer<A: AwsApi>(
+    aws: &A,
+    lb: &LbInfo,
+    desired: &DesiredLoadBalancer,
+) -> Result<(), ApplyError> {
     if lb.ip_address_type != desired.ip_address_type.as_str() {
         aws.set_ip_address_type(&lb.arn, desired.ip_address_type)
             .await?;
@@ -275,24 +311,37 @@ pub async fn ensure(
                 .await?;
         }
     }
+    Ok(())
+}
 
-    // 2. Target groups: attached ones, then unattached ones by name (left by a crash).
-    // A load balancer created just now has nothing attached: skip the lookups.
-    let attached = if fresh {
-        Vec::new()
-    } else {
-        aws.target_groups_of(&lb.arn).await?
+/// The Service's target groups by desired name, and the ARNs of those created just now.
+struct TargetGroups {
+    by_name: HashMap<String, TgInfo>,
+    fresh: BTreeSet<String>,
+}
+
+/// Step 2: target groups: attached ones, then unattached ones by name (left by a crash),
+/// else created. A load balancer created just now has nothing attached: no lookups.
+async fn ensure_target_groups<A: AwsApi>(
+    aws: &A,
+    inventory: &Inventory,
+    desired: &DesiredLoadBalancer,
+    uid: &str,
+    attached: &[TgInfo],
+    fresh_lb: bool,
+) -> Result<TargetGroups, ApplyError> {
+    let mut out = TargetGroups {
+        by_name: attached
+            .iter()
+            .map(|t| (t.name.clone(), t.clone()))
+            .collect(),
+        fresh: BTreeSet::new(),
     };
-    let mut fresh_tgs = BTreeSet::new();
-    let mut by_name: HashMap<String, crate::provider::aws::client::TgInfo> = attached
-        .iter()
-        .map(|t| (t.name.clone(), t.clone()))
-        .collect();
     for d in &desired.target_groups {
-        if by_name.contains_key(&d.name) {
+        if out.by_name.contains_key(&d.name) {
             continue;
         }
-        let existing = if fresh {
+        let existing = if fresh_lb {
             None
         } else {
             aws.find_target_group(&d.name).await?
@@ -302,7 +351,7 @@ pub async fn ensure(
             None => match aws.create_target_group(d).await {
                 Ok(tg) => {
                     tracing::info!(tg = %tg.name, "created target group");
-                    fresh_tgs.insert(tg.arn.clone());
+                    out.fresh.insert(tg.arn.clone());
                     tg
                 }
                 // Left by an earlier load balancer of this Service: adopt it.
@@ -314,34 +363,49 @@ pub async fn ensure(
             },
         };
         inventory.add_tg(uid, &tg.arn);
-        by_name.insert(d.name.clone(), tg);
+        out.by_name.insert(d.name.clone(), tg);
     }
+    Ok(out)
+}
 
-    // 3. Tags of everything in one call.
-    let mut arns = vec![lb.arn.clone()];
-    arns.extend(
+/// Step 3: the tags of the load balancer and every target group, read in one call.
+async fn sync_tags<A: AwsApi>(
+    aws: &A,
+    lb: &LbInfo,
+    desired: &DesiredLoadBalancer,
+    tgs: &TargetGroups,
+) -> Result<(), ApplyError> {
+    let mut wanted = vec![(lb.arn.clone(), &desired.tags)];
+    wanted.extend(
         desired
             .target_groups
             .iter()
-            .filter_map(|d| by_name.get(&d.name).map(|t| t.arn.clone())),
+            .filter_map(|d| Some((tgs.by_name.get(&d.name)?.arn.clone(), &d.tags))),
     );
-    let actual_tags = aws.tags(&arns).await?;
+    let arns: Vec<String> = wanted.iter().map(|(arn, _)| arn.clone()).collect();
+    let actual = aws.tags(&arns).await?;
     let empty = BTreeMap::new();
-    let lb_tag_changes = tag_changes(&desired.tags, actual_tags.get(&lb.arn).unwrap_or(&empty));
-    if !lb_tag_changes.is_empty() {
-        aws.add_tags(&lb.arn, &lb_tag_changes).await?;
+    for (arn, tags) in wanted {
+        let changes = tag_changes(tags, actual.get(&arn).unwrap_or(&empty));
+        if !changes.is_empty() {
+            aws.add_tags(&arn, &changes).await?;
+        }
     }
+    Ok(())
+}
 
-    // 4. Each target group's settings and targets.
+/// Step 4: each target group's health check, attributes and targets. Answers (healthy,
+/// total) targets per target group name.
+async fn sync_target_groups<A: AwsApi>(
+    aws: &A,
+    desired: &DesiredLoadBalancer,
+    tgs: &TargetGroups,
+) -> Result<BTreeMap<String, (usize, usize)>, ApplyError> {
     let mut health = BTreeMap::new();
     for d in &desired.target_groups {
-        let Some(tg) = by_name.get(&d.name) else {
+        let Some(tg) = tgs.by_name.get(&d.name) else {
             continue;
         };
-        let changes = tag_changes(&d.tags, actual_tags.get(&tg.arn).unwrap_or(&empty));
-        if !changes.is_empty() {
-            aws.add_tags(&tg.arn, &changes).await?;
-        }
         if health_check_differs(&d.health_check, &tg.health_check) {
             aws.modify_health_check(&tg.arn, &d.health_check).await?;
         }
@@ -353,7 +417,7 @@ pub async fn ensure(
                     .await?;
             }
         }
-        let actual = if fresh_tgs.contains(&tg.arn) {
+        let actual = if tgs.fresh.contains(&tg.arn) {
             Vec::new()
         } else {
             aws.target_health(&tg.arn).await?
@@ -371,15 +435,24 @@ pub async fn ensure(
             .count();
         health.insert(d.name.clone(), (healthy, d.targets.len()));
     }
+    Ok(health)
+}
 
-    // 5. Listeners: create or repoint, then delete the ones no port wants.
-    let listeners = if fresh {
+/// Step 5: listeners: create or repoint, then delete the ones no port wants.
+async fn sync_listeners<A: AwsApi>(
+    aws: &A,
+    lb: &LbInfo,
+    desired: &DesiredLoadBalancer,
+    tgs: &TargetGroups,
+    fresh_lb: bool,
+) -> Result<(), ApplyError> {
+    let listeners = if fresh_lb {
         Vec::new()
     } else {
         aws.listeners(&lb.arn).await?
     };
     for l in &desired.listeners {
-        let Some(tg) = by_name.get(&l.target_group) else {
+        let Some(tg) = tgs.by_name.get(&l.target_group) else {
             continue;
         };
         match listener_step(l, &tg.arn, &listeners) {
@@ -392,29 +465,60 @@ pub async fn ensure(
     for l in listeners.iter().filter(|l| !wanted_ports.contains(&l.port)) {
         aws.delete_listener(&l.arn).await?;
     }
+    Ok(())
+}
 
-    // 6. Target groups and load balancers of this Service that are no longer wanted.
-    let wanted_tgs: BTreeSet<&String> = desired
-        .target_groups
-        .iter()
-        .filter_map(|d| by_name.get(&d.name).map(|t| &t.arn))
-        .collect();
+/// Step 6: target groups and load balancers of this Service that are no longer wanted.
+async fn delete_stale<A: AwsApi>(
+    aws: &A,
+    inventory: &Inventory,
+    lb: &LbInfo,
+    attached: &[TgInfo],
+    tgs: &TargetGroups,
+    uid: &str,
+) -> Result<(), ApplyError> {
+    let wanted: BTreeSet<&String> = tgs.by_name.values().map(|t| &t.arn).collect();
     let (other_lbs, inventory_tgs) = inventory.of(uid);
     let stale_tgs: BTreeSet<String> = attached
         .iter()
         .map(|t| t.arn.clone())
         .chain(inventory_tgs)
-        .filter(|arn| !wanted_tgs.contains(arn))
+        .filter(|arn| !wanted.contains(arn))
         .collect();
     let stale_lbs: Vec<String> = other_lbs.into_iter().filter(|arn| *arn != lb.arn).collect();
-    for old in aws.describe_load_balancers(&stale_lbs).await? {
-        tracing::info!(lb = %old.name, "deleting the Service's previous load balancer");
-        delete_lb(aws, inventory, &old, false).await?;
+    let old = aws.describe_load_balancers(&stale_lbs).await?;
+    for lb in &old {
+        tracing::info!(lb = %lb.name, "deleting the Service's previous load balancer");
     }
-    for arn in stale_tgs {
-        aws.delete_target_group(&arn).await?;
-        inventory.remove(&arn);
-    }
+    // Target groups the wanted load balancer still uses are never stale.
+    let attached_old = delete_load_balancers(aws, inventory, &old, Protection::Lift).await?;
+    let stale: BTreeSet<String> = stale_tgs
+        .into_iter()
+        .chain(attached_old)
+        .filter(|arn| !wanted.contains(arn))
+        .collect();
+    delete_target_groups(aws, inventory, &stale).await
+}
+
+/// Makes AWS match `desired` for the Service `uid`.
+pub async fn ensure<A: AwsApi>(
+    aws: &A,
+    inventory: &Inventory,
+    desired: &DesiredLoadBalancer,
+    uid: &str,
+) -> Result<Applied, ApplyError> {
+    let (lb, fresh) = ensure_load_balancer(aws, inventory, desired, uid).await?;
+    update_load_balancer(aws, &lb, desired).await?;
+    let attached = if fresh {
+        Vec::new()
+    } else {
+        aws.target_groups_of(&lb.arn).await?
+    };
+    let tgs = ensure_target_groups(aws, inventory, desired, uid, &attached, fresh).await?;
+    sync_tags(aws, &lb, desired, &tgs).await?;
+    let health = sync_target_groups(aws, desired, &tgs).await?;
+    sync_listeners(aws, &lb, desired, &tgs, fresh).await?;
+    delete_stale(aws, inventory, &lb, &attached, &tgs, uid).await?;
     // Describe again only while provisioning, to learn when it turns active.
     let lb = if lb.state == "active" {
         lb
@@ -426,9 +530,10 @@ pub async fn ensure(
 
 /// Deletes every resource of the Service `uid`: load balancers named `names` (if they are
 /// its own) or found in the inventory, and their target groups. Returns how many load
-/// balancers were deleted.
-pub async fn remove(
-    aws: &Aws,
+/// balancers were deleted. With `keep_protection`, a protected load balancer stops it
+/// before anything is deleted ([`ApplyError::DeletionProtected`]).
+pub async fn remove<A: AwsApi>(
+    aws: &A,
     inventory: &Inventory,
     uid: &str,
     names: &[String],
@@ -448,24 +553,13 @@ pub async fn remove(
             Err(e) => return Err(e),
         }
     }
-    let mut tgs: BTreeSet<String> = tg_arns;
-    for lb in &lbs {
-        tgs.extend(
-            aws.target_groups_of(&lb.arn)
-                .await?
-                .into_iter()
-                .map(|t| t.arn),
-        );
-    }
-    for lb in &lbs {
-        delete_lb(aws, inventory, lb, keep_protection).await?;
-        tracing::info!(lb = %lb.name, "deleted load balancer");
-    }
-    for arn in tgs {
-        aws.delete_target_group(&arn).await?;
-        inventory.remove(&arn);
-    }
-    Ok(lbs.len())
+    let protection = if keep_protection {
+        Protection::Respect
+    } else {
+        Protection::Lift
+    };
+    let removed = teardown(aws, inventory, &lbs, tg_arns, protection).await?;
+    Ok(removed.load_balancers)
 }
 
 #[cfg(test)]
@@ -579,17 +673,6 @@ mod tests {
     }
 
     #[test]
-    fn inventory_tracks_and_forgets_resources() {
-        let inv = Inventory::default();
-        inv.add_lb("u1", "lb-1");
-        inv.add_tg("u1", "tg-1");
-        assert_eq!(inv.of("u1").0.len(), 1);
-        inv.remove("tg-1");
-        assert!(inv.of("u1").1.is_empty());
-        assert!(inv.of("u2").0.is_empty());
-    }
-
-    #[test]
     fn health_check_comparison_is_exact() {
         let a = HealthCheck::default_tcp();
         let mut b = a.clone();
@@ -600,5 +683,246 @@ mod tests {
         let mut unknown_codes = http.clone();
         unknown_codes.success_codes = None;
         assert!(!health_check_differs(&http, &unknown_codes));
+    }
+
+    mod against_the_fake {
+        use std::sync::Arc;
+
+        use berth_crds::tags;
+        use k8s_openapi::api::core::v1::{Node, Service};
+
+        use super::super::*;
+        use crate::provider::aws::annotations::tests::{node, service};
+        use crate::provider::aws::annotations::{annotations as keys, settings};
+        use crate::provider::aws::fake::FakeAws;
+        use crate::provider::aws::model::{World, build};
+
+        const UID: &str = "uid-1";
+
+        fn web(annotations: &[(&str, &str)]) -> Service {
+            service(
+                &[
+                    ("http", 80, "TCP", Some(30080)),
+                    ("dns", 53, "UDP", Some(30053)),
+                ],
+                annotations,
+            )
+        }
+
+        fn nodes(ids: &[&str]) -> Vec<Arc<Node>> {
+            ids.iter().map(|id| Arc::new(node(id, id, &[]))).collect()
+        }
+
+        fn desired(svc: &Service, nodes: &[Arc<Node>]) -> DesiredLoadBalancer {
+            let subnets = vec!["subnet-a".to_string(), "subnet-b".to_string()];
+            let world = World {
+                cluster: "c1",
+                vpc_id: "vpc-1",
+                subnets: &subnets,
+                nodes,
+                slices: &[],
+            };
+            let settings = settings(svc, &Default::default(), "c1").expect("settings");
+            build(svc, &settings, &world).expect("build")
+        }
+
+        fn mutations(aws: &FakeAws) -> Vec<String> {
+            aws.take_calls()
+        }
+
+        fn count(calls: &[String], op: &str) -> usize {
+            calls
+                .iter()
+                .filter(|c| c.starts_with(&format!("{op} ")))
+                .count()
+        }
+
+        #[tokio::test]
+        async fn creates_everything_from_nothing_then_changes_nothing() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1", "i-2"]));
+            let applied = ensure(&aws, &inv, &d, UID).await.expect("ensure");
+            assert_eq!(applied.lb.name, d.name);
+            {
+                let s = aws.state();
+                assert_eq!((s.lbs.len(), s.tgs.len(), s.listeners.len()), (1, 2, 2));
+                for tg in s.tgs.values() {
+                    assert_eq!(tg.targets.len(), 2, "{}", tg.info.name);
+                    assert_eq!(
+                        tg.tags.get(tags::SERVICE_UID).map(String::as_str),
+                        Some(UID)
+                    );
+                }
+                let ports: BTreeSet<i32> = s.listeners.values().map(|l| l.info.port).collect();
+                assert_eq!(ports, BTreeSet::from([53, 80]));
+            }
+            assert_eq!(inv.of(UID).0.len(), 1);
+            assert_eq!(inv.of(UID).1.len(), 2);
+            mutations(&aws);
+            ensure(&aws, &inv, &d, UID).await.expect("ensure again");
+            assert_eq!(
+                mutations(&aws),
+                Vec::<String>::new(),
+                "a second ensure changes nothing"
+            );
+        }
+
+        #[tokio::test]
+        async fn adopts_what_a_crashed_run_left() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            // A run that died after creating the load balancer and one target group, and
+            // whose inventory died with it.
+            aws.create_load_balancer(&d).await.expect("lb");
+            aws.create_target_group(&d.target_groups[0])
+                .await
+                .expect("tg");
+            mutations(&aws);
+            ensure(&aws, &inv, &d, UID).await.expect("ensure");
+            let calls = mutations(&aws);
+            assert_eq!(count(&calls, "CreateLoadBalancer"), 0, "{calls:?}");
+            assert_eq!(count(&calls, "CreateTargetGroup"), 1, "{calls:?}");
+            assert_eq!(count(&calls, "CreateListener"), 2, "{calls:?}");
+            let s = aws.state();
+            assert_eq!((s.lbs.len(), s.tgs.len(), s.listeners.len()), (1, 2, 2));
+            assert!(s.tgs.values().all(|t| t.targets.len() == 1));
+        }
+
+        #[tokio::test]
+        async fn updates_attributes_health_check_targets_and_listeners_in_place() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let first = desired(&web(&[]), &nodes(&["i-1", "i-2"]));
+            let lb = ensure(&aws, &inv, &first, UID).await.expect("ensure").lb;
+            let changed = service(
+                &[
+                    ("http", 80, "TCP", Some(30080)),
+                    ("https", 443, "TCP", Some(30443)),
+                ],
+                &[
+                    (keys::ATTRIBUTES, "load_balancing.cross_zone.enabled=true"),
+                    (keys::HC_INTERVAL, "30"),
+                    (
+                        keys::TARGET_GROUP_ATTRIBUTES,
+                        "deregistration_delay.timeout_seconds=5",
+                    ),
+                    (keys::SSL_CERT, "arn:aws:acm:us-east-1:1:certificate/x"),
+                    (keys::SSL_PORTS, "443"),
+                ],
+            );
+            let d = desired(&changed, &nodes(&["i-2", "i-3"]));
+            mutations(&aws);
+            let applied = ensure(&aws, &inv, &d, UID).await.expect("update");
+            assert_eq!(applied.lb.arn, lb.arn, "the same load balancer");
+            let calls = mutations(&aws);
+            assert_eq!(count(&calls, "CreateLoadBalancer"), 0, "{calls:?}");
+            let s = aws.state();
+            let attrs = &s.lbs[&lb.arn].attributes;
+            assert_eq!(attrs["load_balancing.cross_zone.enabled"], "true");
+            let tg_of = |name: &str| s.tgs.values().find(|t| t.info.name == name).expect(name);
+            for dtg in &d.target_groups {
+                let tg = tg_of(&dtg.name);
+                assert_eq!(tg.info.health_check.interval_seconds, 30);
+                assert_eq!(tg.attributes["deregistration_delay.timeout_seconds"], "5");
+                let ids: Vec<&str> = tg.targets.iter().map(|t| t.id.as_str()).collect();
+                assert_eq!(ids, vec!["i-2", "i-3"]);
+            }
+            let mut listeners: Vec<(i32, String)> = s
+                .listeners
+                .values()
+                .map(|l| (l.info.port, l.info.protocol.clone()))
+                .collect();
+            listeners.sort();
+            assert_eq!(listeners, vec![(80, "TCP".into()), (443, "TLS".into())]);
+            // The UDP port's target group went with its listener.
+            assert_eq!(s.tgs.len(), 2);
+            assert!(s.tgs.values().all(|t| t.info.protocol == "TCP"));
+        }
+
+        #[tokio::test]
+        async fn remove_deletes_listeners_then_load_balancer_then_target_groups() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            ensure(&aws, &inv, &d, UID).await.expect("ensure");
+            mutations(&aws);
+            // Only by name: the inventory is gone (a restarted controller before a sweep).
+            let n = remove(&aws, &Inventory::default(), UID, &[d.name.clone()], false)
+                .await
+                .expect("remove");
+            assert_eq!(n, 1);
+            let calls = mutations(&aws);
+            let ops: Vec<&str> = calls.iter().filter_map(|c| c.split(' ').next()).collect();
+            assert_eq!(
+                ops,
+                vec![
+                    "DeleteListener",
+                    "DeleteListener",
+                    "DeleteLoadBalancer",
+                    "DeleteTargetGroup",
+                    "DeleteTargetGroup"
+                ]
+            );
+            let s = aws.state();
+            assert!(s.lbs.is_empty() && s.tgs.is_empty() && s.listeners.is_empty());
+        }
+
+        #[tokio::test]
+        async fn a_protected_load_balancer_keeps_everything_unless_protection_is_dropped() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let svc = web(&[(keys::ATTRIBUTES, "deletion_protection.enabled=true")]);
+            let d = desired(&svc, &nodes(&["i-1"]));
+            ensure(&aws, &inv, &d, UID).await.expect("ensure");
+            mutations(&aws);
+            let err = remove(&aws, &inv, UID, &[d.name.clone()], true).await;
+            assert!(
+                matches!(err, Err(ApplyError::DeletionProtected(ref n)) if *n == d.name),
+                "{err:?}"
+            );
+            assert_eq!(mutations(&aws), Vec::<String>::new(), "nothing touched");
+            assert_eq!(aws.state().listeners.len(), 2);
+            // The annotation no longer asks for protection: lifted, then deleted.
+            remove(&aws, &inv, UID, &[d.name.clone()], false)
+                .await
+                .expect("remove");
+            let calls = mutations(&aws);
+            assert!(
+                calls[0].starts_with("ModifyLoadBalancerAttributes"),
+                "{calls:?}"
+            );
+            assert!(aws.state().lbs.is_empty() && aws.state().tgs.is_empty());
+        }
+
+        #[tokio::test]
+        async fn a_name_taken_by_another_service_is_a_conflict_and_never_deleted() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            let mut other = d.clone();
+            other
+                .tags
+                .insert(tags::SERVICE_UID.into(), "uid-other".into());
+            aws.create_load_balancer(&other).await.expect("other");
+            let err = ensure(&aws, &inv, &d, UID).await;
+            assert!(matches!(err, Err(ApplyError::NameConflict(_))), "{err:?}");
+            let n = remove(&aws, &inv, UID, &[d.name.clone()], false)
+                .await
+                .expect("remove");
+            assert_eq!(n, 0);
+            assert_eq!(aws.state().lbs.len(), 1);
+        }
+
+        #[tokio::test]
+        async fn a_scheme_change_replaces_the_load_balancer_and_keeps_target_groups() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            let old = ensure(&aws, &inv, &d, UID).await.expect("ensure").lb;
+            let tgs: BTreeSet<String> = aws.state().tgs.keys().cloned().collect();
+            let public = desired(&web(&[(keys::SCHEME, "internet-facing")]), &nodes(&["i-1"]));
+            let new = ensure(&aws, &inv, &public, UID).await.expect("replace").lb;
+            assert_ne!(new.arn, old.arn);
+            assert_eq!(new.scheme, "internet-facing");
+            let s = aws.state();
+            assert_eq!(s.lbs.len(), 1);
+            assert_eq!(s.tgs.keys().cloned().collect::<BTreeSet<_>>(), tgs);
+            assert!(s.listeners.values().all(|l| l.lb_arn == new.arn));
+        }
     }
 }

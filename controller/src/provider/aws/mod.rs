@@ -1,9 +1,484 @@
-//! The AWS provider: annotations and class settings ([`annotations`]), the pure desired
-//! model ([`model`]), diff and apply ([`deploy`]) over the SDK client ([`client`]), and
-//! the orphan sweep ([`gc`]).
+//! The AWS provider: annotations as a table ([`annotations`]) over class settings
+//! ([`settings`]), naming ([`naming`]), the pure desired model ([`model`]), diff and apply
+//! ([`deploy`]) over a client trait ([`api`], the SDK in [`client`]) that the leader
+//! reaches only through the fence ([`fenced`]), subnets ([`subnets`]), the inventory
+//! ([`inventory`]) and the orphan sweep ([`gc`]).
 
 pub mod annotations;
+pub mod api;
 pub mod client;
 pub mod deploy;
+#[cfg(test)]
+pub mod fake;
+pub mod fenced;
 pub mod gc;
+pub mod inventory;
 pub mod model;
+pub mod naming;
+pub mod settings;
+pub mod subnets;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use berth_crds::{AwsProvider as AwsClass, LABEL_SERVICE_NAME, LoadBalancerClass};
+use berth_runtime::Fence;
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::provider::{
+    FENCED, Ingress, Next, Note, Outcome, Provider, ProviderError, Readiness, Verdict,
+    hostname_ingress,
+};
+use crate::reason;
+use crate::stores::Stores;
+use annotations::{SubnetChoice, annotations as keys};
+use api::{AwsApi, AwsError};
+use deploy::{ApplyError, Inventory};
+use fenced::{FENCED_CODE, FencedAws};
+use model::{BuildError, Scheme, TargetType, World};
+
+/// When a subnet lookup was made, the VPC and the subnets it found.
+type SubnetLookup = (Instant, Option<String>, Vec<String>);
+
+/// Subnet lookups are reused this long.
+const SUBNET_CACHE: Duration = Duration::from_secs(60);
+
+pub struct AwsProvider<A = client::Aws> {
+    aws: FencedAws<A>,
+    inventory: Inventory,
+    /// Subnet lookups by (choice, scheme, vpc).
+    subnets: Mutex<HashMap<String, SubnetLookup>>,
+    stores: Stores,
+    config: Config,
+    client: kube::Client,
+    metrics: Arc<Metrics>,
+}
+
+fn uid(svc: &Service) -> String {
+    svc.metadata.uid.clone().unwrap_or_default()
+}
+
+/// The reason and provider error for a failed apply. Pure.
+fn failure(e: &ApplyError) -> (&'static str, ProviderError) {
+    let (reason, label) = match e {
+        ApplyError::Aws(a) if a.is(FENCED_CODE) => (reason::AWS_ERROR, FENCED),
+        ApplyError::Aws(_) => (reason::AWS_ERROR, "aws"),
+        ApplyError::NameConflict(_) => (reason::NAME_CONFLICT, "name_conflict"),
+        ApplyError::DeletionProtected(_) => (reason::DELETION_PROTECTED, "deletion_protected"),
+    };
+    let error = ProviderError {
+        label,
+        message: e.to_string(),
+    };
+    (reason, error)
+}
+
+/// Whether a port of the Service lacks a NodePort (instance targets need them).
+fn lacks_node_ports(svc: &Service) -> bool {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .is_some_and(|ps| ps.iter().any(|p| p.node_port.is_none()))
+}
+
+impl<A: AwsApi> AwsProvider<A> {
+    pub fn new(
+        aws: A,
+        fence: Fence,
+        stores: Stores,
+        config: Config,
+        client: kube::Client,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            aws: FencedAws::new(aws, fence, metrics.clone()),
+            inventory: Inventory::default(),
+            subnets: Mutex::default(),
+            stores,
+            config,
+            client,
+            metrics,
+        }
+    }
+
+    /// Whether a class this controller handles uses AWS. Without one the controller makes
+    /// no AWS call at all (a bare-metal install has no credentials): the one place that
+    /// decides it.
+    pub fn in_use(&self) -> bool {
+        self.stores
+            .classes
+            .state()
+            .iter()
+            .any(|c| c.spec.aws.is_some() && self.config.handles_class(&c.name_any()))
+    }
+
+    async fn resolve_subnets(
+        &self,
+        choice: &SubnetChoice,
+        scheme: Scheme,
+        class: &AwsClass,
+    ) -> Result<(Option<String>, Vec<String>), AwsError> {
+        let vpc = class.vpc_id.clone().or_else(|| self.config.vpc_id.clone());
+        let key = format!("{choice:?}/{scheme:?}/{vpc:?}");
+        if let Ok(cache) = self.subnets.lock()
+            && let Some((at, v, s)) = cache.get(&key)
+            && at.elapsed() < SUBNET_CACHE
+            && !s.is_empty()
+        {
+            return Ok((v.clone(), s.clone()));
+        }
+        let cluster = &self.config.cluster_name;
+        let found = subnets::resolve(&self.aws, choice, scheme, vpc.as_deref(), cluster).await?;
+        if let Ok(mut cache) = self.subnets.lock() {
+            cache.insert(key, (Instant::now(), found.0.clone(), found.1.clone()));
+        }
+        Ok(found)
+    }
+
+    /// Names the Service's load balancer may have: the generated one under every class's
+    /// prefix, and the annotation's.
+    fn candidate_names(&self, svc: &Service) -> Vec<String> {
+        let prefixes: Vec<String> = self
+            .stores
+            .classes
+            .state()
+            .iter()
+            .filter_map(|c| c.spec.aws.as_ref()?.name_prefix.clone())
+            .chain(std::iter::once("k8s".to_string()))
+            .collect();
+        let hash_input = format!("{}/{}", self.config.cluster_name, uid(svc));
+        let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
+        let mut names: Vec<String> = prefixes
+            .iter()
+            .map(|p| naming::resource_name(p, &ns, &name, &hash_input))
+            .collect();
+        if let Some(n) = svc.annotations().get(keys::NAME)
+            && naming::valid_lb_name(n)
+        {
+            names.push(n.clone());
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    fn slices_of(&self, svc: &Service) -> Vec<Arc<EndpointSlice>> {
+        let ns = svc.namespace().unwrap_or_default();
+        let name = svc.name_any();
+        self.stores.slices.state_filter(|s| {
+            s.namespace().as_deref() == Some(ns.as_str())
+                && s.labels().get(LABEL_SERVICE_NAME).map(String::as_str) == Some(name.as_str())
+        })
+    }
+
+    async fn ensure_now(&self, svc: &Service, class: &LoadBalancerClass) -> Outcome {
+        let Some(aws_class) = class.spec.aws.as_ref() else {
+            return Outcome::invalid(reason::UNSUPPORTED_PROVIDER, "no aws block");
+        };
+        let settings = match annotations::settings(svc, aws_class, &self.config.cluster_name) {
+            Ok(s) => s,
+            Err(errors) => return Outcome::invalid(reason::INVALID_ANNOTATION, errors.join("; ")),
+        };
+        if settings.target_type == TargetType::Instance && lacks_node_ports(svc) {
+            return Outcome::done().then(Next::NodePorts);
+        }
+        let (vpc, subnets) = match self
+            .resolve_subnets(&settings.subnets, settings.scheme, aws_class)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => return failed(&e.into()),
+        };
+        let vpc = vpc
+            .or_else(|| aws_class.vpc_id.clone())
+            .or_else(|| self.config.vpc_id.clone());
+        let Some(vpc) = vpc else {
+            return Outcome::invalid(reason::NO_SUBNETS, BuildError::NoSubnets.to_string());
+        };
+        let (slices, nodes) = (self.slices_of(svc), self.stores.nodes.state());
+        let world = World {
+            cluster: &self.config.cluster_name,
+            vpc_id: &vpc,
+            subnets: &subnets,
+            nodes: &nodes,
+            slices: &slices,
+        };
+        let desired = match model::build(svc, &settings, &world) {
+            Ok(d) => d,
+            Err(e @ BuildError::NoSubnets) => {
+                return Outcome::invalid(reason::NO_SUBNETS, e.to_string());
+            }
+            Err(e @ BuildError::InvalidSpec(_)) => {
+                return Outcome::invalid(reason::INVALID_SPEC, e.to_string());
+            }
+        };
+        match deploy::ensure(&self.aws, &self.inventory, &desired, &uid(svc)).await {
+            Ok(applied) => applied_outcome(svc, &applied),
+            Err(e) => failed(&e),
+        }
+    }
+
+    async fn release_now(&self, svc: &Service, deleting: bool) -> Outcome {
+        if !self.in_use() {
+            return Outcome::done();
+        }
+        let keep_protection = svc
+            .annotations()
+            .get(keys::ATTRIBUTES)
+            .and_then(|v| annotations::parse_map(v, false).ok())
+            .and_then(|m| m.get("deletion_protection.enabled").cloned())
+            .is_some_and(|v| v == "true");
+        let names = self.candidate_names(svc);
+        let removed = deploy::remove(
+            &self.aws,
+            &self.inventory,
+            &uid(svc),
+            &names,
+            keep_protection,
+        )
+        .await;
+        match removed {
+            Ok(0) => Outcome::done(),
+            Ok(_) => Outcome::done().with_events(vec![Note::normal(
+                "Deleted",
+                "deleted the load balancer and its target groups",
+            )]),
+            Err(e @ ApplyError::DeletionProtected(_)) => {
+                Outcome::invalid(reason::DELETION_PROTECTED, e.to_string())
+                    .then(Next::Requeue(Duration::from_secs(30)))
+            }
+            Err(e) => {
+                let (reason, error) = failure(&e);
+                if deleting || error.is_fenced() {
+                    Outcome {
+                        error: Some(error),
+                        ..Outcome::done()
+                    }
+                } else {
+                    Outcome::failed(reason, error)
+                }
+            }
+        }
+    }
+
+    /// One orphan sweep: refreshes the inventory and deletes what gone Services left.
+    async fn sweep(&self) {
+        let live: BTreeSet<String> = self
+            .stores
+            .services
+            .state()
+            .iter()
+            .filter_map(|s| s.metadata.uid.clone())
+            .collect();
+        let client = &self.client;
+        let exists = |r: gc::Tagged| async move { gc::service_exists(client, &r).await };
+        let cluster = &self.config.cluster_name;
+        match gc::sweep(&self.aws, &self.inventory, cluster, &live, exists).await {
+            Ok(report) => {
+                self.metrics
+                    .gc_deleted
+                    .fetch_add(report.deleted as u64, Ordering::Relaxed);
+                if report != gc::SweepReport::default() {
+                    tracing::info!(?report, "orphan sweep");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "orphan sweep failed"),
+        }
+    }
+}
+
+fn failed(e: &ApplyError) -> Outcome {
+    let (reason, error) = failure(e);
+    Outcome::failed(reason, error)
+}
+
+/// Ready once the load balancer is active; until then the condition says Provisioning.
+fn applied_outcome(svc: &Service, applied: &deploy::Applied) -> Outcome {
+    let ingress = Ingress::Set(hostname_ingress(svc, &applied.lb.dns_name));
+    if applied.lb.state == "active" {
+        let targets: Vec<String> = applied
+            .health
+            .values()
+            .map(|(h, t)| format!("{h}/{t}"))
+            .collect();
+        let message = format!(
+            "load balancer {} ({}) is active; healthy targets per port: {}",
+            applied.lb.name,
+            applied.lb.dns_name,
+            targets.join(", ")
+        );
+        Outcome::report(Readiness::ready(message), ingress)
+    } else {
+        let message = format!("load balancer {} is {}", applied.lb.name, applied.lb.state);
+        Outcome::report(Readiness::not_ready(reason::PROVISIONING, message), ingress)
+            .then(Next::Requeue(Duration::from_secs(3)))
+    }
+}
+
+impl<A: AwsApi + 'static> Provider for AwsProvider<A> {
+    fn name(&self) -> &'static str {
+        "aws"
+    }
+
+    fn serves(&self, class: &LoadBalancerClass) -> bool {
+        class.spec.aws.is_some()
+    }
+
+    fn ensure<'a>(
+        &'a self,
+        svc: &'a Service,
+        class: &'a LoadBalancerClass,
+    ) -> BoxFuture<'a, Outcome> {
+        Box::pin(self.ensure_now(svc, class))
+    }
+
+    fn release<'a>(&'a self, svc: &'a Service, deleting: bool) -> BoxFuture<'a, Outcome> {
+        Box::pin(self.release_now(svc, deleting))
+    }
+
+    fn verdict(&self, _class: &LoadBalancerClass) -> Verdict {
+        Verdict {
+            accepted: true,
+            reason: "Accepted",
+            message: "aws provider".into(),
+            addresses: None,
+        }
+    }
+
+    /// Learns what exists before the first reconcile (a predecessor may have died
+    /// mid-way).
+    fn prepare(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if !self.in_use() {
+                return;
+            }
+            if let Err(e) = gc::refresh(&self.aws, &self.inventory, &self.config.cluster_name).await
+            {
+                tracing::warn!(error = %e, "initial inventory sweep failed");
+            }
+        })
+    }
+
+    fn maintain(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // The Service store must hold the first full list: sweeping before would take
+            // every Service for gone.
+            let mut synced = self.stores.services_synced.clone();
+            if synced.wait_for(|s| *s).await.is_err() {
+                return futures::future::pending().await;
+            }
+            loop {
+                tokio::time::sleep(self.config.gc_interval).await;
+                if self.in_use() {
+                    self.sweep().await;
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::provider::Report;
+    use crate::provider::aws::annotations::tests::{node, service};
+    use crate::provider::aws::fake::FakeAws;
+    use crate::stores::testing::stores;
+
+    fn class() -> LoadBalancerClass {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "berth.dev/v1alpha1", "kind": "LoadBalancerClass",
+            "metadata": {"name": "lab"},
+            "spec": {"aws": {"scheme": "internet-facing", "targetType": "instance"}}
+        }))
+        .expect("class")
+    }
+
+    fn provider(fence: Fence) -> AwsProvider<FakeAws> {
+        let fake = FakeAws::default();
+        for (id, zone) in [("subnet-a", "us-east-1a"), ("subnet-b", "us-east-1b")] {
+            fake.add_subnet(id, "vpc-1", zone, &[("kubernetes.io/role/elb", "1")]);
+        }
+        let nodes = vec![node("n1", "i-1", &[]), node("n2", "i-2", &[])];
+        let config = Config::try_parse_from(["x", "--cluster-name", "c1"]).expect("config");
+        let url = "http://127.0.0.1:9".parse().expect("url");
+        let client = kube::Client::try_from(kube::Config::new(url)).expect("client");
+        let stores = stores(vec![class()], Vec::new(), nodes);
+        let metrics = Arc::new(Metrics::default());
+        AwsProvider::new(fake, fence, stores, config, client, metrics)
+    }
+
+    #[tokio::test]
+    async fn ensure_builds_the_load_balancer_and_reports_its_hostname() {
+        let p = provider(Fence::unfenced());
+        let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        svc.metadata.uid = Some("u1".into());
+        let out = p.ensure(&svc, &class()).await;
+        assert!(out.error.is_none(), "{:?}", out.error);
+        let Report::Set { readiness, ingress } = &out.report else {
+            panic!("no status: {:?}", out.report);
+        };
+        assert!(
+            readiness.ready || readiness.reason == reason::PROVISIONING,
+            "{readiness:?}"
+        );
+        let Ingress::Set(entries) = ingress else {
+            panic!("no ingress");
+        };
+        assert!(entries[0].hostname.is_some());
+        let (lbs, listeners) = {
+            let state = p.aws.inner().state();
+            (state.lbs.len(), state.listeners.len())
+        };
+        assert_eq!((lbs, listeners), (1, 1));
+        // Again: nothing left to change.
+        p.aws.inner().take_calls();
+        let again = p.ensure(&svc, &class()).await;
+        assert!(again.error.is_none());
+        assert!(
+            p.aws.inner().take_calls().is_empty(),
+            "a second ensure mutated AWS"
+        );
+    }
+
+    #[tokio::test]
+    async fn instance_targets_without_node_ports_ask_for_them() {
+        let p = provider(Fence::unfenced());
+        let svc = service(&[("http", 80, "TCP", None)], &[]);
+        assert_eq!(p.ensure(&svc, &class()).await.next, Next::NodePorts);
+        assert!(p.aws.inner().take_calls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_fenced_provider_changes_nothing_and_says_so() {
+        let fence = Fence::new();
+        fence.hold_until(Instant::now());
+        let p = provider(fence);
+        let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        svc.metadata.uid = Some("u1".into());
+        let out = p.ensure(&svc, &class()).await;
+        assert!(
+            out.error.as_ref().is_some_and(|e| e.is_fenced()),
+            "{:?}",
+            out.error
+        );
+        assert!(p.aws.inner().take_calls().is_empty());
+        assert!(p.aws.inner().state().lbs.is_empty());
+        let released = p.release(&svc, true).await;
+        assert!(
+            released.error.is_none(),
+            "nothing to delete: no AWS call needed"
+        );
+    }
+}

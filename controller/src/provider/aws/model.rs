@@ -3,18 +3,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::provider::aws::settings::{HealthCheck, HealthPort, Settings, SslPorts};
 use berth_crds::{LABEL_EXCLUDE_FROM_LB, TAINT_TO_BE_DELETED, tags};
-use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
+use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use sha2::{Digest, Sha256};
 
-use crate::provider::aws::annotations::{HealthCheck, HealthPort, Settings, SslPorts};
+pub use crate::provider::aws::naming::{MAX_NAME, resource_name};
 
 pub use berth_crds::{IpAddressType, Scheme, TargetType};
-
-/// Largest name ELBv2 accepts for load balancers and target groups.
-pub const MAX_NAME: usize = 32;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredLoadBalancer {
@@ -77,24 +74,6 @@ pub struct World<'a> {
     pub subnets: &'a [String],
     pub nodes: &'a [std::sync::Arc<Node>],
     pub slices: &'a [std::sync::Arc<EndpointSlice>],
-}
-
-/// A name ELBv2 accepts (≤ 32 of `[a-z0-9-]`, no leading, trailing or double hyphen),
-/// stable for a Service UID: `<prefix>-<ns>-<name>-<hash>`.
-pub fn resource_name(prefix: &str, namespace: &str, name: &str, hash_input: &str) -> String {
-    let digest = Sha256::digest(hash_input.as_bytes());
-    let hash: String = digest.iter().take(5).map(|b| format!("{b:02x}")).collect();
-    let room = MAX_NAME.saturating_sub(prefix.len() + hash.len() + 3) / 2;
-    let part = |s: &str| -> String {
-        let clean: String = s
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric())
-            .map(|c| c.to_ascii_lowercase())
-            .take(room)
-            .collect();
-        if clean.is_empty() { "x".into() } else { clean }
-    };
-    format!("{prefix}-{}-{}-{hash}", part(namespace), part(name))
 }
 
 /// The instance ID in an AWS providerID (`aws:///us-east-1a/i-0abc`).
@@ -233,71 +212,65 @@ fn target_group_port(
     }
 }
 
-/// Builds the desired load balancer. Pure.
-pub fn build(
-    svc: &Service,
-    settings: &Settings,
-    world: &World,
-) -> Result<DesiredLoadBalancer, BuildError> {
-    let ns = svc.metadata.namespace.clone().unwrap_or_default();
-    let name = svc.metadata.name.clone().unwrap_or_default();
-    let uid = svc.metadata.uid.clone().unwrap_or_default();
-    let spec = svc.spec.clone().unwrap_or_default();
-    let ports = spec.ports.clone().unwrap_or_default();
-    if ports.is_empty() {
-        return Err(BuildError::InvalidSpec("the Service has no ports".into()));
-    }
-    if world.subnets.is_empty() {
-        return Err(BuildError::NoSubnets);
-    }
-    let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let mut base_tags = settings.tags.clone();
-    base_tags.insert(tags::CLUSTER.into(), world.cluster.into());
-    base_tags.insert(tags::SERVICE.into(), format!("{ns}/{name}"));
-    base_tags.insert(tags::SERVICE_UID.into(), uid.clone());
+/// What every port of one Service shares while building.
+struct Build<'a> {
+    settings: &'a Settings,
+    world: &'a World<'a>,
+    namespace: String,
+    name: String,
+    uid: String,
+    /// The health check of every target group.
+    health_check: HealthCheck,
+    base_tags: BTreeMap<String, String>,
+    /// Instance targets (instance mode).
+    nodes: BTreeSet<String>,
+}
 
-    let nodes = match settings.target_type {
-        TargetType::Instance => instance_targets(world.nodes, &settings.target_node_labels),
-        TargetType::Ip => BTreeSet::new(),
-    };
-
-    let mut listeners = Vec::new();
-    let mut target_groups = Vec::new();
-    for (port, group) in port_groups(&ports) {
-        let protocols: BTreeSet<&str> = group
-            .iter()
-            .map(|p| p.protocol.as_deref().unwrap_or("TCP"))
-            .collect();
-        let protocol = listener_protocol(&protocols).map_err(BuildError::InvalidSpec)?;
-        let tg_port = target_group_port(&group, settings.target_type, port)
-            .map_err(BuildError::InvalidSpec)?;
-        let tls = settings.ssl.as_ref().filter(|ssl| {
-            protocol == "TCP"
-                && match &ssl.ports {
-                    SslPorts::All => true,
-                    SslPorts::Some(set) => {
-                        set.contains(&port.to_string())
-                            || group
-                                .iter()
-                                .any(|p| p.name.as_ref().is_some_and(|n| set.contains(n)))
-                    }
+/// Whether TLS applies to the listener of `port` (TCP only).
+fn tls_for<'s>(
+    settings: &'s Settings,
+    port: i32,
+    group: &[&ServicePort],
+    protocol: &str,
+) -> Option<&'s crate::provider::aws::settings::Ssl> {
+    settings.ssl.as_ref().filter(|ssl| {
+        protocol == "TCP"
+            && match &ssl.ports {
+                SslPorts::All => true,
+                SslPorts::Some(set) => {
+                    set.contains(&port.to_string())
+                        || group
+                            .iter()
+                            .any(|p| p.name.as_ref().is_some_and(|n| set.contains(n)))
                 }
-        });
-        let tg_protocol = protocol.to_string();
-        let mut health_check = settings.health_check.clone();
-        if etp_local
-            && settings.target_type == TargetType::Instance
-            && !settings.health_check_overridden
-        {
-            health_check = HealthCheck::etp_local(spec.health_check_node_port.unwrap_or_default());
-        }
-        if let HealthPort::Port(0) = health_check.port {
-            return Err(BuildError::InvalidSpec(
-                "externalTrafficPolicy Local but no healthCheckNodePort yet".into(),
-            ));
-        }
-        let targets: BTreeSet<Target> = match settings.target_type {
-            TargetType::Instance => nodes
+            }
+    })
+}
+
+/// The health check: `externalTrafficPolicy: Local` in instance mode checks the
+/// healthCheckNodePort, unless a health-check annotation says otherwise.
+fn health_check(settings: &Settings, spec: &ServiceSpec) -> Result<HealthCheck, BuildError> {
+    let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let mut hc = settings.health_check.clone();
+    if etp_local
+        && settings.target_type == TargetType::Instance
+        && !settings.health_check_overridden
+    {
+        hc = HealthCheck::etp_local(spec.health_check_node_port.unwrap_or_default());
+    }
+    if let HealthPort::Port(0) = hc.port {
+        return Err(BuildError::InvalidSpec(
+            "externalTrafficPolicy Local but no healthCheckNodePort yet".into(),
+        ));
+    }
+    Ok(hc)
+}
+
+impl Build<'_> {
+    fn targets(&self, group: &[&ServicePort], tg_port: i32) -> BTreeSet<Target> {
+        match self.settings.target_type {
+            TargetType::Instance => self
+                .nodes
                 .iter()
                 .map(|id| Target {
                     id: id.clone(),
@@ -315,51 +288,109 @@ pub fn build(
                 let pproto = first
                     .and_then(|p| p.protocol.clone())
                     .unwrap_or_else(|| "TCP".into());
-                ip_targets(world.slices, &pname, &pproto)
+                ip_targets(self.world.slices, &pname, &pproto)
             }
-        };
+        }
+    }
+
+    /// The listener and target group of one Service port number.
+    fn port(
+        &self,
+        port: i32,
+        group: &[&ServicePort],
+    ) -> Result<(DesiredListener, DesiredTargetGroup), BuildError> {
+        let (settings, world) = (self.settings, self.world);
+        let protocols: BTreeSet<&str> = group
+            .iter()
+            .map(|p| p.protocol.as_deref().unwrap_or("TCP"))
+            .collect();
+        let protocol = listener_protocol(&protocols).map_err(BuildError::InvalidSpec)?;
+        let tg_port = target_group_port(group, settings.target_type, port)
+            .map_err(BuildError::InvalidSpec)?;
         let target_type = match settings.target_type {
             TargetType::Instance => "instance",
             TargetType::Ip => "ip",
         };
+        let hash_input = format!(
+            "{}/{}/{port}/{protocol}/{tg_port}/{target_type}/{}",
+            world.cluster, self.uid, world.vpc_id
+        );
         let tg_name = resource_name(
             &settings.name_prefix,
-            &ns,
-            &name,
-            &format!(
-                "{}/{uid}/{port}/{tg_protocol}/{tg_port}/{target_type}/{}",
-                world.cluster, world.vpc_id
-            ),
+            &self.namespace,
+            &self.name,
+            &hash_input,
         );
-        let mut tg_tags = base_tags.clone();
-        tg_tags.insert(
+        let mut tags = self.base_tags.clone();
+        tags.insert(
             tags::RESOURCE.into(),
             format!("targetgroup/{port}/{protocol}"),
         );
-        target_groups.push(DesiredTargetGroup {
+        let target_group = DesiredTargetGroup {
             name: tg_name.clone(),
-            protocol: tg_protocol,
+            protocol: protocol.to_string(),
             port: tg_port,
             target_type: settings.target_type,
             vpc_id: world.vpc_id.to_string(),
-            health_check,
+            health_check: self.health_check.clone(),
             attributes: settings.tg_attributes.clone(),
-            tags: tg_tags,
-            targets,
-        });
-        listeners.push(DesiredListener {
+            tags,
+            targets: self.targets(group, tg_port),
+        };
+        let tls = tls_for(settings, port, group, protocol);
+        let listener = DesiredListener {
             port,
-            protocol: if tls.is_some() {
-                "TLS".into()
-            } else {
-                protocol.into()
-            },
+            protocol: if tls.is_some() { "TLS" } else { protocol }.into(),
             certificate: tls.map(|ssl| ssl.certificate.clone()),
             ssl_policy: tls.map(|ssl| ssl.policy.clone()),
             target_group: tg_name,
-        });
+        };
+        Ok((listener, target_group))
     }
-    let mut lb_tags = base_tags;
+}
+
+/// Builds the desired load balancer. Pure.
+pub fn build(
+    svc: &Service,
+    settings: &Settings,
+    world: &World,
+) -> Result<DesiredLoadBalancer, BuildError> {
+    let meta = &svc.metadata;
+    let field = |f: &Option<String>| f.clone().unwrap_or_default();
+    let spec = svc.spec.clone().unwrap_or_default();
+    let ports = spec.ports.clone().unwrap_or_default();
+    if ports.is_empty() {
+        return Err(BuildError::InvalidSpec("the Service has no ports".into()));
+    }
+    if world.subnets.is_empty() {
+        return Err(BuildError::NoSubnets);
+    }
+    let (namespace, name, uid) = (field(&meta.namespace), field(&meta.name), field(&meta.uid));
+    let mut base_tags = settings.tags.clone();
+    base_tags.insert(tags::CLUSTER.into(), world.cluster.into());
+    base_tags.insert(tags::SERVICE.into(), format!("{namespace}/{name}"));
+    base_tags.insert(tags::SERVICE_UID.into(), uid.clone());
+    let b = Build {
+        settings,
+        world,
+        health_check: health_check(settings, &spec)?,
+        nodes: match settings.target_type {
+            TargetType::Instance => instance_targets(world.nodes, &settings.target_node_labels),
+            TargetType::Ip => BTreeSet::new(),
+        },
+        namespace,
+        name,
+        uid,
+        base_tags,
+    };
+    let mut listeners = Vec::new();
+    let mut target_groups = Vec::new();
+    for (port, group) in port_groups(&ports) {
+        let (listener, target_group) = b.port(port, &group)?;
+        listeners.push(listener);
+        target_groups.push(target_group);
+    }
+    let mut lb_tags = b.base_tags;
     lb_tags.insert(tags::RESOURCE.into(), "loadbalancer".into());
     Ok(DesiredLoadBalancer {
         name: settings.name.clone(),
@@ -392,28 +423,6 @@ mod tests {
             nodes,
             slices,
         }
-    }
-
-    #[test]
-    fn names_are_short_valid_and_stable() {
-        let a = resource_name("k8s", "Default-NS", "my_very_long_service_name", "uid-1");
-        assert!(a.len() <= MAX_NAME, "{a}");
-        assert!(
-            a.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
-            "{a}"
-        );
-        assert!(!a.contains("--"));
-        assert_eq!(
-            a,
-            resource_name("k8s", "Default-NS", "my_very_long_service_name", "uid-1")
-        );
-        assert_ne!(
-            a,
-            resource_name("k8s", "Default-NS", "my_very_long_service_name", "uid-2")
-        );
-        assert!(resource_name("longpref", "a", "b", "x").len() <= MAX_NAME);
-        assert!(resource_name("k8s", "", "-", "x").starts_with("k8s-x-x-"));
     }
 
     #[test]
@@ -626,7 +635,7 @@ mod tests {
         );
         assert_eq!(
             lb.listeners[1].ssl_policy.as_deref(),
-            Some(crate::provider::aws::annotations::DEFAULT_SSL_POLICY)
+            Some(crate::provider::aws::settings::DEFAULT_SSL_POLICY)
         );
         assert_eq!(lb.target_groups[1].protocol, "TCP");
         // A UDP or TCP_UDP port never turns TLS, even with ssl-ports `*`.

@@ -490,12 +490,12 @@ pub fn want(
     class: &PoolClass,
     holds: &[IpAddr],
 ) -> Result<Want, (&'static str, String)> {
-    let pins = pinned(svc).map_err(|e| (crate::service::status::reason::INVALID_ANNOTATION, e))?;
+    let pins = pinned(svc).map_err(|e| (crate::reason::INVALID_ANNOTATION, e))?;
     if !pins.is_empty() {
         return Ok(Want::Pinned(pins));
     }
     let families = families(svc, &class.pool, &class.name)
-        .map_err(|e| (crate::service::status::reason::INVALID_SPEC, e))?;
+        .map_err(|e| (crate::reason::INVALID_SPEC, e))?;
     if class.auto_assign {
         return Ok(Want::Auto(families));
     }
@@ -1007,7 +1007,7 @@ mod tests {
         );
         assert_eq!(
             want(&bad, &c, &[]).expect_err("bad").0,
-            crate::service::status::reason::INVALID_ANNOTATION
+            crate::reason::INVALID_ANNOTATION
         );
     }
 

@@ -1,3 +1,378 @@
-//! The pool provider: addresses from a class's ranges, allocated from Service status.
+//! The pool provider: addresses from a class's ranges, allocated from Service status
+//! ([`allocation`]). It owns this process's reservations (its status writes the Service
+//! store has not shown yet) and the Services waiting for an address to free up.
 
 pub mod allocation;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_crds::LoadBalancerClass;
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Service;
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+
+use crate::provider::{
+    Ingress, Note, Outcome, Provider, Readiness, Report, Settle, Verdict, ip_ingress,
+};
+use crate::reason;
+use crate::stores::{Stores, Trigger};
+use allocation::{Holder, Outcome as Allocation, PoolClass, Reservations};
+
+/// What the provider remembers between reconciles.
+struct State {
+    /// The lock is held for every allocation, so concurrent reconciles never hand out one
+    /// address twice.
+    reservations: Mutex<Reservations>,
+    /// Pool Services waiting for an address to free up.
+    pending: Mutex<HashSet<ObjectRef<Service>>>,
+    trigger: Trigger,
+}
+
+impl State {
+    /// Queues every pool Service waiting for an address (one was just released).
+    fn retrigger_pending(&self) {
+        let waiting: Vec<ObjectRef<Service>> = self
+            .pending
+            .lock()
+            .map(|p| p.iter().cloned().collect())
+            .unwrap_or_default();
+        for r in waiting {
+            let _ = self.trigger.unbounded_send(r);
+        }
+    }
+
+    fn set_pending(&self, r: ObjectRef<Service>, waiting: bool) {
+        if let Ok(mut p) = self.pending.lock() {
+            if waiting {
+                p.insert(r);
+            } else {
+                p.remove(&r);
+            }
+        }
+    }
+
+    /// The Service `uid` holds `ips` now (its status says so, or it is gone: none).
+    fn hold(&self, uid: &str, ips: Vec<IpAddr>) {
+        if let Ok(mut r) = self.reservations.lock() {
+            r.set(uid, ips);
+        }
+    }
+}
+
+pub struct PoolProvider {
+    stores: Stores,
+    state: Arc<State>,
+}
+
+fn uid(svc: &Service) -> String {
+    svc.metadata.uid.clone().unwrap_or_default()
+}
+
+/// Whether `name` is a pool class (it exists and has a pool block).
+pub fn is_pool_class(classes: &[Arc<LoadBalancerClass>], name: &str) -> bool {
+    classes
+        .iter()
+        .any(|c| c.name_any() == name && c.spec.pool.is_some())
+}
+
+/// Every Service holding pool addresses, with this process's unsettled writes applied.
+/// Call with the reservations locked.
+pub fn pool_holders(
+    services: &[Arc<Service>],
+    classes: &[Arc<LoadBalancerClass>],
+    reservations: &mut Reservations,
+) -> Vec<Holder> {
+    let by_uid: HashMap<&str, &Service> = services
+        .iter()
+        .filter_map(|s| Some((s.metadata.uid.as_deref()?, s.as_ref())))
+        .collect();
+    reservations.prune(|uid| by_uid.get(uid).map(|s| allocation::status_ips(s)));
+    let held = allocation::holders(services.iter().map(|s| s.as_ref()), |c| {
+        is_pool_class(classes, c)
+    });
+    reservations.apply(held, |uid| by_uid.get(uid).map(|s| Holder::of(s)))
+}
+
+/// The condition, addresses and moves an allocation gives. Pure.
+fn readiness_of(
+    allocation: &Allocation,
+    class: &str,
+) -> (Readiness, Vec<IpAddr>, Vec<(IpAddr, IpAddr, String)>) {
+    match allocation {
+        Allocation::Assigned { ips, moved } => {
+            let list: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+            let noun = if ips.len() == 1 {
+                "address"
+            } else {
+                "addresses"
+            };
+            let message = format!("{noun} {} from pool {class}", list.join(", "));
+            (Readiness::ready(message), ips.clone(), moved.clone())
+        }
+        Allocation::Unassigned { reason, message } => (
+            Readiness::not_ready(reason, message.clone()),
+            Vec::new(),
+            Vec::new(),
+        ),
+    }
+}
+
+/// Whether the Service waits for an address someone else may free.
+fn waits_for_address(allocation: &Allocation) -> bool {
+    use allocation::reason::{ADDRESS_UNAVAILABLE, POOL_EXHAUSTED, PORT_CONFLICT};
+    matches!(
+        allocation,
+        Allocation::Unassigned { reason, .. }
+            if [POOL_EXHAUSTED, PORT_CONFLICT, ADDRESS_UNAVAILABLE].contains(reason)
+    )
+}
+
+impl PoolProvider {
+    pub fn new(stores: Stores, trigger: Trigger) -> Self {
+        Self {
+            stores,
+            state: Arc::new(State {
+                reservations: Mutex::default(),
+                pending: Mutex::default(),
+                trigger,
+            }),
+        }
+    }
+
+    /// Every Service holding pool addresses now (for the class status).
+    pub fn holders(&self) -> Vec<Holder> {
+        let classes = self.stores.classes.state();
+        let services = self.stores.services.state();
+        match self.state.reservations.lock() {
+            Ok(mut r) => pool_holders(&services, &classes, &mut r),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Chooses the Service's addresses under the allocation lock and reserves them (old
+    /// and new: until the status write lands it holds both). Returns the allocation and
+    /// the addresses it held before.
+    fn allocate(&self, svc: &Service, class: &PoolClass) -> Option<(Allocation, Vec<IpAddr>)> {
+        let ns = svc.namespace().unwrap_or_default();
+        let ns_labels = self
+            .stores
+            .namespaces
+            .get(&ObjectRef::new(&ns))
+            .map(|n| n.labels().clone())
+            .unwrap_or_default();
+        let uid = uid(svc);
+        let classes = self.stores.classes.state();
+        let mut reservations = self.state.reservations.lock().ok()?;
+        let holders = pool_holders(&self.stores.services.state(), &classes, &mut reservations);
+        let mut me = Holder::of(svc);
+        me.ips = holders
+            .iter()
+            .find(|h| h.uid == uid)
+            .map(|h| h.ips.clone())
+            .unwrap_or_default();
+        let others: Vec<Holder> = holders.into_iter().filter(|h| h.uid != uid).collect();
+        let allocation = allocation::decide(svc, class, &ns_labels, &me, &others);
+        let mut during: Vec<IpAddr> = me.ips.clone();
+        if let Allocation::Assigned { ips, .. } = &allocation {
+            during.extend(ips.iter().filter(|ip| !me.ips.contains(ip)));
+        }
+        reservations.set(&uid, during);
+        Some((allocation, me.ips))
+    }
+
+    fn ensure_now(&self, svc: &Service, class: &LoadBalancerClass) -> Outcome {
+        if !self.stores.synced() {
+            return Outcome::requeue(Duration::from_secs(1));
+        }
+        let name = class.name_any();
+        let Some(spec) = class.spec.pool.as_ref() else {
+            return Outcome::invalid(reason::UNSUPPORTED_PROVIDER, "no pool block");
+        };
+        let pool_class = match PoolClass::parse(&name, spec) {
+            Ok(c) => c,
+            Err(errors) => {
+                // A broken class spec must not take every Service's address away: keep them.
+                let keep = allocation::status_ips(svc);
+                let message = format!(
+                    "LoadBalancerClass {name} is not valid: {}",
+                    errors.join("; ")
+                );
+                return Outcome::report(
+                    Readiness::not_ready(reason::INVALID_SPEC, message),
+                    Ingress::Set(ip_ingress(svc, &keep)),
+                );
+            }
+        };
+        let Some((allocation, before)) = self.allocate(svc, &pool_class) else {
+            return Outcome::requeue(Duration::from_secs(1));
+        };
+        let (readiness, ips, moved) = readiness_of(&allocation, &name);
+        let events = moved
+            .into_iter()
+            .map(|(old, new, why)| {
+                Note::normal("AddressMoved", format!("moved from {old} to {new}: {why}"))
+            })
+            .collect();
+        let waiting = waits_for_address(&allocation);
+        let (state, uid, me) = (self.state.clone(), uid(svc), ObjectRef::from_obj(svc));
+        let kept = ips.clone();
+        let settle: Settle = Box::new(move |written| {
+            state.hold(
+                &uid,
+                if written {
+                    kept.clone()
+                } else {
+                    before.clone()
+                },
+            );
+            if written {
+                state.set_pending(me, waiting);
+                if before.iter().any(|ip| !kept.contains(ip)) {
+                    state.retrigger_pending();
+                }
+            }
+        });
+        Outcome::report(readiness, Ingress::Set(ip_ingress(svc, &ips)))
+            .with_events(events)
+            .with_settle(settle)
+    }
+}
+
+impl Provider for PoolProvider {
+    fn name(&self) -> &'static str {
+        "pool"
+    }
+
+    fn serves(&self, class: &LoadBalancerClass) -> bool {
+        class.spec.pool.is_some()
+    }
+
+    fn ensure<'a>(
+        &'a self,
+        svc: &'a Service,
+        class: &'a LoadBalancerClass,
+    ) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move { self.ensure_now(svc, class) })
+    }
+
+    /// The addresses are free once no status lists them: the status is cleared (when it
+    /// lists any), then the reservation goes and waiting Services look again.
+    fn release<'a>(&'a self, svc: &'a Service, _deleting: bool) -> BoxFuture<'a, Outcome> {
+        let (state, uid, me) = (self.state.clone(), uid(svc), ObjectRef::from_obj(svc));
+        let holds = !allocation::status_ips(svc).is_empty();
+        Box::pin(async move {
+            let settle: Settle = Box::new(move |written| {
+                if written {
+                    state.hold(&uid, Vec::new());
+                    state.set_pending(me, false);
+                    state.retrigger_pending();
+                }
+            });
+            let outcome = Outcome::done().with_settle(settle);
+            if holds {
+                Outcome {
+                    report: Report::Clear,
+                    ..outcome
+                }
+            } else {
+                outcome
+            }
+        })
+    }
+
+    fn verdict(&self, class: &LoadBalancerClass) -> Verdict {
+        let Some(spec) = class.spec.pool.as_ref() else {
+            return Verdict {
+                accepted: false,
+                reason: reason::UNSUPPORTED_PROVIDER,
+                message: "no pool block".into(),
+                addresses: None,
+            };
+        };
+        verdict(&class.name_any(), spec, &self.holders())
+    }
+}
+
+/// A pool class's Accepted condition and (allocated, available) addresses. Pure.
+pub fn verdict(name: &str, spec: &berth_crds::PoolProvider, holders: &[Holder]) -> Verdict {
+    match PoolClass::parse(name, spec) {
+        Ok(pc) => {
+            let size = pc.pool.size();
+            let allocated = allocation::allocated(&pc.pool, holders);
+            Verdict {
+                accepted: true,
+                reason: "Accepted",
+                message: format!("pool provider with {size} addresses"),
+                addresses: Some((allocated, size.saturating_sub(allocated))),
+            }
+        }
+        Err(errors) => Verdict {
+            accepted: false,
+            reason: reason::INVALID_SPEC,
+            message: errors.join("; "),
+            addresses: None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(entries: &[&str]) -> berth_crds::PoolProvider {
+        serde_json::from_value(serde_json::json!({ "addresses": entries })).expect("pool spec")
+    }
+
+    fn holder(ip: &str) -> Holder {
+        Holder {
+            uid: ip.into(),
+            ips: vec![ip.parse().expect("ip")],
+            ..Holder::default()
+        }
+    }
+
+    #[test]
+    fn verdict_counts_pool_addresses_and_reports_errors() {
+        let v = verdict(
+            "lab",
+            &spec(&["198.19.1.0/29"]),
+            &[holder("198.19.1.1"), holder("198.19.2.1")],
+        );
+        assert!(v.accepted);
+        assert!(v.message.contains("6 addresses"), "{}", v.message);
+        assert_eq!(v.addresses, Some((1, 5)));
+        let bad = verdict("lab", &spec(&["198.19.1.1/29"]), &[]);
+        assert!(!bad.accepted && bad.reason == reason::INVALID_SPEC && bad.addresses.is_none());
+        assert!(bad.message.contains("host bits"), "{}", bad.message);
+    }
+
+    #[test]
+    fn waiting_reasons_are_the_ones_another_release_can_cure() {
+        let unassigned = |reason| Allocation::Unassigned {
+            reason,
+            message: String::new(),
+        };
+        assert!(waits_for_address(&unassigned(
+            allocation::reason::POOL_EXHAUSTED
+        )));
+        assert!(waits_for_address(&unassigned(
+            allocation::reason::PORT_CONFLICT
+        )));
+        assert!(!waits_for_address(&unassigned(
+            allocation::reason::NOT_SELECTED
+        )));
+        let (r, ips, _) = readiness_of(
+            &Allocation::Assigned {
+                ips: vec!["198.19.1.1".parse().expect("ip")],
+                moved: Vec::new(),
+            },
+            "lab",
+        );
+        assert!(r.ready && r.message == "address 198.19.1.1 from pool lab");
+        assert_eq!(ips.len(), 1);
+    }
+}

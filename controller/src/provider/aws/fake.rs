@@ -1,0 +1,500 @@
+//! An in-memory ELBv2/EC2 for unit tests. It keeps the rules deploy and the sweep depend
+//! on: unique names, a load balancer with deletion protection cannot be deleted, a target
+//! group a listener forwards to cannot be deleted, deleting a load balancer deletes its
+//! listeners. Every mutating call is logged so tests can check order and idempotence.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::provider::aws::annotations::HealthCheck;
+use crate::provider::aws::api::{
+    AwsApi, AwsError, Candidate, LbInfo, ListenerInfo, SubnetFilter, SubnetQuery, TagsByArn,
+    TargetState, TgInfo,
+};
+use crate::provider::aws::model::{
+    DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Target, TargetType,
+};
+
+type Tags = BTreeMap<String, String>;
+
+#[derive(Clone, Debug)]
+pub struct FakeLb {
+    pub info: LbInfo,
+    pub attributes: Tags,
+    pub tags: Tags,
+}
+
+#[derive(Clone, Debug)]
+pub struct FakeTg {
+    pub info: TgInfo,
+    pub attributes: Tags,
+    pub tags: Tags,
+    pub targets: BTreeSet<Target>,
+}
+
+#[derive(Clone, Debug)]
+pub struct FakeListener {
+    pub lb_arn: String,
+    pub info: ListenerInfo,
+}
+
+#[derive(Clone, Debug)]
+struct FakeSubnet {
+    id: String,
+    vpc: String,
+    zone: String,
+    tags: Tags,
+}
+
+#[derive(Default)]
+pub struct State {
+    next: u64,
+    pub lbs: BTreeMap<String, FakeLb>,
+    pub tgs: BTreeMap<String, FakeTg>,
+    pub listeners: BTreeMap<String, FakeListener>,
+    subnets: Vec<FakeSubnet>,
+    /// Mutating calls made, as `Operation target`.
+    pub calls: Vec<String>,
+    /// Calls (`Operation target`) to fail, with the error code.
+    failures: BTreeMap<String, String>,
+}
+
+impl State {
+    fn arn(&mut self, kind: &str, name: &str) -> String {
+        self.next += 1;
+        format!("arn:fake:{kind}/{name}/{}", self.next)
+    }
+
+    fn tg_info(&self, arn: &str) -> Option<TgInfo> {
+        let tg = self.tgs.get(arn)?;
+        let mut info = tg.info.clone();
+        info.load_balancer_arns = self
+            .listeners
+            .values()
+            .filter(|l| l.info.target_group_arn.as_deref() == Some(arn))
+            .map(|l| l.lb_arn.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        Some(info)
+    }
+
+    fn lb(&mut self, op: &'static str, arn: &str) -> Result<&mut FakeLb, AwsError> {
+        self.lbs
+            .get_mut(arn)
+            .ok_or_else(|| AwsError::coded(op, "LoadBalancerNotFound", arn.to_string()))
+    }
+
+    fn tg(&mut self, op: &'static str, arn: &str) -> Result<&mut FakeTg, AwsError> {
+        self.tgs
+            .get_mut(arn)
+            .ok_or_else(|| AwsError::coded(op, "TargetGroupNotFound", arn.to_string()))
+    }
+
+    fn listener(
+        &self,
+        lb_arn: &str,
+        l: &DesiredListener,
+        tg_arn: &str,
+        arn: String,
+    ) -> FakeListener {
+        FakeListener {
+            lb_arn: lb_arn.to_string(),
+            info: ListenerInfo {
+                arn,
+                port: l.port,
+                protocol: l.protocol.clone(),
+                target_group_arn: Some(tg_arn.to_string()),
+                certificate: l.certificate.clone(),
+                ssl_policy: l.ssl_policy.clone(),
+            },
+        }
+    }
+}
+
+/// The fake AWS account. Tests read and shape it through [`FakeAws::state`].
+#[derive(Default)]
+pub struct FakeAws {
+    state: Mutex<State>,
+}
+
+impl FakeAws {
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Logs a mutating call, failing it when a test asked for that with [`FakeAws::fail`].
+    fn log(&self, op: &'static str, target: &str) -> Result<MutexGuard<'_, State>, AwsError> {
+        let mut s = self.state();
+        let call = format!("{op} {target}");
+        if let Some(code) = s.failures.get(&call).cloned() {
+            return Err(AwsError::coded(op, &code, "injected failure"));
+        }
+        s.calls.push(call);
+        Ok(s)
+    }
+
+    /// Makes the call `op` on `target` (as logged) fail with `code` from now on.
+    pub fn fail(&self, op: &str, target: &str, code: &str) {
+        self.state()
+            .failures
+            .insert(format!("{op} {target}"), code.to_string());
+    }
+
+    pub fn add_subnet(&self, id: &str, vpc: &str, zone: &str, tags: &[(&str, &str)]) {
+        self.state().subnets.push(FakeSubnet {
+            id: id.into(),
+            vpc: vpc.into(),
+            zone: zone.into(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        });
+    }
+
+    /// Forgets the mutating calls made so far.
+    pub fn take_calls(&self) -> Vec<String> {
+        std::mem::take(&mut self.state().calls)
+    }
+}
+
+fn subnet_matches(s: &FakeSubnet, q: &SubnetQuery) -> bool {
+    q.ids.as_ref().is_none_or(|ids| ids.contains(&s.id))
+        && q.filters.iter().all(|f| match f {
+            SubnetFilter::Vpc(v) => &s.vpc == v,
+            SubnetFilter::TagKey(k) => s.tags.contains_key(k),
+            SubnetFilter::Tag(k, values) => s.tags.get(k).is_some_and(|v| values.contains(v)),
+        })
+}
+
+impl AwsApi for FakeAws {
+    async fn find_load_balancer(&self, name: &str) -> Result<Option<LbInfo>, AwsError> {
+        let s = self.state();
+        Ok(s.lbs
+            .values()
+            .find(|l| l.info.name == name)
+            .map(|l| l.info.clone()))
+    }
+
+    async fn describe_load_balancers(&self, arns: &[String]) -> Result<Vec<LbInfo>, AwsError> {
+        let s = self.state();
+        Ok(arns
+            .iter()
+            .filter_map(|a| s.lbs.get(a).map(|l| l.info.clone()))
+            .collect())
+    }
+
+    async fn all_load_balancers(&self) -> Result<Vec<LbInfo>, AwsError> {
+        Ok(self.state().lbs.values().map(|l| l.info.clone()).collect())
+    }
+
+    async fn all_target_groups(&self) -> Result<Vec<TgInfo>, AwsError> {
+        let s = self.state();
+        Ok(s.tgs.keys().filter_map(|a| s.tg_info(a)).collect())
+    }
+
+    async fn tags(&self, arns: &[String]) -> Result<TagsByArn, AwsError> {
+        let s = self.state();
+        Ok(arns
+            .iter()
+            .filter_map(|a| {
+                let tags = s
+                    .lbs
+                    .get(a)
+                    .map(|l| &l.tags)
+                    .or_else(|| s.tgs.get(a).map(|t| &t.tags))?;
+                Some((a.clone(), tags.clone()))
+            })
+            .collect())
+    }
+
+    async fn add_tags(&self, arn: &str, tags: &Tags) -> Result<(), AwsError> {
+        let mut s = self.log("AddTags", arn)?;
+        if let Some(l) = s.lbs.get_mut(arn) {
+            l.tags.extend(tags.clone());
+        } else {
+            s.tg("AddTags", arn)?.tags.extend(tags.clone());
+        }
+        Ok(())
+    }
+
+    async fn create_load_balancer(&self, d: &DesiredLoadBalancer) -> Result<LbInfo, AwsError> {
+        let mut s = self.log("CreateLoadBalancer", &d.name)?;
+        if s.lbs.values().any(|l| l.info.name == d.name) {
+            return Err(AwsError::coded(
+                "CreateLoadBalancer",
+                "DuplicateLoadBalancerName",
+                d.name.clone(),
+            ));
+        }
+        let arn = s.arn("loadbalancer", &d.name);
+        let info = LbInfo {
+            arn: arn.clone(),
+            name: d.name.clone(),
+            dns_name: format!("{}.elb.fake", d.name),
+            state: "active".into(),
+            scheme: d.scheme.as_str().into(),
+            ip_address_type: d.ip_address_type.as_str().into(),
+            subnets: d.subnets.clone(),
+        };
+        let attributes = Tags::from([("deletion_protection.enabled".into(), "false".into())]);
+        let lb = FakeLb {
+            info: info.clone(),
+            attributes,
+            tags: d.tags.clone(),
+        };
+        s.lbs.insert(arn, lb);
+        Ok(info)
+    }
+
+    async fn set_subnets(&self, arn: &str, subnets: &[String]) -> Result<(), AwsError> {
+        let mut s = self.log("SetSubnets", arn)?;
+        s.lb("SetSubnets", arn)?.info.subnets = subnets.to_vec();
+        Ok(())
+    }
+
+    async fn set_ip_address_type(&self, arn: &str, t: IpAddressType) -> Result<(), AwsError> {
+        let mut s = self.log("SetIpAddressType", arn)?;
+        s.lb("SetIpAddressType", arn)?.info.ip_address_type = t.as_str().into();
+        Ok(())
+    }
+
+    async fn load_balancer_attributes(&self, arn: &str) -> Result<Tags, AwsError> {
+        let mut s = self.state();
+        Ok(s.lb("DescribeLoadBalancerAttributes", arn)?
+            .attributes
+            .clone())
+    }
+
+    async fn modify_load_balancer_attributes(&self, arn: &str, a: &Tags) -> Result<(), AwsError> {
+        let mut s = self.log("ModifyLoadBalancerAttributes", arn)?;
+        s.lb("ModifyLoadBalancerAttributes", arn)?
+            .attributes
+            .extend(a.clone());
+        Ok(())
+    }
+
+    async fn delete_load_balancer(&self, arn: &str) -> Result<(), AwsError> {
+        let mut s = self.log("DeleteLoadBalancer", arn)?;
+        let Some(lb) = s.lbs.get(arn) else {
+            return Ok(());
+        };
+        if lb
+            .attributes
+            .get("deletion_protection.enabled")
+            .map(String::as_str)
+            == Some("true")
+        {
+            return Err(AwsError::coded(
+                "DeleteLoadBalancer",
+                "OperationNotPermitted",
+                "deletion protection is enabled",
+            ));
+        }
+        s.lbs.remove(arn);
+        s.listeners.retain(|_, l| l.lb_arn != arn);
+        Ok(())
+    }
+
+    async fn listeners(&self, lb_arn: &str) -> Result<Vec<ListenerInfo>, AwsError> {
+        let mut s = self.state();
+        s.lb("DescribeListeners", lb_arn)?;
+        Ok(s.listeners
+            .values()
+            .filter(|l| l.lb_arn == lb_arn)
+            .map(|l| l.info.clone())
+            .collect())
+    }
+
+    async fn create_listener(
+        &self,
+        lb_arn: &str,
+        l: &DesiredListener,
+        tg_arn: &str,
+    ) -> Result<(), AwsError> {
+        let mut s = self.log("CreateListener", &format!("{lb_arn}:{}", l.port))?;
+        s.lb("CreateListener", lb_arn)?;
+        s.tg("CreateListener", tg_arn)?;
+        let taken = s
+            .listeners
+            .values()
+            .any(|x| x.lb_arn == lb_arn && x.info.port == l.port);
+        if taken {
+            return Err(AwsError::coded(
+                "CreateListener",
+                "DuplicateListener",
+                lb_arn.to_string(),
+            ));
+        }
+        let arn = s.arn("listener", &l.port.to_string());
+        let listener = s.listener(lb_arn, l, tg_arn, arn.clone());
+        s.listeners.insert(arn, listener);
+        Ok(())
+    }
+
+    async fn modify_listener(
+        &self,
+        arn: &str,
+        l: &DesiredListener,
+        tg_arn: &str,
+    ) -> Result<(), AwsError> {
+        let mut s = self.log("ModifyListener", arn)?;
+        s.tg("ModifyListener", tg_arn)?;
+        let Some(lb_arn) = s.listeners.get(arn).map(|x| x.lb_arn.clone()) else {
+            return Err(AwsError::coded(
+                "ModifyListener",
+                "ListenerNotFound",
+                arn.to_string(),
+            ));
+        };
+        let listener = s.listener(&lb_arn, l, tg_arn, arn.to_string());
+        s.listeners.insert(arn.to_string(), listener);
+        Ok(())
+    }
+
+    async fn delete_listener(&self, arn: &str) -> Result<(), AwsError> {
+        self.log("DeleteListener", arn)?.listeners.remove(arn);
+        Ok(())
+    }
+
+    async fn target_groups_of(&self, lb_arn: &str) -> Result<Vec<TgInfo>, AwsError> {
+        let s = self.state();
+        let arns: BTreeSet<&String> = s
+            .listeners
+            .values()
+            .filter(|l| l.lb_arn == lb_arn)
+            .filter_map(|l| l.info.target_group_arn.as_ref())
+            .collect();
+        Ok(arns.into_iter().filter_map(|a| s.tg_info(a)).collect())
+    }
+
+    async fn find_target_group(&self, name: &str) -> Result<Option<TgInfo>, AwsError> {
+        let s = self.state();
+        let arn = s
+            .tgs
+            .values()
+            .find(|t| t.info.name == name)
+            .map(|t| &t.info.arn);
+        Ok(arn.and_then(|a| s.tg_info(a)))
+    }
+
+    async fn create_target_group(&self, d: &DesiredTargetGroup) -> Result<TgInfo, AwsError> {
+        let mut s = self.log("CreateTargetGroup", &d.name)?;
+        if s.tgs.values().any(|t| t.info.name == d.name) {
+            return Err(AwsError::coded(
+                "CreateTargetGroup",
+                "DuplicateTargetGroupName",
+                d.name.clone(),
+            ));
+        }
+        let arn = s.arn("targetgroup", &d.name);
+        let info = TgInfo {
+            arn: arn.clone(),
+            name: d.name.clone(),
+            protocol: d.protocol.clone(),
+            port: d.port,
+            target_type: match d.target_type {
+                TargetType::Instance => "instance".into(),
+                TargetType::Ip => "ip".into(),
+            },
+            health_check: d.health_check.clone(),
+            load_balancer_arns: Vec::new(),
+        };
+        let tg = FakeTg {
+            info: info.clone(),
+            attributes: Tags::new(),
+            tags: d.tags.clone(),
+            targets: BTreeSet::new(),
+        };
+        s.tgs.insert(arn, tg);
+        Ok(info)
+    }
+
+    async fn modify_health_check(&self, arn: &str, hc: &HealthCheck) -> Result<(), AwsError> {
+        let mut s = self.log("ModifyTargetGroup", arn)?;
+        s.tg("ModifyTargetGroup", arn)?.info.health_check = hc.clone();
+        Ok(())
+    }
+
+    async fn target_group_attributes(&self, arn: &str) -> Result<Tags, AwsError> {
+        let mut s = self.state();
+        Ok(s.tg("DescribeTargetGroupAttributes", arn)?
+            .attributes
+            .clone())
+    }
+
+    async fn modify_target_group_attributes(&self, arn: &str, a: &Tags) -> Result<(), AwsError> {
+        let mut s = self.log("ModifyTargetGroupAttributes", arn)?;
+        s.tg("ModifyTargetGroupAttributes", arn)?
+            .attributes
+            .extend(a.clone());
+        Ok(())
+    }
+
+    async fn delete_target_group(&self, arn: &str) -> Result<(), AwsError> {
+        let mut s = self.log("DeleteTargetGroup", arn)?;
+        let in_use = s
+            .listeners
+            .values()
+            .any(|l| l.info.target_group_arn.as_deref() == Some(arn));
+        if in_use {
+            return Err(AwsError::coded(
+                "DeleteTargetGroup",
+                "ResourceInUse",
+                arn.to_string(),
+            ));
+        }
+        s.tgs.remove(arn);
+        Ok(())
+    }
+
+    async fn target_health(&self, tg_arn: &str) -> Result<Vec<TargetState>, AwsError> {
+        let mut s = self.state();
+        let tg = s.tg("DescribeTargetHealth", tg_arn)?;
+        Ok(tg
+            .targets
+            .iter()
+            .map(|t| TargetState {
+                target: t.clone(),
+                state: "healthy".into(),
+            })
+            .collect())
+    }
+
+    async fn register_targets(&self, tg_arn: &str, targets: &[Target]) -> Result<(), AwsError> {
+        let mut s = self.log("RegisterTargets", tg_arn)?;
+        s.tg("RegisterTargets", tg_arn)?
+            .targets
+            .extend(targets.iter().cloned());
+        Ok(())
+    }
+
+    async fn deregister_targets(&self, tg_arn: &str, targets: &[Target]) -> Result<(), AwsError> {
+        let mut s = self.log("DeregisterTargets", tg_arn)?;
+        let tg = s.tg("DeregisterTargets", tg_arn)?;
+        for t in targets {
+            tg.targets.remove(t);
+        }
+        Ok(())
+    }
+
+    async fn describe_subnets(&self, query: &SubnetQuery) -> Result<Vec<Candidate>, AwsError> {
+        let s = self.state();
+        Ok(s.subnets
+            .iter()
+            .filter(|sub| subnet_matches(sub, query))
+            .map(|sub| Candidate {
+                id: sub.id.clone(),
+                vpc: sub.vpc.clone(),
+                zone: sub.zone.clone(),
+                cluster_tags: sub
+                    .tags
+                    .keys()
+                    .filter(|k| k.starts_with("kubernetes.io/cluster/"))
+                    .cloned()
+                    .collect(),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,218 @@
+//! A Service's load-balancer settings and their starting point, the class's `aws` block.
+//! [`crate::provider::aws::annotations`] lays each annotation over a [`Draft`] of them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use berth_crds::annotations as keys;
+use berth_crds::{AwsProvider, IpAddressType, Scheme, TargetType};
+
+use crate::provider::aws::naming::resource_name;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HealthPort {
+    TrafficPort,
+    Port(i32),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// `TCP`, `HTTP` or `HTTPS`.
+    pub protocol: String,
+    pub port: HealthPort,
+    pub path: Option<String>,
+    pub interval_seconds: i32,
+    pub timeout_seconds: i32,
+    pub healthy_threshold: i32,
+    pub unhealthy_threshold: i32,
+    pub success_codes: Option<String>,
+}
+
+impl HealthCheck {
+    /// The AWS Load Balancer Controller's NLB default: TCP on the traffic port.
+    pub fn default_tcp() -> Self {
+        Self {
+            protocol: "TCP".into(),
+            port: HealthPort::TrafficPort,
+            path: None,
+            interval_seconds: 10,
+            timeout_seconds: 10,
+            healthy_threshold: 3,
+            unhealthy_threshold: 3,
+            success_codes: None,
+        }
+    }
+
+    /// `externalTrafficPolicy: Local`: the node answers `/healthz` on the
+    /// healthCheckNodePort with 200 only when it has a local endpoint.
+    pub fn etp_local(node_port: i32) -> Self {
+        Self {
+            protocol: "HTTP".into(),
+            port: HealthPort::Port(node_port),
+            path: Some("/healthz".into()),
+            interval_seconds: 10,
+            timeout_seconds: 6,
+            healthy_threshold: 2,
+            unhealthy_threshold: 2,
+            success_codes: Some("200-399".into()),
+        }
+    }
+
+    pub fn port_string(&self) -> String {
+        match self.port {
+            HealthPort::TrafficPort => "traffic-port".into(),
+            HealthPort::Port(p) => p.to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SslPorts {
+    All,
+    /// Port numbers or names.
+    Some(BTreeSet<String>),
+}
+
+/// TLS listeners: `ssl-cert`, `ssl-ports`, `ssl-negotiation-policy`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ssl {
+    pub certificate: String,
+    pub ports: SslPorts,
+    pub policy: String,
+}
+
+/// The AWS Load Balancer Controller's default security policy for TLS listeners.
+pub const DEFAULT_SSL_POLICY: &str = "ELBSecurityPolicy-2016-08";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubnetChoice {
+    Discover,
+    /// Subnet IDs (`subnet-…`).
+    Ids(Vec<String>),
+    /// Subnets named (tag `Name`) like these.
+    Names(Vec<String>),
+    Tags(BTreeMap<String, String>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub name: String,
+    pub name_prefix: String,
+    pub scheme: Scheme,
+    pub target_type: TargetType,
+    pub ip_address_type: IpAddressType,
+    pub vpc_id: Option<String>,
+    pub subnets: SubnetChoice,
+    pub security_groups: Vec<String>,
+    /// Class tags and `additional-resource-tags` (berth's own tags are added by the builder).
+    pub tags: BTreeMap<String, String>,
+    pub lb_attributes: BTreeMap<String, String>,
+    pub tg_attributes: BTreeMap<String, String>,
+    pub health_check: HealthCheck,
+    /// Any `healthcheck-*` annotation set: then ETP=Local does not replace the check.
+    pub health_check_overridden: bool,
+    pub target_node_labels: BTreeMap<String, String>,
+    pub ssl: Option<Ssl>,
+}
+
+/// Settings being assembled: the class's, then every annotation over them. TLS is kept
+/// in parts until [`Draft::finish`], as its three annotations only make sense together.
+#[derive(Clone, Debug)]
+pub struct Draft {
+    pub settings: Settings,
+    pub ssl_certificate: Option<String>,
+    pub ssl_ports: Option<SslPorts>,
+    pub ssl_policy: String,
+}
+
+/// The subnets the class chooses when no annotation does.
+fn class_subnets(class: &AwsProvider) -> SubnetChoice {
+    match &class.subnets {
+        Some(sel) if sel.ids.as_ref().is_some_and(|i| !i.is_empty()) => {
+            SubnetChoice::Ids(sel.ids.clone().unwrap_or_default())
+        }
+        Some(sel) if sel.tags.as_ref().is_some_and(|t| !t.is_empty()) => {
+            SubnetChoice::Tags(sel.tags.clone().unwrap_or_default())
+        }
+        _ => SubnetChoice::Discover,
+    }
+}
+
+/// The class's health-check values, as the annotation each one stands in for.
+pub fn class_health_check(class: &AwsProvider) -> Vec<(&'static str, String)> {
+    let hc = class.health_check.clone().unwrap_or_default();
+    let num = |n: Option<i32>| n.map(|n| n.to_string());
+    [
+        (keys::HC_PROTOCOL, hc.protocol),
+        (keys::HC_PORT, hc.port),
+        (keys::HC_PATH, hc.path),
+        (keys::HC_INTERVAL, num(hc.interval_seconds)),
+        (keys::HC_TIMEOUT, num(hc.timeout_seconds)),
+        (keys::HC_HEALTHY_THRESHOLD, num(hc.healthy_threshold)),
+        (keys::HC_UNHEALTHY_THRESHOLD, num(hc.unhealthy_threshold)),
+        (keys::HC_SUCCESS_CODES, hc.success_codes),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k, v?)))
+    .collect()
+}
+
+impl Draft {
+    /// The class's settings for the Service `namespace/name` with `uid` in `cluster`
+    /// (health-check values excepted: see [`class_health_check`]).
+    pub fn from_class(
+        class: &AwsProvider,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        cluster: &str,
+    ) -> Self {
+        let name_prefix = class.name_prefix.clone().unwrap_or_else(|| "k8s".into());
+        let settings = Settings {
+            name: resource_name(&name_prefix, namespace, name, &format!("{cluster}/{uid}")),
+            name_prefix,
+            scheme: class.scheme.unwrap_or(Scheme::Internal),
+            target_type: class.target_type.unwrap_or(TargetType::Instance),
+            ip_address_type: class.ip_address_type.unwrap_or(IpAddressType::Ipv4),
+            vpc_id: class.vpc_id.clone(),
+            subnets: class_subnets(class),
+            security_groups: class.security_groups.clone().unwrap_or_default(),
+            tags: class.tags.clone().unwrap_or_default(),
+            lb_attributes: class.load_balancer_attributes.clone().unwrap_or_default(),
+            tg_attributes: class.target_group_attributes.clone().unwrap_or_default(),
+            health_check: HealthCheck::default_tcp(),
+            health_check_overridden: false,
+            target_node_labels: BTreeMap::new(),
+            ssl: None,
+        };
+        Self {
+            settings,
+            ssl_certificate: None,
+            ssl_ports: None,
+            ssl_policy: DEFAULT_SSL_POLICY.to_string(),
+        }
+    }
+
+    /// The finished settings: TLS assembled (ports need a certificate), the health check
+    /// completed for its protocol and its timeout capped at the interval.
+    pub fn finish(self, errors: &mut Vec<String>) -> Settings {
+        let mut s = self.settings;
+        if self.ssl_ports.is_some() && self.ssl_certificate.is_none() {
+            errors.push(format!("{} needs {}", keys::SSL_PORTS, keys::SSL_CERT));
+        }
+        s.ssl = self.ssl_certificate.map(|certificate| Ssl {
+            certificate,
+            ports: self.ssl_ports.unwrap_or(SslPorts::All),
+            policy: self.ssl_policy,
+        });
+        let hc = &mut s.health_check;
+        if hc.protocol != "TCP" {
+            hc.path.get_or_insert_with(|| "/".into());
+            hc.success_codes.get_or_insert_with(|| "200-399".into());
+        } else {
+            hc.path = None;
+            hc.success_codes = None;
+        }
+        hc.timeout_seconds = hc.timeout_seconds.min(hc.interval_seconds);
+        s
+    }
+}

@@ -473,11 +473,16 @@ async fn delete_stale<A: AwsApi>(
     aws: &A,
     inventory: &Inventory,
     lb: &LbInfo,
+    desired: &DesiredLoadBalancer,
     attached: &[TgInfo],
     tgs: &TargetGroups,
     uid: &str,
 ) -> Result<(), ApplyError> {
-    let wanted: BTreeSet<&String> = tgs.by_name.values().map(|t| &t.arn).collect();
+    let wanted: BTreeSet<&String> = desired
+        .target_groups
+        .iter()
+        .filter_map(|d| tgs.by_name.get(&d.name).map(|t| &t.arn))
+        .collect();
     let (other_lbs, inventory_tgs) = inventory.of(uid);
     let stale_tgs: BTreeSet<String> = attached
         .iter()
@@ -518,7 +523,7 @@ pub async fn ensure<A: AwsApi>(
     sync_tags(aws, &lb, desired, &tgs).await?;
     let health = sync_target_groups(aws, desired, &tgs).await?;
     sync_listeners(aws, &lb, desired, &tgs, fresh).await?;
-    delete_stale(aws, inventory, &lb, &attached, &tgs, uid).await?;
+    delete_stale(aws, inventory, &lb, desired, &attached, &tgs, uid).await?;
     // Describe again only while provisioning, to learn when it turns active.
     let lb = if lb.state == "active" {
         lb

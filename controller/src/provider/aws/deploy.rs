@@ -850,9 +850,15 @@ mod tests {
             ensure(&aws, &inv, &d, UID).await.expect("ensure");
             mutations(&aws);
             // Only by name: the inventory is gone (a restarted controller before a sweep).
-            let n = remove(&aws, &Inventory::default(), UID, &[d.name.clone()], false)
-                .await
-                .expect("remove");
+            let n = remove(
+                &aws,
+                &Inventory::default(),
+                UID,
+                std::slice::from_ref(&d.name),
+                false,
+            )
+            .await
+            .expect("remove");
             assert_eq!(n, 1);
             let calls = mutations(&aws);
             let ops: Vec<&str> = calls.iter().filter_map(|c| c.split(' ').next()).collect();
@@ -877,7 +883,7 @@ mod tests {
             let d = desired(&svc, &nodes(&["i-1"]));
             ensure(&aws, &inv, &d, UID).await.expect("ensure");
             mutations(&aws);
-            let err = remove(&aws, &inv, UID, &[d.name.clone()], true).await;
+            let err = remove(&aws, &inv, UID, std::slice::from_ref(&d.name), true).await;
             assert!(
                 matches!(err, Err(ApplyError::DeletionProtected(ref n)) if *n == d.name),
                 "{err:?}"
@@ -885,7 +891,7 @@ mod tests {
             assert_eq!(mutations(&aws), Vec::<String>::new(), "nothing touched");
             assert_eq!(aws.state().listeners.len(), 2);
             // The annotation no longer asks for protection: lifted, then deleted.
-            remove(&aws, &inv, UID, &[d.name.clone()], false)
+            remove(&aws, &inv, UID, std::slice::from_ref(&d.name), false)
                 .await
                 .expect("remove");
             let calls = mutations(&aws);
@@ -907,7 +913,7 @@ mod tests {
             aws.create_load_balancer(&other).await.expect("other");
             let err = ensure(&aws, &inv, &d, UID).await;
             assert!(matches!(err, Err(ApplyError::NameConflict(_))), "{err:?}");
-            let n = remove(&aws, &inv, UID, &[d.name.clone()], false)
+            let n = remove(&aws, &inv, UID, std::slice::from_ref(&d.name), false)
                 .await
                 .expect("remove");
             assert_eq!(n, 0);

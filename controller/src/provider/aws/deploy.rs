@@ -473,11 +473,16 @@ async fn delete_stale<A: AwsApi>(
     aws: &A,
     inventory: &Inventory,
     lb: &LbInfo,
+    desired: &DesiredLoadBalancer,
     attached: &[TgInfo],
     tgs: &TargetGroups,
     uid: &str,
 ) -> Result<(), ApplyError> {
-    let wanted: BTreeSet<&String> = tgs.by_name.values().map(|t| &t.arn).collect();
+    let wanted: BTreeSet<&String> = desired
+        .target_groups
+        .iter()
+        .filter_map(|d| tgs.by_name.get(&d.name).map(|t| &t.arn))
+        .collect();
     let (other_lbs, inventory_tgs) = inventory.of(uid);
     let stale_tgs: BTreeSet<String> = attached
         .iter()
@@ -518,7 +523,7 @@ pub async fn ensure<A: AwsApi>(
     sync_tags(aws, &lb, desired, &tgs).await?;
     let health = sync_target_groups(aws, desired, &tgs).await?;
     sync_listeners(aws, &lb, desired, &tgs, fresh).await?;
-    delete_stale(aws, inventory, &lb, &attached, &tgs, uid).await?;
+    delete_stale(aws, inventory, &lb, desired, &attached, &tgs, uid).await?;
     // Describe again only while provisioning, to learn when it turns active.
     let lb = if lb.state == "active" {
         lb
@@ -845,9 +850,15 @@ mod tests {
             ensure(&aws, &inv, &d, UID).await.expect("ensure");
             mutations(&aws);
             // Only by name: the inventory is gone (a restarted controller before a sweep).
-            let n = remove(&aws, &Inventory::default(), UID, &[d.name.clone()], false)
-                .await
-                .expect("remove");
+            let n = remove(
+                &aws,
+                &Inventory::default(),
+                UID,
+                std::slice::from_ref(&d.name),
+                false,
+            )
+            .await
+            .expect("remove");
             assert_eq!(n, 1);
             let calls = mutations(&aws);
             let ops: Vec<&str> = calls.iter().filter_map(|c| c.split(' ').next()).collect();
@@ -872,7 +883,7 @@ mod tests {
             let d = desired(&svc, &nodes(&["i-1"]));
             ensure(&aws, &inv, &d, UID).await.expect("ensure");
             mutations(&aws);
-            let err = remove(&aws, &inv, UID, &[d.name.clone()], true).await;
+            let err = remove(&aws, &inv, UID, std::slice::from_ref(&d.name), true).await;
             assert!(
                 matches!(err, Err(ApplyError::DeletionProtected(ref n)) if *n == d.name),
                 "{err:?}"
@@ -880,7 +891,7 @@ mod tests {
             assert_eq!(mutations(&aws), Vec::<String>::new(), "nothing touched");
             assert_eq!(aws.state().listeners.len(), 2);
             // The annotation no longer asks for protection: lifted, then deleted.
-            remove(&aws, &inv, UID, &[d.name.clone()], false)
+            remove(&aws, &inv, UID, std::slice::from_ref(&d.name), false)
                 .await
                 .expect("remove");
             let calls = mutations(&aws);
@@ -902,7 +913,7 @@ mod tests {
             aws.create_load_balancer(&other).await.expect("other");
             let err = ensure(&aws, &inv, &d, UID).await;
             assert!(matches!(err, Err(ApplyError::NameConflict(_))), "{err:?}");
-            let n = remove(&aws, &inv, UID, &[d.name.clone()], false)
+            let n = remove(&aws, &inv, UID, std::slice::from_ref(&d.name), false)
                 .await
                 .expect("remove");
             assert_eq!(n, 0);

@@ -115,7 +115,7 @@ mod tests {
     #[tokio::test]
     async fn discovery_uses_the_role_tag_of_the_scheme() {
         let aws = FakeAws::default();
-        let role = |r: &str| [(r, "1")];
+        let role = |r: &'static str| [(r, "1")];
         aws.add_subnet("subnet-pub", "vpc-1", "z1", &role("kubernetes.io/role/elb"));
         aws.add_subnet(
             "subnet-int",

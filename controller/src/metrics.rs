@@ -92,7 +92,9 @@ impl Metrics {
     }
 
     pub fn kube_write(&self, what: &str) {
-        self.kube_writes.get_or_create(&[("write", what.into())]).inc();
+        self.kube_writes
+            .get_or_create(&[("write", what.into())])
+            .inc();
         self.kube_writes_total.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -494,8 +494,8 @@ pub fn want(
     if !pins.is_empty() {
         return Ok(Want::Pinned(pins));
     }
-    let families = families(svc, &class.pool, &class.name)
-        .map_err(|e| (crate::reason::INVALID_SPEC, e))?;
+    let families =
+        families(svc, &class.pool, &class.name).map_err(|e| (crate::reason::INVALID_SPEC, e))?;
     if class.auto_assign {
         return Ok(Want::Auto(families));
     }

@@ -164,25 +164,39 @@ fn spawn_watches(
     Store<LoadBalancerClass>,
     Store<Namespace>,
 ) {
-    let cfg = watcher::Config::default;
-    let (nodes, nodes_w) = reflector::store::<Node>();
+    (
+        watch_nodes(client, services, tx),
+        watch_slices(client, tx),
+        watch_classes(client, services, tx, class_wake),
+        watch_namespaces(client, services, tx),
+    )
+}
+
+/// A node change that matters to targets re-syncs every LoadBalancer Service.
+fn watch_nodes(client: &Client, services: &Store<Service>, tx: &Trigger) -> Store<Node> {
+    let (nodes, writer) = reflector::store::<Node>();
     let (s, t, mut prints) = (services.clone(), tx.clone(), Fingerprints::default());
     tokio::spawn(watch::feed(
         Api::all(client.clone()),
-        cfg(),
-        nodes_w,
+        watcher::Config::default(),
+        writer,
         move |c| {
             if prints.observe(&c, node_fingerprint).is_some() {
                 trigger_all(&s, &t);
             }
         },
     ));
-    let (slices, slices_w) = reflector::store::<EndpointSlice>();
+    nodes
+}
+
+/// An EndpointSlice change queues its Service (ip targets follow the pods).
+fn watch_slices(client: &Client, tx: &Trigger) -> Store<EndpointSlice> {
+    let (slices, writer) = reflector::store::<EndpointSlice>();
     let t = tx.clone();
     tokio::spawn(watch::feed(
         Api::all(client.clone()),
-        cfg(),
-        slices_w,
+        watcher::Config::default(),
+        writer,
         move |c| {
             if let Change::Applied(slice) | Change::Deleted(slice) = c
                 && let (Some(ns), Some(name)) =
@@ -192,18 +206,24 @@ fn spawn_watches(
             }
         },
     ));
-    let (classes, classes_w) = reflector::store::<LoadBalancerClass>();
-    let (s, t, wake, mut prints) = (
-        services.clone(),
-        tx.clone(),
-        class_wake.clone(),
-        Fingerprints::default(),
-    );
-    // Spec changes only: the class status berth writes itself must not re-trigger.
+    slices
+}
+
+/// A class spec change re-checks every Service and the class status; the class status
+/// berth writes itself must not re-trigger, so only the generation counts.
+fn watch_classes(
+    client: &Client,
+    services: &Store<Service>,
+    tx: &Trigger,
+    class_wake: &Arc<Notify>,
+) -> Store<LoadBalancerClass> {
+    let (classes, writer) = reflector::store::<LoadBalancerClass>();
+    let (s, t, wake) = (services.clone(), tx.clone(), class_wake.clone());
+    let mut prints = Fingerprints::default();
     tokio::spawn(watch::feed(
         Api::all(client.clone()),
-        cfg(),
-        classes_w,
+        watcher::Config::default(),
+        writer,
         move |c| {
             if prints
                 .observe(&c, |k: &LoadBalancerClass| k.metadata.generation)
@@ -214,14 +234,18 @@ fn spawn_watches(
             }
         },
     ));
-    // Namespace labels feed pool classes' namespaceSelector: a change re-checks the
-    // namespace's Services.
-    let (namespaces, namespaces_w) = reflector::store::<Namespace>();
+    classes
+}
+
+/// Namespace labels feed pool classes' namespaceSelector: a change re-checks the
+/// namespace's Services.
+fn watch_namespaces(client: &Client, services: &Store<Service>, tx: &Trigger) -> Store<Namespace> {
+    let (namespaces, writer) = reflector::store::<Namespace>();
     let (s, t, mut prints) = (services.clone(), tx.clone(), Fingerprints::default());
     tokio::spawn(watch::feed(
         Api::all(client.clone()),
-        cfg(),
-        namespaces_w,
+        watcher::Config::default(),
+        writer,
         move |c| {
             let labels = |n: &Namespace| n.labels().clone();
             if let (Some(watch::Delta::Changed(_)), Change::Applied(ns)) =
@@ -238,7 +262,7 @@ fn spawn_watches(
             }
         },
     ));
-    (nodes, slices, classes, namespaces)
+    namespaces
 }
 
 /// The reconcile context: the fenced writer and the providers.
@@ -309,9 +333,8 @@ fn spawn_leader_work(ctx: &Arc<service::Context>, class_wake: Arc<Notify>) {
     tokio::spawn(class::run(ctx.clone(), class_wake));
 }
 
-pub async fn run(config: Config) -> Result<(), RunError> {
-    let client = Client::try_default().await.map_err(RunError::Client)?;
-    let metrics = Arc::new(metrics::Metrics::default());
+/// Serves `/healthz`, `/readyz` and `/metrics` on the admin address.
+async fn serve_admin(config: &Config, metrics: &Arc<metrics::Metrics>) -> Result<(), RunError> {
     let listener = berth_runtime::admin::bind(&config.admin_addr)
         .await
         .map_err(|e| RunError::Admin(config.admin_addr.clone(), e))?;
@@ -319,6 +342,51 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         berth_runtime::admin::Server::default()
             .serve(listener, metrics::admin_routes(metrics.clone())),
     );
+    Ok(())
+}
+
+/// The leader elector; `None` after a shutdown signal while waiting for leadership.
+async fn lead(
+    client: &Client,
+    config: &Config,
+    identity: &str,
+    fence: &Fence,
+) -> Option<Arc<leader::LeaderElector>> {
+    let elector = Arc::new(leader::LeaderElector::new(
+        client.clone(),
+        &config.lease_namespace,
+        &config.lease_name,
+        identity,
+        config.lease_duration,
+        fence.clone(),
+    ));
+    if config.leader_elect {
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = shutdown_signal() => return None,
+        }
+    }
+    Some(elector)
+}
+
+/// The last word of a replica that stepped down: what it wrote, what it was refused.
+fn stepped_down(metrics: &metrics::Metrics) -> RunError {
+    let (aws_calls, aws_mutating) = metrics.aws_totals();
+    let (kube_writes, fenced_writes) = metrics.write_totals();
+    tracing::error!(
+        aws_calls,
+        aws_mutating,
+        kube_writes,
+        fenced_writes,
+        "lost leadership; exiting"
+    );
+    RunError::LostLeadership
+}
+
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let client = Client::try_default().await.map_err(RunError::Client)?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    serve_admin(&config, &metrics).await?;
     let identity = identity(&config);
 
     let (tx, rx) = futures::channel::mpsc::unbounded::<ObjectRef<Service>>();
@@ -352,22 +420,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     } else {
         Fence::unfenced()
     };
-    let elector = Arc::new(leader::LeaderElector::new(
-        client.clone(),
-        &config.lease_namespace,
-        &config.lease_name,
-        &identity,
-        config.lease_duration,
-        fence.clone(),
-    ));
-    if config.leader_elect {
-        tokio::select! {
-            _ = elector.acquire() => {}
-            _ = shutdown_signal() => return Ok(()),
-        }
-    }
+    let Some(elector) = lead(&client, &config, &identity, &fence).await else {
+        return Ok(());
+    };
     metrics.leader.store(true, Ordering::Relaxed);
     tracing::info!(%identity, "leading");
+    // Renew from now on: building the context and the providers' first inventory can take
+    // longer than the Lease when AWS is slow or throttled.
+    let stop = stop_signal(elector.clone(), config.leader_elect);
 
     let ctx = context(
         &client,
@@ -381,7 +441,6 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     .await;
     ctx.providers.prepare().await;
     spawn_leader_work(&ctx, class_wake);
-    let stop = stop_signal(elector.clone(), config.leader_elect);
     let (lost_tx, lost_rx) = futures::channel::oneshot::channel::<bool>();
     let shutdown = stop.map(move |r| {
         let _ = lost_tx.send(r.unwrap_or(false));
@@ -395,17 +454,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .await;
     metrics.leader.store(false, Ordering::Relaxed);
     if lost_rx.await.unwrap_or(false) {
-        let (aws_calls, aws_mutating) = metrics.aws_totals();
-        let (kube_writes, fenced_writes) = metrics.write_totals();
-        // The last word of a replica that stepped down: what it wrote, what it was refused.
-        tracing::error!(
-            aws_calls,
-            aws_mutating,
-            kube_writes,
-            fenced_writes,
-            "lost leadership; exiting"
-        );
-        return Err(RunError::LostLeadership);
+        return Err(stepped_down(&metrics));
     }
     if config.leader_elect {
         elector.release().await;

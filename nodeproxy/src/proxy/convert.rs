@@ -41,64 +41,15 @@ pub fn service(svc: &core::Service, warnings: &mut Vec<String>) -> Option<Servic
     if spec.type_.as_deref() == Some("ExternalName") {
         return None;
     }
-    let mut raw_ips: Vec<&str> = spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    if raw_ips.is_empty() {
-        raw_ips.extend(spec.cluster_ip.as_deref());
-    }
-    if raw_ips.is_empty() || raw_ips.iter().any(|ip| *ip == "None" || ip.is_empty()) {
-        return None;
-    }
-    let cluster_ips: Vec<IpAddr> = raw_ips
-        .iter()
-        .filter_map(|ip| parse_ip(ip, "clusterIP", warnings))
-        .collect();
-    if cluster_ips.is_empty() {
-        return None;
-    }
-    let mut ports = Vec::new();
-    for p in spec.ports.iter().flatten() {
-        let protocol = match Protocol::parse(p.protocol.as_deref()) {
-            Ok(pr) => pr,
-            Err(e) => {
-                warnings.push(format!("port {}: {e}", p.port));
-                continue;
-            }
-        };
-        let Some(port) = port_u16(p.port, "port", warnings) else {
-            continue;
-        };
-        let node_port = p
-            .node_port
-            .and_then(|np| port_u16(np, "nodePort", warnings));
-        ports.push(ServicePort {
-            name: p.name.clone().unwrap_or_default(),
-            protocol,
-            port,
-            node_port,
-        });
-    }
+    let cluster_ips = cluster_ips(spec, warnings)?;
+    let ports = ports(spec, warnings);
     let external_ips = spec
         .external_ips
         .iter()
         .flatten()
         .filter_map(|ip| parse_ip(ip, "externalIP", warnings))
         .collect();
-    let load_balancer_ips = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-        .filter_map(|i| i.ip.as_deref())
-        .filter_map(|ip| parse_ip(ip, "load-balancer ingress IP", warnings))
-        .collect();
+    let load_balancer_ips = load_balancer_ips(svc, warnings);
     let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         spec.session_affinity_config
             .as_ref()
@@ -108,18 +59,7 @@ pub fn service(svc: &core::Service, warnings: &mut Vec<String>) -> Option<Servic
             .filter(|t| *t > 0)
             .unwrap_or(10800)
     });
-    let source_ranges = spec
-        .load_balancer_source_ranges
-        .iter()
-        .flatten()
-        .filter_map(|r| match r.parse::<Cidr>() {
-            Ok(c) => Some(c),
-            Err(e) => {
-                warnings.push(format!("loadBalancerSourceRanges: {e}"));
-                None
-            }
-        })
-        .collect();
+    let source_ranges = source_ranges(spec, warnings);
     let health_check_node_port = spec
         .health_check_node_port
         .and_then(|p| port_u16(p, "healthCheckNodePort", warnings));
@@ -145,6 +85,82 @@ pub fn service(svc: &core::Service, warnings: &mut Vec<String>) -> Option<Servic
         health_check_node_port,
         owner_class,
     })
+}
+
+/// The Service's ClusterIPs; `None` when headless or none parses.
+fn cluster_ips(spec: &core::ServiceSpec, warnings: &mut Vec<String>) -> Option<Vec<IpAddr>> {
+    let mut raw_ips: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    if raw_ips.is_empty() {
+        raw_ips.extend(spec.cluster_ip.as_deref());
+    }
+    if raw_ips.is_empty() || raw_ips.iter().any(|ip| *ip == "None" || ip.is_empty()) {
+        return None;
+    }
+    let ips: Vec<IpAddr> = raw_ips
+        .iter()
+        .filter_map(|ip| parse_ip(ip, "clusterIP", warnings))
+        .collect();
+    (!ips.is_empty()).then_some(ips)
+}
+
+/// The ports that parse; each one that does not is a warning.
+fn ports(spec: &core::ServiceSpec, warnings: &mut Vec<String>) -> Vec<ServicePort> {
+    let mut ports = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        let protocol = match Protocol::parse(p.protocol.as_deref()) {
+            Ok(pr) => pr,
+            Err(e) => {
+                warnings.push(format!("port {}: {e}", p.port));
+                continue;
+            }
+        };
+        let Some(port) = port_u16(p.port, "port", warnings) else {
+            continue;
+        };
+        let node_port = p
+            .node_port
+            .and_then(|np| port_u16(np, "nodePort", warnings));
+        ports.push(ServicePort {
+            name: p.name.clone().unwrap_or_default(),
+            protocol,
+            port,
+            node_port,
+        });
+    }
+    ports
+}
+
+/// Load-balancer ingress IPs the node proxies (not those with `ipMode: Proxy`).
+fn load_balancer_ips(svc: &core::Service, warnings: &mut Vec<String>) -> Vec<IpAddr> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|i| i.ip.as_deref())
+        .filter_map(|ip| parse_ip(ip, "load-balancer ingress IP", warnings))
+        .collect()
+}
+
+fn source_ranges(spec: &core::ServiceSpec, warnings: &mut Vec<String>) -> Vec<Cidr> {
+    spec.load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .filter_map(|r| match r.parse::<Cidr>() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warnings.push(format!("loadBalancerSourceRanges: {e}"));
+                None
+            }
+        })
+        .collect()
 }
 
 /// An EndpointSlice's endpoints; `None` when it names no Service or is not IP-addressed.

@@ -13,6 +13,9 @@ use crate::proxy::ruleset::{self, ElemKey, Frontend, HealthCheck, MapName, Servi
 /// A change to apply: new rules of a Service, or `None` when it is gone.
 pub type Changes = BTreeMap<ServiceId, Option<ServiceRules>>;
 
+/// Element statements: a key and its value (None for a set element).
+type ElementOps<'a> = Vec<(&'a ElemKey, Option<&'a String>)>;
+
 /// A computed transaction and its side effects.
 #[derive(Debug, Default)]
 pub struct Plan {
@@ -154,6 +157,43 @@ impl Programmed {
         out
     }
 
+    /// For each touched element key, the value programmed now and the one after
+    /// `changes` (the first Service by id wins a shared key); the keys whose value changes
+    /// become a delete of the old value and an add of the new one.
+    fn element_diff<'a>(
+        &'a self,
+        touched: BTreeSet<&'a ElemKey>,
+        changes: &'a Changes,
+    ) -> (ElementOps<'a>, ElementOps<'a>) {
+        let (mut deletes, mut adds) = (Vec::new(), Vec::new());
+        for key in touched {
+            let owners = self.owners.get(key);
+            let before = effective(owners);
+            let mut after: Option<(&ServiceId, &Option<String>)> = owners.and_then(|o| {
+                o.iter()
+                    .find(|(id, _)| !changes.contains_key(&**id))
+                    .map(|(id, v)| (&**id, v))
+            });
+            for (id, new) in changes {
+                if let Some(v) = new.as_ref().and_then(|n| n.elements.get(key))
+                    && after.is_none_or(|(first, _)| id < first)
+                {
+                    after = Some((id, v));
+                }
+            }
+            let after = after.map(|(_, v)| v);
+            if before != after {
+                if let Some(b) = before {
+                    deletes.push((key, b.as_ref()));
+                }
+                if let Some(a) = after {
+                    adds.push((key, a.as_ref()));
+                }
+            }
+        }
+        (deletes, adds)
+    }
+
     /// The transaction moving the kernel from this record to this record + `changes`.
     pub fn plan_incremental(&self, changes: &Changes) -> Plan {
         let mut touched: BTreeSet<&ElemKey> = BTreeSet::new();
@@ -183,33 +223,7 @@ impl Programmed {
                 new_timeouts.extend(new.timeouts.difference(&self.timeouts).copied());
             }
         }
-        let mut deletes: Vec<(&ElemKey, Option<&String>)> = Vec::new();
-        let mut adds: Vec<(&ElemKey, Option<&String>)> = Vec::new();
-        for key in touched {
-            let owners = self.owners.get(key);
-            let before = effective(owners);
-            let mut after: Option<(&ServiceId, &Option<String>)> = owners.and_then(|o| {
-                o.iter()
-                    .find(|(id, _)| !changes.contains_key(&**id))
-                    .map(|(id, v)| (&**id, v))
-            });
-            for (id, new) in changes {
-                if let Some(v) = new.as_ref().and_then(|n| n.elements.get(key))
-                    && after.is_none_or(|(first, _)| id < first)
-                {
-                    after = Some((id, v));
-                }
-            }
-            let after = after.map(|(_, v)| v);
-            if before != after {
-                if let Some(b) = before {
-                    deletes.push((key, b.as_ref()));
-                }
-                if let Some(a) = after {
-                    adds.push((key, a.as_ref()));
-                }
-            }
-        }
+        let (deletes, adds) = self.element_diff(touched, changes);
         let needs_full = new_chains
             .iter()
             .any(|(_, n)| *n > ruleset::PRECREATED_LB_CHAINS);

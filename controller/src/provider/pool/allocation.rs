@@ -366,120 +366,142 @@ fn blocked(me: &Holder, ip: &IpAddr, others: &[Holder]) -> Option<String> {
 /// overlap). A held address that is still in the pool and not claimed by an older
 /// Service is kept, so recomputing after a restart changes nothing.
 pub fn allocate(class: &PoolClass, me: &Holder, want: &Want, others: &[Holder]) -> Outcome {
-    let pool = &class.pool;
-    let cname = &class.name;
     match want {
-        Want::Pinned(ips) => {
-            for ip in ips {
-                if !pool.contains(ip) {
-                    return Outcome::Unassigned {
-                        reason: reason::ADDRESS_UNAVAILABLE,
-                        message: format!("pinned address {ip} is not in pool {cname}"),
-                    };
-                }
-                if let Some(why) = blocked(me, ip, others) {
-                    return Outcome::Unassigned {
-                        reason: reason::ADDRESS_UNAVAILABLE,
-                        message: format!("pinned address {why}"),
-                    };
-                }
-            }
-            Outcome::Assigned {
-                ips: ips.clone(),
-                moved: Vec::new(),
-            }
+        Want::Pinned(ips) => allocate_pinned(class, me, ips, others),
+        Want::Auto(families) => allocate_auto(class, me, families, others),
+    }
+}
+
+fn unassigned(reason: &'static str, message: String) -> Outcome {
+    Outcome::Unassigned { reason, message }
+}
+
+/// Pinned addresses: each must be in the pool and free (or shareable) for this Service.
+fn allocate_pinned(class: &PoolClass, me: &Holder, ips: &[IpAddr], others: &[Holder]) -> Outcome {
+    for ip in ips {
+        if !class.pool.contains(ip) {
+            let message = format!("pinned address {ip} is not in pool {}", class.name);
+            return unassigned(reason::ADDRESS_UNAVAILABLE, message);
         }
-        Want::Auto(families) => {
-            let mut used: BTreeSet<IpAddr> = others
-                .iter()
-                .filter(|o| o.uid != me.uid)
-                .flat_map(|o| o.ips.iter().copied())
-                .collect();
-            let mut chosen = Vec::new();
-            let mut moved = Vec::new();
-            for family in families {
-                let current = me.ips.iter().find(|ip| Family::of(ip) == *family);
-                let lost = match current {
-                    Some(ip) if !pool.contains(ip) => {
-                        Some((*ip, format!("{ip} is no longer in pool {cname}")))
-                    }
-                    Some(ip) => match blocked(me, ip, others) {
-                        None => {
-                            chosen.push(*ip);
-                            continue;
-                        }
-                        Some(why) => Some((*ip, why)),
-                    },
-                    None => None,
-                };
-                let ip = if let Some(key) = &me.sharing_key {
-                    // The key names one address: join the one its Services already use.
-                    let mut keyed: Vec<IpAddr> = others
-                        .iter()
-                        .filter(|o| {
-                            o.uid != me.uid
-                                && o.namespace == me.namespace
-                                && o.sharing_key.as_ref() == Some(key)
-                        })
-                        .flat_map(|o| o.ips.iter().copied())
-                        .filter(|ip| Family::of(ip) == *family && pool.contains(ip))
-                        .collect();
-                    keyed.sort();
-                    keyed.dedup();
-                    let mut conflict = None;
-                    let mut pick = None;
-                    for ip in keyed {
-                        match blocked(me, &ip, others) {
-                            None => {
-                                pick = Some(ip);
-                                break;
-                            }
-                            Some(why) => conflict = conflict.or(Some(why)),
-                        }
-                    }
-                    match (pick, conflict) {
-                        (Some(ip), _) => Some(ip),
-                        (None, Some(why)) => {
-                            return Outcome::Unassigned {
-                                reason: reason::PORT_CONFLICT,
-                                message: why,
-                            };
-                        }
-                        (None, None) => None,
-                    }
-                } else {
-                    None
-                };
-                let ip = match ip {
-                    Some(ip) => ip,
-                    None => {
-                        let mut taken = used.clone();
-                        if let Some((l, _)) = &lost {
-                            taken.insert(*l);
-                        }
-                        match pool.first_free(*family, &taken) {
-                            Some(ip) => ip,
-                            None => {
-                                return Outcome::Unassigned {
-                                    reason: reason::POOL_EXHAUSTED,
-                                    message: format!(
-                                        "no free {} address in pool {cname} ({} addresses, all in use)",
-                                        family.name(),
-                                        pool.size()
-                                    ),
-                                };
-                            }
-                        }
-                    }
-                };
-                used.insert(ip);
-                if let Some((old, why)) = lost {
-                    moved.push((old, ip, why));
-                }
+        if let Some(why) = blocked(me, ip, others) {
+            return unassigned(reason::ADDRESS_UNAVAILABLE, format!("pinned address {why}"));
+        }
+    }
+    Outcome::Assigned {
+        ips: ips.to_vec(),
+        moved: Vec::new(),
+    }
+}
+
+/// One address per family: the held one while it stays valid, else the sharing key's,
+/// else the first free one; a held address that became invalid is reported as moved.
+fn allocate_auto(
+    class: &PoolClass,
+    me: &Holder,
+    families: &[Family],
+    others: &[Holder],
+) -> Outcome {
+    let mut used: BTreeSet<IpAddr> = others
+        .iter()
+        .filter(|o| o.uid != me.uid)
+        .flat_map(|o| o.ips.iter().copied())
+        .collect();
+    let (mut chosen, mut moved) = (Vec::new(), Vec::new());
+    for family in families {
+        let lost = match held_address(class, me, *family, others) {
+            Held::Keep(ip) => {
                 chosen.push(ip);
+                continue;
             }
-            Outcome::Assigned { ips: chosen, moved }
+            Held::Lost(ip, why) => Some((ip, why)),
+            Held::None => None,
+        };
+        let shared = match shared_address(class, me, *family, others) {
+            Ok(ip) => ip,
+            Err(outcome) => return outcome,
+        };
+        let ip = match shared {
+            Some(ip) => ip,
+            None => {
+                let mut taken = used.clone();
+                taken.extend(lost.as_ref().map(|(l, _)| *l));
+                match class.pool.first_free(*family, &taken) {
+                    Some(ip) => ip,
+                    None => return exhausted(class, *family),
+                }
+            }
+        };
+        used.insert(ip);
+        if let Some((old, why)) = lost {
+            moved.push((old, ip, why));
         }
+        chosen.push(ip);
+    }
+    Outcome::Assigned { ips: chosen, moved }
+}
+
+fn exhausted(class: &PoolClass, family: Family) -> Outcome {
+    let message = format!(
+        "no free {} address in pool {} ({} addresses, all in use)",
+        family.name(),
+        class.name,
+        class.pool.size()
+    );
+    unassigned(reason::POOL_EXHAUSTED, message)
+}
+
+/// What becomes of the address of `family` the Service holds now.
+enum Held {
+    Keep(IpAddr),
+    /// It must go: the address and why.
+    Lost(IpAddr, String),
+    None,
+}
+
+fn held_address(class: &PoolClass, me: &Holder, family: Family, others: &[Holder]) -> Held {
+    match me.ips.iter().find(|ip| Family::of(ip) == family) {
+        Some(ip) if !class.pool.contains(ip) => {
+            Held::Lost(*ip, format!("{ip} is no longer in pool {}", class.name))
+        }
+        Some(ip) => match blocked(me, ip, others) {
+            None => Held::Keep(*ip),
+            Some(why) => Held::Lost(*ip, why),
+        },
+        None => Held::None,
+    }
+}
+
+/// With a sharing key, the address its Services in this namespace already use (the key
+/// names one address); `Err` when each such address conflicts with this Service's ports.
+fn shared_address(
+    class: &PoolClass,
+    me: &Holder,
+    family: Family,
+    others: &[Holder],
+) -> Result<Option<IpAddr>, Outcome> {
+    let Some(key) = &me.sharing_key else {
+        return Ok(None);
+    };
+    let mut keyed: Vec<IpAddr> = others
+        .iter()
+        .filter(|o| {
+            o.uid != me.uid && o.namespace == me.namespace && o.sharing_key.as_ref() == Some(key)
+        })
+        .flat_map(|o| o.ips.iter().copied())
+        .filter(|ip| Family::of(ip) == family && class.pool.contains(ip))
+        .collect();
+    keyed.sort();
+    keyed.dedup();
+    let mut conflict = None;
+    for ip in keyed {
+        match blocked(me, &ip, others) {
+            None => return Ok(Some(ip)),
+            Some(why) => conflict = conflict.or(Some(why)),
+        }
+    }
+    match conflict {
+        Some(why) => Err(unassigned(reason::PORT_CONFLICT, why)),
+        None => Ok(None),
     }
 }
 

@@ -29,6 +29,16 @@ impl TestEnv {
         Self { info, client }
     }
 
+    /// Waits until every node's harness agent reports healthy (a case that needs Service
+    /// traffic or announcement from all nodes starts from there).
+    pub async fn wait_agents_healthy(&self) {
+        for n in &self.info.nodes {
+            crate::nodeagent::wait_healthy(&n.plan, Duration::from_secs(60))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
     /// A fresh namespace named `<prefix>-<random>`, deleted when the guard drops.
     pub async fn namespace(&self, prefix: &str) -> TestNamespace {
         let name = format!("{prefix}-{:08x}", rand::random::<u32>());

@@ -47,11 +47,7 @@ fn settle() -> Duration {
 async fn connect(prefix: &str) -> (TestEnv, TestNamespace) {
     let env = TestEnv::connect().await;
     install_crds(&env);
-    for n in &env.info.nodes {
-        nodeagent::wait_healthy(&n.plan, Duration::from_secs(60))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    env.wait_agents_healthy().await;
     let ns = env.namespace(prefix).await;
     (env, ns)
 }

@@ -282,11 +282,7 @@ async fn setup(prefix: &str) -> (TestEnv, TestNamespace, AgentsUp) {
 
 async fn connect(prefix: &str) -> (TestEnv, TestNamespace) {
     let env = TestEnv::connect().await;
-    for n in nodes(&env) {
-        nodeagent::wait_healthy(&n.plan, Duration::from_secs(60))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    env.wait_agents_healthy().await;
     let ns = env.namespace(prefix).await;
     (env, ns)
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use berth_crds::LoadBalancerClass;
 use berth_crds::addresses::{AddressError, AddressRange, SAMPLES};
 use berth_e2e::controller::{ClassGuard, ControllerOpts, ControllerProc, install_crds};
-use berth_e2e::nodeagent::{self, L2_LEASE_NAMESPACE};
+use berth_e2e::nodeagent::L2_LEASE_NAMESPACE;
 use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{TestEnv, curl_in, lb_condition, lb_ips};
 use berth_e2e::wait::{Diagnostics, wait_until};
@@ -40,11 +40,7 @@ async fn lease_holder(env: &TestEnv) -> Option<String> {
 async fn single_address_entry_is_allocated_announced_and_reached() {
     let env = TestEnv::connect().await;
     install_crds(&env);
-    for n in &env.info.nodes {
-        nodeagent::wait_healthy(&n.plan, Duration::from_secs(60))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    env.wait_agents_healthy().await;
     let ns = env.namespace("pool-single").await;
     let class = ClassGuard::with_spec(
         &env,

@@ -92,44 +92,40 @@ fn single_addresses_are_one_address_pools() {
     assert_eq!(all(&p, IpFamily::V4), vec![ip("198.19.0.77")]);
 }
 
+fn err(entry: &str) -> AddressError {
+    AddressRange::parse(entry).expect_err(entry)
+}
+
+fn not_an_address(entry: &str, part: &str) -> AddressError {
+    AddressError::NotAnAddress {
+        entry: entry.into(),
+        part: part.into(),
+    }
+}
+
+fn prefix_length(entry: &str) -> AddressError {
+    AddressError::PrefixLength {
+        entry: entry.into(),
+    }
+}
+
+fn host_bits(entry: &str, network: &str) -> AddressError {
+    AddressError::HostBits {
+        entry: entry.into(),
+        network: network.into(),
+    }
+}
+
 #[test]
-fn every_error_names_the_entry() {
-    let err = |e: &str| AddressRange::parse(e).expect_err(e);
-    let cases: Vec<(&str, AddressError)> = vec![
-        (
-            "nonsense",
-            AddressError::NotAnAddress {
-                entry: "nonsense".into(),
-                part: "nonsense".into(),
-            },
-        ),
-        (
-            "",
-            AddressError::NotAnAddress {
-                entry: "".into(),
-                part: "".into(),
-            },
-        ),
-        (
-            " 198.19.0.1",
-            AddressError::NotAnAddress {
-                entry: " 198.19.0.1".into(),
-                part: " 198.19.0.1".into(),
-            },
-        ),
-        (
-            "198.19.0.01",
-            AddressError::NotAnAddress {
-                entry: "198.19.0.01".into(),
-                part: "198.19.0.01".into(),
-            },
-        ),
+fn every_address_error_names_the_entry() {
+    let cases = [
+        ("nonsense", not_an_address("nonsense", "nonsense")),
+        ("", not_an_address("", "")),
+        (" 198.19.0.1", not_an_address(" 198.19.0.1", " 198.19.0.1")),
+        ("198.19.0.01", not_an_address("198.19.0.01", "198.19.0.01")),
         (
             "fe80::1%eth0",
-            AddressError::NotAnAddress {
-                entry: "fe80::1%eth0".into(),
-                part: "fe80::1%eth0".into(),
-            },
+            not_an_address("fe80::1%eth0", "fe80::1%eth0"),
         ),
         (
             "::ffff:198.19.0.1",
@@ -138,50 +134,32 @@ fn every_error_names_the_entry() {
                 part: "::ffff:198.19.0.1".into(),
             },
         ),
-        (
-            "10.0.0.0/33",
-            AddressError::PrefixLength {
-                entry: "10.0.0.0/33".into(),
-            },
-        ),
-        (
-            "10.0.0.0/",
-            AddressError::PrefixLength {
-                entry: "10.0.0.0/".into(),
-            },
-        ),
-        (
-            "10.0.0.0/08",
-            AddressError::PrefixLength {
-                entry: "10.0.0.0/08".into(),
-            },
-        ),
-        (
-            "10.0.0.0/+8",
-            AddressError::PrefixLength {
-                entry: "10.0.0.0/+8".into(),
-            },
-        ),
-        (
-            "fd00::/129",
-            AddressError::PrefixLength {
-                entry: "fd00::/129".into(),
-            },
-        ),
-        (
-            "198.19.1.5/24",
-            AddressError::HostBits {
-                entry: "198.19.1.5/24".into(),
-                network: "198.19.1.0/24".into(),
-            },
-        ),
-        (
-            "fd00::1/64",
-            AddressError::HostBits {
-                entry: "fd00::1/64".into(),
-                network: "fd00::/64".into(),
-            },
-        ),
+    ];
+    for (entry, want) in cases {
+        assert_eq!(err(entry), want, "{entry}");
+    }
+}
+
+#[test]
+fn every_cidr_error_names_the_entry() {
+    let cases = [
+        ("10.0.0.0/33", prefix_length("10.0.0.0/33")),
+        ("10.0.0.0/", prefix_length("10.0.0.0/")),
+        ("10.0.0.0/08", prefix_length("10.0.0.0/08")),
+        ("10.0.0.0/+8", prefix_length("10.0.0.0/+8")),
+        ("fd00::/129", prefix_length("fd00::/129")),
+        ("198.19.1.5/24", host_bits("198.19.1.5/24", "198.19.1.0/24")),
+        ("fd00::1/64", host_bits("fd00::1/64", "fd00::/64")),
+    ];
+    for (entry, want) in cases {
+        assert_eq!(err(entry), want, "{entry}");
+    }
+    assert!(err("198.19.1.5/24").to_string().contains("198.19.1.0/24"));
+}
+
+#[test]
+fn every_range_error_names_the_entry() {
+    let cases = [
         (
             "10.0.0.1-2001:db8::1",
             AddressError::MixedFamilies {
@@ -194,25 +172,15 @@ fn every_error_names_the_entry() {
                 entry: "10.0.0.9-10.0.0.1".into(),
             },
         ),
-        (
-            "10.0.0.1-",
-            AddressError::NotAnAddress {
-                entry: "10.0.0.1-".into(),
-                part: "".into(),
-            },
-        ),
+        ("10.0.0.1-", not_an_address("10.0.0.1-", "")),
         (
             "10.0.0.1-10.0.0.2-10.0.0.3",
-            AddressError::NotAnAddress {
-                entry: "10.0.0.1-10.0.0.2-10.0.0.3".into(),
-                part: "10.0.0.2-10.0.0.3".into(),
-            },
+            not_an_address("10.0.0.1-10.0.0.2-10.0.0.3", "10.0.0.2-10.0.0.3"),
         ),
     ];
     for (entry, want) in cases {
         assert_eq!(err(entry), want, "{entry}");
     }
-    assert!(err("198.19.1.5/24").to_string().contains("198.19.1.0/24"));
     assert!(err("10.0.0.9-10.0.0.1").to_string().contains("ends before"));
 }
 

@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use berth_runtime::Fence;
-use berth_runtime::lease::{self, LeaseClient, LeaseError, Observed, Write};
+use berth_runtime::lease::{self, LeaseClient, LeaseError, Observed, Record, Write};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::{Api, Client};
@@ -168,20 +168,28 @@ impl LeaderElector {
         );
     }
 
-    /// Gives the Lease up (on shutdown) so another replica takes over at once.
+    /// Gives the Lease up on shutdown by deleting it while this replica holds it (guarded
+    /// by the resourceVersion read, so a successor's Lease stays): another replica creates
+    /// it anew at once, and after `helm uninstall` no Lease is left behind. Also called by
+    /// a replica that never led, in case its last attempt won after all.
     pub async fn release(&self) {
         // No write of ours may follow the release.
         self.lost();
         let deadline = Instant::now() + self.retry_period();
-        let released = match self.leases.get(&self.name, deadline).await {
-            Ok(Some(held)) => self.leases.release(held, deadline).await,
-            Ok(None) => Ok(Write::Conflict),
+        let deleted = match self.leases.get(&self.name, deadline).await {
+            Ok(Some(held))
+                if Record::of(&held).holder.as_deref() == Some(self.leases.identity()) =>
+            {
+                let version = held.metadata.resource_version.unwrap_or_default();
+                self.leases.delete(&self.name, &version, deadline).await
+            }
+            Ok(_) => Ok(false),
             Err(e) => Err(e),
         };
-        match released {
-            Ok(Write::Done(_)) => tracing::info!("released the leader Lease"),
-            Ok(Write::Conflict) => {}
-            Err(e) => tracing::warn!(error = %e, "releasing the leader Lease"),
+        match deleted {
+            Ok(true) => tracing::info!("deleted the leader Lease"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "deleting the leader Lease"),
         }
     }
 }
@@ -294,14 +302,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_released_lease_is_taken_at_once() {
+    async fn a_released_lease_is_deleted_and_taken_at_once() {
         let fake = FakeApiserver::new(NS);
         let (a, a_fence) = elector(&fake, "a");
         let (b, _) = elector(&fake, "b");
         assert!(a.try_acquire().await.expect("a"));
         a.release().await;
         assert!(a_fence.is_lost());
-        assert_eq!(holder(&fake), None);
+        assert!(fake.get(LEASE).is_none(), "the released Lease is gone");
         assert!(b.try_acquire().await.expect("b"));
+        // A replica that does not hold the Lease leaves it alone on shutdown.
+        a.release().await;
+        assert_eq!(holder(&fake).as_deref(), Some("b"));
     }
 }

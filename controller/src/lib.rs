@@ -363,7 +363,10 @@ async fn lead(
     if config.leader_elect {
         tokio::select! {
             _ = elector.acquire() => {}
-            _ = shutdown_signal() => return None,
+            _ = shutdown_signal() => {
+                elector.release().await;
+                return None;
+            }
         }
     }
     Some(elector)

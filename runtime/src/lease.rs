@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
 use kube::runtime::watcher::Event;
 use kube::{Api, ResourceExt};
 
@@ -327,6 +327,29 @@ impl LeaseClient {
         }
         held.spec = held.spec.as_ref().map(released_spec);
         self.replace(&held, deadline).await
+    }
+
+    /// Deletes Lease `name` only if it is still at `resource_version`, the version this
+    /// process observed: a Lease another holder wrote since is never deleted. `true` when
+    /// deleted; `false` when it changed meanwhile or is gone already.
+    pub async fn delete(
+        &self,
+        name: &str,
+        resource_version: &str,
+        deadline: Instant,
+    ) -> Result<bool, LeaseError> {
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: Some(resource_version.into()),
+                uid: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match by(name, deadline, self.api.delete(name, &params)).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_conflict(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn holds(&self, lease: &Lease) -> bool {

@@ -34,3 +34,29 @@ readOnlyRootFilesystem: true
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* Namespace of the node agents' Leases. */}}
+{{- define "berth.l2Namespace" -}}
+{{- default (printf "%s-l2" (include "berth.fullname" .)) .Values.nodeproxy.l2.leaseNamespace -}}
+{{- end -}}
+
+{{/* The default class among the chart's classes (first by name, as the controller picks),
+or nothing. */}}
+{{- define "berth.defaultClass" -}}
+{{- $names := list -}}
+{{- range .Values.loadBalancerClasses -}}
+{{- if .default -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- end -}}
+{{- if $names -}}
+{{- first (sortAlpha $names) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The controller's leader Lease in the release namespace (its RBAC names it). Kept at
+the controller's default so replicas of a chart before and after an upgrade elect on one
+Lease. */}}
+{{- define "berth.leaderLease" -}}
+berth-controller
+{{- end -}}

@@ -121,7 +121,26 @@ impl FakeApiserver {
                 Some(_) => (200, json!(Self::store(&mut state, &self.namespace, l))),
             },
             ("POST", Some(l)) => (201, json!(Self::store(&mut state, &self.namespace, l))),
+            ("DELETE", _) => Self::delete(&mut state, name, body),
             _ => status(405, "MethodNotAllowed"),
+        }
+    }
+
+    /// A delete, refused (409) when its precondition names another resourceVersion.
+    fn delete(state: &mut State, name: &str, body: &[u8]) -> (u16, Value) {
+        let options: Value = serde_json::from_slice(body).unwrap_or_default();
+        let wanted = options["preconditions"]["resourceVersion"].as_str();
+        match state.leases.get(name) {
+            None => status(404, "NotFound"),
+            Some(cur)
+                if wanted.is_some_and(|v| cur.metadata.resource_version.as_deref() != Some(v)) =>
+            {
+                status(409, "Conflict")
+            }
+            Some(_) => {
+                let gone = state.leases.remove(name);
+                (200, json!(gone))
+            }
         }
     }
 

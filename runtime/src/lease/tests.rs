@@ -289,3 +289,29 @@ async fn an_attempt_gives_up_at_its_deadline() {
         "{write:?}"
     );
 }
+
+#[tokio::test]
+async fn a_delete_is_guarded_by_the_resource_version_observed() {
+    let fake = FakeApiserver::new(NS);
+    let (a, b) = clients(&fake);
+    let now = Timestamp::now();
+    let held = done(
+        a.acquire(absent("l", BTreeMap::new()), now, soon())
+            .await
+            .expect("a"),
+    );
+    let seen = held.metadata.resource_version.clone().expect("stored");
+    // Taken over since: the version a observed is stale, so b's Lease stays.
+    let released = done(a.release(held, soon()).await.expect("release"));
+    let taken = done(b.acquire(released, now, soon()).await.expect("b"));
+    assert!(!a.delete("l", &seen, soon()).await.expect("delete"));
+    assert!(
+        fake.get("l").is_some(),
+        "a newer holder's Lease was deleted"
+    );
+    let current = taken.metadata.resource_version.expect("stored");
+    assert!(b.delete("l", &current, soon()).await.expect("delete"));
+    assert!(fake.get("l").is_none());
+    // Gone already: nothing to do, not an error.
+    assert!(!b.delete("l", &current, soon()).await.expect("delete"));
+}

@@ -46,6 +46,20 @@ impl Release {
         }
     }
 
+    /// The chart's `berth.fullname` for this release.
+    pub fn fullname(&self) -> String {
+        if self.name.contains("berth") {
+            self.name.clone()
+        } else {
+            format!("{}-berth", self.name)
+        }
+    }
+
+    /// The namespace the chart creates for the node agents' Leases (default values).
+    pub fn l2_namespace(&self) -> String {
+        format!("{}-l2", self.fullname())
+    }
+
     /// `helm install <release> <chart> --wait`; panics with helm's stderr on failure.
     pub fn install(&self, values: &[String]) {
         expect_success(&self.helm("install", values), "helm install");
@@ -153,4 +167,79 @@ pub fn bare_node_agent_values(env: &TestEnv) -> String {
         crate::net::CLUSTER_CIDR,
         env.info.service_cidr
     )
+}
+
+/// A token of ServiceAccount `name` in `namespace` (TokenRequest API, 10 minutes).
+pub fn service_account_token(env: &TestEnv, namespace: &str, name: &str) -> String {
+    env.kubectl(&["create", "token", name, "-n", namespace, "--duration=10m"])
+        .trim()
+        .to_string()
+}
+
+/// A kubeconfig in the scratch area that authenticates with `token` only (no client
+/// certificate), so the apiserver applies that identity's RBAC; the caller removes it.
+pub fn token_kubeconfig(env: &TestEnv, token: &str) -> String {
+    let ca = env.kubectl(&[
+        "config",
+        "view",
+        "--raw",
+        "--minify",
+        "-o",
+        "jsonpath={.clusters[0].cluster.certificate-authority-data}",
+    ]);
+    let text = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": "token",
+        "clusters": [{"name": "env", "cluster": {
+            "server": env.info.apiserver_url, "certificate-authority-data": ca.trim()}}],
+        "users": [{"name": "token", "user": {"token": token}}],
+        "contexts": [{"name": "token", "context": {"cluster": "env", "user": "token"}}],
+    });
+    write_values(&text.to_string())
+}
+
+/// Runs kubectl with the kubeconfig `kubeconfig`; panics only when it cannot be started.
+pub fn kubectl_with(kubeconfig: &str, args: &[&str]) -> Output {
+    Command::new(paths::bin("kubectl"))
+        .args(["--kubeconfig", kubeconfig])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run kubectl {}: {e}", args.join(" ")))
+}
+
+/// Every object of every listable kind (namespaced in all namespaces, and cluster-scoped)
+/// that belongs to `release`: in its namespace (but what the namespace itself brings: the
+/// `default` ServiceAccount, `kube-root-ca.crt`), in its Lease namespace, named after it
+/// or labelled as its instance. Events are left out: records of what happened, not
+/// objects that do anything, and they expire. As `kind/namespace/name`.
+pub fn objects_left(env: &TestEnv, release: &Release) -> Vec<String> {
+    let kinds = env.kubectl(&["api-resources", "--verbs=list", "-o", "name"]);
+    let kinds: Vec<&str> = kinds
+        .lines()
+        .filter(|k| !matches!(*k, "events" | "events.events.k8s.io"))
+        .collect();
+    let listed = env.kubectl(&["get", &kinds.join(","), "-A", "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_str(&listed).expect("kubectl get -o json");
+    let l2 = release.l2_namespace();
+    let mut left = Vec::new();
+    for item in list["items"].as_array().into_iter().flatten() {
+        let meta = &item["metadata"];
+        let (kind, name) = (
+            item["kind"].as_str().unwrap_or(""),
+            meta["name"].as_str().unwrap_or(""),
+        );
+        let ns = meta["namespace"].as_str().unwrap_or("");
+        let brought = matches!(
+            (kind, name),
+            ("ServiceAccount", "default") | ("ConfigMap", "kube-root-ca.crt")
+        );
+        let ours = (ns == release.namespace && !brought)
+            || ns == l2
+            || name.contains(&release.name)
+            || meta["labels"]["app.kubernetes.io/instance"].as_str() == Some(release.name.as_str());
+        if ours {
+            left.push(format!("{kind}/{ns}/{name}"));
+        }
+    }
+    left
 }

@@ -155,7 +155,8 @@ svc_ip() { jsonpath service nginx-service -o jsonpath='{.status.loadBalancer.ing
 
 if [ "$provider" != aws ]; then
   step "Make nginx-service a LoadBalancer: the default 'pool' class gives it an address" \
-    "No loadBalancerClass in the Service: the class marked default takes it. The controller" \
+    "No loadBalancerClass in the Service: the apiserver sets the default class berth.dev/pool" \
+    "(the chart's MutatingAdmissionPolicy), so no cloud controller takes it too. The controller" \
     "allocates an address from $pool_range, writes status.loadBalancer.ingress (ipMode VIP)" \
     "and the condition berth.dev/LoadBalancerReady; one node wins the address's Lease," \
     "adds the address to its eth0 and sends gratuitous ARP."
@@ -175,9 +176,10 @@ if [ "$provider" != aws ]; then
   done
   eventually 60 ip netns exec "$client" curl -s --max-time 2 "http://$lb_ip/" | title_from
   lease=berth-l2-${lb_ip//./-}
-  holder=$(wait_value "lease holder" 20 lease "$lease" -n "$system" -o jsonpath='{.spec.holderIdentity}')
+  # The agents' Leases live in the namespace the chart creates for them (<release>-l2).
+  holder=$(wait_value "lease holder" 20 lease "$lease" -n berth-l2 -o jsonpath='{.spec.holderIdentity}')
   holder_ns=$(jq -r --arg n "$holder" '.nodes[] | select(.name == $n) | .netns' "$info")
-  echo "Lease $system/$lease is held by $holder: the address is on its eth0, on no other node's"
+  echo "Lease berth-l2/$lease is held by $holder: the address is on its eth0, on no other node's"
   run ip -n "$holder_ns" -4 addr show dev eth0
   run ip -n "$client" neigh show "$lb_ip"
   for _ in $(seq 30); do
@@ -260,7 +262,8 @@ ${bold}Done.${off} The cluster stays up. Explore it:
   export KUBECONFIG=$KUBECONFIG PATH=$bin:\$PATH
   kubectl get svc,pods -o wide
   kubectl get loadbalancerclasses
-  kubectl -n $system get pods,leases
+  kubectl -n $system get pods,leases                    # the controller's leader Lease
+  kubectl -n berth-l2 get leases                         # the agents' Leases
   kubectl -n $system logs deploy/berth-controller
   ip netns exec $client curl http://<load-balancer-address>/    # from the outside world
   ip netns exec ${nodes[0]} nft list ruleset                          # berth-nodeproxy's rules

@@ -6,7 +6,7 @@
 //! is what the apiserver enforces); the seed's nginx-service answers at its ClusterIP on
 //! every node and as a NodePort from the client; `helm upgrade` rolls the agents without
 //! losing a request; a pool address of an L2 class is announced by one agent (its Lease in
-//! the release namespace) and reaches nginx from the client, also after the rollout;
+//! the agents' Lease namespace) and reaches nginx from the client, also after the rollout;
 //! `helm uninstall` withdraws it and removes the DaemonSet and its RBAC.
 
 use std::sync::Arc;
@@ -106,7 +106,7 @@ async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() 
         .expect("NodePort served by the chart's agent");
     }
 
-    // A pool address of an L2 class: one chart agent takes its Lease in the release
+    // A pool address of an L2 class: one chart agent takes its Lease in the agents'
     // namespace (the chart's Role) and announces it to the client.
     let class = ClassGuard::with_spec(
         &env,
@@ -144,7 +144,7 @@ async fn helm_installs_the_node_agent_on_every_node_and_service_traffic_flows() 
             "lease",
             &lease,
             "-n",
-            &system.name,
+            &release.l2_namespace(),
             "-o",
             "jsonpath={.spec.holderIdentity}",
         ])

@@ -1,6 +1,7 @@
 //! `helm uninstall` leaves nothing of berth but the CRDs: after a release with the
 //! controller (two replicas, leader election), the node agents announcing a pool address
-//! (L2 Leases) and the default-class admission policy is uninstalled, no object of any
+//! (L2 Leases) and a default class (so the default-class admission policy, cluster-wide:
+//! no other suite runs meanwhile) is uninstalled, no object of any
 //! listable kind, namespaced or cluster-scoped, belongs to it: no leader Lease, no L2
 //! Lease, no workload, RBAC, admission policy, class or namespace. Runs on nodes without
 //! harness agents (`BERTH_E2E_NODEPROXY=0`); needs root.
@@ -24,10 +25,7 @@ async fn helm_uninstall_leaves_only_the_crds() {
     let values = write_values(&format!(
         "controller:\n  replicas: 2\n  extraArgs: [\"--class={class}\"]\n{agents}\
          loadBalancerClasses:\n  - name: {class}\n    default: true\n    \
-         pool: {{addresses: [\"{POOL}\"], autoAssign: true, l2: true}}\n\
-         defaultClassPolicy:\n  namespaceSelector:\n    matchLabels: \
-         {{kubernetes.io/metadata.name: {}}}\n",
-        web.name
+         pool: {{addresses: [\"{POOL}\"], autoAssign: true, l2: true}}\n"
     ));
     let release = Release::new(&env, &format!("berth-{id}"), &system.name);
     release.install(std::slice::from_ref(&values));

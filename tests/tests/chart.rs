@@ -9,9 +9,15 @@ use berth_e2e::helm::{
 use berth_e2e::paths;
 use berth_e2e::testing::TestEnv;
 
-fn render(namespace: &str, values_file: Option<&str>) -> String {
+/// The chart as `helm install` would render it against an apiserver serving
+/// MutatingAdmissionPolicy (as the environment's does).
+fn render(release: &str, namespace: &str, values_file: Option<&str>) -> String {
     let chart = chart().display().to_string();
-    let mut args = vec!["template", "berth", &chart, "--namespace", namespace];
+    let mut args = vec!["template", release, &chart, "--namespace", namespace];
+    args.extend([
+        "--api-versions",
+        "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy",
+    ]);
     if let Some(v) = values_file {
         args.extend(["--values", v]);
     }
@@ -31,8 +37,20 @@ async fn rendered_chart_is_accepted_by_the_apiserver() {
     // The chart's CRDs first, as `helm install` does; LoadBalancerClass objects need them.
     let crds = chart().join("crds").display().to_string();
     env.kubectl(&["apply", "--server-side", "-f", &crds]);
-    for file in [None, Some(values("aws.yaml")), Some(values("pool.yaml"))] {
-        let manifest = render(&ns.name, file.as_deref());
+    // The agents' Lease namespace is one of the chart's objects: a server-side dry run
+    // creates nothing, so it is created for real for the Role and RoleBinding in it.
+    let release = format!("berth-{}", ns.name);
+    let l2 = format!("{release}-l2");
+    env.kubectl(&["create", "namespace", &l2]);
+    env.kubectl(&["label", "namespace", &l2, "berth.dev/e2e=true"]);
+    let configs = [
+        None,
+        Some(values("aws.yaml")),
+        Some(values("pool.yaml")),
+        Some(values("pool-default.yaml")),
+    ];
+    for file in configs {
+        let manifest = render(&release, &ns.name, file.as_deref());
         let path = std::env::temp_dir().join(format!(
             "{}chart-{:08x}.yaml",
             paths::SCRATCH_PREFIX,
@@ -65,7 +83,15 @@ async fn rendered_chart_is_accepted_by_the_apiserver() {
                 "class missing from: {applied}"
             );
         }
+        let policy = "mutatingadmissionpolicy.admissionregistration.k8s.io/";
+        assert_eq!(
+            applied.contains(policy),
+            file.as_deref()
+                .is_some_and(|f| f.ends_with("pool-default.yaml")),
+            "the default-class policy goes with a default class only: {applied}"
+        );
     }
+    env.kubectl(&["delete", "namespace", &l2, "--wait=false"]);
 }
 
 #[test]
@@ -92,7 +118,13 @@ fn values_schema_rejects_bad_values_naming_the_key() {
 #[test]
 fn helm_lint_passes_for_every_configuration() {
     let chart = chart().display().to_string();
-    for file in [None, Some(values("aws.yaml")), Some(values("pool.yaml"))] {
+    let configs = [
+        None,
+        Some(values("aws.yaml")),
+        Some(values("pool.yaml")),
+        Some(values("pool-default.yaml")),
+    ];
+    for file in configs {
         let mut args = vec!["lint", "--strict", &chart];
         if let Some(v) = file.as_deref() {
             args.extend(["--values", v]);

@@ -61,6 +61,10 @@ pub struct Config {
     pub identity: Option<String>,
     #[arg(long, value_parser = humantime, default_value = "15s")]
     pub lease_duration: Duration,
+    /// ServiceAccount (in the Lease namespace) that owns the leader Lease, so the Lease is
+    /// garbage-collected with it; default: no owner.
+    #[arg(long, env = "BERTH_LEASE_OWNER_SERVICE_ACCOUNT")]
+    pub lease_owner_service_account: Option<String>,
     /// Log as JSON.
     #[arg(long, env = "BERTH_LOG_JSON")]
     pub log_json: bool,

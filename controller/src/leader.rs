@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use berth_runtime::Fence;
 use berth_runtime::lease::{self, LeaseClient, LeaseError, Observed, Record, Write};
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::{Api, Client};
 
@@ -21,6 +22,10 @@ pub struct LeaderElector {
     name: String,
     duration: Duration,
     fence: Fence,
+    /// Written into the Lease: deleting the owner (`helm uninstall` deletes the
+    /// controller's ServiceAccount) lets the garbage collector delete the Lease too, also
+    /// when the leader could not delete it on its way out (its RBAC went first).
+    owner: Option<OwnerReference>,
     state: Mutex<State>,
 }
 
@@ -46,8 +51,26 @@ impl LeaderElector {
             name: name.into(),
             duration,
             fence,
+            owner: None,
             state: Mutex::default(),
         }
+    }
+
+    /// Makes `owner` an owner of the Lease from the next write on.
+    pub fn with_owner(mut self, owner: OwnerReference) -> Self {
+        self.owner = Some(owner);
+        self
+    }
+
+    /// `lease` with this elector's owner among its owners.
+    fn owned(&self, mut lease: Lease) -> Lease {
+        if let Some(owner) = &self.owner {
+            let refs = lease.metadata.owner_references.get_or_insert_default();
+            if !refs.iter().any(|r| r.uid == owner.uid) {
+                refs.push(owner.clone());
+            }
+        }
+        lease
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -120,7 +143,7 @@ impl LeaderElector {
         };
         match self
             .leases
-            .acquire(current, Timestamp::now(), deadline)
+            .acquire(self.owned(current), Timestamp::now(), deadline)
             .await?
         {
             Write::Done(written) => {
@@ -299,6 +322,24 @@ mod tests {
             .expect("hold returns");
         assert!(fence.is_lost());
         assert_eq!(holder(&fake).as_deref(), Some("b"), "a wrote nothing");
+    }
+
+    #[tokio::test]
+    async fn the_lease_names_its_owner_from_the_first_write() {
+        let fake = FakeApiserver::new(NS);
+        let owner = OwnerReference {
+            api_version: "v1".into(),
+            kind: "ServiceAccount".into(),
+            name: "berth-controller".into(),
+            uid: "sa-uid".into(),
+            ..OwnerReference::default()
+        };
+        let (a, _) = elector(&fake, "a");
+        let a = a.with_owner(owner.clone());
+        assert!(a.try_acquire().await.expect("create"));
+        assert!(a.try_acquire().await.expect("renew"));
+        let stored = fake.get(LEASE).expect("lease");
+        assert_eq!(stored.metadata.owner_references, Some(vec![owner]));
     }
 
     #[tokio::test]

@@ -25,13 +25,14 @@ use berth_crds::{LABEL_SERVICE_NAME, LoadBalancerClass};
 use berth_runtime::Fence;
 use berth_runtime::watch::{self, Change, Fingerprints};
 use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 
 pub use config::Config;
@@ -345,6 +346,24 @@ async fn serve_admin(config: &Config, metrics: &Arc<metrics::Metrics>) -> Result
     Ok(())
 }
 
+/// The ServiceAccount named by `--lease-owner-service-account` as an owner reference;
+/// `None` (a warning) when it cannot be read: the Lease is then only deleted on shutdown.
+async fn lease_owner(client: &Client, config: &Config) -> Option<OwnerReference> {
+    let name = config.lease_owner_service_account.as_deref()?;
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), &config.lease_namespace);
+    match api.get(name).await {
+        Ok(sa) => sa.controller_owner_ref(&()).map(|mut r| {
+            // An owner, not a controller: nothing else is implied by it.
+            r.controller = None;
+            r
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, service_account = name, "reading the leader Lease's owner");
+            None
+        }
+    }
+}
+
 /// The leader elector; `None` after a shutdown signal while waiting for leadership.
 async fn lead(
     client: &Client,
@@ -352,14 +371,18 @@ async fn lead(
     identity: &str,
     fence: &Fence,
 ) -> Option<Arc<leader::LeaderElector>> {
-    let elector = Arc::new(leader::LeaderElector::new(
+    let mut elector = leader::LeaderElector::new(
         client.clone(),
         &config.lease_namespace,
         &config.lease_name,
         identity,
         config.lease_duration,
         fence.clone(),
-    ));
+    );
+    if let Some(owner) = lease_owner(client, config).await {
+        elector = elector.with_owner(owner);
+    }
+    let elector = Arc::new(elector);
     if config.leader_elect {
         tokio::select! {
             _ = elector.acquire() => {}

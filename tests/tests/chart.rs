@@ -58,11 +58,10 @@ async fn rendered_chart_is_accepted_by_the_apiserver() {
         ));
         std::fs::write(&path, &manifest).expect("write rendered chart");
         let out = env
+            // Every rendered object names its namespace (the release's or the agents').
             .kubectl_output(&[
                 "apply",
                 "--dry-run=server",
-                "-n",
-                &ns.name,
                 "-f",
                 path.to_str().expect("utf-8 temp path"),
             ])

@@ -262,8 +262,8 @@ ${bold}Done.${off} The cluster stays up. Explore it:
   export KUBECONFIG=$KUBECONFIG PATH=$bin:\$PATH
   kubectl get svc,pods -o wide
   kubectl get loadbalancerclasses
-  kubectl -n $system get pods,leases                    # the controller's leader Lease
-  kubectl -n berth-l2 get leases                         # the agents' Leases
+  kubectl -n $system get pods,leases          # the controller's leader Lease
+  kubectl -n berth-l2 get leases              # the agents' Leases
   kubectl -n $system logs deploy/berth-controller
   ip netns exec $client curl http://<load-balancer-address>/    # from the outside world
   ip netns exec ${nodes[0]} nft list ruleset                          # berth-nodeproxy's rules

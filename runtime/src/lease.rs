@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
 use kube::runtime::watcher::Event;
 use kube::{Api, ResourceExt};
 
@@ -122,6 +122,11 @@ pub struct Observations {
 impl Observations {
     pub fn get(&self, name: &str) -> Option<&Observed> {
         self.by_name.get(name)
+    }
+
+    /// Every observed Lease, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Observed)> {
+        self.by_name.iter()
     }
 
     pub fn observe(&mut self, lease: Lease, now: Instant) {
@@ -327,6 +332,29 @@ impl LeaseClient {
         }
         held.spec = held.spec.as_ref().map(released_spec);
         self.replace(&held, deadline).await
+    }
+
+    /// Deletes `lease` only if it is still at the resourceVersion it carries, so a Lease
+    /// written since (by a new holder, say) is never deleted: that, or a Lease already
+    /// gone, is a [`Write::Conflict`]. Anyone may delete, holder or not: the caller
+    /// judges that nobody needs the Lease any more.
+    pub async fn delete(&self, lease: Lease, deadline: Instant) -> Result<Write, LeaseError> {
+        let name = lease.name_any();
+        let Some(rv) = lease.metadata.resource_version.clone() else {
+            return Err(LeaseError::Unguarded { name });
+        };
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: Some(rv),
+                uid: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match by(&name, deadline, self.api.delete(&name, &params)).await {
+            Ok(_) => Ok(Write::Done(Box::new(lease))),
+            Err(e) if is_conflict(&e) => Ok(Write::Conflict),
+            Err(e) => Err(e),
+        }
     }
 
     fn holds(&self, lease: &Lease) -> bool {

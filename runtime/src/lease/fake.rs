@@ -121,7 +121,27 @@ impl FakeApiserver {
                 Some(_) => (200, json!(Self::store(&mut state, &self.namespace, l))),
             },
             ("POST", Some(l)) => (201, json!(Self::store(&mut state, &self.namespace, l))),
+            ("DELETE", _) => Self::delete(&mut state, name, body),
             _ => status(405, "MethodNotAllowed"),
+        }
+    }
+
+    /// A delete, with the resourceVersion precondition of its DeleteOptions if any.
+    fn delete(state: &mut State, name: &str, body: &[u8]) -> (u16, Value) {
+        let options: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let wanted = options["preconditions"]["resourceVersion"].as_str();
+        match state.leases.get(name) {
+            None => status(404, "NotFound"),
+            Some(cur)
+                if wanted
+                    .is_some_and(|rv| cur.metadata.resource_version.as_deref() != Some(rv)) =>
+            {
+                status(409, "Conflict")
+            }
+            Some(_) => {
+                let gone = state.leases.remove(name);
+                (200, json!(gone))
+            }
         }
     }
 

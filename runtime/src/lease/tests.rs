@@ -289,3 +289,40 @@ async fn an_attempt_gives_up_at_its_deadline() {
         "{write:?}"
     );
 }
+
+/// A delete carries the resourceVersion read: a Lease a new holder wrote since stays, a
+/// Lease still at that version goes, and a Lease already gone is no error.
+#[tokio::test]
+async fn a_delete_never_removes_a_lease_written_since_it_was_read() {
+    let fake = FakeApiserver::new(NS);
+    let (a, b) = clients(&fake);
+    let now = Timestamp::now();
+    let held = done(
+        a.acquire(absent("l", BTreeMap::new()), now, soon())
+            .await
+            .expect("a"),
+    );
+    let released = done(a.release(held.clone(), soon()).await.expect("release"));
+    let taken = done(b.acquire(released.clone(), now, soon()).await.expect("b"));
+    // a deletes the copy it released: b's Lease is newer and stays.
+    assert!(matches!(
+        a.delete(released, soon()).await.expect("delete"),
+        Write::Conflict
+    ));
+    assert_eq!(
+        fake.get("l").map(|l| Record::of(&l).holder),
+        Some(Some("b".to_string()))
+    );
+    // Anyone may delete the Lease at its current version.
+    done(a.delete(taken.clone(), soon()).await.expect("delete"));
+    assert!(fake.get("l").is_none());
+    assert!(matches!(
+        b.delete(taken, soon()).await.expect("gone"),
+        Write::Conflict
+    ));
+    let unguarded = absent("l", BTreeMap::new());
+    assert!(matches!(
+        a.delete(unguarded, soon()).await,
+        Err(LeaseError::Unguarded { .. })
+    ));
+}

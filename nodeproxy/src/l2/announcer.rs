@@ -1,8 +1,10 @@
 //! The L2 announcer's I/O: watches LoadBalancerClasses, Nodes and its Leases, applies
-//! [`announce::decide`] to every address each tick, writes Leases through
-//! [`berth_runtime::lease`] (always guarded by their resourceVersion, so two nodes never
-//! both win one; each call with a deadline) and puts addresses on the interface through
-//! [`link`]. A Lease's observation time is the arrival of the watch event that last
+//! [`announce::decide`] to every address each step (every tick, and whenever a renewal
+//! falls due), writes Leases through [`berth_runtime::lease`] (always guarded by their
+//! resourceVersion, so two nodes never both win one; each call with a deadline; many at
+//! once, see [`crate::l2::schedule`]), deletes the Leases of addresses allocated no more,
+//! and puts addresses on the interface through [`link`], all of a step in one netlink
+//! exchange. A Lease's observation time is the arrival of the watch event that last
 //! changed it, so another node's Lease expires by this node's clock alone.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -34,7 +34,8 @@ const API_IN_FLIGHT: usize = 16;
 pub struct Scenario {
     /// Namespace prefix and class name stem.
     pub name: String,
-    /// The class's pool: holds at least `services` addresses, used from its first one.
+    /// The class's pool (a CIDR): holds at least `services` addresses besides its network
+    /// and broadcast addresses; used from the one after the network address.
     pub first: Ipv4Addr,
     pub prefix_len: u8,
     pub services: usize,
@@ -62,7 +63,8 @@ pub struct Report {
 fn addresses(s: &Scenario) -> Vec<String> {
     (0..s.services)
         .map(|i| {
-            let offset = u32::try_from(i).unwrap_or(u32::MAX);
+            // The pool skips its network address: start after it.
+            let offset = u32::try_from(i + 1).unwrap_or(u32::MAX);
             Ipv4Addr::from(u32::from(s.first).saturating_add(offset)).to_string()
         })
         .collect()

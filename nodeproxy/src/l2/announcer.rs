@@ -474,10 +474,11 @@ impl Announcer {
         changed
     }
 
-    /// A renewal landed `late` after its due time.
+    /// A renewal started `late` after its due time. Worth a warning from a sixth of the
+    /// lease duration on: half the slack between the renewal and the claim's end is gone.
     fn renewed(&self, addr: IpAddr, late: Duration) {
         self.metrics.l2_renewal_lateness(late);
-        if late >= self.cfg.timing.tick {
+        if late >= self.cfg.timing.attempt {
             tracing::warn!(
                 address = %addr,
                 late_ms = u64::try_from(late.as_millis()).unwrap_or(u64::MAX),

@@ -21,9 +21,9 @@ async fn healthy_nodes_keep_every_lease_while_480_of_500_pool_services_go_at_onc
         kept: 20,
     };
     let r = l2scale::run(&env, &scenario).await;
-    eprintln!(
+    let line = format!(
         "l2 scale: 500 addresses announced in {:.1}s; {} probes, {} failed; {} renewals, \
-         lateness p50 <= {}s, p99 <= {}s; {} lost; 480 Leases deleted in {:.1}s",
+         lateness p50 <= {}s, p99 <= {}s; {} lost; 480 Leases deleted in {:.1}s\n",
         r.announce_all.as_secs_f64(),
         r.probes,
         r.failed_probes,
@@ -33,6 +33,9 @@ async fn healthy_nodes_keep_every_lease_while_480_of_500_pool_services_go_at_onc
         r.lost,
         r.leases_gone.as_secs_f64()
     );
+    // Also next to the environment's logs: a passing test's output is not shown.
+    eprint!("{line}");
+    let _ = std::fs::write(env.info.log_dir.join("l2-scale.txt"), &line);
     assert_eq!(r.lost, 0.0, "healthy nodes lost Leases");
     assert_eq!(r.failed_probes, 0, "requests to kept addresses failed");
     assert!(r.probes > 0, "no probe ran");

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::error::Error;
 use crate::l2::announce::{self, Action, AddrState, LeaseView, PoolClass, Timing};
 use crate::l2::link::{self, Interface};
-use crate::l2::schedule::{Job, Outcome, Worker};
+use crate::l2::schedule::{self, Job, Outcome, Worker};
 use crate::metrics::Metrics;
 
 /// What the announcer reads from the agent's model: the addresses to announce with their
@@ -327,11 +327,19 @@ impl Announcer {
         let addrs: BTreeSet<IpAddr> = wanted.keys().chain(self.held.keys()).copied().collect();
         let mut plan = Plan::default();
         let timing = self.cfg.timing;
+        // Takes and releases beyond this wait for the next step (decided afresh then), so
+        // that a burst of them does not keep the renewals falling due meanwhile waiting.
+        let mut others = 0;
         for addr in addrs {
             let (action, seen) = self.decide(addr, wanted.get(&addr));
+            let busy = others >= schedule::OTHERS_PER_STEP;
             match action {
                 Action::Nothing => {}
-                Action::Acquire => plan.jobs.push((addr, Job::Acquire { seen })),
+                Action::Acquire | Action::Release if busy => {}
+                Action::Acquire => {
+                    others += 1;
+                    plan.jobs.push((addr, Job::Acquire { seen }));
+                }
                 Action::Renew => {
                     if let Some(h) = self.held.get(&addr) {
                         let job = Job::Renew {
@@ -344,6 +352,7 @@ impl Announcer {
                 }
                 Action::Release => {
                     if let Some(h) = self.held.remove(&addr) {
+                        others += 1;
                         plan.withdraw.push(addr);
                         // Allocated no more: the Lease goes with the address.
                         let delete = !wanted.contains_key(&addr);
@@ -364,7 +373,8 @@ impl Announcer {
                 }
             }
         }
-        plan.jobs.extend(self.sweeps(wanted));
+        let room = schedule::OTHERS_PER_STEP.saturating_sub(others);
+        plan.jobs.extend(self.sweeps(wanted).into_iter().take(room));
         plan
     }
 

@@ -18,6 +18,11 @@ use crate::l2::announce::{self, LeaseView, Timing};
 /// fraction of a renewal interval, few enough not to flood the apiserver.
 pub const IN_FLIGHT: usize = 32;
 
+/// Takes, releases and deletions started in one step: two rounds of [`IN_FLIGHT`], so a
+/// step stays short while hundreds of addresses change at once; renewals are never held
+/// back.
+pub const OTHERS_PER_STEP: usize = 2 * IN_FLIGHT;
+
 /// One Lease write.
 #[derive(Clone, Debug)]
 pub enum Job {

@@ -6,7 +6,7 @@ BIN := $(BERTH_CACHE)/bin/current
 ENV := target/debug/berth-env
 export PATH := $(BIN):$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench bench-nodeproxy bench-controller
+.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench bench-nodeproxy bench-controller bench-l2
 
 ## Everything a fresh machine needs: Debian packages, Kubernetes/etcd/helm binaries built
 ## from Go modules (cached by version), the pinned LocalStack venv.
@@ -48,7 +48,7 @@ demo: deps build
 
 ## Benchmarks (root); each prints a report and merges its keys into
 ## target/bench/results.json.
-bench: bench-nodeproxy bench-controller
+bench: bench-nodeproxy bench-controller bench-l2
 
 ## Node agent (release build): full and incremental sync, peak memory, first-connection
 ## latency.
@@ -59,3 +59,8 @@ bench-nodeproxy:
 ## Controller: creation-to-ready latency and AWS calls per reconcile against LocalStack.
 bench-controller: deps build
 	hack/bench-controller.sh
+
+## L2 announcement at 1,000 pool Services: time to announce all, renewal lateness p50/p99,
+## Leases lost by healthy nodes, failed probes while 980 are deleted at once (l2.* keys).
+bench-l2: deps build
+	hack/bench-l2.sh

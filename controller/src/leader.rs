@@ -203,15 +203,14 @@ impl LeaderElector {
             Ok(Some(held))
                 if Record::of(&held).holder.as_deref() == Some(self.leases.identity()) =>
             {
-                let version = held.metadata.resource_version.unwrap_or_default();
-                self.leases.delete(&self.name, &version, deadline).await
+                self.leases.delete(held, deadline).await
             }
-            Ok(_) => Ok(false),
+            Ok(_) => Ok(Write::Conflict),
             Err(e) => Err(e),
         };
         match deleted {
-            Ok(true) => tracing::info!("deleted the leader Lease"),
-            Ok(false) => {}
+            Ok(Write::Done(_)) => tracing::info!("deleted the leader Lease"),
+            Ok(Write::Conflict) => {}
             Err(e) => tracing::warn!(error = %e, "deleting the leader Lease"),
         }
     }

@@ -32,6 +32,7 @@ pub struct Metrics {
     l2_transitions: Family<Label, Counter>,
     garps: Counter,
     last_ok: Mutex<Option<Instant>>,
+    l2_renewal_lateness: Histogram,
 }
 
 fn count(n: usize) -> i64 {
@@ -52,6 +53,7 @@ impl Default for Metrics {
             l2_transitions: Family::default(),
             garps: Counter::default(),
             last_ok: Mutex::new(None),
+            l2_renewal_lateness: metrics::histogram(SECONDS_BUCKETS),
         };
         // Series that exist from the start, so rates and alerts see them at 0.
         m.failures.get_or_create(&[("reason", "nft")]).inc_by(0);
@@ -106,6 +108,11 @@ impl Metrics {
 
     pub fn garp_sent(&self) {
         self.garps.inc();
+    }
+
+    /// How long after its due time a pool address's Lease renewal started.
+    pub fn l2_renewal_lateness(&self, late: Duration) {
+        self.l2_renewal_lateness.observe(late.as_secs_f64());
     }
 
     /// Healthy when a sync succeeded within `max_age`.
@@ -180,6 +187,11 @@ impl Collect for Metrics {
             "Gratuitous ARPs sent for pool addresses",
             self.garps.clone(),
         );
+        r.register(
+            "berth_nodeproxy_l2_renewal_lateness_seconds",
+            "How long after its due time each pool address Lease renewal started",
+            self.l2_renewal_lateness.clone(),
+        );
     }
 }
 
@@ -224,6 +236,9 @@ mod tests {
         assert!(t.contains("berth_nodeproxy_l2_addresses_held 2"));
         assert!(t.contains("berth_nodeproxy_l2_lease_transitions_total{event=\"acquired\"} 2"));
         assert!(t.contains("\nberth_nodeproxy_l2_gratuitous_arps_sent_total 1\n"));
+        m.l2_renewal_lateness(Duration::from_millis(3));
+        let t = m.render();
+        assert!(t.contains("berth_nodeproxy_l2_renewal_lateness_seconds_bucket{le=\"0.005\"} 1"));
     }
 
     #[test]

@@ -124,6 +124,11 @@ impl Observations {
         self.by_name.get(name)
     }
 
+    /// Every observed Lease, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Observed)> {
+        self.by_name.iter()
+    }
+
     pub fn observe(&mut self, lease: Lease, now: Instant) {
         let name = lease.name_any();
         let observed = Observed::new(self.by_name.get(&name), lease, now);
@@ -329,25 +334,25 @@ impl LeaseClient {
         self.replace(&held, deadline).await
     }
 
-    /// Deletes Lease `name` only if it is still at `resource_version`, the version this
-    /// process observed: a Lease another holder wrote since is never deleted. `true` when
-    /// deleted; `false` when it changed meanwhile or is gone already.
-    pub async fn delete(
-        &self,
-        name: &str,
-        resource_version: &str,
-        deadline: Instant,
-    ) -> Result<bool, LeaseError> {
+    /// Deletes `lease` only if it is still at the resourceVersion it carries, so a Lease
+    /// written since (by a new holder, say) is never deleted: that, or a Lease already
+    /// gone, is a [`Write::Conflict`]. Anyone may delete, holder or not: the caller
+    /// judges that nobody needs the Lease any more.
+    pub async fn delete(&self, lease: Lease, deadline: Instant) -> Result<Write, LeaseError> {
+        let name = lease.name_any();
+        let Some(rv) = lease.metadata.resource_version.clone() else {
+            return Err(LeaseError::Unguarded { name });
+        };
         let params = DeleteParams {
             preconditions: Some(Preconditions {
-                resource_version: Some(resource_version.into()),
+                resource_version: Some(rv),
                 uid: None,
             }),
             ..DeleteParams::default()
         };
-        match by(name, deadline, self.api.delete(name, &params)).await {
-            Ok(_) => Ok(true),
-            Err(e) if is_conflict(&e) => Ok(false),
+        match by(&name, deadline, self.api.delete(&name, &params)).await {
+            Ok(_) => Ok(Write::Done(Box::new(lease))),
+            Err(e) if is_conflict(&e) => Ok(Write::Conflict),
             Err(e) => Err(e),
         }
     }

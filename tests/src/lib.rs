@@ -9,6 +9,7 @@ pub mod env;
 pub mod error;
 pub mod helm;
 pub mod kubelet;
+pub mod l2scale;
 pub mod localstack;
 pub mod net;
 pub mod nodeagent;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use berth_e2e::controller::{ClassGuard, install_crds};
 use berth_e2e::env::NodeInfo;
+use berth_e2e::l2scale::{BERTH_PROTO, HostAddress};
 use berth_e2e::nodeagent::{self, L2_LEASE_NAMESPACE, L2_LEASE_SECONDS};
 use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{TestEnv, TestNamespace, curl_in};
@@ -737,8 +738,8 @@ async fn l2_off_or_address_gone_means_no_announcement() {
     }
 }
 
-/// A pool address on a node that holds no Lease for it (as a killed agent of an earlier
-/// version, or a person, could leave it) is removed by that node's agent.
+/// A pool address berth added (stamped with its `IFA_PROTO`) on a node that holds no
+/// Lease for it, as a killed agent leaves it, is removed by that node's agent.
 #[tokio::test]
 async fn a_pool_address_nobody_holds_is_removed_from_the_interface() {
     let _up = AGENTS_UP.read().await;
@@ -746,7 +747,7 @@ async fn a_pool_address_nobody_holds_is_removed_from_the_interface() {
     let _class = pool_class(&env, &class_name(&ns, "lan"), None);
     let ip = "198.19.8.60";
     let target = env.info.nodes[1].plan.clone();
-    let _stray = StrayAddress::add(&target.netns, ip);
+    let _stray = HostAddress::with_proto(&target.netns, ip, BERTH_PROTO, Duration::from_secs(600));
     until(&env, "the stray address removed", settle(), async || {
         let on = nodes_with(&env, ip);
         if on.is_empty() {

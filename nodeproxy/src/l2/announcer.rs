@@ -1,8 +1,10 @@
 //! The L2 announcer's I/O: watches LoadBalancerClasses, Nodes and its Leases, applies
-//! [`announce::decide`] to every address each tick, writes Leases through
-//! [`berth_runtime::lease`] (always guarded by their resourceVersion, so two nodes never
-//! both win one; each call with a deadline) and puts addresses on the interface through
-//! [`link`]. A Lease's observation time is the arrival of the watch event that last
+//! [`announce::decide`] to every address each step (every tick, and whenever a renewal
+//! falls due), writes Leases through [`berth_runtime::lease`] (always guarded by their
+//! resourceVersion, so two nodes never both win one; each call with a deadline; many at
+//! once, see [`crate::l2::schedule`]), deletes the Leases of addresses allocated no more,
+//! and puts addresses on the interface through [`link`], all of a step in one netlink
+//! exchange. A Lease's observation time is the arrival of the watch event that last
 //! changed it, so another node's Lease expires by this node's clock alone.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,11 +14,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use berth_crds::LoadBalancerClass;
-use berth_runtime::lease::{self, LeaseClient, Observations, Observed, Write};
+use berth_runtime::lease::{LeaseClient, Observations, Observed};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, Store};
@@ -28,6 +29,7 @@ use tokio::sync::watch;
 use crate::error::Error;
 use crate::l2::announce::{self, Action, AddrState, LeaseView, PoolClass, Timing};
 use crate::l2::link::{self, Interface};
+use crate::l2::schedule::{self, Job, Outcome, Worker};
 use crate::metrics::Metrics;
 
 /// What the announcer reads from the agent's model: the addresses to announce with their
@@ -72,9 +74,18 @@ struct Watched {
     listed: [Arc<AtomicBool>; 3],
 }
 
+/// One step's work: Lease writes, and addresses to take off the interface before them.
+#[derive(Default)]
+struct Plan {
+    jobs: Vec<(IpAddr, Job)>,
+    withdraw: Vec<IpAddr>,
+    /// Held addresses whose Lease another node has (or ours ran out).
+    lost: Vec<IpAddr>,
+}
+
 pub struct Announcer {
     cfg: Config,
-    leases: LeaseClient,
+    worker: Worker,
     metrics: Arc<Metrics>,
     watched: Watched,
     held: BTreeMap<IpAddr, Held>,
@@ -208,7 +219,11 @@ impl Announcer {
             move |ev| lock(&observations).apply(ev, Instant::now()),
         ));
         Self {
-            leases: LeaseClient::new(api, &cfg.node, cfg.timing.duration),
+            worker: Worker {
+                leases: LeaseClient::new(api, &cfg.node, cfg.timing.duration),
+                node: cfg.node.clone(),
+                timing: cfg.timing,
+            },
             cfg,
             metrics,
             watched: Watched {
@@ -226,24 +241,38 @@ impl Announcer {
         }
     }
 
-    /// Announces until `shutdown` turns true, then gives every address up.
+    /// Announces until `shutdown` turns true, then gives every address up. A step runs
+    /// every tick, and earlier when a renewal falls due: each address is renewed at its
+    /// own time, not at the next tick.
     pub async fn run(mut self, model: ModelView, mut shutdown: watch::Receiver<bool>) {
-        let mut ticker = tokio::time::interval(self.cfg.timing.tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next = Instant::now();
         loop {
             tokio::select! {
-                _ = ticker.tick() => {}
+                _ = tokio::time::sleep_until(next.into()) => {}
                 _ = shutdown.changed() => break,
             }
             if *shutdown.borrow() {
                 break;
             }
+            let started = Instant::now();
             self.step(&model).await;
+            next = self.next_step(started);
         }
-        let addrs: Vec<IpAddr> = self.held.keys().copied().collect();
-        for addr in addrs {
-            self.release(addr, "agent stopping").await;
-        }
+        self.release_all().await;
+    }
+
+    /// When the next step runs: at the next tick or the earliest renewal due, whichever
+    /// comes first, but not sooner than an eighth of a tick after this one started (a
+    /// renewal that keeps failing stays due; it must not spin the loop).
+    fn next_step(&self, started: Instant) -> Instant {
+        let timing = self.cfg.timing;
+        let due = self
+            .held
+            .values()
+            .map(|h| h.renewed_at + timing.renew)
+            .min();
+        let at = due.map_or(started + timing.tick, |d| d.min(started + timing.tick));
+        at.max(started + timing.tick / 8)
     }
 
     fn warn_once(&mut self, msg: String) {
@@ -261,32 +290,226 @@ impl Announcer {
         if !listed {
             return;
         }
-        let Some((classes, snap)) = self.inputs(model) else {
+        let Some((_, snap)) = self.inputs(model) else {
             return;
         };
         if !self.find_interface(&snap.node_addresses).await {
             return;
         }
-        let addrs: BTreeSet<IpAddr> = snap
-            .wanted
-            .keys()
-            .chain(self.held.keys())
-            .copied()
-            .collect();
-        let mut changed = false;
-        for addr in addrs {
-            let (action, seen) = self.decide(addr, snap.wanted.get(&addr));
-            changed |= self.act(addr, action, seen).await;
-        }
+        let Some(iface) = self.iface.clone() else {
+            return;
+        };
+        let plan = self.plan(&snap.wanted);
         self.takeable_since
             .retain(|a, _| snap.wanted.contains_key(a));
+        let mut changed = !plan.withdraw.is_empty();
+        // Addresses leave the interface before their Leases are given up: two nodes
+        // never answer for one address.
+        self.withdraw(&iface, plan.withdraw).await;
+        for addr in plan.lost {
+            tracing::info!(address = %addr, "stopped announcing pool address (lost the Lease)");
+            self.metrics.l2_transition("lost");
+        }
+        let outcomes = self.worker.run(plan.jobs).await;
+        changed |= self.settle(&iface, outcomes).await;
         let due = self
             .last_interface_sync
             .is_none_or(|t| t.elapsed() >= self.cfg.timing.renew);
         if changed || due {
-            self.remove_stale(&classes).await;
+            self.remove_stale().await;
         }
         self.metrics.l2_held(self.held.len());
+    }
+
+    /// Decides every address and sorts the decisions into Lease writes and addresses to
+    /// take off the interface first; adds the deletion of Leases nobody needs any more.
+    fn plan(&mut self, wanted: &BTreeMap<IpAddr, BTreeSet<String>>) -> Plan {
+        let addrs: BTreeSet<IpAddr> = wanted.keys().chain(self.held.keys()).copied().collect();
+        let mut plan = Plan::default();
+        let timing = self.cfg.timing;
+        // Takes and releases beyond this wait for the next step (decided afresh then), so
+        // that a burst of them does not keep the renewals falling due meanwhile waiting.
+        let mut others = 0;
+        for addr in addrs {
+            let (action, seen) = self.decide(addr, wanted.get(&addr));
+            let busy = others >= schedule::OTHERS_PER_STEP;
+            match action {
+                Action::Nothing => {}
+                Action::Acquire | Action::Release if busy => {}
+                Action::Acquire => {
+                    others += 1;
+                    plan.jobs.push((addr, Job::Acquire { seen }));
+                }
+                Action::Renew => {
+                    if let Some(h) = self.held.get(&addr) {
+                        let job = Job::Renew {
+                            held: h.lease.clone(),
+                            due: h.renewed_at + timing.renew,
+                            claim_end: h.renewed_at + timing.duration,
+                        };
+                        plan.jobs.push((addr, job));
+                    }
+                }
+                Action::Release => {
+                    if let Some(h) = self.held.remove(&addr) {
+                        others += 1;
+                        plan.withdraw.push(addr);
+                        // Allocated no more: the Lease goes with the address.
+                        let delete = !wanted.contains_key(&addr);
+                        plan.jobs.push((
+                            addr,
+                            Job::Release {
+                                held: h.lease,
+                                delete,
+                            },
+                        ));
+                    }
+                }
+                Action::Lost => {
+                    if self.held.remove(&addr).is_some() {
+                        plan.withdraw.push(addr);
+                        plan.lost.push(addr);
+                    }
+                }
+            }
+        }
+        let room = schedule::OTHERS_PER_STEP.saturating_sub(others);
+        plan.jobs.extend(self.sweeps(wanted).into_iter().take(room));
+        plan
+    }
+
+    /// Leases of addresses allocated no more that have stood still for a whole duration:
+    /// their holder died or released them without deleting. Any agent deletes them (at
+    /// the resourceVersion seen, so a Lease taken meanwhile stays).
+    fn sweeps(&self, wanted: &BTreeMap<IpAddr, BTreeSet<String>>) -> Vec<(IpAddr, Job)> {
+        let names: BTreeMap<String, IpAddr> = wanted
+            .keys()
+            .chain(self.held.keys())
+            .map(|a| (announce::lease_name(a), *a))
+            .collect();
+        let now = Instant::now();
+        lock(&self.watched.leases)
+            .iter()
+            .filter(|(name, o)| !names.contains_key(*name) && o.expired(now))
+            .filter_map(|(name, o)| {
+                // The address is only for logs; a Lease not named by berth is left alone.
+                let addr = address_of(name)?;
+                Some((
+                    addr,
+                    Job::Sweep {
+                        lease: o.lease.clone(),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Applies the Lease writes' outcomes; refreshes or adds the addresses of renewed and
+    /// taken Leases in one netlink exchange. True when the interface changed.
+    async fn settle(&mut self, iface: &Interface, outcomes: Vec<(IpAddr, Outcome)>) -> bool {
+        let mut taken = Vec::new();
+        let mut refresh = Vec::new();
+        for (addr, outcome) in outcomes {
+            match outcome {
+                Outcome::Acquired {
+                    lease,
+                    started,
+                    previous,
+                } => {
+                    self.held.insert(
+                        addr,
+                        Held {
+                            lease,
+                            renewed_at: started,
+                        },
+                    );
+                    taken.push((addr, previous));
+                }
+                Outcome::Renewed {
+                    lease,
+                    started,
+                    late,
+                } => {
+                    self.renewed(addr, late);
+                    self.held.insert(
+                        addr,
+                        Held {
+                            lease,
+                            renewed_at: started,
+                        },
+                    );
+                    refresh.push(addr);
+                }
+                Outcome::StillOurs(fresh) => {
+                    if let Some(h) = self.held.get_mut(&addr) {
+                        h.lease = fresh;
+                    }
+                }
+                Outcome::Lost => {
+                    if self.held.remove(&addr).is_some() {
+                        self.withdraw(iface, vec![addr]).await;
+                        tracing::info!(address = %addr, "stopped announcing pool address (lost the Lease)");
+                        self.metrics.l2_transition("lost");
+                    }
+                }
+                Outcome::Released { deleted } => {
+                    tracing::info!(address = %addr, lease_deleted = deleted, "stopped announcing pool address (released the Lease)");
+                    self.metrics.l2_transition("released");
+                }
+                Outcome::Swept => {
+                    tracing::info!(address = %addr, "deleted the expired Lease of an address no longer allocated");
+                }
+                Outcome::Unchanged => {}
+            }
+        }
+        let lifetime = link::lifetime(self.cfg.timing.duration);
+        let hold = taken.iter().map(|t| t.0).chain(refresh).collect();
+        let failed = link::apply(iface, hold, Vec::new(), lifetime).await;
+        let mut not_added = Vec::new();
+        for (addr, e) in failed {
+            if taken.iter().any(|t| t.0 == addr) {
+                tracing::warn!(address = %addr, "cannot add the address; giving the Lease up: {e}");
+                not_added.push(addr);
+            } else {
+                tracing::warn!(address = %addr, "refreshing the address: {e}");
+            }
+        }
+        let changed = !taken.is_empty();
+        for (addr, previous) in taken {
+            if !not_added.contains(&addr) {
+                self.announced(iface, addr, previous);
+            }
+        }
+        self.release_some(not_added).await;
+        changed
+    }
+
+    /// A renewal started `late` after its due time. Worth a warning from a sixth of the
+    /// lease duration on: half the slack between the renewal and the claim's end is gone.
+    fn renewed(&self, addr: IpAddr, late: Duration) {
+        self.metrics.l2_renewal_lateness(late);
+        if late >= self.cfg.timing.attempt {
+            tracing::warn!(
+                address = %addr,
+                late_ms = u64::try_from(late.as_millis()).unwrap_or(u64::MAX),
+                "renewed the Lease late"
+            );
+        }
+    }
+
+    /// A taken address is on the interface: announce it.
+    fn announced(&self, iface: &Interface, addr: IpAddr, previous: Option<String>) {
+        tracing::info!(
+            address = %addr,
+            interface = %iface.name,
+            previous_holder = previous.as_deref().unwrap_or("none"),
+            "announcing pool address (took the Lease)"
+        );
+        self.metrics.l2_transition("acquired");
+        self.set_announcing(addr, true);
+        if let IpAddr::V4(v4) = addr {
+            self.send_garps(iface.clone(), v4);
+        }
     }
 
     /// The pool classes and the model's addresses with their eligible nodes; `None` until
@@ -362,111 +585,12 @@ impl Announcer {
         (action, seen)
     }
 
-    /// Carries `action` out; true when the addresses on the interface changed.
-    async fn act(&mut self, addr: IpAddr, action: Action, seen: Option<Observed>) -> bool {
-        match action {
-            Action::Nothing => false,
-            Action::Acquire => self.acquire(addr, seen).await,
-            Action::Renew => {
-                self.renew(addr).await;
-                false
-            }
-            Action::Release => {
-                self.release(addr, "no longer eligible").await;
-                true
-            }
-            Action::Lost => {
-                self.lost(addr).await;
-                true
-            }
-        }
-    }
-
     fn set_announcing(&self, addr: IpAddr, on: bool) {
         let mut a = self.announcing.lock().unwrap_or_else(|p| p.into_inner());
         if on {
             a.insert(addr);
         } else {
             a.remove(&addr);
-        }
-    }
-
-    /// Writes this node into the Lease, adds the address and announces it; true when it
-    /// now holds the address.
-    async fn acquire(&mut self, addr: IpAddr, seen: Option<Observed>) -> bool {
-        let Some(iface) = self.iface.clone() else {
-            return false;
-        };
-        let started = Instant::now();
-        let Some(written) = self.take_lease(addr, seen.as_ref(), started).await else {
-            return false;
-        };
-        self.held.insert(
-            addr,
-            Held {
-                lease: written,
-                renewed_at: started,
-            },
-        );
-        if let Err(e) = link::hold(&iface, &addr, self.cfg.timing.duration).await {
-            tracing::warn!(address = %addr, "cannot add the address; giving the Lease up: {e}");
-            self.release(addr, "address could not be added").await;
-            return false;
-        }
-        let previous = seen.as_ref().map(LeaseView::of);
-        let previous = previous.and_then(|v| v.holder.or(v.released_by));
-        tracing::info!(
-            address = %addr,
-            interface = %iface.name,
-            previous_holder = previous.as_deref().unwrap_or("none"),
-            "announcing pool address (took the Lease)"
-        );
-        self.metrics.l2_transition("acquired");
-        self.set_announcing(addr, true);
-        if let IpAddr::V4(v4) = addr {
-            self.send_garps(iface, v4);
-        }
-        true
-    }
-
-    /// The Lease write of [`Self::acquire`]: creates the Lease, or takes the one observed
-    /// (at the resourceVersion observed). The Lease as written, or `None` when another
-    /// node came first or the write failed.
-    async fn take_lease(
-        &self,
-        addr: IpAddr,
-        seen: Option<&Observed>,
-        started: Instant,
-    ) -> Option<Lease> {
-        let name = announce::lease_name(&addr);
-        let current = match seen {
-            None => lease::absent(
-                &name,
-                [(announce::LEASE_LABEL.to_string(), "true".to_string())].into(),
-            ),
-            Some(s) => {
-                let mut l = s.lease.clone();
-                if let Some(a) = l.metadata.annotations.as_mut() {
-                    a.remove(announce::RELEASED_BY);
-                }
-                l
-            }
-        };
-        let deadline = started + self.cfg.timing.attempt;
-        match self
-            .leases
-            .acquire(current, Timestamp::now(), deadline)
-            .await
-        {
-            Ok(Write::Done(l)) => Some(*l),
-            Ok(Write::Conflict) => {
-                tracing::debug!(address = %addr, "another node took the Lease first");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(address = %addr, "taking the Lease: {e}");
-                None
-            }
         }
     }
 
@@ -496,105 +620,56 @@ impl Announcer {
         });
     }
 
-    async fn renew(&mut self, addr: IpAddr) {
-        let Some(iface) = self.iface.clone() else {
-            return;
-        };
-        let Some(h) = self.held.get(&addr) else {
-            return;
-        };
-        let started = Instant::now();
-        let timing = self.cfg.timing;
-        // Past the claim's end the address is lost anyway.
-        let deadline = (started + timing.attempt).min(h.renewed_at + timing.duration);
-        let renewed = self
-            .leases
-            .renew(h.lease.clone(), Timestamp::now(), deadline)
-            .await;
-        match renewed {
-            Ok(Write::Done(w)) => {
-                self.held.insert(
-                    addr,
-                    Held {
-                        lease: *w,
-                        renewed_at: started,
-                    },
-                );
-                // Only a renewed Lease extends the address's life.
-                if let Err(e) = link::hold(&iface, &addr, timing.duration).await {
-                    tracing::warn!(address = %addr, "refreshing the address: {e}");
-                }
-            }
-            Ok(Write::Conflict) => self.reread(addr).await,
-            Err(e) => tracing::warn!(address = %addr, "renewing the Lease: {e}"),
+    /// Takes addresses off the interface and stops their gratuitous ARPs.
+    async fn withdraw(&self, iface: &Interface, addrs: Vec<IpAddr>) {
+        for a in &addrs {
+            self.set_announcing(*a, false);
         }
-    }
-
-    /// A renewal conflicted: if the Lease is still this node's (written by someone else
-    /// meanwhile), renew from the fresh copy on the next tick; otherwise it is lost.
-    async fn reread(&mut self, addr: IpAddr) {
-        let name = announce::lease_name(&addr);
-        let deadline = Instant::now() + self.cfg.timing.attempt;
-        match self.leases.get(&name, deadline).await {
-            Ok(Some(fresh))
-                if lease::Record::of(&fresh).holder.as_deref() == Some(&self.cfg.node) =>
-            {
-                if let Some(h) = self.held.get_mut(&addr) {
-                    h.lease = fresh;
-                }
-            }
-            Ok(_) => self.lost(addr).await,
-            Err(e) => tracing::warn!(address = %addr, "reading the Lease: {e}"),
-        }
-    }
-
-    /// Removes the address from the interface and stops its gratuitous ARPs.
-    async fn withdraw(&self, addr: IpAddr) {
-        self.set_announcing(addr, false);
-        if let Some(iface) = &self.iface
-            && let Err(e) = link::remove(iface, &addr).await
-        {
+        let lifetime = link::lifetime(self.cfg.timing.duration);
+        for (addr, e) in link::apply(iface, Vec::new(), addrs, lifetime).await {
             tracing::warn!(address = %addr, "removing the address: {e}");
         }
     }
 
-    /// Removes the address, then frees the Lease so another node takes it at once.
-    async fn release(&mut self, addr: IpAddr, why: &str) {
-        let Some(h) = self.held.remove(&addr) else {
+    /// Removes these held addresses, then frees their Leases so other nodes take them at
+    /// once.
+    async fn release_some(&mut self, addrs: Vec<IpAddr>) {
+        let Some(iface) = self.iface.clone() else {
             return;
         };
-        self.withdraw(addr).await;
-        let mut l = h.lease;
-        l.metadata
-            .annotations
-            .get_or_insert_with(Default::default)
-            .insert(announce::RELEASED_BY.into(), self.cfg.node.clone());
-        let deadline = Instant::now() + self.cfg.timing.attempt;
-        match self.leases.release(l, deadline).await {
-            Ok(Write::Done(_)) => {}
-            // Another node may have taken it already; otherwise it expires.
-            Ok(Write::Conflict) => {
-                tracing::debug!(address = %addr, "the Lease changed before its release")
+        let jobs: Vec<(IpAddr, Job)> = addrs
+            .into_iter()
+            .filter_map(|a| {
+                let h = self.held.remove(&a)?;
+                Some((
+                    a,
+                    Job::Release {
+                        held: h.lease,
+                        delete: false,
+                    },
+                ))
+            })
+            .collect();
+        self.withdraw(&iface, jobs.iter().map(|j| j.0).collect())
+            .await;
+        for (addr, outcome) in self.worker.run(jobs).await {
+            if let Outcome::Released { .. } = outcome {
+                tracing::info!(address = %addr, "stopped announcing pool address (released the Lease)");
+                self.metrics.l2_transition("released");
             }
-            Err(e) => tracing::debug!(address = %addr, "releasing the Lease: {e}"),
         }
-        tracing::info!(address = %addr, reason = why, "stopped announcing pool address (released the Lease)");
-        self.metrics.l2_transition("released");
     }
 
-    /// Another node holds the Lease (or ours ran out): remove the address, write nothing.
-    async fn lost(&mut self, addr: IpAddr) {
-        if self.held.remove(&addr).is_none() {
-            return;
-        }
-        self.withdraw(addr).await;
-        tracing::info!(address = %addr, "stopped announcing pool address (lost the Lease)");
-        self.metrics.l2_transition("lost");
+    /// The agent stops: every address goes, every Lease is freed.
+    async fn release_all(&mut self) {
+        let all: Vec<IpAddr> = self.held.keys().copied().collect();
+        self.release_some(all).await;
     }
 
-    /// Removes pool addresses this node does not hold: left by an agent killed earlier,
-    /// or by anyone else.
-    async fn remove_stale(&mut self, classes: &BTreeMap<String, PoolClass>) {
+    /// Removes the addresses berth put on the interface that this node does not hold:
+    /// left by an agent killed earlier (on this node, before a restart) or released
+    /// while a removal failed. Only addresses stamped as berth's are touched.
+    async fn remove_stale(&mut self) {
         let Some(iface) = self.iface.clone() else {
             return;
         };
@@ -607,15 +682,33 @@ impl Announcer {
         };
         self.last_interface_sync = Some(Instant::now());
         let held: BTreeSet<IpAddr> = self.held.keys().copied().collect();
-        for addr in announce::stale(&on, classes, &held) {
-            match link::remove(&iface, &addr).await {
-                Ok(()) => {
+        let stale = link::stale(&on, &held);
+        let lifetime = link::lifetime(self.cfg.timing.duration);
+        let failed = link::apply(&iface, Vec::new(), stale.clone(), lifetime).await;
+        for addr in stale {
+            match failed.iter().find(|f| f.0 == addr) {
+                None => {
                     tracing::info!(address = %addr, interface = %iface.name, "removed a pool address this node does not hold")
                 }
-                Err(e) => tracing::warn!(address = %addr, "removing a stale address: {e}"),
+                Some((_, e)) => tracing::warn!(address = %addr, "removing a stale address: {e}"),
             }
         }
     }
+}
+
+/// The address a `berth-l2-…` Lease is named after (the inverse of
+/// [`announce::lease_name`]); `None` for another name.
+fn address_of(name: &str) -> Option<IpAddr> {
+    let rest = name.strip_prefix("berth-l2-")?;
+    let v4 = rest.replace('-', ".");
+    if let Ok(a) = v4.parse::<std::net::Ipv4Addr>() {
+        return Some(IpAddr::V4(a));
+    }
+    // `fd00::` is named `fd00--0`, which reads back as `fd00::0`, the same address.
+    rest.replace('-', ":")
+        .parse::<std::net::Ipv6Addr>()
+        .ok()
+        .map(IpAddr::V6)
 }
 
 /// The lease duration must be whole seconds, at least one (the Lease's resolution).
@@ -626,4 +719,19 @@ pub fn check_duration(d: Duration) -> Result<(), Error> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_names_read_back_as_their_addresses() {
+        for a in ["198.19.8.5", "fd00::5", "fd00::", "::1"] {
+            let addr: IpAddr = a.parse().expect("ip");
+            assert_eq!(address_of(&announce::lease_name(&addr)), Some(addr), "{a}");
+        }
+        assert_eq!(address_of("berth-controller-leader"), None);
+        assert_eq!(address_of("berth-l2-not-an-address"), None);
+    }
 }

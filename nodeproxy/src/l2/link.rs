@@ -1,5 +1,7 @@
 //! The kernel edge of L2 announcement: pool addresses on the node's interface with a
-//! finite lifetime (`ip addr`), and gratuitous ARP through an `AF_PACKET` socket.
+//! finite lifetime (over rtnetlink, many in one exchange), and gratuitous ARP through an
+//! `AF_PACKET` socket. Every address berth adds carries `IFA_PROTO` [`BERTH_PROTO`], so
+//! a restarted agent still finds its own leftovers and never touches anyone else's.
 //!
 //! An address lives as long as one lease duration after its last renewal: if the agent
 //! is killed, the kernel removes it by itself about when another node may take the
@@ -7,6 +9,7 @@
 //! duplicate address detection) but not advertised: no unsolicited neighbour
 //! advertisement is sent, neighbours learn the new holder when their entry goes stale.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -14,6 +17,10 @@ use serde::Deserialize;
 use tokio::process::Command;
 
 use crate::error::Error;
+
+mod netlink;
+
+pub use netlink::BERTH_PROTO;
 
 /// The interface pool addresses are announced on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,64 +126,81 @@ pub async fn interface_with(addresses: &[IpAddr]) -> Result<Interface, Error> {
     interface(l)
 }
 
-/// The addresses on `iface` with their prefix lengths.
-pub async fn addresses(iface: &Interface) -> Result<Vec<(IpAddr, u8)>, Error> {
-    Ok(links(Some(&iface.name))
-        .await?
-        .iter()
-        .flat_map(addrs_of)
-        .collect())
+/// One address on an interface, as a netlink dump reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkAddr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+    /// `IFA_PROTO`: who added it; [`BERTH_PROTO`] for berth's own.
+    pub proto: Option<u8>,
 }
 
-fn host_prefix(addr: &IpAddr) -> String {
-    match addr {
-        IpAddr::V4(_) => format!("{addr}/32"),
-        IpAddr::V6(_) => format!("{addr}/128"),
+/// Addresses berth's agents left on the interface that this node does not hold now:
+/// those stamped with [`BERTH_PROTO`]. Nobody else's address is ever touched (another
+/// tool's VIP in a pool range, a pool with `l2: false`). Pure.
+pub fn stale(on: &[LinkAddr], held: &BTreeSet<IpAddr>) -> Vec<IpAddr> {
+    on.iter()
+        .filter(|a| a.proto == Some(BERTH_PROTO) && !held.contains(&a.addr))
+        .map(|a| a.addr)
+        .collect()
+}
+
+/// The addresses on `iface`, with who added them (one netlink dump).
+pub async fn addresses(iface: &Interface) -> Result<Vec<LinkAddr>, Error> {
+    let index = iface.index;
+    blocking(move || netlink::dump_addresses(index)).await
+}
+
+/// How long an address lives after a renewal: the lease duration plus a margin, whole
+/// seconds. The margin keeps the kernel from dropping the address of a healthy holder
+/// whose refresh runs a little after its Lease write; the announcer itself removes the
+/// address once its claim has run out, so the kernel's expiry only matters when the agent
+/// is gone.
+pub fn lifetime(lease: Duration) -> u32 {
+    let margin = (lease / 4).max(Duration::from_secs(1));
+    let total = lease + margin;
+    let secs = total.as_secs() + u64::from(total.subsec_nanos() > 0);
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
+/// Adds or refreshes every address of `hold` (for `lifetime` seconds, stamped as
+/// berth's) and removes every address of `remove`, in one netlink exchange. An address
+/// to remove that is already gone is no error. The failures, per address.
+pub async fn apply(
+    iface: &Interface,
+    hold: Vec<IpAddr>,
+    remove: Vec<IpAddr>,
+    lifetime: u32,
+) -> Vec<(IpAddr, Error)> {
+    if hold.is_empty() && remove.is_empty() {
+        return Vec::new();
     }
-}
-
-/// `ip addr replace` arguments: adds the address or refreshes its lifetime.
-pub fn hold_args(dev: &str, addr: &IpAddr, lifetime: Duration) -> Vec<String> {
-    let secs = lifetime.as_secs().max(1).to_string();
-    let mut args: Vec<String> = [
-        "addr",
-        "replace",
-        &host_prefix(addr),
-        "dev",
-        dev,
-        "valid_lft",
-        &secs,
-        "preferred_lft",
-        &secs,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if addr.is_ipv6() {
-        args.push("nodad".into());
-    }
-    args
-}
-
-/// Adds `addr` to `iface` (or refreshes it) for `lifetime`.
-pub async fn hold(iface: &Interface, addr: &IpAddr, lifetime: Duration) -> Result<(), Error> {
-    let args = hold_args(&iface.name, addr, lifetime);
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    ip(&refs).await.map(|_| ())
-}
-
-/// Removes `addr` from `iface`; an address already gone is no error.
-pub async fn remove(iface: &Interface, addr: &IpAddr) -> Result<(), Error> {
-    let prefix = host_prefix(addr);
-    match ip(&["addr", "del", &prefix, "dev", &iface.name]).await {
-        Ok(_) => Ok(()),
-        Err(Error::Command { stderr, .. })
-            if stderr.contains("Cannot assign requested address") =>
-        {
-            Ok(())
+    let index = iface.index;
+    let ops: Vec<netlink::Op> = remove
+        .into_iter()
+        .map(netlink::Op::Remove)
+        .chain(hold.into_iter().map(|a| netlink::Op::Hold(a, lifetime)))
+        .collect();
+    let addrs: Vec<IpAddr> = ops.iter().map(netlink::Op::addr).collect();
+    match blocking(move || netlink::apply(index, &ops)).await {
+        Ok(failed) => failed,
+        Err(e) => {
+            let msg = e.to_string();
+            addrs
+                .into_iter()
+                .map(|a| (a, Error::InvalidInput(msg.clone())))
+                .collect()
         }
-        Err(e) => Err(e),
     }
+}
+
+/// Netlink calls block (briefly): off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::InvalidInput(format!("netlink task: {e}")))?
 }
 
 /// A gratuitous ARP request: `ip` announces itself at `mac`, to everyone. The request
@@ -272,24 +296,29 @@ mod tests {
     }
 
     #[test]
-    fn addresses_are_held_as_host_prefixes_with_a_lifetime() {
-        let v4 = hold_args(
-            "eth0",
-            &"198.19.8.5".parse().expect("ip"),
-            Duration::from_secs(3),
-        );
+    fn an_address_outlives_its_lease_by_a_margin() {
+        assert_eq!(lifetime(Duration::from_secs(4)), 5);
+        assert_eq!(lifetime(Duration::from_secs(15)), 19);
+        assert_eq!(lifetime(Duration::from_millis(1500)), 3);
+    }
+
+    #[test]
+    fn only_berths_own_addresses_are_stale() {
+        let a = |s: &str, proto| LinkAddr {
+            addr: s.parse().expect("ip"),
+            prefix: 32,
+            proto,
+        };
+        let on = [
+            a("198.19.8.5", Some(BERTH_PROTO)),
+            a("198.19.8.6", Some(BERTH_PROTO)),
+            a("198.19.8.7", None),
+            a("198.19.8.8", Some(4)),
+        ];
+        let held = BTreeSet::from(["198.19.8.6".parse().expect("ip")]);
         assert_eq!(
-            v4.join(" "),
-            "addr replace 198.19.8.5/32 dev eth0 valid_lft 3 preferred_lft 3"
-        );
-        let v6 = hold_args(
-            "eth0",
-            &"fd00::5".parse().expect("ip"),
-            Duration::from_millis(10),
-        );
-        assert_eq!(
-            v6.join(" "),
-            "addr replace fd00::5/128 dev eth0 valid_lft 1 preferred_lft 1 nodad"
+            stale(&on, &held),
+            vec!["198.19.8.5".parse::<IpAddr>().expect("ip")]
         );
     }
 

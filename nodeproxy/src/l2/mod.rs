@@ -4,3 +4,4 @@
 pub mod announce;
 pub mod announcer;
 pub mod link;
+pub mod schedule;

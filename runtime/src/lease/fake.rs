@@ -126,14 +126,15 @@ impl FakeApiserver {
         }
     }
 
-    /// A delete, refused (409) when its precondition names another resourceVersion.
+    /// A delete, with the resourceVersion precondition of its DeleteOptions if any.
     fn delete(state: &mut State, name: &str, body: &[u8]) -> (u16, Value) {
-        let options: Value = serde_json::from_slice(body).unwrap_or_default();
+        let options: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let wanted = options["preconditions"]["resourceVersion"].as_str();
         match state.leases.get(name) {
             None => status(404, "NotFound"),
             Some(cur)
-                if wanted.is_some_and(|v| cur.metadata.resource_version.as_deref() != Some(v)) =>
+                if wanted
+                    .is_some_and(|rv| cur.metadata.resource_version.as_deref() != Some(rv)) =>
             {
                 status(409, "Conflict")
             }

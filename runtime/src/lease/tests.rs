@@ -290,8 +290,10 @@ async fn an_attempt_gives_up_at_its_deadline() {
     );
 }
 
+/// A delete carries the resourceVersion read: a Lease a new holder wrote since stays, a
+/// Lease still at that version goes, and a Lease already gone is no error.
 #[tokio::test]
-async fn a_delete_is_guarded_by_the_resource_version_observed() {
+async fn a_delete_never_removes_a_lease_written_since_it_was_read() {
     let fake = FakeApiserver::new(NS);
     let (a, b) = clients(&fake);
     let now = Timestamp::now();
@@ -300,18 +302,27 @@ async fn a_delete_is_guarded_by_the_resource_version_observed() {
             .await
             .expect("a"),
     );
-    let seen = held.metadata.resource_version.clone().expect("stored");
-    // Taken over since: the version a observed is stale, so b's Lease stays.
-    let released = done(a.release(held, soon()).await.expect("release"));
-    let taken = done(b.acquire(released, now, soon()).await.expect("b"));
-    assert!(!a.delete("l", &seen, soon()).await.expect("delete"));
-    assert!(
-        fake.get("l").is_some(),
-        "a newer holder's Lease was deleted"
+    let released = done(a.release(held.clone(), soon()).await.expect("release"));
+    let taken = done(b.acquire(released.clone(), now, soon()).await.expect("b"));
+    // a deletes the copy it released: b's Lease is newer and stays.
+    assert!(matches!(
+        a.delete(released, soon()).await.expect("delete"),
+        Write::Conflict
+    ));
+    assert_eq!(
+        fake.get("l").map(|l| Record::of(&l).holder),
+        Some(Some("b".to_string()))
     );
-    let current = taken.metadata.resource_version.expect("stored");
-    assert!(b.delete("l", &current, soon()).await.expect("delete"));
+    // Anyone may delete the Lease at its current version.
+    done(a.delete(taken.clone(), soon()).await.expect("delete"));
     assert!(fake.get("l").is_none());
-    // Gone already: nothing to do, not an error.
-    assert!(!b.delete("l", &current, soon()).await.expect("delete"));
+    assert!(matches!(
+        b.delete(taken, soon()).await.expect("gone"),
+        Write::Conflict
+    ));
+    let unguarded = absent("l", BTreeMap::new());
+    assert!(matches!(
+        a.delete(unguarded, soon()).await,
+        Err(LeaseError::Unguarded { .. })
+    ));
 }

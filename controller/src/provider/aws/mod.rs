@@ -67,7 +67,7 @@ pub struct AwsProvider<A = client::Aws> {
     subnets: Mutex<HashMap<String, SubnetLookup>>,
     /// The VPC of the nodes' instances, when no class or flag names one, and when found.
     node_vpc: Mutex<Option<(Instant, String)>>,
-    /// Warnings published per Service UID (`reason/item`): each becomes an Event once,
+    /// Warnings published per Service UID (`reason/message`): each becomes an Event once,
     /// not once per reconcile.
     warned: Mutex<HashMap<String, BTreeSet<String>>>,
     stores: Stores,

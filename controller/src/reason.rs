@@ -13,3 +13,8 @@ pub const AWS_ERROR: &str = "AWSError";
 pub const NAME_CONFLICT: &str = "NameConflict";
 pub const DELETION_PROTECTED: &str = "DeletionProtected";
 pub const NODE_PORT_ALLOCATION: &str = "NodePortAllocationFailed";
+/// A Service annotation the class's `allowedOverrides` does not allow (or explicit subnets
+/// outside the class's VPC): nothing is created or changed for the Service.
+pub const OVERRIDE_REFUSED: &str = "OverrideRefused";
+/// No VPC for the class: neither `vpcID`, `--vpc-id`, nor the nodes' instances say one.
+pub const VPC_UNKNOWN: &str = "VPCUnknown";

@@ -52,7 +52,7 @@ pub mod testing {
     use kube::runtime::reflector;
     use kube::runtime::watcher::Event;
 
-    fn filled<K>(objects: Vec<K>) -> Store<K>
+    pub fn filled<K>(objects: Vec<K>) -> Store<K>
     where
         K: kube::Resource + Clone + 'static,
         K::DynamicType: Eq + std::hash::Hash + Clone + Default,

@@ -87,6 +87,9 @@ pub mod annotations {
     /// berth's own (pool provider): Services in one namespace with the same value share one
     /// address when their ports (port and protocol) do not overlap.
     pub const ALLOW_SHARED_IP: &str = "berth.dev/allow-shared-ip";
+    /// The in-tree cloud provider's source-range annotation, which berth does not
+    /// implement: a Service carrying it is warned (as for every unknown `AWS_PREFIX` key).
+    pub const SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 }
 
 /// A kind of load balancer and its settings. Services select it with
@@ -166,10 +169,13 @@ impl IpAddressType {
 }
 
 /// The `aws` provider: one NLB per Service.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(self.region)").message(AWS_REGION_REFUSED))]
 #[serde(rename_all = "camelCase")]
 pub struct AwsProvider {
-    /// Region (default: the controller's).
+    /// Not supported, and refused by the API server: every class of a controller
+    /// provisions in the controller's region (`--region`). Kept in the schema only so a
+    /// class that sets it is rejected with that message instead of silently pruned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
     /// VPC of the target groups (default: the controller's `--vpc-id`, else the VPC of a
@@ -206,7 +212,24 @@ pub struct AwsProvider {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 8), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
     pub name_prefix: Option<String>,
+    /// Which Service annotations may override this class (default: every one berth
+    /// implements, as the AWS Load Balancer Controller; `[]`: none). Each entry is a group
+    /// (`loadBalancer`, `targetGroup`, `healthCheck`, `tls`) or one annotation, by its
+    /// full key or the part after `service.beta.kubernetes.io/aws-load-balancer-`
+    /// (`scheme`, `subnets`, `healthcheck-path`, ...). A Service setting any other one
+    /// gets no load balancer change at all and the reason `OverrideRefused`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 128)))]
+    pub allowed_overrides: Option<Vec<String>>,
+    /// `ip` targets: also register EndpointSlice endpoints that are not Pods (a
+    /// hand-written EndpointSlice's addresses). Default false: only endpoints whose
+    /// `targetRef` is a Pod; the others are skipped with a Warning Event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_non_pod_targets: Option<bool>,
 }
+
+/// Why the API server refuses `spec.aws.region`.
+pub const AWS_REGION_REFUSED: &str = "spec.aws.region is not supported: a controller provisions in its own region (--region); run one controller per region, each with its own classes";
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -365,6 +388,26 @@ mod tests {
             })
             .unwrap_or_default();
         assert_eq!(rules, addresses::SCHEMA_RULES.to_vec());
+    }
+
+    #[test]
+    fn aws_region_is_refused_by_the_schema_and_overrides_parse() {
+        let crd = serde_json::to_value(LoadBalancerClass::crd()).unwrap_or_default();
+        let aws = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            ["aws"];
+        let rules = aws["x-kubernetes-validations"].to_string();
+        assert!(rules.contains("!has(self.region)"), "{aws}");
+        assert!(rules.contains("not supported"), "{rules}");
+        let spec: LoadBalancerClassSpec = serde_yaml::from_str(
+            "aws:\n  allowedOverrides: [healthCheck, scheme]\n  allowNonPodTargets: true\n",
+        )
+        .unwrap_or_default();
+        let aws = spec.aws.unwrap_or_default();
+        assert_eq!(
+            aws.allowed_overrides,
+            Some(vec!["healthCheck".to_string(), "scheme".to_string()])
+        );
+        assert_eq!(aws.allow_non_pod_targets, Some(true));
     }
 
     #[test]

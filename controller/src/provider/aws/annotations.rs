@@ -1,6 +1,9 @@
 //! The AWS Load Balancer Controller annotations berth reads, as a table: each key with the
 //! values it takes and what it sets. [`settings`] lays them over the class's settings;
-//! every malformed value is reported at once, none panics.
+//! every malformed value is reported at once, none panics. The table is the one list of
+//! what berth implements: a class's `allowedOverrides` names its groups or keys
+//! ([`refused_overrides`]), and every other `aws-load-balancer-*` key on a Service is
+//! reported as not implemented ([`unimplemented`]).
 
 use std::collections::BTreeMap;
 
@@ -25,6 +28,25 @@ pub enum Group {
     /// Any of these set: `externalTrafficPolicy: Local` no longer replaces the check.
     HealthCheck,
     Tls,
+}
+
+impl Group {
+    pub const ALL: [Group; 4] = [
+        Group::LoadBalancer,
+        Group::TargetGroup,
+        Group::HealthCheck,
+        Group::Tls,
+    ];
+
+    /// Its name in a class's `allowedOverrides`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Group::LoadBalancer => "loadBalancer",
+            Group::TargetGroup => "targetGroup",
+            Group::HealthCheck => "healthCheck",
+            Group::Tls => "tls",
+        }
+    }
 }
 
 /// One annotation: its key, the values it takes, and how a value changes the settings.
@@ -285,6 +307,62 @@ pub const TABLE: &[Annotation] = &[
 /// The table entry for `key`.
 pub fn lookup(key: &str) -> Option<&'static Annotation> {
     TABLE.iter().find(|a| a.key == key)
+}
+
+/// Whether an `allowedOverrides` entry names the annotation: its group, its full key or
+/// its key without [`annotations::AWS_PREFIX`].
+fn entry_names(entry: &str, a: &Annotation) -> bool {
+    entry == a.group.name()
+        || entry == a.key
+        || a.key.strip_prefix(annotations::AWS_PREFIX) == Some(entry)
+}
+
+/// The class's `allowedOverrides` entries that name neither a group nor an annotation.
+pub fn unknown_overrides(class: &AwsProvider) -> Vec<String> {
+    class
+        .allowed_overrides
+        .iter()
+        .flatten()
+        .filter(|e| !TABLE.iter().any(|a| entry_names(e, a)))
+        .cloned()
+        .collect()
+}
+
+/// The Service's annotations the class does not let it override, each with why. Without
+/// `allowedOverrides` every annotation is allowed (the AWS Load Balancer Controller's
+/// behaviour).
+pub fn refused_overrides(svc: &Service, class: &AwsProvider) -> Vec<String> {
+    let Some(allowed) = class.allowed_overrides.as_ref() else {
+        return Vec::new();
+    };
+    let ann = svc.metadata.annotations.clone().unwrap_or_default();
+    TABLE
+        .iter()
+        .filter(|a| ann.contains_key(a.key))
+        .filter(|a| !allowed.iter().any(|e| entry_names(e, a)))
+        .map(|a| {
+            format!(
+                "{} (group {}) is not in the class's allowedOverrides [{}]",
+                a.key,
+                a.group.name(),
+                allowed.join(", ")
+            )
+        })
+        .collect()
+}
+
+/// The Service's AWS Load Balancer Controller annotations (and the in-tree
+/// `load-balancer-source-ranges`) that berth does not implement, sorted.
+pub fn unimplemented(svc: &Service) -> Vec<String> {
+    svc.metadata
+        .annotations
+        .iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with(annotations::AWS_PREFIX) || *k == annotations::SOURCE_RANGES)
+        .filter(|k| lookup(k).is_none())
+        .cloned()
+        .collect()
 }
 
 /// `value` as one of `options`, or an error naming them.
@@ -710,6 +788,100 @@ pub(crate) mod tests {
             ));
             assert_ne!(base, changed, "{} = {value} changed nothing", a.key);
         }
+    }
+
+    fn health_checks_only() -> AwsProvider {
+        AwsProvider {
+            allowed_overrides: Some(vec!["healthCheck".into()]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_class_allowing_health_checks_refuses_scheme_and_subnets() {
+        let svc = service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (annotations::SCHEME, "internet-facing"),
+                (annotations::SUBNETS, "subnet-1"),
+                (annotations::HC_PATH, "/ready"),
+            ],
+        );
+        let refused = refused_overrides(&svc, &health_checks_only());
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(refused[0].starts_with(annotations::SCHEME), "{refused:?}");
+        assert!(refused[1].starts_with(annotations::SUBNETS), "{refused:?}");
+        assert!(refused[0].contains("[healthCheck]"), "{refused:?}");
+        assert!(refused_overrides(&svc, &AwsProvider::default()).is_empty());
+    }
+
+    #[test]
+    fn overrides_are_allowed_by_group_short_key_or_full_key() {
+        let svc = service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (annotations::SCHEME, "internet-facing"),
+                (
+                    annotations::SSL_CERT,
+                    "arn:aws:acm:us-east-1:1:certificate/x",
+                ),
+            ],
+        );
+        for allowed in [
+            vec!["scheme", "tls"],
+            vec![annotations::SCHEME, "ssl-cert"],
+            vec!["loadBalancer", "tls"],
+        ] {
+            let class = AwsProvider {
+                allowed_overrides: Some(allowed.iter().map(|s| s.to_string()).collect()),
+                ..Default::default()
+            };
+            assert!(refused_overrides(&svc, &class).is_empty(), "{allowed:?}");
+            assert!(unknown_overrides(&class).is_empty(), "{allowed:?}");
+        }
+        let none = AwsProvider {
+            allowed_overrides: Some(Vec::new()),
+            ..Default::default()
+        };
+        assert_eq!(refused_overrides(&svc, &none).len(), 2);
+        let typo = AwsProvider {
+            allowed_overrides: Some(vec!["healthchecks".into(), "healthCheck".into()]),
+            ..Default::default()
+        };
+        assert_eq!(unknown_overrides(&typo), vec!["healthchecks".to_string()]);
+        for g in Group::ALL {
+            assert!(TABLE.iter().any(|a| a.group == g), "{} is empty", g.name());
+        }
+    }
+
+    #[test]
+    fn keys_berth_does_not_implement_are_named() {
+        let svc = service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (annotations::SCHEME, "internal"),
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-minimum-load-balancer-capacity",
+                    "CapacityUnits=100",
+                ),
+                (annotations::SOURCE_RANGES, "10.0.0.0/8"),
+                (annotations::LOAD_BALANCER_IPS, "198.19.0.10"),
+                ("example.com/other", "x"),
+            ],
+        );
+        assert_eq!(
+            unimplemented(&svc),
+            vec![
+                "service.beta.kubernetes.io/aws-load-balancer-minimum-load-balancer-capacity"
+                    .to_string(),
+                annotations::SOURCE_RANGES.to_string(),
+            ]
+        );
+        let plain = service(
+            &[("http", 80, "TCP", None)],
+            &[(annotations::SCHEME, "internal")],
+        );
+        assert!(unimplemented(&plain).is_empty());
     }
 
     #[test]

@@ -204,4 +204,9 @@ pub trait AwsApi: Send + Sync {
         &self,
         query: &SubnetQuery,
     ) -> impl Future<Output = Res<Vec<Candidate>>> + Send;
+    /// The VPCs of those instances among `ids` (at most 200) that exist.
+    fn instance_vpcs(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Res<std::collections::BTreeSet<String>>> + Send;
 }

@@ -2,7 +2,7 @@
 //! client-side rate limiter, with retries and jitter on throttling and transient errors,
 //! counted by operation and outcome.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -862,18 +862,38 @@ impl AwsApi for Aws {
             })
             .collect())
     }
+
+    async fn instance_vpcs(&self, ids: &[String]) -> Result<BTreeSet<String>, AwsError> {
+        use ec2::types::Filter;
+        // A filter, not InstanceIds: an unknown ID then gives nothing instead of an error.
+        let filter = Filter::builder()
+            .name("instance-id")
+            .set_values(Some(ids.to_vec()))
+            .build();
+        let out = self
+            .call("DescribeInstances", || {
+                self.ec2.describe_instances().filters(filter.clone()).send()
+            })
+            .await?;
+        Ok(out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| i.vpc_id().map(str::to_string))
+            .collect())
+    }
 }
 
 impl Aws {
-    /// The VPC and one subnet per zone for a load balancer (see [`subnets::resolve`]).
+    /// One subnet per zone in `vpc` for a load balancer (see [`subnets::resolve`]).
     pub async fn resolve_subnets(
         &self,
         choice: &SubnetChoice,
         scheme: Scheme,
-        vpc_id: Option<&str>,
+        vpc: &str,
         cluster: &str,
-    ) -> Result<(Option<String>, Vec<String>), AwsError> {
-        subnets::resolve(self, choice, scheme, vpc_id, cluster).await
+    ) -> Result<Vec<String>, subnets::SubnetError> {
+        subnets::resolve(self, choice, scheme, vpc, cluster).await
     }
 }
 

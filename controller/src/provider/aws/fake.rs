@@ -53,6 +53,8 @@ pub struct State {
     pub tgs: BTreeMap<String, FakeTg>,
     pub listeners: BTreeMap<String, FakeListener>,
     subnets: Vec<FakeSubnet>,
+    /// Instance ID → its VPC.
+    instances: BTreeMap<String, String>,
     /// Mutating calls made, as `Operation target`.
     pub calls: Vec<String>,
     /// Calls (`Operation target`) to fail, with the error code.
@@ -151,6 +153,10 @@ impl FakeAws {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         });
+    }
+
+    pub fn add_instance(&self, id: &str, vpc: &str) {
+        self.state().instances.insert(id.into(), vpc.into());
     }
 
     /// Forgets the mutating calls made so far.
@@ -495,6 +501,14 @@ impl AwsApi for FakeAws {
                     .cloned()
                     .collect(),
             })
+            .collect())
+    }
+
+    async fn instance_vpcs(&self, ids: &[String]) -> Result<BTreeSet<String>, AwsError> {
+        let s = self.state();
+        Ok(ids
+            .iter()
+            .filter_map(|id| s.instances.get(id).cloned())
             .collect())
     }
 }

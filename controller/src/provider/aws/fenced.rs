@@ -116,6 +116,7 @@ impl<A: AwsApi> AwsApi for FencedAws<A> {
     read!(target_group_attributes(arn: &str) -> BTreeMap<String, String>);
     read!(target_health(tg_arn: &str) -> Vec<TargetState>);
     read!(describe_subnets(query: &SubnetQuery) -> Vec<Candidate>);
+    read!(instance_vpcs(ids: &[String]) -> std::collections::BTreeSet<String>);
     write!(add_tags, "AddTags"(arn: &str, tags: &BTreeMap<String, String>) -> ());
     write!(create_load_balancer, "CreateLoadBalancer"(d: &DesiredLoadBalancer) -> LbInfo);
     write!(set_subnets, "SetSubnets"(arn: &str, subnets: &[String]) -> ());

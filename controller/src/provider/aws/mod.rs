@@ -33,28 +33,43 @@ use kube::ResourceExt;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::provider::{
-    FENCED, Ingress, Next, Note, Outcome, Provider, ProviderError, Readiness, Verdict,
+    FENCED, Ingress, Next, Note, Outcome, Provider, ProviderError, Readiness, Report, Verdict,
     hostname_ingress,
 };
 use crate::reason;
 use crate::stores::Stores;
 use annotations::{SubnetChoice, annotations as keys};
-use api::{AwsApi, AwsError};
+use api::AwsApi;
 use deploy::{ApplyError, Inventory};
 use fenced::{FENCED_CODE, FencedAws};
 use model::{BuildError, Scheme, TargetType, World};
+use settings::Settings;
+use subnets::SubnetError;
 
-/// When a subnet lookup was made, the VPC and the subnets it found.
-type SubnetLookup = (Instant, Option<String>, Vec<String>);
+/// When a subnet lookup was made and the subnets it found.
+type SubnetLookup = (Instant, Vec<String>);
+
+/// Event reason: endpoints of an `ip`-target Service that are not Pods were left out.
+pub const EVENT_NON_POD_ENDPOINT: &str = "NonPodEndpointSkipped";
+/// Event reason: annotations berth does not implement.
+pub const EVENT_UNSUPPORTED_ANNOTATION: &str = "UnsupportedAnnotation";
 
 /// Subnet lookups are reused this long.
 const SUBNET_CACHE: Duration = Duration::from_secs(60);
+
+/// Node instances asked for their VPC (one DescribeInstances filter's worth).
+const MAX_INSTANCE_LOOKUP: usize = 200;
 
 pub struct AwsProvider<A = client::Aws> {
     aws: FencedAws<A>,
     inventory: Inventory,
     /// Subnet lookups by (choice, scheme, vpc).
     subnets: Mutex<HashMap<String, SubnetLookup>>,
+    /// The VPC of the nodes' instances, when no class or flag names one, and when found.
+    node_vpc: Mutex<Option<(Instant, String)>>,
+    /// Warnings published per Service UID (`reason/message`): each becomes an Event once,
+    /// not once per reconcile.
+    warned: Mutex<HashMap<String, BTreeSet<String>>>,
     stores: Stores,
     config: Config,
     client: kube::Client,
@@ -101,6 +116,8 @@ impl<A: AwsApi> AwsProvider<A> {
             aws: FencedAws::new(aws, fence, metrics.clone()),
             inventory: Inventory::default(),
             subnets: Mutex::default(),
+            node_vpc: Mutex::default(),
+            warned: Mutex::default(),
             stores,
             config,
             client,
@@ -123,23 +140,132 @@ impl<A: AwsApi> AwsProvider<A> {
         &self,
         choice: &SubnetChoice,
         scheme: Scheme,
-        class: &AwsClass,
-    ) -> Result<(Option<String>, Vec<String>), AwsError> {
-        let vpc = class.vpc_id.clone().or_else(|| self.config.vpc_id.clone());
-        let key = format!("{choice:?}/{scheme:?}/{vpc:?}");
+        vpc: &str,
+    ) -> Result<Vec<String>, SubnetError> {
+        let key = format!("{choice:?}/{scheme:?}/{vpc}");
         if let Ok(cache) = self.subnets.lock()
-            && let Some((at, v, s)) = cache.get(&key)
+            && let Some((at, s)) = cache.get(&key)
             && at.elapsed() < SUBNET_CACHE
             && !s.is_empty()
         {
-            return Ok((v.clone(), s.clone()));
+            return Ok(s.clone());
         }
         let cluster = &self.config.cluster_name;
-        let found = subnets::resolve(&self.aws, choice, scheme, vpc.as_deref(), cluster).await?;
+        let found = subnets::resolve(&self.aws, choice, scheme, vpc, cluster).await?;
         if let Ok(mut cache) = self.subnets.lock() {
-            cache.insert(key, (Instant::now(), found.0.clone(), found.1.clone()));
+            cache.insert(key, (Instant::now(), found.clone()));
         }
         Ok(found)
+    }
+
+    /// The class's VPC: its `vpcID`, else `--vpc-id`, else the one VPC of the nodes'
+    /// instances. Subnets are only ever looked up inside it, so discovery never spans the
+    /// account's other VPCs; nodes in several VPCs need an explicit one.
+    async fn vpc(&self, class: &AwsClass) -> Result<String, Outcome> {
+        if let Some(vpc) = class.vpc_id.clone().or_else(|| self.config.vpc_id.clone()) {
+            return Ok(vpc);
+        }
+        if let Ok(cached) = self.node_vpc.lock()
+            && let Some((at, vpc)) = cached.as_ref()
+            && at.elapsed() < SUBNET_CACHE
+        {
+            return Ok(vpc.clone());
+        }
+        let nodes = self.stores.nodes.state();
+        let ids: BTreeSet<String> = nodes
+            .iter()
+            .filter_map(|n| n.spec.as_ref()?.provider_id.as_deref())
+            .filter_map(model::instance_id)
+            .map(str::to_string)
+            .collect();
+        let ids: Vec<String> = ids.into_iter().take(MAX_INSTANCE_LOOKUP).collect();
+        let unknown = |why: String| {
+            let message = format!("{why}: set the class's vpcID or the controller's --vpc-id");
+            Outcome::invalid(reason::VPC_UNKNOWN, message)
+        };
+        if ids.is_empty() {
+            return Err(unknown("no node has an AWS providerID".into()));
+        }
+        let vpcs = self
+            .aws
+            .instance_vpcs(&ids)
+            .await
+            .map_err(|e| failed(&e.into()))?;
+        let mut vpcs = vpcs.into_iter();
+        match (vpcs.next(), vpcs.next()) {
+            (Some(vpc), None) => {
+                if let Ok(mut cached) = self.node_vpc.lock() {
+                    *cached = Some((Instant::now(), vpc.clone()));
+                }
+                Ok(vpc)
+            }
+            (None, _) => Err(unknown("the nodes' instances were not found".into())),
+            (Some(a), Some(b)) => Err(unknown(format!(
+                "the nodes are in several VPCs ({a}, {b}, ...)"
+            ))),
+        }
+    }
+
+    /// Only Pods as `ip` targets: the addresses left out, as warnings.
+    fn skipped_endpoints(&self, settings: &Settings, slices: &[Arc<EndpointSlice>]) -> Vec<Note> {
+        if settings.target_type != TargetType::Ip || settings.allow_non_pod_targets {
+            return Vec::new();
+        }
+        let skipped = model::non_pod_addresses(slices);
+        if skipped.is_empty() {
+            return Vec::new();
+        }
+        let list: Vec<String> = skipped.into_iter().collect();
+        vec![warning(
+            EVENT_NON_POD_ENDPOINT,
+            format!(
+                "not registering endpoints that are not Pods (ip targets take only Pods unless the class sets allowNonPodTargets): {}",
+                list.join(", ")
+            ),
+        )]
+    }
+
+    /// The notes not published yet for `svc`; remembers the current ones (a warning whose
+    /// cause went away and came back is published again).
+    fn unwarned(&self, svc: &Service, notes: Vec<Note>) -> Vec<Note> {
+        let Ok(mut warned) = self.warned.lock() else {
+            return notes;
+        };
+        let current: BTreeSet<String> = notes
+            .iter()
+            .map(|n| format!("{}/{}", n.reason, n.message))
+            .collect();
+        let before = warned.insert(uid(svc), current).unwrap_or_default();
+        notes
+            .into_iter()
+            .filter(|n| !before.contains(&format!("{}/{}", n.reason, n.message)))
+            .collect()
+    }
+
+    /// The Service's outcome with what berth ignores said: the unimplemented annotations
+    /// in the condition message and, with the skipped endpoints, as Warning Events once.
+    fn with_warnings(&self, svc: &Service, mut out: Outcome, mut notes: Vec<Note>) -> Outcome {
+        let ignored = annotations::unimplemented(svc);
+        if !ignored.is_empty() {
+            let list = ignored.join(", ");
+            if let Report::Set { readiness, .. } = &mut out.report {
+                readiness.message = format!(
+                    "{}; ignored annotations berth does not implement: {list}",
+                    readiness.message
+                );
+            }
+            notes.push(warning(
+                EVENT_UNSUPPORTED_ANNOTATION,
+                format!("berth does not implement these annotations and ignores them: {list}"),
+            ));
+        }
+        if out.error.as_ref().is_some_and(|e| e.is_fenced()) {
+            // Nothing is published for a fenced outcome: keep the warnings for later.
+            return out;
+        }
+        let fresh = self.unwarned(svc, notes);
+        out.events.extend(fresh);
+        out
     }
 
     /// Names the Service's load balancer may have: the generated one under every class's
@@ -182,6 +308,9 @@ impl<A: AwsApi> AwsProvider<A> {
         let Some(aws_class) = class.spec.aws.as_ref() else {
             return Outcome::invalid(reason::UNSUPPORTED_PROVIDER, "no aws block");
         };
+        if let Some(refused) = refusal(svc, class, aws_class) {
+            return refused;
+        }
         let settings = match annotations::settings(svc, aws_class, &self.config.cluster_name) {
             Ok(s) => s,
             Err(errors) => return Outcome::invalid(reason::INVALID_ANNOTATION, errors.join("; ")),
@@ -189,18 +318,25 @@ impl<A: AwsApi> AwsProvider<A> {
         if settings.target_type == TargetType::Instance && lacks_node_ports(svc) {
             return Outcome::done().then(Next::NodePorts);
         }
-        let (vpc, subnets) = match self
-            .resolve_subnets(&settings.subnets, settings.scheme, aws_class)
+        let vpc = match self.vpc(aws_class).await {
+            Ok(v) => v,
+            Err(out) => return out,
+        };
+        let subnets = match self
+            .resolve_subnets(&settings.subnets, settings.scheme, &vpc)
             .await
         {
             Ok(v) => v,
-            Err(e) => return failed(&e.into()),
-        };
-        let vpc = vpc
-            .or_else(|| aws_class.vpc_id.clone())
-            .or_else(|| self.config.vpc_id.clone());
-        let Some(vpc) = vpc else {
-            return Outcome::invalid(reason::NO_SUBNETS, BuildError::NoSubnets.to_string());
+            Err(SubnetError::Aws(e)) => return failed(&e.into()),
+            Err(e @ SubnetError::OutsideVpc { .. }) => {
+                let annotated = svc.annotations().contains_key(keys::SUBNETS);
+                let reason = if annotated {
+                    reason::OVERRIDE_REFUSED
+                } else {
+                    reason::INVALID_SPEC
+                };
+                return Outcome::invalid(reason, e.to_string());
+            }
         };
         let (slices, nodes) = (self.slices_of(svc), self.stores.nodes.state());
         let world = World {
@@ -219,13 +355,20 @@ impl<A: AwsApi> AwsProvider<A> {
                 return Outcome::invalid(reason::INVALID_SPEC, e.to_string());
             }
         };
-        match deploy::ensure(&self.aws, &self.inventory, &desired, &uid(svc)).await {
+        let skipped = self.skipped_endpoints(&settings, &slices);
+        let out = match deploy::ensure(&self.aws, &self.inventory, &desired, &uid(svc)).await {
             Ok(applied) => applied_outcome(svc, &applied),
             Err(e) => failed(&e),
-        }
+        };
+        let mut out = out;
+        out.events.extend(skipped);
+        out
     }
 
     async fn release_now(&self, svc: &Service, deleting: bool) -> Outcome {
+        if deleting && let Ok(mut warned) = self.warned.lock() {
+            warned.remove(&uid(svc));
+        }
         if !self.in_use() {
             return Outcome::done();
         }
@@ -294,6 +437,41 @@ impl<A: AwsApi> AwsProvider<A> {
     }
 }
 
+/// The class's policy over the Service's annotations: an `allowedOverrides` entry naming
+/// nothing (the class is wrong), or annotations it does not allow. Refused Services get
+/// nothing new: no load balancer is created or changed (an existing one stays as it was)
+/// until the annotations go or the class allows them. Pure.
+fn refusal(svc: &Service, class: &LoadBalancerClass, aws: &AwsClass) -> Option<Outcome> {
+    let unknown = annotations::unknown_overrides(aws);
+    if !unknown.is_empty() {
+        let groups: Vec<&str> = annotations::Group::ALL.iter().map(|g| g.name()).collect();
+        let message = format!(
+            "LoadBalancerClass {}: allowedOverrides entries {unknown:?} name no annotation berth implements nor a group ({})",
+            class.name_any(),
+            groups.join(", ")
+        );
+        return Some(Outcome::invalid(reason::INVALID_SPEC, message));
+    }
+    let refused = annotations::refused_overrides(svc, aws);
+    if refused.is_empty() {
+        return None;
+    }
+    let message = format!(
+        "LoadBalancerClass {} does not allow these overrides, so nothing was created or changed: {}",
+        class.name_any(),
+        refused.join("; ")
+    );
+    Some(Outcome::invalid(reason::OVERRIDE_REFUSED, message))
+}
+
+fn warning(reason: &'static str, message: String) -> Note {
+    Note {
+        warning: true,
+        reason,
+        message,
+    }
+}
+
 fn failed(e: &ApplyError) -> Outcome {
     let (reason, error) = failure(e);
     Outcome::failed(reason, error)
@@ -336,14 +514,35 @@ impl<A: AwsApi + 'static> Provider for AwsProvider<A> {
         svc: &'a Service,
         class: &'a LoadBalancerClass,
     ) -> BoxFuture<'a, Outcome> {
-        Box::pin(self.ensure_now(svc, class))
+        Box::pin(async move {
+            let mut out = self.ensure_now(svc, class).await;
+            // Every warning of this provider is published once, not once per reconcile.
+            let notes = std::mem::take(&mut out.events);
+            let (own, others): (Vec<Note>, Vec<Note>) = notes.into_iter().partition(|n| n.warning);
+            out.events = others;
+            self.with_warnings(svc, out, own)
+        })
     }
 
     fn release<'a>(&'a self, svc: &'a Service, deleting: bool) -> BoxFuture<'a, Outcome> {
         Box::pin(self.release_now(svc, deleting))
     }
 
-    fn verdict(&self, _class: &LoadBalancerClass) -> Verdict {
+    fn verdict(&self, class: &LoadBalancerClass) -> Verdict {
+        let unknown = class
+            .spec
+            .aws
+            .as_ref()
+            .map(annotations::unknown_overrides)
+            .unwrap_or_default();
+        if !unknown.is_empty() {
+            return Verdict {
+                accepted: false,
+                reason: reason::INVALID_SPEC,
+                message: format!("allowedOverrides entries {unknown:?} name nothing"),
+                addresses: None,
+            };
+        }
         Verdict {
             accepted: true,
             reason: "Accepted",
@@ -410,6 +609,14 @@ mod tests {
         for (id, zone) in [("subnet-a", "us-east-1a"), ("subnet-b", "us-east-1b")] {
             fake.add_subnet(id, "vpc-1", zone, &[("kubernetes.io/role/elb", "1")]);
         }
+        fake.add_subnet(
+            "subnet-z",
+            "vpc-2",
+            "us-east-1a",
+            &[("kubernetes.io/role/elb", "1")],
+        );
+        fake.add_instance("i-1", "vpc-1");
+        fake.add_instance("i-2", "vpc-1");
         let nodes = vec![node("n1", "i-1", &[]), node("n2", "i-2", &[])];
         let config = Config::try_parse_from(["x", "--cluster-name", "c1"]).expect("config");
         let url = "http://127.0.0.1:9".parse().expect("url");
@@ -479,6 +686,169 @@ mod tests {
         assert!(
             released.error.is_none(),
             "nothing to delete: no AWS call needed"
+        );
+    }
+
+    fn class_with(aws: serde_json::Value) -> LoadBalancerClass {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "berth.dev/v1alpha1", "kind": "LoadBalancerClass",
+            "metadata": {"name": "lab"}, "spec": {"aws": aws}
+        }))
+        .expect("class")
+    }
+
+    #[tokio::test]
+    async fn refused_overrides_provision_nothing_and_name_each_annotation() {
+        let p = provider(Fence::unfenced());
+        let class = class_with(serde_json::json!({"allowedOverrides": ["healthCheck"]}));
+        let mut svc = service(
+            &[("http", 80, "TCP", Some(30080))],
+            &[
+                (keys::SCHEME, "internet-facing"),
+                (keys::SUBNETS, "subnet-z"),
+                (keys::HC_PATH, "/ready"),
+            ],
+        );
+        svc.metadata.uid = Some("u1".into());
+        let out = p.ensure(&svc, &class).await;
+        let Report::Set { readiness, .. } = &out.report else {
+            panic!("no status: {:?}", out.report);
+        };
+        assert_eq!(readiness.reason, reason::OVERRIDE_REFUSED);
+        assert!(readiness.message.contains(keys::SCHEME), "{readiness:?}");
+        assert!(readiness.message.contains(keys::SUBNETS), "{readiness:?}");
+        assert!(!readiness.message.contains(keys::HC_PATH), "{readiness:?}");
+        assert!(p.aws.inner().take_calls().is_empty());
+        assert!(p.aws.inner().state().lbs.is_empty());
+        let typo = class_with(serde_json::json!({"allowedOverrides": ["healthchecks"]}));
+        assert!(!p.verdict(&typo).accepted);
+        let out = p.ensure(&svc, &typo).await;
+        assert!(
+            matches!(&out.report, Report::Set { readiness, .. } if readiness.reason == reason::INVALID_SPEC)
+        );
+    }
+
+    #[tokio::test]
+    async fn explicit_subnets_of_another_vpc_are_refused() {
+        let p = provider(Fence::unfenced());
+        let mut svc = service(
+            &[("http", 80, "TCP", Some(30080))],
+            &[(keys::SUBNETS, "subnet-a, subnet-z")],
+        );
+        svc.metadata.uid = Some("u1".into());
+        let out = p.ensure(&svc, &class()).await;
+        let Report::Set { readiness, .. } = &out.report else {
+            panic!("no status: {:?}", out.report);
+        };
+        assert_eq!(readiness.reason, reason::OVERRIDE_REFUSED, "{readiness:?}");
+        assert!(
+            readiness.message.contains("subnet-z is in vpc-2"),
+            "{readiness:?}"
+        );
+        assert!(p.aws.inner().state().lbs.is_empty());
+        // The class's VPC came from the nodes' instances: discovery stays inside it.
+        let plain = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        let out = p.ensure(&plain, &class()).await;
+        assert!(out.error.is_none(), "{:?}", out.error);
+        let subnets: Vec<Vec<String>> = p
+            .aws
+            .inner()
+            .state()
+            .lbs
+            .values()
+            .map(|l| l.info.subnets.clone())
+            .collect();
+        assert_eq!(
+            subnets,
+            vec![vec!["subnet-a".to_string(), "subnet-b".to_string()]]
+        );
+    }
+
+    #[tokio::test]
+    async fn nodes_without_instances_need_a_vpc() {
+        let p = provider(Fence::unfenced());
+        let mut stores = p.stores.clone();
+        stores.nodes = crate::stores::testing::filled(Vec::new());
+        let p = AwsProvider { stores, ..p };
+        let svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        let out = p.ensure(&svc, &class()).await;
+        assert!(
+            matches!(&out.report, Report::Set { readiness, .. } if readiness.reason == reason::VPC_UNKNOWN),
+            "{:?}",
+            out.report
+        );
+        let pinned = class_with(serde_json::json!({"vpcID": "vpc-1", "scheme": "internet-facing"}));
+        let out = p.ensure(&svc, &pinned).await;
+        assert!(out.error.is_none(), "{:?}", out.error);
+    }
+
+    #[tokio::test]
+    async fn ip_targets_skip_non_pod_endpoints_with_one_warning() {
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-x", "namespace": "shop", "labels": {LABEL_SERVICE_NAME: "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.244.1.2"], "targetRef": {"kind": "Pod", "name": "a"}},
+                {"addresses": ["10.0.9.9"]}
+            ]
+        }))
+        .expect("slice");
+        let p = provider(Fence::unfenced());
+        let mut stores = p.stores.clone();
+        stores.slices = crate::stores::testing::filled(vec![slice]);
+        let p = AwsProvider { stores, ..p };
+        let mut svc = service(
+            &[("http", 80, "TCP", None)],
+            &[(keys::NLB_TARGET_TYPE, "ip")],
+        );
+        svc.metadata.uid = Some("u1".into());
+        let out = p.ensure(&svc, &class()).await;
+        assert!(out.error.is_none(), "{:?}", out.error);
+        let warned: Vec<&Note> = out.events.iter().filter(|n| n.warning).collect();
+        assert_eq!(warned.len(), 1, "{:?}", out.events);
+        assert!(warned[0].message.contains("10.0.9.9"), "{warned:?}");
+        let targets: Vec<String> = p
+            .aws
+            .inner()
+            .state()
+            .tgs
+            .values()
+            .flat_map(|t| t.targets.iter().map(|t| t.id.clone()))
+            .collect();
+        assert_eq!(targets, vec!["10.244.1.2".to_string()]);
+        let again = p.ensure(&svc, &class()).await;
+        assert!(
+            again.events.iter().all(|n| !n.warning),
+            "{:?}",
+            again.events
+        );
+    }
+
+    #[tokio::test]
+    async fn unimplemented_annotations_are_named_in_the_condition_and_warned_once() {
+        let p = provider(Fence::unfenced());
+        let capacity =
+            "service.beta.kubernetes.io/aws-load-balancer-minimum-load-balancer-capacity";
+        let mut svc = service(
+            &[("http", 80, "TCP", Some(30080))],
+            &[(capacity, "CapacityUnits=100")],
+        );
+        svc.metadata.uid = Some("u1".into());
+        let out = p.ensure(&svc, &class()).await;
+        let Report::Set { readiness, .. } = &out.report else {
+            panic!("no status: {:?}", out.report);
+        };
+        assert!(readiness.message.contains(capacity), "{readiness:?}");
+        let warned: Vec<&Note> = out.events.iter().filter(|n| n.warning).collect();
+        assert_eq!(warned.len(), 1, "{:?}", out.events);
+        assert_eq!(warned[0].reason, EVENT_UNSUPPORTED_ANNOTATION);
+        assert!(warned[0].message.contains(capacity));
+        let again = p.ensure(&svc, &class()).await;
+        assert!(
+            again.events.iter().all(|n| !n.warning),
+            "{:?}",
+            again.events
         );
     }
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::provider::aws::settings::{HealthCheck, HealthPort, Settings, SslPorts};
 use berth_crds::{LABEL_EXCLUDE_FROM_LB, TAINT_TO_BE_DELETED, tags};
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 pub use crate::provider::aws::naming::{MAX_NAME, resource_name};
@@ -125,40 +125,62 @@ pub fn instance_targets(
         .collect()
 }
 
+/// Whether an endpoint stands for a Pod (its `targetRef`). A hand-written EndpointSlice
+/// can name any address; only a Pod's is known to be one of the cluster's workloads.
+fn is_pod(ep: &Endpoint) -> bool {
+    ep.target_ref
+        .as_ref()
+        .is_some_and(|r| r.kind.as_deref() == Some("Pod"))
+}
+
+/// Ready endpoints of the IPv4 slices (an endpoint without a ready condition counts as
+/// ready, as the EndpointSlice API says), with the slice they are in.
+fn ready_endpoints(
+    slices: &[std::sync::Arc<EndpointSlice>],
+) -> impl Iterator<Item = (&EndpointSlice, &Endpoint)> {
+    slices
+        .iter()
+        .filter(|s| s.address_type == "IPv4")
+        .flat_map(|s| s.endpoints.iter().flatten().map(move |ep| (s.as_ref(), ep)))
+        .filter(|(_, ep)| ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+}
+
 /// Ready endpoint addresses of the Service port named `port_name` with `protocol`, with the
-/// port each endpoint listens on.
+/// port each endpoint listens on; endpoints that are not Pods only when `allow_non_pod`.
 pub fn ip_targets(
     slices: &[std::sync::Arc<EndpointSlice>],
     port_name: &str,
     protocol: &str,
+    allow_non_pod: bool,
 ) -> BTreeSet<Target> {
     let mut out = BTreeSet::new();
-    for slice in slices {
-        if slice.address_type != "IPv4" {
+    for (slice, ep) in ready_endpoints(slices) {
+        if !allow_non_pod && !is_pod(ep) {
             continue;
         }
-        let Some(port) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == port_name
-                && p.protocol.as_deref().unwrap_or("TCP") == protocol
-        }) else {
-            continue;
-        };
-        let Some(number) = port.port else { continue };
-        for ep in slice.endpoints.iter().flatten() {
-            // An endpoint without a ready condition counts as ready (EndpointSlice API).
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if !ready {
-                continue;
-            }
-            for addr in &ep.addresses {
-                out.insert(Target {
-                    id: addr.clone(),
-                    port: number,
-                });
-            }
+        let number = slice.ports.iter().flatten().find_map(|p| {
+            let matches = p.name.as_deref().unwrap_or("") == port_name
+                && p.protocol.as_deref().unwrap_or("TCP") == protocol;
+            p.port.filter(|_| matches)
+        });
+        let Some(number) = number else { continue };
+        for addr in &ep.addresses {
+            out.insert(Target {
+                id: addr.clone(),
+                port: number,
+            });
         }
     }
     out
+}
+
+/// Addresses of ready endpoints that are not Pods: what [`ip_targets`] leaves out unless
+/// the class allows them. Pure.
+pub fn non_pod_addresses(slices: &[std::sync::Arc<EndpointSlice>]) -> BTreeSet<String> {
+    ready_endpoints(slices)
+        .filter(|(_, ep)| !is_pod(ep))
+        .flat_map(|(_, ep)| ep.addresses.iter().cloned())
+        .collect()
 }
 
 fn listener_protocol(protocols: &BTreeSet<&str>) -> Result<&'static str, String> {
@@ -288,7 +310,8 @@ impl Build<'_> {
                 let pproto = first
                     .and_then(|p| p.protocol.clone())
                     .unwrap_or_else(|| "TCP".into());
-                ip_targets(self.world.slices, &pname, &pproto)
+                let allow = self.settings.allow_non_pod_targets;
+                ip_targets(self.world.slices, &pname, &pproto, allow)
             }
         }
     }
@@ -577,6 +600,7 @@ mod tests {
 
     #[test]
     fn ip_mode_targets_ready_pod_ips_on_the_endpoint_port() {
+        let pod = |name: &str| serde_json::json!({"kind": "Pod", "namespace": "ns", "name": name});
         let svc = service(
             &[("http", 80, "TCP", None)],
             &[(
@@ -589,19 +613,30 @@ mod tests {
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
             "endpoints": [
-                {"addresses": ["10.244.1.2"], "conditions": {"ready": true}},
-                {"addresses": ["10.244.2.2"], "conditions": {"ready": false}},
-                {"addresses": ["10.244.3.2"]}
+                {"addresses": ["10.244.1.2"], "conditions": {"ready": true}, "targetRef": pod("a")},
+                {"addresses": ["10.244.2.2"], "conditions": {"ready": false}, "targetRef": pod("b")},
+                {"addresses": ["10.244.3.2"], "targetRef": pod("c")},
+                {"addresses": ["10.0.9.9"], "conditions": {"ready": true}},
+                {"addresses": ["10.0.9.8"], "targetRef": {"kind": "Node", "name": "n1"}}
             ]
         }))
         .expect("slice");
         let slices = vec![Arc::new(slice)];
         let subnets = vec!["subnet-a".to_string()];
-        let lb = build(&svc, &settings_for(&svc), &world(&[], &slices, &subnets)).expect("build");
+        let mut settings = settings_for(&svc);
+        let lb = build(&svc, &settings, &world(&[], &slices, &subnets)).expect("build");
         let tg = &lb.target_groups[0];
         assert_eq!(tg.target_type, TargetType::Ip);
         let got: Vec<_> = tg.targets.iter().map(|t| (t.id.as_str(), t.port)).collect();
         assert_eq!(got, vec![("10.244.1.2", 8080), ("10.244.3.2", 8080)]);
+        let skipped: Vec<String> = non_pod_addresses(&slices).into_iter().collect();
+        assert_eq!(
+            skipped,
+            vec!["10.0.9.8".to_string(), "10.0.9.9".to_string()]
+        );
+        settings.allow_non_pod_targets = true;
+        let lb = build(&svc, &settings, &world(&[], &slices, &subnets)).expect("build");
+        assert_eq!(lb.target_groups[0].targets.len(), 4, "the class opted in");
     }
 
     #[test]

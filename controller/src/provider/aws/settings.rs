@@ -112,6 +112,8 @@ pub struct Settings {
     pub health_check_overridden: bool,
     pub target_node_labels: BTreeMap<String, String>,
     pub ssl: Option<Ssl>,
+    /// `ip` targets: endpoints that are not Pods are registered too (class opt-in).
+    pub allow_non_pod_targets: bool,
 }
 
 /// Settings being assembled: the class's, then every annotation over them. TLS is kept
@@ -183,6 +185,7 @@ impl Draft {
             health_check_overridden: false,
             target_node_labels: BTreeMap::new(),
             ssl: None,
+            allow_non_pod_targets: class.allow_non_pod_targets.unwrap_or(false),
         };
         Self {
             settings,

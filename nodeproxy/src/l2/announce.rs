@@ -484,7 +484,10 @@ mod tests {
         assert!(w[0].contains("198.19.7.1"), "{w:?}");
     }
 
-    fn claims(list: &[(&str, &[&str])]) -> Vec<(String, BTreeSet<String>)> {
+    /// Services with their eligible nodes.
+    type Claims<'a> = &'a [(&'a str, &'a [&'a str])];
+
+    fn claims(list: Claims) -> Vec<(String, BTreeSet<String>)> {
         list.iter()
             .map(|(s, n)| (s.to_string(), nodes(n)))
             .collect()
@@ -493,7 +496,7 @@ mod tests {
     #[test]
     fn a_shared_address_is_served_from_nodes_eligible_for_every_service() {
         let all: &[&str] = &["n1", "n2", "n3"];
-        let cases: &[(&[(&str, &[&str])], &[&str], &[&str])] = &[
+        let cases: &[(Claims, &[&str], &[&str])] = &[
             (&[("cluster", all)], all, &[]),
             (&[("cluster", all), ("local", &["n2"])], &["n2"], &[]),
             (&[("a", &["n1", "n2"]), ("b", &["n2", "n3"])], &["n2"], &[]),

@@ -166,28 +166,50 @@ fn spawn_watches(
     Store<Namespace>,
 ) {
     (
-        watch_nodes(client, services, tx),
+        watch_nodes(client, services, tx, class_wake),
         watch_slices(client, tx),
         watch_classes(client, services, tx, class_wake),
         watch_namespaces(client, services, tx),
     )
 }
 
-/// A node change that matters to targets re-syncs every LoadBalancer Service.
-fn watch_nodes(client: &Client, services: &Store<Service>, tx: &Trigger) -> Store<Node> {
+/// A node change that matters to targets re-syncs every LoadBalancer Service; a change
+/// of node addresses also re-checks the classes (a pool may not contain one).
+fn watch_nodes(
+    client: &Client,
+    services: &Store<Service>,
+    tx: &Trigger,
+    class_wake: &Arc<Notify>,
+) -> Store<Node> {
     let (nodes, writer) = reflector::store::<Node>();
     let (s, t, mut prints) = (services.clone(), tx.clone(), Fingerprints::default());
+    let (wake, mut addresses) = (class_wake.clone(), Fingerprints::default());
     tokio::spawn(watch::feed(
         Api::all(client.clone()),
         watcher::Config::default(),
         writer,
         move |c| {
-            if prints.observe(&c, node_fingerprint).is_some() {
+            let moved = addresses.observe(&c, node_address_fingerprint).is_some();
+            if prints.observe(&c, node_fingerprint).is_some() || moved {
                 trigger_all(&s, &t);
+            }
+            if moved {
+                wake.notify_one();
             }
         },
     ));
     nodes
+}
+
+/// A node's addresses, as pool classes are checked against them. Pure.
+pub fn node_address_fingerprint(node: &Node) -> Vec<String> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|a| format!("{}={}", a.type_, a.address))
+        .collect()
 }
 
 /// An EndpointSlice change queues its Service (ip targets follow the pods).

@@ -22,6 +22,7 @@ use crate::healthcheck::HealthChecks;
 use crate::l2::announce;
 use crate::l2::announce::Timing;
 use crate::l2::announcer::{self, Announcer, ModelView, Snapshot};
+use crate::l2::heartbeat::{self, Beat, Liveness};
 use crate::metrics::Metrics;
 use crate::proxy::index::{Index, Kind, NodeConfig, Work};
 use crate::proxy::model::{Cidr, ServiceId};
@@ -517,15 +518,17 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
         .map_err(Error::io(format!("bind {addr}")))
 }
 
-/// The announcer's view of the model: pool addresses with their eligible nodes.
-fn model_view(shared: Arc<Shared>) -> ModelView {
+/// The announcer's view of the model: pool addresses with their eligible nodes, among the
+/// nodes whose agent is alive.
+fn model_view(shared: Arc<Shared>, liveness: Liveness) -> ModelView {
     Arc::new(move |classes, nodes| {
+        let nodes = liveness.live(nodes)?;
         let idx = shared.index();
         if !idx.ready() {
             return None;
         }
         let mut warnings = Vec::new();
-        let wanted = announce::wanted(&idx.model, classes, nodes, &mut warnings);
+        let wanted = announce::wanted(&idx.model, classes, &nodes, &mut warnings);
         Some(Snapshot {
             wanted,
             node_addresses: idx.model.node.addresses.clone(),
@@ -574,6 +577,19 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
         tokio::spawn(sync_loop(shared.clone(), health, args.clone())),
     ]);
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let leases = Api::namespaced(client.clone(), &args.lease_namespace);
+    let liveness = Liveness::watch(leases.clone(), &args.node_name);
+    let beat = Beat::new(berth_runtime::lease::LeaseClient::new(
+        leases,
+        &args.node_name,
+        args.l2_lease_duration,
+    ));
+    let beating = tokio::spawn(heartbeat::run(
+        beat,
+        liveness.clone(),
+        Timing::new(args.l2_lease_duration),
+        stopped.clone(),
+    ));
     let announcer = Announcer::new(
         client.clone(),
         announcer::Config {
@@ -584,7 +600,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
         },
         shared.metrics.clone(),
     );
-    let mut announcing = tokio::spawn(announcer.run(model_view(shared.clone()), stopped));
+    let mut announcing = tokio::spawn(announcer.run(model_view(shared.clone(), liveness), stopped));
     tokio::select! {
         _ = futures::future::join_all(tasks) => {}
         _ = &mut announcing => {}
@@ -592,7 +608,8 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
             let _ = stop.send(true);
             // Bounded: a stuck apiserver must not keep the agent from exiting; Leases
             // not released expire, addresses not removed run out of lifetime.
-            if tokio::time::timeout(Duration::from_secs(5), announcing).await.is_err() {
+            let released = futures::future::join(announcing, beating);
+            if tokio::time::timeout(Duration::from_secs(5), released).await.is_err() {
                 tracing::warn!("pool addresses not all released within 5s");
             }
         }

@@ -66,8 +66,9 @@ pub fn pool_class(spec: &LoadBalancerClassSpec, warnings: &mut Vec<String>) -> O
 
 /// Every address to announce with the nodes eligible for it: the load-balancer ingress
 /// IPs of Services whose owner class is a pool class with L2 on, inside that class's
-/// ranges. Eligible are `nodes` (those not excluded from load balancers), with
-/// `externalTrafficPolicy: Local` only those with a ready local endpoint. Addresses
+/// ranges. Eligible for one Service are `nodes` (the live ones not excluded from load
+/// balancers), with `externalTrafficPolicy: Local` only those with a ready local
+/// endpoint; for an address several Services share, see [`serving_nodes`]. Addresses
 /// outside their class's ranges are left out with a warning. Pure.
 pub fn wanted(
     model: &Model,
@@ -75,7 +76,7 @@ pub fn wanted(
     nodes: &BTreeSet<String>,
     warnings: &mut Vec<String>,
 ) -> BTreeMap<IpAddr, BTreeSet<String>> {
-    let mut out: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
+    let mut claims: BTreeMap<IpAddr, Vec<(String, BTreeSet<String>)>> = BTreeMap::new();
     for svc in model.services.values() {
         let Some(class_name) = svc.owner_class.as_deref() else {
             continue;
@@ -102,10 +103,52 @@ pub fn wanted(
                 ));
                 continue;
             }
-            out.entry(*ip).or_default().extend(eligible.iter().cloned());
+            claims
+                .entry(*ip)
+                .or_default()
+                .push((svc.id.to_string(), eligible.clone()));
         }
     }
-    out
+    claims
+        .into_iter()
+        .map(|(ip, claims)| {
+            let (serving, missed) = serving_nodes(&claims);
+            if !missed.is_empty() {
+                warnings.push(format!(
+                    "no node is eligible for every Service on {ip}: announced from {serving:?}, \
+                     which has no ready local endpoint of {} (externalTrafficPolicy: Local)",
+                    missed.join(", ")
+                ));
+            }
+            (ip, serving)
+        })
+        .collect()
+}
+
+/// The nodes to announce an address from, given each Service on it with its eligible
+/// nodes: those eligible for every Service that has any (the intersection), so no
+/// Service's traffic reaches a node that drops it. A Service with no eligible node (no
+/// ready endpoint at all) is served nowhere and does not narrow the choice. When no node
+/// is eligible for all of them (the controller refuses such sharing; a race or a status
+/// written by hand can still bring it about) the nodes eligible for the most Services are
+/// chosen, and the Services missed on some of them are returned to warn about. Pure.
+pub fn serving_nodes(claims: &[(String, BTreeSet<String>)]) -> (BTreeSet<String>, Vec<String>) {
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    for node in claims.iter().flat_map(|(_, eligible)| eligible) {
+        *count.entry(node.as_str()).or_default() += 1;
+    }
+    let best = count.values().copied().max().unwrap_or(0);
+    let serving: BTreeSet<String> = count
+        .into_iter()
+        .filter(|(_, c)| *c == best)
+        .map(|(n, _)| n.to_string())
+        .collect();
+    let missed = claims
+        .iter()
+        .filter(|(_, eligible)| !eligible.is_empty() && !serving.is_subset(eligible))
+        .map(|(svc, _)| svc.clone())
+        .collect();
+    (serving, missed)
 }
 
 /// A node's stable score for an address; lower ranks first.
@@ -116,7 +159,9 @@ fn score(addr: &IpAddr, node: &str) -> [u8; 8] {
     s
 }
 
-/// The eligible nodes of an address, best first, without `skip`. Pure.
+/// The eligible nodes of an address, best first, without `skip`. Only nodes whose agent
+/// is alive are eligible ([`super::heartbeat`]): a dead one ranked first would make every
+/// live one wait a step. Pure.
 pub fn ranking<'a>(
     addr: &IpAddr,
     eligible: &'a BTreeSet<String>,
@@ -437,6 +482,100 @@ mod tests {
         );
         assert_eq!(w.len(), 1, "only the out-of-range address warns: {w:?}");
         assert!(w[0].contains("198.19.7.1"), "{w:?}");
+    }
+
+    /// Services with their eligible nodes.
+    type Claims<'a> = &'a [(&'a str, &'a [&'a str])];
+
+    fn claims(list: Claims) -> Vec<(String, BTreeSet<String>)> {
+        list.iter()
+            .map(|(s, n)| (s.to_string(), nodes(n)))
+            .collect()
+    }
+
+    #[test]
+    fn a_shared_address_is_served_from_nodes_eligible_for_every_service() {
+        let all: &[&str] = &["n1", "n2", "n3"];
+        let cases: &[(Claims, &[&str], &[&str])] = &[
+            (&[("cluster", all)], all, &[]),
+            (&[("cluster", all), ("local", &["n2"])], &["n2"], &[]),
+            (&[("a", &["n1", "n2"]), ("b", &["n2", "n3"])], &["n2"], &[]),
+            // A Local Service without endpoints is served nowhere: it narrows nothing.
+            (&[("cluster", all), ("empty", &[])], all, &[]),
+            (&[("empty", &[])], &[], &[]),
+            // Disjoint: the nodes serving the most, and a warning for the missed.
+            (
+                &[("a", &["n1"]), ("b", &["n3"])],
+                &["n1", "n3"],
+                &["a", "b"],
+            ),
+            (
+                &[("a", &["n1"]), ("b", &["n3"]), ("c", all)],
+                &["n1", "n3"],
+                &["a", "b"],
+            ),
+            (
+                &[("a", &["n1"]), ("b", &["n1"]), ("c", &["n3"])],
+                &["n1"],
+                &["c"],
+            ),
+        ];
+        for (list, serving, missed) in cases {
+            let (got, warn) = serving_nodes(&claims(list));
+            assert_eq!(got, nodes(serving), "{list:?}");
+            assert_eq!(warn, missed.to_vec(), "{list:?}");
+        }
+    }
+
+    #[test]
+    fn wanted_intersects_the_services_sharing_an_address() {
+        let classes = BTreeMap::from([("lan".to_string(), class(&["198.19.8.0/24"], true))]);
+        let all = nodes(&["n1", "n2", "n3"]);
+        let mut a = lb("a", "lan", "198.19.8.7");
+        a.external_local = true;
+        let mut b = lb("b", "lan", "198.19.8.7");
+        b.external_local = true;
+        let model = Model::test(NodeFacts::test("n1", "198.18.1.10"))
+            .with_service(lb("cluster", "lan", "198.19.8.7"))
+            .with_service(a.clone())
+            .with_service(b.clone())
+            .with_slice(
+                "a-1",
+                Slice::test(&a).with(Endpoint::test("10.244.2.5", "n2")),
+            )
+            .with_slice(
+                "b-1",
+                Slice::test(&b).with(Endpoint::test("10.244.3.5", "n3")),
+            );
+        let mut w = Vec::new();
+        let got = wanted(&model, &classes, &all, &mut w);
+        assert_eq!(got[&ip("198.19.8.7")], nodes(&["n2", "n3"]));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("ns/a") && w[0].contains("ns/b"), "{w:?}");
+        let model = model.with_slice(
+            "b-1",
+            Slice::test(&b).with(Endpoint::test("10.244.2.6", "n2")),
+        );
+        let mut w = Vec::new();
+        let got = wanted(&model, &classes, &all, &mut w);
+        assert_eq!(got[&ip("198.19.8.7")], nodes(&["n2"]));
+        assert!(w.is_empty(), "{w:?}");
+    }
+
+    /// The e2e suites compute the ranking themselves (sha256 of `<addr>/<node>`, the
+    /// first 8 bytes, lowest first) to know which node an address prefers.
+    #[test]
+    fn the_ranking_is_the_documented_hash_order() {
+        let all = nodes(&["berth-node-1", "berth-node-2", "berth-node-3"]);
+        for i in 0..16 {
+            let addr = ip(&format!("198.19.41.{i}"));
+            let mut by_hash: Vec<&str> = all.iter().map(String::as_str).collect();
+            by_hash.sort_by_key(|n| {
+                let d = Sha256::digest(format!("{addr}/{n}").as_bytes());
+                (d[..8].to_vec(), n.to_string())
+            });
+            assert_eq!(ranking(&addr, &all, None), by_hash, "{addr}");
+        }
     }
 
     #[test]

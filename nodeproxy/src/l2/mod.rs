@@ -1,7 +1,9 @@
 //! L2 announcement of pool addresses: one node per address, chosen through a Lease each.
-//! Decisions in [`announce`] (pure), I/O in [`announcer`], the kernel in [`link`].
+//! Decisions in [`announce`] (pure), I/O in [`announcer`], the kernel in [`link`]; which
+//! agents are alive to be ranked in [`heartbeat`].
 
 pub mod announce;
 pub mod announcer;
+pub mod heartbeat;
 pub mod link;
 pub mod schedule;

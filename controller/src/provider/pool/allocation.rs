@@ -23,6 +23,11 @@ pub mod reason {
     pub const PORT_CONFLICT: &str = "PortConflict";
     pub const AUTO_ASSIGN_DISABLED: &str = "AutoAssignDisabled";
     pub const NOT_SELECTED: &str = "NotSelected";
+    /// Two Services with `externalTrafficPolicy: Local` may share an address only when
+    /// one node can serve both: they select the same pods.
+    pub const TRAFFIC_POLICY_CONFLICT: &str = "TrafficPolicyConflict";
+    /// The class's addresses contain a node's address: nothing is allocated from it.
+    pub const NODE_ADDRESS_IN_POOL: &str = "NodeAddressInPool";
 }
 
 /// The families and the pool come from the one parser of pool addresses, which the node
@@ -123,6 +128,10 @@ pub struct Holder {
     pub sharing_key: Option<String>,
     pub ports: BTreeSet<PortKey>,
     pub ips: Vec<IpAddr>,
+    /// `externalTrafficPolicy: Local`: only nodes with one of its pods may announce.
+    pub external_local: bool,
+    /// `spec.selector`; `None` when it has none (its endpoints are written by hand).
+    pub selector: Option<BTreeMap<String, String>>,
 }
 
 impl Holder {
@@ -153,6 +162,16 @@ impl Holder {
                 })
                 .unwrap_or_default(),
             ips: status_ips(svc),
+            external_local: svc
+                .spec
+                .as_ref()
+                .and_then(|s| s.external_traffic_policy.as_deref())
+                == Some("Local"),
+            selector: svc
+                .spec
+                .as_ref()
+                .and_then(|s| s.selector.clone())
+                .filter(|s| !s.is_empty()),
         }
     }
 
@@ -325,34 +344,82 @@ fn describe_ports(ports: &BTreeSet<PortKey>) -> String {
         .join(", ")
 }
 
+/// Why a Service may not use an address next to another one.
+struct Conflict {
+    /// Their traffic policies cannot be served from one node (else: no sharing key in
+    /// common, or a port in common).
+    policy: bool,
+    message: String,
+}
+
+impl Conflict {
+    fn other(message: String) -> Self {
+        Self {
+            policy: false,
+            message,
+        }
+    }
+
+    /// The condition reason: `otherwise` unless the traffic policies conflict.
+    fn reason(&self, otherwise: &'static str) -> &'static str {
+        if self.policy {
+            reason::TRAFFIC_POLICY_CONFLICT
+        } else {
+            otherwise
+        }
+    }
+}
+
 /// Why `me` may not use `ip` next to `other`, or None when they may share it.
-fn sharing_conflict(me: &Holder, other: &Holder, ip: &IpAddr) -> Option<String> {
+fn sharing_conflict(me: &Holder, other: &Holder, ip: &IpAddr) -> Option<Conflict> {
     let same_key = me.sharing_key.is_some()
         && me.sharing_key == other.sharing_key
         && me.namespace == other.namespace;
     if !same_key {
-        return Some(format!(
+        return Some(Conflict::other(format!(
             "{ip} is in use by Service {} and not shared with it (sharing needs the same {} value in the same namespace)",
             other.name,
             annotations::ALLOW_SHARED_IP
-        ));
+        )));
     }
+    let key = me.sharing_key.as_deref().unwrap_or_default();
     let overlap: BTreeSet<PortKey> = me.ports.intersection(&other.ports).cloned().collect();
-    if overlap.is_empty() {
-        None
-    } else {
-        Some(format!(
-            "{ip} is shared under key `{}` with Service {}, which already uses port(s) {}",
-            me.sharing_key.as_deref().unwrap_or_default(),
+    if !overlap.is_empty() {
+        return Some(Conflict::other(format!(
+            "{ip} is shared under key `{key}` with Service {}, which already uses port(s) {}",
             other.name,
             describe_ports(&overlap)
-        ))
+        )));
     }
+    if !one_node_serves_both(me, other) {
+        return Some(Conflict {
+            policy: true,
+            message: format!(
+                "{ip} is shared under key `{key}` with Service {}; both have externalTrafficPolicy: Local \
+                 but do not select the same pods, so one announcing node could not serve both \
+                 (an address is shared only by Local Services with equal selectors and any Cluster ones)",
+                other.name
+            ),
+        });
+    }
+    None
+}
+
+/// Whether one node can always serve both Services' traffic on a shared address. A
+/// Cluster Service is served from any node, a Local one only from nodes with its pods:
+/// two Local ones only when they select the same pods (the same non-empty selector; same
+/// namespace, as sharing requires), since their pods could otherwise sit on different
+/// nodes. Static, so the answer does not change as pods move. Pure.
+fn one_node_serves_both(a: &Holder, b: &Holder) -> bool {
+    if !(a.external_local && b.external_local) {
+        return true;
+    }
+    a.selector.is_some() && a.selector == b.selector
 }
 
 /// Why `me` may not (keep) use `ip`: the first other holder it conflicts with. When `me`
 /// holds `ip` already, only an older conflicting holder wins it away.
-fn blocked(me: &Holder, ip: &IpAddr, others: &[Holder]) -> Option<String> {
+fn blocked(me: &Holder, ip: &IpAddr, others: &[Holder]) -> Option<Conflict> {
     let held = me.ips.contains(ip);
     others
         .iter()
@@ -383,8 +450,9 @@ fn allocate_pinned(class: &PoolClass, me: &Holder, ips: &[IpAddr], others: &[Hol
             let message = format!("pinned address {ip} is not in pool {}", class.name);
             return unassigned(reason::ADDRESS_UNAVAILABLE, message);
         }
-        if let Some(why) = blocked(me, ip, others) {
-            return unassigned(reason::ADDRESS_UNAVAILABLE, format!("pinned address {why}"));
+        if let Some(c) = blocked(me, ip, others) {
+            let reason = c.reason(reason::ADDRESS_UNAVAILABLE);
+            return unassigned(reason, format!("pinned address {}", c.message));
         }
     }
     Outcome::Assigned {
@@ -465,14 +533,15 @@ fn held_address(class: &PoolClass, me: &Holder, family: Family, others: &[Holder
         }
         Some(ip) => match blocked(me, ip, others) {
             None => Held::Keep(*ip),
-            Some(why) => Held::Lost(*ip, why),
+            Some(c) => Held::Lost(*ip, c.message),
         },
         None => Held::None,
     }
 }
 
 /// With a sharing key, the address its Services in this namespace already use (the key
-/// names one address); `Err` when each such address conflicts with this Service's ports.
+/// names one address); `Err` when each such address conflicts with this Service's ports
+/// or traffic policy.
 fn shared_address(
     class: &PoolClass,
     me: &Holder,
@@ -492,7 +561,7 @@ fn shared_address(
         .collect();
     keyed.sort();
     keyed.dedup();
-    let mut conflict = None;
+    let mut conflict: Option<Conflict> = None;
     for ip in keyed {
         match blocked(me, &ip, others) {
             None => return Ok(Some(ip)),
@@ -500,7 +569,7 @@ fn shared_address(
         }
     }
     match conflict {
-        Some(why) => Err(unassigned(reason::PORT_CONFLICT, why)),
+        Some(c) => Err(unassigned(c.reason(reason::PORT_CONFLICT), c.message)),
         None => Ok(None),
     }
 }
@@ -671,7 +740,23 @@ mod tests {
             sharing_key: None,
             ports: BTreeSet::from([("TCP".to_string(), 80)]),
             ips: ips.iter().map(|s| ip(s)).collect(),
+            external_local: false,
+            selector: None,
         }
+    }
+
+    /// A holder sharing under key `k` with its own port, `Local` with `app: <app>` as
+    /// its selector when `app` is given.
+    fn sharer(name: &str, created: i64, port: i32, local: Option<&str>, ips: &[&str]) -> Holder {
+        let mut h = holder(name, created, ips);
+        h.sharing_key = Some("k".into());
+        h.ports = BTreeSet::from([("TCP".to_string(), port)]);
+        h.external_local = local.is_some();
+        h.selector = Some(BTreeMap::from([(
+            "app".to_string(),
+            local.unwrap_or(name).to_string(),
+        )]));
+        h
     }
 
     fn assigned(o: &Outcome) -> Vec<IpAddr> {
@@ -859,6 +944,70 @@ mod tests {
             assigned(&allocate(&c, &other_key, &want, &others)),
             vec![ip("198.19.1.2")]
         );
+    }
+
+    #[test]
+    fn local_services_share_an_address_only_when_they_select_the_same_pods() {
+        let c = class(&["198.19.1.0/29"]);
+        let a = sharer("a", 1, 80, Some("web"), &["198.19.1.4"]);
+        let auto = Want::Auto(vec![Family::V4]);
+        let pin = Want::Pinned(vec![ip("198.19.1.4")]);
+        let others = vec![a.clone()];
+        // Cluster next to Local, and Local with the same selector: shared.
+        for me in [
+            sharer("cluster", 2, 81, None, &[]),
+            sharer("same", 2, 82, Some("web"), &[]),
+        ] {
+            for want in [&auto, &pin] {
+                assert_eq!(
+                    assigned(&allocate(&c, &me, want, &others)),
+                    vec![ip("198.19.1.4")],
+                    "{}",
+                    me.name
+                );
+            }
+        }
+        // Local with other pods: refused, auto or pinned, with the reason.
+        let other = sharer("other", 2, 83, Some("api"), &[]);
+        for want in [&auto, &pin] {
+            let (r, m) = unassigned(&allocate(&c, &other, want, &others));
+            assert_eq!(r, reason::TRAFFIC_POLICY_CONFLICT);
+            assert!(
+                m.contains("ns/a") && m.contains("externalTrafficPolicy: Local"),
+                "{m}"
+            );
+        }
+        // No selector (endpoints by hand): never shared between Local Services.
+        let mut manual = sharer("manual", 2, 84, Some("web"), &[]);
+        manual.selector = None;
+        assert_eq!(
+            unassigned(&allocate(&c, &manual, &auto, &others)).0,
+            reason::TRAFFIC_POLICY_CONFLICT
+        );
+        // Of two holders that conflict, the older keeps the address: the newer loses it.
+        let held = sharer("other", 2, 83, Some("api"), &["198.19.1.4"]);
+        let both = vec![a.clone(), held.clone()];
+        assert_eq!(assigned(&allocate(&c, &a, &auto, &both)), a.ips);
+        assert_eq!(
+            unassigned(&allocate(&c, &held, &auto, &both)).0,
+            reason::TRAFFIC_POLICY_CONFLICT
+        );
+    }
+
+    #[test]
+    fn holders_read_traffic_policy_and_selector() {
+        let s = svc(serde_json::json!({
+            "metadata": {"name": "s", "namespace": "ns"},
+            "spec": {"externalTrafficPolicy": "Local", "selector": {"app": "web"}}
+        }));
+        let h = Holder::of(&s);
+        assert!(h.external_local);
+        assert_eq!(
+            h.selector,
+            Some(BTreeMap::from([("app".to_string(), "web".to_string())]))
+        );
+        let plain = Holder::of(&svc(serde_json::json!({"spec": {"selector": {}}})));
+        assert!(!plain.external_local && plain.selector.is_none());
     }
 
     #[test]

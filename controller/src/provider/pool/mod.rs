@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use berth_crds::LoadBalancerClass;
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
@@ -20,7 +20,7 @@ use crate::provider::{
 };
 use crate::reason;
 use crate::stores::{Stores, Trigger};
-use allocation::{Holder, Outcome as Allocation, PoolClass, Reservations};
+use allocation::{Holder, Outcome as Allocation, Pool, PoolClass, Reservations};
 
 /// What the provider remembers between reconciles.
 struct State {
@@ -123,12 +123,59 @@ fn readiness_of(
 
 /// Whether the Service waits for an address someone else may free.
 fn waits_for_address(allocation: &Allocation) -> bool {
-    use allocation::reason::{ADDRESS_UNAVAILABLE, POOL_EXHAUSTED, PORT_CONFLICT};
+    use allocation::reason::{
+        ADDRESS_UNAVAILABLE, POOL_EXHAUSTED, PORT_CONFLICT, TRAFFIC_POLICY_CONFLICT,
+    };
     matches!(
         allocation,
         Allocation::Unassigned { reason, .. }
-            if [POOL_EXHAUSTED, PORT_CONFLICT, ADDRESS_UNAVAILABLE].contains(reason)
+            if [POOL_EXHAUSTED, PORT_CONFLICT, ADDRESS_UNAVAILABLE, TRAFFIC_POLICY_CONFLICT]
+                .contains(reason)
     )
+}
+
+/// A node's address: (node, address).
+pub type NodeAddress = (String, IpAddr);
+
+/// Every node's InternalIP and ExternalIP addresses. Pure.
+pub fn node_addresses(nodes: &[Arc<Node>]) -> Vec<NodeAddress> {
+    nodes
+        .iter()
+        .flat_map(|n| {
+            let name = n.name_any();
+            n.status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .into_iter()
+                .flatten()
+                .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+                .filter_map(move |a| Some((name.clone(), a.address.trim().parse().ok()?)))
+        })
+        .collect()
+}
+
+/// Why nothing may be allocated from `pool`: it contains node addresses (an allocated
+/// one would take over that node's traffic, and announcing it would fight the node over
+/// its own address). `None` when it contains none. Pure.
+pub fn node_address_conflict(pool: &Pool, nodes: &[NodeAddress]) -> Option<String> {
+    let mut hits: Vec<String> = nodes
+        .iter()
+        .filter(|(_, ip)| pool.contains(ip))
+        .map(|(node, ip)| format!("{ip} of Node {node}"))
+        .collect();
+    if hits.is_empty() {
+        return None;
+    }
+    hits.sort();
+    let more = hits.len().saturating_sub(3);
+    hits.truncate(3);
+    let mut list = hits.join(", ");
+    if more > 0 {
+        list.push_str(&format!(" and {more} more"));
+    }
+    Some(format!(
+        "the pool contains node address {list}; no address is allocated from it until its ranges leave every node address out"
+    ))
 }
 
 impl PoolProvider {
@@ -184,6 +231,30 @@ impl PoolProvider {
         Some((allocation, me.ips))
     }
 
+    /// The class contains node addresses: the Service keeps what it holds, except node
+    /// addresses themselves, and is not ready; nothing new is allocated.
+    fn refused(&self, svc: &Service, class: &str, nodes: &[NodeAddress], why: String) -> Outcome {
+        let held = allocation::status_ips(svc);
+        let keep: Vec<IpAddr> = held
+            .iter()
+            .filter(|ip| !nodes.iter().any(|(_, n)| n == *ip))
+            .copied()
+            .collect();
+        let message = format!("LoadBalancerClass {class} is refused: {why}");
+        let (state, uid) = (self.state.clone(), uid(svc));
+        let kept = keep.clone();
+        let settle: Settle = Box::new(move |written| {
+            if written && kept.len() < held.len() {
+                state.hold(&uid, kept);
+            }
+        });
+        Outcome::report(
+            Readiness::not_ready(allocation::reason::NODE_ADDRESS_IN_POOL, message),
+            Ingress::Set(ip_ingress(svc, &keep)),
+        )
+        .with_settle(settle)
+    }
+
     fn ensure_now(&self, svc: &Service, class: &LoadBalancerClass) -> Outcome {
         if !self.stores.synced() {
             return Outcome::requeue(Duration::from_secs(1));
@@ -207,6 +278,10 @@ impl PoolProvider {
                 );
             }
         };
+        let nodes = node_addresses(&self.stores.nodes.state());
+        if let Some(why) = node_address_conflict(&pool_class.pool, &nodes) {
+            return self.refused(svc, &name, &nodes, why);
+        }
         let Some((allocation, before)) = self.allocate(svc, &pool_class) else {
             return Outcome::requeue(Duration::from_secs(1));
         };
@@ -293,16 +368,32 @@ impl Provider for PoolProvider {
                 addresses: None,
             };
         };
-        verdict(&class.name_any(), spec, &self.holders())
+        let nodes = node_addresses(&self.stores.nodes.state());
+        verdict(&class.name_any(), spec, &self.holders(), &nodes)
     }
 }
 
-/// A pool class's Accepted condition and (allocated, available) addresses. Pure.
-pub fn verdict(name: &str, spec: &berth_crds::PoolProvider, holders: &[Holder]) -> Verdict {
+/// A pool class's Accepted condition and (allocated, available) addresses: refused when
+/// its spec is invalid or its ranges contain a node address (then nothing is available).
+/// Pure.
+pub fn verdict(
+    name: &str,
+    spec: &berth_crds::PoolProvider,
+    holders: &[Holder],
+    nodes: &[NodeAddress],
+) -> Verdict {
     match PoolClass::parse(name, spec) {
         Ok(pc) => {
             let size = pc.pool.size();
             let allocated = allocation::allocated(&pc.pool, holders);
+            if let Some(why) = node_address_conflict(&pc.pool, nodes) {
+                return Verdict {
+                    accepted: false,
+                    reason: allocation::reason::NODE_ADDRESS_IN_POOL,
+                    message: why,
+                    addresses: Some((allocated, 0)),
+                };
+            }
             Verdict {
                 accepted: true,
                 reason: "Accepted",
@@ -341,13 +432,146 @@ mod tests {
             "lab",
             &spec(&["198.19.1.0/29"]),
             &[holder("198.19.1.1"), holder("198.19.2.1")],
+            &[("n1".into(), "198.18.1.10".parse().expect("ip"))],
         );
         assert!(v.accepted);
         assert!(v.message.contains("6 addresses"), "{}", v.message);
         assert_eq!(v.addresses, Some((1, 5)));
-        let bad = verdict("lab", &spec(&["198.19.1.1/29"]), &[]);
+        let bad = verdict("lab", &spec(&["198.19.1.1/29"]), &[], &[]);
         assert!(!bad.accepted && bad.reason == reason::INVALID_SPEC && bad.addresses.is_none());
         assert!(bad.message.contains("host bits"), "{}", bad.message);
+    }
+
+    fn node(name: &str, addresses: &[(&str, &str)]) -> Arc<Node> {
+        let addresses: Vec<serde_json::Value> = addresses
+            .iter()
+            .map(|(t, a)| serde_json::json!({"type": t, "address": a}))
+            .collect();
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "status": {"addresses": addresses}
+            }))
+            .expect("node"),
+        )
+    }
+
+    #[test]
+    fn node_addresses_are_internal_and_external_ips() {
+        let nodes = [
+            node(
+                "n1",
+                &[
+                    ("InternalIP", "198.18.1.10"),
+                    ("Hostname", "n1"),
+                    ("ExternalIP", "203.0.113.7"),
+                    ("InternalIP", "garbage"),
+                ],
+            ),
+            node("n2", &[]),
+        ];
+        let got: Vec<String> = node_addresses(&nodes)
+            .iter()
+            .map(|(n, ip)| format!("{n}={ip}"))
+            .collect();
+        assert_eq!(got, ["n1=198.18.1.10", "n1=203.0.113.7"]);
+    }
+
+    #[test]
+    fn a_pool_containing_a_node_address_is_refused_naming_it() {
+        let nodes: Vec<NodeAddress> = (1..=5)
+            .map(|i| {
+                (
+                    format!("n{i}"),
+                    format!("198.18.1.{i}").parse().expect("ip"),
+                )
+            })
+            .collect();
+        let pool = |e: &[&str]| Pool::parse(e).expect("pool");
+        assert_eq!(
+            node_address_conflict(&pool(&["198.19.1.0/24"]), &nodes),
+            None
+        );
+        let one = node_address_conflict(&pool(&["198.18.1.2"]), &nodes).expect("refused");
+        assert!(one.contains("198.18.1.2 of Node n2"), "{one}");
+        let many = node_address_conflict(&pool(&["198.18.1.0/29"]), &nodes).expect("refused");
+        assert!(
+            many.contains("198.18.1.3 of Node n3") && many.contains("and 2 more"),
+            "{many}"
+        );
+        let v = verdict(
+            "lab",
+            &spec(&["198.18.1.0/29"]),
+            &[holder("198.18.1.6")],
+            &nodes,
+        );
+        assert!(!v.accepted);
+        assert_eq!(v.reason, allocation::reason::NODE_ADDRESS_IN_POOL);
+        assert_eq!(v.addresses, Some((1, 0)), "nothing available");
+    }
+
+    fn pool_class(name: &str, entries: &[&str]) -> LoadBalancerClass {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "berth.dev/v1alpha1", "kind": "LoadBalancerClass",
+            "metadata": {"name": name},
+            "spec": {"pool": {"addresses": entries}}
+        }))
+        .expect("class")
+    }
+
+    fn ingress_ips(out: &Outcome) -> (Readiness, Vec<String>) {
+        let Report::Set {
+            readiness,
+            ingress: Ingress::Set(entries),
+        } = &out.report
+        else {
+            panic!("no status: {:?}", out.report);
+        };
+        let ips = entries.iter().filter_map(|e| e.ip.clone()).collect();
+        (readiness.clone(), ips)
+    }
+
+    #[tokio::test]
+    async fn a_class_containing_a_node_address_allocates_nothing() {
+        let bad = pool_class("bad", &["198.18.1.0/28"]);
+        let good = pool_class("good", &["198.19.1.0/29"]);
+        let nodes = [node("n1", &[("InternalIP", "198.18.1.10")])];
+        let (tx, _rx) = futures::channel::mpsc::unbounded();
+        let stores = crate::stores::testing::stores(
+            vec![bad.clone(), good.clone()],
+            Vec::new(),
+            nodes.iter().map(|n| n.as_ref().clone()).collect(),
+        );
+        let p = PoolProvider::new(stores, tx);
+        let svc = |status_ips: &[&str]| -> Service {
+            let ingress: Vec<serde_json::Value> = status_ips
+                .iter()
+                .map(|ip| serde_json::json!({"ip": ip}))
+                .collect();
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "s", "namespace": "ns", "uid": "u1"},
+                "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]},
+                "status": {"loadBalancer": {"ingress": ingress}}
+            }))
+            .expect("service")
+        };
+        let (r, ips) = ingress_ips(&p.ensure(&svc(&[]), &bad).await);
+        assert!(!r.ready && r.reason == allocation::reason::NODE_ADDRESS_IN_POOL);
+        assert!(
+            r.message.contains("198.18.1.10 of Node n1"),
+            "{}",
+            r.message
+        );
+        assert!(ips.is_empty(), "{ips:?}");
+        // Addresses held before are kept, except a node's own.
+        let held = svc(&["198.18.1.3", "198.18.1.10"]);
+        let (_, ips) = ingress_ips(&p.ensure(&held, &bad).await);
+        assert_eq!(ips, ["198.18.1.3"]);
+        let (r, ips) = ingress_ips(&p.ensure(&svc(&[]), &good).await);
+        assert!(r.ready, "{r:?}");
+        assert_eq!(ips, ["198.19.1.1"]);
+        assert!(!p.verdict(&bad).accepted);
+        assert!(p.verdict(&good).accepted);
     }
 
     #[test]

@@ -329,23 +329,6 @@ pub fn decide(s: &AddrState) -> Action {
     }
 }
 
-/// Addresses on the interface that berth put there but this node does not hold: host
-/// prefixes inside any pool class's ranges. Pure.
-pub fn stale(
-    on_interface: &[(IpAddr, u8)],
-    classes: &BTreeMap<String, PoolClass>,
-    held: &BTreeSet<IpAddr>,
-) -> Vec<IpAddr> {
-    on_interface
-        .iter()
-        .filter(|(ip, prefix)| {
-            let host = if ip.is_ipv4() { 32 } else { 128 };
-            *prefix == host && !held.contains(ip) && classes.values().any(|c| c.contains(ip))
-        })
-        .map(|(ip, _)| *ip)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::LazyLock;
@@ -790,19 +773,5 @@ mod tests {
                 "skew {skew_s}s: expired"
             );
         }
-    }
-
-    #[test]
-    fn stale_addresses_are_unheld_host_prefixes_in_pools() {
-        let classes = BTreeMap::from([("lan".to_string(), class(&["198.19.8.0/24"], false))]);
-        let on = [
-            (ip("198.18.1.10"), 16),
-            (ip("198.19.8.1"), 32),
-            (ip("198.19.8.2"), 32),
-            (ip("198.19.8.3"), 24),
-            (ip("198.19.9.1"), 32),
-        ];
-        let held = BTreeSet::from([ip("198.19.8.2")]);
-        assert_eq!(stale(&on, &classes, &held), vec![ip("198.19.8.1")]);
     }
 }

@@ -32,6 +32,7 @@ pub struct Metrics {
     l2_transitions: Family<Label, Counter>,
     garps: Counter,
     last_ok: Mutex<Option<Instant>>,
+    refused: Family<Label, Gauge>,
 }
 
 fn count(n: usize) -> i64 {
@@ -52,6 +53,7 @@ impl Default for Metrics {
             l2_transitions: Family::default(),
             garps: Counter::default(),
             last_ok: Mutex::new(None),
+            refused: Family::default(),
         };
         // Series that exist from the start, so rates and alerts see them at 0.
         m.failures.get_or_create(&[("reason", "nft")]).inc_by(0);
@@ -106,6 +108,13 @@ impl Metrics {
 
     pub fn garp_sent(&self) {
         self.garps.inc();
+    }
+
+    /// Refused or losing claims (Services, addresses, NodePorts) in effect, by reason.
+    pub fn refused_claims(&self, reason: &'static str, n: usize) {
+        self.refused
+            .get_or_create(&[("reason", reason)])
+            .set(count(n));
     }
 
     /// Healthy when a sync succeeded within `max_age`.
@@ -179,6 +188,11 @@ impl Collect for Metrics {
             "berth_nodeproxy_l2_gratuitous_arps_sent",
             "Gratuitous ARPs sent for pool addresses",
             self.garps.clone(),
+        );
+        r.register(
+            "berth_nodeproxy_refused_claims",
+            "Refused or losing Service claims left out of the rules, by reason",
+            self.refused.clone(),
         );
     }
 }

@@ -131,7 +131,7 @@ pub enum Verdict {
     /// Left out whole.
     Skip,
     /// Programmed without the refused addresses and NodePorts.
-    Trim(Service),
+    Trim(Box<Service>),
 }
 
 /// The outcome for every Service: only those not programmed as they are have a verdict.
@@ -221,7 +221,8 @@ pub fn resolve<'a>(claimants: impl IntoIterator<Item = Claimant<'a>>, ctx: &Cont
         claim_addresses(&mut svc, &mut claimed, &mut out);
         claim_node_ports(&mut svc, ctx.node, &mut claimed, &mut out);
         if svc != *c.svc {
-            out.verdicts.insert(svc.id.clone(), Verdict::Trim(svc));
+            out.verdicts
+                .insert(svc.id.clone(), Verdict::Trim(Box::new(svc)));
         }
     }
     out
@@ -449,7 +450,7 @@ mod tests {
         match r.verdicts.get(&svc.id) {
             None => Some(svc.clone()),
             Some(Verdict::Skip) => None,
-            Some(Verdict::Trim(s)) => Some(s.clone()),
+            Some(Verdict::Trim(s)) => Some((**s).clone()),
         }
     }
 

@@ -353,7 +353,7 @@ impl Index {
             let want = match resolution.verdicts.get(id) {
                 None => Some(svc),
                 Some(Verdict::Skip) => None,
-                Some(Verdict::Trim(s)) => Some(s),
+                Some(Verdict::Trim(s)) => Some(&**s),
             };
             if self.model.services.get(id) != want {
                 match want {

@@ -305,14 +305,12 @@ impl Index {
             self.estimate_stale.insert(old.service.clone());
             self.dirty.insert(old.service);
         }
-        self.claims_dirty = true;
         self.pending_since.get_or_insert_with(Instant::now);
     }
 
     pub fn delete_slice(&mut self, namespace: &str, name: &str) {
         if let Some(old) = self.model.remove_slice(namespace, name) {
             self.estimate_stale.insert(old.service.clone());
-            self.claims_dirty = true;
             self.dirty.insert(old.service);
             self.pending_since.get_or_insert_with(Instant::now);
         }
@@ -321,17 +319,22 @@ impl Index {
     /// Decides every claim again and brings the model's Services in line: those whose
     /// programmable form changed become dirty.
     fn resolve_claims(&mut self) {
+        // Endpoint churn only resizes Services: claims are decided again (a pass over
+        // every Service) only when one crosses the budget.
+        let node_count = self.model.node.addresses.len();
+        let max = self.policy.max_rules_per_service;
+        for id in std::mem::take(&mut self.estimate_stale) {
+            if let Some((svc, _)) = self.raw.get(&id) {
+                let n = claims::rule_estimate(svc, self.model.slices_of(&id), node_count);
+                if self.estimates.insert(id, n).map(|old| old > max) != Some(n > max) {
+                    self.claims_dirty = true;
+                }
+            }
+        }
         if !self.claims_dirty {
             return;
         }
         self.claims_dirty = false;
-        let node_count = self.model.node.addresses.len();
-        for id in std::mem::take(&mut self.estimate_stale) {
-            if let Some((svc, _)) = self.raw.get(&id) {
-                let n = claims::rule_estimate(svc, self.model.slices_of(&id), node_count);
-                self.estimates.insert(id, n);
-            }
-        }
         let node_addresses: BTreeSet<IpAddr> = self
             .nodes
             .values()

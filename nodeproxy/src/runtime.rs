@@ -806,4 +806,23 @@ mod tests {
                 .is_err()
         );
     }
+
+    #[test]
+    fn claim_flags_default_safe_and_parse() {
+        let d = Args::try_parse_from(["berth-nodeproxy", "--node-name", "n1"]).expect("flags");
+        assert!(d.external_ip_cidrs.is_empty(), "externalIPs off by default");
+        assert_eq!(d.max_rules_per_service, 50_000);
+        let a = Args::try_parse_from([
+            "berth-nodeproxy",
+            "--node-name",
+            "n1",
+            "--external-ip-cidrs",
+            "0.0.0.0/0,::/0",
+            "--max-rules-per-service",
+            "1000",
+        ])
+        .expect("flags");
+        assert_eq!(a.external_ip_cidrs.len(), 2);
+        assert_eq!(a.max_rules_per_service, 1000);
+    }
 }

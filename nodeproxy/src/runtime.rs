@@ -592,13 +592,16 @@ async fn watch_pools(api: Api<berth_crds::LoadBalancerClass>, shared: Arc<Shared
 async fn report_refusals(shared: Arc<Shared>, node: String) {
     let mut reporter = events::Reporter::new(&node);
     let mut last: Option<(u64, Vec<String>)> = None;
+    let mut last_pass = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (generation, findings, nodes) = {
             let idx = shared.index();
             let (generation, findings) = idx.findings();
             let nodes = idx.ready_nodes();
-            if last.as_ref() == Some(&(generation, nodes.clone())) {
+            // Unchanged: a pass a minute is enough to repeat lasting refusals in time.
+            let unchanged = last.as_ref() == Some(&(generation, nodes.clone()));
+            if unchanged && last_pass.elapsed() < Duration::from_secs(60) {
                 continue;
             }
             (generation, findings.clone(), nodes)
@@ -622,6 +625,7 @@ async fn report_refusals(shared: Arc<Shared>, node: String) {
             }
         }
         last = Some((generation, nodes));
+        last_pass = Instant::now();
     }
 }
 

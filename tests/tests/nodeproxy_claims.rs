@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use berth_e2e::paths;
 use berth_e2e::service::ServiceBuilder;
-use berth_e2e::testing::{TestEnv, curl_in, udp_in};
+use berth_e2e::testing::{TestEnv, udp_in};
 use berth_e2e::wait::{Diagnostics, wait_true};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -19,6 +19,13 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const SHORT: Duration = Duration::from_secs(2);
+
+/// HTTP GET from inside `netns`: the trimmed body (the answering pod's name).
+fn get(netns: &str, url: &str, timeout: Duration) -> Result<String, String> {
+    berth_e2e::testing::curl_in(netns, url, timeout)
+        .map(|b| b.trim().to_string())
+        .map_err(|e| e.to_string())
+}
 
 fn dump(env: &TestEnv) -> Diagnostics {
     Diagnostics::new(env).node_agents(&env.info)
@@ -201,7 +208,7 @@ async fn external_ip_on_a_kube_dns_cluster_ip_is_refused_and_dns_still_answers()
             &format!("{url} from {netns}"),
             Duration::from_secs(30),
             &dump(&env),
-            async || curl_in(&netns, &url, SHORT).is_ok_and(|b| original.contains(&b)),
+            async || get(&netns, &url, SHORT).is_ok_and(|b| original.contains(&b)),
         )
         .await;
     }
@@ -221,7 +228,7 @@ async fn external_ip_on_a_kube_dns_cluster_ip_is_refused_and_dns_still_answers()
     tokio::time::sleep(Duration::from_secs(2)).await;
     for netns in node_netns(&env) {
         for _ in 0..5 {
-            let body = curl_in(&netns, &url, SHORT).unwrap_or_else(|e| panic!("{netns}: {e}"));
+            let body = get(&netns, &url, SHORT).unwrap_or_else(|e| panic!("{netns}: {e}"));
             assert!(
                 original.contains(&body),
                 "{netns}: {url} answered by {body}, not {original:?} (attacker {evil:?})"
@@ -254,7 +261,7 @@ async fn external_ip_equal_to_a_node_address_is_refused() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let url = format!("http://{node_ip}:8081/");
     for _ in 0..5 {
-        let got = curl_in(&env.info.client_netns, &url, SHORT);
+        let got = get(&env.info.client_netns, &url, SHORT);
         assert!(got.is_err(), "{url} from the client answered {got:?}");
     }
 }
@@ -284,7 +291,7 @@ async fn equal_external_ip_claims_go_to_the_oldest_service_not_the_first_name() 
         &format!("{url} answered by zzz-old"),
         Duration::from_secs(30),
         &dump(&env),
-        async || curl_in(&env.info.client_netns, &url, SHORT).is_ok_and(|b| b == old[0].0),
+        async || get(&env.info.client_netns, &url, SHORT).is_ok_and(|b| b == old[0].0),
     )
     .await;
     // creationTimestamp has one-second resolution: the newer one is a second younger.
@@ -299,7 +306,7 @@ async fn equal_external_ip_claims_go_to_the_oldest_service_not_the_first_name() 
     assert!(message.contains("zzz-old"), "{message}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     for _ in 0..10 {
-        let body = curl_in(&env.info.client_netns, &url, SHORT).expect("answer");
+        let body = get(&env.info.client_netns, &url, SHORT).expect("answer");
         assert_eq!(body, old[0].0, "the older Service keeps the address");
     }
 }
@@ -351,7 +358,7 @@ async fn nested_source_ranges_on_one_address_never_stop_other_services() {
         &format!("{url} answered by wide"),
         Duration::from_secs(10),
         &dump(&env),
-        async || curl_in(&env.info.client_netns, &url, SHORT).is_ok_and(|b| b == wide[0].0),
+        async || get(&env.info.client_netns, &url, SHORT).is_ok_and(|b| b == wide[0].0),
     )
     .await;
     // The third Service: selector-less, with its EndpointSlice written at once, so the
@@ -378,7 +385,7 @@ async fn nested_source_ranges_on_one_address_never_stop_other_services() {
     let mut pending = node_netns(&env);
     while !pending.is_empty() && created.elapsed() < Duration::from_secs(2) {
         pending.retain(|netns| {
-            curl_in(netns, &url, Duration::from_millis(300)).map_or(true, |b| b != third[0].0)
+            get(netns, &url, Duration::from_millis(300)).map_or(true, |b| b != third[0].0)
         });
     }
     assert!(

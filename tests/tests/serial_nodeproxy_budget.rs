@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use berth_e2e::nodeagent::{self, METRICS_PORT};
 use berth_e2e::service::ServiceBuilder;
-use berth_e2e::testing::{TestEnv, curl_in};
+use berth_e2e::testing::TestEnv;
 use berth_e2e::wait::{Diagnostics, wait_true};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -23,6 +23,13 @@ const PORTS: usize = 1000;
 const ENDPOINTS: usize = 500;
 /// An EndpointSlice holds at most 100 ports.
 const PORTS_PER_SLICE: usize = 100;
+
+/// HTTP GET from inside `netns`: the trimmed body (the answering pod's name).
+fn get(netns: &str, url: &str, timeout: Duration) -> Result<String, String> {
+    berth_e2e::testing::curl_in(netns, url, timeout)
+        .map(|b| b.trim().to_string())
+        .map_err(|e| e.to_string())
+}
 
 fn dump(env: &TestEnv) -> Diagnostics {
     Diagnostics::new(env).node_agents(&env.info)
@@ -151,10 +158,10 @@ async fn a_service_over_the_budget_is_skipped_and_the_rest_keeps_programming() {
             &format!("{url} from {netns}"),
             Duration::from_secs(30),
             &dump(&env),
-            async || curl_in(&netns, &url, Duration::from_secs(2)).is_ok_and(|b| b == pod),
+            async || get(&netns, &url, Duration::from_secs(2)).is_ok_and(|b| b == pod),
         )
         .await;
-        let metrics = curl_in(
+        let metrics = get(
             &env.info.client_netns,
             &format!("http://{}:{METRICS_PORT}/metrics", n.plan.ip),
             Duration::from_secs(2),

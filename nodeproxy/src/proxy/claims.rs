@@ -18,12 +18,13 @@
 //!
 //! Every refused or losing claim is a [`Refusal`] the agent reports as a Warning Event.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use berth_crds::addresses::AddressPool;
 
-use crate::proxy::model::{Cidr, NodeFacts, Protocol, Service, ServiceId, ServicePort, Slice};
+use crate::proxy::model::{Cidr, NodeFacts, Protocol, Service, ServiceId, Slice};
 
 /// Default of `--max-rules-per-service`: see the README (about 30 MiB of agent memory).
 pub const DEFAULT_MAX_RULES_PER_SERVICE: usize = 50_000;
@@ -181,27 +182,39 @@ pub fn resolve<'a>(claimants: impl IntoIterator<Item = Claimant<'a>>, ctx: &Cont
     order.sort_by(|a, b| (a.age.key(), &a.svc.id).cmp(&(b.age.key(), &b.svc.id)));
     let mut out = Resolution::default();
     // Every ClusterIP counts, also those of Services left out: no one else may take it.
-    let mut cluster_owner: HashMap<IpAddr, &ServiceId> = HashMap::new();
-    let mut kept: Vec<(Claimant<'a>, Service)> = Vec::with_capacity(order.len());
+    let mut cluster_owner: HashMap<IpAddr, &'a ServiceId> = HashMap::new();
+    // Services are copied only when something of theirs is refused (rarely).
+    let mut kept: Vec<(&'a ServiceId, Cow<'a, Service>)> = Vec::with_capacity(order.len());
     for c in &order {
-        let mut svc = c.svc.clone();
-        svc.cluster_ips.retain(|ip| match cluster_owner.get(ip) {
-            Some(owner) if **owner != c.svc.id => {
-                out.refuse(
-                    &c.svc.id,
-                    Reason::FrontendConflict,
-                    format!("clusterIP {ip} is already Service {owner}'s"),
-                );
-                false
-            }
-            _ => {
-                cluster_owner.insert(*ip, &c.svc.id);
-                true
-            }
-        });
+        let id = &c.svc.id;
+        let lost: Vec<IpAddr> = c
+            .svc
+            .cluster_ips
+            .iter()
+            .filter(|ip| cluster_owner.get(*ip).is_some_and(|o| *o != id))
+            .copied()
+            .collect();
+        for ip in &lost {
+            let owner = cluster_owner
+                .get(ip)
+                .map(|o| o.to_string())
+                .unwrap_or_default();
+            out.refuse(
+                id,
+                Reason::FrontendConflict,
+                format!("clusterIP {ip} is already Service {owner}'s"),
+            );
+        }
+        for ip in &c.svc.cluster_ips {
+            cluster_owner.entry(*ip).or_insert(id);
+        }
+        let mut svc = Cow::Borrowed(c.svc);
+        if !lost.is_empty() {
+            svc.to_mut().cluster_ips.retain(|ip| !lost.contains(ip));
+        }
         if c.rules > ctx.policy.max_rules_per_service {
             out.refuse(
-                &c.svc.id,
+                id,
                 Reason::OverBudget,
                 format!(
                     "not programmed: about {} rules (ports x endpoints x frontends) exceed \
@@ -209,20 +222,20 @@ pub fn resolve<'a>(claimants: impl IntoIterator<Item = Claimant<'a>>, ctx: &Cont
                     c.rules, ctx.policy.max_rules_per_service
                 ),
             );
-            out.verdicts.insert(c.svc.id.clone(), Verdict::Skip);
+            out.verdicts.insert(id.clone(), Verdict::Skip);
         } else {
-            kept.push((*c, svc));
+            kept.push((id, svc));
         }
     }
-    let mut claimed: HashMap<Key, ServiceId> = HashMap::new();
-    for (c, mut svc) in kept {
-        dedup_ports(&mut svc.ports);
+    let mut claimed: HashMap<Key, &'a ServiceId> = HashMap::new();
+    for (id, mut svc) in kept {
+        dedup_ports(&mut svc);
         refuse_addresses(&mut svc, &cluster_owner, ctx, &mut out);
-        claim_addresses(&mut svc, &mut claimed, &mut out);
-        claim_node_ports(&mut svc, ctx.node, &mut claimed, &mut out);
-        if svc != *c.svc {
+        claim_addresses(id, &mut svc, &mut claimed, &mut out);
+        claim_node_ports(id, &mut svc, ctx.node, &mut claimed, &mut out);
+        if let Cow::Owned(svc) = svc {
             out.verdicts
-                .insert(svc.id.clone(), Verdict::Trim(Box::new(svc)));
+                .insert(id.clone(), Verdict::Trim(Box::new(svc)));
         }
     }
     out
@@ -230,9 +243,15 @@ pub fn resolve<'a>(claimants: impl IntoIterator<Item = Claimant<'a>>, ctx: &Cont
 
 /// Keeps the first of ports with the same protocol and number (the API forbids them;
 /// the ruleset could not tell them apart).
-fn dedup_ports(ports: &mut Vec<ServicePort>) {
-    let mut seen = BTreeSet::new();
-    ports.retain(|p| seen.insert((p.protocol, p.port)));
+fn dedup_ports(svc: &mut Cow<'_, Service>) {
+    let distinct: BTreeSet<(Protocol, u16)> =
+        svc.ports.iter().map(|p| (p.protocol, p.port)).collect();
+    if distinct.len() != svc.ports.len() {
+        let mut seen = BTreeSet::new();
+        svc.to_mut()
+            .ports
+            .retain(|p| seen.insert((p.protocol, p.port)));
+    }
 }
 
 /// Why an address of `svc` may not be claimed at all; `None` when it may.
@@ -275,40 +294,55 @@ fn address_refusal(
     None
 }
 
-/// Drops the externalIPs and load-balancer IPs no Service may claim.
+/// Drops the externalIPs and load-balancer IPs no Service may claim (and repeated ones).
 fn refuse_addresses(
-    svc: &mut Service,
+    svc: &mut Cow<'_, Service>,
     cluster_owner: &HashMap<IpAddr, &ServiceId>,
     ctx: &Context,
     out: &mut Resolution,
 ) {
-    let id = svc.id.clone();
-    for (list, external) in [
-        (&mut svc.external_ips, true),
-        (&mut svc.load_balancer_ips, false),
-    ] {
-        let mut seen = BTreeSet::new();
-        list.retain(|ip| {
-            if !seen.insert(*ip) {
-                return false;
+    for external in [true, false] {
+        let list = if external {
+            &svc.external_ips
+        } else {
+            &svc.load_balancer_ips
+        };
+        let mut keep: Vec<IpAddr> = Vec::with_capacity(list.len());
+        for ip in list {
+            if keep.contains(ip) {
+                continue;
             }
-            let Some(why) = address_refusal(ip, external, &id, cluster_owner, ctx) else {
-                return true;
-            };
-            let (reason, what) = if external {
-                (Reason::ExternalIPRefused, "externalIP")
+            match address_refusal(ip, external, &svc.id, cluster_owner, ctx) {
+                None => keep.push(*ip),
+                Some(why) => {
+                    let (reason, what) = if external {
+                        (Reason::ExternalIPRefused, "externalIP")
+                    } else {
+                        (Reason::LoadBalancerIPRefused, "load-balancer IP")
+                    };
+                    out.refuse(&svc.id, reason, format!("{what} refused: {why}"));
+                }
+            }
+        }
+        if keep.len() != list.len() {
+            let s = svc.to_mut();
+            *(if external {
+                &mut s.external_ips
             } else {
-                (Reason::LoadBalancerIPRefused, "load-balancer IP")
-            };
-            out.refuse(&id, reason, format!("{what} refused: {why}"));
-            false
-        });
+                &mut s.load_balancer_ips
+            }) = keep;
+        }
     }
 }
 
 /// Claims the frontends of each external address, or drops the address when an older
 /// Service holds one of them.
-fn claim_addresses(svc: &mut Service, claimed: &mut HashMap<Key, ServiceId>, out: &mut Resolution) {
+fn claim_addresses<'a>(
+    id: &'a ServiceId,
+    svc: &mut Cow<'_, Service>,
+    claimed: &mut HashMap<Key, &'a ServiceId>,
+    out: &mut Resolution,
+) {
     let addrs: BTreeSet<IpAddr> = svc
         .external_ips
         .iter()
@@ -317,21 +351,12 @@ fn claim_addresses(svc: &mut Service, claimed: &mut HashMap<Key, ServiceId>, out
         .collect();
     let mut lost = BTreeSet::new();
     for addr in addrs {
-        let keys: Vec<Key> = svc
-            .ports
-            .iter()
-            .map(|p| (addr, p.protocol, p.port))
-            .collect();
-        let taken = keys.iter().find_map(|k| {
-            claimed
-                .get(k)
-                .filter(|owner| **owner != svc.id)
-                .map(|o| (k, o))
-        });
+        let keys = || svc.ports.iter().map(move |p| (addr, p.protocol, p.port));
+        let taken = keys().find_map(|k| claimed.get(&k).filter(|o| **o != id).map(|o| (k, *o)));
         match taken {
             Some(((ip, proto, port), owner)) => {
                 out.refuse(
-                    &svc.id,
+                    id,
                     Reason::FrontendConflict,
                     format!(
                         "{ip} {}/{port} is already served for the older Service {owner}; \
@@ -341,51 +366,49 @@ fn claim_addresses(svc: &mut Service, claimed: &mut HashMap<Key, ServiceId>, out
                 );
                 lost.insert(addr);
             }
-            None => {
-                for k in keys {
-                    claimed.insert(k, svc.id.clone());
-                }
-            }
+            None => claimed.extend(keys().map(|k| (k, id))),
         }
     }
-    svc.external_ips.retain(|ip| !lost.contains(ip));
-    svc.load_balancer_ips.retain(|ip| !lost.contains(ip));
+    if !lost.is_empty() {
+        let s = svc.to_mut();
+        s.external_ips.retain(|ip| !lost.contains(ip));
+        s.load_balancer_ips.retain(|ip| !lost.contains(ip));
+    }
 }
 
 /// Claims this node's NodePort frontends, or drops a NodePort an older Service holds.
-fn claim_node_ports(
-    svc: &mut Service,
+fn claim_node_ports<'a>(
+    id: &'a ServiceId,
+    svc: &mut Cow<'_, Service>,
     node: &NodeFacts,
-    claimed: &mut HashMap<Key, ServiceId>,
+    claimed: &mut HashMap<Key, &'a ServiceId>,
     out: &mut Resolution,
 ) {
-    let id = svc.id.clone();
-    for port in &mut svc.ports {
+    let mut lost = Vec::new();
+    for (i, port) in svc.ports.iter().enumerate() {
         let Some(np) = port.node_port else {
             continue;
         };
-        let keys: Vec<Key> = node
-            .addresses
-            .iter()
-            .map(|a| (*a, port.protocol, np))
-            .collect();
-        let owner = keys
-            .iter()
-            .find_map(|k| claimed.get(k).filter(|o| **o != id));
-        if let Some(owner) = owner {
-            out.refuse(
-                &id,
-                Reason::FrontendConflict,
-                format!(
-                    "nodePort {}/{np} is already served for the older Service {owner}",
-                    port.protocol.nft()
-                ),
-            );
-            port.node_port = None;
-        } else {
-            for k in keys {
-                claimed.insert(k, id.clone());
+        let keys = || node.addresses.iter().map(move |a| (*a, port.protocol, np));
+        match keys().find_map(|k| claimed.get(&k).filter(|o| **o != id)) {
+            Some(owner) => {
+                out.refuse(
+                    id,
+                    Reason::FrontendConflict,
+                    format!(
+                        "nodePort {}/{np} is already served for the older Service {owner}",
+                        port.protocol.nft()
+                    ),
+                );
+                lost.push(i);
             }
+            None => claimed.extend(keys().map(|k| (k, id))),
+        }
+    }
+    if !lost.is_empty() {
+        let s = svc.to_mut();
+        for i in lost {
+            s.ports[i].node_port = None;
         }
     }
 }

@@ -6,6 +6,7 @@
 //! address, chosen through a Lease each). [`runtime`] wires both to the cluster.
 
 pub mod error;
+pub mod events;
 pub mod healthcheck;
 pub mod l2;
 pub mod metrics;

@@ -33,6 +33,7 @@ pub struct Metrics {
     garps: Counter,
     last_ok: Mutex<Option<Instant>>,
     l2_renewal_lateness: Histogram,
+    refused: Family<Label, Gauge>,
 }
 
 fn count(n: usize) -> i64 {
@@ -54,6 +55,7 @@ impl Default for Metrics {
             garps: Counter::default(),
             last_ok: Mutex::new(None),
             l2_renewal_lateness: metrics::histogram(SECONDS_BUCKETS),
+            refused: Family::default(),
         };
         // Series that exist from the start, so rates and alerts see them at 0.
         m.failures.get_or_create(&[("reason", "nft")]).inc_by(0);
@@ -113,6 +115,13 @@ impl Metrics {
     /// How long after its due time a pool address's Lease renewal started.
     pub fn l2_renewal_lateness(&self, late: Duration) {
         self.l2_renewal_lateness.observe(late.as_secs_f64());
+    }
+
+    /// Refused or losing claims (Services, addresses, NodePorts) in effect, by reason.
+    pub fn refused_claims(&self, reason: &'static str, n: usize) {
+        self.refused
+            .get_or_create(&[("reason", reason)])
+            .set(count(n));
     }
 
     /// Healthy when a sync succeeded within `max_age`.
@@ -191,6 +200,11 @@ impl Collect for Metrics {
             "berth_nodeproxy_l2_renewal_lateness_seconds",
             "How long after its due time each pool address Lease renewal started",
             self.l2_renewal_lateness.clone(),
+        );
+        r.register(
+            "berth_nodeproxy_refused_claims",
+            "Refused or losing Service claims left out of the rules, by reason",
+            self.refused.clone(),
         );
     }
 }

@@ -18,6 +18,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 
 use crate::error::Error;
+use crate::events;
 use crate::healthcheck::HealthChecks;
 use crate::l2::announce;
 use crate::l2::announce::Timing;
@@ -28,7 +29,7 @@ use crate::proxy::index::{Index, Kind, NodeConfig, Work};
 use crate::proxy::model::{Cidr, ServiceId};
 use crate::proxy::ruleset;
 use crate::proxy::sync::{Changes, Programmed};
-use crate::proxy::{convert, nft};
+use crate::proxy::{claims, convert, nft};
 
 /// `100ms`, `2s`, `1m`: a duration flag.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -94,6 +95,14 @@ pub struct Args {
     /// Interface pool addresses are announced on; default: the one with the node's address.
     #[arg(long)]
     pub l2_interface: Option<String>,
+    /// externalIPs are honoured only inside these CIDRs (comma-separated, e.g.
+    /// `0.0.0.0/0,::/0` for all); unset, every externalIP is refused.
+    #[arg(long, value_delimiter = ',')]
+    pub external_ip_cidrs: Vec<Cidr>,
+    /// A Service needing more map elements than this (ports x endpoints x frontends) on a
+    /// node is not programmed.
+    #[arg(long, default_value_t = claims::DEFAULT_MAX_RULES_PER_SERVICE)]
+    pub max_rules_per_service: usize,
 }
 
 pub async fn client(args: &Args) -> Result<Client, Error> {
@@ -183,7 +192,7 @@ async fn watch_services(api: Api<Service>, shared: Arc<Shared>) {
                     let mut w = Vec::new();
                     let model = convert::service(&s, &mut w);
                     warn_all(&shared, "Service", &id.to_string(), s.object_ref(&()), w);
-                    idx.apply_service(id, model);
+                    idx.apply_service_aged(id, model, convert::age(&s.metadata));
                 }
                 Ok(Event::Delete(s)) => idx.delete_service(&ServiceId::new(
                     &s.namespace().unwrap_or_default(),
@@ -518,6 +527,109 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
         .map_err(Error::io(format!("bind {addr}")))
 }
 
+/// The watches claims depend on beside Services (every Node's addresses, pool ranges) and
+/// the Warning Events and metrics of refused claims.
+fn claim_tasks(
+    client: &Client,
+    shared: &Arc<Shared>,
+    node: &str,
+) -> [tokio::task::JoinHandle<()>; 3] {
+    [
+        tokio::spawn(watch_nodes(Api::all(client.clone()), shared.clone())),
+        tokio::spawn(watch_pools(Api::all(client.clone()), shared.clone())),
+        tokio::spawn(report_refusals(shared.clone(), node.to_string())),
+    ]
+}
+
+async fn watch_nodes(api: Api<Node>, shared: Arc<Shared>) {
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(ev) = stream.next().await {
+        {
+            let mut idx = shared.index();
+            match ev {
+                Ok(Event::Init) => idx.begin_relist(Kind::Nodes),
+                Ok(Event::InitDone) => idx.end_relist(Kind::Nodes),
+                Ok(Event::Apply(n) | Event::InitApply(n)) => {
+                    let mut w = Vec::new();
+                    let info = convert::node_info(&n, &mut w);
+                    idx.apply_cluster_node(&n.name_any(), Some(info));
+                }
+                Ok(Event::Delete(n)) => idx.apply_cluster_node(&n.name_any(), None),
+                Err(e) => tracing::warn!("Node list watch: {e}"),
+            }
+        }
+        shared.notify.notify_one();
+    }
+}
+
+async fn watch_pools(api: Api<berth_crds::LoadBalancerClass>, shared: Arc<Shared>) {
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(ev) = stream.next().await {
+        {
+            let mut idx = shared.index();
+            match ev {
+                Ok(Event::Apply(c) | Event::InitApply(c)) => {
+                    let pool =
+                        c.spec.pool.as_ref().map(|p| {
+                            berth_crds::addresses::AddressPool::parse_lenient(&p.addresses).0
+                        });
+                    idx.set_pool(&c.name_any(), pool);
+                }
+                Ok(Event::Delete(c)) => idx.set_pool(&c.name_any(), None),
+                Ok(_) => {}
+                Err(e) => tracing::debug!("LoadBalancerClass watch: {e}"),
+            }
+        }
+        shared.notify.notify_one();
+    }
+}
+
+/// Publishes the Warning Events of refused claims this node reports (see [`events`])
+/// and sets the refused-claims metric, once a second when something changed.
+async fn report_refusals(shared: Arc<Shared>, node: String) {
+    let mut reporter = events::Reporter::new(&node);
+    let mut last: Option<(u64, Vec<String>)> = None;
+    let mut last_pass = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (generation, findings, nodes) = {
+            let idx = shared.index();
+            let (generation, findings) = idx.findings();
+            let nodes = idx.ready_nodes();
+            // Unchanged: a pass a minute is enough to repeat lasting refusals in time.
+            let unchanged = last.as_ref() == Some(&(generation, nodes.clone()));
+            if unchanged && last_pass.elapsed() < Duration::from_secs(60) {
+                continue;
+            }
+            (generation, findings.clone(), nodes)
+        };
+        for reason in claims::Reason::ALL {
+            let n = findings
+                .values()
+                .flat_map(|f| &f.refusals)
+                .filter(|r| r.reason == reason)
+                .count();
+            shared.metrics.refused_claims(reason.label(), n);
+        }
+        for report in reporter.update(&findings, &nodes, Instant::now()) {
+            tracing::warn!(service = %report.service, reason = report.refusal.reason.as_str(), "{}", report.refusal.message);
+            if let Err(e) = shared
+                .recorder
+                .publish(&report.event(), &report.reference())
+                .await
+            {
+                tracing::debug!("cannot record event: {e}");
+            }
+        }
+        last = Some((generation, nodes));
+        last_pass = Instant::now();
+    }
+}
+
 /// The announcer's view of the model: pool addresses with their eligible nodes, among the
 /// nodes whose agent is alive.
 fn model_view(shared: Arc<Shared>, liveness: Liveness) -> ModelView {
@@ -561,6 +673,10 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
             },
         ),
     });
+    shared.index().set_policy(claims::Policy {
+        external_ip_cidrs: args.external_ip_cidrs.clone(),
+        max_rules_per_service: args.max_rules_per_service,
+    });
     tracing::info!(node = %args.node_name, healthz = %args.healthz_bind, metrics = %args.metrics_bind, "starting");
     // One admin server for every listener: one connection cap for the whole agent.
     let admin = Server::default();
@@ -576,6 +692,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
         )),
         tokio::spawn(sync_loop(shared.clone(), health, args.clone())),
     ]);
+    tasks.extend(claim_tasks(&client, &shared, &args.node_name));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let leases = Api::namespaced(client.clone(), &args.lease_namespace);
     let liveness = Liveness::watch(leases.clone(), &args.node_name);
@@ -709,5 +826,24 @@ mod tests {
             Args::try_parse_from(["berth-nodeproxy", "--node-name", "n", "--cluster-cidr", "x"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn claim_flags_default_safe_and_parse() {
+        let d = Args::try_parse_from(["berth-nodeproxy", "--node-name", "n1"]).expect("flags");
+        assert!(d.external_ip_cidrs.is_empty(), "externalIPs off by default");
+        assert_eq!(d.max_rules_per_service, 50_000);
+        let a = Args::try_parse_from([
+            "berth-nodeproxy",
+            "--node-name",
+            "n1",
+            "--external-ip-cidrs",
+            "0.0.0.0/0,::/0",
+            "--max-rules-per-service",
+            "1000",
+        ])
+        .expect("flags");
+        assert_eq!(a.external_ip_cidrs.len(), 2);
+        assert_eq!(a.max_rules_per_service, 1000);
     }
 }

@@ -70,6 +70,8 @@ fn command(plan: &NodePlan, kubeconfig: &Path) -> Command {
         .args(["--metrics-bind", &format!("0.0.0.0:{METRICS_PORT}")])
         .args(["--l2-lease-duration", &format!("{L2_LEASE_SECONDS}s")])
         .args(["--lease-namespace", L2_LEASE_NAMESPACE])
+        // Every externalIP allowed: the suites test the agent's other claim rules.
+        .args(["--external-ip-cidrs", "0.0.0.0/0,::/0"])
         .env("RUST_LOG", "info,berth_nodeproxy=debug,kube=warn");
     cmd
 }

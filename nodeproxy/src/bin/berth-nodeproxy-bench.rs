@@ -89,9 +89,11 @@ fn build(services: &[Service], slices: &[EndpointSlice]) -> Index {
         let name = s.metadata.name.clone().unwrap_or_default();
         idx.apply_slice(&ns, &name, convert::slice(s, &mut w));
     }
-    for k in [Kind::Services, Kind::Slices, Kind::Node] {
+    for k in [Kind::Services, Kind::Slices, Kind::Node, Kind::Nodes] {
         idx.end_relist(k);
     }
+    // Claims are resolved (and the model's Services filled) when work is taken.
+    idx.take_work(true);
     idx
 }
 

@@ -6,6 +6,8 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 
+use crate::proxy::claims::Age;
+use crate::proxy::index::NodeInfo;
 use crate::proxy::model::{
     Cidr, Endpoint, EndpointPort, Protocol, Service, ServiceId, ServicePort, Slice,
 };
@@ -222,6 +224,33 @@ pub fn node_internal_ips(node: &core::Node, warnings: &mut Vec<String>) -> Vec<I
         .collect()
 }
 
+/// A Service's age for "oldest wins" (creationTimestamp, then uid).
+pub fn age(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Age {
+    Age {
+        created: meta.creation_timestamp.as_ref().map(|t| t.0.as_second()),
+        uid: meta.uid.clone().unwrap_or_default(),
+    }
+}
+
+/// Any Node's InternalIPs and ExternalIPs (no one may claim them as externalIPs) and
+/// whether it is Ready (candidate reporter of Warning Events).
+pub fn node_info(node: &core::Node, warnings: &mut Vec<String>) -> NodeInfo {
+    let status = node.status.as_ref();
+    let addresses = status
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| parse_ip(&a.address, "node address", warnings))
+        .collect();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    NodeInfo { addresses, ready }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,5 +404,37 @@ mod tests {
         .expect("fixture");
         let mut w = Vec::new();
         assert_eq!(node_internal_ips(&n, &mut w).len(), 1);
+    }
+
+    #[test]
+    fn node_info_takes_internal_and_external_ips_and_readiness() {
+        let n: core::Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.18.1.10"},
+                                     {"type": "ExternalIP", "address": "203.0.113.5"},
+                                     {"type": "Hostname", "address": "n1"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .expect("fixture");
+        let mut w = Vec::new();
+        let info = node_info(&n, &mut w);
+        assert_eq!(info.addresses.len(), 2);
+        assert!(info.ready);
+        let bare: core::Node =
+            serde_json::from_value(json!({"metadata": {"name": "n2"}})).expect("fixture");
+        assert_eq!(node_info(&bare, &mut w), NodeInfo::default());
+    }
+
+    #[test]
+    fn age_reads_creation_timestamp_and_uid() {
+        let s: core::Service = serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": "web", "uid": "u-1",
+                         "creationTimestamp": "2026-01-02T03:04:05Z"},
+        }))
+        .expect("fixture");
+        let a = age(&s.metadata);
+        assert_eq!(a.uid, "u-1");
+        assert_eq!(a.created, Some(1_767_323_045));
+        assert_eq!(age(&Default::default()), Age::default());
     }
 }

@@ -3,6 +3,7 @@
 //! rules of each Service) → [`sync`] (what is programmed, full or incremental
 //! transactions) → [`nft`] (the kernel).
 
+pub mod claims;
 pub mod convert;
 pub mod index;
 pub mod model;

@@ -4,8 +4,10 @@
 //! transactions) → [`nft`] (the kernel).
 
 pub mod convert;
+pub mod drift;
 pub mod index;
 pub mod model;
+pub mod netlink;
 pub mod nft;
 #[cfg(test)]
 mod nftcheck;

@@ -247,14 +247,22 @@ pub fn fingerprint(table: &str) -> io::Result<Fingerprint> {
         };
         let (mut rules, mut sets) = (Vec::new(), Vec::new());
         if handle.is_some() {
-            rules = listing(&mut sock, NFT_MSG_GETRULE, family, table, NFTA_RULE_TABLE, [
-                NFTA_RULE_CHAIN,
-                NFTA_RULE_HANDLE,
-            ])?;
-            sets = listing(&mut sock, NFT_MSG_GETSET, family, table, NFTA_SET_TABLE, [
-                NFTA_SET_NAME,
-                NFTA_SET_HANDLE,
-            ])?;
+            rules = listing(
+                &mut sock,
+                NFT_MSG_GETRULE,
+                family,
+                table,
+                NFTA_RULE_TABLE,
+                [NFTA_RULE_CHAIN, NFTA_RULE_HANDLE],
+            )?;
+            sets = listing(
+                &mut sock,
+                NFT_MSG_GETSET,
+                family,
+                table,
+                NFTA_SET_TABLE,
+                [NFTA_SET_NAME, NFTA_SET_HANDLE],
+            )?;
         }
         tables.push((family, handle, rules, sets));
     }
@@ -352,8 +360,10 @@ mod tests {
             let empty = fingerprint("berth").expect("fingerprint");
             assert!(empty.tables.iter().all(|t| t.1.is_none()));
             let g0 = generation().expect("generation");
-            nft("table ip berth { set s { type ipv4_addr; }; chain c { ip daddr @s drop; }; }\n\
-                 table ip6 berth { chain c { drop; }; }\n");
+            nft(
+                "table ip berth { set s { type ipv4_addr; }; chain c { ip daddr @s drop; }; }\n\
+                 table ip6 berth { chain c { drop; }; }\n",
+            );
             assert_eq!(generation().expect("generation"), g0.wrapping_add(1));
             let made = fingerprint("berth").expect("fingerprint");
             assert_eq!(made.tables[0].2.len(), 1, "{made:?}");
@@ -363,7 +373,10 @@ mod tests {
             assert_eq!(fingerprint("berth").expect("fingerprint"), made);
             nft("add rule ip berth c drop\n");
             let more = fingerprint("berth").expect("fingerprint");
-            assert!(more.difference(&made).starts_with("rules of table ip changed"));
+            assert!(
+                more.difference(&made)
+                    .starts_with("rules of table ip changed")
+            );
             nft("delete table ip berth\n");
             let gone = fingerprint("berth").expect("fingerprint");
             assert_eq!(gone.difference(&made), "table ip is gone");

@@ -28,12 +28,15 @@ const NFTA_GEN_ID: u16 = 1;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 
+/// One family's part of a [`Fingerprint`]: (family, table handle, sorted (chain, rule
+/// handle), sorted (set, set handle)).
+type TableMark = (u8, Option<u64>, Vec<(String, u64)>, Vec<(String, u64)>);
+
 /// What of berth's tables another tool cannot change without changing this: whether each
 /// table exists (and which incarnation), and every rule and set by chain/name and handle.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Fingerprint {
-    /// (family, table handle, sorted (chain, rule handle), sorted (set, set handle)).
-    tables: Vec<(u8, Option<u64>, Vec<(String, u64)>, Vec<(String, u64)>)>,
+    tables: Vec<TableMark>,
 }
 
 impl Fingerprint {

@@ -875,6 +875,7 @@ mod tests {
         assert_eq!(a.min_sync_interval, Duration::from_millis(50));
         assert_eq!(a.l2_lease_duration, Duration::from_secs(15));
         assert_eq!(a.l2_interface, None);
+        assert_eq!(a.drift_check_interval, Duration::from_secs(1));
         let l2 = Args::try_parse_from([
             "berth-nodeproxy",
             "--node-name",

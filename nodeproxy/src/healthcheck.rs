@@ -175,10 +175,11 @@ impl AgentHealth {
         }
     }
 
-    /// Why `/healthz` fails now (empty: it does not, for these reasons).
-    pub fn problems(&self) -> Vec<String> {
+    /// Why `/healthz` fails now (empty: it does not, for these reasons). Draining counts
+    /// only with `draining` (not for `/livez`: a draining agent must not be restarted).
+    pub fn problems(&self, draining: bool) -> Vec<String> {
         let st = self.state();
-        let mut out: Vec<String> = st.draining.iter().cloned().collect();
+        let mut out: Vec<String> = st.draining.iter().filter(|_| draining).cloned().collect();
         if let Some(f) = st
             .failing
             .as_ref()
@@ -203,15 +204,15 @@ mod tests {
     #[test]
     fn repeated_failures_fail_health_until_a_success() {
         let h = AgentHealth::default();
-        assert!(h.problems().is_empty());
+        assert!(h.problems(true).is_empty());
         assert_eq!(h.sync_failed("nft: Operation not permitted"), 1);
-        assert!(h.problems().is_empty(), "one failure is retried first");
+        assert!(h.problems(true).is_empty(), "one failure is retried first");
         assert_eq!(h.sync_failed("nft: Operation not permitted"), 2);
-        let p = h.problems();
+        let p = h.problems(true);
         assert_eq!(p.len(), 1);
         assert!(p[0].contains("Operation not permitted"), "{p:?}");
         h.sync_succeeded();
-        assert!(h.problems().is_empty());
+        assert!(h.problems(true).is_empty());
         assert_eq!(h.sync_failed("x"), 1, "a new outage starts over");
     }
 
@@ -233,9 +234,10 @@ mod tests {
         assert!(draining(&deleted).is_some());
         let h = AgentHealth::default();
         h.set_draining(draining(&tainted));
-        assert_eq!(h.problems().len(), 1);
+        assert_eq!(h.problems(true).len(), 1);
+        assert!(h.problems(false).is_empty(), "liveness ignores draining");
         h.set_draining(None);
-        assert!(h.problems().is_empty());
+        assert!(h.problems(true).is_empty());
     }
 
     #[test]

@@ -641,11 +641,13 @@ struct HealthInputs {
     max_age: Duration,
 }
 
-/// `/healthz` (and `/livez`): 200 while a sync succeeded within `max_age`, syncs are not
-/// failing repeatedly, berth's tables are as it left them and the node is not draining.
-fn health_reply(h: &HealthInputs) -> Reply {
+/// `/healthz`: 200 while a sync succeeded within `max_age`, syncs are not failing
+/// repeatedly, berth's tables are as it left them and the node is not draining. `/livez`
+/// (`draining` false) is the same without the node's draining, as kube-proxy's: a
+/// liveness probe must not restart the agent of a node being drained.
+fn health_reply(h: &HealthInputs, draining: bool) -> Reply {
     let (fresh, age) = h.metrics.healthy(h.max_age);
-    let mut problems = h.health.problems();
+    let mut problems = h.health.problems(draining);
     if let Some(why) = h.drift.check() {
         problems.push(format!("nftables tables changed by another process: {why}"));
     }
@@ -668,7 +670,8 @@ fn admin_routes(
     exports: bool,
 ) -> impl Fn(&str) -> Reply + Send + Sync + 'static {
     move |path| match path {
-        "/healthz" | "/livez" if health => health_reply(&inputs),
+        "/healthz" if health => health_reply(&inputs, true),
+        "/livez" if health => health_reply(&inputs, false),
         "/metrics" if exports => Reply::metrics(inputs.metrics.render()),
         _ => Reply::not_found(),
     }
@@ -842,6 +845,7 @@ mod tests {
         let draining = healthz("/healthz");
         assert_eq!(draining.status, 503);
         assert!(draining.body.contains("node is being deleted"));
+        assert_eq!(healthz("/livez").status, 200, "a draining agent is alive");
         inputs.health.set_draining(None);
         assert_eq!(healthz("/healthz").status, 200);
     }

@@ -122,20 +122,6 @@ async fn pool_address_answers_only_its_service_port_and_host_listeners_stay_on_t
     let dump = Diagnostics::new(&env).node_agents(&env.info);
     let settle = Duration::from_secs(60);
 
-    // Every node drops host traffic to the address before any of them may hold it.
-    for n in &env.info.nodes {
-        let netns = n.plan.netns.clone();
-        wait_until(
-            &format!("{ip} in lb-addresses on {}", n.plan.name),
-            settle,
-            &dump,
-            async || match sh_in(&netns, "nft list set ip berth lb-addresses") {
-                (true, out) if out.contains(ip) => Ok(()),
-                (_, out) => Err(out),
-            },
-        )
-        .await;
-    }
     let holder = wait_until(
         "one node holds the address",
         settle,
@@ -198,6 +184,21 @@ async fn pool_address_answers_only_its_service_port_and_host_listeners_stay_on_t
             connect_from_client(&env, &node_ip, port).is_ok(),
             "{node_ip}:{port} refused"
         );
+    }
+    // Every node, not only the holder, drops host traffic to the address: it may move to
+    // any of them at any moment.
+    for n in &env.info.nodes {
+        let netns = n.plan.netns.clone();
+        wait_until(
+            &format!("{ip} in lb-addresses on {}", n.plan.name),
+            settle,
+            &dump,
+            async || match sh_in(&netns, "nft list set ip berth lb-addresses") {
+                (true, out) if out.contains(ip) => Ok(()),
+                (_, out) => Err(out),
+            },
+        )
+        .await;
     }
     let page = curl_in(
         &env.info.client_netns,

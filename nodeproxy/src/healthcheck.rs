@@ -2,10 +2,13 @@
 //! probe them to learn which nodes have local endpoints (200 with the count, 503 none).
 //! One listener per port, served by the agent's shared admin server (its limits and
 //! connection cap cover these listeners too).
+//!
+//! Also [`AgentHealth`]: why the agent's own `/healthz` fails besides a stale sync.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use berth_runtime::admin::{self, Reply, Server};
 use tokio::task::JoinHandle;
@@ -84,9 +87,158 @@ impl HealthChecks {
     }
 }
 
+/// Consecutive failed syncs after which `/healthz` fails: one failure is retried at once
+/// (1 s later), a second one is an outage.
+pub const FAILURES_UNHEALTHY: u32 = 2;
+
+/// The taint the cluster autoscaler puts on a node it is about to remove.
+pub const AUTOSCALER_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// An outage of failing transactions.
+#[derive(Clone, Debug)]
+struct Failing {
+    since: Instant,
+    attempts: u32,
+    error: String,
+}
+
+#[derive(Debug, Default)]
+struct HealthState {
+    draining: Option<String>,
+    failing: Option<Failing>,
+}
+
+/// What makes `/healthz` fail besides a stale sync: the node draining (KEP-3836: load
+/// balancers move traffic away first), and transactions failing repeatedly.
+#[derive(Debug, Default)]
+pub struct AgentHealth {
+    state: Mutex<HealthState>,
+}
+
+/// Why the Node is going away, if it is: a deletionTimestamp or the autoscaler's taint.
+pub fn draining(node: &k8s_openapi::api::core::v1::Node) -> Option<String> {
+    if node.metadata.deletion_timestamp.is_some() {
+        return Some("node is being deleted".into());
+    }
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == AUTOSCALER_TAINT));
+    tainted.then(|| format!("node has the {AUTOSCALER_TAINT} taint"))
+}
+
+impl AgentHealth {
+    fn state(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The Node is (`Some(why)`) or is no longer (`None`) going away.
+    pub fn set_draining(&self, why: Option<String>) {
+        let mut st = self.state();
+        if st.draining != why {
+            match &why {
+                Some(w) => tracing::info!("healthz fails from now on: {w}"),
+                None => tracing::info!("node no longer draining; healthz follows syncs again"),
+            }
+            st.draining = why;
+        }
+    }
+
+    /// A transaction failed; returns the consecutive failures so far. The first failure
+    /// of an outage is logged with nft's error, the rest only at debug.
+    pub fn sync_failed(&self, error: &str) -> u32 {
+        let mut st = self.state();
+        let f = st.failing.get_or_insert_with(|| Failing {
+            since: Instant::now(),
+            attempts: 0,
+            error: error.to_string(),
+        });
+        f.attempts += 1;
+        if f.attempts == 1 {
+            tracing::warn!("sync failed, retrying with backoff: {error}");
+        } else {
+            tracing::debug!(attempts = f.attempts, "sync failed again: {error}");
+        }
+        f.attempts
+    }
+
+    /// A transaction succeeded: ends an outage (logged once).
+    pub fn sync_succeeded(&self) {
+        if let Some(f) = self.state().failing.take() {
+            tracing::info!(
+                attempts = f.attempts,
+                after_s = f.since.elapsed().as_secs_f64(),
+                first_error = %f.error,
+                "sync recovered"
+            );
+        }
+    }
+
+    /// Why `/healthz` fails now (empty: it does not, for these reasons). Draining counts
+    /// only with `draining` (not for `/livez`: a draining agent must not be restarted).
+    pub fn problems(&self, draining: bool) -> Vec<String> {
+        let st = self.state();
+        let mut out: Vec<String> = st.draining.iter().filter(|_| draining).cloned().collect();
+        if let Some(f) = st
+            .failing
+            .as_ref()
+            .filter(|f| f.attempts >= FAILURES_UNHEALTHY)
+        {
+            out.push(format!(
+                "{} consecutive syncs failed in {:.0?}: {}",
+                f.attempts,
+                Duration::from_secs(f.since.elapsed().as_secs()),
+                f.error
+            ));
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Node;
+
+    #[test]
+    fn repeated_failures_fail_health_until_a_success() {
+        let h = AgentHealth::default();
+        assert!(h.problems(true).is_empty());
+        assert_eq!(h.sync_failed("nft: Operation not permitted"), 1);
+        assert!(h.problems(true).is_empty(), "one failure is retried first");
+        assert_eq!(h.sync_failed("nft: Operation not permitted"), 2);
+        let p = h.problems(true);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("Operation not permitted"), "{p:?}");
+        h.sync_succeeded();
+        assert!(h.problems(true).is_empty());
+        assert_eq!(h.sync_failed("x"), 1, "a new outage starts over");
+    }
+
+    #[test]
+    fn deletion_or_the_autoscaler_taint_drains() {
+        let node = |v: serde_json::Value| -> Node { serde_json::from_value(v).expect("node") };
+        assert_eq!(
+            draining(&node(serde_json::json!({"metadata": {"name": "n"}}))),
+            None
+        );
+        let other = node(serde_json::json!({"metadata": {"name": "n"},
+            "spec": {"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}}));
+        assert_eq!(draining(&other), None);
+        let tainted = node(serde_json::json!({"metadata": {"name": "n"},
+            "spec": {"taints": [{"key": AUTOSCALER_TAINT, "value": "1700000000", "effect": "NoSchedule"}]}}));
+        assert!(draining(&tainted).is_some());
+        let deleted = node(serde_json::json!({"metadata": {"name": "n",
+            "deletionTimestamp": "2026-01-01T00:00:00Z", "finalizers": ["x"]}}));
+        assert!(draining(&deleted).is_some());
+        let h = AgentHealth::default();
+        h.set_draining(draining(&tainted));
+        assert_eq!(h.problems(true).len(), 1);
+        assert!(h.problems(false).is_empty(), "liveness ignores draining");
+        h.set_draining(None);
+        assert!(h.problems(true).is_empty());
+    }
 
     #[test]
     fn ok_with_local_endpoints_unavailable_without() {

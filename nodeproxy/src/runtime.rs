@@ -1,6 +1,7 @@
 //! Wiring: command-line configuration, the watches feeding the index, the debounced sync
 //! loop applying transactions (wait, compute, apply, record), and the admin listeners.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -19,17 +20,19 @@ use tokio::sync::Notify;
 
 use crate::error::Error;
 use crate::events;
-use crate::healthcheck::HealthChecks;
+use crate::healthcheck::{self, AgentHealth, HealthChecks};
 use crate::l2::announce;
-use crate::l2::announce::Timing;
+use crate::l2::announce::{PoolClass, Timing};
 use crate::l2::announcer::{self, Announcer, ModelView, Snapshot};
 use crate::l2::heartbeat::{self, Beat, Liveness};
 use crate::metrics::Metrics;
+use crate::proxy::drift::Drift;
 use crate::proxy::index::{Index, Kind, NodeConfig, Work};
 use crate::proxy::model::{Cidr, ServiceId};
 use crate::proxy::ruleset;
-use crate::proxy::sync::{Changes, Programmed};
+use crate::proxy::sync::{self, Changes, Programmed};
 use crate::proxy::{claims, convert, nft};
+use berth_crds::LoadBalancerClass;
 
 /// `100ms`, `2s`, `1m`: a duration flag.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -103,6 +106,10 @@ pub struct Args {
     /// node is not programmed.
     #[arg(long, default_value_t = claims::DEFAULT_MAX_RULES_PER_SERVICE)]
     pub max_rules_per_service: usize,
+    /// How often the agent checks that its nftables tables are as it left them (one
+    /// netlink round trip; the tables are read only when another process committed).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub drift_check_interval: Duration,
 }
 
 pub async fn client(args: &Args) -> Result<Client, Error> {
@@ -126,11 +133,38 @@ struct Shared {
     notify: Notify,
     metrics: Arc<Metrics>,
     recorder: Recorder,
+    health: Arc<AgentHealth>,
+    drift: Arc<Drift>,
+    pools: Mutex<Pools>,
 }
 
 impl Shared {
     fn index(&self) -> std::sync::MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pools(&self) -> std::sync::MutexGuard<'_, Pools> {
+        self.pools.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The pool classes: their Services' load-balancer addresses are protected on every node
+/// (any node may be handed one at any moment).
+#[derive(Default)]
+struct Pools {
+    classes: BTreeMap<String, PoolClass>,
+    /// Listed once, or the class API is unavailable (no CRD: no pool addresses).
+    listed: bool,
+    /// Classes changed since the last sync: every Service's protection is recomputed.
+    changed: bool,
+}
+
+impl Pools {
+    fn set(&mut self, classes: BTreeMap<String, PoolClass>) {
+        if classes != self.classes {
+            self.classes = classes;
+            self.changed = true;
+        }
     }
 }
 
@@ -252,12 +286,85 @@ async fn watch_node(api: Api<Node>, name: String, shared: Arc<Shared>) {
                     let ips = convert::node_internal_ips(&n, &mut w);
                     warn_all(&shared, "Node", &name, n.object_ref(&()), w);
                     idx.set_node_ips(ips);
+                    shared.health.set_draining(healthcheck::draining(&n));
                 }
+                Ok(Event::Delete(_)) => shared
+                    .health
+                    .set_draining(Some("node object deleted".into())),
                 Ok(_) => {}
                 Err(e) => tracing::warn!("Node watch: {e}"),
             }
         }
         shared.notify.notify_one();
+    }
+}
+
+/// Mirrors the pool classes (the announcer watches them for itself).
+async fn watch_classes(api: Api<LoadBalancerClass>, shared: Arc<Shared>) {
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let pool_of = |c: &LoadBalancerClass| announce::pool_class(&c.spec, &mut Vec::new());
+    let mut listing = BTreeMap::new();
+    let mut failing = false;
+    while let Some(ev) = stream.next().await {
+        {
+            let mut pools = shared.pools();
+            let mut next = pools.classes.clone();
+            match ev {
+                Ok(Event::Init) => listing.clear(),
+                Ok(Event::InitApply(c)) => {
+                    if let Some(p) = pool_of(&c) {
+                        listing.insert(c.name_any(), p);
+                    }
+                }
+                Ok(Event::InitDone) => {
+                    failing = false;
+                    next = std::mem::take(&mut listing);
+                    pools.listed = true;
+                }
+                Ok(Event::Apply(c)) => match pool_of(&c) {
+                    Some(p) => drop(next.insert(c.name_any(), p)),
+                    None => drop(next.remove(&c.name_any())),
+                },
+                Ok(Event::Delete(c)) => drop(next.remove(&c.name_any())),
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!("LoadBalancerClass watch (pool addresses): {e}");
+                    }
+                    failing = true;
+                    // Without the class API there are no pool addresses: do not hold
+                    // Service programming back for it.
+                    pools.listed = true;
+                }
+            }
+            // The claims (externalIPs inside a pool range are refused) see the same classes.
+            let ranges = next
+                .iter()
+                .map(|(name, class)| (name.clone(), class.addresses.clone()))
+                .collect();
+            pools.set(next);
+            drop(pools);
+            shared.index().set_pools(ranges);
+        }
+        shared.notify.notify_one();
+    }
+}
+
+/// Marks a pool Service's load-balancer addresses (those inside its class's ranges, as
+/// the announcer puts them on interfaces) as protected.
+fn protect_pool(
+    model: &crate::proxy::model::Model,
+    id: &ServiceId,
+    rules: &mut ruleset::ServiceRules,
+    pools: &BTreeMap<String, PoolClass>,
+) {
+    let Some(svc) = model.services.get(id) else {
+        return;
+    };
+    if let Some(class) = svc.owner_class.as_deref().and_then(|c| pools.get(c)) {
+        let addrs = svc.load_balancer_ips.iter().copied();
+        ruleset::protect(rules, addrs.filter(|a| class.contains(a)), &model.node);
     }
 }
 
@@ -268,18 +375,30 @@ fn compute(shared: &Shared, force_full: bool) -> Option<(Work, Computed)> {
     if !idx.ready() {
         return None;
     }
+    let mut pools = shared.pools();
+    if !pools.listed {
+        return None;
+    }
+    let force_full = force_full || std::mem::take(&mut pools.changed);
     let work = idx.take_work(force_full);
     let model = &idx.model;
     let computed = match &work {
         Work::Nothing => Computed::Nothing,
-        Work::Full => Computed::Full(model.node.clone(), ruleset::all_rules(model)),
+        Work::Full => {
+            let mut rules = ruleset::all_rules(model);
+            for (id, r) in rules.iter_mut() {
+                protect_pool(model, id, r, &pools.classes);
+            }
+            Computed::Full(model.node.clone(), rules)
+        }
         Work::Services(ids) => Computed::Changes(
             ids.iter()
                 .map(|id| {
-                    let rules = model
-                        .services
-                        .get(id)
-                        .map(|s| ruleset::service_rules(s, model.slices_of(id), &model.node));
+                    let rules = model.services.get(id).map(|s| {
+                        let mut r = ruleset::service_rules(s, model.slices_of(id), &model.node);
+                        protect_pool(model, id, &mut r, &pools.classes);
+                        r
+                    });
                     (id.clone(), rules)
                 })
                 .collect(),
@@ -304,6 +423,10 @@ struct SyncState {
     /// incremental one cannot express a change).
     force_full: bool,
     last: Instant,
+    /// After a failed transaction: when to try again (changes wait for it too).
+    retry_at: Option<Instant>,
+    /// The longest wait between retries.
+    retry_cap: Duration,
 }
 
 /// The result of applying one sync's rules.
@@ -329,24 +452,49 @@ async fn sync_loop(shared: Arc<Shared>, health: HealthChecks, args: Args) {
         programmed: None,
         force_full: true,
         last: Instant::now() - args.min_sync_interval,
+        retry_at: None,
+        retry_cap: args.max_sync_interval,
     };
     loop {
-        wait_for_work(&shared, &state, &args).await;
+        wait_for_work(&shared, &mut state, &args).await;
         sync_once(&shared, &health, &mut state).await;
     }
 }
 
-/// Waits for a change (or the periodic sync), then for the rest of the minimum interval
-/// since the last sync, so bursts of changes become one sync.
-async fn wait_for_work(shared: &Shared, state: &SyncState, args: &Args) {
-    let wait = if state.force_full && state.programmed.is_some() {
-        Duration::from_secs(1)
-    } else {
-        args.max_sync_interval
-    };
-    tokio::select! {
-        _ = shared.notify.notified() => {}
-        _ = tokio::time::sleep(wait) => {}
+/// Whether another process changed berth's tables; if so the next sync is a full one.
+fn drifted(shared: &Shared, state: &mut SyncState) -> bool {
+    if state.programmed.is_none() || state.force_full {
+        return false;
+    }
+    match shared.drift.check() {
+        Some(why) => {
+            tracing::warn!("nftables tables changed by another process, restoring: {why}");
+            state.force_full = true;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Waits for a change, the periodic sync, drift of the tables or the retry after a
+/// failure, then for the rest of the minimum interval since the last sync, so bursts of
+/// changes become one sync.
+async fn wait_for_work(shared: &Shared, state: &mut SyncState, args: &Args) {
+    if let Some(at) = state.retry_at.take() {
+        tokio::time::sleep_until(at.into()).await;
+        return;
+    }
+    let deadline = tokio::time::sleep(args.max_sync_interval);
+    tokio::pin!(deadline);
+    let every = args.drift_check_interval.max(Duration::from_millis(100));
+    let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.notify.notified() => break,
+            _ = &mut deadline => break,
+            _ = checks.tick() => if drifted(shared, state) { break },
+        }
     }
     let since = state.last.elapsed();
     if since < args.min_sync_interval {
@@ -358,6 +506,8 @@ async fn wait_for_work(shared: &Shared, state: &SyncState, args: &Args) {
 async fn sync_once(shared: &Shared, health: &HealthChecks, state: &mut SyncState) {
     let pending = shared.index().pending_since();
     let start = Instant::now();
+    // An incremental transaction must not build on tables someone else changed.
+    drifted(shared, state);
     let full_wanted = state.force_full || state.programmed.is_none();
     let Some((_, computed)) = compute(shared, full_wanted) else {
         return;
@@ -366,31 +516,45 @@ async fn sync_once(shared: &Shared, health: &HealthChecks, state: &mut SyncState
     let services = shared.index().model.services.len();
     let applied = match computed {
         Computed::Nothing => Applied::nothing(),
-        Computed::Full(node, rules) => apply_full(state, &node, rules, start, services).await,
-        Computed::Changes(changes) => match apply_changes(state, changes, start).await {
-            Some(applied) => applied,
-            None => {
-                // An endpoint count beyond the precreated chains: only a full sync can
-                // add its chain. Not a failure; go again at once.
-                tracing::info!("new endpoint count needs a new chain; syncing fully");
-                state.force_full = true;
-                shared.notify.notify_one();
-                return;
+        Computed::Full(node, rules) => {
+            apply_full(state, &shared.drift, &node, rules, start, services).await
+        }
+        Computed::Changes(changes) => {
+            match apply_changes(state, &shared.drift, changes, start).await {
+                Some(applied) => applied,
+                None => {
+                    // An endpoint count beyond the precreated chains: only a full sync can
+                    // add its chain. Not a failure; go again at once.
+                    tracing::info!("new endpoint count needs a new chain; syncing fully");
+                    state.force_full = true;
+                    shared.notify.notify_one();
+                    return;
+                }
             }
-        },
+        }
     };
     record(shared, health, state, applied, pending, start, services).await;
 }
 
+/// One transaction, with the drift check told to expect it and, after a commit, to take
+/// the kernel's new state as its baseline.
+async fn apply_watched(drift: &Drift, transaction: &str, mode: &'static str) -> Result<(), Error> {
+    drift.begin();
+    let result = nft::apply(transaction, mode).await;
+    drift.end(result.is_ok(), mode == "full");
+    result
+}
+
 async fn apply_full(
     state: &mut SyncState,
+    drift: &Drift,
     node: &crate::proxy::model::NodeFacts,
     rules: std::collections::BTreeMap<ServiceId, ruleset::ServiceRules>,
     start: Instant,
     services: usize,
 ) -> Applied {
     let (plan, next) = Programmed::full(node, rules, state.programmed.as_ref());
-    let result = nft::apply(&plan.transaction, "full").await;
+    let result = apply_watched(drift, &plan.transaction, "full").await;
     if result.is_ok() {
         tracing::info!(
             services,
@@ -408,7 +572,12 @@ async fn apply_full(
 }
 
 /// Applies an incremental change; `None` when it needs a full sync instead.
-async fn apply_changes(state: &mut SyncState, changes: Changes, start: Instant) -> Option<Applied> {
+async fn apply_changes(
+    state: &mut SyncState,
+    drift: &Drift,
+    changes: Changes,
+    start: Instant,
+) -> Option<Applied> {
     let Some(programmed) = state.programmed.as_mut() else {
         return Some(Applied::nothing());
     };
@@ -419,7 +588,7 @@ async fn apply_changes(state: &mut SyncState, changes: Changes, start: Instant) 
     let result = if plan.transaction.is_empty() {
         Ok(())
     } else {
-        nft::apply(&plan.transaction, "partial").await
+        apply_watched(drift, &plan.transaction, "partial").await
     };
     if result.is_ok() {
         tracing::debug!(
@@ -449,11 +618,16 @@ async fn record(
     services: usize,
 ) {
     if let Err(e) = applied.result {
-        tracing::warn!("sync failed, next sync is a full one: {e}");
+        let failures = shared.health.sync_failed(&e.to_string());
         shared.metrics.sync_failed(e.metric_label());
         state.force_full = true;
+        state.retry_at = Some(Instant::now() + sync::retry_delay(failures, state.retry_cap));
         return;
     }
+    if applied.full.is_some() {
+        shared.health.sync_succeeded();
+    }
+    state.retry_at = None;
     state.force_full = false;
     nft::clear_udp(&applied.stale_udp).await;
     if let Some(p) = &state.programmed {
@@ -475,14 +649,32 @@ async fn record(
     }
 }
 
-/// `/healthz` (and `/livez`): 200 while a sync succeeded within `max_age`.
-fn health_reply(metrics: &Metrics, max_age: Duration) -> Reply {
-    let (ok, age) = metrics.healthy(max_age);
+/// What `/healthz` reads.
+#[derive(Clone)]
+struct HealthInputs {
+    metrics: Arc<Metrics>,
+    health: Arc<AgentHealth>,
+    drift: Arc<Drift>,
+    max_age: Duration,
+}
+
+/// `/healthz`: 200 while a sync succeeded within `max_age`, syncs are not failing
+/// repeatedly, berth's tables are as it left them and the node is not draining. `/livez`
+/// (`draining` false) is the same without the node's draining, as kube-proxy's: a
+/// liveness probe must not restart the agent of a node being drained.
+fn health_reply(h: &HealthInputs, draining: bool) -> Reply {
+    let (fresh, age) = h.metrics.healthy(h.max_age);
+    let mut problems = h.health.problems(draining);
+    if let Some(why) = h.drift.check() {
+        problems.push(format!("nftables tables changed by another process: {why}"));
+    }
+    let ok = fresh && problems.is_empty();
     Reply::json(
         if ok { 200 } else { 503 },
         &serde_json::json!({
             "lastSuccessfulSyncAgeSeconds": age.map(|a| a.as_secs_f64()),
             "healthy": ok,
+            "problems": problems,
         }),
     )
 }
@@ -490,14 +682,14 @@ fn health_reply(metrics: &Metrics, max_age: Duration) -> Reply {
 /// The routes of one admin listener: health on the healthz listener, `/metrics` only on
 /// the metrics listener (both when they share an address).
 fn admin_routes(
-    metrics: Arc<Metrics>,
-    max_age: Duration,
+    inputs: HealthInputs,
     health: bool,
     exports: bool,
 ) -> impl Fn(&str) -> Reply + Send + Sync + 'static {
     move |path| match path {
-        "/healthz" | "/livez" if health => health_reply(&metrics, max_age),
-        "/metrics" if exports => Reply::metrics(metrics.render()),
+        "/healthz" if health => health_reply(&inputs, true),
+        "/livez" if health => health_reply(&inputs, false),
+        "/metrics" if exports => Reply::metrics(inputs.metrics.render()),
         _ => Reply::not_found(),
     }
 }
@@ -507,15 +699,15 @@ fn admin_routes(
 async fn serve_admin(
     args: &Args,
     admin: &Server,
-    metrics: Arc<Metrics>,
+    inputs: HealthInputs,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, Error> {
     let shared_address = args.metrics_bind == args.healthz_bind;
     let healthz = bind(args.healthz_bind).await?;
-    let routes = admin_routes(metrics.clone(), args.healthz_max_age, true, shared_address);
+    let routes = admin_routes(inputs.clone(), true, shared_address);
     let mut tasks = vec![tokio::spawn(admin.clone().serve(healthz, routes))];
     if !shared_address {
         let listener = bind(args.metrics_bind).await?;
-        let routes = admin_routes(metrics, args.healthz_max_age, false, true);
+        let routes = admin_routes(inputs, false, true);
         tasks.push(tokio::spawn(admin.clone().serve(listener, routes)));
     }
     Ok(tasks)
@@ -527,16 +719,15 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
         .map_err(Error::io(format!("bind {addr}")))
 }
 
-/// The watches claims depend on beside Services (every Node's addresses, pool ranges) and
+/// The watches claims depend on beside Services and classes (every Node's addresses) and
 /// the Warning Events and metrics of refused claims.
 fn claim_tasks(
     client: &Client,
     shared: &Arc<Shared>,
     node: &str,
-) -> [tokio::task::JoinHandle<()>; 3] {
+) -> [tokio::task::JoinHandle<()>; 2] {
     [
         tokio::spawn(watch_nodes(Api::all(client.clone()), shared.clone())),
-        tokio::spawn(watch_pools(Api::all(client.clone()), shared.clone())),
         tokio::spawn(report_refusals(shared.clone(), node.to_string())),
     ]
 }
@@ -558,30 +749,6 @@ async fn watch_nodes(api: Api<Node>, shared: Arc<Shared>) {
                 }
                 Ok(Event::Delete(n)) => idx.apply_cluster_node(&n.name_any(), None),
                 Err(e) => tracing::warn!("Node list watch: {e}"),
-            }
-        }
-        shared.notify.notify_one();
-    }
-}
-
-async fn watch_pools(api: Api<berth_crds::LoadBalancerClass>, shared: Arc<Shared>) {
-    let mut stream = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    while let Some(ev) = stream.next().await {
-        {
-            let mut idx = shared.index();
-            match ev {
-                Ok(Event::Apply(c) | Event::InitApply(c)) => {
-                    let pool =
-                        c.spec.pool.as_ref().map(|p| {
-                            berth_crds::addresses::AddressPool::parse_lenient(&p.addresses).0
-                        });
-                    idx.set_pool(&c.name_any(), pool);
-                }
-                Ok(Event::Delete(c)) => idx.set_pool(&c.name_any(), None),
-                Ok(_) => {}
-                Err(e) => tracing::debug!("LoadBalancerClass watch: {e}"),
             }
         }
         shared.notify.notify_one();
@@ -672,6 +839,9 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
                 instance: Some(args.node_name.clone()),
             },
         ),
+        health: Arc::default(),
+        drift: Arc::default(),
+        pools: Mutex::default(),
     });
     shared.index().set_policy(claims::Policy {
         external_ip_cidrs: args.external_ip_cidrs.clone(),
@@ -680,7 +850,13 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
     tracing::info!(node = %args.node_name, healthz = %args.healthz_bind, metrics = %args.metrics_bind, "starting");
     // One admin server for every listener: one connection cap for the whole agent.
     let admin = Server::default();
-    let mut tasks = serve_admin(&args, &admin, shared.metrics.clone()).await?;
+    let inputs = HealthInputs {
+        metrics: shared.metrics.clone(),
+        health: shared.health.clone(),
+        drift: shared.drift.clone(),
+        max_age: args.healthz_max_age,
+    };
+    let mut tasks = serve_admin(&args, &admin, inputs).await?;
     let health = HealthChecks::new(args.health_check_bind, admin);
     tasks.extend([
         tokio::spawn(watch_services(Api::all(client.clone()), shared.clone())),
@@ -690,6 +866,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
             args.node_name.clone(),
             shared.clone(),
         )),
+        tokio::spawn(watch_classes(Api::all(client.clone()), shared.clone())),
         tokio::spawn(sync_loop(shared.clone(), health, args.clone())),
     ]);
     tasks.extend(claim_tasks(&client, &shared, &args.node_name));
@@ -756,8 +933,13 @@ mod tests {
     #[test]
     fn metrics_only_on_the_metrics_listener() {
         let metrics = Arc::new(Metrics::default());
-        let max_age = Duration::from_secs(90);
-        let healthz = admin_routes(metrics.clone(), max_age, true, false);
+        let inputs = HealthInputs {
+            metrics: metrics.clone(),
+            health: Arc::default(),
+            drift: Arc::default(),
+            max_age: Duration::from_secs(90),
+        };
+        let healthz = admin_routes(inputs.clone(), true, false);
         assert_eq!(healthz("/healthz").status, 503, "no sync yet");
         assert_eq!(healthz("/metrics").status, 404);
         metrics.sync_ok(None, Duration::ZERO, 0, 0, 0);
@@ -765,14 +947,23 @@ mod tests {
         assert_eq!(ok.status, 200);
         let body: serde_json::Value = serde_json::from_str(&ok.body).expect("json");
         assert_eq!(body["healthy"], true);
-        let exports = admin_routes(metrics.clone(), max_age, false, true);
+        let exports = admin_routes(inputs.clone(), false, true);
         assert_eq!(exports("/healthz").status, 404);
         let scraped = exports("/metrics");
         assert_eq!(scraped.status, 200);
         assert!(scraped.body.contains("berth_nodeproxy_services 0"));
-        let both = admin_routes(metrics, max_age, true, true);
+        let both = admin_routes(inputs.clone(), true, true);
         assert_eq!(both("/metrics").status, 200);
         assert_eq!(both("/healthz").status, 200);
+        inputs
+            .health
+            .set_draining(Some("node is being deleted".into()));
+        let draining = healthz("/healthz");
+        assert_eq!(draining.status, 503);
+        assert!(draining.body.contains("node is being deleted"));
+        assert_eq!(healthz("/livez").status, 200, "a draining agent is alive");
+        inputs.health.set_draining(None);
+        assert_eq!(healthz("/healthz").status, 200);
     }
 
     #[test]
@@ -804,6 +995,7 @@ mod tests {
         assert_eq!(a.min_sync_interval, Duration::from_millis(50));
         assert_eq!(a.l2_lease_duration, Duration::from_secs(15));
         assert_eq!(a.l2_interface, None);
+        assert_eq!(a.drift_check_interval, Duration::from_secs(1));
         let l2 = Args::try_parse_from([
             "berth-nodeproxy",
             "--node-name",

@@ -2,6 +2,7 @@
 //! LocalStack with berth's ELBv2 extension, simulated nodes and pods in network
 //! namespaces, and the helpers the end-to-end suites use to reach them.
 
+pub mod agentstate;
 pub mod awsinfra;
 pub mod controller;
 pub mod controlplane;

@@ -270,13 +270,12 @@ impl Index {
         }
     }
 
-    /// A pool LoadBalancerClass's addresses (`None`: deleted or not a pool class).
-    pub fn set_pool(&mut self, class: &str, pool: Option<AddressPool>) {
-        let changed = match pool {
-            Some(p) => self.pools.insert(class.to_string(), p.clone()) != Some(p),
-            None => self.pools.remove(class).is_some(),
-        };
-        self.claims_dirty |= changed;
+    /// The pool LoadBalancerClasses' addresses, by class name (all of them, replacing).
+    pub fn set_pools(&mut self, pools: BTreeMap<String, AddressPool>) {
+        if self.pools != pools {
+            self.pools = pools;
+            self.claims_dirty = true;
+        }
     }
 
     /// The refused claims of each Service, and a number that changes when they do.

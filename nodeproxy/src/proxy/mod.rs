@@ -5,8 +5,10 @@
 
 pub mod claims;
 pub mod convert;
+pub mod drift;
 pub mod index;
 pub mod model;
+pub mod netlink;
 pub mod nft;
 #[cfg(test)]
 mod nftcheck;

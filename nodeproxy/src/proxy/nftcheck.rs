@@ -15,7 +15,7 @@ use crate::proxy::model::{
     Cidr, Endpoint, EndpointPort, Model, NodeFacts, Protocol, Service, ServiceId, ServicePort,
     Slice,
 };
-use crate::proxy::ruleset::{all_rules, service_rules};
+use crate::proxy::ruleset::{all_rules, protect, service_rules};
 use crate::proxy::sync::{Changes, Programmed};
 
 const HOSTILE: &[&str] = &[
@@ -174,7 +174,12 @@ fn random_models_with_hostile_names_render_to_transactions_nft_accepts() {
     let mut r = StdRng::seed_from_u64(0xbe57);
     for round in 0..40 {
         let m = random_model(&mut r);
-        let (full, mut programmed) = Programmed::full(&m.node, all_rules(&m), None);
+        // Every load-balancer address is a pool address here.
+        let mut rules = all_rules(&m);
+        for (id, r) in rules.iter_mut() {
+            protect(r, m.services[id].load_balancer_ips.clone(), &m.node);
+        }
+        let (full, mut programmed) = Programmed::full(&m.node, rules, None);
         for name in HOSTILE.iter().filter(|n| n.len() > 3) {
             assert!(
                 !full.transaction.contains(name),
@@ -192,10 +197,9 @@ fn random_models_with_hostile_names_render_to_transactions_nft_accepts() {
         for (id, svc) in next.services.iter().take(5) {
             let mut svc = svc.clone();
             svc.id = id.clone();
-            changes.insert(
-                id.clone(),
-                Some(service_rules(&svc, next.slices_of(id), &m.node)),
-            );
+            let mut rules = service_rules(&svc, next.slices_of(id), &m.node);
+            protect(&mut rules, svc.load_balancer_ips.clone(), &m.node);
+            changes.insert(id.clone(), Some(rules));
         }
         let incr = programmed.plan_incremental(&changes);
         assert!(

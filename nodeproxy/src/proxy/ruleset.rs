@@ -50,6 +50,8 @@ pub enum MapName {
     AffinityIds,
     /// Frontends (address . connection mark) whose affinity lasts this many seconds.
     AffinityTimeout(u32),
+    /// Pool addresses: traffic to them that no Service frontend took is dropped.
+    LbAddresses,
 }
 
 impl MapName {
@@ -69,6 +71,7 @@ impl MapName {
             MapName::FirewallAllow => "firewall-allow".into(),
             MapName::AffinityIds => "affinity-ids".into(),
             MapName::AffinityTimeout(t) => format!("affinity-timeout-{t}"),
+            MapName::LbAddresses => "lb-addresses".into(),
         }
     }
 
@@ -100,7 +103,7 @@ impl MapName {
             MapName::Backends | MapName::BackendsInternal => format!(
                 "typeof {ip} daddr . meta l4proto . th dport . numgen random mod 1 : {ip} daddr . th dport;"
             ),
-            MapName::ClusterIps => format!("type {a};"),
+            MapName::ClusterIps | MapName::LbAddresses => format!("type {a};"),
             MapName::ExternalMasq | MapName::FirewallFrontends | MapName::InternalShortcut => {
                 format!("type {frontend};")
             }
@@ -487,6 +490,36 @@ pub fn timeout_set(f: Family, secs: u32) -> String {
     )
 }
 
+/// Pool addresses only answer on their Services' frontends, and those are DNATed before
+/// the input hook: what still reaches it addressed to a pool address is for a host
+/// listener (sshd, the kubelet, this agent) and is dropped. Replies to the node's own
+/// connections and their ICMP errors pass, and for IPv6 neighbour discovery (ARP, the
+/// IPv4 equivalent, never passes through `ip` tables).
+fn lb_address_check(f: Family) -> String {
+    let nd = match f {
+        Family::V4 => "",
+        Family::V6 => " icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } return;",
+    };
+    format!(
+        "  chain lb-address-check {{{nd} ct direction reply return; ct state related return; drop; }}\n"
+    )
+}
+
+/// Marks `addrs` (a pool Service's load-balancer addresses) for [`lb_address_check`] in
+/// the Service's rules. Node addresses are never marked: host listeners stay reachable on
+/// them whatever a Service's status says.
+pub fn protect(
+    rules: &mut ServiceRules,
+    addrs: impl IntoIterator<Item = IpAddr>,
+    node: &NodeFacts,
+) {
+    for a in addrs {
+        if !node.addresses.contains(&a) {
+            rules.put(Family::of(&a), MapName::LbAddresses, a.to_string(), None);
+        }
+    }
+}
+
 /// The fixed part of one family's table: maps, sets and chains (no elements).
 pub fn skeleton(
     f: Family,
@@ -512,6 +545,7 @@ pub fn skeleton(
         MapName::FirewallFrontends,
         MapName::FirewallAllow,
         MapName::AffinityIds,
+        MapName::LbAddresses,
     ] {
         s.push_str(&m.declaration(f));
     }
@@ -603,6 +637,7 @@ pub fn skeleton(
     }
     let _ = writeln!(s, "  chain cluster-ips-check {{{cluster_check} }}");
     let _ = writeln!(s, "  chain affinity-record {{ }}");
+    s.push_str(&lb_address_check(f));
     let hook = |name: &str, kind: &str, hook: &str, prio: i32, body: &str| {
         format!(
             "  chain {name} {{ type {kind} hook {hook} priority {prio}; policy accept; {body} }}\n"
@@ -638,7 +673,9 @@ pub fn skeleton(
         "filter",
         "input",
         -110,
-        "ct state new jump endpoints-check;",
+        &format!(
+            "ct state new jump endpoints-check; {ip} daddr @lb-addresses jump lb-address-check;"
+        ),
     ));
     s.push_str(&hook(
         "filter-forward",
@@ -1097,6 +1134,35 @@ mod tests {
         assert!(t1.contains("  chain ep-64 { "));
         assert!(!t1.contains("  chain ep-65 { "));
         assert!(t1.contains("delete table ip berth"));
+    }
+
+    #[test]
+    fn pool_addresses_drop_what_no_frontend_took_but_never_node_addresses() {
+        let svc = web();
+        let mut r = rules_of(&svc, &[]);
+        protect(
+            &mut r,
+            [ip("198.19.0.1"), ip("198.18.1.10"), ip("fd00:19::1")],
+            &node(),
+        );
+        assert!(has(&r, MapName::LbAddresses, "198.19.0.1"));
+        assert!(
+            !has(&r, MapName::LbAddresses, "198.18.1.10"),
+            "a node address"
+        );
+        assert!(r.elements.contains_key(&ElemKey {
+            family: Family::V6,
+            map: MapName::LbAddresses,
+            key: "fd00:19::1".into(),
+        }));
+        let v4 = skeleton(Family::V4, &node(), &BTreeSet::new(), &BTreeSet::new());
+        assert!(v4.contains("  set lb-addresses { type ipv4_addr; }"));
+        assert!(v4.contains("ip daddr @lb-addresses jump lb-address-check;"));
+        assert!(v4.contains(
+            "chain lb-address-check { ct direction reply return; ct state related return; drop; }"
+        ));
+        let v6 = skeleton(Family::V6, &node(), &BTreeSet::new(), &BTreeSet::new());
+        assert!(v6.contains("icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } return;"));
     }
 
     #[test]

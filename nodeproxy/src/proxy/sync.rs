@@ -6,9 +6,19 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::proxy::model::{Family, NodeFacts, ServiceId};
 use crate::proxy::ruleset::{self, ElemKey, Frontend, HealthCheck, MapName, ServiceRules};
+
+/// How long to wait before retrying after `failures` consecutive failed transactions:
+/// 1 s, doubling, at most `cap` (never less than 1 s). Changes arriving meanwhile wait
+/// too: a transaction nft refuses must not be retried in a hot loop.
+pub fn retry_delay(failures: u32, cap: Duration) -> Duration {
+    let base = Duration::from_secs(1);
+    let doubled = base.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    doubled.min(cap.max(base))
+}
 
 /// A change to apply: new rules of a Service, or `None` when it is gone.
 pub type Changes = BTreeMap<ServiceId, Option<ServiceRules>>;
@@ -388,6 +398,15 @@ mod tests {
                 .transaction
                 .contains("flush map ip berth affinity")
         );
+    }
+
+    #[test]
+    fn retries_back_off_up_to_the_cap() {
+        let cap = Duration::from_secs(30);
+        let delays: Vec<u64> = (1..=7).map(|n| retry_delay(n, cap).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(retry_delay(u32::MAX, cap), cap);
+        assert_eq!(retry_delay(3, Duration::ZERO), Duration::from_secs(1));
     }
 
     #[test]

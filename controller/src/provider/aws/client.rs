@@ -414,6 +414,18 @@ impl AwsApi for Aws {
         .map(|_| ())
     }
 
+    async fn remove_tags(&self, arn: &str, keys: &[String]) -> Result<(), AwsError> {
+        self.call("RemoveTags", || {
+            self.elb
+                .remove_tags()
+                .resource_arns(arn)
+                .set_tag_keys(Some(keys.to_vec()))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
     async fn create_load_balancer(&self, d: &DesiredLoadBalancer) -> Result<LbInfo, AwsError> {
         let sgs = (!d.security_groups.is_empty()).then(|| d.security_groups.clone());
         let out = self

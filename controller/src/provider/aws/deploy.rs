@@ -1127,5 +1127,160 @@ mod tests {
             assert_eq!(s.tgs.keys().cloned().collect::<BTreeSet<_>>(), tgs);
             assert!(s.listeners.values().all(|l| l.lb_arn == new.arn));
         }
+
+        /// Turns deletion protection on behind berth's back (the AWS API, not berth).
+        fn protect_outside(aws: &FakeAws) {
+            let mut s = aws.state();
+            for l in s.lbs.values_mut() {
+                l.attributes
+                    .insert(DELETION_PROTECTION.into(), "true".into());
+            }
+        }
+
+        fn only_tags(calls: &[String]) -> bool {
+            calls.iter().all(|c| c.starts_with("AddTags "))
+        }
+
+        #[tokio::test]
+        async fn protection_set_outside_berth_survives_deletion_rename_and_scheme_change() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            let lb = ensure(&aws, &inv, &d, me()).await.expect("ensure").lb;
+            protect_outside(&aws);
+            mutations(&aws);
+            let whole = |aws: &FakeAws| {
+                let s = aws.state();
+                (s.lbs.len(), s.listeners.len(), s.tgs.len())
+            };
+            // Deleted, with no annotation asking for protection.
+            let err = remove(&aws, &inv, me(), std::slice::from_ref(&d.name), false).await;
+            assert!(
+                matches!(
+                    err,
+                    Err(ApplyError::DeletionProtected {
+                        by_berth: false,
+                        ..
+                    })
+                ),
+                "{err:?}"
+            );
+            assert_eq!(mutations(&aws), Vec::<String>::new());
+            // Renamed: no new load balancer while the old one cannot go.
+            let renamed = desired(&web(&[(keys::NAME, "renamed")]), &nodes(&["i-1"]));
+            let err = ensure(&aws, &inv, &renamed, me()).await;
+            assert!(
+                matches!(err, Err(ApplyError::DeletionProtected { .. })),
+                "{err:?}"
+            );
+            assert_eq!(mutations(&aws), Vec::<String>::new());
+            // Scheme changed.
+            let public = desired(&web(&[(keys::SCHEME, "internet-facing")]), &nodes(&["i-1"]));
+            let err = ensure(&aws, &inv, &public, me()).await;
+            assert!(
+                matches!(err, Err(ApplyError::DeletionProtected { .. })),
+                "{err:?}"
+            );
+            assert_eq!(mutations(&aws), Vec::<String>::new());
+            // An annotation asking for it off does not turn it off either.
+            let off = web(&[(keys::ATTRIBUTES, "deletion_protection.enabled=false")]);
+            ensure(&aws, &inv, &desired(&off, &nodes(&["i-1"])), me())
+                .await
+                .expect("ensure");
+            assert!(only_tags(&mutations(&aws)));
+            let s = aws.state();
+            assert_eq!(s.lbs[&lb.arn].attributes[DELETION_PROTECTION], "true");
+            drop(s);
+            assert_eq!(whole(&aws), (1, 2, 2));
+        }
+
+        #[tokio::test]
+        async fn protection_berth_turned_on_is_recorded_and_lifted_when_the_annotation_goes() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let on = web(&[(keys::ATTRIBUTES, "deletion_protection.enabled=true")]);
+            let d = desired(&on, &nodes(&["i-1"]));
+            let lb = ensure(&aws, &inv, &d, me()).await.expect("ensure").lb;
+            {
+                let s = aws.state();
+                assert!(protected_by_berth(&s.lbs[&lb.arn].tags));
+            }
+            let n = remove(&aws, &inv, me(), std::slice::from_ref(&d.name), false)
+                .await
+                .expect("remove");
+            assert_eq!(n, 1);
+            assert!(aws.state().lbs.is_empty());
+        }
+
+        #[tokio::test]
+        async fn an_earlier_berths_resources_are_adopted_and_given_the_identity() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let on = web(&[(keys::ATTRIBUTES, "deletion_protection.enabled=true")]);
+            let d = desired(&on, &nodes(&["i-1"]));
+            let lb = ensure(&aws, &inv, &d, me()).await.expect("ensure").lb;
+            {
+                // As an earlier berth left it: no identity, no protection record.
+                let mut s = aws.state();
+                let l = s.lbs.get_mut(&lb.arn).expect("lb");
+                l.tags.remove(tags::CLUSTER_ID);
+                l.tags.remove(tags::PROTECTION);
+                for t in s.tgs.values_mut() {
+                    t.tags.remove(tags::CLUSTER_ID);
+                }
+            }
+            let again = ensure(&aws, &Inventory::default(), &d, me())
+                .await
+                .expect("adopt");
+            assert_eq!(again.lb.arn, lb.arn, "kept, not recreated");
+            let s = aws.state();
+            let tags = &s.lbs[&lb.arn].tags;
+            assert_eq!(tags.get(tags::CLUSTER_ID).map(String::as_str), Some("id-1"));
+            assert!(protected_by_berth(tags), "the annotation protected it");
+            assert!(
+                s.tgs
+                    .values()
+                    .all(|t| t.tags.get(tags::CLUSTER_ID).map(String::as_str) == Some("id-1"))
+            );
+        }
+
+        #[tokio::test]
+        async fn another_clusters_load_balancer_of_the_same_name_is_a_conflict() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            let mut theirs = d.clone();
+            theirs
+                .tags
+                .insert(tags::CLUSTER_ID.into(), "id-other".into());
+            aws.create_load_balancer(&theirs).await.expect("theirs");
+            let err = ensure(&aws, &inv, &d, me()).await;
+            assert!(matches!(err, Err(ApplyError::NameConflict(_))), "{err:?}");
+            remove(&aws, &inv, me(), std::slice::from_ref(&d.name), false)
+                .await
+                .expect("remove");
+            assert_eq!(aws.state().lbs.len(), 1, "never deleted");
+        }
+
+        #[tokio::test]
+        async fn a_listener_and_target_group_added_by_hand_are_kept() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            let lb = ensure(&aws, &inv, &d, me()).await.expect("ensure").lb;
+            let mut hand = d.target_groups[0].clone();
+            hand.name = "by-hand".into();
+            hand.tags = BTreeMap::from([("team".to_string(), "web".to_string())]);
+            let tg = aws.create_target_group(&hand).await.expect("tg");
+            let mut l = d.listeners[0].clone();
+            l.port = 8443;
+            aws.create_listener(&lb.arn, &l, &tg.arn)
+                .await
+                .expect("listener");
+            mutations(&aws);
+            ensure(&aws, &inv, &d, me()).await.expect("ensure again");
+            assert_eq!(mutations(&aws), Vec::<String>::new());
+            remove(&aws, &inv, me(), std::slice::from_ref(&d.name), false)
+                .await
+                .expect("remove");
+            let s = aws.state();
+            let left: Vec<&str> = s.tgs.values().map(|t| t.info.name.as_str()).collect();
+            assert_eq!(left, vec!["by-hand"]);
+        }
     }
 }

@@ -691,6 +691,10 @@ pub async fn ensure<A: AwsApi>(
 ) -> Result<Applied, ApplyError> {
     let found = ensure_load_balancer(aws, inventory, desired, owner).await?;
     let legacy = owner.identity.claim(&found.tags) == Claim::Legacy;
+    if legacy {
+        // First: the IAM policy lets berth change only resources carrying the identity.
+        aws.add_tags(&found.lb.arn, &owner.identity.tag()).await?;
+    }
     update_load_balancer(aws, &found, legacy, desired).await?;
     let (lb, fresh) = (found.lb, found.fresh);
     let (attached, foreign) = if fresh {

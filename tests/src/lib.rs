@@ -8,6 +8,7 @@ pub mod controlplane;
 pub mod env;
 pub mod error;
 pub mod helm;
+pub mod identity;
 pub mod kubelet;
 pub mod localstack;
 pub mod net;

@@ -1,10 +1,11 @@
 //! Two clusters with one cluster name in one account: two controllers with the same
 //! `--cluster-name` but their own `--cluster-id` (and class) against one LocalStack. A
 //! Service of the other cluster is one this cluster's apiserver does not have: the
-//! second controller's Service is deleted behind its back while it is stopped. The first
-//! controller's sweep deletes its own orphan but, over three more sweep intervals, never
-//! touches the other's load balancers and target groups, nor a target group attached by
-//! hand to one of its own NLBs; the second controller, started again, deletes its orphan.
+//! second controller's Service is deleted behind its back while the controllers are
+//! stopped. The first controller, started again, deletes its own orphan but, over three
+//! more sweep intervals, never touches the other's load balancers and target groups, nor
+//! a target group attached by hand to one of its own NLBs; the second controller, started
+//! again, deletes its orphan.
 
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
@@ -197,13 +198,17 @@ async fn body(case: &mut Case, hand_tg: &mut Option<String>) {
     let name = format!("hand-{:08x}", rand::random::<u32>());
     *hand_tg = Some(attach_by_hand(&case.elb, &lb, &own_tg, &name, 8443).await);
 
-    // Cluster B's controller stops; its Service goes where A's apiserver never had it.
-    if let Some(mut c) = case.b.controller.take() {
-        c.kill();
+    // Both controllers stop; each cluster's Service is deleted where only its own
+    // apiserver would know (finalizer removed). A comes back first: its sweep deletes its
+    // own orphan (proof that it sweeps) and must leave B's alone.
+    for c in [&mut case.a, &mut case.b] {
+        if let Some(mut p) = c.controller.take() {
+            p.kill();
+        }
     }
     case.delete_behind_the_back("b-gone");
-    // A's own orphan: proof that A's sweep runs and deletes what is A's.
     case.delete_behind_the_back("a-gone");
+    Case::start(&case.env, &ns, &mut case.a, "identity-a2");
     case.gone(&a_gone, "cluster A's own orphan deleted by A's sweep")
         .await;
     tokio::time::sleep(THREE_SWEEPS).await;

@@ -694,6 +694,7 @@ pub async fn ensure<A: AwsApi>(
     if legacy {
         // First: the IAM policy lets berth change only resources carrying the identity.
         aws.add_tags(&found.lb.arn, &owner.identity.tag()).await?;
+        tracing::info!(lb = %found.lb.name, "gave a load balancer of an earlier berth this cluster's identity");
     }
     update_load_balancer(aws, &found, legacy, desired).await?;
     let (lb, fresh) = (found.lb, found.fresh);

@@ -958,7 +958,15 @@ async fn controller_killed_mid_provisioning_leaves_one_lb_and_no_leftovers() {
         serde_json::json!({"scheme": "internet-facing", "targetType": "ip"}),
     )
     .await;
-    // An orphan: a target group tagged for this cluster and a Service UID that is gone.
+    // An orphan: a target group tagged for this cluster (its identity: the controllers
+    // here use the default, the kube-system Namespace UID) and a Service UID that is gone.
+    let cluster_id = case.env.kubectl(&[
+        "get",
+        "namespace",
+        "kube-system",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
     let orphan = case
         .elb
         .create_target_group()
@@ -974,6 +982,12 @@ async fn controller_killed_mid_provisioning_leaves_one_lb_and_no_leftovers() {
             elb::types::Tag::builder()
                 .key("berth.dev/cluster")
                 .value(&case.env.info.cluster_name)
+                .build(),
+        )
+        .tags(
+            elb::types::Tag::builder()
+                .key("berth.dev/cluster-id")
+                .value(&cluster_id)
                 .build(),
         )
         .tags(

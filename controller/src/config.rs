@@ -68,6 +68,11 @@ pub struct Config {
     /// Log as JSON.
     #[arg(long, env = "BERTH_LOG_JSON")]
     pub log_json: bool,
+    /// This cluster's identity, tagged on every AWS resource (`berth.dev/cluster-id`):
+    /// only resources carrying it are adopted or deleted. Default: the UID of the
+    /// `kube-system` Namespace.
+    #[arg(long, env = "BERTH_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
 }
 
 /// `250ms`, `10s`, `5m`, `1h`.

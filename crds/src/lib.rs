@@ -43,6 +43,13 @@ pub mod tags {
     pub const SERVICE_UID: &str = "berth.dev/service-uid";
     /// What the resource is for the Service: `loadbalancer` or `targetgroup/<port>/<proto>`.
     pub const RESOURCE: &str = "berth.dev/resource";
+    /// The cluster's identity (the `kube-system` Namespace UID unless set explicitly): the
+    /// sweep, adoption and target-group reuse act only on resources carrying this
+    /// cluster's value, so two clusters with one name never touch each other's.
+    pub const CLUSTER_ID: &str = "berth.dev/cluster-id";
+    /// On a load balancer whose deletion protection berth itself turned on (value
+    /// `berth`): only then may berth turn it off again.
+    pub const PROTECTION: &str = "berth.dev/deletion-protection";
 }
 
 /// Service annotations berth reads: the AWS Load Balancer Controller's names, so existing

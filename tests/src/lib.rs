@@ -9,6 +9,7 @@ pub mod controlplane;
 pub mod env;
 pub mod error;
 pub mod helm;
+pub mod identity;
 pub mod kubelet;
 pub mod l2scale;
 pub mod localstack;

@@ -958,7 +958,15 @@ async fn controller_killed_mid_provisioning_leaves_one_lb_and_no_leftovers() {
         serde_json::json!({"scheme": "internet-facing", "targetType": "ip"}),
     )
     .await;
-    // An orphan: a target group tagged for this cluster and a Service UID that is gone.
+    // An orphan: a target group tagged for this cluster (its identity: the controllers
+    // here use the default, the kube-system Namespace UID) and a Service UID that is gone.
+    let cluster_id = case.env.kubectl(&[
+        "get",
+        "namespace",
+        "kube-system",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
     let orphan = case
         .elb
         .create_target_group()
@@ -974,6 +982,12 @@ async fn controller_killed_mid_provisioning_leaves_one_lb_and_no_leftovers() {
             elb::types::Tag::builder()
                 .key("berth.dev/cluster")
                 .value(&case.env.info.cluster_name)
+                .build(),
+        )
+        .tags(
+            elb::types::Tag::builder()
+                .key("berth.dev/cluster-id")
+                .value(&cluster_id)
                 .build(),
         )
         .tags(
@@ -1588,6 +1602,15 @@ async fn stray_and_removed_target_groups_of_a_live_service_are_deleted() {
     assert_eq!(listeners.len(), 2);
     let kept_tg = listeners[0].2.clone();
     let tag = |k: &str, v: &str| elb::types::Tag::builder().key(k).value(v).build();
+    // Tagged as this controller tags (its identity is the kube-system Namespace UID), so
+    // no sweep of another case's controller migrates it meanwhile.
+    let cluster_id = case.env.kubectl(&[
+        "get",
+        "namespace",
+        "kube-system",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
     let stray = case
         .elb
         .create_target_group()
@@ -1597,6 +1620,7 @@ async fn stray_and_removed_target_groups_of_a_live_service_are_deleted() {
         .vpc_id(&case.env.info.aws.vpc_id)
         .target_type(elb::types::TargetTypeEnum::Ip)
         .tags(tag("berth.dev/cluster", &case.env.info.cluster_name))
+        .tags(tag("berth.dev/cluster-id", &cluster_id))
         .tags(tag("berth.dev/service-uid", &id))
         .tags(tag("berth.dev/service", &format!("{}/web", case.ns.name)))
         .tags(tag("berth.dev/resource", "targetgroup/8080/TCP"))

@@ -129,6 +129,7 @@ pub trait AwsApi: Send + Sync {
         arn: &str,
         tags: &BTreeMap<String, String>,
     ) -> impl Future<Output = Res<()>> + Send;
+    fn remove_tags(&self, arn: &str, keys: &[String]) -> impl Future<Output = Res<()>> + Send;
     fn create_load_balancer(
         &self,
         d: &DesiredLoadBalancer,

@@ -414,6 +414,18 @@ impl AwsApi for Aws {
         .map(|_| ())
     }
 
+    async fn remove_tags(&self, arn: &str, keys: &[String]) -> Result<(), AwsError> {
+        self.call("RemoveTags", || {
+            self.elb
+                .remove_tags()
+                .resource_arns(arn)
+                .set_tag_keys(Some(keys.to_vec()))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
     async fn create_load_balancer(&self, d: &DesiredLoadBalancer) -> Result<LbInfo, AwsError> {
         let sgs = (!d.security_groups.is_empty()).then(|| d.security_groups.clone());
         let out = self
@@ -934,5 +946,124 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+}
+
+/// The chart's IAM policy against the calls this client makes, so neither drifts.
+#[cfg(test)]
+mod iam_policy {
+    use std::collections::BTreeSet;
+
+    use serde_json::Value;
+
+    /// `service:Operation` for every `call("Operation", …)` here: `ec2` when the closure
+    /// uses the EC2 client, else `elasticloadbalancing`.
+    fn called() -> BTreeSet<String> {
+        let source = include_str!("client.rs");
+        let source = &source[..source.find("#[cfg(test)]").unwrap_or(source.len())];
+        let mut out = BTreeSet::new();
+        for (at, _) in source.match_indices(".call(\"") {
+            let rest = &source[at + 7..];
+            let op = &rest[..rest.find('"').unwrap_or(0)];
+            let body = &rest[..rest.find(".send()").unwrap_or(rest.len())];
+            let service = if body.contains("self.ec2") {
+                "ec2"
+            } else {
+                "elasticloadbalancing"
+            };
+            out.insert(format!("{service}:{op}"));
+        }
+        out
+    }
+
+    fn policy() -> Value {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../charts/berth/iam-policy.json"
+        );
+        let text = std::fs::read_to_string(path).expect("charts/berth/iam-policy.json");
+        serde_json::from_str(&text).expect("the policy is JSON")
+    }
+
+    fn actions(statement: &Value) -> Vec<String> {
+        match &statement["Action"] {
+            Value::String(a) => vec![a.clone()],
+            Value::Array(a) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn statements() -> Vec<Value> {
+        policy()["Statement"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_policy_allows_exactly_the_calls_the_client_makes() {
+        let called = called();
+        assert!(called.len() > 20, "{called:?}");
+        assert!(called.contains("ec2:DescribeSubnets"));
+        let allowed: BTreeSet<String> = statements().iter().flat_map(actions).collect();
+        let missing: Vec<&String> = called.difference(&allowed).collect();
+        let unused: Vec<&String> = allowed.difference(&called).collect();
+        assert!(missing.is_empty(), "not in iam-policy.json: {missing:?}");
+        assert!(unused.is_empty(), "never called: {unused:?}");
+    }
+
+    /// Listeners carry no tags berth could be matched by: their two calls are limited
+    /// to listeners of network load balancers instead.
+    const UNTAGGED: [&str; 2] = [
+        "elasticloadbalancing:DeleteListener",
+        "elasticloadbalancing:ModifyListener",
+    ];
+
+    #[test]
+    fn every_change_is_conditioned_on_the_cluster_identity() {
+        for s in statements() {
+            let changes: Vec<String> = actions(&s)
+                .into_iter()
+                .filter(|a| !a.contains(":Describe"))
+                .collect();
+            if changes.is_empty() {
+                continue;
+            }
+            let condition = s["Condition"].to_string();
+            if changes.iter().all(|a| UNTAGGED.contains(&a.as_str())) {
+                assert_eq!(
+                    s["Resource"],
+                    "arn:aws:elasticloadbalancing:*:*:listener/net/*/*/*"
+                );
+                continue;
+            }
+            assert!(
+                condition.contains(
+                    "Tag/berth.dev/cluster-id\":\"${aws:PrincipalTag/berth.dev/cluster-id}"
+                ),
+                "{s}"
+            );
+            let on_existing = changes.iter().any(|a| {
+                [
+                    "Delete",
+                    "Modify",
+                    "Set",
+                    "Register",
+                    "Deregister",
+                    "RemoveTags",
+                ]
+                .iter()
+                .any(|verb| a.contains(&format!(":{verb}")))
+            });
+            if on_existing {
+                assert!(
+                    condition.contains("aws:ResourceTag/berth.dev/cluster-id\":\"${"),
+                    "{s}"
+                );
+            }
+        }
     }
 }

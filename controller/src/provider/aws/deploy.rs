@@ -10,22 +10,39 @@ use berth_crds::tags;
 
 use crate::provider::aws::annotations::HealthCheck;
 use crate::provider::aws::api::{AwsApi, AwsError, LbInfo, ListenerInfo, TargetState, TgInfo};
+use crate::provider::aws::identity::{Claim, Owner};
 use crate::provider::aws::model::{DesiredListener, DesiredLoadBalancer, Target};
 
 pub use crate::provider::aws::inventory::{Inventory, InventoryData};
 
 const DELETION_PROTECTION: &str = "deletion_protection.enabled";
+/// Value of [`tags::PROTECTION`] on a load balancer berth protected.
+const PROTECTED_BY_BERTH: &str = "berth";
+
+type Tags = BTreeMap<String, String>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error(transparent)]
     Aws(#[from] AwsError),
-    #[error("load balancer name {0} is taken by a resource that is not this Service's")]
+    #[error("name {0} is taken by a resource that is not this Service's")]
     NameConflict(String),
-    #[error(
-        "deletion protection is enabled on load balancer {0}: remove deletion_protection.enabled=true from the attributes annotation to delete it"
-    )]
-    DeletionProtected(String),
+    /// The load balancer would have to be deleted (Service deleted, renamed, scheme
+    /// changed) but deletion protection is on; `by_berth` when berth turned it on.
+    #[error("{}", protected_message(.name, *.by_berth))]
+    DeletionProtected { name: String, by_berth: bool },
+}
+
+fn protected_message(name: &str, by_berth: bool) -> String {
+    if by_berth {
+        format!(
+            "deletion protection is enabled on load balancer {name}: remove deletion_protection.enabled=true from the attributes annotation to delete or replace it"
+        )
+    } else {
+        format!(
+            "deletion protection on load balancer {name} was turned on outside berth, and berth never turns it off: the load balancer, its listeners and target groups are kept until it is turned off in AWS"
+        )
+    }
 }
 
 /// Attributes whose desired value differs from the actual one. Pure.
@@ -116,31 +133,53 @@ pub struct Applied {
     pub health: BTreeMap<String, (usize, usize)>,
 }
 
-/// Finds the load balancer named `name`; one tagged for another Service is a conflict.
+/// Finds the load balancer named `name` with its tags; one that is not this Service's
+/// (another Service, another cluster, not berth's) is a conflict.
 async fn find_own_lb<A: AwsApi>(
     aws: &A,
     name: &str,
-    uid: &str,
-) -> Result<Option<LbInfo>, ApplyError> {
+    owner: Owner<'_>,
+) -> Result<Option<(LbInfo, Tags)>, ApplyError> {
     let Some(lb) = aws.find_load_balancer(name).await? else {
         return Ok(None);
     };
-    let tags = aws.tags(std::slice::from_ref(&lb.arn)).await?;
-    let owner = tags.get(&lb.arn).and_then(|t| t.get(tags::SERVICE_UID));
-    if owner.map(String::as_str) != Some(uid) {
+    let tags = aws
+        .tags(std::slice::from_ref(&lb.arn))
+        .await?
+        .remove(&lb.arn)
+        .unwrap_or_default();
+    if !owner.owns(&tags) {
         return Err(ApplyError::NameConflict(name.into()));
     }
-    Ok(Some(lb))
+    Ok(Some((lb, tags)))
 }
 
-/// What to do about a load balancer with deletion protection on.
+/// Finds the target group named `name`; one that is not this Service's is a conflict.
+async fn find_own_tg<A: AwsApi>(
+    aws: &A,
+    name: &str,
+    owner: Owner<'_>,
+) -> Result<Option<TgInfo>, ApplyError> {
+    let Some(tg) = aws.find_target_group(name).await? else {
+        return Ok(None);
+    };
+    let tags = aws.tags(std::slice::from_ref(&tg.arn)).await?;
+    if !tags.get(&tg.arn).is_some_and(|t| owner.owns(t)) {
+        return Err(ApplyError::NameConflict(name.into()));
+    }
+    Ok(Some(tg))
+}
+
+/// What to do about a load balancer with deletion protection on. Protection berth did
+/// not turn on is always respected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protection {
     /// Delete nothing and answer [`ApplyError::DeletionProtected`]: the owner still wants
     /// protection, or there is no owner left to say it does not (an orphan).
     Respect,
-    /// The owner no longer asks for protection: turn it off, then delete.
-    Lift,
+    /// The owner no longer asks for protection: if berth turned it on (its
+    /// [`tags::PROTECTION`] tag), turn it off, then delete.
+    LiftOwn,
 }
 
 /// What [`teardown`] deleted.
@@ -150,13 +189,47 @@ pub struct Removed {
     pub target_groups: usize,
 }
 
-async fn is_protected<A: AwsApi>(aws: &A, lb: &LbInfo) -> Result<bool, AwsError> {
-    match aws.load_balancer_attributes(&lb.arn).await {
-        Ok(attrs) => Ok(attrs.get(DELETION_PROTECTION).map(String::as_str) == Some("true")),
+/// Whether berth turned on the protection of a load balancer with these tags. Pure.
+pub fn protected_by_berth(tags: &Tags) -> bool {
+    tags.get(tags::PROTECTION).map(String::as_str) == Some(PROTECTED_BY_BERTH)
+}
+
+/// `None` when deletion protection is off, else whether berth turned it on.
+async fn protection_of<A: AwsApi>(aws: &A, lb: &LbInfo) -> Result<Option<bool>, AwsError> {
+    let on = match aws.load_balancer_attributes(&lb.arn).await {
+        Ok(attrs) => attrs.get(DELETION_PROTECTION).map(String::as_str) == Some("true"),
         // Gone meanwhile: nothing protects it.
-        Err(e) if e.is("LoadBalancerNotFound") => Ok(false),
-        Err(e) => Err(e),
+        Err(e) if e.is("LoadBalancerNotFound") => false,
+        Err(e) => return Err(e),
+    };
+    if !on {
+        return Ok(None);
     }
+    let tags = aws.tags(std::slice::from_ref(&lb.arn)).await?;
+    Ok(Some(tags.get(&lb.arn).is_some_and(protected_by_berth)))
+}
+
+/// Checks that every load balancer may be deleted under `protection`; answers those whose
+/// protection berth turns off first.
+async fn check_protection<A: AwsApi>(
+    aws: &A,
+    lbs: &[LbInfo],
+    protection: Protection,
+) -> Result<Vec<String>, ApplyError> {
+    let mut lift = Vec::new();
+    for lb in lbs {
+        match protection_of(aws, lb).await? {
+            None => {}
+            Some(true) if protection == Protection::LiftOwn => lift.push(lb.arn.clone()),
+            Some(by_berth) => {
+                return Err(ApplyError::DeletionProtected {
+                    name: lb.name.clone(),
+                    by_berth,
+                });
+            }
+        }
+    }
+    Ok(lift)
 }
 
 /// Deletes load balancers with their listeners, and answers the target groups they
@@ -168,15 +241,7 @@ async fn delete_load_balancers<A: AwsApi>(
     lbs: &[LbInfo],
     protection: Protection,
 ) -> Result<BTreeSet<String>, ApplyError> {
-    let mut protected = Vec::new();
-    for lb in lbs {
-        if is_protected(aws, lb).await? {
-            if protection == Protection::Respect {
-                return Err(ApplyError::DeletionProtected(lb.name.clone()));
-            }
-            protected.push(lb.arn.clone());
-        }
-    }
+    let protected = check_protection(aws, lbs, protection).await?;
     let mut target_groups = BTreeSet::new();
     for lb in lbs {
         target_groups.extend(
@@ -210,35 +275,50 @@ fn not_found<T: Default>(e: AwsError) -> Result<T, AwsError> {
     }
 }
 
+/// Deletes those of the target groups `arns` that are the owner's: one attached to its
+/// load balancer by hand, or another cluster's, is never deleted. Answers how many went.
 async fn delete_target_groups<A: AwsApi>(
     aws: &A,
     inventory: &Inventory,
+    owner: Owner<'_>,
     arns: &BTreeSet<String>,
-) -> Result<(), ApplyError> {
+) -> Result<usize, ApplyError> {
+    if arns.is_empty() {
+        return Ok(0);
+    }
+    let tags = aws.tags(&arns.iter().cloned().collect::<Vec<_>>()).await?;
+    let mut deleted = 0;
     for arn in arns {
+        if !tags.get(arn).is_some_and(|t| owner.owns(t)) {
+            tracing::info!(arn = %arn, "target group is not this Service's: kept");
+            continue;
+        }
         aws.delete_target_group(arn).await?;
         inventory.remove(arn);
+        deleted += 1;
         tracing::info!(arn = %arn, "deleted target group");
     }
-    Ok(())
+    Ok(deleted)
 }
 
-/// The one delete path: the load balancers `lbs` (listeners first), then the target
-/// groups they forwarded to and `target_groups`. With [`Protection::Respect`] a protected
-/// load balancer stops it before anything is deleted, keeping listeners and target groups.
+/// The one delete path: the load balancers `lbs` (listeners first), then those of the
+/// target groups they forwarded to and `target_groups` that are the owner's. With
+/// [`Protection::Respect`], or protection berth did not turn on, a protected load
+/// balancer stops it before anything is deleted, keeping listeners and target groups.
 pub async fn teardown<A: AwsApi>(
     aws: &A,
     inventory: &Inventory,
+    owner: Owner<'_>,
     lbs: &[LbInfo],
     target_groups: BTreeSet<String>,
     protection: Protection,
 ) -> Result<Removed, ApplyError> {
     let mut tgs = delete_load_balancers(aws, inventory, lbs, protection).await?;
     tgs.extend(target_groups);
-    delete_target_groups(aws, inventory, &tgs).await?;
+    let target_groups = delete_target_groups(aws, inventory, owner, &tgs).await?;
     Ok(Removed {
         load_balancers: lbs.len(),
-        target_groups: tgs.len(),
+        target_groups,
     })
 }
 
@@ -250,20 +330,29 @@ fn wants_protection(desired: &DesiredLoadBalancer) -> Protection {
         .map(String::as_str)
     {
         Some("true") => Protection::Respect,
-        _ => Protection::Lift,
+        _ => Protection::LiftOwn,
     }
 }
 
+/// The Service's load balancer as [`ensure_load_balancer`] found or made it.
+struct Found {
+    lb: LbInfo,
+    tags: Tags,
+    /// Created just now.
+    fresh: bool,
+}
+
 /// Step 1: the load balancer, adopted by name, replaced when an immutable property
-/// changed, else created. Answers it and whether it was created just now.
+/// changed, else created. A new one replaces the Service's earlier load balancers
+/// (renamed): not while one of them is protected and may not be deleted.
 async fn ensure_load_balancer<A: AwsApi>(
     aws: &A,
     inventory: &Inventory,
     desired: &DesiredLoadBalancer,
-    uid: &str,
-) -> Result<(LbInfo, bool), ApplyError> {
-    let mut lb = find_own_lb(aws, &desired.name, uid).await?;
-    if let Some(existing) = &lb
+    owner: Owner<'_>,
+) -> Result<Found, ApplyError> {
+    let mut lb = find_own_lb(aws, &desired.name, owner).await?;
+    if let Some((existing, _)) = &lb
         && existing.scheme != desired.scheme.as_str()
     {
         tracing::info!(lb = %existing.name, "scheme changed: replacing the load balancer");
@@ -272,28 +361,81 @@ async fn ensure_load_balancer<A: AwsApi>(
         delete_load_balancers(aws, inventory, std::slice::from_ref(existing), protection).await?;
         lb = None;
     }
-    if let Some(lb) = lb {
-        return Ok((lb, false));
+    if let Some((lb, tags)) = lb {
+        return Ok(Found {
+            lb,
+            tags,
+            fresh: false,
+        });
+    }
+    let previous: Vec<String> = inventory.of(owner.uid).0.into_iter().collect();
+    if !previous.is_empty() {
+        let previous = aws.describe_load_balancers(&previous).await?;
+        check_protection(aws, &previous, Protection::LiftOwn).await?;
     }
     let created = match aws.create_load_balancer(desired).await {
         Ok(lb) => lb,
         // Created by an earlier attempt whose answer was lost.
-        Err(e) if e.is("DuplicateLoadBalancerName") => find_own_lb(aws, &desired.name, uid)
-            .await?
-            .ok_or_else(|| ApplyError::NameConflict(desired.name.clone()))?,
+        Err(e) if e.is("DuplicateLoadBalancerName") => {
+            find_own_lb(aws, &desired.name, owner)
+                .await?
+                .ok_or_else(|| ApplyError::NameConflict(desired.name.clone()))?
+                .0
+        }
         Err(e) => return Err(e.into()),
     };
-    inventory.add_lb(uid, &created.arn);
+    inventory.add_lb(owner.uid, &created.arn);
     tracing::info!(lb = %created.name, arn = %created.arn, "created load balancer");
-    Ok((created, true))
+    Ok(Found {
+        lb: created,
+        tags: desired.tags.clone(),
+        fresh: true,
+    })
+}
+
+/// Keeps the record of who turned deletion protection on, before any attribute changes:
+/// berth tags the load balancer before turning protection on, and drops a change that
+/// would turn off protection it did not turn on. A load balancer of an earlier berth
+/// (`legacy`) that the annotation protects was protected by berth. Answers whether berth
+/// turns protection off now (its record goes afterwards).
+async fn record_protection<A: AwsApi>(
+    aws: &A,
+    lb: &Found,
+    legacy: bool,
+    desired: &DesiredLoadBalancer,
+    actual: &Tags,
+    changes: &mut Tags,
+) -> Result<bool, AwsError> {
+    let wants = desired
+        .attributes
+        .get(DELETION_PROTECTION)
+        .map(String::as_str);
+    let on = actual.get(DELETION_PROTECTION).map(String::as_str) == Some("true");
+    let recorded = protected_by_berth(&lb.tags);
+    match wants {
+        Some("true") if !recorded && (!on || legacy) => {
+            let record = BTreeMap::from([(tags::PROTECTION.into(), PROTECTED_BY_BERTH.into())]);
+            aws.add_tags(&lb.lb.arn, &record).await?;
+            Ok(false)
+        }
+        Some("false") if on && !recorded => {
+            tracing::warn!(lb = %lb.lb.name, "deletion protection was turned on outside berth: not turning it off");
+            changes.remove(DELETION_PROTECTION);
+            Ok(false)
+        }
+        Some("false") => Ok(on),
+        _ => Ok(false),
+    }
 }
 
 /// The load balancer's mutable properties: address type, subnets, attributes.
 async fn update_load_balancer<A: AwsApi>(
     aws: &A,
-    lb: &LbInfo,
+    found: &Found,
+    legacy: bool,
     desired: &DesiredLoadBalancer,
 ) -> Result<(), ApplyError> {
+    let lb = &found.lb;
     if lb.ip_address_type != desired.ip_address_type.as_str() {
         aws.set_ip_address_type(&lb.arn, desired.ip_address_type)
             .await?;
@@ -305,13 +447,37 @@ async fn update_load_balancer<A: AwsApi>(
     }
     if !desired.attributes.is_empty() {
         let actual = aws.load_balancer_attributes(&lb.arn).await?;
-        let changes = attribute_changes(&desired.attributes, &actual);
+        let mut changes = attribute_changes(&desired.attributes, &actual);
+        let lifted = record_protection(aws, found, legacy, desired, &actual, &mut changes).await?;
         if !changes.is_empty() {
             aws.modify_load_balancer_attributes(&lb.arn, &changes)
                 .await?;
         }
+        if lifted {
+            aws.remove_tags(&lb.arn, &[tags::PROTECTION.to_string()])
+                .await?;
+        }
     }
     Ok(())
+}
+
+/// The target groups attached to the load balancer: the owner's, and the ARNs of the
+/// others (attached by hand: never reused, repointed from or deleted).
+async fn attached_groups<A: AwsApi>(
+    aws: &A,
+    lb: &LbInfo,
+    owner: Owner<'_>,
+) -> Result<(Vec<TgInfo>, BTreeSet<String>), AwsError> {
+    let all = aws.target_groups_of(&lb.arn).await?;
+    if all.is_empty() {
+        return Ok((all, BTreeSet::new()));
+    }
+    let arns: Vec<String> = all.iter().map(|t| t.arn.clone()).collect();
+    let tags = aws.tags(&arns).await?;
+    let (own, foreign): (Vec<TgInfo>, Vec<TgInfo>) = all
+        .into_iter()
+        .partition(|t| tags.get(&t.arn).is_some_and(|t| owner.owns(t)));
+    Ok((own, foreign.into_iter().map(|t| t.arn).collect()))
 }
 
 /// The Service's target groups by desired name, and the ARNs of those created just now.
@@ -326,7 +492,7 @@ async fn ensure_target_groups<A: AwsApi>(
     aws: &A,
     inventory: &Inventory,
     desired: &DesiredLoadBalancer,
-    uid: &str,
+    owner: Owner<'_>,
     attached: &[TgInfo],
     fresh_lb: bool,
 ) -> Result<TargetGroups, ApplyError> {
@@ -344,7 +510,7 @@ async fn ensure_target_groups<A: AwsApi>(
         let existing = if fresh_lb {
             None
         } else {
-            aws.find_target_group(&d.name).await?
+            find_own_tg(aws, &d.name, owner).await?
         };
         let tg = match existing {
             Some(tg) => tg,
@@ -355,14 +521,13 @@ async fn ensure_target_groups<A: AwsApi>(
                     tg
                 }
                 // Left by an earlier load balancer of this Service: adopt it.
-                Err(e) if e.is("DuplicateTargetGroupName") => aws
-                    .find_target_group(&d.name)
+                Err(e) if e.is("DuplicateTargetGroupName") => find_own_tg(aws, &d.name, owner)
                     .await?
                     .ok_or(ApplyError::Aws(e))?,
                 Err(e) => return Err(e.into()),
             },
         };
-        inventory.add_tg(uid, &tg.arn);
+        inventory.add_tg(owner.uid, &tg.arn);
         out.by_name.insert(d.name.clone(), tg);
     }
     Ok(out)
@@ -438,12 +603,14 @@ async fn sync_target_groups<A: AwsApi>(
     Ok(health)
 }
 
-/// Step 5: listeners: create or repoint, then delete the ones no port wants.
+/// Step 5: listeners: create or repoint, then delete the ones no port wants, except
+/// those forwarding to a target group that is not the Service's (added by hand).
 async fn sync_listeners<A: AwsApi>(
     aws: &A,
     lb: &LbInfo,
     desired: &DesiredLoadBalancer,
     tgs: &TargetGroups,
+    foreign: &BTreeSet<String>,
     fresh_lb: bool,
 ) -> Result<(), ApplyError> {
     let listeners = if fresh_lb {
@@ -462,7 +629,15 @@ async fn sync_listeners<A: AwsApi>(
         }
     }
     let wanted_ports: BTreeSet<i32> = desired.listeners.iter().map(|l| l.port).collect();
-    for l in listeners.iter().filter(|l| !wanted_ports.contains(&l.port)) {
+    let theirs = |l: &ListenerInfo| {
+        l.target_group_arn
+            .as_ref()
+            .is_some_and(|t| foreign.contains(t))
+    };
+    for l in listeners
+        .iter()
+        .filter(|l| !wanted_ports.contains(&l.port) && !theirs(l))
+    {
         aws.delete_listener(&l.arn).await?;
     }
     Ok(())
@@ -476,14 +651,14 @@ async fn delete_stale<A: AwsApi>(
     desired: &DesiredLoadBalancer,
     attached: &[TgInfo],
     tgs: &TargetGroups,
-    uid: &str,
+    owner: Owner<'_>,
 ) -> Result<(), ApplyError> {
     let wanted: BTreeSet<&String> = desired
         .target_groups
         .iter()
         .filter_map(|d| tgs.by_name.get(&d.name).map(|t| &t.arn))
         .collect();
-    let (other_lbs, inventory_tgs) = inventory.of(uid);
+    let (other_lbs, inventory_tgs) = inventory.of(owner.uid);
     let stale_tgs: BTreeSet<String> = attached
         .iter()
         .map(|t| t.arn.clone())
@@ -496,34 +671,43 @@ async fn delete_stale<A: AwsApi>(
         tracing::info!(lb = %lb.name, "deleting the Service's previous load balancer");
     }
     // Target groups the wanted load balancer still uses are never stale.
-    let attached_old = delete_load_balancers(aws, inventory, &old, Protection::Lift).await?;
+    let attached_old = delete_load_balancers(aws, inventory, &old, Protection::LiftOwn).await?;
     let stale: BTreeSet<String> = stale_tgs
         .into_iter()
         .chain(attached_old)
         .filter(|arn| !wanted.contains(arn))
         .collect();
-    delete_target_groups(aws, inventory, &stale).await
+    delete_target_groups(aws, inventory, owner, &stale).await?;
+    Ok(())
 }
 
-/// Makes AWS match `desired` for the Service `uid`.
+/// Makes AWS match `desired` for the Service `owner`. Resources of an earlier berth
+/// (tagged with the cluster name only) get the identity tag on the way.
 pub async fn ensure<A: AwsApi>(
     aws: &A,
     inventory: &Inventory,
     desired: &DesiredLoadBalancer,
-    uid: &str,
+    owner: Owner<'_>,
 ) -> Result<Applied, ApplyError> {
-    let (lb, fresh) = ensure_load_balancer(aws, inventory, desired, uid).await?;
-    update_load_balancer(aws, &lb, desired).await?;
-    let attached = if fresh {
-        Vec::new()
+    let found = ensure_load_balancer(aws, inventory, desired, owner).await?;
+    let legacy = owner.identity.claim(&found.tags) == Claim::Legacy;
+    if legacy {
+        // First: the IAM policy lets berth change only resources carrying the identity.
+        aws.add_tags(&found.lb.arn, &owner.identity.tag()).await?;
+        tracing::info!(lb = %found.lb.name, "gave a load balancer of an earlier berth this cluster's identity");
+    }
+    update_load_balancer(aws, &found, legacy, desired).await?;
+    let (lb, fresh) = (found.lb, found.fresh);
+    let (attached, foreign) = if fresh {
+        (Vec::new(), BTreeSet::new())
     } else {
-        aws.target_groups_of(&lb.arn).await?
+        attached_groups(aws, &lb, owner).await?
     };
-    let tgs = ensure_target_groups(aws, inventory, desired, uid, &attached, fresh).await?;
+    let tgs = ensure_target_groups(aws, inventory, desired, owner, &attached, fresh).await?;
     sync_tags(aws, &lb, desired, &tgs).await?;
     let health = sync_target_groups(aws, desired, &tgs).await?;
-    sync_listeners(aws, &lb, desired, &tgs, fresh).await?;
-    delete_stale(aws, inventory, &lb, desired, &attached, &tgs, uid).await?;
+    sync_listeners(aws, &lb, desired, &tgs, &foreign, fresh).await?;
+    delete_stale(aws, inventory, &lb, desired, &attached, &tgs, owner).await?;
     // Describe again only while provisioning, to learn when it turns active.
     let lb = if lb.state == "active" {
         lb
@@ -533,18 +717,19 @@ pub async fn ensure<A: AwsApi>(
     Ok(Applied { lb, health })
 }
 
-/// Deletes every resource of the Service `uid`: load balancers named `names` (if they are
-/// its own) or found in the inventory, and their target groups. Returns how many load
-/// balancers were deleted. With `keep_protection`, a protected load balancer stops it
-/// before anything is deleted ([`ApplyError::DeletionProtected`]).
+/// Deletes every resource of the Service `owner`: load balancers named `names` (if they
+/// are its own) or found in the inventory, and their target groups. Returns how many load
+/// balancers were deleted. With `keep_protection`, or protection berth did not turn on, a
+/// protected load balancer stops it before anything is deleted
+/// ([`ApplyError::DeletionProtected`]).
 pub async fn remove<A: AwsApi>(
     aws: &A,
     inventory: &Inventory,
-    uid: &str,
+    owner: Owner<'_>,
     names: &[String],
     keep_protection: bool,
 ) -> Result<usize, ApplyError> {
-    let (lb_arns, tg_arns) = inventory.of(uid);
+    let (lb_arns, tg_arns) = inventory.of(owner.uid);
     let mut lbs: Vec<LbInfo> = aws
         .describe_load_balancers(&lb_arns.into_iter().collect::<Vec<_>>())
         .await?;
@@ -552,8 +737,8 @@ pub async fn remove<A: AwsApi>(
         if lbs.iter().any(|l| &l.name == name) {
             continue;
         }
-        match find_own_lb(aws, name, uid).await {
-            Ok(Some(lb)) => lbs.push(lb),
+        match find_own_lb(aws, name, owner).await {
+            Ok(Some((lb, _))) => lbs.push(lb),
             Ok(None) | Err(ApplyError::NameConflict(_)) => {}
             Err(e) => return Err(e),
         }
@@ -561,9 +746,9 @@ pub async fn remove<A: AwsApi>(
     let protection = if keep_protection {
         Protection::Respect
     } else {
-        Protection::Lift
+        Protection::LiftOwn
     };
-    let removed = teardown(aws, inventory, &lbs, tg_arns, protection).await?;
+    let removed = teardown(aws, inventory, owner, &lbs, tg_arns, protection).await?;
     Ok(removed.load_balancers)
 }
 
@@ -691,7 +876,7 @@ mod tests {
     }
 
     mod against_the_fake {
-        use std::sync::Arc;
+        use std::sync::{Arc, LazyLock};
 
         use berth_crds::tags;
         use k8s_openapi::api::core::v1::{Node, Service};
@@ -700,9 +885,19 @@ mod tests {
         use crate::provider::aws::annotations::tests::{node, service};
         use crate::provider::aws::annotations::{annotations as keys, settings};
         use crate::provider::aws::fake::FakeAws;
+        use crate::provider::aws::identity::Identity;
         use crate::provider::aws::model::{World, build};
 
         const UID: &str = "uid-1";
+
+        static ME: LazyLock<Identity> = LazyLock::new(|| Identity::new("id-1", "c1"));
+
+        fn me() -> Owner<'static> {
+            Owner {
+                identity: &ME,
+                uid: UID,
+            }
+        }
 
         fn web(annotations: &[(&str, &str)]) -> Service {
             service(
@@ -728,7 +923,9 @@ mod tests {
                 slices: &[],
             };
             let settings = settings(svc, &Default::default(), "c1").expect("settings");
-            build(svc, &settings, &world).expect("build")
+            let mut d = build(svc, &settings, &world).expect("build");
+            ME.stamp(&mut d);
+            d
         }
 
         fn mutations(aws: &FakeAws) -> Vec<String> {
@@ -746,7 +943,7 @@ mod tests {
         async fn creates_everything_from_nothing_then_changes_nothing() {
             let (aws, inv) = (FakeAws::default(), Inventory::default());
             let d = desired(&web(&[]), &nodes(&["i-1", "i-2"]));
-            let applied = ensure(&aws, &inv, &d, UID).await.expect("ensure");
+            let applied = ensure(&aws, &inv, &d, me()).await.expect("ensure");
             assert_eq!(applied.lb.name, d.name);
             {
                 let s = aws.state();
@@ -764,7 +961,7 @@ mod tests {
             assert_eq!(inv.of(UID).0.len(), 1);
             assert_eq!(inv.of(UID).1.len(), 2);
             mutations(&aws);
-            ensure(&aws, &inv, &d, UID).await.expect("ensure again");
+            ensure(&aws, &inv, &d, me()).await.expect("ensure again");
             assert_eq!(
                 mutations(&aws),
                 Vec::<String>::new(),
@@ -783,7 +980,7 @@ mod tests {
                 .await
                 .expect("tg");
             mutations(&aws);
-            ensure(&aws, &inv, &d, UID).await.expect("ensure");
+            ensure(&aws, &inv, &d, me()).await.expect("ensure");
             let calls = mutations(&aws);
             assert_eq!(count(&calls, "CreateLoadBalancer"), 0, "{calls:?}");
             assert_eq!(count(&calls, "CreateTargetGroup"), 1, "{calls:?}");
@@ -797,7 +994,7 @@ mod tests {
         async fn updates_attributes_health_check_targets_and_listeners_in_place() {
             let (aws, inv) = (FakeAws::default(), Inventory::default());
             let first = desired(&web(&[]), &nodes(&["i-1", "i-2"]));
-            let lb = ensure(&aws, &inv, &first, UID).await.expect("ensure").lb;
+            let lb = ensure(&aws, &inv, &first, me()).await.expect("ensure").lb;
             let changed = service(
                 &[
                     ("http", 80, "TCP", Some(30080)),
@@ -816,7 +1013,7 @@ mod tests {
             );
             let d = desired(&changed, &nodes(&["i-2", "i-3"]));
             mutations(&aws);
-            let applied = ensure(&aws, &inv, &d, UID).await.expect("update");
+            let applied = ensure(&aws, &inv, &d, me()).await.expect("update");
             assert_eq!(applied.lb.arn, lb.arn, "the same load balancer");
             let calls = mutations(&aws);
             assert_eq!(count(&calls, "CreateLoadBalancer"), 0, "{calls:?}");
@@ -847,13 +1044,13 @@ mod tests {
         async fn remove_deletes_listeners_then_load_balancer_then_target_groups() {
             let (aws, inv) = (FakeAws::default(), Inventory::default());
             let d = desired(&web(&[]), &nodes(&["i-1"]));
-            ensure(&aws, &inv, &d, UID).await.expect("ensure");
+            ensure(&aws, &inv, &d, me()).await.expect("ensure");
             mutations(&aws);
             // Only by name: the inventory is gone (a restarted controller before a sweep).
             let n = remove(
                 &aws,
                 &Inventory::default(),
-                UID,
+                me(),
                 std::slice::from_ref(&d.name),
                 false,
             )
@@ -881,17 +1078,17 @@ mod tests {
             let (aws, inv) = (FakeAws::default(), Inventory::default());
             let svc = web(&[(keys::ATTRIBUTES, "deletion_protection.enabled=true")]);
             let d = desired(&svc, &nodes(&["i-1"]));
-            ensure(&aws, &inv, &d, UID).await.expect("ensure");
+            ensure(&aws, &inv, &d, me()).await.expect("ensure");
             mutations(&aws);
-            let err = remove(&aws, &inv, UID, std::slice::from_ref(&d.name), true).await;
+            let err = remove(&aws, &inv, me(), std::slice::from_ref(&d.name), true).await;
             assert!(
-                matches!(err, Err(ApplyError::DeletionProtected(ref n)) if *n == d.name),
+                matches!(err, Err(ApplyError::DeletionProtected { ref name, by_berth: true }) if *name == d.name),
                 "{err:?}"
             );
             assert_eq!(mutations(&aws), Vec::<String>::new(), "nothing touched");
             assert_eq!(aws.state().listeners.len(), 2);
             // The annotation no longer asks for protection: lifted, then deleted.
-            remove(&aws, &inv, UID, std::slice::from_ref(&d.name), false)
+            remove(&aws, &inv, me(), std::slice::from_ref(&d.name), false)
                 .await
                 .expect("remove");
             let calls = mutations(&aws);
@@ -911,9 +1108,9 @@ mod tests {
                 .tags
                 .insert(tags::SERVICE_UID.into(), "uid-other".into());
             aws.create_load_balancer(&other).await.expect("other");
-            let err = ensure(&aws, &inv, &d, UID).await;
+            let err = ensure(&aws, &inv, &d, me()).await;
             assert!(matches!(err, Err(ApplyError::NameConflict(_))), "{err:?}");
-            let n = remove(&aws, &inv, UID, std::slice::from_ref(&d.name), false)
+            let n = remove(&aws, &inv, me(), std::slice::from_ref(&d.name), false)
                 .await
                 .expect("remove");
             assert_eq!(n, 0);
@@ -924,16 +1121,171 @@ mod tests {
         async fn a_scheme_change_replaces_the_load_balancer_and_keeps_target_groups() {
             let (aws, inv) = (FakeAws::default(), Inventory::default());
             let d = desired(&web(&[]), &nodes(&["i-1"]));
-            let old = ensure(&aws, &inv, &d, UID).await.expect("ensure").lb;
+            let old = ensure(&aws, &inv, &d, me()).await.expect("ensure").lb;
             let tgs: BTreeSet<String> = aws.state().tgs.keys().cloned().collect();
             let public = desired(&web(&[(keys::SCHEME, "internet-facing")]), &nodes(&["i-1"]));
-            let new = ensure(&aws, &inv, &public, UID).await.expect("replace").lb;
+            let new = ensure(&aws, &inv, &public, me()).await.expect("replace").lb;
             assert_ne!(new.arn, old.arn);
             assert_eq!(new.scheme, "internet-facing");
             let s = aws.state();
             assert_eq!(s.lbs.len(), 1);
             assert_eq!(s.tgs.keys().cloned().collect::<BTreeSet<_>>(), tgs);
             assert!(s.listeners.values().all(|l| l.lb_arn == new.arn));
+        }
+
+        /// Turns deletion protection on behind berth's back (the AWS API, not berth).
+        fn protect_outside(aws: &FakeAws) {
+            let mut s = aws.state();
+            for l in s.lbs.values_mut() {
+                l.attributes
+                    .insert(DELETION_PROTECTION.into(), "true".into());
+            }
+        }
+
+        fn only_tags(calls: &[String]) -> bool {
+            calls.iter().all(|c| c.starts_with("AddTags "))
+        }
+
+        #[tokio::test]
+        async fn protection_set_outside_berth_survives_deletion_rename_and_scheme_change() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            let lb = ensure(&aws, &inv, &d, me()).await.expect("ensure").lb;
+            protect_outside(&aws);
+            mutations(&aws);
+            let whole = |aws: &FakeAws| {
+                let s = aws.state();
+                (s.lbs.len(), s.listeners.len(), s.tgs.len())
+            };
+            // Deleted, with no annotation asking for protection.
+            let err = remove(&aws, &inv, me(), std::slice::from_ref(&d.name), false).await;
+            assert!(
+                matches!(
+                    err,
+                    Err(ApplyError::DeletionProtected {
+                        by_berth: false,
+                        ..
+                    })
+                ),
+                "{err:?}"
+            );
+            assert_eq!(mutations(&aws), Vec::<String>::new());
+            // Renamed: no new load balancer while the old one cannot go.
+            let renamed = desired(&web(&[(keys::NAME, "renamed")]), &nodes(&["i-1"]));
+            let err = ensure(&aws, &inv, &renamed, me()).await;
+            assert!(
+                matches!(err, Err(ApplyError::DeletionProtected { .. })),
+                "{err:?}"
+            );
+            assert_eq!(mutations(&aws), Vec::<String>::new());
+            // Scheme changed.
+            let public = desired(&web(&[(keys::SCHEME, "internet-facing")]), &nodes(&["i-1"]));
+            let err = ensure(&aws, &inv, &public, me()).await;
+            assert!(
+                matches!(err, Err(ApplyError::DeletionProtected { .. })),
+                "{err:?}"
+            );
+            assert_eq!(mutations(&aws), Vec::<String>::new());
+            // An annotation asking for it off does not turn it off either.
+            let off = web(&[(keys::ATTRIBUTES, "deletion_protection.enabled=false")]);
+            ensure(&aws, &inv, &desired(&off, &nodes(&["i-1"])), me())
+                .await
+                .expect("ensure");
+            assert!(only_tags(&mutations(&aws)));
+            let s = aws.state();
+            assert_eq!(s.lbs[&lb.arn].attributes[DELETION_PROTECTION], "true");
+            drop(s);
+            assert_eq!(whole(&aws), (1, 2, 2));
+        }
+
+        #[tokio::test]
+        async fn protection_berth_turned_on_is_recorded_and_lifted_when_the_annotation_goes() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let on = web(&[(keys::ATTRIBUTES, "deletion_protection.enabled=true")]);
+            let d = desired(&on, &nodes(&["i-1"]));
+            let lb = ensure(&aws, &inv, &d, me()).await.expect("ensure").lb;
+            {
+                let s = aws.state();
+                assert!(protected_by_berth(&s.lbs[&lb.arn].tags));
+            }
+            let n = remove(&aws, &inv, me(), std::slice::from_ref(&d.name), false)
+                .await
+                .expect("remove");
+            assert_eq!(n, 1);
+            assert!(aws.state().lbs.is_empty());
+        }
+
+        #[tokio::test]
+        async fn an_earlier_berths_resources_are_adopted_and_given_the_identity() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let on = web(&[(keys::ATTRIBUTES, "deletion_protection.enabled=true")]);
+            let d = desired(&on, &nodes(&["i-1"]));
+            let lb = ensure(&aws, &inv, &d, me()).await.expect("ensure").lb;
+            {
+                // As an earlier berth left it: no identity, no protection record.
+                let mut s = aws.state();
+                let l = s.lbs.get_mut(&lb.arn).expect("lb");
+                l.tags.remove(tags::CLUSTER_ID);
+                l.tags.remove(tags::PROTECTION);
+                for t in s.tgs.values_mut() {
+                    t.tags.remove(tags::CLUSTER_ID);
+                }
+            }
+            let again = ensure(&aws, &Inventory::default(), &d, me())
+                .await
+                .expect("adopt");
+            assert_eq!(again.lb.arn, lb.arn, "kept, not recreated");
+            let s = aws.state();
+            let tags = &s.lbs[&lb.arn].tags;
+            assert_eq!(tags.get(tags::CLUSTER_ID).map(String::as_str), Some("id-1"));
+            assert!(protected_by_berth(tags), "the annotation protected it");
+            assert!(
+                s.tgs
+                    .values()
+                    .all(|t| t.tags.get(tags::CLUSTER_ID).map(String::as_str) == Some("id-1"))
+            );
+        }
+
+        #[tokio::test]
+        async fn another_clusters_load_balancer_of_the_same_name_is_a_conflict() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            let mut theirs = d.clone();
+            theirs
+                .tags
+                .insert(tags::CLUSTER_ID.into(), "id-other".into());
+            aws.create_load_balancer(&theirs).await.expect("theirs");
+            let err = ensure(&aws, &inv, &d, me()).await;
+            assert!(matches!(err, Err(ApplyError::NameConflict(_))), "{err:?}");
+            remove(&aws, &inv, me(), std::slice::from_ref(&d.name), false)
+                .await
+                .expect("remove");
+            assert_eq!(aws.state().lbs.len(), 1, "never deleted");
+        }
+
+        #[tokio::test]
+        async fn a_listener_and_target_group_added_by_hand_are_kept() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            let lb = ensure(&aws, &inv, &d, me()).await.expect("ensure").lb;
+            let mut hand = d.target_groups[0].clone();
+            hand.name = "by-hand".into();
+            hand.tags = BTreeMap::from([("team".to_string(), "web".to_string())]);
+            let tg = aws.create_target_group(&hand).await.expect("tg");
+            let mut l = d.listeners[0].clone();
+            l.port = 8443;
+            aws.create_listener(&lb.arn, &l, &tg.arn)
+                .await
+                .expect("listener");
+            mutations(&aws);
+            ensure(&aws, &inv, &d, me()).await.expect("ensure again");
+            assert_eq!(mutations(&aws), Vec::<String>::new());
+            remove(&aws, &inv, me(), std::slice::from_ref(&d.name), false)
+                .await
+                .expect("remove");
+            let s = aws.state();
+            let left: Vec<&str> = s.tgs.values().map(|t| t.info.name.as_str()).collect();
+            assert_eq!(left, vec!["by-hand"]);
         }
     }
 }

@@ -225,6 +225,18 @@ impl AwsApi for FakeAws {
         Ok(())
     }
 
+    async fn remove_tags(&self, arn: &str, keys: &[String]) -> Result<(), AwsError> {
+        let mut s = self.log("RemoveTags", arn)?;
+        let tags = match s.lbs.get_mut(arn) {
+            Some(l) => &mut l.tags,
+            None => &mut s.tg("RemoveTags", arn)?.tags,
+        };
+        for k in keys {
+            tags.remove(k);
+        }
+        Ok(())
+    }
+
     async fn create_load_balancer(&self, d: &DesiredLoadBalancer) -> Result<LbInfo, AwsError> {
         let mut s = self.log("CreateLoadBalancer", &d.name)?;
         if s.lbs.values().any(|l| l.info.name == d.name) {

@@ -118,6 +118,7 @@ impl<A: AwsApi> AwsApi for FencedAws<A> {
     read!(describe_subnets(query: &SubnetQuery) -> Vec<Candidate>);
     read!(instance_vpcs(ids: &[String]) -> std::collections::BTreeSet<String>);
     write!(add_tags, "AddTags"(arn: &str, tags: &BTreeMap<String, String>) -> ());
+    write!(remove_tags, "RemoveTags"(arn: &str, keys: &[String]) -> ());
     write!(create_load_balancer, "CreateLoadBalancer"(d: &DesiredLoadBalancer) -> LbInfo);
     write!(set_subnets, "SetSubnets"(arn: &str, subnets: &[String]) -> ());
     write!(set_ip_address_type, "SetIpAddressType"(arn: &str, t: IpAddressType) -> ());

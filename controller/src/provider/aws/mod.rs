@@ -12,6 +12,7 @@ pub mod deploy;
 pub mod fake;
 pub mod fenced;
 pub mod gc;
+pub mod identity;
 pub mod inventory;
 pub mod model;
 pub mod naming;
@@ -20,7 +21,7 @@ pub mod subnets;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use berth_crds::{AwsProvider as AwsClass, LABEL_SERVICE_NAME, LoadBalancerClass};
@@ -39,9 +40,10 @@ use crate::provider::{
 use crate::reason;
 use crate::stores::Stores;
 use annotations::{SubnetChoice, annotations as keys};
-use api::AwsApi;
+use api::{AwsApi, AwsError};
 use deploy::{ApplyError, Inventory};
 use fenced::{FENCED_CODE, FencedAws};
+use identity::{Identity, Owner};
 use model::{BuildError, Scheme, TargetType, World};
 use settings::Settings;
 use subnets::SubnetError;
@@ -74,6 +76,8 @@ pub struct AwsProvider<A = client::Aws> {
     config: Config,
     client: kube::Client,
     metrics: Arc<Metrics>,
+    /// Resolved on first use: a controller without AWS classes never needs it.
+    identity: OnceLock<Identity>,
 }
 
 fn uid(svc: &Service) -> String {
@@ -86,7 +90,7 @@ fn failure(e: &ApplyError) -> (&'static str, ProviderError) {
         ApplyError::Aws(a) if a.is(FENCED_CODE) => (reason::AWS_ERROR, FENCED),
         ApplyError::Aws(_) => (reason::AWS_ERROR, "aws"),
         ApplyError::NameConflict(_) => (reason::NAME_CONFLICT, "name_conflict"),
-        ApplyError::DeletionProtected(_) => (reason::DELETION_PROTECTED, "deletion_protected"),
+        ApplyError::DeletionProtected { .. } => (reason::DELETION_PROTECTED, "deletion_protected"),
     };
     let error = ProviderError {
         label,
@@ -122,7 +126,21 @@ impl<A: AwsApi> AwsProvider<A> {
             config,
             client,
             metrics,
+            identity: OnceLock::new(),
         }
+    }
+
+    /// This cluster's identity: `--cluster-id`, else the `kube-system` Namespace's UID.
+    async fn identity(&self) -> Result<Identity, AwsError> {
+        if let Some(i) = self.identity.get() {
+            return Ok(i.clone());
+        }
+        let id = identity::resolve(&self.client, self.config.cluster_id.as_deref())
+            .await
+            .map_err(|e| AwsError::other("ClusterIdentity", e.to_string()))?;
+        let resolved = Identity::new(id, self.config.cluster_name.clone());
+        tracing::info!(cluster_id = %resolved.id, "cluster identity");
+        Ok(self.identity.get_or_init(|| resolved).clone())
     }
 
     /// Whether a class this controller handles uses AWS. Without one the controller makes
@@ -346,7 +364,7 @@ impl<A: AwsApi> AwsProvider<A> {
             nodes: &nodes,
             slices: &slices,
         };
-        let desired = match model::build(svc, &settings, &world) {
+        let mut desired = match model::build(svc, &settings, &world) {
             Ok(d) => d,
             Err(e @ BuildError::NoSubnets) => {
                 return Outcome::invalid(reason::NO_SUBNETS, e.to_string());
@@ -356,7 +374,16 @@ impl<A: AwsApi> AwsProvider<A> {
             }
         };
         let skipped = self.skipped_endpoints(&settings, &slices);
-        let out = match deploy::ensure(&self.aws, &self.inventory, &desired, &uid(svc)).await {
+        let identity = match self.identity().await {
+            Ok(i) => i,
+            Err(e) => return failed(&e.into()),
+        };
+        identity.stamp(&mut desired);
+        let owner = Owner {
+            identity: &identity,
+            uid: &uid(svc),
+        };
+        let out = match deploy::ensure(&self.aws, &self.inventory, &desired, owner).await {
             Ok(applied) => applied_outcome(svc, &applied),
             Err(e) => failed(&e),
         };
@@ -379,22 +406,33 @@ impl<A: AwsApi> AwsProvider<A> {
             .and_then(|m| m.get("deletion_protection.enabled").cloned())
             .is_some_and(|v| v == "true");
         let names = self.candidate_names(svc);
-        let removed = deploy::remove(
-            &self.aws,
-            &self.inventory,
-            &uid(svc),
-            &names,
-            keep_protection,
-        )
-        .await;
+        let removed = match self.identity().await {
+            Ok(identity) => {
+                let uid = uid(svc);
+                let owner = Owner {
+                    identity: &identity,
+                    uid: &uid,
+                };
+                deploy::remove(&self.aws, &self.inventory, owner, &names, keep_protection).await
+            }
+            Err(e) => Err(e.into()),
+        };
         match removed {
             Ok(0) => Outcome::done(),
             Ok(_) => Outcome::done().with_events(vec![Note::normal(
                 "Deleted",
                 "deleted the load balancer and its target groups",
             )]),
-            Err(e @ ApplyError::DeletionProtected(_)) => {
+            // The finalizer stays until protection is off: the Service (Terminating when
+            // deleted) keeps saying why its load balancer is still there.
+            Err(e @ ApplyError::DeletionProtected { .. }) => {
+                let note = Note {
+                    warning: true,
+                    reason: reason::DELETION_PROTECTED,
+                    message: e.to_string(),
+                };
                 Outcome::invalid(reason::DELETION_PROTECTED, e.to_string())
+                    .with_events(vec![note])
                     .then(Next::Requeue(Duration::from_secs(30)))
             }
             Err(e) => {
@@ -413,17 +451,23 @@ impl<A: AwsApi> AwsProvider<A> {
 
     /// One orphan sweep: refreshes the inventory and deletes what gone Services left.
     async fn sweep(&self) {
-        let live: BTreeSet<String> = self
+        let live: gc::Live = self
             .stores
             .services
             .state()
             .iter()
-            .filter_map(|s| s.metadata.uid.clone())
+            .filter_map(|s| {
+                let ns = s.namespace().unwrap_or_default();
+                Some((s.metadata.uid.clone()?, format!("{ns}/{}", s.name_any())))
+            })
             .collect();
+        let identity = match self.identity().await {
+            Ok(i) => i,
+            Err(e) => return tracing::warn!(error = %e, "orphan sweep skipped"),
+        };
         let client = &self.client;
         let exists = |r: gc::Tagged| async move { gc::service_exists(client, &r).await };
-        let cluster = &self.config.cluster_name;
-        match gc::sweep(&self.aws, &self.inventory, cluster, &live, exists).await {
+        match gc::sweep(&self.aws, &self.inventory, &identity, &live, exists).await {
             Ok(report) => {
                 self.metrics
                     .gc_deleted
@@ -558,8 +602,11 @@ impl<A: AwsApi + 'static> Provider for AwsProvider<A> {
             if !self.in_use() {
                 return;
             }
-            if let Err(e) = gc::refresh(&self.aws, &self.inventory, &self.config.cluster_name).await
-            {
+            let refreshed = match self.identity().await {
+                Ok(identity) => gc::refresh(&self.aws, &self.inventory, &identity).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = refreshed {
                 tracing::warn!(error = %e, "initial inventory sweep failed");
             }
         })
@@ -618,7 +665,8 @@ mod tests {
         fake.add_instance("i-1", "vpc-1");
         fake.add_instance("i-2", "vpc-1");
         let nodes = vec![node("n1", "i-1", &[]), node("n2", "i-2", &[])];
-        let config = Config::try_parse_from(["x", "--cluster-name", "c1"]).expect("config");
+        let args = ["x", "--cluster-name", "c1", "--cluster-id", "id-1"];
+        let config = Config::try_parse_from(args).expect("config");
         let url = "http://127.0.0.1:9".parse().expect("url");
         let client = kube::Client::try_from(kube::Config::new(url)).expect("client");
         let stores = stores(vec![class()], Vec::new(), nodes);

@@ -1,8 +1,8 @@
-//! The chart's upgrade path keeps existing NLBs: the chart as it was before cluster
-//! identities (the parent of the commit that added `charts/berth/iam-policy.json`,
-//! extracted with `git archive`) is installed, an AWS-class Service gets its NLB, then
-//! `helm upgrade` to the repository's chart. The NLB keeps its ARN and DNS name (no
-//! recreate) and it and its target groups get this cluster's identity tag.
+//! The chart's upgrade path keeps existing NLBs: the chart as it was released before
+//! cluster identities (`tests/fixtures/berth-chart-before-cluster-identity.tgz`) is
+//! installed, an AWS-class Service gets its NLB, then `helm upgrade` to the repository's
+//! chart. The NLB keeps its ARN and DNS name (no recreate) and it and its target groups
+//! get this cluster's identity tag.
 //!
 //! The pods of both releases run the binaries of this tree (the test kubelet runs berth's
 //! images as the built binaries), so the earlier berth's tagging is recreated by hand
@@ -12,7 +12,6 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use aws_sdk_elasticloadbalancingv2 as elb;
@@ -28,57 +27,12 @@ use kube::Api;
 const LONG: Duration = Duration::from_secs(90);
 const SELECTOR: &str = "app.kubernetes.io/name=berth-controller";
 
-fn git(args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(paths::repo_root())
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("git {}: {e}", args.join(" ")));
-    assert!(
-        out.status.success(),
-        "git {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// The chart before cluster identities, extracted under a scratch directory.
-fn previous_chart() -> (PathBuf, PathBuf) {
-    let added = git(&[
-        "log",
-        "--diff-filter=A",
-        "--format=%H",
-        "--",
-        "charts/berth/iam-policy.json",
-    ]);
-    let first = added
-        .lines()
-        .last()
-        .expect("the commit adding iam-policy.json");
-    let dir = std::env::temp_dir().join(format!(
-        "{}chart-previous-{:08x}",
-        paths::SCRATCH_PREFIX,
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    let archive = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "git -C '{}' archive '{first}^' charts/berth | tar -x -C '{}'",
-            paths::repo_root().display(),
-            dir.display()
-        ))
-        .status()
-        .expect("git archive");
-    assert!(archive.success(), "git archive {first}^ charts/berth");
-    let chart = dir.join("charts/berth");
-    assert!(
-        !chart.join("iam-policy.json").exists(),
-        "the previous chart already has identities"
-    );
-    (dir, chart)
+/// The chart as released before cluster identities (main at 3dc0150, packaged with
+/// `helm package`): a fixture rather than `git archive`, so a shallow CI clone has it too.
+fn previous_chart() -> PathBuf {
+    let chart = paths::repo_root().join("tests/fixtures/berth-chart-before-cluster-identity.tgz");
+    assert!(chart.exists(), "missing fixture {}", chart.display());
+    chart
 }
 
 struct Upgrade {
@@ -162,8 +116,7 @@ impl Upgrade {
 
 async fn body(u: &mut Upgrade) {
     let env = &u.env;
-    let (dir, old_chart) = previous_chart();
-    u.files.push(dir.display().to_string());
+    let old_chart = previous_chart();
     let class = format!("upgrade-{:08x}", rand::random::<u32>());
     let values = |extra: &str| {
         format!(

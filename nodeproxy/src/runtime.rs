@@ -273,32 +273,6 @@ async fn watch_slices(api: Api<EndpointSlice>, shared: Arc<Shared>) {
     }
 }
 
-async fn watch_node(api: Api<Node>, name: String, shared: Arc<Shared>) {
-    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
-    while let Some(ev) = stream.next().await {
-        {
-            let mut idx = shared.index();
-            match ev {
-                Ok(Event::InitDone) => idx.end_relist(Kind::Node),
-                Ok(Event::Apply(n) | Event::InitApply(n)) => {
-                    let mut w = Vec::new();
-                    let ips = convert::node_internal_ips(&n, &mut w);
-                    warn_all(&shared, "Node", &name, n.object_ref(&()), w);
-                    idx.set_node_ips(ips);
-                    shared.health.set_draining(healthcheck::draining(&n));
-                }
-                Ok(Event::Delete(_)) => shared
-                    .health
-                    .set_draining(Some("node object deleted".into())),
-                Ok(_) => {}
-                Err(e) => tracing::warn!("Node watch: {e}"),
-            }
-        }
-        shared.notify.notify_one();
-    }
-}
-
 /// Mirrors the pool classes (the announcer watches them for itself).
 async fn watch_classes(api: Api<LoadBalancerClass>, shared: Arc<Shared>) {
     let mut stream = watcher::watcher(api, watcher::Config::default())
@@ -727,12 +701,19 @@ fn claim_tasks(
     node: &str,
 ) -> [tokio::task::JoinHandle<()>; 2] {
     [
-        tokio::spawn(watch_nodes(Api::all(client.clone()), shared.clone())),
+        tokio::spawn(watch_nodes(
+            Api::all(client.clone()),
+            node.to_string(),
+            shared.clone(),
+        )),
         tokio::spawn(report_refusals(shared.clone(), node.to_string())),
     ]
 }
 
-async fn watch_nodes(api: Api<Node>, shared: Arc<Shared>) {
+/// Every Node: their addresses for the claims (an externalIP equal to a node address is
+/// refused) and, for this node, its NodePort addresses and whether it is draining. One
+/// watch serves both.
+async fn watch_nodes(api: Api<Node>, me: String, shared: Arc<Shared>) {
     let mut stream = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
@@ -741,14 +722,30 @@ async fn watch_nodes(api: Api<Node>, shared: Arc<Shared>) {
             let mut idx = shared.index();
             match ev {
                 Ok(Event::Init) => idx.begin_relist(Kind::Nodes),
-                Ok(Event::InitDone) => idx.end_relist(Kind::Nodes),
+                Ok(Event::InitDone) => {
+                    idx.end_relist(Kind::Nodes);
+                    idx.end_relist(Kind::Node);
+                }
                 Ok(Event::Apply(n) | Event::InitApply(n)) => {
                     let mut w = Vec::new();
                     let info = convert::node_info(&n, &mut w);
                     idx.apply_cluster_node(&n.name_any(), Some(info));
+                    if n.name_any() == me {
+                        let mut w = Vec::new();
+                        let ips = convert::node_internal_ips(&n, &mut w);
+                        warn_all(&shared, "Node", &me, n.object_ref(&()), w);
+                        idx.set_node_ips(ips);
+                        shared.health.set_draining(healthcheck::draining(&n));
+                    }
                 }
-                Ok(Event::Delete(n)) => idx.apply_cluster_node(&n.name_any(), None),
-                Err(e) => tracing::warn!("Node list watch: {e}"),
+                Ok(Event::Delete(n)) => {
+                    idx.apply_cluster_node(&n.name_any(), None);
+                    if n.name_any() == me {
+                        let deleted = Some("node object deleted".into());
+                        shared.health.set_draining(deleted);
+                    }
+                }
+                Err(e) => tracing::warn!("Node watch: {e}"),
             }
         }
         shared.notify.notify_one();
@@ -861,11 +858,6 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
     tasks.extend([
         tokio::spawn(watch_services(Api::all(client.clone()), shared.clone())),
         tokio::spawn(watch_slices(Api::all(client.clone()), shared.clone())),
-        tokio::spawn(watch_node(
-            Api::all(client.clone()),
-            args.node_name.clone(),
-            shared.clone(),
-        )),
         tokio::spawn(watch_classes(Api::all(client.clone()), shared.clone())),
         tokio::spawn(sync_loop(shared.clone(), health, args.clone())),
     ]);

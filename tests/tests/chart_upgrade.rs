@@ -137,6 +137,9 @@ async fn body(u: &mut Upgrade) {
         "install",
         &u.release.name,
         &chart,
+        // The cluster has today's CRD (newer than the old chart's), as after a user's CRD
+        // upgrade; Helm never upgrades CRDs itself.
+        "--skip-crds",
         "-n",
         &u.ns,
         "--kubeconfig",

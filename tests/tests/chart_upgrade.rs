@@ -169,8 +169,16 @@ async fn body(u: &mut Upgrade) {
         "jsonpath={.metadata.uid}",
     ]);
     let (before, host_before) = u.provisioned(&uid).await;
-    u.as_an_earlier_berth_tagged(&before).await;
-    assert!(u.identities(&before).await.iter().all(Option::is_none));
+    // The old release's controller may still be reconciling its first moments (its own
+    // status write, the Service's EndpointSlice) and would tag them again: strip the tags
+    // until they stay off.
+    wait_for("the identity tags stay removed", LONG, || async {
+        u.as_an_earlier_berth_tagged(&before).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        u.identities(&before).await.iter().all(Option::is_none)
+    })
+    .await
+    .expect("identity tags removed");
 
     let pods_before = running_pods(env, &u.ns, SELECTOR);
     let new_values = write_values(&values(", \"--gc-interval=3s\""));

@@ -98,6 +98,19 @@ fn attach_to_bridge(ns: &str, host_link: &str, addr: Ipv4Addr) -> Result<()> {
         ns,
         &["route", "add", "default", "via", &HOST_IP.to_string()],
     )?;
+    // No ICMP redirects on the bridge: a node that forwards a probe for an address it does
+    // not serve yet back out of eth0 would redirect the client to the host, and the client
+    // would keep that route exception for minutes, past the moment the address is served.
+    for key in [
+        "all.send_redirects",
+        "eth0.send_redirects",
+        "all.accept_redirects",
+        "default.accept_redirects",
+        "eth0.accept_redirects",
+    ] {
+        let setting = format!("net.ipv4.conf.{key}=0");
+        run("ip", &["netns", "exec", ns, "sysctl", "-q", "-w", &setting])?;
+    }
     Ok(())
 }
 

@@ -2,28 +2,31 @@
 //! detection: the ruleset generation (bumped by every commit of anyone in the network
 //! namespace) and a fingerprint of berth's tables — table, rule and set handles — whose
 //! size depends on the fixed chain layout, never on the number of Services. Set elements
-//! are not read: that would cost as much as listing the table. The messages are
-//! `netlink-packet-netfilter`'s; the exchange is [`crate::netlink`]'s.
+//! are not read: that would cost as much as listing the table.
 
 use std::io;
-use std::time::Duration;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use netlink_packet_core::NLM_F_DUMP;
-use netlink_packet_netfilter::nftables::{
-    GenAttribute, GenMessage, NfTablesMessage, RuleAttribute, RuleMessage, SetAttribute,
-    SetMessage, TableAttribute, TableMessage,
-};
-use netlink_packet_netfilter::{
-    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
-};
-use netlink_sys::protocols::NETLINK_NETFILTER;
-
-use crate::netlink::Netlink;
-
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_GETSET: u16 = 10;
+const NFT_MSG_GETGEN: u16 = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_DUMP: u16 = 0x300;
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_TABLE_HANDLE: u16 = 4;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_HANDLE: u16 = 3;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_HANDLE: u16 = 16;
+const NFTA_GEN_ID: u16 = 1;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
-/// A kernel that never answers must not stall the sync loop or `/healthz`.
-const TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One family's part of a [`Fingerprint`]: (family, table handle, sorted (chain, rule
 /// handle), sorted (set, set handle)).
@@ -71,194 +74,245 @@ impl Fingerprint {
     }
 }
 
-fn open() -> io::Result<Netlink> {
-    Netlink::open(NETLINK_NETFILTER, TIMEOUT, None)
+/// One netlink socket to nf_tables; closed on drop.
+struct Socket {
+    fd: OwnedFd,
+    seq: u32,
 }
 
-/// One nf_tables request for `family` (`NFNETLINK_V0`, resource id 0).
-fn request(family: u8, msg: NfTablesMessage) -> NetfilterMessage {
-    let family = NetfilterProtoFamily::from(family);
-    NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), msg)
+fn check<T: Default + PartialOrd>(ret: T) -> io::Result<T> {
+    if ret < T::default() {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
-/// The nf_tables messages of one answer, for the one request sent.
-fn one(answers: Vec<crate::netlink::Answer<NetfilterMessage>>) -> io::Result<Vec<NfTablesMessage>> {
-    let answer = answers
-        .into_iter()
-        .next()
-        .ok_or_else(|| io::Error::other("no answer"))??;
-    Ok(answer
-        .into_iter()
-        .filter_map(|m| match m.inner {
-            NetfilterMessageInner::NfTables(t) => Some(t),
-            _ => None,
-        })
-        .collect())
+fn attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
+    let len = 4 + value.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(value);
+    buf.resize(buf.len().next_multiple_of(4), 0);
+}
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+/// The attributes of one nf_tables message body (after its 4-byte nfgenmsg).
+fn attrs(body: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut at = 4;
+    while at + 4 <= body.len() {
+        let len = usize::from(u16::from_ne_bytes([body[at], body[at + 1]]));
+        let kind = u16::from_ne_bytes([body[at + 2], body[at + 3]]) & 0x3fff;
+        if len < 4 || at + len > body.len() {
+            break;
+        }
+        out.push((kind, &body[at + 4..at + len]));
+        at += len.next_multiple_of(4);
+    }
+    out
+}
+
+fn text(v: &[u8]) -> String {
+    String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
+}
+
+fn be_u64(v: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(v.try_into().ok()?))
+}
+
+impl Socket {
+    fn open() -> io::Result<Self> {
+        // SAFETY: plain socket(2); the descriptor is owned by `OwnedFd` from here on.
+        let fd = check(unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            )
+        })?;
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // A kernel that never answers must not stall the sync loop or `/healthz`.
+        let timeout = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        // SAFETY: `timeout` outlives the call and its size is passed.
+        check(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        })?;
+        Ok(Self { fd, seq: 0 })
+    }
+
+    /// Sends one request and returns the bodies of its answers (all parts of a dump).
+    fn request(
+        &mut self,
+        msg: u16,
+        family: u8,
+        dump: bool,
+        payload: &[u8],
+    ) -> io::Result<Vec<Vec<u8>>> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut buf = Vec::with_capacity(20 + payload.len());
+        let len = (16 + 4 + payload.len()) as u32;
+        let flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+        buf.extend_from_slice(&len.to_ne_bytes());
+        buf.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
+        buf.extend_from_slice(&flags.to_ne_bytes());
+        buf.extend_from_slice(&self.seq.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes());
+        buf.extend_from_slice(&[family, 0, 0, 0]);
+        buf.extend_from_slice(payload);
+        // SAFETY: `buf` is valid for its length; the kernel is the default destination.
+        check(unsafe { libc::send(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) })?;
+        self.answers(dump)
+    }
+
+    fn answers(&mut self, dump: bool) -> io::Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            // SAFETY: `buf` is valid for writes of its length.
+            let n = check(unsafe {
+                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+            })? as usize;
+            let mut at = 0;
+            while at + 16 <= n {
+                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or_default());
+                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+                let seq = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().unwrap_or_default());
+                let len = len as usize;
+                if len < 16 || at + len > n {
+                    return Err(io::Error::other("truncated netlink message"));
+                }
+                let body = &buf[at + 16..at + len];
+                at += len.next_multiple_of(4);
+                if seq != self.seq {
+                    continue;
+                }
+                match kind {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let code = i32::from_ne_bytes(body[..4].try_into().unwrap_or_default());
+                        if code == 0 {
+                            return Ok(out);
+                        }
+                        return Err(io::Error::from_raw_os_error(-code));
+                    }
+                    _ => out.push(body.to_vec()),
+                }
+            }
+            if !dump && !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
 }
 
 /// The ruleset generation of this network namespace.
 pub fn generation() -> io::Result<u32> {
-    let get = NfTablesMessage::GetGen(GenMessage { attributes: vec![] });
-    let answers = open()?.exchange(vec![(0, request(0, get))])?;
-    one(answers)?
+    let answers = Socket::open()?.request(NFT_MSG_GETGEN, 0, false, &[])?;
+    answers
         .iter()
-        .flat_map(|m| match m {
-            NfTablesMessage::NewGen(g) => g.attributes.as_slice(),
-            _ => &[],
-        })
-        .find_map(|a| match a {
-            GenAttribute::Id(id) => Some(*id),
-            _ => None,
-        })
+        .flat_map(|b| attrs(b))
+        .find(|(k, _)| *k == NFTA_GEN_ID)
+        .and_then(|(_, v)| Some(u32::from_be_bytes(v.try_into().ok()?)))
         .ok_or_else(|| io::Error::other("no generation in the answer"))
 }
 
 /// The fingerprint of table `table` in both families.
 pub fn fingerprint(table: &str) -> io::Result<Fingerprint> {
-    let mut nl = open()?;
+    let mut sock = Socket::open()?;
     let mut tables = Vec::new();
     for family in [NFPROTO_IPV4, NFPROTO_IPV6] {
-        let handle = table_handle(&mut nl, family, table)?;
+        let mut name = Vec::new();
+        attr(&mut name, NFTA_TABLE_NAME, &cstr(table));
+        let handle = match sock.request(NFT_MSG_GETTABLE, family, false, &name) {
+            Ok(a) => a
+                .iter()
+                .flat_map(|b| attrs(b))
+                .find(|(k, _)| *k == NFTA_TABLE_HANDLE)
+                .and_then(|(_, v)| be_u64(v)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(e),
+        };
         let (mut rules, mut sets) = (Vec::new(), Vec::new());
         if handle.is_some() {
-            // One dump per exchange: the kernel runs one dump per socket at a time.
-            rules = listing(&mut nl, family, table, Listing::Rules)?;
-            sets = listing(&mut nl, family, table, Listing::Sets)?;
+            rules = listing(
+                &mut sock,
+                NFT_MSG_GETRULE,
+                family,
+                table,
+                NFTA_RULE_TABLE,
+                [NFTA_RULE_CHAIN, NFTA_RULE_HANDLE],
+            )?;
+            sets = listing(
+                &mut sock,
+                NFT_MSG_GETSET,
+                family,
+                table,
+                NFTA_SET_TABLE,
+                [NFTA_SET_NAME, NFTA_SET_HANDLE],
+            )?;
         }
         tables.push((family, handle, rules, sets));
     }
     Ok(Fingerprint { tables })
 }
 
-/// The handle of `table` in `family`, `None` when there is no such table.
-fn table_handle(nl: &mut Netlink, family: u8, table: &str) -> io::Result<Option<u64>> {
-    let get = NfTablesMessage::GetTable(TableMessage {
-        attributes: vec![TableAttribute::Name(table.into())],
-    });
-    let answers = nl.exchange(vec![(0, request(family, get))])?;
-    let msgs = match one(answers) {
-        Ok(m) => m,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    Ok(msgs
-        .iter()
-        .flat_map(|m| match m {
-            NfTablesMessage::NewTable(t) => t.attributes.as_slice(),
-            _ => &[],
-        })
-        .find_map(|a| match a {
-            TableAttribute::Handle(h) => Some(*h),
-            _ => None,
-        }))
-}
-
-#[derive(Clone, Copy)]
-enum Listing {
-    Rules,
-    Sets,
-}
-
-/// A dump of `table`'s rules (by chain) or sets (by name) as sorted (name, handle) pairs.
+/// A dump of `table`'s rules or sets as sorted (name, handle) pairs.
 fn listing(
-    nl: &mut Netlink,
+    sock: &mut Socket,
+    msg: u16,
     family: u8,
     table: &str,
-    what: Listing,
+    table_attr: u16,
+    [name_attr, handle_attr]: [u16; 2],
 ) -> io::Result<Vec<(String, u64)>> {
-    let get = match what {
-        Listing::Rules => NfTablesMessage::GetRule(RuleMessage {
-            attributes: vec![RuleAttribute::Table(table.into())],
-        }),
-        Listing::Sets => NfTablesMessage::GetSet(SetMessage {
-            attributes: vec![SetAttribute::Table(table.into())],
-        }),
-    };
-    let answers = nl.exchange(vec![(NLM_F_DUMP, request(family, get))])?;
-    let mut out: Vec<(String, u64)> = one(answers)?
+    let mut filter = Vec::new();
+    attr(&mut filter, table_attr, &cstr(table));
+    let mut out: Vec<(String, u64)> = sock
+        .request(msg, family, true, &filter)?
         .iter()
-        .filter_map(|m| entry(m, table))
+        .filter_map(|b| {
+            let a = attrs(b);
+            let get = |k: u16| a.iter().find(|(kind, _)| *kind == k).map(|(_, v)| *v);
+            // The kernel filters rule dumps by table; set dumps are checked here too.
+            if get(table_attr).map(text).as_deref() != Some(table) {
+                return None;
+            }
+            Some((text(get(name_attr)?), be_u64(get(handle_attr)?)?))
+        })
         .collect();
     out.sort();
     Ok(out)
-}
-
-/// (chain, handle) of a rule or (name, handle) of a set in `table`. Pure.
-fn entry(msg: &NfTablesMessage, table: &str) -> Option<(String, u64)> {
-    let (mut in_table, mut name, mut handle) = (false, None, None);
-    match msg {
-        NfTablesMessage::NewRule(r) => {
-            for a in &r.attributes {
-                match a {
-                    RuleAttribute::Table(t) => in_table = t == table,
-                    RuleAttribute::Chain(c) => name = Some(c.clone()),
-                    RuleAttribute::Handle(h) => handle = Some(*h),
-                    _ => {}
-                }
-            }
-        }
-        NfTablesMessage::NewSet(s) => {
-            for a in &s.attributes {
-                match a {
-                    SetAttribute::Table(t) => in_table = t == table,
-                    SetAttribute::Name(n) => name = Some(n.clone()),
-                    SetAttribute::Handle(h) => handle = Some(*h),
-                    _ => {}
-                }
-            }
-        }
-        _ => {}
-    }
-    // The kernel filters both dumps by table; the check keeps a foreign entry out anyway.
-    Some((name.filter(|_| in_table)?, handle?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// `msg` through the crate to bytes and back, as the kernel would send it.
-    fn round_trip(msg: NfTablesMessage) -> NfTablesMessage {
-        let mut nl = netlink_packet_core::NetlinkMessage::from(request(NFPROTO_IPV4, msg));
-        nl.finalize();
-        let mut buf = vec![0; nl.buffer_len()];
-        nl.serialize(&mut buf);
-        let back = netlink_packet_core::NetlinkMessage::<NetfilterMessage>::deserialize(&buf)
-            .expect("decodes");
-        match back.payload {
-            netlink_packet_core::NetlinkPayload::InnerMessage(NetfilterMessage {
-                inner: NetfilterMessageInner::NfTables(m),
-                ..
-            }) => m,
-            other => panic!("not an nf_tables message: {other:?}"),
-        }
-    }
-
     #[test]
-    fn rules_and_sets_of_the_table_give_their_handles() {
-        let rule = |table: &str| {
-            round_trip(NfTablesMessage::NewRule(RuleMessage {
-                attributes: vec![
-                    RuleAttribute::Table(table.into()),
-                    RuleAttribute::Chain("ep-1".into()),
-                    RuleAttribute::Handle(7),
-                ],
-            }))
-        };
-        assert_eq!(entry(&rule("berth"), "berth"), Some(("ep-1".into(), 7)));
-        assert_eq!(entry(&rule("other"), "berth"), None);
-        let set = round_trip(NfTablesMessage::NewSet(SetMessage {
-            attributes: vec![
-                SetAttribute::Table("berth".into()),
-                SetAttribute::Name("lb-addresses".into()),
-                SetAttribute::Handle(1 << 40),
-            ],
-        }));
-        assert_eq!(entry(&set, "berth"), Some(("lb-addresses".into(), 1 << 40)));
-        let nameless = round_trip(NfTablesMessage::NewSet(SetMessage {
-            attributes: vec![SetAttribute::Table("berth".into())],
-        }));
-        assert_eq!(entry(&nameless, "berth"), None);
+    fn attributes_round_trip() {
+        let mut body = vec![0u8; 4];
+        attr(&mut body, NFTA_RULE_CHAIN, &cstr("ep-1"));
+        attr(&mut body, NFTA_RULE_HANDLE, &7u64.to_be_bytes());
+        let a = attrs(&body);
+        assert_eq!(a.len(), 2);
+        assert_eq!(text(a[0].1), "ep-1");
+        assert_eq!(be_u64(a[1].1), Some(7));
     }
 
     #[test]
@@ -329,65 +383,6 @@ mod tests {
             nft("delete table ip berth\n");
             let gone = fingerprint("berth").expect("fingerprint");
             assert_eq!(gone.difference(&made), "table ip is gone");
-        })
-        .join()
-        .expect("netns thread");
-    }
-
-    /// berth's own full ruleset (every kind of rule the agent writes, both families)
-    /// decodes through the crate: a rule it could not read would blind the drift check.
-    #[test]
-    fn berths_own_ruleset_fingerprints() {
-        use crate::proxy::model::fixtures::ip;
-        use crate::proxy::model::{Endpoint, Model, NodeFacts, Protocol, Service, Slice};
-        use crate::proxy::ruleset::{all_rules, full_transaction, protect};
-
-        let mut node = NodeFacts::test("n1", "198.18.1.10");
-        node.addresses.push(ip("fd00:18::10"));
-        let mut web = Service::test("default", "web", "10.96.0.10")
-            .with_port("http", Protocol::Tcp, 80)
-            .with_node_port(30080);
-        web.load_balancer_ips = vec![ip("198.19.8.5")];
-        web.external_ips = vec![ip("203.0.113.7")];
-        web.source_ranges = vec!["198.18.0.0/16".parse().expect("cidr")];
-        web.affinity_timeout = Some(600);
-        web.external_local = true;
-        web.health_check_node_port = Some(31000);
-        let mut dns =
-            Service::test("kube-system", "dns", "fd00:96::a").with_port("dns", Protocol::Udp, 53);
-        dns.internal_local = true;
-        let model = Model::test(node.clone())
-            .with_slice(
-                "web-1",
-                Slice::test(&web)
-                    .with_port("http", Protocol::Tcp, 8080)
-                    .with(Endpoint::test("10.244.1.5", "n1"))
-                    .with(Endpoint::test("10.244.2.5", "n2")),
-            )
-            .with_slice(
-                "dns-1",
-                Slice::test(&dns)
-                    .with_port("dns", Protocol::Udp, 5353)
-                    .with(Endpoint::test("fd00:244::5", "n1")),
-            )
-            .with_service(web.clone())
-            .with_service(dns);
-        let mut rules = all_rules(&model);
-        if let Some(r) = rules.get_mut(&web.id) {
-            protect(r, web.load_balancer_ips.clone(), &node);
-        }
-        let transaction = full_transaction(&node, &rules);
-        std::thread::spawn(move || {
-            // SAFETY: unshare(2) of this thread only; the thread ends with the test.
-            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-            nft(&transaction);
-            let print = fingerprint(crate::proxy::ruleset::TABLE).expect("fingerprint");
-            for t in &print.tables {
-                assert!(t.1.is_some() && !t.2.is_empty() && !t.3.is_empty(), "{t:?}");
-            }
-            nft(&transaction);
-            let again = fingerprint(crate::proxy::ruleset::TABLE).expect("fingerprint");
-            assert!(again.difference(&print).contains("was replaced"));
         })
         .join()
         .expect("netns thread");

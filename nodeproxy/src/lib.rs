@@ -10,7 +10,6 @@ pub mod events;
 pub mod healthcheck;
 pub mod l2;
 pub mod metrics;
-pub mod netlink;
 pub mod proxy;
 pub mod runtime;
 

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use aws_sdk_elasticloadbalancingv2 as elb;
 use elb::types::{Action, ActionTypeEnum, LoadBalancerAttribute, ProtocolEnum, TargetTypeEnum};
 
-use crate::controller::tags_of;
+use crate::controller::{AwsView, aws_view, tags_of};
+use crate::testing::wait_for;
 
 /// The identity tag.
 pub const CLUSTER_ID: &str = "berth.dev/cluster-id";
@@ -167,4 +168,38 @@ pub async fn listeners_of(client: &elb::Client, lb_arn: &str) -> BTreeMap<i32, S
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The NLB of the Service with `uid` once it has one target group and one listener,
+/// within `timeout`; panics with the last view and `logs()` otherwise.
+pub async fn provisioned(
+    client: &elb::Client,
+    uid: &str,
+    timeout: std::time::Duration,
+    logs: impl Fn() -> String,
+) -> AwsView {
+    let last = std::sync::Mutex::new(AwsView::default());
+    let res = wait_for(
+        "an NLB with its target group and listener",
+        timeout,
+        || async {
+            let Ok(v) = aws_view(client, uid).await else {
+                return false;
+            };
+            let ready = match v.load_balancers.as_slice() {
+                [lb] => v.target_groups.len() == 1 && listeners_of(client, &lb.0).await.len() == 1,
+                _ => false,
+            };
+            if let Ok(mut l) = last.lock() {
+                *l = v;
+            }
+            ready
+        },
+    )
+    .await;
+    let last = last.into_inner().unwrap_or_default();
+    if let Err(e) = res {
+        panic!("{e}: {last:?}\n{}", logs());
+    }
+    last
 }

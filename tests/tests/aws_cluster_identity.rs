@@ -14,7 +14,7 @@ use aws_sdk_elasticloadbalancingv2 as elb;
 use berth_e2e::controller::{
     AwsView, ClassGuard, ControllerOpts, ControllerProc, aws_view, install_crds, logs_of,
 };
-use berth_e2e::identity::{attach_by_hand, clean_up, fresh_id, listeners_of};
+use berth_e2e::identity::{self, attach_by_hand, clean_up, fresh_id, listeners_of};
 use berth_e2e::testing::{TestEnv, TestNamespace, wait_for};
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::Service;
@@ -102,33 +102,7 @@ impl Case {
 
     /// The Service's NLB once it has its target group and listener.
     async fn provisioned(&self, uid: &str) -> AwsView {
-        let last = std::sync::Mutex::new(AwsView::default());
-        let res = wait_for(
-            "an NLB with its target group and listener",
-            LONG,
-            || async {
-                let Ok(v) = aws_view(&self.elb, uid).await else {
-                    return false;
-                };
-                let ready = match v.load_balancers.as_slice() {
-                    [lb] => {
-                        v.target_groups.len() == 1
-                            && listeners_of(&self.elb, &lb.0).await.len() == 1
-                    }
-                    _ => false,
-                };
-                if let Ok(mut l) = last.lock() {
-                    *l = v;
-                }
-                ready
-            },
-        )
-        .await;
-        let last = last.into_inner().unwrap_or_default();
-        if let Err(e) = res {
-            panic!("{e}: {last:?}\n{}", self.logs());
-        }
-        last
+        identity::provisioned(&self.elb, uid, LONG, || self.logs()).await
     }
 
     /// Deletes the Service without any controller seeing it go (finalizer removed).

@@ -170,16 +170,38 @@ impl Server {
     }
 }
 
-/// Binds a listener (SO_REUSEADDR, so a restart rebinds at once).
+/// Pending handshakes a listener queues (the kernel caps it at `net.core.somaxconn`).
+/// The default backlogs (128 in std, 1024 in tokio) overflow when a flood arrives faster
+/// than the accept loop runs; the kernel then drops the handshake's last ACK, the client
+/// believes it is connected, and the connection is only accepted, and so only timed
+/// out, after seconds of SYN-ACK retransmissions.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener (SO_REUSEADDR, so a restart rebinds at once) with
+/// [`LISTEN_BACKLOG`], on the first address `addr` resolves to.
 pub async fn bind(addr: impl ToSocketAddrs) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        match bind_now(a) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
+    }))
 }
 
 /// Binds without awaiting (for callers holding a lock); needs a Tokio runtime.
 pub fn bind_now(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let listener = std::net::TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    TcpListener::from_std(listener)
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn connection(stream: TcpStream, slot: Slot, limits: Limits, handler: Arc<dyn Handler>) {

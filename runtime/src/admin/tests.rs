@@ -238,3 +238,48 @@ fn accept_backoff_doubles_caps_and_resets() {
     b.reset();
     assert_eq!(b.next_pause(), Duration::from_millis(5));
 }
+
+/// Connections waiting in the accept queue of the listening socket on `port`
+/// (`/proc/net/tcp` shows it as the receive queue of a LISTEN entry).
+fn accept_queue(port: u16) -> Option<usize> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+        let listening = *f.get(3)? == "0A";
+        let rx = f.get(4)?.split(':').nth(1)?;
+        (listening && local_port == port).then(|| usize::from_str_radix(rx, 16).ok())?
+    })
+}
+
+/// A burst of handshakes larger than the usual default backlogs queues whole while the
+/// server is not accepting, so no client is left half-connected waiting for SYN-ACK
+/// retransmissions (which would keep it out of the timeouts for seconds).
+#[tokio::test]
+async fn a_burst_beyond_the_default_backlogs_queues_whole() {
+    const BURST: usize = 300;
+    let listener = bind_now("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut clients = Vec::new();
+    for _ in 0..BURST {
+        // Past a full queue the kernel drops the SYN and the connect hangs in retries.
+        match tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await {
+            Ok(Ok(c)) => clients.push(c),
+            Ok(Err(e)) => panic!("connect: {e}"),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(
+        clients.len(),
+        BURST,
+        "handshakes completed before the queue was full"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut queued = accept_queue(addr.port());
+    while queued != Some(BURST) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        queued = accept_queue(addr.port());
+    }
+    assert_eq!(queued, Some(BURST), "handshakes queued at the listener");
+    drop(listener);
+}

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::error::Error;
 use crate::l2::announce::{self, Action, AddrState, LeaseView, PoolClass, Timing};
 use crate::l2::link::{self, Interface};
-use crate::l2::schedule::{self, Job, Outcome, Worker};
+use crate::l2::schedule::{self, InFlight, Job, Outcome, Worker};
 use crate::metrics::Metrics;
 
 /// What the announcer reads from the agent's model: the addresses to announce with their
@@ -86,6 +86,8 @@ struct Plan {
 pub struct Announcer {
     cfg: Config,
     worker: Worker,
+    /// Lease writes of earlier steps still running.
+    in_flight: InFlight,
     metrics: Arc<Metrics>,
     watched: Watched,
     held: BTreeMap<IpAddr, Held>,
@@ -224,6 +226,7 @@ impl Announcer {
                 node: cfg.node.clone(),
                 timing: cfg.timing,
             },
+            in_flight: InFlight::default(),
             cfg,
             metrics,
             watched: Watched {
@@ -242,34 +245,66 @@ impl Announcer {
     }
 
     /// Announces until `shutdown` turns true, then gives every address up. A step runs
-    /// every tick, and earlier when a renewal falls due: each address is renewed at its
-    /// own time, not at the next tick.
+    /// every tick, and earlier when a renewal falls due or a write finishes: each address
+    /// is renewed at its own time, not at the next tick. Writes finish in the background
+    /// and are settled as they come.
     pub async fn run(mut self, model: ModelView, mut shutdown: watch::Receiver<bool>) {
         let mut next = Instant::now();
+        let mut last_step = next;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(next.into()) => {}
+            let finished = tokio::select! {
+                _ = tokio::time::sleep_until(next.into()) => Vec::new(),
+                done = self.in_flight.finished() => done,
                 _ = shutdown.changed() => break,
-            }
+            };
             if *shutdown.borrow() {
                 break;
             }
-            let started = Instant::now();
-            self.step(&model).await;
-            next = self.next_step(started);
+            if !finished.is_empty() {
+                self.finish(finished).await;
+                // Decide the finished addresses soon, without spinning.
+                next = next.min(last_step + self.cfg.timing.tick / 8);
+            }
+            if Instant::now() >= next {
+                last_step = Instant::now();
+                self.step(&model).await;
+                next = self.next_step(last_step);
+            }
         }
+        let settled = self
+            .in_flight
+            .drain(Instant::now() + self.cfg.timing.attempt)
+            .await;
+        self.finish(settled).await;
         self.release_all().await;
     }
 
-    /// When the next step runs: at the next tick or the earliest renewal due, whichever
-    /// comes first, but not sooner than an eighth of a tick after this one started (a
-    /// renewal that keeps failing stays due; it must not spin the loop).
+    /// Settles finished writes; a change of the interface triggers a sweep of stale
+    /// addresses.
+    async fn finish(&mut self, outcomes: Vec<(IpAddr, Outcome)>) {
+        let Some(iface) = self.iface.clone() else {
+            return;
+        };
+        if outcomes.is_empty() {
+            return;
+        }
+        if self.settle(&iface, outcomes).await {
+            self.remove_stale().await;
+        }
+        self.metrics.l2_held(self.held.len());
+    }
+
+    /// When the next step runs: at the next tick or the earliest renewal due (of those not
+    /// in flight already), whichever comes first, but not sooner than an eighth of a tick
+    /// after this one started (a renewal that keeps failing stays due; it must not spin
+    /// the loop).
     fn next_step(&self, started: Instant) -> Instant {
         let timing = self.cfg.timing;
         let due = self
             .held
-            .values()
-            .map(|h| h.renewed_at + timing.renew)
+            .iter()
+            .filter(|(a, _)| !self.in_flight.busy(a))
+            .map(|(_, h)| h.renewed_at + timing.renew)
             .min();
         let at = due.map_or(started + timing.tick, |d| d.min(started + timing.tick));
         at.max(started + timing.tick / 8)
@@ -302,7 +337,7 @@ impl Announcer {
         let plan = self.plan(&snap.wanted);
         self.takeable_since
             .retain(|a, _| snap.wanted.contains_key(a));
-        let mut changed = !plan.withdraw.is_empty();
+        let changed = !plan.withdraw.is_empty();
         // Addresses leave the interface before their Leases are given up: two nodes
         // never answer for one address.
         self.withdraw(&iface, plan.withdraw).await;
@@ -310,8 +345,7 @@ impl Announcer {
             tracing::info!(address = %addr, "stopped announcing pool address (lost the Lease)");
             self.metrics.l2_transition("lost");
         }
-        let outcomes = self.worker.run(plan.jobs).await;
-        changed |= self.settle(&iface, outcomes).await;
+        self.in_flight.start(&self.worker, plan.jobs);
         let due = self
             .last_interface_sync
             .is_none_or(|t| t.elapsed() >= self.cfg.timing.renew);
@@ -324,7 +358,13 @@ impl Announcer {
     /// Decides every address and sorts the decisions into Lease writes and addresses to
     /// take off the interface first; adds the deletion of Leases nobody needs any more.
     fn plan(&mut self, wanted: &BTreeMap<IpAddr, BTreeSet<String>>) -> Plan {
-        let addrs: BTreeSet<IpAddr> = wanted.keys().chain(self.held.keys()).copied().collect();
+        // An address with a write in flight is decided once its outcome is settled.
+        let addrs: BTreeSet<IpAddr> = wanted
+            .keys()
+            .chain(self.held.keys())
+            .filter(|a| !self.in_flight.busy(a))
+            .copied()
+            .collect();
         let mut plan = Plan::default();
         let timing = self.cfg.timing;
         // Takes and releases beyond this wait for the next step (decided afresh then), so

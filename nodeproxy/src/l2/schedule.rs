@@ -1,9 +1,12 @@
-//! The Lease writes of one announcer step, run concurrently (at most [`IN_FLIGHT`] at a
-//! time) and most urgent first: renewals by their due time, then releases, then takes,
-//! then deletions of Leases nobody needs. One slow write no longer holds up the others,
-//! so a node with hundreds of addresses renews each one on time.
+//! The announcer's Lease writes, run concurrently (at most [`IN_FLIGHT`] at a time) and
+//! most urgent first: renewals by their due time, then releases, then takes, then
+//! deletions of Leases nobody needs. Writes outlive the step that started them
+//! ([`InFlight`]): a slow write holds up neither the other addresses' renewals nor the
+//! next step, so a node with hundreds of addresses renews each one on time even when the
+//! apiserver answers slowly.
 
 use std::cmp::Reverse;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -104,6 +107,12 @@ impl Worker {
             .await
     }
 
+    /// Runs one job; owned, so it can outlive the step that started it.
+    async fn owned(self, addr: IpAddr, job: Job) -> (IpAddr, Outcome) {
+        let outcome = self.one(addr, job).await;
+        (addr, outcome)
+    }
+
     async fn one(&self, addr: IpAddr, job: Job) -> Outcome {
         let started = Instant::now();
         match job {
@@ -171,6 +180,9 @@ impl Worker {
         }
     }
 
+    /// A renewal may take until the claim ends: cutting it short at one attempt's length
+    /// only wastes a write the apiserver may still make (the next one then conflicts), and
+    /// as it no longer holds up the step, nothing waits for it.
     async fn renew(
         &self,
         addr: IpAddr,
@@ -180,8 +192,7 @@ impl Worker {
         late: Duration,
     ) -> Outcome {
         // Past the claim's end the address is lost anyway.
-        let deadline = (started + self.timing.attempt).min(claim_end);
-        match self.leases.renew(held, Timestamp::now(), deadline).await {
+        match self.leases.renew(held, Timestamp::now(), claim_end).await {
             Ok(Write::Done(lease)) => Outcome::Renewed {
                 lease: *lease,
                 started,
@@ -241,6 +252,97 @@ impl Worker {
     }
 }
 
+/// Lease writes started by earlier steps and not finished yet, at most one per address.
+#[derive(Default)]
+pub struct InFlight {
+    /// Tasks, so the writes progress while the announcer is busy elsewhere.
+    jobs: tokio::task::JoinSet<(IpAddr, Outcome)>,
+    /// The task writing each busy address.
+    addrs: BTreeMap<IpAddr, tokio::task::Id>,
+}
+
+impl InFlight {
+    /// Whether `addr` has a write in flight (its next decision waits for the outcome).
+    pub fn busy(&self, addr: &IpAddr) -> bool {
+        self.addrs.contains_key(addr)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Starts the most urgent of `jobs` while fewer than [`IN_FLIGHT`] run, skipping
+    /// addresses already busy; returns how many started. The rest are decided afresh at
+    /// the next step.
+    pub fn start(&mut self, worker: &Worker, mut jobs: Vec<(IpAddr, Job)>) -> usize {
+        order(&mut jobs);
+        let mut started = 0;
+        for (addr, job) in jobs {
+            if self.jobs.len() >= IN_FLIGHT {
+                break;
+            }
+            if self.addrs.contains_key(&addr) {
+                continue;
+            }
+            let task = self.jobs.spawn(worker.clone().owned(addr, job));
+            self.addrs.insert(addr, task.id());
+            started += 1;
+        }
+        started
+    }
+
+    /// The next finished write, then every other one finished by now; pending forever
+    /// while nothing is in flight.
+    pub async fn finished(&mut self) -> Vec<(IpAddr, Outcome)> {
+        let mut done = Vec::new();
+        while done.is_empty() {
+            let Some(first) = self.jobs.join_next().await else {
+                return std::future::pending().await;
+            };
+            done.extend(self.joined(first));
+            while let Some(more) = self.jobs.try_join_next() {
+                done.extend(self.joined(more));
+            }
+        }
+        done
+    }
+
+    /// A finished task's outcome; a task that panicked frees its address (decided afresh
+    /// at the next step) and is logged.
+    fn joined(
+        &mut self,
+        r: Result<(IpAddr, Outcome), tokio::task::JoinError>,
+    ) -> Option<(IpAddr, Outcome)> {
+        match r {
+            Ok((addr, outcome)) => {
+                self.addrs.remove(&addr);
+                Some((addr, outcome))
+            }
+            Err(e) => {
+                tracing::error!("a Lease write task failed: {e}");
+                let id = e.id();
+                self.addrs.retain(|_, t| *t != id);
+                None
+            }
+        }
+    }
+
+    /// Waits for every write in flight, up to `deadline`; the writes still running then
+    /// are dropped (their Leases expire or are taken over).
+    pub async fn drain(&mut self, deadline: Instant) -> Vec<(IpAddr, Outcome)> {
+        let mut done = Vec::new();
+        while !self.jobs.is_empty() {
+            match tokio::time::timeout_at(deadline.into(), self.finished()).await {
+                Ok(more) => done.extend(more),
+                Err(_) => break,
+            }
+        }
+        self.jobs.abort_all();
+        self.addrs.clear();
+        done
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
@@ -285,6 +387,62 @@ mod tests {
         order(&mut jobs);
         let got: Vec<IpAddr> = jobs.iter().map(|j| j.0).collect();
         assert_eq!(got, [ip(5), ip(3), ip(4), ip(2), ip(1)]);
+    }
+
+    /// Writes outlive the step: a renewal slower than one attempt's length still lands
+    /// (the apiserver answers late, not never), an address with a write in flight gets
+    /// no second one, and another address's write starts and ends meanwhile.
+    #[tokio::test]
+    async fn a_slow_renewal_lands_and_does_not_block_other_writes() {
+        let fake = FakeApiserver::new("ns");
+        let api: Api<Lease> = Api::namespaced(fake.client(), "ns");
+        let timing = Timing::new(Duration::from_secs(3));
+        let w = Worker {
+            leases: LeaseClient::new(api, "node-a", timing.duration),
+            node: "node-a".into(),
+            timing,
+        };
+        let taken = w.run(vec![(ip(1), Job::Acquire { seen: None })]).await;
+        let Some((_, Outcome::Acquired { lease, .. })) = taken.into_iter().next() else {
+            panic!("not taken");
+        };
+        let now = Instant::now();
+        let renew = Job::Renew {
+            held: lease,
+            due: now,
+            claim_end: now + timing.duration,
+        };
+        let mut flight = InFlight::default();
+        fake.stall(true);
+        assert_eq!(flight.start(&w, vec![(ip(1), renew.clone())]), 1);
+        assert_eq!(
+            flight.start(&w, vec![(ip(1), renew)]),
+            0,
+            "one write per address"
+        );
+        assert!(flight.busy(&ip(1)));
+        let other = vec![(ip(2), Job::Acquire { seen: None })];
+        assert_eq!(
+            flight.start(&w, other),
+            1,
+            "another address starts meanwhile"
+        );
+        // The take gives up after one attempt; the renewal, still in flight, does not.
+        let gave_up = tokio::time::timeout(timing.attempt * 3, flight.finished())
+            .await
+            .expect("the take gives up after one attempt");
+        assert!(
+            matches!(gave_up.as_slice(), [(a, Outcome::Unchanged)] if *a == ip(2)),
+            "{gave_up:?}"
+        );
+        assert!(flight.busy(&ip(1)) && !flight.busy(&ip(2)));
+        fake.stall(false);
+        let done = flight.drain(Instant::now() + Duration::from_secs(5)).await;
+        let renewed = done
+            .iter()
+            .any(|(a, o)| *a == ip(1) && matches!(o, Outcome::Renewed { .. }));
+        assert!(renewed, "the slow renewal landed: {done:?}");
+        assert!(flight.is_empty() && !flight.busy(&ip(1)));
     }
 
     /// Hundreds of takes and renewals through the bounded pool all land, each renewal

@@ -17,7 +17,6 @@ struct State {
     leases: BTreeMap<String, Lease>,
     version: u64,
     requests: usize,
-    stalled: bool,
 }
 
 /// Cheap to clone; every clone is the same server.
@@ -25,6 +24,8 @@ struct State {
 pub struct FakeApiserver {
     namespace: String,
     state: Arc<Mutex<State>>,
+    /// True while requests get no answer; they are answered once it turns false.
+    stalled: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 fn status(code: u16, reason: &str) -> (u16, Value) {
@@ -38,6 +39,7 @@ impl FakeApiserver {
         Self {
             namespace: namespace.into(),
             state: Arc::default(),
+            stalled: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
     }
 
@@ -57,10 +59,9 @@ impl FakeApiserver {
                     .await
                     .map(|b| b.to_bytes())
                     .unwrap_or_default();
-                let stalled = server.state().stalled;
-                if stalled {
-                    std::future::pending::<()>().await;
-                }
+                let mut stalled = server.stalled.subscribe();
+                // A dropped sender cannot happen while `server` lives.
+                let _ = stalled.wait_for(|s| !*s).await;
                 let (code, json) = server.handle(&parts.method, parts.uri.path(), &body);
                 let res = http::Response::builder()
                     .status(code)
@@ -73,9 +74,10 @@ impl FakeApiserver {
         Client::new(svc, self.namespace.clone())
     }
 
-    /// From now on, requests get no answer (`true`) or are answered again.
+    /// From now on, requests get no answer (`true`), or are answered again, the held
+    /// ones too (`false`).
     pub fn stall(&self, stalled: bool) {
-        self.state().stalled = stalled;
+        self.stalled.send_replace(stalled);
     }
 
     /// How many requests were answered so far.

@@ -36,8 +36,36 @@ async fn healthy_nodes_keep_every_lease_while_480_of_500_pool_services_go_at_onc
     // Also next to the environment's logs: a passing test's output is not shown.
     eprint!("{line}");
     let _ = std::fs::write(env.info.log_dir.join("l2-scale.txt"), &line);
-    assert_eq!(r.lost, 0.0, "healthy nodes lost Leases");
+    assert_eq!(
+        r.lost,
+        0.0,
+        "healthy nodes lost Leases; the agents' last words on it:\n{}",
+        lease_trouble(&env)
+    );
     assert_eq!(r.failed_probes, 0, "requests to kept addresses failed");
     assert!(r.probes > 0, "no probe ran");
     assert!(r.renewals > 0.0, "no renewal was measured");
+}
+
+/// The agents' last log lines about Leases lost or renewed late (CI shows only the test's
+/// output, not the logs).
+fn lease_trouble(env: &TestEnv) -> String {
+    let mut out = String::new();
+    for node in &env.info.nodes {
+        let log = env
+            .info
+            .log_dir
+            .join(format!("nodeproxy-{}.log", node.plan.name));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let trouble: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("the Lease") && (l.contains("WARN") || l.contains("lost")))
+            .collect();
+        out.push_str(&format!("{}: {} lines\n", node.plan.name, trouble.len()));
+        for l in trouble.iter().rev().take(8).rev() {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
 }

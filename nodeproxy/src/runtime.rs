@@ -735,6 +735,7 @@ async fn watch_nodes(api: Api<Node>, me: String, shared: Arc<Shared>) {
                         let ips = convert::node_internal_ips(&n, &mut w);
                         warn_all(&shared, "Node", &me, n.object_ref(&()), w);
                         idx.set_node_ips(ips);
+                        idx.set_node_zone(convert::node_zone(&n));
                         shared.health.set_draining(healthcheck::draining(&n));
                     }
                 }

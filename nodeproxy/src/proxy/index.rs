@@ -64,6 +64,8 @@ pub struct Index {
     findings_generation: u64,
     relisting_nodes: Option<BTreeSet<String>>,
     node_ips: Vec<IpAddr>,
+    /// This Node's `topology.kubernetes.io/zone` label.
+    zone: Option<String>,
     dirty: BTreeSet<ServiceId>,
     node_changed: bool,
     /// When the oldest EndpointSlice change not yet programmed arrived.
@@ -97,6 +99,7 @@ impl Index {
             findings_generation: 0,
             relisting_nodes: None,
             node_ips: Vec::new(),
+            zone: None,
             dirty: BTreeSet::new(),
             node_changed: true,
             pending_since: None,
@@ -119,6 +122,7 @@ impl Index {
             addresses,
             cluster_cidrs: self.config.cluster_cidrs.clone(),
             service_cidrs: self.config.service_cidrs.clone(),
+            zone: self.zone.clone(),
         }
     }
 
@@ -150,6 +154,15 @@ impl Index {
                 self.estimate_stale.extend(self.raw.keys().cloned());
                 self.claims_dirty = true;
             }
+        }
+    }
+
+    /// This Node's zone changed: every Service with zone hints may pick other endpoints.
+    pub fn set_node_zone(&mut self, zone: Option<String>) {
+        if zone != self.zone {
+            self.zone = zone;
+            self.model.node = self.node_facts();
+            self.node_changed = true;
         }
     }
 

@@ -521,6 +521,18 @@ fn affinity_dnat(f: Family) -> String {
     format!("meta l4proto {{ tcp, udp, sctp }} ct mark != 0 dnat {lookup};")
 }
 
+/// Forgets every recorded affinity of one family (some endpoint went away). Both IPv6
+/// maps go: `update` on an existing key only refreshes its timeout, so a stale port
+/// would outlive its address.
+pub fn flush_affinity(f: Family) -> String {
+    let ip = ip_kw(f);
+    let mut out = format!("flush map {ip} {TABLE} affinity\n");
+    if f == Family::V6 {
+        out.push_str(&format!("flush map {ip} {TABLE} affinity-port\n"));
+    }
+    out
+}
+
 /// A set of frontends with ClientIP affinity of `secs` seconds, and the rule recording
 /// new connections to them in the affinity map(s).
 pub fn timeout_set(f: Family, secs: u32) -> String {

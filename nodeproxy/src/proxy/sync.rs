@@ -243,11 +243,7 @@ impl Programmed {
         }
         if flush_affinity {
             for f in [Family::V4, Family::V6] {
-                tx.push_str(&format!(
-                    "flush map {} {} affinity\n",
-                    ruleset::table_family(f),
-                    ruleset::TABLE
-                ));
+                tx.push_str(&ruleset::flush_affinity(f));
             }
         }
         let elements_changed = deletes.len() + adds.len();

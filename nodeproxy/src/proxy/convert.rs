@@ -217,26 +217,21 @@ pub fn slice(slice: &discovery::EndpointSlice, warnings: &mut Vec<String>) -> Op
 
 /// An endpoint's topology hints; empty names are no hints (they could never match).
 fn hints(h: Option<&discovery::EndpointHints>) -> Hints {
-    let Some(h) = h else {
-        return Hints::default();
-    };
-    let names = |v: Option<Vec<&str>>| -> Vec<String> {
-        v.into_iter()
-            .flatten()
-            .filter(|n| !n.is_empty())
-            .map(str::to_string)
-            .collect()
-    };
+    fn names<'a>(v: impl Iterator<Item = &'a String>) -> Vec<String> {
+        v.filter(|n| !n.is_empty()).cloned().collect()
+    }
     Hints {
         zones: names(
-            h.for_zones
-                .as_ref()
-                .map(|z| z.iter().map(|z| z.name.as_str()).collect()),
+            h.and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| &z.name),
         ),
         nodes: names(
-            h.for_nodes
-                .as_ref()
-                .map(|n| n.iter().map(|n| n.name.as_str()).collect()),
+            h.and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| &n.name),
         ),
     }
 }

@@ -466,15 +466,21 @@ mod tests {
         assert!(t.contains("\nkubeproxy_sync_proxy_rules_endpoint_changes_total 2\n"));
         assert!(t.contains("\nkubeproxy_sync_proxy_rules_service_changes_total 1\n"));
         assert!(t.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 2"));
-        assert!(t.contains("kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1"));
-        assert!(t.contains("kubeproxy_sync_full_proxy_rules_duration_seconds_bucket{le=\"0.256\"} 0"));
-        assert!(t.contains("kubeproxy_sync_full_proxy_rules_duration_seconds_bucket{le=\"0.512\"} 1"));
+        assert!(t.contains(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1"
+        ));
+        assert!(
+            t.contains("kubeproxy_sync_full_proxy_rules_duration_seconds_bucket{le=\"0.256\"} 0")
+        );
+        assert!(
+            t.contains("kubeproxy_sync_full_proxy_rules_duration_seconds_bucket{le=\"0.512\"} 1")
+        );
         assert!(t.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"16.384\"} 2"));
         assert!(t.contains("\nkubeproxy_sync_proxy_rules_nftables_sync_failures_total 1\n"));
         assert!(t.contains("\nkubeproxy_sync_proxy_rules_nftables_cleanup_failures_total 0\n"));
         assert!(t.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"0.5\"} 0"));
-        assert!(t.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"1.0\"} 1"));
-        assert!(t.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"300.0\"} 1"));
+        assert!(t.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"} 1"));
+        assert!(t.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"300\"} 1"));
         assert!(t.contains("kubeproxy_proxy_healthz_total{code=\"200\"} 1"));
         assert!(t.contains("kubeproxy_proxy_livez_total{code=\"503\"} 1"));
         let stamp = |name: &str| -> f64 {

@@ -51,10 +51,7 @@ struct V6 {
 
 impl V6 {
     fn addr(&mut self, netns: &str, cidr: &str, dev: &str) {
-        ip_in(
-            netns,
-            &["-6", "addr", "replace", cidr, "dev", dev, "nodad"],
-        );
+        ip_in(netns, &["-6", "addr", "replace", cidr, "dev", dev, "nodad"]);
         self.addrs.push((netns.into(), cidr.into(), dev.into()));
     }
 
@@ -77,7 +74,10 @@ impl Drop for V6 {
                 .output();
         }
         if let Some(ns) = &self.forwarding {
-            let _ = exec_in(ns, &["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=0"]);
+            let _ = exec_in(
+                ns,
+                &["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=0"],
+            );
         }
     }
 }
@@ -164,7 +164,15 @@ async fn ipv6_client_ip_affinity_keeps_a_client_on_one_pod() {
         let addr = format!("fd00:244:{index}::{:x}", 0x10 + k);
         ip_in(
             &pod_ns,
-            &["-6", "addr", "add", &format!("{addr}/64"), "dev", "eth0", "nodad"],
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
         );
         ip_in(&pod_ns, &["-6", "route", "add", "default", "via", &gateway]);
         let name = p.metadata.name.clone().expect("pod name");

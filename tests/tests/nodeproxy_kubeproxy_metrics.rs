@@ -19,7 +19,11 @@ use serde_json::json;
 /// Every unlabelled sample of the agent's exposition (`name value`), plus the sum over
 /// labels of each labelled one, by name.
 fn scrape(env: &TestEnv, node: &NodeInfo) -> Result<BTreeMap<String, f64>, String> {
-    let url = format!("http://{}:{}/metrics", node.plan.ip, nodeagent::METRICS_PORT);
+    let url = format!(
+        "http://{}:{}/metrics",
+        node.plan.ip,
+        nodeagent::METRICS_PORT
+    );
     let text =
         curl_in(&env.info.client_netns, &url, Duration::from_secs(3)).map_err(|e| e.to_string())?;
     let mut out = BTreeMap::new();

@@ -97,9 +97,9 @@ async fn wait_hints(env: &TestEnv, ns: &str, svc: &str, n: usize, nodes: bool) {
                     let zoned = h
                         .and_then(|h| h.for_zones.as_ref())
                         .is_some_and(|z| z.iter().any(|z| Some(&z.name) == e.zone.as_ref()));
-                    let noded = h.and_then(|h| h.for_nodes.as_ref()).is_some_and(|f| {
-                        f.iter().any(|f| Some(&f.name) == e.node_name.as_ref())
-                    });
+                    let noded = h
+                        .and_then(|h| h.for_nodes.as_ref())
+                        .is_some_and(|f| f.iter().any(|f| Some(&f.name) == e.node_name.as_ref()));
                     zoned && (!nodes || noded)
                 })
         },

@@ -534,10 +534,7 @@ mod tests {
             Topology::SameZone
         );
         // No endpoint hinted for this zone, or the node has no zone: fall back.
-        assert_eq!(
-            Topology::from_hints([&b].into_iter(), &node),
-            Topology::Any
-        );
+        assert_eq!(Topology::from_hints([&b].into_iter(), &node), Topology::Any);
         let unzoned = NodeFacts::test("n1", "198.18.1.10");
         assert_eq!(
             Topology::from_hints([&a, &b].into_iter(), &unzoned),

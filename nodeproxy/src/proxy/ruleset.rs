@@ -514,9 +514,9 @@ fn affinity_maps(f: Family) -> String {
 fn affinity_dnat(f: Family) -> String {
     let lookup = match f {
         Family::V4 => "ip to ip daddr . ct mark . ip saddr map @affinity".to_string(),
-        Family::V6 => format!(
-            "ip6 to {AFFINITY6_KEY} map @affinity : {AFFINITY6_KEY} map @affinity-port"
-        ),
+        Family::V6 => {
+            format!("ip6 to {AFFINITY6_KEY} map @affinity : {AFFINITY6_KEY} map @affinity-port")
+        }
     };
     format!("meta l4proto {{ tcp, udp, sctp }} ct mark != 0 dnat {lookup};")
 }

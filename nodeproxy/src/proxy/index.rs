@@ -521,6 +521,23 @@ mod tests {
         );
     }
 
+    #[test]
+    fn node_zone_change_forces_a_full_sync_once() {
+        let mut i = idx();
+        i.take_work(false);
+        i.set_node_zone(Some("us-east-1a".into()));
+        assert_eq!(i.model.node.zone.as_deref(), Some("us-east-1a"));
+        assert_eq!(i.take_work(false), Work::Full);
+        i.set_node_zone(Some("us-east-1a".into()));
+        assert_eq!(i.take_work(false), Work::Nothing);
+        // The zone survives a change of the node's addresses.
+        i.set_node_ips(vec!["198.18.1.10".parse().expect("ip")]);
+        assert_eq!(i.model.node.zone.as_deref(), Some("us-east-1a"));
+        i.set_node_zone(None);
+        assert_eq!(i.take_work(false), Work::Full);
+        assert_eq!(i.model.node.zone, None);
+    }
+
     fn aged(ns: &str, name: &str, created: i64) -> (Service, Age) {
         let mut s =
             Service::test(ns, name, &format!("10.96.0.{created}")).with_port("", Protocol::Tcp, 80);

@@ -395,7 +395,11 @@ pub fn service_rules<'a>(
                         Some(format!("{addr} . {p}")),
                     );
                 }
-                if let Some(t) = svc.affinity_timeout {
+                // IPv6 tables balance ClientIP-affinity Services randomly: nft 1.0.6 cannot
+                // write a dynamic-map update keyed on an IPv6 address and more (it aborts,
+                // or, for the layouts it accepts, overlaps key and value registers so the
+                // entries never match); see the README.
+                if let (Some(t), Family::V4) = (svc.affinity_timeout, f) {
                     let mark = fe.affinity_mark();
                     out.put(
                         f,
@@ -484,73 +488,16 @@ pub fn lb_chain(f: Family, n: usize, internal: bool) -> String {
     )
 }
 
-/// The key of the IPv6 affinity maps: the frontend's protocol and port (connection
-/// mark), the low 64 bits of the client's address and the frontend address. nft 1.0.6
-/// aborts (`netlink_gen_expr: Assertion 'dreg < ctx->reg_low'`) on a dynamic map update
-/// whose key has an IPv6 address before another field, is longer than 28 bytes or whose
-/// value is a concatenation, so the IPv4 layout (frontend . mark . client : endpoint .
-/// port) cannot be written for IPv6: the client is cut to its interface identifier
-/// (bytes 8–15 of the source address, the same before and after DNAT) and the endpoint's
-/// address and port live in two maps. Clients differing only in their /64 prefix share
-/// one entry: they stick to the same endpoint of the same frontend, never another's.
-const AFFINITY6_KEY: &str = "ct mark . @nh,128,64 . ct original ip6 daddr";
-
-/// The affinity maps of one family's table.
-fn affinity_maps(f: Family) -> String {
-    let flags = "flags dynamic,timeout; size 1048576; timeout 3h;";
-    match f {
-        Family::V4 => format!(
-            "  map affinity {{ type ipv4_addr . mark . ipv4_addr : ipv4_addr . inet_service; {flags} }}\n"
-        ),
-        Family::V6 => format!(
-            "  map affinity {{ typeof {AFFINITY6_KEY} : ip6 daddr; {flags} }}\n\
-             \x20 map affinity-port {{ typeof {AFFINITY6_KEY} : th dport; {flags} }}\n"
-        ),
-    }
-}
-
-/// The `services` chain statement sending a connection with a recorded affinity to its
-/// endpoint.
-fn affinity_dnat(f: Family) -> String {
-    let lookup = match f {
-        Family::V4 => "ip to ip daddr . ct mark . ip saddr map @affinity".to_string(),
-        Family::V6 => {
-            format!("ip6 to {AFFINITY6_KEY} map @affinity : {AFFINITY6_KEY} map @affinity-port")
-        }
-    };
-    format!("meta l4proto {{ tcp, udp, sctp }} ct mark != 0 dnat {lookup};")
-}
-
-/// Forgets every recorded affinity of one family (some endpoint went away). Both IPv6
-/// maps go: `update` on an existing key only refreshes its timeout, so a stale port
-/// would outlive its address.
-pub fn flush_affinity(f: Family) -> String {
-    let ip = ip_kw(f);
-    let mut out = format!("flush map {ip} {TABLE} affinity\n");
-    if f == Family::V6 {
-        out.push_str(&format!("flush map {ip} {TABLE} affinity-port\n"));
-    }
-    out
-}
-
 /// A set of frontends with ClientIP affinity of `secs` seconds, and the rule recording
-/// new connections to them in the affinity map(s).
+/// new connections to them in the affinity map.
 pub fn timeout_set(f: Family, secs: u32) -> String {
     let ip = ip_kw(f);
     let a = addr_type(f);
     let set = MapName::AffinityTimeout(secs).name();
-    let update = match f {
-        Family::V4 => format!(
-            "update @affinity {{ ct original ip daddr . ct mark . ip saddr timeout {secs}s : ip daddr . th dport }}"
-        ),
-        Family::V6 => format!(
-            "update @affinity {{ {AFFINITY6_KEY} timeout {secs}s : ip6 daddr }} \
-             update @affinity-port {{ {AFFINITY6_KEY} timeout {secs}s : th dport }}"
-        ),
-    };
     format!(
         "add set {ip} {TABLE} {set} {{ type {a} . mark; }}\n\
-         add rule {ip} {TABLE} affinity-record ct state new ct mark != 0 ct original {ip} daddr . ct mark @{set} {update}\n"
+         add rule {ip} {TABLE} affinity-record ct state new ct mark != 0 ct original {ip} daddr . ct mark @{set} \
+         update @affinity {{ ct original {ip} daddr . ct mark . {ip} saddr timeout {secs}s : {ip} daddr . th dport }}\n"
     )
 }
 
@@ -631,7 +578,10 @@ pub fn skeleton(
         "  set node-addresses {{ type {a};{} }}",
         elems(&node_addrs)
     );
-    s.push_str(&affinity_maps(f));
+    let _ = writeln!(
+        s,
+        "  map affinity {{ type {a} . mark . {a} : {a} . inet_service; flags dynamic,timeout; size 1048576; timeout 3h; }}"
+    );
     let cidrs = |v: &[crate::proxy::model::Cidr]| -> Vec<String> {
         v.iter()
             .filter(|c| c.family() == f)
@@ -675,10 +625,9 @@ pub fn skeleton(
         services,
         " {frontend} @external-masq jump mark-for-masquerade; \
          ct mark set {frontend} map @affinity-ids; \
-         {} \
+         meta l4proto {{ tcp, udp, sctp }} ct mark != 0 dnat {ip} to {ip} daddr . ct mark . {ip} saddr map @affinity; \
          {frontend} vmap @service-ips; \
-         {ip} daddr @node-addresses {frontend} vmap @service-nodeports;",
-        affinity_dnat(f)
+         {ip} daddr @node-addresses {frontend} vmap @service-nodeports;"
     );
     let _ = writeln!(s, "  chain services {{{services} }}");
     let _ = writeln!(
@@ -1193,49 +1142,6 @@ mod tests {
             }),
             Some(&BTreeSet::from([ip("10.244.2.3")]))
         );
-    }
-
-    #[test]
-    fn ipv6_affinity_uses_the_split_maps_nft_1_0_6_can_update() {
-        let mut svc = Service::test("ns", "v6", "fd00:96::10").with_port("http", Protocol::Tcp, 80);
-        svc.affinity_timeout = Some(60);
-        let s = Slice::test(&svc)
-            .with_port("http", Protocol::Tcp, 8080)
-            .with(Endpoint::test("fd00:244::2", "n2"));
-        let r = rules_of(&svc, &[s]);
-        let k = |map, key: &str| ElemKey {
-            family: Family::V6,
-            map,
-            key: key.into(),
-        };
-        assert_eq!(
-            r.elements
-                .get(&k(MapName::AffinityIds, "fd00:96::10 . tcp . 80"))
-                .cloned()
-                .flatten()
-                .as_deref(),
-            Some("0x01060050")
-        );
-        assert!(
-            r.elements
-                .contains_key(&k(MapName::AffinityTimeout(60), "fd00:96::10 . 0x01060050"))
-        );
-        assert_eq!(r.timeouts, BTreeSet::from([(Family::V6, 60)]));
-        assert!(r.affinity);
-        let v6 = skeleton(Family::V6, &node(), &BTreeSet::new(), &BTreeSet::new());
-        assert!(v6.contains(
-            "map affinity-port { typeof ct mark . @nh,128,64 . ct original ip6 daddr : th dport;"
-        ));
-        assert!(v6.contains(
-            "dnat ip6 to ct mark . @nh,128,64 . ct original ip6 daddr map @affinity : ct mark . @nh,128,64 . ct original ip6 daddr map @affinity-port;"
-        ));
-        let record = timeout_set(Family::V6, 60);
-        assert!(record.contains("update @affinity { ct mark . @nh,128,64 . ct original ip6 daddr timeout 60s : ip6 daddr }"));
-        assert!(record.contains("update @affinity-port { ct mark . @nh,128,64 . ct original ip6 daddr timeout 60s : th dport }"));
-        // The IPv4 table keeps the full client address in one map.
-        let v4 = skeleton(Family::V4, &node(), &BTreeSet::new(), &BTreeSet::new());
-        assert!(v4.contains("dnat ip to ip daddr . ct mark . ip saddr map @affinity;"));
-        assert!(!v4.contains("affinity-port"));
     }
 
     #[test]

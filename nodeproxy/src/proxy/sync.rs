@@ -243,7 +243,11 @@ impl Programmed {
         }
         if flush_affinity {
             for f in [Family::V4, Family::V6] {
-                tx.push_str(&ruleset::flush_affinity(f));
+                tx.push_str(&format!(
+                    "flush map {} {} affinity\n",
+                    ruleset::table_family(f),
+                    ruleset::TABLE
+                ));
             }
         }
         let elements_changed = deletes.len() + adds.len();

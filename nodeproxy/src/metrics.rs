@@ -2,12 +2,15 @@
 //! `/healthz` reads.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_runtime::metrics::prometheus_client::metrics::counter::Counter;
 use berth_runtime::metrics::prometheus_client::metrics::family::Family;
 use berth_runtime::metrics::prometheus_client::metrics::gauge::Gauge;
-use berth_runtime::metrics::prometheus_client::metrics::histogram::Histogram;
+use berth_runtime::metrics::prometheus_client::metrics::histogram::{
+    Histogram, exponential_buckets,
+};
 use berth_runtime::metrics::prometheus_client::registry::Registry;
 use berth_runtime::metrics::{self, Collect};
 
@@ -34,6 +37,7 @@ pub struct Metrics {
     last_ok: Mutex<Option<Instant>>,
     l2_renewal_lateness: Histogram,
     refused: Family<Label, Gauge>,
+    kube_proxy: KubeProxy,
 }
 
 fn count(n: usize) -> i64 {
@@ -56,6 +60,7 @@ impl Default for Metrics {
             last_ok: Mutex::new(None),
             l2_renewal_lateness: metrics::histogram(SECONDS_BUCKETS),
             refused: Family::default(),
+            kube_proxy: KubeProxy::default(),
         };
         // Series that exist from the start, so rates and alerts see them at 0.
         m.failures.get_or_create(&[("reason", "nft")]).inc_by(0);
@@ -83,6 +88,7 @@ impl Metrics {
             Some(false) => self.partial_sync.observe(took.as_secs_f64()),
             None => {}
         }
+        self.kube_proxy.synced(full, took);
         self.elements.set(count(elements));
         self.lb_chains.set(count(lb_chains));
         self.services.set(count(services));
@@ -91,11 +97,13 @@ impl Metrics {
 
     pub fn sync_failed(&self, reason: &'static str) {
         self.failures.get_or_create(&[("reason", reason)]).inc();
+        self.kube_proxy.sync_failures.inc();
     }
 
     /// Time from an EndpointSlice change arriving to its rules being programmed.
     pub fn programming_latency(&self, d: Duration) {
         self.programming_latency.observe(d.as_secs_f64());
+        self.kube_proxy.network_programming.observe(d.as_secs_f64());
     }
 
     /// Pool addresses this node announces now.
@@ -206,6 +214,179 @@ impl Collect for Metrics {
             "Refused or losing Service claims left out of the rules, by reason",
             self.refused.clone(),
         );
+        self.kube_proxy.register(r);
+    }
+}
+
+/// kube-proxy's bucket layout for sync durations: 1 ms doubling 15 times (~16 s).
+fn kube_proxy_sync_buckets() -> Vec<f64> {
+    exponential_buckets(0.001, 2.0, 15).collect()
+}
+
+/// kube-proxy's bucket layout for network programming latency: 0.25 s and 0.5 s, every
+/// second to 59 s, every 5 s to 115 s, every 30 s to 5 min.
+fn kube_proxy_programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.25, 0.5];
+    b.extend((1..=59).map(f64::from));
+    b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    b.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    b
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// kube-proxy's own metric names (its `pkg/proxy/metrics`, nftables mode), fed by the
+/// same events as berth's, so dashboards and alerts written for kube-proxy keep working.
+/// The README lists which names are served and why the others are not.
+#[derive(Debug)]
+struct KubeProxy {
+    sync: Histogram,
+    full_sync: Histogram,
+    partial_sync: Histogram,
+    network_programming: Histogram,
+    last_sync: Gauge<f64, AtomicU64>,
+    last_queued: Gauge<f64, AtomicU64>,
+    endpoint_changes: Counter,
+    service_changes: Counter,
+    sync_failures: Counter,
+    cleanup_failures: Counter,
+    probes: Family<[(&'static str, String); 1], Counter>,
+    livez: Family<[(&'static str, String); 1], Counter>,
+}
+
+impl Default for KubeProxy {
+    fn default() -> Self {
+        Self {
+            sync: metrics::histogram(&kube_proxy_sync_buckets()),
+            full_sync: metrics::histogram(&kube_proxy_sync_buckets()),
+            partial_sync: metrics::histogram(&kube_proxy_sync_buckets()),
+            network_programming: metrics::histogram(&kube_proxy_programming_buckets()),
+            last_sync: Gauge::default(),
+            last_queued: Gauge::default(),
+            endpoint_changes: Counter::default(),
+            service_changes: Counter::default(),
+            sync_failures: Counter::default(),
+            cleanup_failures: Counter::default(),
+            probes: Family::default(),
+            livez: Family::default(),
+        }
+    }
+}
+
+impl KubeProxy {
+    /// A sync committed; kube-proxy also stamps its timestamp when nothing changed.
+    fn synced(&self, full: Option<bool>, took: Duration) {
+        if let Some(full) = full {
+            let secs = took.as_secs_f64();
+            self.sync.observe(secs);
+            if full {
+                self.full_sync.observe(secs);
+            } else {
+                self.partial_sync.observe(secs);
+            }
+        }
+        self.last_sync.set(unix_now());
+    }
+
+    fn register(&self, r: &mut Registry) {
+        for (name, help, h) in [
+            (
+                "kubeproxy_sync_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds",
+                &self.sync,
+            ),
+            (
+                "kubeproxy_sync_full_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds for full resyncs",
+                &self.full_sync,
+            ),
+            (
+                "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds for partial resyncs",
+                &self.partial_sync,
+            ),
+            (
+                "kubeproxy_network_programming_duration_seconds",
+                "In Cluster Network Programming Latency in seconds",
+                &self.network_programming,
+            ),
+        ] {
+            r.register(name, help, h.clone());
+        }
+        r.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            self.last_sync.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            self.last_queued.clone(),
+        );
+        // prometheus-client appends `_total` to counters.
+        for (name, help, c) in [
+            (
+                "kubeproxy_sync_proxy_rules_endpoint_changes",
+                "Cumulative proxy rules Endpoint changes",
+                &self.endpoint_changes,
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_service_changes",
+                "Cumulative proxy rules Service changes",
+                &self.service_changes,
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+                "Cumulative proxy nftables sync failures",
+                &self.sync_failures,
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_nftables_cleanup_failures",
+                "Cumulative proxy nftables cleanup failures",
+                &self.cleanup_failures,
+            ),
+        ] {
+            r.register(name, help, c.clone());
+        }
+        r.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            self.probes.clone(),
+        );
+        r.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            self.livez.clone(),
+        );
+    }
+}
+
+impl Metrics {
+    /// An EndpointSlice was added, changed or deleted: a sync is queued.
+    pub fn endpoint_changed(&self) {
+        self.kube_proxy.endpoint_changes.inc();
+        self.kube_proxy.last_queued.set(unix_now());
+    }
+
+    /// A Service was added, changed or deleted: a sync is queued.
+    pub fn service_changed(&self) {
+        self.kube_proxy.service_changes.inc();
+        self.kube_proxy.last_queued.set(unix_now());
+    }
+
+    /// `/healthz` (`livez` false) or `/livez` answered with HTTP status `code`.
+    pub fn probe_answered(&self, livez: bool, code: u16) {
+        let family = if livez {
+            &self.kube_proxy.livez
+        } else {
+            &self.kube_proxy.probes
+        };
+        family.get_or_create(&[("code", code.to_string())]).inc();
     }
 }
 
@@ -263,5 +444,52 @@ mod tests {
         assert!(m.healthy(Duration::from_secs(60)).0);
         std::thread::sleep(Duration::from_millis(5));
         assert!(!m.healthy(Duration::from_millis(1)).0);
+    }
+
+    #[test]
+    fn kube_proxy_names_follow_the_same_events() {
+        let m = Metrics::default();
+        let t = m.render();
+        assert!(t.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 0"));
+        assert!(t.contains("\nkubeproxy_sync_proxy_rules_endpoint_changes_total 0\n"));
+        assert!(t.contains("\nkubeproxy_sync_proxy_rules_last_timestamp_seconds 0"));
+        m.endpoint_changed();
+        m.endpoint_changed();
+        m.service_changed();
+        m.sync_ok(Some(false), Duration::from_millis(3), 1, 1, 1);
+        m.sync_ok(Some(true), Duration::from_millis(300), 1, 1, 1);
+        m.sync_failed("nft");
+        m.programming_latency(Duration::from_millis(700));
+        m.probe_answered(false, 200);
+        m.probe_answered(true, 503);
+        let t = m.render();
+        assert!(t.contains("\nkubeproxy_sync_proxy_rules_endpoint_changes_total 2\n"));
+        assert!(t.contains("\nkubeproxy_sync_proxy_rules_service_changes_total 1\n"));
+        assert!(t.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 2"));
+        assert!(t.contains(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1"
+        ));
+        assert!(
+            t.contains("kubeproxy_sync_full_proxy_rules_duration_seconds_bucket{le=\"0.256\"} 0")
+        );
+        assert!(
+            t.contains("kubeproxy_sync_full_proxy_rules_duration_seconds_bucket{le=\"0.512\"} 1")
+        );
+        assert!(t.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"16.384\"} 2"));
+        assert!(t.contains("\nkubeproxy_sync_proxy_rules_nftables_sync_failures_total 1\n"));
+        assert!(t.contains("\nkubeproxy_sync_proxy_rules_nftables_cleanup_failures_total 0\n"));
+        assert!(t.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"0.5\"} 0"));
+        assert!(t.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"} 1"));
+        assert!(t.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"300\"} 1"));
+        assert!(t.contains("kubeproxy_proxy_healthz_total{code=\"200\"} 1"));
+        assert!(t.contains("kubeproxy_proxy_livez_total{code=\"503\"} 1"));
+        let stamp = |name: &str| -> f64 {
+            t.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} in {t}"))
+        };
+        assert!(stamp("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.0e9);
+        assert!(stamp("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") > 1.0e9);
     }
 }

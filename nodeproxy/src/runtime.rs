@@ -227,11 +227,15 @@ async fn watch_services(api: Api<Service>, shared: Arc<Shared>) {
                     let model = convert::service(&s, &mut w);
                     warn_all(&shared, "Service", &id.to_string(), s.object_ref(&()), w);
                     idx.apply_service_aged(id, model, convert::age(&s.metadata));
+                    shared.metrics.service_changed();
                 }
-                Ok(Event::Delete(s)) => idx.delete_service(&ServiceId::new(
-                    &s.namespace().unwrap_or_default(),
-                    &s.name_any(),
-                )),
+                Ok(Event::Delete(s)) => {
+                    idx.delete_service(&ServiceId::new(
+                        &s.namespace().unwrap_or_default(),
+                        &s.name_any(),
+                    ));
+                    shared.metrics.service_changed();
+                }
                 Err(e) => tracing::warn!("Service watch: {e}"),
             }
         }
@@ -262,9 +266,11 @@ async fn watch_slices(api: Api<EndpointSlice>, shared: Arc<Shared>) {
                         w,
                     );
                     idx.apply_slice(&ns, &name, model);
+                    shared.metrics.endpoint_changed();
                 }
                 Ok(Event::Delete(s)) => {
-                    idx.delete_slice(&s.namespace().unwrap_or_default(), &s.name_any())
+                    idx.delete_slice(&s.namespace().unwrap_or_default(), &s.name_any());
+                    shared.metrics.endpoint_changed();
                 }
                 Err(e) => tracing::warn!("EndpointSlice watch: {e}"),
             }
@@ -643,8 +649,10 @@ fn health_reply(h: &HealthInputs, draining: bool) -> Reply {
         problems.push(format!("nftables tables changed by another process: {why}"));
     }
     let ok = fresh && problems.is_empty();
+    let code = if ok { 200 } else { 503 };
+    h.metrics.probe_answered(!draining, code);
     Reply::json(
-        if ok { 200 } else { 503 },
+        code,
         &serde_json::json!({
             "lastSuccessfulSyncAgeSeconds": age.map(|a| a.as_secs_f64()),
             "healthy": ok,
@@ -735,6 +743,7 @@ async fn watch_nodes(api: Api<Node>, me: String, shared: Arc<Shared>) {
                         let ips = convert::node_internal_ips(&n, &mut w);
                         warn_all(&shared, "Node", &me, n.object_ref(&()), w);
                         idx.set_node_ips(ips);
+                        idx.set_node_zone(convert::node_zone(&n));
                         shared.health.set_draining(healthcheck::draining(&n));
                     }
                 }

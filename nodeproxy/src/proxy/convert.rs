@@ -9,11 +9,13 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use crate::proxy::claims::Age;
 use crate::proxy::index::NodeInfo;
 use crate::proxy::model::{
-    Cidr, Endpoint, EndpointPort, Protocol, Service, ServiceId, ServicePort, Slice,
+    Cidr, Endpoint, EndpointPort, Hints, Protocol, Service, ServiceId, ServicePort, Slice,
 };
 
 /// Label joining an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The Node label topology hints name zones by.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 fn port_u16(value: i32, what: &str, warnings: &mut Vec<String>) -> Option<u16> {
     match u16::try_from(value) {
@@ -202,6 +204,7 @@ pub fn slice(slice: &discovery::EndpointSlice, warnings: &mut Vec<String>) -> Op
                 ready,
                 serving: c.and_then(|c| c.serving).unwrap_or(ready),
                 terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                hints: hints(e.hints.as_ref()),
             })
         })
         .collect();
@@ -210,6 +213,37 @@ pub fn slice(slice: &discovery::EndpointSlice, warnings: &mut Vec<String>) -> Op
         ports,
         endpoints,
     })
+}
+
+/// An endpoint's topology hints; empty names are no hints (they could never match).
+fn hints(h: Option<&discovery::EndpointHints>) -> Hints {
+    fn names<'a>(v: impl Iterator<Item = &'a String>) -> Vec<String> {
+        v.filter(|n| !n.is_empty()).cloned().collect()
+    }
+    Hints {
+        zones: names(
+            h.and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| &z.name),
+        ),
+        nodes: names(
+            h.and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| &n.name),
+        ),
+    }
+}
+
+/// The Node's zone label, if set and not empty.
+pub fn node_zone(node: &core::Node) -> Option<String> {
+    node.metadata
+        .labels
+        .as_ref()?
+        .get(ZONE_LABEL)
+        .filter(|z| !z.is_empty())
+        .cloned()
 }
 
 /// The node's InternalIPs (the default NodePort addresses).
@@ -392,6 +426,36 @@ mod tests {
         }))
         .expect("fixture");
         assert!(slice(&fqdn, &mut w).is_none());
+    }
+
+    #[test]
+    fn slice_hints_and_node_zone_are_read() {
+        let s: discovery::EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": "web-abc",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.244.1.2"], "nodeName": "n1",
+                 "hints": {"forZones": [{"name": "us-east-1a"}, {"name": ""}],
+                           "forNodes": [{"name": "n1"}]}},
+                {"addresses": ["10.244.1.3"]},
+            ]
+        }))
+        .expect("slice fixture");
+        let mut w = Vec::new();
+        let m = slice(&s, &mut w).expect("slice");
+        assert_eq!(m.endpoints[0].hints.zones, vec!["us-east-1a".to_string()]);
+        assert_eq!(m.endpoints[0].hints.nodes, vec!["n1".to_string()]);
+        assert_eq!(m.endpoints[1].hints, Hints::default());
+        let n: core::Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1", "labels": {ZONE_LABEL: "us-east-1b"}}
+        }))
+        .expect("fixture");
+        assert_eq!(node_zone(&n).as_deref(), Some("us-east-1b"));
+        let bare: core::Node =
+            serde_json::from_value(json!({"metadata": {"name": "n2", "labels": {ZONE_LABEL: ""}}}))
+                .expect("fixture");
+        assert_eq!(node_zone(&bare), None);
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub struct Index {
     findings_generation: u64,
     relisting_nodes: Option<BTreeSet<String>>,
     node_ips: Vec<IpAddr>,
+    /// This Node's `topology.kubernetes.io/zone` label.
+    zone: Option<String>,
     dirty: BTreeSet<ServiceId>,
     node_changed: bool,
     /// When the oldest EndpointSlice change not yet programmed arrived.
@@ -97,6 +99,7 @@ impl Index {
             findings_generation: 0,
             relisting_nodes: None,
             node_ips: Vec::new(),
+            zone: None,
             dirty: BTreeSet::new(),
             node_changed: true,
             pending_since: None,
@@ -119,6 +122,7 @@ impl Index {
             addresses,
             cluster_cidrs: self.config.cluster_cidrs.clone(),
             service_cidrs: self.config.service_cidrs.clone(),
+            zone: self.zone.clone(),
         }
     }
 
@@ -150,6 +154,15 @@ impl Index {
                 self.estimate_stale.extend(self.raw.keys().cloned());
                 self.claims_dirty = true;
             }
+        }
+    }
+
+    /// This Node's zone changed: every Service with zone hints may pick other endpoints.
+    pub fn set_node_zone(&mut self, zone: Option<String>) {
+        if zone != self.zone {
+            self.zone = zone;
+            self.model.node = self.node_facts();
+            self.node_changed = true;
         }
     }
 
@@ -506,6 +519,23 @@ mod tests {
             fixed.model.node.addresses,
             vec!["198.18.9.9".parse::<IpAddr>().expect("ip")]
         );
+    }
+
+    #[test]
+    fn node_zone_change_forces_a_full_sync_once() {
+        let mut i = idx();
+        i.take_work(false);
+        i.set_node_zone(Some("us-east-1a".into()));
+        assert_eq!(i.model.node.zone.as_deref(), Some("us-east-1a"));
+        assert_eq!(i.take_work(false), Work::Full);
+        i.set_node_zone(Some("us-east-1a".into()));
+        assert_eq!(i.take_work(false), Work::Nothing);
+        // The zone survives a change of the node's addresses.
+        i.set_node_ips(vec!["198.18.1.10".parse().expect("ip")]);
+        assert_eq!(i.model.node.zone.as_deref(), Some("us-east-1a"));
+        i.set_node_zone(None);
+        assert_eq!(i.take_work(false), Work::Full);
+        assert_eq!(i.model.node.zone, None);
     }
 
     fn aged(ns: &str, name: &str, created: i64) -> (Service, Age) {

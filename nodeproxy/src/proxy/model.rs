@@ -218,6 +218,71 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// Topology hints the EndpointSlice controller wrote (`hints.forZones` / `forNodes`).
+    pub hints: Hints,
+}
+
+/// Where an endpoint should preferably be used from. The EndpointSlice controller sets
+/// these for `trafficDistribution: PreferSameZone`/`PreferClose` (zones),
+/// `PreferSameNode` (nodes and zones) and the `service.kubernetes.io/topology-mode: Auto`
+/// annotation (zones); the proxy only reads the hints, as kube-proxy does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hints {
+    pub zones: Vec<String>,
+    pub nodes: Vec<String>,
+}
+
+/// Which endpoints cluster-wide traffic policy uses on this node, read from the hints of
+/// the ready endpoints the way kube-proxy does: same node when every ready endpoint has
+/// node hints and one names this node; else same zone when every ready endpoint has zone
+/// hints and one names this node's zone; else every endpoint. Node-local policies
+/// (`externalTrafficPolicy`/`internalTrafficPolicy: Local`) never consult hints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    Any,
+    SameNode,
+    SameZone,
+}
+
+impl Topology {
+    pub fn from_hints<'a>(endpoints: impl Iterator<Item = &'a Endpoint>, node: &NodeFacts) -> Self {
+        let zone = node.zone.as_deref();
+        let (mut all_nodes, mut for_node) = (true, false);
+        let (mut all_zones, mut for_zone) = (true, false);
+        let mut any_ready = false;
+        for ep in endpoints.filter(|e| e.ready) {
+            any_ready = true;
+            if ep.hints.nodes.is_empty() {
+                all_nodes = false;
+            } else if ep.hints.nodes.contains(&node.name) {
+                for_node = true;
+            }
+            if ep.hints.zones.is_empty() {
+                all_zones = false;
+            } else if zone.is_some_and(|z| ep.hints.zones.iter().any(|h| h == z)) {
+                for_zone = true;
+            }
+        }
+        if any_ready && all_nodes && for_node {
+            Topology::SameNode
+        } else if any_ready && all_zones && for_zone {
+            Topology::SameZone
+        } else {
+            Topology::Any
+        }
+    }
+
+    /// Whether `ep` may take this node's cluster-wide traffic.
+    pub fn allows(self, ep: &Endpoint, node: &NodeFacts) -> bool {
+        match self {
+            Topology::Any => true,
+            Topology::SameNode => ep.hints.nodes.contains(&node.name),
+            Topology::SameZone => node
+                .zone
+                .as_deref()
+                .is_some_and(|z| ep.hints.zones.iter().any(|h| h == z)),
+        }
+    }
 }
 
 /// One EndpointSlice, joined to its Service by the `kubernetes.io/service-name` label.
@@ -238,6 +303,8 @@ pub struct NodeFacts {
     pub cluster_cidrs: Vec<Cidr>,
     /// Unallocated addresses in these ranges are dropped.
     pub service_cidrs: Vec<Cidr>,
+    /// The Node's `topology.kubernetes.io/zone` label (topology hints are matched on it).
+    pub zone: Option<String>,
 }
 
 /// Everything the ruleset is computed from.
@@ -355,7 +422,18 @@ pub mod fixtures {
                 ready: true,
                 serving: true,
                 terminating: false,
+                hints: Hints::default(),
             }
+        }
+
+        pub fn for_zones(mut self, zones: &[&str]) -> Self {
+            self.hints.zones = zones.iter().map(|z| z.to_string()).collect();
+            self
+        }
+
+        pub fn for_nodes(mut self, nodes: &[&str]) -> Self {
+            self.hints.nodes = nodes.iter().map(|n| n.to_string()).collect();
+            self
         }
 
         pub fn terminating(mut self) -> Self {
@@ -396,6 +474,7 @@ pub mod fixtures {
                 addresses: vec![ip(addr)],
                 cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
                 service_cidrs: vec!["10.96.0.0/16".parse().expect("cidr")],
+                zone: None,
             }
         }
     }
@@ -425,6 +504,66 @@ pub mod fixtures {
 mod tests {
     use super::fixtures::*;
     use super::*;
+
+    fn zoned(zone: &str) -> NodeFacts {
+        NodeFacts {
+            zone: Some(zone.into()),
+            ..NodeFacts::test("n1", "198.18.1.10")
+        }
+    }
+
+    #[test]
+    fn topology_uses_zone_hints_only_when_every_ready_endpoint_has_one() {
+        let node = zoned("a");
+        let a = Endpoint::test("10.244.1.2", "n1").for_zones(&["a"]);
+        let b = Endpoint::test("10.244.2.2", "n2").for_zones(&["b"]);
+        let bare = Endpoint::test("10.244.3.2", "n3");
+        let mode = Topology::from_hints([&a, &b].into_iter(), &node);
+        assert_eq!(mode, Topology::SameZone);
+        assert!(mode.allows(&a, &node) && !mode.allows(&b, &node));
+        assert_eq!(
+            Topology::from_hints([&a, &b, &bare].into_iter(), &node),
+            Topology::Any,
+            "one ready endpoint without hints"
+        );
+        // A not-ready endpoint without hints does not count.
+        let mut down = bare.clone();
+        down.ready = false;
+        assert_eq!(
+            Topology::from_hints([&a, &down].into_iter(), &node),
+            Topology::SameZone
+        );
+        // No endpoint hinted for this zone, or the node has no zone: fall back.
+        assert_eq!(Topology::from_hints([&b].into_iter(), &node), Topology::Any);
+        let unzoned = NodeFacts::test("n1", "198.18.1.10");
+        assert_eq!(
+            Topology::from_hints([&a, &b].into_iter(), &unzoned),
+            Topology::Any
+        );
+        assert_eq!(Topology::from_hints([].into_iter(), &node), Topology::Any);
+    }
+
+    #[test]
+    fn topology_prefers_node_hints_then_zone_hints() {
+        let node = zoned("a");
+        let mine = Endpoint::test("10.244.1.2", "n1")
+            .for_zones(&["a"])
+            .for_nodes(&["n1"]);
+        let peer = Endpoint::test("10.244.2.2", "n2")
+            .for_zones(&["a"])
+            .for_nodes(&["n2"]);
+        let mode = Topology::from_hints([&mine, &peer].into_iter(), &node);
+        assert_eq!(mode, Topology::SameNode);
+        assert!(mode.allows(&mine, &node) && !mode.allows(&peer, &node));
+        // No endpoint for this node: the zone hints still apply.
+        let other = NodeFacts {
+            name: "n3".into(),
+            ..zoned("a")
+        };
+        let mode = Topology::from_hints([&mine, &peer].into_iter(), &other);
+        assert_eq!(mode, Topology::SameZone);
+        assert!(mode.allows(&mine, &other) && mode.allows(&peer, &other));
+    }
 
     #[test]
     fn cidr_parses_masks_and_contains() {

@@ -67,6 +67,7 @@ fn random_model(r: &mut StdRng) -> Model {
             "fd00:244::/48".parse().expect("cidr"),
         ],
         service_cidrs: vec!["10.96.0.0/16".parse().expect("cidr")],
+        zone: None,
     };
     let mut m = Model::test(node);
     for i in 0..r.random_range(0..25) {
@@ -128,6 +129,7 @@ fn random_model(r: &mut StdRng) -> Model {
                         ready: r.random_bool(0.7),
                         serving: r.random_bool(0.8),
                         terminating: r.random_bool(0.3),
+                        hints: Default::default(),
                     })
                     .collect(),
             };

@@ -19,6 +19,7 @@ use std::net::IpAddr;
 
 use crate::proxy::model::{
     Cidr, Endpoint, Family, Model, NodeFacts, Protocol, Service, ServiceId, ServicePort, Slice,
+    Topology,
 };
 
 pub const TABLE: &str = "berth";
@@ -224,20 +225,28 @@ fn candidates<'a>(
 }
 
 /// Ready endpoints, or if there are none the serving-terminating ones (graceful
-/// termination fallback); only this node's when `local_only`.
-fn select(cands: &[Candidate], local_only: bool, node: &str) -> Vec<(IpAddr, u16)> {
+/// termination fallback); only this node's when `local_only`, else only those the
+/// topology hints allow (see [`Topology`]).
+fn select(cands: &[Candidate], local_only: bool, node: &NodeFacts) -> Vec<(IpAddr, u16)> {
+    let topology = if local_only {
+        Topology::Any
+    } else {
+        Topology::from_hints(cands.iter().map(|c| &c.ep), node)
+    };
     let pool: Vec<&Candidate> = cands
         .iter()
-        .filter(|c| !local_only || c.ep.node.as_deref() == Some(node))
+        .filter(|c| !local_only || c.ep.node.as_deref() == Some(node.name.as_str()))
         .collect();
     let ready: Vec<_> = pool
         .iter()
-        .filter(|c| c.ep.ready)
+        .filter(|c| c.ep.ready && topology.allows(&c.ep, node))
         .map(|c| (c.ep.addr, c.port))
         .collect();
     if !ready.is_empty() {
         return ready;
     }
+    // As kube-proxy: hints were already ignored if no ready endpoint matched them, so
+    // serving-terminating endpoints are taken from everywhere.
     pool.iter()
         .filter(|c| c.ep.serving && c.ep.terminating)
         .map(|c| (c.ep.addr, c.port))
@@ -273,8 +282,8 @@ pub fn service_rules<'a>(
         }
         for port in &svc.ports {
             let cands = candidates(port, slices.clone(), f);
-            let all = select(&cands, false, &node.name);
-            let local = select(&cands, true, &node.name);
+            let all = select(&cands, false, node);
+            let local = select(&cands, true, node);
             for c in cands
                 .iter()
                 .filter(|c| c.ep.node.as_deref() == Some(node.name.as_str()))
@@ -386,8 +395,10 @@ pub fn service_rules<'a>(
                         Some(format!("{addr} . {p}")),
                     );
                 }
-                // IPv6 tables balance ClientIP-affinity Services randomly for now: nft 1.0.6
-                // cannot build the affinity-recording rule for 128-bit keys (issue 3 notes).
+                // IPv6 tables balance ClientIP-affinity Services randomly: nft 1.0.6 cannot
+                // write a dynamic-map update keyed on an IPv6 address and more (it aborts,
+                // or, for the layouts it accepts, overlaps key and value registers so the
+                // entries never match); see the README.
                 if let (Some(t), Family::V4) = (svc.affinity_timeout, f) {
                     let mark = fe.affinity_mark();
                     out.put(
@@ -1007,6 +1018,52 @@ mod tests {
                 port: 32000,
                 local_endpoints: 1
             })
+        );
+    }
+
+    #[test]
+    fn zone_hints_narrow_cluster_traffic_but_not_local_policies() {
+        let mut svc = web();
+        let zoned = NodeFacts {
+            zone: Some("a".into()),
+            ..node()
+        };
+        let eps = vec![
+            Endpoint::test("10.244.2.3", "n2").for_zones(&["a"]),
+            Endpoint::test("10.244.3.3", "n3").for_zones(&["b"]),
+            Endpoint::test("10.244.1.3", "n1").for_zones(&["b"]),
+        ];
+        let s = [slice(&svc, eps.clone())];
+        let r = service_rules(&svc, s.iter(), &zoned);
+        assert_eq!(
+            value(&r, MapName::ServiceIps, "10.96.0.10 . tcp . 80").as_deref(),
+            Some("goto ep-1")
+        );
+        assert_eq!(
+            value(&r, MapName::Backends, "10.96.0.10 . tcp . 80 . 0").as_deref(),
+            Some("10.244.2.3 . 8080")
+        );
+        // externalTrafficPolicy: Local keeps the node's own endpoint whatever its hints.
+        svc.external_local = true;
+        let r = service_rules(&svc, s.iter(), &zoned);
+        assert_eq!(
+            value(&r, MapName::Backends, "198.18.1.10 . tcp . 30080 . 0").as_deref(),
+            Some("10.244.1.3 . 8080")
+        );
+        assert_eq!(
+            value(&r, MapName::ServiceIps, "10.96.0.10 . tcp . 80").as_deref(),
+            Some("goto ep-1")
+        );
+        // A node in a zone no endpoint is hinted for uses them all.
+        svc.external_local = false;
+        let elsewhere = NodeFacts {
+            zone: Some("c".into()),
+            ..node()
+        };
+        let r = service_rules(&svc, s.iter(), &elsewhere);
+        assert_eq!(
+            value(&r, MapName::ServiceIps, "10.96.0.10 . tcp . 80").as_deref(),
+            Some("goto ep-3")
         );
     }
 

@@ -12,6 +12,7 @@ use crate::provider::aws::annotations::HealthCheck;
 use crate::provider::aws::api::{AwsApi, AwsError, LbInfo, ListenerInfo, TargetState, TgInfo};
 use crate::provider::aws::identity::{Claim, Owner};
 use crate::provider::aws::model::{DesiredListener, DesiredLoadBalancer, Target};
+use crate::provider::aws::replacement;
 
 pub use crate::provider::aws::inventory::{Inventory, InventoryData};
 
@@ -135,7 +136,7 @@ pub struct Applied {
 
 /// Finds the load balancer named `name` with its tags; one that is not this Service's
 /// (another Service, another cluster, not berth's) is a conflict.
-async fn find_own_lb<A: AwsApi>(
+pub async fn find_own_lb<A: AwsApi>(
     aws: &A,
     name: &str,
     owner: Owner<'_>,
@@ -353,9 +354,9 @@ async fn ensure_load_balancer<A: AwsApi>(
 ) -> Result<Found, ApplyError> {
     let mut lb = find_own_lb(aws, &desired.name, owner).await?;
     if let Some((existing, _)) = &lb
-        && existing.scheme != desired.scheme.as_str()
+        && let Some(r) = replacement::replacement(existing, desired)
     {
-        tracing::info!(lb = %existing.name, "scheme changed: replacing the load balancer");
+        tracing::info!(lb = %existing.name, token = %r.token, "replacing the load balancer");
         // Its target groups stay: the new load balancer adopts them by name.
         let protection = wants_protection(desired);
         delete_load_balancers(aws, inventory, std::slice::from_ref(existing), protection).await?;

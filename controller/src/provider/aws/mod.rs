@@ -8,6 +8,7 @@ pub mod annotations;
 pub mod api;
 pub mod client;
 pub mod deploy;
+pub mod dryrun;
 #[cfg(test)]
 pub mod fake;
 pub mod fenced;
@@ -16,6 +17,7 @@ pub mod identity;
 pub mod inventory;
 pub mod model;
 pub mod naming;
+pub mod replacement;
 pub mod settings;
 pub mod subnets;
 
@@ -44,9 +46,21 @@ use api::{AwsApi, AwsError};
 use deploy::{ApplyError, Inventory};
 use fenced::{FENCED_CODE, FencedAws};
 use identity::{Identity, Owner};
-use model::{BuildError, Scheme, TargetType, World};
+use model::{BuildError, DesiredLoadBalancer, Scheme, TargetType, World};
 use settings::Settings;
 use subnets::SubnetError;
+
+/// What the controller would do in AWS for one Service ([`AwsProvider::plan`]).
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub desired: DesiredLoadBalancer,
+    /// The replacement of the existing load balancer the change needs, if any.
+    pub replacement: Option<replacement::Replacement>,
+    /// Whether the Service already acknowledges it (else the controller waits).
+    pub acknowledged: bool,
+    /// The writes, in the order the controller makes them.
+    pub steps: Vec<dryrun::Step>,
+}
 
 /// When a subnet lookup was made and the subnets it found.
 type SubnetLookup = (Instant, Vec<String>);
@@ -322,30 +336,32 @@ impl<A: AwsApi> AwsProvider<A> {
         })
     }
 
-    async fn ensure_now(&self, svc: &Service, class: &LoadBalancerClass) -> Outcome {
+    /// Everything the apply needs, from the Service, its class, the stores and reads of
+    /// AWS: the desired load balancer with this cluster's identity, and the warnings about
+    /// endpoints left out. An `Err` is the outcome to report instead.
+    async fn desire(
+        &self,
+        svc: &Service,
+        class: &LoadBalancerClass,
+    ) -> Result<(DesiredLoadBalancer, Identity, Vec<Note>), Outcome> {
         let Some(aws_class) = class.spec.aws.as_ref() else {
-            return Outcome::invalid(reason::UNSUPPORTED_PROVIDER, "no aws block");
+            return Err(Outcome::invalid(reason::UNSUPPORTED_PROVIDER, "no aws block"));
         };
         if let Some(refused) = refusal(svc, class, aws_class) {
-            return refused;
+            return Err(refused);
         }
-        let settings = match annotations::settings(svc, aws_class, &self.config.cluster_name) {
-            Ok(s) => s,
-            Err(errors) => return Outcome::invalid(reason::INVALID_ANNOTATION, errors.join("; ")),
-        };
+        let settings = annotations::settings(svc, aws_class, &self.config.cluster_name)
+            .map_err(|errors| Outcome::invalid(reason::INVALID_ANNOTATION, errors.join("; ")))?;
         if settings.target_type == TargetType::Instance && lacks_node_ports(svc) {
-            return Outcome::done().then(Next::NodePorts);
+            return Err(Outcome::done().then(Next::NodePorts));
         }
-        let vpc = match self.vpc(aws_class).await {
-            Ok(v) => v,
-            Err(out) => return out,
-        };
+        let vpc = self.vpc(aws_class).await?;
         let subnets = match self
             .resolve_subnets(&settings.subnets, settings.scheme, &vpc)
             .await
         {
             Ok(v) => v,
-            Err(SubnetError::Aws(e)) => return failed(&e.into()),
+            Err(SubnetError::Aws(e)) => return Err(failed(&e.into())),
             Err(e @ SubnetError::OutsideVpc { .. }) => {
                 let annotated = svc.annotations().contains_key(keys::SUBNETS);
                 let reason = if annotated {
@@ -353,7 +369,7 @@ impl<A: AwsApi> AwsProvider<A> {
                 } else {
                     reason::INVALID_SPEC
                 };
-                return Outcome::invalid(reason, e.to_string());
+                return Err(Outcome::invalid(reason, e.to_string()));
             }
         };
         let (slices, nodes) = (self.slices_of(svc), self.stores.nodes.state());
@@ -364,25 +380,44 @@ impl<A: AwsApi> AwsProvider<A> {
             nodes: &nodes,
             slices: &slices,
         };
-        let mut desired = match model::build(svc, &settings, &world) {
-            Ok(d) => d,
-            Err(e @ BuildError::NoSubnets) => {
-                return Outcome::invalid(reason::NO_SUBNETS, e.to_string());
-            }
-            Err(e @ BuildError::InvalidSpec(_)) => {
-                return Outcome::invalid(reason::INVALID_SPEC, e.to_string());
-            }
-        };
+        let mut desired = model::build(svc, &settings, &world).map_err(|e| match e {
+            BuildError::NoSubnets => Outcome::invalid(reason::NO_SUBNETS, e.to_string()),
+            BuildError::InvalidSpec(_) => Outcome::invalid(reason::INVALID_SPEC, e.to_string()),
+        })?;
         let skipped = self.skipped_endpoints(&settings, &slices);
-        let identity = match self.identity().await {
-            Ok(i) => i,
-            Err(e) => return failed(&e.into()),
-        };
+        let identity = self.identity().await.map_err(|e| failed(&e.into()))?;
         identity.stamp(&mut desired);
+        Ok((desired, identity, skipped))
+    }
+
+    /// A replacement the Service has not acknowledged: the old load balancer stays as it
+    /// is, the condition says what waits and how to acknowledge it, once as an Event.
+    async fn gate(&self, svc: &Service, desired: &DesiredLoadBalancer, owner: Owner<'_>) -> Option<Outcome> {
+        let pending = match replacement::pending(&self.aws, &self.inventory, desired, owner).await {
+            Ok(p) => p?,
+            Err(e) => return Some(failed(&e)),
+        };
+        if replacement::acknowledged(svc.annotations(), &pending) {
+            return None;
+        }
+        let message = replacement::message(&pending);
+        let note = warning(replacement::REPLACEMENT_PENDING, message.clone());
+        Some(Outcome::invalid(replacement::REPLACEMENT_PENDING, message).with_events(vec![note]))
+    }
+
+    async fn ensure_now(&self, svc: &Service, class: &LoadBalancerClass) -> Outcome {
+        let (desired, identity, skipped) = match self.desire(svc, class).await {
+            Ok(d) => d,
+            Err(out) => return out,
+        };
+        let uid = uid(svc);
         let owner = Owner {
             identity: &identity,
-            uid: &uid(svc),
+            uid: &uid,
         };
+        if let Some(waiting) = self.gate(svc, &desired, owner).await {
+            return waiting;
+        }
         let out = match deploy::ensure(&self.aws, &self.inventory, &desired, owner).await {
             Ok(applied) => applied_outcome(svc, &applied),
             Err(e) => failed(&e),
@@ -390,6 +425,38 @@ impl<A: AwsApi> AwsProvider<A> {
         let mut out = out;
         out.events.extend(skipped);
         out
+    }
+
+    /// What [`Provider::ensure`] would write to AWS for the Service, computed by the same
+    /// code against what exists, with every write recorded instead of made. Learns the
+    /// Service's earlier resources first (as a starting controller does). An `Err` is the
+    /// outcome the controller would report instead of applying anything.
+    pub async fn plan(&self, svc: &Service, class: &LoadBalancerClass) -> Result<Plan, Outcome> {
+        let (desired, identity, _) = self.desire(svc, class).await?;
+        gc::refresh(&self.aws, &self.inventory, &identity)
+            .await
+            .map_err(|e| failed(&e.into()))?;
+        let uid = uid(svc);
+        let owner = Owner {
+            identity: &identity,
+            uid: &uid,
+        };
+        let replacement = replacement::pending(&self.aws, &self.inventory, &desired, owner)
+            .await
+            .map_err(|e| failed(&e))?;
+        let acknowledged = replacement
+            .as_ref()
+            .is_some_and(|r| replacement::acknowledged(svc.annotations(), r));
+        let dry = dryrun::DryRun::new(&self.aws);
+        deploy::ensure(&dry, &self.inventory, &desired, owner)
+            .await
+            .map_err(|e| failed(&e))?;
+        Ok(Plan {
+            desired,
+            replacement,
+            acknowledged,
+            steps: dry.steps(),
+        })
     }
 
     async fn release_now(&self, svc: &Service, deleting: bool) -> Outcome {

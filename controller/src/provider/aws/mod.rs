@@ -105,6 +105,7 @@ fn failure(e: &ApplyError) -> (&'static str, ProviderError) {
         ApplyError::Aws(_) => (reason::AWS_ERROR, "aws"),
         ApplyError::NameConflict(_) => (reason::NAME_CONFLICT, "name_conflict"),
         ApplyError::DeletionProtected { .. } => (reason::DELETION_PROTECTED, "deletion_protected"),
+        ApplyError::ReplacementPending(_) => (replacement::REPLACEMENT_PENDING, "replacement_pending"),
     };
     let error = ProviderError {
         label,
@@ -390,21 +391,6 @@ impl<A: AwsApi> AwsProvider<A> {
         Ok((desired, identity, skipped))
     }
 
-    /// A replacement the Service has not acknowledged: the old load balancer stays as it
-    /// is, the condition says what waits and how to acknowledge it, once as an Event.
-    async fn gate(&self, svc: &Service, desired: &DesiredLoadBalancer, owner: Owner<'_>) -> Option<Outcome> {
-        let pending = match replacement::pending(&self.aws, &self.inventory, desired, owner).await {
-            Ok(p) => p?,
-            Err(e) => return Some(failed(&e)),
-        };
-        if replacement::acknowledged(svc.annotations(), &pending) {
-            return None;
-        }
-        let message = replacement::message(&pending);
-        let note = warning(replacement::REPLACEMENT_PENDING, message.clone());
-        Some(Outcome::invalid(replacement::REPLACEMENT_PENDING, message).with_events(vec![note]))
-    }
-
     async fn ensure_now(&self, svc: &Service, class: &LoadBalancerClass) -> Outcome {
         let (desired, identity, skipped) = match self.desire(svc, class).await {
             Ok(d) => d,
@@ -415,11 +401,18 @@ impl<A: AwsApi> AwsProvider<A> {
             identity: &identity,
             uid: &uid,
         };
-        if let Some(waiting) = self.gate(svc, &desired, owner).await {
-            return waiting;
-        }
-        let out = match deploy::ensure(&self.aws, &self.inventory, &desired, owner).await {
+        let annotations = svc.annotations();
+        let gate = |r: &replacement::Replacement| replacement::acknowledged(annotations, r);
+        let applied = deploy::ensure_gated(&self.aws, &self.inventory, &desired, owner, &gate);
+        let out = match applied.await {
             Ok(applied) => applied_outcome(svc, &applied),
+            // The old load balancer stays as it is: the condition says what waits and how
+            // to acknowledge it, once as an Event.
+            Err(e @ ApplyError::ReplacementPending(_)) => {
+                let note = warning(replacement::REPLACEMENT_PENDING, e.to_string());
+                Outcome::invalid(replacement::REPLACEMENT_PENDING, e.to_string())
+                    .with_events(vec![note])
+            }
             Err(e) => failed(&e),
         };
         let mut out = out;

@@ -31,7 +31,10 @@ pub enum Error {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "kubectl berth", about = "Status, reasons and plans of berth's load balancers")]
+#[command(
+    name = "kubectl berth",
+    about = "Status, reasons and plans of berth's load balancers"
+)]
 pub struct Cli {
     /// Namespace of the Service (default: the kubeconfig's, else `default`).
     #[arg(short = 'n', long, global = true)]
@@ -45,7 +48,12 @@ pub struct Cli {
 /// How to reach AWS: the same settings (and environment variables) as the controller's.
 #[derive(Debug, Clone, Args)]
 pub struct AwsOpts {
-    #[arg(long, global = true, env = "BERTH_CLUSTER_NAME", default_value = "kubernetes")]
+    #[arg(
+        long,
+        global = true,
+        env = "BERTH_CLUSTER_NAME",
+        default_value = "kubernetes"
+    )]
     pub cluster_name: String,
     #[arg(long, global = true, env = "BERTH_CLUSTER_ID")]
     pub cluster_id: Option<String>,

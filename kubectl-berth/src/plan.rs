@@ -61,7 +61,12 @@ fn step_line(s: &Step) -> String {
         Action::Modify => '~',
         Action::Delete => '-',
     };
-    format!("  {mark} {} {}: {}\n", s.action.as_str(), s.resource, s.detail)
+    format!(
+        "  {mark} {} {}: {}\n",
+        s.action.as_str(),
+        s.resource,
+        s.detail
+    )
 }
 
 /// The loud part: which load balancer goes, why, and what the controller waits for. Pure.
@@ -77,7 +82,10 @@ fn replacement_banner(plan: &Plan) -> String {
     let gate = if plan.acknowledged {
         "acknowledged on the Service: the controller applies it".to_string()
     } else {
-        format!("the controller waits for the annotation {ACKNOWLEDGE}={}", r.token)
+        format!(
+            "the controller waits for the annotation {ACKNOWLEDGE}={}",
+            r.token
+        )
     };
     format!(
         "!!! REPLACES THE LOAD BALANCER {}: its DNS name {} goes away, the new one gets another\n!!! because {}\n!!! {gate}\n",
@@ -127,7 +135,9 @@ pub fn render_refusal(name: &str, outcome: &Outcome) -> String {
             .map(|e| e.message.clone())
             .unwrap_or_else(|| "nothing to do".into()),
     };
-    format!("Plan for Service {name}: the controller would change nothing in AWS\n  because {why}\nNothing was written.\n")
+    format!(
+        "Plan for Service {name}: the controller would change nothing in AWS\n  because {why}\nNothing was written.\n"
+    )
 }
 
 /// The Service to plan: the file's, merged onto the live one of its name when there is
@@ -146,7 +156,9 @@ pub fn merge(file: Option<Service>, live: Option<&Service>) -> Option<Service> {
     if let Some(ports) = svc.spec.as_mut().and_then(|s| s.ports.as_mut()) {
         for p in ports.iter_mut().filter(|p| p.node_port.is_none()) {
             let same = live_ports.iter().find(|l| {
-                l.port == p.port && l.protocol.as_deref().unwrap_or("TCP") == p.protocol.as_deref().unwrap_or("TCP")
+                l.port == p.port
+                    && l.protocol.as_deref().unwrap_or("TCP")
+                        == p.protocol.as_deref().unwrap_or("TCP")
             });
             // A new port's nodePort is allocated when it is created: 0 stands for it.
             p.node_port = Some(same.and_then(|l| l.node_port).unwrap_or(0));
@@ -180,15 +192,22 @@ pub async fn run(
     };
     let snap = Snapshot::load(client).await?;
     let live = snap.service(&namespace, &name).ok();
-    let mut svc = merge(file, live).ok_or_else(|| Error::NotFound(format!("{namespace}/{name}")))?;
+    let mut svc =
+        merge(file, live).ok_or_else(|| Error::NotFound(format!("{namespace}/{name}")))?;
     svc.metadata.namespace = Some(namespace.clone());
-    let class_name = snap
-        .class_of(&svc)
-        .ok_or_else(|| Error::Usage(format!("no berth class matches Service {namespace}/{name}: see `kubectl berth why {name}`")))?;
+    let class_name = snap.class_of(&svc).ok_or_else(|| {
+        Error::Usage(format!(
+            "no berth class matches Service {namespace}/{name}: see `kubectl berth why {name}`"
+        ))
+    })?;
     let class = snap
         .class(&class_name)
         .filter(|c| cluster::provider_of(c) == "aws")
-        .ok_or_else(|| Error::Usage(format!("class {class_name} is not an AWS class: plan covers AWS load balancers")))?;
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "class {class_name} is not an AWS class: plan covers AWS load balancers"
+            ))
+        })?;
     let config = opts.controller_config()?;
     let aws = crate::status::aws_client(opts).await?;
     let stores = Stores::snapshot(
@@ -199,7 +218,14 @@ pub async fn run(
         snap.namespaces.clone(),
     );
     let metrics = Arc::new(Metrics::default());
-    let provider = AwsProvider::new(aws, Fence::unfenced(), stores, config, client.clone(), metrics);
+    let provider = AwsProvider::new(
+        aws,
+        Fence::unfenced(),
+        stores,
+        config,
+        client.clone(),
+        metrics,
+    );
     let full = format!("{namespace}/{name}");
     Ok(match provider.plan(&svc, class).await {
         Ok(plan) => render(&full, &plan),
@@ -272,9 +298,15 @@ mod tests {
         let p = plan(steps, Some(r));
         assert_eq!(verdict(&p), Verdict::Replace);
         let text = render("shop/web", &p);
-        assert!(text.contains("!!! REPLACES THE LOAD BALANCER k8s-shop-web"), "{text}");
+        assert!(
+            text.contains("!!! REPLACES THE LOAD BALANCER k8s-shop-web"),
+            "{text}"
+        );
         assert!(text.contains("old.elb goes away"), "{text}");
-        assert!(text.contains(&format!("{ACKNOWLEDGE}=scheme=internet-facing@abc")), "{text}");
+        assert!(
+            text.contains(&format!("{ACKNOWLEDGE}=scheme=internet-facing@abc")),
+            "{text}"
+        );
         assert!(text.contains("- delete load balancer"), "{text}");
     }
 
@@ -292,7 +324,13 @@ mod tests {
         .expect("file");
         let m = merge(Some(file.clone()), Some(&live)).expect("merged");
         assert_eq!(m.metadata.uid.as_deref(), Some("u1"));
-        let ports: Vec<Option<i32>> = m.spec.and_then(|s| s.ports).unwrap_or_default().iter().map(|p| p.node_port).collect();
+        let ports: Vec<Option<i32>> = m
+            .spec
+            .and_then(|s| s.ports)
+            .unwrap_or_default()
+            .iter()
+            .map(|p| p.node_port)
+            .collect();
         assert_eq!(ports, vec![Some(30080), Some(0)]);
         let new = merge(Some(file), None).expect("new");
         assert_eq!(new.metadata.uid.as_deref(), Some(NEW_UID));

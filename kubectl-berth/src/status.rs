@@ -44,7 +44,11 @@ pub fn address(svc: &Service) -> String {
 fn condition(svc: &Service) -> (String, String, String) {
     match current_condition(svc) {
         Some(c) => (c.status.clone(), c.reason.clone(), c.message.clone()),
-        None => ("Unknown".into(), "-".into(), "the controller has not reported".into()),
+        None => (
+            "Unknown".into(),
+            "-".into(),
+            "the controller has not reported".into(),
+        ),
     }
 }
 
@@ -74,7 +78,15 @@ pub fn columns(rows: &[Vec<String>]) -> String {
 
 /// One row per berth Service. Pure.
 pub fn table_rows(snap: &Snapshot, namespace: Option<&str>) -> Vec<Vec<String>> {
-    let header = ["NAMESPACE", "NAME", "CLASS", "PROVIDER", "ADDRESS", "READY", "REASON"];
+    let header = [
+        "NAMESPACE",
+        "NAME",
+        "CLASS",
+        "PROVIDER",
+        "ADDRESS",
+        "READY",
+        "REASON",
+    ];
     let mut rows = vec![header.iter().map(|s| s.to_string()).collect()];
     let mut services: Vec<&Service> = snap
         .services
@@ -115,7 +127,11 @@ pub fn announcer(addr: &str, lease: Option<&Lease>) -> String {
         return format!("{addr}: no node announces it (no announcement Lease)");
     };
     let spec = lease.spec.clone().unwrap_or_default();
-    let place = format!("Lease {}/{}", lease.namespace().unwrap_or_default(), lease.name_any());
+    let place = format!(
+        "Lease {}/{}",
+        lease.namespace().unwrap_or_default(),
+        lease.name_any()
+    );
     let Some(holder) = spec.holder_identity.filter(|h| !h.is_empty()) else {
         return format!("{addr}: no node announces it ({place} has no holder)");
     };
@@ -235,7 +251,9 @@ async fn nlb<A: AwsApi>(
         listeners: Vec::new(),
     };
     for l in listeners {
-        let tg = tgs.iter().find(|t| Some(&t.arn) == l.target_group_arn.as_ref());
+        let tg = tgs
+            .iter()
+            .find(|t| Some(&t.arn) == l.target_group_arn.as_ref());
         let mut lv = ListenerView {
             port: l.port,
             protocol: l.protocol.clone(),
@@ -244,13 +262,17 @@ async fn nlb<A: AwsApi>(
         };
         if let Some(tg) = tg {
             for t in aws.target_health(&tg.arn).await.map_err(err)? {
-                let zone = zones.get(&t.target.id).cloned().unwrap_or_else(|| "?".into());
+                let zone = zones
+                    .get(&t.target.id)
+                    .cloned()
+                    .unwrap_or_else(|| "?".into());
                 let entry = lv.zones.entry(zone).or_default();
                 entry.1 += 1;
                 if t.state == "healthy" {
                     entry.0 += 1;
                 } else {
-                    lv.unhealthy.push(format!("{}:{} {}", t.target.id, t.target.port, t.state));
+                    lv.unhealthy
+                        .push(format!("{}:{} {}", t.target.id, t.target.port, t.state));
                 }
             }
         }
@@ -263,7 +285,12 @@ async fn nlb<A: AwsApi>(
 pub async fn aws_client(opts: &AwsOpts) -> Result<Aws, Error> {
     let config = opts.controller_config()?;
     let sdk = berth_controller::aws_sdk(&config).await;
-    Ok(Aws::new(&sdk, config.aws_qps, config.aws_burst, Arc::new(Metrics::default())))
+    Ok(Aws::new(
+        &sdk,
+        config.aws_qps,
+        config.aws_burst,
+        Arc::new(Metrics::default()),
+    ))
 }
 
 /// The AWS part of the detail: the NLB behind each hostname.
@@ -309,7 +336,10 @@ pub async fn detail(
         "pool" => {
             for ip in status_ips(svc) {
                 let lease = cluster::l2_lease(client, &ip).await?;
-                out.push_str(&format!("  {}\n", announcer(&ip.to_string(), lease.as_ref())));
+                out.push_str(&format!(
+                    "  {}\n",
+                    announcer(&ip.to_string(), lease.as_ref())
+                ));
             }
         }
         "aws" => out.push_str(&aws_detail(opts, &snap, svc).await?),
@@ -353,13 +383,19 @@ mod tests {
                 port: 80,
                 protocol: "TCP".into(),
                 target_group: "k8s-shop-web-tg".into(),
-                zones: BTreeMap::from([("us-east-1a".into(), (1, 1)), ("us-east-1b".into(), (0, 1))]),
+                zones: BTreeMap::from([
+                    ("us-east-1a".into(), (1, 1)),
+                    ("us-east-1b".into(), (0, 1)),
+                ]),
                 unhealthy: vec!["i-2:30080 unhealthy".into()],
             }],
         };
         let text = render_nlb(&v);
         assert!(text.contains("Port 80/TCP"), "{text}");
-        assert!(text.contains("us-east-1a 1/1 healthy, us-east-1b 0/1 healthy"), "{text}");
+        assert!(
+            text.contains("us-east-1a 1/1 healthy, us-east-1b 0/1 healthy"),
+            "{text}"
+        );
         assert!(text.contains("not healthy: i-2:30080 unhealthy"), "{text}");
     }
 

@@ -51,14 +51,25 @@ fn no_class(e: &mut Explanation, svc: &Service, classes: &[LoadBalancerClass]) {
     } else {
         names.join(", ")
     };
-    match svc.spec.as_ref().and_then(|s| s.load_balancer_class.as_deref()) {
+    match svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_class.as_deref())
+    {
         Some(c) if !c.starts_with(CLASS_PREFIX) => {
-            e.because(format!("its loadBalancerClass {c} is not berth's (berth serves {CLASS_PREFIX}<class>)"));
+            e.because(format!(
+                "its loadBalancerClass {c} is not berth's (berth serves {CLASS_PREFIX}<class>)"
+            ));
             e.fix(format!("create the Service with loadBalancerClass {CLASS_PREFIX}<class> (the field cannot change on an existing Service); classes: {list}"));
         }
         Some(c) => {
-            e.because(format!("no class matched: there is no LoadBalancerClass named {}", &c[CLASS_PREFIX.len()..]));
-            e.fix(format!("create that LoadBalancerClass, or recreate the Service with one of: {list}"));
+            e.because(format!(
+                "no class matched: there is no LoadBalancerClass named {}",
+                &c[CLASS_PREFIX.len()..]
+            ));
+            e.fix(format!(
+                "create that LoadBalancerClass, or recreate the Service with one of: {list}"
+            ));
         }
         None => {
             e.because("no class matched: the Service names no loadBalancerClass and no berth class has default: true");
@@ -76,8 +87,16 @@ fn class_trouble(e: &mut Explanation, class: &LoadBalancerClass) {
         .flat_map(|s| s.conditions.iter())
         .find(|c| c.type_ == CONDITION_ACCEPTED && c.status == "False");
     if let Some(c) = refused {
-        e.because(format!("class {} is not accepted ({}): {}", class.name_any(), c.reason, c.message));
-        e.fix(format!("fix the LoadBalancerClass {} as its status says", class.name_any()));
+        e.because(format!(
+            "class {} is not accepted ({}): {}",
+            class.name_any(),
+            c.reason,
+            c.message
+        ));
+        e.fix(format!(
+            "fix the LoadBalancerClass {} as its status says",
+            class.name_any()
+        ));
     }
 }
 
@@ -87,7 +106,11 @@ fn condition_reason(e: &mut Explanation, f: &Facts, reason_: &str, message: &str
     match reason_ {
         pool::POOL_EXHAUSTED => {
             e.because(format!("the pool of class {class} is exhausted: {message}"));
-            let held: Vec<String> = f.holders.iter().map(|(n, ips)| format!("{n} ({})", ips.join(", "))).collect();
+            let held: Vec<String> = f
+                .holders
+                .iter()
+                .map(|(n, ips)| format!("{n} ({})", ips.join(", ")))
+                .collect();
             e.because(format!("its addresses are held by: {}", held.join("; ")));
             e.fix(format!("delete one of those Services or add addresses to the pool of LoadBalancerClass {class}"));
         }
@@ -149,7 +172,9 @@ pub fn explain_facts(f: &Facts) -> Explanation {
         return e;
     };
     let Some(class) = f.class else {
-        e.because(format!("no class matched: there is no LoadBalancerClass named {class_name}"));
+        e.because(format!(
+            "no class matched: there is no LoadBalancerClass named {class_name}"
+        ));
         e.fix(format!("create LoadBalancerClass {class_name}"));
         return e;
     };
@@ -161,7 +186,9 @@ pub fn explain_facts(f: &Facts) -> Explanation {
         }
         Some(c) => condition_reason(&mut e, f, &c.reason, &c.message),
         None => {
-            e.because(format!("the controller has not reported on it (class {class_name})"));
+            e.because(format!(
+                "the controller has not reported on it (class {class_name})"
+            ));
             e.fix(format!("check that a berth controller runs and handles class {class_name} (its --class flag)"));
         }
     }
@@ -194,7 +221,11 @@ pub fn render(name: &str, e: &Explanation) -> String {
 }
 
 /// Services holding addresses of `class`: name and addresses. Pure.
-pub fn holders_of(services: &[Service], class: &str, except: &Service) -> Vec<(String, Vec<String>)> {
+pub fn holders_of(
+    services: &[Service],
+    class: &str,
+    except: &Service,
+) -> Vec<(String, Vec<String>)> {
     let mut out: Vec<(String, Vec<String>)> = allocation::holders(services.iter(), |c| c == class)
         .into_iter()
         .filter(|h| Some(&h.uid) != except.metadata.uid.as_ref())
@@ -220,7 +251,12 @@ pub async fn explain(client: &Client, namespace: &str, name: &str) -> Result<Str
         .await?
         .into_iter()
         .filter(|ev| ev.type_.as_deref() == Some("Warning"))
-        .map(|ev| (ev.reason.unwrap_or_default(), ev.message.unwrap_or_default()))
+        .map(|ev| {
+            (
+                ev.reason.unwrap_or_default(),
+                ev.message.unwrap_or_default(),
+            )
+        })
         .collect();
     let facts = Facts {
         svc,
@@ -230,7 +266,10 @@ pub async fn explain(client: &Client, namespace: &str, name: &str) -> Result<Str
         holders,
         warnings,
     };
-    Ok(render(&format!("{namespace}/{name}"), &explain_facts(&facts)))
+    Ok(render(
+        &format!("{namespace}/{name}"),
+        &explain_facts(&facts),
+    ))
 }
 
 #[cfg(test)]
@@ -267,7 +306,9 @@ mod tests {
         let class_name = cluster::class_of(s, classes);
         Facts {
             svc: s,
-            class: class_name.as_deref().and_then(|n| classes.iter().find(|c| c.name_any() == n)),
+            class: class_name
+                .as_deref()
+                .and_then(|n| classes.iter().find(|c| c.name_any() == n)),
             class_name,
             classes,
             holders: Vec::new(),
@@ -278,12 +319,22 @@ mod tests {
     #[test]
     fn an_exhausted_pool_names_its_holders_and_the_fix() {
         let classes = [class("lab")];
-        let s = svc(Some("berth.dev/lab"), Some(("False", pool::POOL_EXHAUSTED, "no free IPv4 address in pool lab (1 addresses, all in use)")));
+        let s = svc(
+            Some("berth.dev/lab"),
+            Some((
+                "False",
+                pool::POOL_EXHAUSTED,
+                "no free IPv4 address in pool lab (1 addresses, all in use)",
+            )),
+        );
         let mut f = facts(&s, &classes);
         f.holders = vec![("shop/first".into(), vec!["198.19.0.1".into()])];
         let e = explain_facts(&f);
         assert!(!e.ready);
-        assert!(e.reasons[0].contains("pool of class lab is exhausted"), "{e:?}");
+        assert!(
+            e.reasons[0].contains("pool of class lab is exhausted"),
+            "{e:?}"
+        );
         assert!(e.reasons[1].contains("shop/first (198.19.0.1)"), "{e:?}");
         let text = render("shop/web", &e);
         assert!(text.contains("What to change:"), "{text}");
@@ -294,10 +345,16 @@ mod tests {
     fn each_invalid_annotation_is_its_own_reason() {
         let classes = [class("lab")];
         let msg = "service.beta.kubernetes.io/aws-load-balancer-healthcheck-interval: not a number; service.beta.kubernetes.io/aws-load-balancer-scheme: unknown scheme";
-        let s = svc(Some("berth.dev/lab"), Some(("False", reason::INVALID_ANNOTATION, msg)));
+        let s = svc(
+            Some("berth.dev/lab"),
+            Some(("False", reason::INVALID_ANNOTATION, msg)),
+        );
         let e = explain_facts(&facts(&s, &classes));
         assert_eq!(e.reasons.len(), 2, "{e:?}");
-        assert!(e.reasons[1].starts_with("annotation service.beta.kubernetes.io/aws-load-balancer-scheme"));
+        assert!(
+            e.reasons[1]
+                .starts_with("annotation service.beta.kubernetes.io/aws-load-balancer-scheme")
+        );
     }
 
     #[test]
@@ -309,13 +366,23 @@ mod tests {
         assert!(e.fixes[0].contains("lab"), "{e:?}");
         let s = svc(Some("berth.dev/gone"), None);
         let e = explain_facts(&facts(&s, &classes));
-        assert!(e.reasons[0].contains("no LoadBalancerClass named gone"), "{e:?}");
+        assert!(
+            e.reasons[0].contains("no LoadBalancerClass named gone"),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn a_ready_service_says_so_and_no_fix() {
         let classes = [class("lab")];
-        let s = svc(Some("berth.dev/lab"), Some(("True", reason::PROVISIONED, "address 198.19.0.1 from pool lab")));
+        let s = svc(
+            Some("berth.dev/lab"),
+            Some((
+                "True",
+                reason::PROVISIONED,
+                "address 198.19.0.1 from pool lab",
+            )),
+        );
         let mut f = facts(&s, &classes);
         f.warnings = vec![("Old".into(), "gone".into())];
         let e = explain_facts(&f);

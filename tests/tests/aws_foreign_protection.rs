@@ -170,12 +170,22 @@ async fn body(case: &Case) {
         "--wait=false",
     ]);
     // Acknowledged, so what stops the replacements is the protection, not the gate.
-    let id = |view: &AwsView| view.load_balancers[0].0.rsplit('/').next().map(str::to_string);
+    let id = |view: &AwsView| {
+        view.load_balancers[0]
+            .0
+            .rsplit('/')
+            .next()
+            .map(str::to_string)
+    };
     let ack = |what: String, view: &AwsView| format!("{what}@{}", id(view).unwrap_or_default());
     let renamed_ack = ack(format!("name={new_name}"), &before[1]);
     case.annotate("renamed", ACKNOWLEDGE, &renamed_ack).await;
-    case.annotate("rescheme", ACKNOWLEDGE, &ack("scheme=internal".into(), &before[2]))
-        .await;
+    case.annotate(
+        "rescheme",
+        ACKNOWLEDGE,
+        &ack("scheme=internal".into(), &before[2]),
+    )
+    .await;
     case.annotate("renamed", NAME, &new_name).await;
     case.annotate("rescheme", SCHEME, "internal").await;
     for n in names {

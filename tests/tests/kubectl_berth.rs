@@ -190,10 +190,14 @@ async fn why_names_the_holders_of_an_exhausted_pool_and_status_the_announcer() {
     assert!(status.contains("provider pool"), "{status}");
 
     let table = case.berth(&["status"]);
-    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with(ns.as_str())).collect();
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with(ns.as_str()))
+        .collect();
     assert_eq!(rows.len(), 3, "{table}");
     assert!(
-        rows.iter().any(|r| r.contains(" c ") && r.contains("PoolExhausted")),
+        rows.iter()
+            .any(|r| r.contains(" c ") && r.contains("PoolExhausted")),
         "{table}"
     );
     for n in ["a", "b", "c"] {
@@ -243,7 +247,12 @@ async fn fingerprint(client: &elb::Client, uid: &str) -> String {
 }
 
 /// The live Service with `annotations` changed, as a manifest file.
-fn manifest(svc: &Service, dir: &std::path::Path, name: &str, annotations: &[(&str, &str)]) -> String {
+fn manifest(
+    svc: &Service,
+    dir: &std::path::Path,
+    name: &str,
+    annotations: &[(&str, &str)],
+) -> String {
     let mut changed = svc.clone();
     let a = changed.metadata.annotations.get_or_insert_default();
     for (k, v) in annotations {
@@ -257,7 +266,8 @@ fn manifest(svc: &Service, dir: &std::path::Path, name: &str, annotations: &[(&s
 }
 
 async fn aws_body(case: &Case, client: &elb::Client, uids: &mut Vec<String>) {
-    case.env.apply_example(&case.ns.name, "seed/nginx-deployment.yaml");
+    case.env
+        .apply_example(&case.ns.name, "seed/nginx-deployment.yaml");
     case.create("web", serde_json::json!({})).await;
     let ready = |s: &Service| {
         lb_condition(s).is_some_and(|(st, _, _)| st == "True") && lb_hostname(s).is_some()
@@ -275,7 +285,10 @@ async fn aws_body(case: &Case, client: &elb::Client, uids: &mut Vec<String>) {
     let public = manifest(&web, &dir, "public.yaml", &[(SCHEME, "internet-facing")]);
     let plan = case.berth(&["plan", "-f", &public]);
     assert!(plan.contains("!!! REPLACES THE LOAD BALANCER"), "{plan}");
-    assert!(plan.contains(&format!("its DNS name {old_dns} goes away")), "{plan}");
+    assert!(
+        plan.contains(&format!("its DNS name {old_dns} goes away")),
+        "{plan}"
+    );
     assert!(plan.contains("Summary: REPLACEMENT"), "{plan}");
     let id = old_arn.rsplit('/').next().unwrap_or_default();
     let token = format!("scheme=internet-facing@{id}");
@@ -287,12 +300,19 @@ async fn aws_body(case: &Case, client: &elb::Client, uids: &mut Vec<String>) {
     assert!(!plan.contains("!!!"), "{plan}");
     assert!(case.berth(&["plan", "web"]).contains("Summary: no changes"));
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(fingerprint(client, &uid(&web)).await, before, "plan wrote to AWS");
+    assert_eq!(
+        fingerprint(client, &uid(&web)).await,
+        before,
+        "plan wrote to AWS"
+    );
 
     // status: the listener and its targets' health per zone.
     let status = case.berth(&["status", "web"]);
     assert!(status.contains(&format!("ARN: {old_arn}")), "{status}");
-    assert!(status.contains("Port 80/TCP: listener -> target group"), "{status}");
+    assert!(
+        status.contains("Port 80/TCP: listener -> target group"),
+        "{status}"
+    );
     assert!(status.contains("healthy"), "{status}");
 
     // The gate: the scheme change waits for its acknowledgement, the NLB is kept.
@@ -304,10 +324,15 @@ async fn aws_body(case: &Case, client: &elb::Client, uids: &mut Vec<String>) {
     let why = case.berth(&["why", "web"]);
     assert!(why.contains("waits for an acknowledgement"), "{why}");
     let view = aws_view(client, &uid(&web)).await.expect("view");
-    assert_eq!(view.load_balancers, old.load_balancers, "replaced unacknowledged");
+    assert_eq!(
+        view.load_balancers, old.load_balancers,
+        "replaced unacknowledged"
+    );
     let events = case.env.events(&case.ns.name, "web").await;
     assert!(
-        events.iter().any(|(t, r, _)| t == "Warning" && r == "ReplacementPending"),
+        events
+            .iter()
+            .any(|(t, r, _)| t == "Warning" && r == "ReplacementPending"),
         "{events:?}"
     );
 
@@ -323,7 +348,8 @@ async fn aws_body(case: &Case, client: &elb::Client, uids: &mut Vec<String>) {
     assert_eq!(view.load_balancers[0].3, "internet-facing");
 
     // An invalid annotation, explained.
-    case.create("bad", serde_json::json!({HC_INTERVAL: "often"})).await;
+    case.create("bad", serde_json::json!({HC_INTERVAL: "often"}))
+        .await;
     let bad = case.wait_reason("bad", "InvalidAnnotation").await;
     uids.push(uid(&bad));
     let why = case.berth(&["why", "bad"]);
@@ -350,13 +376,16 @@ async fn plan_writes_nothing_and_a_replacement_waits_for_its_acknowledgement() {
     }
     for u in &uids {
         let gone = wait_for("the Service's resources deleted", LONG, || async {
-            aws_view(&client, u).await.is_ok_and(|v| {
-                v.load_balancers.is_empty() && v.target_groups.is_empty()
-            })
+            aws_view(&client, u)
+                .await
+                .is_ok_and(|v| v.load_balancers.is_empty() && v.target_groups.is_empty())
         })
         .await;
         if gone.is_err() && result.is_ok() {
-            panic!("resources of {u} left in LocalStack\n{}", logs_of(&case.controllers));
+            panic!(
+                "resources of {u} left in LocalStack\n{}",
+                logs_of(&case.controllers)
+            );
         }
     }
     if let Err(panic) = result {

@@ -1173,7 +1173,10 @@ mod tests {
             let Err(ApplyError::ReplacementPending(r)) = err else {
                 panic!("not pending: {err:?}");
             };
-            assert_eq!((r.name.as_str(), r.dns_name.as_str()), (old.name.as_str(), old.dns_name.as_str()));
+            assert_eq!(
+                (r.name.as_str(), r.dns_name.as_str()),
+                (old.name.as_str(), old.dns_name.as_str())
+            );
             assert_eq!(mutations(&aws), Vec::<String>::new(), "nothing touched");
             let token = r.token.clone();
             let new = ensure_gated(&aws, &inv, &public, me(), &|r| r.token == token)

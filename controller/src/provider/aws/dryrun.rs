@@ -8,8 +8,7 @@ use std::sync::Mutex;
 
 use crate::provider::aws::annotations::HealthCheck;
 use crate::provider::aws::api::{
-    AwsApi, AwsError, Candidate, LbInfo, ListenerInfo, SubnetQuery, TagsByArn, TargetState,
-    TgInfo,
+    AwsApi, AwsError, Candidate, LbInfo, ListenerInfo, SubnetQuery, TagsByArn, TargetState, TgInfo,
 };
 use crate::provider::aws::model::{
     DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Target,
@@ -185,7 +184,11 @@ impl<A: AwsApi> AwsApi for DryRun<'_, A> {
 
     async fn add_tags(&self, arn: &str, tags: &BTreeMap<String, String>) -> Res<()> {
         if !planned(arn) {
-            self.record(Action::Modify, self.name(arn), format!("AddTags {}", pairs(tags)));
+            self.record(
+                Action::Modify,
+                self.name(arn),
+                format!("AddTags {}", pairs(tags)),
+            );
         }
         Ok(())
     }
@@ -302,7 +305,11 @@ impl<A: AwsApi> AwsApi for DryRun<'_, A> {
         // AWS refuses a second target group of the name, and the apply adopts the first.
         if self.inner.find_target_group(&d.name).await?.is_some() {
             let message = format!("target group {} exists", d.name);
-            return Err(AwsError::coded("CreateTargetGroup", "DuplicateTargetGroupName", message));
+            return Err(AwsError::coded(
+                "CreateTargetGroup",
+                "DuplicateTargetGroupName",
+                message,
+            ));
         }
         let detail = format!(
             "CreateTargetGroup {} port {} health check {}",

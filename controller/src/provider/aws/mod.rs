@@ -105,7 +105,9 @@ fn failure(e: &ApplyError) -> (&'static str, ProviderError) {
         ApplyError::Aws(_) => (reason::AWS_ERROR, "aws"),
         ApplyError::NameConflict(_) => (reason::NAME_CONFLICT, "name_conflict"),
         ApplyError::DeletionProtected { .. } => (reason::DELETION_PROTECTED, "deletion_protected"),
-        ApplyError::ReplacementPending(_) => (replacement::REPLACEMENT_PENDING, "replacement_pending"),
+        ApplyError::ReplacementPending(_) => {
+            (replacement::REPLACEMENT_PENDING, "replacement_pending")
+        }
     };
     let error = ProviderError {
         label,
@@ -346,7 +348,10 @@ impl<A: AwsApi> AwsProvider<A> {
         class: &LoadBalancerClass,
     ) -> Result<(DesiredLoadBalancer, Identity, Vec<Note>), Outcome> {
         let Some(aws_class) = class.spec.aws.as_ref() else {
-            return Err(Outcome::invalid(reason::UNSUPPORTED_PROVIDER, "no aws block"));
+            return Err(Outcome::invalid(
+                reason::UNSUPPORTED_PROVIDER,
+                "no aws block",
+            ));
         };
         if let Some(refused) = refusal(svc, class, aws_class) {
             return Err(refused);

@@ -194,6 +194,10 @@ mod tests {
         d.name = "renamed".into();
         let r = renamed(&lb("internal"), &d);
         assert_eq!(r.token, "name=renamed@50dc6c49");
-        assert!(message(&r).contains("name from web to renamed"), "{}", message(&r));
+        assert!(
+            message(&r).contains("name from web to renamed"),
+            "{}",
+            message(&r)
+        );
     }
 }

@@ -773,6 +773,116 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn plan_records_a_replacement_and_a_modification_and_writes_nothing() {
+        use dryrun::Action;
+        let p = provider(Fence::unfenced());
+        let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        svc.metadata.uid = Some("u1".into());
+        assert!(p.ensure(&svc, &class()).await.error.is_none());
+        let internal = [("kubernetes.io/role/internal-elb", "1")];
+        p.aws
+            .inner()
+            .add_subnet("subnet-i", "vpc-1", "us-east-1a", &internal);
+        p.aws.inner().take_calls();
+        let plan = p.plan(&svc, &class()).await.map_err(|_| ()).expect("plan");
+        assert!(
+            plan.steps.is_empty() && plan.replacement.is_none(),
+            "{plan:?}"
+        );
+
+        let mut internal = svc.clone();
+        let a = internal.metadata.annotations.get_or_insert_default();
+        a.insert(keys::SCHEME.into(), "internal".into());
+        let plan = p
+            .plan(&internal, &class())
+            .await
+            .map_err(|_| ())
+            .expect("plan");
+        let r = plan.replacement.as_ref().expect("a replacement");
+        assert_eq!(r.changes[0].to, "internal");
+        assert!(!plan.acknowledged);
+        let lb_steps: Vec<Action> = plan
+            .steps
+            .iter()
+            .filter(|s| s.resource.starts_with("load balancer"))
+            .map(|s| s.action)
+            .collect();
+        assert_eq!(lb_steps, vec![Action::Delete, Action::Create], "{plan:?}");
+        // The target groups are adopted by the new load balancer, not created again.
+        assert!(
+            !plan
+                .steps
+                .iter()
+                .any(|s| s.resource.starts_with("target group") && s.action == Action::Create),
+            "{plan:?}"
+        );
+
+        let mut slower = svc.clone();
+        let a = slower.metadata.annotations.get_or_insert_default();
+        a.insert(keys::HC_INTERVAL.into(), "30".into());
+        let plan = p
+            .plan(&slower, &class())
+            .await
+            .map_err(|_| ())
+            .expect("plan");
+        assert!(plan.replacement.is_none());
+        assert_eq!(plan.steps.len(), 1, "{plan:?}");
+        assert_eq!(plan.steps[0].action, Action::Modify);
+        assert!(plan.steps[0].detail.contains("interval 30s"), "{plan:?}");
+        assert!(p.aws.inner().take_calls().is_empty(), "plan wrote to AWS");
+    }
+
+    #[tokio::test]
+    async fn an_unacknowledged_scheme_change_keeps_the_load_balancer_and_says_how() {
+        let p = provider(Fence::unfenced());
+        let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        svc.metadata.uid = Some("u1".into());
+        assert!(p.ensure(&svc, &class()).await.error.is_none());
+        let internal = [("kubernetes.io/role/internal-elb", "1")];
+        p.aws
+            .inner()
+            .add_subnet("subnet-i", "vpc-1", "us-east-1a", &internal);
+        p.aws.inner().take_calls();
+        let a = svc.metadata.annotations.get_or_insert_default();
+        a.insert(keys::SCHEME.into(), "internal".into());
+        let out = p.ensure(&svc, &class()).await;
+        let Report::Set { readiness, ingress } = &out.report else {
+            panic!("no status: {:?}", out.report);
+        };
+        assert_eq!(readiness.reason, replacement::REPLACEMENT_PENDING);
+        assert!(
+            readiness.message.contains(replacement::ACKNOWLEDGE),
+            "{readiness:?}"
+        );
+        assert_eq!(*ingress, Ingress::Keep);
+        assert!(
+            out.events
+                .iter()
+                .any(|n| n.warning && n.reason == replacement::REPLACEMENT_PENDING)
+        );
+        assert!(p.aws.inner().take_calls().is_empty());
+        let prefix = format!("{}=", replacement::ACKNOWLEDGE);
+        let token = readiness
+            .message
+            .split_once(&prefix)
+            .map(|(_, t)| t.to_string())
+            .unwrap_or_default();
+        let a = svc.metadata.annotations.get_or_insert_default();
+        a.insert(replacement::ACKNOWLEDGE.into(), token);
+        let out = p.ensure(&svc, &class()).await;
+        assert!(out.error.is_none(), "{:?}", out.error);
+        let calls = p.aws.inner().take_calls();
+        assert!(
+            calls.iter().any(|c| c.starts_with("DeleteLoadBalancer")),
+            "{calls:?}"
+        );
+        assert!(
+            calls.iter().any(|c| c.starts_with("CreateLoadBalancer")),
+            "{calls:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn instance_targets_without_node_ports_ask_for_them() {
         let p = provider(Fence::unfenced());
         let svc = service(&[("http", 80, "TCP", None)], &[]);

@@ -55,12 +55,16 @@ pub struct AwsOpts {
         default_value = "kubernetes"
     )]
     pub cluster_name: String,
+    /// The controller's --cluster-id (default: the kube-system Namespace's UID).
     #[arg(long, global = true, env = "BERTH_CLUSTER_ID")]
     pub cluster_id: Option<String>,
+    /// AWS region.
     #[arg(long, global = true, env = "AWS_REGION", default_value = "us-east-1")]
     pub region: String,
+    /// AWS endpoint (LocalStack).
     #[arg(long, global = true, env = "AWS_ENDPOINT_URL")]
     pub aws_endpoint: Option<String>,
+    /// The controller's --vpc-id.
     #[arg(long, global = true, env = "BERTH_VPC_ID")]
     pub vpc_id: Option<String>,
 }

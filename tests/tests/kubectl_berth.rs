@@ -298,7 +298,13 @@ async fn aws_body(case: &Case, client: &elb::Client, uids: &mut Vec<String>) {
     assert!(plan.contains("Summary: modify-only"), "{plan}");
     assert!(plan.contains("interval 30s"), "{plan}");
     assert!(!plan.contains("!!!"), "{plan}");
-    assert!(case.berth(&["plan", "web"]).contains("Summary: no changes"));
+    // The live Service unchanged: nothing to do, once the controller has registered the
+    // pods that became ready meanwhile.
+    let settled = wait_for("plan of the live Service: no changes", LONG, || async {
+        case.berth(&["plan", "web"]).contains("Summary: no changes")
+    })
+    .await;
+    settled.unwrap_or_else(|e| panic!("{e}:\n{}", case.berth(&["plan", "web"])));
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(
         fingerprint(client, &uid(&web)).await,
@@ -307,13 +313,17 @@ async fn aws_body(case: &Case, client: &elb::Client, uids: &mut Vec<String>) {
     );
 
     // status: the listener and its targets' health per zone.
+    let registered = wait_for("status shows the pods' health", LONG, || async {
+        case.berth(&["status", "web"]).contains(" healthy")
+    })
+    .await;
     let status = case.berth(&["status", "web"]);
+    registered.unwrap_or_else(|e| panic!("{e}:\n{status}"));
     assert!(status.contains(&format!("ARN: {old_arn}")), "{status}");
     assert!(
         status.contains("Port 80/TCP: listener -> target group"),
         "{status}"
     );
-    assert!(status.contains("healthy"), "{status}");
 
     // The gate: the scheme change waits for its acknowledgement, the NLB is kept.
     case.annotate("web", SCHEME, "internet-facing").await;
@@ -328,12 +338,20 @@ async fn aws_body(case: &Case, client: &elb::Client, uids: &mut Vec<String>) {
         view.load_balancers, old.load_balancers,
         "replaced unacknowledged"
     );
-    let events = case.env.events(&case.ns.name, "web").await;
-    assert!(
+    let warned = wait_for("a ReplacementPending Warning", LONG, || async {
+        let events = case.env.events(&case.ns.name, "web").await;
         events
             .iter()
-            .any(|(t, r, _)| t == "Warning" && r == "ReplacementPending"),
-        "{events:?}"
+            .any(|(t, r, m)| t == "Warning" && r == "ReplacementPending" && m.contains(&token))
+    })
+    .await;
+    if let Err(e) = warned {
+        panic!("{e}: {:?}", case.env.events(&case.ns.name, "web").await);
+    }
+    let view = aws_view(client, &uid(&web)).await.expect("view");
+    assert_eq!(
+        view.load_balancers, old.load_balancers,
+        "replaced unacknowledged"
     );
 
     case.annotate("web", ACKNOWLEDGE, &token).await;

@@ -130,7 +130,17 @@ fn condition_reason(e: &mut Explanation, f: &Facts, reason_: &str, message: &str
         }
         REPLACEMENT_PENDING => {
             e.because(format!("a change waits for an acknowledgement: {message}"));
-            e.fix(format!("run `kubectl berth plan` to see the change, then set the annotation {ACKNOWLEDGE} to the token above, or undo the change"));
+            let prefix = format!("{ACKNOWLEDGE}=");
+            // The token ends the sentence; a note may follow it after `;`.
+            let token = message
+                .split_once(&prefix)
+                .and_then(|(_, t)| t.split(|c: char| c.is_whitespace() || c == ';').next())
+                .unwrap_or("<token>");
+            e.fix(format!(
+                "check the change with `kubectl berth plan {}`, then `kubectl annotate service {} {ACKNOWLEDGE}={token}`; or undo the change",
+                f.svc.name_any(),
+                f.svc.name_any()
+            ));
         }
         _ => advice(e, reason_, message, class),
     }
@@ -355,6 +365,22 @@ mod tests {
             e.reasons[1]
                 .starts_with("annotation service.beta.kubernetes.io/aws-load-balancer-scheme")
         );
+    }
+
+    #[test]
+    fn a_pending_replacement_says_how_to_acknowledge_it() {
+        let classes = [class("lab")];
+        let msg = format!(
+            "changing scheme from internal to internet-facing replaces load balancer x (...): kept unchanged until the Service is annotated {ACKNOWLEDGE}=scheme=internet-facing@abc"
+        );
+        let s = svc(
+            Some("berth.dev/lab"),
+            Some(("False", REPLACEMENT_PENDING, &msg)),
+        );
+        let e = explain_facts(&facts(&s, &classes));
+        let want =
+            format!("kubectl annotate service web {ACKNOWLEDGE}=scheme=internet-facing@abc`");
+        assert!(e.fixes[0].contains(&want), "{e:?}");
     }
 
     #[test]

@@ -97,7 +97,8 @@ fn trigger_all(services: &Store<Service>, tx: &Trigger) {
     }
 }
 
-async fn aws_sdk(config: &Config) -> aws_config::SdkConfig {
+/// The AWS SDK configuration of `config` (region, endpoint; berth retries itself).
+pub async fn aws_sdk(config: &Config) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(config.region.clone()))
         // berth retries itself, with its own limiter and metrics.

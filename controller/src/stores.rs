@@ -46,25 +46,49 @@ impl Stores {
     }
 }
 
+/// A synced store holding `objects`: a snapshot instead of a watch.
+pub fn filled<K>(objects: Vec<K>) -> Store<K>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+{
+    use kube::runtime::watcher::Event;
+    let (store, mut writer) = kube::runtime::reflector::store::<K>();
+    writer.apply_watcher_event(&Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&Event::InitApply(o));
+    }
+    writer.apply_watcher_event(&Event::InitDone);
+    store
+}
+
+impl Stores {
+    /// Synced stores holding one list of each kind: for a tool that runs the controller's
+    /// code once against the cluster as it is (`kubectl berth plan`).
+    pub fn snapshot(
+        classes: Vec<LoadBalancerClass>,
+        services: Vec<Service>,
+        nodes: Vec<Node>,
+        slices: Vec<EndpointSlice>,
+        namespaces: Vec<Namespace>,
+    ) -> Self {
+        let (_, synced) = tokio::sync::watch::channel(true);
+        Stores {
+            services: filled(services),
+            services_synced: synced,
+            nodes: filled(nodes),
+            slices: filled(slices),
+            classes: filled(classes),
+            namespaces: filled(namespaces),
+        }
+    }
+}
+
 #[cfg(test)]
 pub mod testing {
     use super::*;
-    use kube::runtime::reflector;
-    use kube::runtime::watcher::Event;
 
-    pub fn filled<K>(objects: Vec<K>) -> Store<K>
-    where
-        K: kube::Resource + Clone + 'static,
-        K::DynamicType: Eq + std::hash::Hash + Clone + Default,
-    {
-        let (store, mut writer) = reflector::store::<K>();
-        writer.apply_watcher_event(&Event::Init);
-        for o in objects {
-            writer.apply_watcher_event(&Event::InitApply(o));
-        }
-        writer.apply_watcher_event(&Event::InitDone);
-        store
-    }
+    pub use super::filled;
 
     /// Synced stores holding these objects (no slices, no namespaces).
     pub fn stores(
@@ -72,14 +96,6 @@ pub mod testing {
         services: Vec<Service>,
         nodes: Vec<Node>,
     ) -> Stores {
-        let (_, synced) = tokio::sync::watch::channel(true);
-        Stores {
-            services: filled(services),
-            services_synced: synced,
-            nodes: filled(nodes),
-            slices: filled(Vec::new()),
-            classes: filled(classes),
-            namespaces: filled(Vec::new()),
-        }
+        Stores::snapshot(classes, services, nodes, Vec::new(), Vec::new())
     }
 }

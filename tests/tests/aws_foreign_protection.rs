@@ -23,6 +23,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 const LONG: Duration = Duration::from_secs(90);
 const NAME: &str = "service.beta.kubernetes.io/aws-load-balancer-name";
 const SCHEME: &str = "service.beta.kubernetes.io/aws-load-balancer-scheme";
+const ACKNOWLEDGE: &str = "berth.dev/acknowledge-replacement";
 
 struct Case {
     env: TestEnv,
@@ -168,6 +169,23 @@ async fn body(case: &Case) {
         "deleted",
         "--wait=false",
     ]);
+    // Acknowledged, so what stops the replacements is the protection, not the gate.
+    let id = |view: &AwsView| {
+        view.load_balancers[0]
+            .0
+            .rsplit('/')
+            .next()
+            .map(str::to_string)
+    };
+    let ack = |what: String, view: &AwsView| format!("{what}@{}", id(view).unwrap_or_default());
+    let renamed_ack = ack(format!("name={new_name}"), &before[1]);
+    case.annotate("renamed", ACKNOWLEDGE, &renamed_ack).await;
+    case.annotate(
+        "rescheme",
+        ACKNOWLEDGE,
+        &ack("scheme=internal".into(), &before[2]),
+    )
+    .await;
     case.annotate("renamed", NAME, &new_name).await;
     case.annotate("rescheme", SCHEME, "internal").await;
     for n in names {

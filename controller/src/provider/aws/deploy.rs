@@ -12,6 +12,7 @@ use crate::provider::aws::annotations::HealthCheck;
 use crate::provider::aws::api::{AwsApi, AwsError, LbInfo, ListenerInfo, TargetState, TgInfo};
 use crate::provider::aws::identity::{Claim, Owner};
 use crate::provider::aws::model::{DesiredListener, DesiredLoadBalancer, Target};
+use crate::provider::aws::replacement;
 
 pub use crate::provider::aws::inventory::{Inventory, InventoryData};
 
@@ -31,7 +32,13 @@ pub enum ApplyError {
     /// changed) but deletion protection is on; `by_berth` when berth turned it on.
     #[error("{}", protected_message(.name, *.by_berth))]
     DeletionProtected { name: String, by_berth: bool },
+    /// The change replaces the load balancer and the gate did not let it: nothing changed.
+    #[error("{}", replacement::message(.0))]
+    ReplacementPending(Box<replacement::Replacement>),
 }
+
+/// Whether a replacement may be made (the Service acknowledged it).
+pub type Gate<'a> = &'a (dyn Fn(&replacement::Replacement) -> bool + Send + Sync);
 
 fn protected_message(name: &str, by_berth: bool) -> String {
     if by_berth {
@@ -135,7 +142,7 @@ pub struct Applied {
 
 /// Finds the load balancer named `name` with its tags; one that is not this Service's
 /// (another Service, another cluster, not berth's) is a conflict.
-async fn find_own_lb<A: AwsApi>(
+pub async fn find_own_lb<A: AwsApi>(
     aws: &A,
     name: &str,
     owner: Owner<'_>,
@@ -350,12 +357,16 @@ async fn ensure_load_balancer<A: AwsApi>(
     inventory: &Inventory,
     desired: &DesiredLoadBalancer,
     owner: Owner<'_>,
+    gate: Gate<'_>,
 ) -> Result<Found, ApplyError> {
     let mut lb = find_own_lb(aws, &desired.name, owner).await?;
     if let Some((existing, _)) = &lb
-        && existing.scheme != desired.scheme.as_str()
+        && let Some(r) = replacement::replacement(existing, desired)
     {
-        tracing::info!(lb = %existing.name, "scheme changed: replacing the load balancer");
+        if !gate(&r) {
+            return Err(ApplyError::ReplacementPending(Box::new(r)));
+        }
+        tracing::info!(lb = %existing.name, token = %r.token, "replacing the load balancer");
         // Its target groups stay: the new load balancer adopts them by name.
         let protection = wants_protection(desired);
         delete_load_balancers(aws, inventory, std::slice::from_ref(existing), protection).await?;
@@ -371,6 +382,12 @@ async fn ensure_load_balancer<A: AwsApi>(
     let previous: Vec<String> = inventory.of(owner.uid).0.into_iter().collect();
     if !previous.is_empty() {
         let previous = aws.describe_load_balancers(&previous).await?;
+        if let Some(old) = previous.first() {
+            let r = replacement::renamed(old, desired);
+            if !gate(&r) {
+                return Err(ApplyError::ReplacementPending(Box::new(r)));
+            }
+        }
         check_protection(aws, &previous, Protection::LiftOwn).await?;
     }
     let created = match aws.create_load_balancer(desired).await {
@@ -689,7 +706,19 @@ pub async fn ensure<A: AwsApi>(
     desired: &DesiredLoadBalancer,
     owner: Owner<'_>,
 ) -> Result<Applied, ApplyError> {
-    let found = ensure_load_balancer(aws, inventory, desired, owner).await?;
+    ensure_gated(aws, inventory, desired, owner, &|_| true).await
+}
+
+/// [`ensure`], making a replacement of the load balancer only when `gate` lets it;
+/// otherwise nothing is changed and the answer is [`ApplyError::ReplacementPending`].
+pub async fn ensure_gated<A: AwsApi>(
+    aws: &A,
+    inventory: &Inventory,
+    desired: &DesiredLoadBalancer,
+    owner: Owner<'_>,
+    gate: Gate<'_>,
+) -> Result<Applied, ApplyError> {
+    let found = ensure_load_balancer(aws, inventory, desired, owner, gate).await?;
     let legacy = owner.identity.claim(&found.tags) == Claim::Legacy;
     if legacy {
         // First: the IAM policy lets berth change only resources carrying the identity.
@@ -1131,6 +1160,42 @@ mod tests {
             assert_eq!(s.lbs.len(), 1);
             assert_eq!(s.tgs.keys().cloned().collect::<BTreeSet<_>>(), tgs);
             assert!(s.listeners.values().all(|l| l.lb_arn == new.arn));
+        }
+
+        #[tokio::test]
+        async fn an_unacknowledged_replacement_changes_nothing() {
+            let (aws, inv) = (FakeAws::default(), Inventory::default());
+            let d = desired(&web(&[]), &nodes(&["i-1"]));
+            let old = ensure(&aws, &inv, &d, me()).await.expect("ensure").lb;
+            mutations(&aws);
+            let public = desired(&web(&[(keys::SCHEME, "internet-facing")]), &nodes(&["i-1"]));
+            let err = ensure_gated(&aws, &inv, &public, me(), &|_| false).await;
+            let Err(ApplyError::ReplacementPending(r)) = err else {
+                panic!("not pending: {err:?}");
+            };
+            assert_eq!(
+                (r.name.as_str(), r.dns_name.as_str()),
+                (old.name.as_str(), old.dns_name.as_str())
+            );
+            assert_eq!(mutations(&aws), Vec::<String>::new(), "nothing touched");
+            let token = r.token.clone();
+            let new = ensure_gated(&aws, &inv, &public, me(), &|r| r.token == token)
+                .await
+                .expect("acknowledged")
+                .lb;
+            assert_ne!(new.arn, old.arn);
+            // A new name replaces too: the earlier load balancer is in the inventory.
+            let renamed = desired(
+                &web(&[(keys::SCHEME, "internet-facing"), (keys::NAME, "renamed")]),
+                &nodes(&["i-1"]),
+            );
+            mutations(&aws);
+            let err = ensure_gated(&aws, &inv, &renamed, me(), &|_| false).await;
+            assert!(
+                matches!(&err, Err(ApplyError::ReplacementPending(r)) if r.changes[0].property == "name"),
+                "{err:?}"
+            );
+            assert_eq!(mutations(&aws), Vec::<String>::new(), "nothing touched");
         }
 
         /// Turns deletion protection on behind berth's back (the AWS API, not berth).

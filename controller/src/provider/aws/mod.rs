@@ -8,6 +8,7 @@ pub mod annotations;
 pub mod api;
 pub mod client;
 pub mod deploy;
+pub mod dryrun;
 #[cfg(test)]
 pub mod fake;
 pub mod fenced;
@@ -16,6 +17,7 @@ pub mod identity;
 pub mod inventory;
 pub mod model;
 pub mod naming;
+pub mod replacement;
 pub mod settings;
 pub mod subnets;
 
@@ -44,9 +46,21 @@ use api::{AwsApi, AwsError};
 use deploy::{ApplyError, Inventory};
 use fenced::{FENCED_CODE, FencedAws};
 use identity::{Identity, Owner};
-use model::{BuildError, Scheme, TargetType, World};
+use model::{BuildError, DesiredLoadBalancer, Scheme, TargetType, World};
 use settings::Settings;
 use subnets::SubnetError;
+
+/// What the controller would do in AWS for one Service ([`AwsProvider::plan`]).
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub desired: DesiredLoadBalancer,
+    /// The replacement of the existing load balancer the change needs, if any.
+    pub replacement: Option<replacement::Replacement>,
+    /// Whether the Service already acknowledges it (else the controller waits).
+    pub acknowledged: bool,
+    /// The writes, in the order the controller makes them.
+    pub steps: Vec<dryrun::Step>,
+}
 
 /// When a subnet lookup was made and the subnets it found.
 type SubnetLookup = (Instant, Vec<String>);
@@ -91,6 +105,9 @@ fn failure(e: &ApplyError) -> (&'static str, ProviderError) {
         ApplyError::Aws(_) => (reason::AWS_ERROR, "aws"),
         ApplyError::NameConflict(_) => (reason::NAME_CONFLICT, "name_conflict"),
         ApplyError::DeletionProtected { .. } => (reason::DELETION_PROTECTED, "deletion_protected"),
+        ApplyError::ReplacementPending(_) => {
+            (replacement::REPLACEMENT_PENDING, "replacement_pending")
+        }
     };
     let error = ProviderError {
         label,
@@ -322,30 +339,35 @@ impl<A: AwsApi> AwsProvider<A> {
         })
     }
 
-    async fn ensure_now(&self, svc: &Service, class: &LoadBalancerClass) -> Outcome {
+    /// Everything the apply needs, from the Service, its class, the stores and reads of
+    /// AWS: the desired load balancer with this cluster's identity, and the warnings about
+    /// endpoints left out. An `Err` is the outcome to report instead.
+    async fn desire(
+        &self,
+        svc: &Service,
+        class: &LoadBalancerClass,
+    ) -> Result<(DesiredLoadBalancer, Identity, Vec<Note>), Outcome> {
         let Some(aws_class) = class.spec.aws.as_ref() else {
-            return Outcome::invalid(reason::UNSUPPORTED_PROVIDER, "no aws block");
+            return Err(Outcome::invalid(
+                reason::UNSUPPORTED_PROVIDER,
+                "no aws block",
+            ));
         };
         if let Some(refused) = refusal(svc, class, aws_class) {
-            return refused;
+            return Err(refused);
         }
-        let settings = match annotations::settings(svc, aws_class, &self.config.cluster_name) {
-            Ok(s) => s,
-            Err(errors) => return Outcome::invalid(reason::INVALID_ANNOTATION, errors.join("; ")),
-        };
+        let settings = annotations::settings(svc, aws_class, &self.config.cluster_name)
+            .map_err(|errors| Outcome::invalid(reason::INVALID_ANNOTATION, errors.join("; ")))?;
         if settings.target_type == TargetType::Instance && lacks_node_ports(svc) {
-            return Outcome::done().then(Next::NodePorts);
+            return Err(Outcome::done().then(Next::NodePorts));
         }
-        let vpc = match self.vpc(aws_class).await {
-            Ok(v) => v,
-            Err(out) => return out,
-        };
+        let vpc = self.vpc(aws_class).await?;
         let subnets = match self
             .resolve_subnets(&settings.subnets, settings.scheme, &vpc)
             .await
         {
             Ok(v) => v,
-            Err(SubnetError::Aws(e)) => return failed(&e.into()),
+            Err(SubnetError::Aws(e)) => return Err(failed(&e.into())),
             Err(e @ SubnetError::OutsideVpc { .. }) => {
                 let annotated = svc.annotations().contains_key(keys::SUBNETS);
                 let reason = if annotated {
@@ -353,7 +375,7 @@ impl<A: AwsApi> AwsProvider<A> {
                 } else {
                     reason::INVALID_SPEC
                 };
-                return Outcome::invalid(reason, e.to_string());
+                return Err(Outcome::invalid(reason, e.to_string()));
             }
         };
         let (slices, nodes) = (self.slices_of(svc), self.stores.nodes.state());
@@ -364,32 +386,75 @@ impl<A: AwsApi> AwsProvider<A> {
             nodes: &nodes,
             slices: &slices,
         };
-        let mut desired = match model::build(svc, &settings, &world) {
-            Ok(d) => d,
-            Err(e @ BuildError::NoSubnets) => {
-                return Outcome::invalid(reason::NO_SUBNETS, e.to_string());
-            }
-            Err(e @ BuildError::InvalidSpec(_)) => {
-                return Outcome::invalid(reason::INVALID_SPEC, e.to_string());
-            }
-        };
+        let mut desired = model::build(svc, &settings, &world).map_err(|e| match e {
+            BuildError::NoSubnets => Outcome::invalid(reason::NO_SUBNETS, e.to_string()),
+            BuildError::InvalidSpec(_) => Outcome::invalid(reason::INVALID_SPEC, e.to_string()),
+        })?;
         let skipped = self.skipped_endpoints(&settings, &slices);
-        let identity = match self.identity().await {
-            Ok(i) => i,
-            Err(e) => return failed(&e.into()),
-        };
+        let identity = self.identity().await.map_err(|e| failed(&e.into()))?;
         identity.stamp(&mut desired);
+        Ok((desired, identity, skipped))
+    }
+
+    async fn ensure_now(&self, svc: &Service, class: &LoadBalancerClass) -> Outcome {
+        let (desired, identity, skipped) = match self.desire(svc, class).await {
+            Ok(d) => d,
+            Err(out) => return out,
+        };
+        let uid = uid(svc);
         let owner = Owner {
             identity: &identity,
-            uid: &uid(svc),
+            uid: &uid,
         };
-        let out = match deploy::ensure(&self.aws, &self.inventory, &desired, owner).await {
+        let annotations = svc.annotations();
+        let gate = |r: &replacement::Replacement| replacement::acknowledged(annotations, r);
+        let applied = deploy::ensure_gated(&self.aws, &self.inventory, &desired, owner, &gate);
+        let out = match applied.await {
             Ok(applied) => applied_outcome(svc, &applied),
+            // The old load balancer stays as it is: the condition says what waits and how
+            // to acknowledge it, once as an Event.
+            Err(e @ ApplyError::ReplacementPending(_)) => {
+                let note = warning(replacement::REPLACEMENT_PENDING, e.to_string());
+                Outcome::invalid(replacement::REPLACEMENT_PENDING, e.to_string())
+                    .with_events(vec![note])
+            }
             Err(e) => failed(&e),
         };
         let mut out = out;
         out.events.extend(skipped);
         out
+    }
+
+    /// What [`Provider::ensure`] would write to AWS for the Service, computed by the same
+    /// code against what exists, with every write recorded instead of made. Learns the
+    /// Service's earlier resources first (as a starting controller does). An `Err` is the
+    /// outcome the controller would report instead of applying anything.
+    pub async fn plan(&self, svc: &Service, class: &LoadBalancerClass) -> Result<Plan, Outcome> {
+        let (desired, identity, _) = self.desire(svc, class).await?;
+        gc::refresh(&self.aws, &self.inventory, &identity)
+            .await
+            .map_err(|e| failed(&e.into()))?;
+        let uid = uid(svc);
+        let owner = Owner {
+            identity: &identity,
+            uid: &uid,
+        };
+        let replacement = replacement::pending(&self.aws, &self.inventory, &desired, owner)
+            .await
+            .map_err(|e| failed(&e))?;
+        let acknowledged = replacement
+            .as_ref()
+            .is_some_and(|r| replacement::acknowledged(svc.annotations(), r));
+        let dry = dryrun::DryRun::new(&self.aws);
+        deploy::ensure(&dry, &self.inventory, &desired, owner)
+            .await
+            .map_err(|e| failed(&e))?;
+        Ok(Plan {
+            desired,
+            replacement,
+            acknowledged,
+            steps: dry.steps(),
+        })
     }
 
     async fn release_now(&self, svc: &Service, deleting: bool) -> Outcome {
@@ -704,6 +769,116 @@ mod tests {
         assert!(
             p.aws.inner().take_calls().is_empty(),
             "a second ensure mutated AWS"
+        );
+    }
+
+    #[tokio::test]
+    async fn plan_records_a_replacement_and_a_modification_and_writes_nothing() {
+        use dryrun::Action;
+        let p = provider(Fence::unfenced());
+        let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        svc.metadata.uid = Some("u1".into());
+        assert!(p.ensure(&svc, &class()).await.error.is_none());
+        let internal = [("kubernetes.io/role/internal-elb", "1")];
+        p.aws
+            .inner()
+            .add_subnet("subnet-i", "vpc-1", "us-east-1a", &internal);
+        p.aws.inner().take_calls();
+        let plan = p.plan(&svc, &class()).await.map_err(|_| ()).expect("plan");
+        assert!(
+            plan.steps.is_empty() && plan.replacement.is_none(),
+            "{plan:?}"
+        );
+
+        let mut internal = svc.clone();
+        let a = internal.metadata.annotations.get_or_insert_default();
+        a.insert(keys::SCHEME.into(), "internal".into());
+        let plan = p
+            .plan(&internal, &class())
+            .await
+            .map_err(|_| ())
+            .expect("plan");
+        let r = plan.replacement.as_ref().expect("a replacement");
+        assert_eq!(r.changes[0].to, "internal");
+        assert!(!plan.acknowledged);
+        let lb_steps: Vec<Action> = plan
+            .steps
+            .iter()
+            .filter(|s| s.resource.starts_with("load balancer"))
+            .map(|s| s.action)
+            .collect();
+        assert_eq!(lb_steps, vec![Action::Delete, Action::Create], "{plan:?}");
+        // The target groups are adopted by the new load balancer, not created again.
+        assert!(
+            !plan
+                .steps
+                .iter()
+                .any(|s| s.resource.starts_with("target group") && s.action == Action::Create),
+            "{plan:?}"
+        );
+
+        let mut slower = svc.clone();
+        let a = slower.metadata.annotations.get_or_insert_default();
+        a.insert(keys::HC_INTERVAL.into(), "30".into());
+        let plan = p
+            .plan(&slower, &class())
+            .await
+            .map_err(|_| ())
+            .expect("plan");
+        assert!(plan.replacement.is_none());
+        assert_eq!(plan.steps.len(), 1, "{plan:?}");
+        assert_eq!(plan.steps[0].action, Action::Modify);
+        assert!(plan.steps[0].detail.contains("interval 30s"), "{plan:?}");
+        assert!(p.aws.inner().take_calls().is_empty(), "plan wrote to AWS");
+    }
+
+    #[tokio::test]
+    async fn an_unacknowledged_scheme_change_keeps_the_load_balancer_and_says_how() {
+        let p = provider(Fence::unfenced());
+        let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        svc.metadata.uid = Some("u1".into());
+        assert!(p.ensure(&svc, &class()).await.error.is_none());
+        let internal = [("kubernetes.io/role/internal-elb", "1")];
+        p.aws
+            .inner()
+            .add_subnet("subnet-i", "vpc-1", "us-east-1a", &internal);
+        p.aws.inner().take_calls();
+        let a = svc.metadata.annotations.get_or_insert_default();
+        a.insert(keys::SCHEME.into(), "internal".into());
+        let out = p.ensure(&svc, &class()).await;
+        let Report::Set { readiness, ingress } = &out.report else {
+            panic!("no status: {:?}", out.report);
+        };
+        assert_eq!(readiness.reason, replacement::REPLACEMENT_PENDING);
+        assert!(
+            readiness.message.contains(replacement::ACKNOWLEDGE),
+            "{readiness:?}"
+        );
+        assert_eq!(*ingress, Ingress::Keep);
+        assert!(
+            out.events
+                .iter()
+                .any(|n| n.warning && n.reason == replacement::REPLACEMENT_PENDING)
+        );
+        assert!(p.aws.inner().take_calls().is_empty());
+        let prefix = format!("{}=", replacement::ACKNOWLEDGE);
+        let token = readiness
+            .message
+            .split_once(&prefix)
+            .map(|(_, t)| t.to_string())
+            .unwrap_or_default();
+        let a = svc.metadata.annotations.get_or_insert_default();
+        a.insert(replacement::ACKNOWLEDGE.into(), token);
+        let out = p.ensure(&svc, &class()).await;
+        assert!(out.error.is_none(), "{:?}", out.error);
+        let calls = p.aws.inner().take_calls();
+        assert!(
+            calls.iter().any(|c| c.starts_with("DeleteLoadBalancer")),
+            "{calls:?}"
+        );
+        assert!(
+            calls.iter().any(|c| c.starts_with("CreateLoadBalancer")),
+            "{calls:?}"
         );
     }
 

@@ -1,0 +1,203 @@
+//! The gate on changes that replace a Service's load balancer. A replacement gives the
+//! Service a new DNS name, so every client and DNS record pointing at the old one breaks:
+//! berth makes it only when the Service carries [`ACKNOWLEDGE`] naming that very change
+//! (its [`Replacement::token`]); until then the old load balancer stays as it is and the
+//! condition says what is waiting and how to acknowledge it.
+
+use std::collections::BTreeMap;
+
+use crate::provider::aws::api::{AwsApi, LbInfo};
+use crate::provider::aws::deploy::{self, ApplyError, Inventory};
+use crate::provider::aws::identity::Owner;
+use crate::provider::aws::model::DesiredLoadBalancer;
+
+/// Annotation acknowledging a replacement: its value is the token the condition (and
+/// `kubectl berth plan`) names.
+pub const ACKNOWLEDGE: &str = "berth.dev/acknowledge-replacement";
+/// Condition reason and Event reason while a replacement waits for its acknowledgement.
+pub const REPLACEMENT_PENDING: &str = "ReplacementPending";
+
+/// One property that cannot change in place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub property: &'static str,
+    pub from: String,
+    pub to: String,
+}
+
+/// A replacement the desired load balancer needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replacement {
+    /// The load balancer that would be deleted.
+    pub name: String,
+    pub dns_name: String,
+    pub changes: Vec<Change>,
+    /// What [`ACKNOWLEDGE`] must say: the changes and the load balancer they replace, so
+    /// an acknowledgement left on the Service never covers a later, different change.
+    pub token: String,
+}
+
+/// The properties of `existing` that `desired` changes and AWS cannot modify in place
+/// (an NLB's scheme is fixed at creation). Pure.
+pub fn changes(existing: &LbInfo, desired: &DesiredLoadBalancer) -> Vec<Change> {
+    let mut out = Vec::new();
+    if existing.scheme != desired.scheme.as_str() {
+        out.push(Change {
+            property: "scheme",
+            from: existing.scheme.clone(),
+            to: desired.scheme.as_str().to_string(),
+        });
+    }
+    out
+}
+
+/// The last part of an ARN (`.../net/name/50dc6c495c0c9188` → `50dc6c495c0c9188`).
+fn arn_id(arn: &str) -> &str {
+    arn.rsplit('/').next().unwrap_or(arn)
+}
+
+/// The replacement `desired` needs of `existing`, if any. Pure.
+pub fn replacement(existing: &LbInfo, desired: &DesiredLoadBalancer) -> Option<Replacement> {
+    let changes = changes(existing, desired);
+    if changes.is_empty() {
+        return None;
+    }
+    let what: Vec<String> = changes
+        .iter()
+        .map(|c| format!("{}={}", c.property, c.to))
+        .collect();
+    let token = format!("{}@{}", what.join(","), arn_id(&existing.arn));
+    Some(Replacement {
+        name: existing.name.clone(),
+        dns_name: existing.dns_name.clone(),
+        changes,
+        token,
+    })
+}
+
+/// Whether the Service's annotations acknowledge `r`: the annotation's value, or one of
+/// its whitespace-separated words, is the token. Pure.
+pub fn acknowledged(annotations: &BTreeMap<String, String>, r: &Replacement) -> bool {
+    annotations
+        .get(ACKNOWLEDGE)
+        .is_some_and(|v| v.split_whitespace().any(|w| w == r.token))
+}
+
+/// What is waiting and how to acknowledge it, for the condition and the Event. Pure.
+pub fn message(r: &Replacement) -> String {
+    let what: Vec<String> = r
+        .changes
+        .iter()
+        .map(|c| format!("{} from {} to {}", c.property, c.from, c.to))
+        .collect();
+    format!(
+        "changing {} replaces load balancer {} (DNS name {} goes away, the new one gets another): kept unchanged until the Service is annotated {}={}",
+        what.join(" and "),
+        r.name,
+        r.dns_name,
+        ACKNOWLEDGE,
+        r.token
+    )
+}
+
+/// A new name: the Service's earlier load balancer `old` goes when `desired` is made. Pure.
+pub fn renamed(old: &LbInfo, desired: &DesiredLoadBalancer) -> Replacement {
+    let change = Change {
+        property: "name",
+        from: old.name.clone(),
+        to: desired.name.clone(),
+    };
+    Replacement {
+        name: old.name.clone(),
+        dns_name: old.dns_name.clone(),
+        token: format!("name={}@{}", desired.name, arn_id(&old.arn)),
+        changes: vec![change],
+    }
+}
+
+/// The replacement of the Service's existing load balancer that `desired` needs, if any:
+/// an immutable property of the one of its name, or a new name while the inventory holds
+/// an earlier one. Reads only.
+pub async fn pending<A: AwsApi>(
+    aws: &A,
+    inventory: &Inventory,
+    desired: &DesiredLoadBalancer,
+    owner: Owner<'_>,
+) -> Result<Option<Replacement>, ApplyError> {
+    if let Some((lb, _)) = deploy::find_own_lb(aws, &desired.name, owner).await? {
+        return Ok(replacement(&lb, desired));
+    }
+    let previous: Vec<String> = inventory.of(owner.uid).0.into_iter().collect();
+    if previous.is_empty() {
+        return Ok(None);
+    }
+    let old = aws.describe_load_balancers(&previous).await?;
+    Ok(old.first().map(|lb| renamed(lb, desired)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::aws::model::Scheme;
+
+    fn lb(scheme: &str) -> LbInfo {
+        LbInfo {
+            arn: "arn:aws:elasticloadbalancing:us-east-1:1:loadbalancer/net/web/50dc6c49".into(),
+            name: "web".into(),
+            dns_name: "web-1.elb.localhost".into(),
+            state: "active".into(),
+            scheme: scheme.into(),
+            ip_address_type: "ipv4".into(),
+            subnets: Vec::new(),
+        }
+    }
+
+    fn desired(scheme: Scheme) -> DesiredLoadBalancer {
+        DesiredLoadBalancer {
+            name: "web".into(),
+            scheme,
+            ip_address_type: crate::provider::aws::model::IpAddressType::Ipv4,
+            subnets: Vec::new(),
+            security_groups: Vec::new(),
+            tags: BTreeMap::new(),
+            attributes: BTreeMap::new(),
+            listeners: Vec::new(),
+            target_groups: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_scheme_change_is_a_replacement_with_a_token_naming_it_and_the_old_lb() {
+        let r = replacement(&lb("internal"), &desired(Scheme::InternetFacing)).expect("r");
+        assert_eq!(r.token, "scheme=internet-facing@50dc6c49");
+        assert_eq!(r.changes[0].from, "internal");
+        let m = message(&r);
+        assert!(m.contains("web-1.elb.localhost"), "{m}");
+        assert!(m.contains(&format!("{ACKNOWLEDGE}={}", r.token)), "{m}");
+        assert!(replacement(&lb("internal"), &desired(Scheme::Internal)).is_none());
+    }
+
+    #[test]
+    fn only_the_exact_token_acknowledges() {
+        let r = replacement(&lb("internal"), &desired(Scheme::InternetFacing)).expect("r");
+        let with = |v: &str| BTreeMap::from([(ACKNOWLEDGE.to_string(), v.to_string())]);
+        assert!(acknowledged(&with(&r.token), &r));
+        assert!(acknowledged(&with(&format!("other {}", r.token)), &r));
+        assert!(!acknowledged(&with("scheme=internet-facing"), &r));
+        assert!(!acknowledged(&with("scheme=internet-facing@other"), &r));
+        assert!(!acknowledged(&BTreeMap::new(), &r));
+    }
+
+    #[test]
+    fn a_new_name_replaces_the_earlier_load_balancer() {
+        let mut d = desired(Scheme::Internal);
+        d.name = "renamed".into();
+        let r = renamed(&lb("internal"), &d);
+        assert_eq!(r.token, "name=renamed@50dc6c49");
+        assert!(
+            message(&r).contains("name from web to renamed"),
+            "{}",
+            message(&r)
+        );
+    }
+}

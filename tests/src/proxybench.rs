@@ -25,7 +25,7 @@ pub fn percentile(values: &[f64], q: f64) -> Option<f64> {
 
 /// `1000` -> `1k`, `500` -> `500`: the scale part of a figure's key.
 pub fn scale_label(services: usize) -> String {
-    if services >= 1000 && services % 1000 == 0 {
+    if services >= 1000 && services.is_multiple_of(1000) {
         format!("{}k", services / 1000)
     } else {
         services.to_string()
@@ -108,8 +108,7 @@ pub fn ratio_keys(results: &BTreeMap<String, Value>) -> BTreeMap<String, Value> 
         let Some(figure) = key.strip_prefix(&prefix) else {
             continue;
         };
-        if figure.starts_with("programming_changes") || figure.starts_with("programming_misses")
-        {
+        if figure.starts_with("programming_changes") || figure.starts_with("programming_misses") {
             continue;
         }
         let Some(ours) = value.as_f64() else { continue };
@@ -120,8 +119,7 @@ pub fn ratio_keys(results: &BTreeMap<String, Value>) -> BTreeMap<String, Value> 
             let Some((opponent, their_figure)) = rest.split_once('.') else {
                 continue;
             };
-            if opponent == BERTH || opponent.starts_with("berth_over_") || their_figure != figure
-            {
+            if opponent == BERTH || opponent.starts_with("berth_over_") || their_figure != figure {
                 continue;
             }
             if let Some(theirs) = theirs.as_f64().filter(|t| *t > 0.0) {
@@ -208,7 +206,7 @@ const MARGIN_B: f64 = 90.0;
 
 /// A "nice" upper bound for an axis: 1, 2 or 5 times a power of ten, at least `max`.
 pub fn nice_ceiling(max: f64) -> f64 {
-    if !(max > 0.0) {
+    if max.is_nan() || max <= 0.0 {
         return 1.0;
     }
     let pow = 10f64.powf(max.log10().floor());
@@ -390,7 +388,10 @@ mod tests {
             keys["compare.kube-proxy-1.36.3.first_connection_p50_5k_ms"],
             json!(0.2)
         );
-        assert_eq!(keys["compare.kube-proxy-1.36.3.new_service_5k_ms"], json!(12.5));
+        assert_eq!(
+            keys["compare.kube-proxy-1.36.3.new_service_5k_ms"],
+            json!(12.5)
+        );
     }
 
     #[test]
@@ -408,7 +409,10 @@ mod tests {
         all.extend(figure_keys("kp-new", 1000, &run(None, vec![1.0])));
         let r = ratio_keys(&all);
         assert_eq!(r["compare.berth_over_kp.sync_all_1k_s"], json!(0.25));
-        assert_eq!(r["compare.berth_over_kp.programming_p50_1k_ms"], json!(0.25));
+        assert_eq!(
+            r["compare.berth_over_kp.programming_p50_1k_ms"],
+            json!(0.25)
+        );
         assert_eq!(
             r["compare.berth_over_kp-new.programming_p50_1k_ms"],
             json!(2.0)
@@ -433,9 +437,10 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let new: BTreeMap<String, Value> = [("compare.berth.sync_all_1k_s".to_string(), json!(1.5))]
-            .into_iter()
-            .collect();
+        let new: BTreeMap<String, Value> =
+            [("compare.berth.sync_all_1k_s".to_string(), json!(1.5))]
+                .into_iter()
+                .collect();
         let all = merged(existing, &new);
         assert_eq!(all["nodeproxy.full_sync_10k_ms"], json!(1939.2));
         assert_eq!(all["compare.berth.sync_all_1k_s"], json!(1.5));

@@ -119,7 +119,12 @@ fn command(proxy: &Proxy, plan: &NodePlan, kubeconfig: &Path, dir: &Path) -> Res
         cmd.args(["--node-name", &plan.name])
             .arg("--kubeconfig")
             .arg(kubeconfig)
-            .args(["--cluster-cidr", CLUSTER_CIDR, "--service-cidr", SERVICE_CIDR])
+            .args([
+                "--cluster-cidr",
+                CLUSTER_CIDR,
+                "--service-cidr",
+                SERVICE_CIDR,
+            ])
             .args(["--healthz-bind", &format!("0.0.0.0:{ADMIN_PORT}")])
             .args(["--metrics-bind", &format!("0.0.0.0:{METRICS_PORT}")])
             .args(["--l2-lease-duration", &format!("{L2_LEASE_SECONDS}s")])
@@ -208,29 +213,40 @@ async fn start_pods(env: &TestEnv, plan: &NodePlan) -> Result<(Vec<String>, Vec<
                      "containers": [{"name": "server", "image": "berth/podserver",
                                      "ports": [{"containerPort": POD_PORT}]}]}
         }))?;
-        wait_for(&format!("pod {name} created"), Duration::from_secs(60), || {
-            let (api, pod) = (api.clone(), pod.clone());
-            async move {
-                match api.create(&PostParams::default(), &pod).await {
-                    Ok(_) => true,
-                    Err(kube::Error::Api(s)) => s.code == 409,
-                    Err(_) => false,
+        wait_for(
+            &format!("pod {name} created"),
+            Duration::from_secs(60),
+            || {
+                let (api, pod) = (api.clone(), pod.clone());
+                async move {
+                    match api.create(&PostParams::default(), &pod).await {
+                        Ok(_) => true,
+                        Err(kube::Error::Api(s)) => s.code == 409,
+                        Err(_) => false,
+                    }
                 }
-            }
-        })
+            },
+        )
         .await?;
     }
     let mut ips = BTreeMap::new();
-    wait_for("pod servers running", Duration::from_secs(120), || async {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ips.len() < names.len() {
+        if Instant::now() > deadline {
+            return Err(Error::Setup(format!(
+                "pod servers without an IP after 120 s: {} of {}",
+                names.len() - ips.len(),
+                names.len()
+            )));
+        }
         for name in &names {
             let ip = api.get(name).await.ok().and_then(|p| p.status?.pod_ip);
             if let Some(ip) = ip {
                 ips.insert(name.clone(), ip);
             }
         }
-        ips.len() == names.len()
-    })
-    .await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let group = |g: &str| -> Vec<String> {
         (0..ENDPOINTS)
             .filter_map(|i| ips.get(&format!("{g}-{i}")).cloned())
@@ -246,12 +262,7 @@ fn slice_endpoints(ips: &[String], node: &str) -> Value {
 }
 
 /// Writes Service `name` and its EndpointSlice; returns the allocated ClusterIP.
-async fn write_service(
-    env: &TestEnv,
-    ns: &str,
-    name: &str,
-    endpoints: &Value,
-) -> Result<Ipv4Addr> {
+async fn write_service(env: &TestEnv, ns: &str, name: &str, endpoints: &Value) -> Result<Ipv4Addr> {
     let svc: Service = json_to(json!({
         "metadata": {"name": name},
         "spec": {"ports": [{"name": "http", "port": 80, "targetPort": POD_PORT}]}
@@ -411,7 +422,11 @@ fn usage(pid: u32) -> (f64, f64) {
 }
 
 fn flush_ruleset(plan: &NodePlan) -> Result<()> {
-    run("ip", &["netns", "exec", &plan.netns, "nft", "flush", "ruleset"]).map(|_| ())
+    run(
+        "ip",
+        &["netns", "exec", &plan.netns, "nft", "flush", "ruleset"],
+    )
+    .map(|_| ())
 }
 
 struct Bench<'a> {
@@ -431,7 +446,11 @@ impl Bench<'_> {
         eprintln!("== {} at {services} Services", proxy.key);
         flush_ruleset(&self.plan)?;
         create_namespace(self.env, &ns).await?;
-        let log = self.env.info.log_dir.join(format!("bench-{}-{label}.log", proxy.key));
+        let log = self
+            .env
+            .info
+            .log_dir
+            .join(format!("bench-{}-{label}.log", proxy.key));
         let cmd = command(proxy, &self.plan, &self.env.info.kubeconfig, &self.dir)?;
         let mut child = Supervised::spawn(&proxy.key, cmd, &log)?;
         let pid = child.pid();
@@ -459,14 +478,8 @@ impl Bench<'_> {
         let sync_all_s = wait_all_answer(&sample, t0, Duration::from_secs(900)).await;
         let (cpu_sync_s, _) = usage(pid);
         let first_connection_ms = first_connections(&sample, 200).await;
-        let (programming_ms, programming_misses) = programming(
-            self.env,
-            ns,
-            &ips,
-            self.changes,
-            &self.new_endpoints,
-        )
-        .await?;
+        let (programming_ms, programming_misses) =
+            programming(self.env, ns, &ips, self.changes, &self.new_endpoints).await?;
         tokio::time::sleep(CHANGE_GAP).await;
         let t = Instant::now();
         let ip = write_service(self.env, ns, "s-new", &self.old_endpoints).await?;
@@ -500,14 +513,29 @@ impl Routes {
         let via = plan.ip.to_string();
         run(
             "ip",
-            &["-n", CLIENT_NETNS, "route", "replace", SERVICE_CIDR, "via", &via],
+            &[
+                "-n",
+                CLIENT_NETNS,
+                "route",
+                "replace",
+                SERVICE_CIDR,
+                "via",
+                &via,
+            ],
         )?;
         let routes = Self {
             node_netns: plan.netns.clone(),
         };
         run(
             "ip",
-            &["-n", &plan.netns, "route", "replace", "unreachable", SERVICE_CIDR],
+            &[
+                "-n",
+                &plan.netns,
+                "route",
+                "replace",
+                "unreachable",
+                SERVICE_CIDR,
+            ],
         )?;
         Ok(routes)
     }
@@ -518,7 +546,14 @@ impl Drop for Routes {
         run_quiet("ip", &["-n", CLIENT_NETNS, "route", "del", SERVICE_CIDR]);
         run_quiet(
             "ip",
-            &["-n", &self.node_netns, "route", "del", "unreachable", SERVICE_CIDR],
+            &[
+                "-n",
+                &self.node_netns,
+                "route",
+                "del",
+                "unreachable",
+                SERVICE_CIDR,
+            ],
         );
     }
 }
@@ -606,7 +641,10 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("{}", serde_json::to_string_pretty(&results).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&results).unwrap_or_default()
+    );
     let path = paths::repo_root().join("target/bench/results.json");
     match proxybench::merge_file(&path, &results) {
         Ok(()) => {

@@ -43,6 +43,8 @@ const WRITERS: usize = 32;
 /// Pause between programming-latency changes: past kube-proxy's default 1 s
 /// minSyncPeriod, so each change meets an idle proxy as a lone change would.
 const CHANGE_GAP: Duration = Duration::from_millis(1200);
+/// Least time between two probes of one Service while waiting for it to change.
+const PROBE_PACE: Duration = Duration::from_millis(1);
 
 /// One contender: how to start it and what it is called in the results.
 struct Proxy {
@@ -316,15 +318,22 @@ fn spread(n: usize, k: usize) -> Vec<usize> {
     (0..k).map(|j| (j + 1) * n / k - 1).collect()
 }
 
-/// Probes the sampled ClusterIPs until each answered once; the time since `t0` when the
-/// last one did, or None past `patience`.
-async fn wait_all_answer(ips: &[Ipv4Addr], t0: Instant, patience: Duration) -> Option<f64> {
+/// Probes the sampled ClusterIPs until each answered once, a round every `pace` (an
+/// unprogrammed ClusterIP fails at once: unpaced rounds would take the CPU the proxy
+/// needs); the time since `t0` when the last one answered, or None past `patience`.
+async fn wait_all_answer(
+    ips: &[Ipv4Addr],
+    t0: Instant,
+    patience: Duration,
+    pace: Duration,
+) -> Option<f64> {
     let mut pending: Vec<Ipv4Addr> = ips.to_vec();
     while !pending.is_empty() {
         if t0.elapsed() > patience {
             eprintln!("  {} sampled Services never answered", pending.len());
             return None;
         }
+        let round = tokio::time::sleep(pace);
         let answers = futures::future::join_all(
             pending
                 .iter()
@@ -337,19 +346,25 @@ async fn wait_all_answer(ips: &[Ipv4Addr], t0: Instant, patience: Duration) -> O
             .filter(|(_, a)| a.is_none())
             .map(|(ip, _)| ip)
             .collect();
+        if !pending.is_empty() {
+            round.await;
+        }
     }
     Some(t0.elapsed().as_secs_f64())
 }
 
-/// Probes `ip` on fresh connections until a `pb-*` pod server answers.
+/// Probes `ip` on fresh connections, one per millisecond at most (so the prober leaves
+/// the CPU to the proxy), until a `pb-*` pod server answers.
 async fn until_new_endpoint(ip: Ipv4Addr, t0: Instant, patience: Duration) -> Option<f64> {
     while t0.elapsed() < patience {
+        let pace = tokio::time::sleep(PROBE_PACE);
         if probe(ip, Duration::from_millis(50))
             .await
             .is_some_and(|p| p.starts_with("pb-"))
         {
             return Some(t0.elapsed().as_secs_f64() * 1000.0);
         }
+        pace.await;
     }
     None
 }
@@ -475,7 +490,13 @@ impl Bench<'_> {
         let ips = write_services(self.env, ns, services, &self.old_endpoints).await?;
         let writes_s = t0.elapsed().as_secs_f64();
         let sample: Vec<Ipv4Addr> = spread(ips.len(), SAMPLE).iter().map(|i| ips[*i]).collect();
-        let sync_all_s = wait_all_answer(&sample, t0, Duration::from_secs(900)).await;
+        let sync_all_s = wait_all_answer(
+            &sample,
+            t0,
+            Duration::from_secs(900),
+            Duration::from_millis(20),
+        )
+        .await;
         let (cpu_sync_s, _) = usage(pid);
         let first_connection_ms = first_connections(&sample, 200).await;
         let (programming_ms, programming_misses) =
@@ -483,7 +504,7 @@ impl Bench<'_> {
         tokio::time::sleep(CHANGE_GAP).await;
         let t = Instant::now();
         let ip = write_service(self.env, ns, "s-new", &self.old_endpoints).await?;
-        let new_service_ms = wait_all_answer(&[ip], t, Duration::from_secs(60))
+        let new_service_ms = wait_all_answer(&[ip], t, Duration::from_secs(60), PROBE_PACE)
             .await
             .map(|s| s * 1000.0);
         let (cpu_total_s, peak_rss_mib) = usage(pid);

@@ -99,6 +99,38 @@ pub fn figure_keys(proxy: &str, services: usize, f: &RunFigures) -> BTreeMap<Str
         .collect()
 }
 
+/// `compare.<proxy>.sync_after_writes_<scale>_s`: how long after the apiserver took the
+/// last write every Service answered (the sync time less the writes, which are the same
+/// apiserver work for every proxy).
+pub fn tail_keys(results: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for (key, value) in results {
+        let Some(rest) = key.strip_prefix("compare.") else {
+            continue;
+        };
+        // Proxy keys hold dots (kube-proxy-1.36.3), figures never do.
+        let Some((proxy, figure)) = rest.rsplit_once('.') else {
+            continue;
+        };
+        let Some(scale) = figure
+            .strip_prefix("sync_all_")
+            .and_then(|f| f.strip_suffix("_s"))
+        else {
+            continue;
+        };
+        let writes = results
+            .get(&format!("compare.{proxy}.writes_{scale}_s"))
+            .and_then(Value::as_f64);
+        if let (Some(sync), Some(writes)) = (value.as_f64(), writes) {
+            out.insert(
+                format!("compare.{proxy}.sync_after_writes_{scale}_s"),
+                json!(round3((sync - writes).max(0.0))),
+            );
+        }
+    }
+    out
+}
+
 /// `compare.berth_over_<opponent>.<figure>` for every figure both berth and the
 /// opponent have (counts of changes and misses are not ratios worth printing).
 pub fn ratio_keys(results: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
@@ -116,7 +148,8 @@ pub fn ratio_keys(results: &BTreeMap<String, Value>) -> BTreeMap<String, Value> 
             let Some(rest) = other.strip_prefix("compare.") else {
                 continue;
             };
-            let Some((opponent, their_figure)) = rest.split_once('.') else {
+            // Proxy keys hold dots (kube-proxy-1.36.3), figures never do.
+            let Some((opponent, their_figure)) = rest.rsplit_once('.') else {
                 continue;
             };
             if opponent == BERTH || opponent.starts_with("berth_over_") || their_figure != figure {
@@ -331,6 +364,86 @@ fn trim_number(v: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
+/// Rows of the README table: label and figure key (`{s}` is the scale).
+pub const TABLE_ROWS: [(&str, &str); 13] = [
+    (
+        "writes of all Services + EndpointSlices (s)",
+        "writes_{s}_s",
+    ),
+    (
+        "first write → every sampled Service answers (s)",
+        "sync_all_{s}_s",
+    ),
+    (
+        "… of which after the last write (s)",
+        "sync_after_writes_{s}_s",
+    ),
+    (
+        "network programming latency p50 (ms)",
+        "programming_p50_{s}_ms",
+    ),
+    (
+        "network programming latency p99 (ms)",
+        "programming_p99_{s}_ms",
+    ),
+    ("changes answered", "programming_changes_{s}"),
+    (
+        "changes missed (no answer in 30 s)",
+        "programming_misses_{s}",
+    ),
+    ("one new Service → answers (ms)", "new_service_{s}_ms"),
+    ("CPU until synced (s)", "cpu_sync_{s}_s"),
+    ("CPU whole run (s)", "cpu_total_{s}_s"),
+    ("peak RSS (MiB)", "peak_rss_{s}_mib"),
+    ("first connection p50 (ms)", "first_connection_p50_{s}_ms"),
+    ("first connection p99 (ms)", "first_connection_p99_{s}_ms"),
+];
+
+/// A Markdown table of every figure: a column per proxy, then berth / opponent ratios;
+/// `–` where a figure was not measured (a miss).
+pub fn markdown_table(
+    results: &BTreeMap<String, Value>,
+    proxies: &[String],
+    scales: &[usize],
+) -> String {
+    let opponents: Vec<&String> = proxies.iter().filter(|p| *p != BERTH).collect();
+    let mut out = String::from("| Services | figure |");
+    for p in proxies {
+        let _ = write!(out, " {p} |");
+    }
+    for o in &opponents {
+        let _ = write!(out, " berth / {o} |");
+    }
+    out.push_str("\n|---|---|");
+    out.push_str(&"---|".repeat(proxies.len() + opponents.len()));
+    out.push('\n');
+    let cell = |key: String| {
+        results
+            .get(&key)
+            .and_then(Value::as_f64)
+            .map_or("–".to_string(), trim_number)
+    };
+    for n in scales {
+        let s = scale_label(*n);
+        for (label, figure) in TABLE_ROWS {
+            let figure = figure.replace("{s}", &s);
+            let _ = write!(out, "| {s} | {label} |");
+            for p in proxies {
+                let _ = write!(out, " {} |", cell(format!("compare.{p}.{figure}")));
+            }
+            for o in &opponents {
+                let _ = write!(
+                    out,
+                    " {} |",
+                    cell(format!("compare.berth_over_{o}.{figure}"))
+                );
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,7 +520,16 @@ mod tests {
         let mut all = figure_keys(BERTH, 1000, &run(Some(1.0), vec![2.0]));
         all.extend(figure_keys("kp", 1000, &run(Some(4.0), vec![8.0])));
         all.extend(figure_keys("kp-new", 1000, &run(None, vec![1.0])));
+        all.extend(figure_keys(
+            "kube-proxy-1.36.3",
+            1000,
+            &run(Some(2.0), vec![4.0]),
+        ));
         let r = ratio_keys(&all);
+        assert_eq!(
+            r["compare.berth_over_kube-proxy-1.36.3.programming_p50_1k_ms"],
+            json!(0.5)
+        );
         assert_eq!(r["compare.berth_over_kp.sync_all_1k_s"], json!(0.25));
         assert_eq!(
             r["compare.berth_over_kp.programming_p50_1k_ms"],
@@ -478,6 +600,44 @@ mod tests {
         );
         let p50 = series(&all, "programming_p50_{s}_ms", &proxies, &[1000, 5000]);
         assert_eq!(p50[0].points, vec![(1000, 2.0), (5000, 3.0)]);
+    }
+
+    #[test]
+    fn table_has_a_row_per_figure_and_scale_and_marks_misses() {
+        let mut all = figure_keys(BERTH, 1000, &run(Some(1.0), vec![2.0]));
+        all.extend(figure_keys("kp", 1000, &run(None, vec![8.0])));
+        all.extend(ratio_keys(&all));
+        let proxies = vec![BERTH.to_string(), "kp".to_string()];
+        let t = markdown_table(&all, &proxies, &[1000]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "| Services | figure | berth | kp | berth / kp |");
+        assert_eq!(lines.len(), 2 + TABLE_ROWS.len());
+        assert!(
+            t.contains("| 1k | network programming latency p50 (ms) | 2 | 8 | 0.25 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| 1k | first write → every sampled Service answers (s) | 1 | – | – |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn sync_tail_is_sync_less_writes() {
+        let mut all = figure_keys(BERTH, 1000, &run(Some(3.5), vec![]));
+        all.extend(figure_keys("kp", 1000, &run(None, vec![])));
+        all.extend(figure_keys(
+            "kube-proxy-1.37.2",
+            1000,
+            &run(Some(5.0), vec![]),
+        ));
+        let t = tail_keys(&all);
+        assert_eq!(t["compare.berth.sync_after_writes_1k_s"], json!(0.5));
+        assert_eq!(
+            t["compare.kube-proxy-1.37.2.sync_after_writes_1k_s"],
+            json!(2.0)
+        );
+        assert_eq!(t.len(), 2, "no tail without a sync time: {t:?}");
     }
 
     #[test]

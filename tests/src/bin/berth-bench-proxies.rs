@@ -7,10 +7,11 @@
 //! Twenty pod servers on that node (`pa-0..9`, `pb-0..9`) back every Service; each
 //! answers with its name, so a probe tells which endpoint it reached. Figures go to
 //! `target/bench/results.json` (`compare.<proxy>.*`, `compare.berth_over_<proxy>.*`) and
-//! a plot to `target/bench/proxies.svg`.
+//! a plot to `target/bench/proxies.svg`, the table to `target/bench/proxies.md`.
 //!
 //! `BENCH_PROXIES_SCALES` (default `1000,5000`; add `10000` for the 10k run),
 //! `BENCH_PROXIES_CHANGES` (default 50), `BENCH_PROXIES_ONLY` (comma list of proxy keys).
+//! `--replot` redraws the plot and table from results.json without running anything.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -481,7 +482,18 @@ impl Bench<'_> {
         flush_ruleset(&self.plan)?;
         delete_namespace(self.env, &ns).await?;
         let f = figures?;
-        eprintln!("  {f:?}");
+        eprintln!(
+            "  writes {:.1} s, every Service answers {:?} s, programming p50 {:?} ms p99 {:?} ms \
+             ({} missed), new Service {:?} ms, CPU {:.2} s, peak RSS {:.1} MiB",
+            f.writes_s,
+            f.sync_all_s,
+            proxybench::percentile(&f.programming_ms, 50.0),
+            proxybench::percentile(&f.programming_ms, 99.0),
+            f.programming_misses,
+            f.new_service_ms,
+            f.cpu_total_s,
+            f.peak_rss_mib,
+        );
         Ok(f)
     }
 
@@ -621,10 +633,41 @@ async fn bench(env: &TestEnv) -> Result<BTreeMap<String, Value>> {
             results.extend(proxybench::figure_keys(&p.key, *n, &f));
         }
     }
-    let ratios = proxybench::ratio_keys(&results);
-    results.extend(ratios);
     let keys: Vec<String> = proxies.iter().map(|p| p.key.clone()).collect();
-    write_plot(&dir, &results, &keys, &scales)?;
+    report(&dir, &mut results, &keys, &scales)?;
+    Ok(results)
+}
+
+/// Adds the derived keys (sync after the writes, ratios), writes the plot and the table.
+fn report(
+    dir: &Path,
+    results: &mut BTreeMap<String, Value>,
+    proxies: &[String],
+    scales: &[usize],
+) -> Result<()> {
+    let tails = proxybench::tail_keys(results);
+    results.extend(tails);
+    let ratios = proxybench::ratio_keys(results);
+    results.extend(ratios);
+    write_plot(dir, results, proxies, scales)?;
+    let table = proxybench::markdown_table(results, proxies, scales);
+    let path = dir.join("proxies.md");
+    std::fs::write(&path, &table).map_err(Error::io("write table", &path))?;
+    eprintln!("{table}");
+    Ok(())
+}
+
+/// `--replot`: the plot, table and derived keys again from results.json, no run.
+fn replot() -> Result<BTreeMap<String, Value>> {
+    let dir = paths::repo_root().join("target/bench");
+    let path = dir.join("results.json");
+    let text = std::fs::read_to_string(&path).map_err(Error::io("read", &path))?;
+    let mut results: BTreeMap<String, Value> = serde_json::from_str(&text)
+        .map_err(|e| Error::Setup(format!("{}: {e}", path.display())))?;
+    results.retain(|k, _| k.starts_with("compare."));
+    let keys: Vec<String> = proxies()?.into_iter().map(|p| p.key).collect();
+    let scales = env_list("BENCH_PROXIES_SCALES", &[1000, 5000]);
+    report(&dir, &mut results, &keys, &scales)?;
     Ok(results)
 }
 
@@ -645,6 +688,11 @@ fn write_plot(
             y_label: "seconds".into(),
             series: proxybench::series(results, "sync_all_{s}_s", proxies, scales),
         },
+        Panel {
+            title: "Sync: last write → every Service answers".into(),
+            y_label: "seconds".into(),
+            series: proxybench::series(results, "sync_after_writes_{s}_s", proxies, scales),
+        },
     ];
     let path = dir.join("proxies.svg");
     std::fs::write(&path, proxybench::svg(&panels)).map_err(Error::io("write plot", &path))?;
@@ -654,8 +702,12 @@ fn write_plot(
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let env = TestEnv::connect().await;
-    let results = match bench(&env).await {
+    let outcome = if std::env::args().any(|a| a == "--replot") {
+        replot()
+    } else {
+        bench(&TestEnv::connect().await).await
+    };
+    let results = match outcome {
         Ok(r) => r,
         Err(e) => {
             eprintln!("bench-proxies: {e}");

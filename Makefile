@@ -6,7 +6,7 @@ BIN := $(BERTH_CACHE)/bin/current
 ENV := target/debug/berth-env
 export PATH := $(BIN):$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench bench-nodeproxy bench-controller bench-l2
+.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench bench-nodeproxy bench-controller bench-l2 bench-proxies
 
 ## Everything a fresh machine needs: Debian packages, Kubernetes/etcd/helm binaries built
 ## from Go modules (cached by version), the pinned LocalStack venv.
@@ -64,3 +64,10 @@ bench-controller: deps build
 ## Leases lost by healthy nodes, failed probes while 980 are deleted at once (l2.* keys).
 bench-l2: deps build
 	hack/bench-l2.sh
+
+## berth-nodeproxy against kube-proxy (pinned and newest release, nftables mode) through
+## the real apiserver at 1k and 5k Services x 10 endpoints: sync time, network programming
+## latency p50/p99, one new Service, CPU, peak RSS, first connection (compare.* keys and
+## target/bench/proxies.svg). BENCH_PROXIES_SCALES=1000,5000,10000 adds 10k.
+bench-proxies: deps build
+	hack/bench-proxies.sh

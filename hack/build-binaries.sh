@@ -2,6 +2,8 @@
 # Builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and helm
 # from Go modules and caches them by version under ${BERTH_CACHE:-~/.cache/berth}/bin.
 # Idempotent: a binary already cached for its version is not rebuilt.
+# `build-binaries.sh kube-proxy` builds only the two kube-proxy opponents of
+# `make bench-proxies` (the pinned and the newest release, KUBE_PROXY_NEWEST_VERSION).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -17,7 +19,8 @@ export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
 log() { printf '[build-binaries] %s\n' "$*" >&2; }
 
 kube_ldflags() {
-  local v="v$KUBE_VERSION" major=${KUBE_VERSION%%.*} rest=${KUBE_VERSION#*.}
+  local version=${1:-$KUBE_VERSION}
+  local v="v$version" major=${version%%.*} rest=${version#*.}
   local minor=${rest%%.*} date
   date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
   local flags="-s -w"
@@ -60,6 +63,44 @@ build_helm() {
   mkdir -p "$helm_dir"
   GOBIN="$helm_dir" go install -trimpath -ldflags "-s -w" "helm.sh/helm/v4/cmd/helm@v$HELM_VERSION"
 }
+
+# kube-proxy of `version` into its own directory: the pinned one from the helper module,
+# any other from a module generated here that replaces every staging module the
+# k8s.io/kubernetes go.mod points into ./staging/src with its published v0.x release.
+build_kube_proxy() {
+  local version=$1 dir="$cache/bin/kube-proxy-v$1"
+  [ -x "$dir/kube-proxy" ] && { log "kube-proxy v$version cached in $dir"; return; }
+  log "building kube-proxy v$version"
+  mkdir -p "$dir"
+  local src="$here/gobin/kubernetes"
+  if [ "$version" != "$KUBE_VERSION" ]; then
+    src="$cache/gobin/kube-proxy-v$version"
+    mkdir -p "$src"
+    local gomod staging
+    gomod=$(cd "$src" && GOFLAGS= go mod download -json "k8s.io/kubernetes@v$version" |
+      sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    staging=$(sed -n 's|^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*|\1|p' "$gomod")
+    {
+      printf 'module berth.dev/hack/kube-proxy\n\ngo 1.26.0\n\n'
+      # A module without code: the tool directive keeps its require of k8s.io/kubernetes
+      # at `version` (else a tidy drops it and a build resolves the newest release).
+      printf 'tool k8s.io/kubernetes/cmd/kube-proxy\n\n'
+      printf 'require k8s.io/kubernetes v%s\n\nreplace (\n' "$version"
+      for m in $staging; do printf '\t%s => %s v0.%s\n' "$m" "$m" "${version#*.}"; done
+      printf ')\n'
+    } >"$src/go.mod"
+  fi
+  (cd "$src" &&
+    go build -trimpath -tags selinux,notest,grpcnotrace -ldflags "$(kube_ldflags "$version")" \
+      -o "$dir/kube-proxy.tmp" k8s.io/kubernetes/cmd/kube-proxy)
+  mv "$dir/kube-proxy.tmp" "$dir/kube-proxy"
+}
+
+if [ "${1:-}" = kube-proxy ]; then
+  build_kube_proxy "$KUBE_VERSION"
+  build_kube_proxy "$KUBE_PROXY_NEWEST_VERSION"
+  exit 0
+fi
 
 build_etcd
 build_helm

@@ -19,6 +19,7 @@ pub mod paths;
 pub mod pki;
 pub mod podrun;
 pub mod proc;
+pub mod proxybench;
 pub mod service;
 pub mod testing;
 pub mod wait;

@@ -18,6 +18,7 @@ pub mod nodeagent;
 pub mod paths;
 pub mod pki;
 pub mod podrun;
+pub mod prometheus;
 pub mod proc;
 pub mod service;
 pub mod testing;

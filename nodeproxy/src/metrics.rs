@@ -292,10 +292,15 @@ mod tests {
         let m = Metrics::default();
         let started = unix_now();
         let t = m.render();
-        assert!(t.contains("\nberth_nodeproxy_drift_repairs_total 0\n"), "{t}");
+        assert!(
+            t.contains("\nberth_nodeproxy_drift_repairs_total 0\n"),
+            "{t}"
+        );
         let stamp = |t: &str| -> f64 {
             t.lines()
-                .find_map(|l| l.strip_prefix("berth_nodeproxy_last_sync_success_timestamp_seconds "))
+                .find_map(|l| {
+                    l.strip_prefix("berth_nodeproxy_last_sync_success_timestamp_seconds ")
+                })
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_default()
         };
@@ -305,7 +310,10 @@ mod tests {
         m.drift_repair();
         let t = m.render();
         assert!(stamp(&t) > started, "{t}");
-        assert!(t.contains("\nberth_nodeproxy_drift_repairs_total 1\n"), "{t}");
+        assert!(
+            t.contains("\nberth_nodeproxy_drift_repairs_total 1\n"),
+            "{t}"
+        );
     }
 
     #[test]

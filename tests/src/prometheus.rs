@@ -285,11 +285,12 @@ impl Prometheus {
         path: &str,
         query: &[(&str, &str)],
     ) -> Result<T> {
-        let url = format!("{}{path}", self.url);
-        let failed = |e: String| Error::Setup(format!("GET {url} {query:?}: {e}"));
+        let base = format!("{}{path}", self.url);
+        let failed = |e: String| Error::Setup(format!("GET {base} {query:?}: {e}"));
+        let url =
+            reqwest::Url::parse_with_params(&base, query).map_err(|e| failed(e.to_string()))?;
         let reply: Reply<T> = reqwest::Client::new()
-            .get(&url)
-            .query(query)
+            .get(url)
             .timeout(Duration::from_secs(5))
             .send()
             .await
@@ -324,7 +325,9 @@ impl Prometheus {
             .alerts()
             .await?
             .into_iter()
-            .filter(|a| a.state == "firing" && a.labels.get("alertname").map(String::as_str) == Some(name))
+            .filter(|a| {
+                a.state == "firing" && a.labels.get("alertname").map(String::as_str) == Some(name)
+            })
             .collect())
     }
 
@@ -407,7 +410,10 @@ mod tests {
             let names = metric_names(expr);
             assert!(!names.is_empty(), "{what}: {expr} reads no berth metric");
             for name in names {
-                assert!(exposed.contains(&name), "{what}: {name} is exposed by neither binary");
+                assert!(
+                    exposed.contains(&name),
+                    "{what}: {name} is exposed by neither binary"
+                );
             }
         }
     }
@@ -436,29 +442,44 @@ mod tests {
     fn monitoring_is_off_by_default_and_values_reach_the_rules() {
         let chart = helm::chart().display().to_string();
         let out = helm::helm(&["template", "t", chart.as_str()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(!text.contains("PrometheusRule") && !text.contains("grafana_dashboard"));
         let manifest = render_chart(&[
             "monitoring.rules.for.poolNearlyExhausted=7s",
-            "monitoring.rules.poolFreeRatio=0.25",
+            "monitoring.rules.driftRepairs=7",
             "monitoring.rules.alertLabels.team=net",
         ])
         .unwrap_or_else(|e| panic!("{e}"));
         let rules = rule_file(&manifest).unwrap_or_else(|e| panic!("{e}"));
         let spec: serde_json::Value = serde_yaml::from_str(&rules).expect("YAML");
-        let pool = spec["groups"][0]["rules"]
-            .as_array()
-            .expect("rules")
-            .iter()
-            .find(|r| r["alert"] == "BerthPoolNearlyExhausted")
-            .expect("pool alert")
-            .clone();
+        let rule = |name: &str| {
+            spec["groups"]
+                .as_array()
+                .expect("groups")
+                .iter()
+                .flat_map(|g| g["rules"].as_array().expect("rules"))
+                .find(|r| r["alert"] == name)
+                .unwrap_or_else(|| panic!("{name} missing"))
+                .clone()
+        };
+        let pool = rule("BerthPoolNearlyExhausted");
         assert_eq!(pool["for"], "7s");
         assert_eq!(pool["labels"]["team"], "net");
-        assert!(pool["expr"].as_str().is_some_and(|e| e.contains("<= 0.25")), "{pool}");
+        let drift = rule("BerthNodeProxyDrift");
+        assert!(
+            drift["expr"].as_str().is_some_and(|e| e.ends_with("> 7")),
+            "{drift}"
+        );
         let bad = render_chart(&["monitoring.rules.for.staleRules=soon"]);
-        assert!(bad.is_err(), "the schema must refuse a duration that is none");
+        assert!(
+            bad.is_err(),
+            "the schema must refuse a duration that is none"
+        );
     }
 
     #[test]
@@ -567,7 +588,10 @@ tests:
         ]});
         assert_eq!(
             dashboard_queries(&d),
-            [("p".to_string(), "a".to_string()), ("p".to_string(), "b".to_string())]
+            [
+                ("p".to_string(), "a".to_string()),
+                ("p".to_string(), "b".to_string())
+            ]
         );
     }
 
@@ -580,6 +604,9 @@ tests:
         let c = config(&jobs, Path::new("/r.yml"), "1s");
         assert_eq!(c["global"]["evaluation_interval"], "1s");
         assert_eq!(c["rule_files"][0], "/r.yml");
-        assert_eq!(c["scrape_configs"][0]["static_configs"][0]["targets"][1], "10.0.0.2:10249");
+        assert_eq!(
+            c["scrape_configs"][0]["static_configs"][0]["targets"][1],
+            "10.0.0.2:10249"
+        );
     }
 }

@@ -91,13 +91,16 @@ impl Case {
 
     async fn wait_ready(&self, name: &str) {
         let api = self.services();
-        wait_until(&format!("service {name} ready"), LONG, &self.dump(), async || {
-            match api.get(name).await {
+        wait_until(
+            &format!("service {name} ready"),
+            LONG,
+            &self.dump(),
+            async || match api.get(name).await {
                 Ok(s) if lb_condition(&s).is_some_and(|(st, _, _)| st == "True") => Ok(()),
                 Ok(s) => Err(format!("{:?}", lb_condition(&s))),
                 Err(e) => Err(e.to_string()),
-            }
-        })
+            },
+        )
         .await;
     }
 
@@ -165,11 +168,20 @@ async fn wait_all_up(case: &Case) {
         .info
         .nodes
         .iter()
-        .map(|n| (AGENT_JOB.to_string(), format!("{}:{METRICS_PORT}", n.plan.ip)))
+        .map(|n| {
+            (
+                AGENT_JOB.to_string(),
+                format!("{}:{METRICS_PORT}", n.plan.ip),
+            )
+        })
         .collect();
     want.insert((CONTROLLER_JOB.into(), case.controller.admin.clone()));
     wait_until("every target up", LONG, &case.dump(), async || {
-        let up = case.prometheus.query("up == 1").await.map_err(|e| e.to_string())?;
+        let up = case
+            .prometheus
+            .query("up == 1")
+            .await
+            .map_err(|e| e.to_string())?;
         let have: BTreeSet<(String, String)> = up
             .iter()
             .map(|s| (s.metric["job"].clone(), s.metric["instance"].clone()))
@@ -215,8 +227,10 @@ async fn pool_exhaustion_and_not_ready_alerts_fire_and_resolve_in_prometheus() {
     }
     // The pool is full: the third Service waits for an address.
     case.create("c").await;
-    case.wait_firing("BerthPoolNearlyExhausted", "class", &[&class]).await;
-    case.wait_firing("BerthServiceNotReady", "service_name", &["c"]).await;
+    case.wait_firing("BerthPoolNearlyExhausted", "class", &[&class])
+        .await;
+    case.wait_firing("BerthServiceNotReady", "service_name", &["c"])
+        .await;
     wait_every_panel_has_data(&case).await;
 
     for name in ["a", "b", "c"] {
@@ -225,6 +239,8 @@ async fn pool_exhaustion_and_not_ready_alerts_fire_and_resolve_in_prometheus() {
             .await
             .unwrap_or_else(|e| panic!("delete service {name}: {e}"));
     }
-    case.wait_firing("BerthPoolNearlyExhausted", "class", &[]).await;
-    case.wait_firing("BerthServiceNotReady", "service_name", &[]).await;
+    case.wait_firing("BerthPoolNearlyExhausted", "class", &[])
+        .await;
+    case.wait_firing("BerthServiceNotReady", "service_name", &[])
+        .await;
 }

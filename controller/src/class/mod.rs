@@ -11,8 +11,8 @@ use std::time::Duration;
 use berth_crds::{
     CONDITION_ACCEPTED, CONDITION_LB_READY, LoadBalancerClass, LoadBalancerClassStatus,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{Api, ResourceExt};
 use tokio::sync::Notify;
 
@@ -230,7 +230,10 @@ mod tests {
         }))
         .expect("service");
         let created = not_ready(&s, "lab".into()).expect("not ready");
-        assert_eq!((created.namespace.as_str(), created.name.as_str()), ("n", "s"));
+        assert_eq!(
+            (created.namespace.as_str(), created.name.as_str()),
+            ("n", "s")
+        );
         assert_eq!(created.since, 1_767_225_600.0);
         let condition = |status: &str| {
             serde_json::from_value(serde_json::json!({"conditions": [{
@@ -241,7 +244,10 @@ mod tests {
             .expect("status")
         };
         s.status = condition("False");
-        assert_eq!(not_ready(&s, "lab".into()).map(|n| n.since), Some(1_767_225_660.0));
+        assert_eq!(
+            not_ready(&s, "lab".into()).map(|n| n.since),
+            Some(1_767_225_660.0)
+        );
         s.status = condition("True");
         assert_eq!(not_ready(&s, "lab".into()), None);
     }

@@ -195,24 +195,35 @@ async fn wait_all_up(case: &Case) {
     .await;
 }
 
-/// Every query of the chart's dashboard returns at least one series.
+/// Every query of the chart's dashboard returns at least one series (a timeout lists all
+/// the queries still empty).
 async fn wait_every_panel_has_data(case: &Case) {
     let manifest = prometheus::render_chart(&[]).unwrap_or_else(|e| panic!("{e}"));
     let dashboard = prometheus::dashboard(&manifest).unwrap_or_else(|e| panic!("{e}"));
     let queries = prometheus::dashboard_queries(&dashboard);
     assert!(!queries.is_empty(), "the dashboard has no queries");
-    for (title, expr) in queries {
-        let expr = prometheus::runnable(&expr);
-        let what = format!("panel {title:?} query {expr} to return series");
-        wait_until(&what, LONG, &case.dump(), async || {
-            match case.prometheus.query(&expr).await {
-                Ok(series) if !series.is_empty() => Ok(()),
-                Ok(_) => Err("no series".to_string()),
-                Err(e) => Err(e.to_string()),
+    wait_until(
+        "every panel's query to return series",
+        LONG,
+        &case.dump(),
+        async || {
+            let mut empty = Vec::new();
+            for (title, expr) in &queries {
+                let expr = prometheus::runnable(expr);
+                match case.prometheus.query(&expr).await {
+                    Ok(series) if !series.is_empty() => {}
+                    Ok(_) => empty.push(format!("{title:?}: {expr}: no series")),
+                    Err(e) => empty.push(format!("{title:?}: {e}")),
+                }
             }
-        })
-        .await;
-    }
+            if empty.is_empty() {
+                Ok(())
+            } else {
+                Err(empty.join("\n"))
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub gc_deleted: AtomicU64,
     pub leader: AtomicBool,
     pub ready: AtomicBool,
+    /// Since when each owned Service has not been ready (Unix seconds), for alerts.
+    not_ready_since: Family<Labels<3>, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -60,6 +62,7 @@ impl Default for Metrics {
             gc_deleted: AtomicU64::new(0),
             leader: AtomicBool::new(false),
             ready: AtomicBool::new(false),
+            not_ready_since: Family::default(),
         }
     }
 }
@@ -199,6 +202,38 @@ impl Collect for Metrics {
             "1 while this replica leads",
             ConstGauge::new(i64::from(self.leader.load(Ordering::Relaxed))),
         );
+        r.register(
+            "berth_service_not_ready_since_timestamp_seconds",
+            "Unix time since which a Service of a handled class has not been ready (the leader's view)",
+            self.not_ready_since.clone(),
+        );
+    }
+}
+
+/// A Service of a handled class that is not ready, and since when.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NotReady {
+    pub namespace: String,
+    pub name: String,
+    pub class: String,
+    /// Unix seconds.
+    pub since: f64,
+}
+
+impl Metrics {
+    /// Replaces the not-ready gauges (Services ready or gone since the last call disappear).
+    /// The labels avoid `namespace` and `service`, which scrape configs set to the target's.
+    pub fn set_not_ready(&self, services: Vec<NotReady>) {
+        self.not_ready_since.clear();
+        for s in services {
+            self.not_ready_since
+                .get_or_create(&[
+                    ("service_namespace", s.namespace),
+                    ("service_name", s.name),
+                    ("class", s.class),
+                ])
+                .set(s.since);
+        }
     }
 }
 
@@ -257,6 +292,26 @@ mod tests {
         assert!(m.render().lines().any(|l| l == "berth_leader 0"));
         m.leader.store(true, Ordering::Relaxed);
         assert!(m.render().lines().any(|l| l == "berth_leader 1"));
+    }
+
+    #[test]
+    fn not_ready_gauges_are_replaced() {
+        let m = Metrics::default();
+        let svc = |name: &str, since| NotReady {
+            namespace: "ns".into(),
+            name: name.into(),
+            class: "lab".into(),
+            since,
+        };
+        m.set_not_ready(vec![svc("a", 1_700_000_000.5), svc("b", 1.0)]);
+        let text = m.render();
+        assert!(text.contains(
+            "berth_service_not_ready_since_timestamp_seconds{service_namespace=\"ns\",service_name=\"a\",class=\"lab\"} 1700000000.5"
+        ), "{text}");
+        m.set_not_ready(vec![svc("b", 1.0)]);
+        let text = m.render();
+        assert!(!text.contains("service_name=\"a\""), "{text}");
+        assert!(text.contains("service_name=\"b\""), "{text}");
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct Metrics {
     l2_renewal_lateness: Histogram,
     refused: Family<Label, Gauge>,
     kube_proxy: KubeProxy,
+    /// Unix time of the last successful sync (the start until the first), for alerts.
+    last_ok_unix: Gauge<f64, AtomicU64>,
+    drift_repairs: Counter,
 }
 
 fn count(n: usize) -> i64 {
@@ -61,7 +64,10 @@ impl Default for Metrics {
             l2_renewal_lateness: metrics::histogram(SECONDS_BUCKETS),
             refused: Family::default(),
             kube_proxy: KubeProxy::default(),
+            last_ok_unix: Gauge::default(),
+            drift_repairs: Counter::default(),
         };
+        m.last_ok_unix.set(unix_now());
         // Series that exist from the start, so rates and alerts see them at 0.
         m.failures.get_or_create(&[("reason", "nft")]).inc_by(0);
         for event in ["acquired", "released", "lost"] {
@@ -93,6 +99,7 @@ impl Metrics {
         self.lb_chains.set(count(lb_chains));
         self.services.set(count(services));
         *self.last_ok.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.last_ok_unix.set(unix_now());
     }
 
     pub fn sync_failed(&self, reason: &'static str) {
@@ -213,6 +220,16 @@ impl Collect for Metrics {
             "berth_nodeproxy_refused_claims",
             "Refused or losing Service claims left out of the rules, by reason",
             self.refused.clone(),
+        );
+        r.register(
+            "berth_nodeproxy_last_sync_success_timestamp_seconds",
+            "Unix time of the last successful sync (the agent's start until the first)",
+            self.last_ok_unix.clone(),
+        );
+        r.register(
+            "berth_nodeproxy_drift_repairs",
+            "Times another process changed berth's tables and a full sync restored them",
+            self.drift_repairs.clone(),
         );
         self.kube_proxy.register(r);
     }
@@ -390,6 +407,14 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Another process changed berth's tables; the next sync restores them.
+    pub fn drift_repair(&self) {
+        self.drift_repairs.inc();
+    }
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,6 +459,35 @@ mod tests {
         m.l2_renewal_lateness(Duration::from_millis(3));
         let t = m.render();
         assert!(t.contains("berth_nodeproxy_l2_renewal_lateness_seconds_bucket{le=\"0.005\"} 1"));
+    }
+
+    #[test]
+    fn alert_inputs_render() {
+        let m = Metrics::default();
+        let started = unix_now();
+        let t = m.render();
+        assert!(
+            t.contains("\nberth_nodeproxy_drift_repairs_total 0\n"),
+            "{t}"
+        );
+        let stamp = |t: &str| -> f64 {
+            t.lines()
+                .find_map(|l| {
+                    l.strip_prefix("berth_nodeproxy_last_sync_success_timestamp_seconds ")
+                })
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_default()
+        };
+        assert!(stamp(&t) > 1.0e9 && stamp(&t) <= started, "{t}");
+        std::thread::sleep(Duration::from_millis(20));
+        m.sync_ok(None, Duration::ZERO, 0, 0, 0);
+        m.drift_repair();
+        let t = m.render();
+        assert!(stamp(&t) > started, "{t}");
+        assert!(
+            t.contains("\nberth_nodeproxy_drift_repairs_total 1\n"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -449,6 +449,7 @@ fn drifted(shared: &Shared, state: &mut SyncState) -> bool {
     match shared.drift.check() {
         Some(why) => {
             tracing::warn!("nftables tables changed by another process, restoring: {why}");
+            shared.metrics.drift_repair();
             state.force_full = true;
             true
         }

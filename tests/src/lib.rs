@@ -20,6 +20,7 @@ pub mod pki;
 pub mod podrun;
 pub mod proc;
 pub mod proxybench;
+pub mod prometheus;
 pub mod service;
 pub mod testing;
 pub mod wait;

@@ -11,10 +11,12 @@ use std::time::Duration;
 use berth_crds::{
     CONDITION_ACCEPTED, CONDITION_LB_READY, LoadBalancerClass, LoadBalancerClassStatus,
 };
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{Api, ResourceExt};
 use tokio::sync::Notify;
 
+use crate::metrics::NotReady;
 use crate::provider::Verdict;
 use crate::service::{self, Context, Ownership};
 use crate::writes::Write;
@@ -148,6 +150,36 @@ async fn write_all(ctx: &Context) {
         }
     }
     ctx.metrics.set_pool_addresses(gauges);
+    ctx.metrics.set_not_ready(not_ready_services(ctx, &classes));
+}
+
+/// The handled classes' Services that are not ready, for the not-ready alert.
+fn not_ready_services(ctx: &Context, classes: &[Arc<LoadBalancerClass>]) -> Vec<NotReady> {
+    ctx.stores
+        .services
+        .state()
+        .iter()
+        .filter_map(|s| match service::ownership(s, classes, &ctx.config) {
+            Ownership::Class(class) => not_ready(s, class),
+            Ownership::NotOurs => None,
+        })
+        .collect()
+}
+
+/// Since when `svc` has not been ready: its Ready condition's last transition, or its
+/// creation while it has no condition yet; `None` when ready. Pure.
+pub fn not_ready(svc: &Service, class: String) -> Option<NotReady> {
+    let since = match service::status::current_condition(svc) {
+        Some(c) if c.status == "True" => return None,
+        Some(c) => &c.last_transition_time,
+        None => svc.metadata.creation_timestamp.as_ref()?,
+    };
+    Some(NotReady {
+        namespace: svc.namespace().unwrap_or_default(),
+        name: svc.name_any(),
+        class,
+        since: since.0.as_millisecond() as f64 / 1000.0,
+    })
 }
 
 /// Changes arriving this soon after a wake-up are taken in by the same pass: a burst of
@@ -187,6 +219,37 @@ mod tests {
 
     fn at(s: i64) -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(s).unwrap_or_default())
+    }
+
+    #[test]
+    fn not_ready_since_the_condition_or_the_creation() {
+        let mut s: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s", "namespace": "n",
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"type": "LoadBalancer", "loadBalancerClass": "berth.dev/lab"},
+        }))
+        .expect("service");
+        let created = not_ready(&s, "lab".into()).expect("not ready");
+        assert_eq!(
+            (created.namespace.as_str(), created.name.as_str()),
+            ("n", "s")
+        );
+        assert_eq!(created.since, 1_767_225_600.0);
+        let condition = |status: &str| {
+            serde_json::from_value(serde_json::json!({"conditions": [{
+                "type": berth_crds::CONDITION_LB_READY, "status": status,
+                "reason": "PoolExhausted", "message": "",
+                "lastTransitionTime": "2026-01-01T00:01:00Z"
+            }]}))
+            .expect("status")
+        };
+        s.status = condition("False");
+        assert_eq!(
+            not_ready(&s, "lab".into()).map(|n| n.since),
+            Some(1_767_225_660.0)
+        );
+        s.status = condition("True");
+        assert_eq!(not_ready(&s, "lab".into()), None);
     }
 
     fn accepted(addresses: Option<(u64, u64)>) -> Verdict {

@@ -6,7 +6,7 @@ BIN := $(BERTH_CACHE)/bin/current
 ENV := target/debug/berth-env
 export PATH := $(BIN):$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench bench-nodeproxy bench-controller bench-l2
+.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench bench-nodeproxy bench-controller bench-l2 images
 
 ## Everything a fresh machine needs: Debian packages, Kubernetes/etcd/helm binaries built
 ## from Go modules (cached by version), the pinned LocalStack venv.
@@ -64,3 +64,12 @@ bench-controller: deps build
 ## Leases lost by healthy nodes, failed probes while 980 are deleted at once (l2.* keys).
 bench-l2: deps build
 	hack/bench-l2.sh
+
+## OCI images of the controller and the node agent (root; no Docker daemon): Debian
+## bookworm root filesystems made with mmdebstrap, assembled with umoci into
+## target/images/berth-{controller,nodeproxy}/, tagged <version>-<commit> and <version>.
+## PROFILE=release (default) builds the binaries; PROFILE=debug packs the debug build
+## (what `make test` and `make demo` run).
+images:
+	hack/install-deps.sh
+	hack/images.sh

@@ -41,6 +41,7 @@ done
 
 version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' Cargo.toml)
 [ -n "$version" ] || die "no [workspace.package] version in Cargo.toml"
+git rev-parse --verify -q HEAD >/dev/null || die "not a git checkout: the tag names the commit"
 sha=$(git rev-parse --short=7 HEAD)
 dirty=""
 git diff --quiet HEAD -- 2>/dev/null || dirty=-dirty
@@ -177,7 +178,7 @@ build_image() {
     --config.entrypoint="/usr/local/bin/$name" \
     --config.env="PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
     --config.label="org.opencontainers.image.version=$tag" \
-    --config.label="org.opencontainers.image.revision=$(git rev-parse HEAD)" \
+    --config.label="org.opencontainers.image.revision=$(git rev-parse HEAD)$dirty" \
     --config.label="org.opencontainers.image.source=https://github.com/berth-dev/berth" \
     --config.label="dev.berth.profile=$profile" \
     --history.created="$created" --history.created_by="berth image config"

@@ -346,11 +346,11 @@ impl Kubelet {
                 .image_ids
                 .insert(c.name.clone(), prepared.image_id.clone());
             let label = format!("pod {ns}/{name} container {}", c.name);
-            running.processes.push(Supervised::spawn(
-                &label,
-                prepared.command,
-                &log(&format!("-{}", c.name)),
-            )?);
+            let log_file = log(&format!("-{}", c.name));
+            running
+                .processes
+                .push(Supervised::spawn(&label, prepared.command, &log_file)?);
+            oci::wait_running(&prepared.id, &log_file, Duration::from_secs(20)).await?;
         }
         if let Some(cmd) = podserver_command(pod, run_ns) {
             running

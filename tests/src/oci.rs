@@ -276,7 +276,8 @@ pub struct SpecInput<'a> {
 }
 
 /// The OCI runtime spec (config.json) for crun. No cgroup settings: the environment's
-/// containers live in the kubelet's cgroup, as its processes did before.
+/// containers live in the kubelet's cgroup, as its processes did before; rlimits are
+/// inherited from the kubelet (raising them can be refused).
 pub fn runtime_spec(i: &SpecInput<'_>) -> Value {
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc"}),
@@ -304,7 +305,6 @@ pub fn runtime_spec(i: &SpecInput<'_>) -> Value {
             "env": i.env,
             "cwd": if i.cwd.is_empty() { "/" } else { i.cwd.as_str() },
             "capabilities": {"bounding": i.caps, "effective": i.caps, "permitted": i.caps},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
             "noNewPrivileges": i.no_new_privileges,
         },
         "root": {"path": i.rootfs, "readonly": i.readonly},
@@ -378,6 +378,35 @@ pub fn delete(id: &str) {
             String::from_utf8_lossy(&o.stderr).trim()
         ),
         Err(e) => tracing::warn!(id, "crun delete: {e}"),
+    }
+}
+
+/// Waits until container `id` runs; an error with the end of its log when crun gave up
+/// (e.g. the binary cannot start in the image).
+pub async fn wait_running(id: &str, log: &Path, timeout: std::time::Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let found = {
+            let id = id.to_string();
+            tokio::task::spawn_blocking(move || state_pid(&id))
+                .await
+                .ok()
+                .flatten()
+        };
+        if found.is_some() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(Error::Setup(format!(
+                "container {id} is not running after {}s: {}",
+                timeout.as_secs(),
+                tail.join(" | ")
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 

@@ -6,7 +6,7 @@ BIN := $(BERTH_CACHE)/bin/current
 ENV := target/debug/berth-env
 export PATH := $(BIN):$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench bench-nodeproxy bench-controller bench-l2 bench-proxies
+.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench bench-nodeproxy bench-controller bench-l2 bench-proxies images
 
 ## Everything a fresh machine needs: Debian packages, Kubernetes/etcd/helm binaries built
 ## from Go modules (cached by version), the pinned LocalStack venv.
@@ -71,3 +71,12 @@ bench-l2: deps build
 ## target/bench/proxies.svg). BENCH_PROXIES_SCALES=1000,5000,10000 adds 10k.
 bench-proxies: deps build
 	hack/bench-proxies.sh
+
+## OCI images of the controller and the node agent (root; no Docker daemon): Debian
+## bookworm root filesystems made with mmdebstrap, assembled with umoci into
+## target/images/berth-{controller,nodeproxy}/, tagged <version>-<commit> and <version>.
+## PROFILE=release (default) builds the binaries; PROFILE=debug packs the debug build
+## (what `make test` and `make demo` run).
+images:
+	hack/install-deps.sh
+	hack/images.sh

@@ -2,8 +2,8 @@
 # `make demo`: berth's whole job on the embedded local cluster, step by step.
 #
 # Starts the local cluster on nodes without any node agent, installs berth through its
-# Helm chart (the controller and the node agent DaemonSet, both running berth's own
-# binaries), then walks the seed article's nginx example from ClusterIP to a load
+# Helm chart (the controller and the node agent DaemonSet, both running from berth's own
+# images), then walks the seed article's nginx example from ClusterIP to a load
 # balancer: an address from a pool announced on the node network (PROVIDER=pool), and an
 # AWS Network Load Balancer emulated by LocalStack (PROVIDER=aws). Default: both.
 # The cluster stays up afterwards for exploration; `make down` stops it.
@@ -78,6 +78,12 @@ wait_value() {
   return 1
 }
 title_from() { grep -o '<title>.*</title>'; }
+
+step "Build berth's images" \
+  "OCI images of the controller and the node agent from Debian packages (mmdebstrap," \
+  "umoci; no Docker daemon) with the debug build, in target/images/. The chart's pods" \
+  "run from them: unpacked and started with crun in the pod's network namespace."
+PROFILE=debug hack/images.sh
 
 step "Start the local cluster" \
   "Real etcd, kube-apiserver, controller-manager and scheduler; LocalStack with a VPC," \

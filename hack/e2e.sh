@@ -15,6 +15,8 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 env=${CARGO_TARGET_DIR:-target}/debug/berth-env
+# The chart's berth pods run from the images (the debug build; a no-op when unchanged).
+PROFILE=debug hack/images.sh
 # One local environment per machine: runs from several checkouts wait for each other.
 exec 9>"${TMPDIR:-/tmp}/berth-e2e.lock"
 flock 9

@@ -88,6 +88,7 @@ pub fn sweep() {
     if let Some(pid) = pid.filter(|p| *p as u32 != std::process::id()) {
         stop_pid(pid, Duration::from_secs(60));
     }
+    crate::oci::delete_all();
     net::sweep();
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
         for e in entries.flatten() {
@@ -404,6 +405,7 @@ impl Drop for Env {
         }
         self.localstack.take();
         self.control_plane.take();
+        crate::oci::delete_all();
         net::sweep();
         let _ = std::fs::remove_dir_all(&self.scratch);
         let _ = std::fs::remove_file(EnvInfo::path());

@@ -1,6 +1,7 @@
 //! The simulated nodes: a Node object per node namespace, kept Ready by heartbeats, and a
 //! small kubelet that realises the pods bound to it as network namespaces running
-//! `berth-podserver` on their container ports.
+//! `berth-podserver` on their container ports, and berth's own containers from their
+//! images with crun.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -20,6 +21,7 @@ use tokio::sync::Mutex;
 
 use crate::error::{Error, Result};
 use crate::net::{self, NodePlan};
+use crate::oci;
 use crate::paths;
 use crate::podrun;
 use crate::proc::Supervised;
@@ -114,11 +116,14 @@ pub async fn heartbeat(client: &Client, plan: &NodePlan) -> Result<()> {
     Ok(())
 }
 
-/// A pod this kubelet runs: its namespace (none for hostNetwork) and its processes.
+/// A pod this kubelet runs: its namespace (none for hostNetwork), its processes, its
+/// crun containers and the image each container runs.
 struct RunningPod {
     netns: Option<String>,
     ip_slot: Option<u8>,
     processes: Vec<Supervised>,
+    containers: Vec<String>,
+    image_ids: BTreeMap<String, String>,
     files: Option<PathBuf>,
 }
 
@@ -211,8 +216,8 @@ impl Kubelet {
             return;
         }
         match self.start_pod(&pod, &uid).await {
-            Ok(ip) => {
-                if let Err(e) = self.report_running(&pod, ip).await {
+            Ok((ip, image_ids)) => {
+                if let Err(e) = self.report_running(&pod, ip, &image_ids).await {
                     tracing::warn!(pod = %name, "status update failed: {e}");
                 }
             }
@@ -248,7 +253,11 @@ impl Kubelet {
         }
     }
 
-    async fn start_pod(&self, pod: &Pod, uid: &str) -> Result<Ipv4Addr> {
+    async fn start_pod(
+        &self,
+        pod: &Pod,
+        uid: &str,
+    ) -> Result<(Ipv4Addr, BTreeMap<String, String>)> {
         let spec = pod
             .spec
             .as_ref()
@@ -272,14 +281,17 @@ impl Kubelet {
             netns,
             ip_slot,
             processes: Vec::new(),
+            containers: Vec::new(),
+            image_ids: BTreeMap::new(),
             files: None,
         };
         // Record the pod first: a failure below still tears down what was made.
         let result = self
             .start_processes(pod, uid, &run_ns, ip, &mut running)
             .await;
+        let image_ids = running.image_ids.clone();
         pods.insert(uid.to_string(), running);
-        result.map(|()| ip)
+        result.map(|()| (ip, image_ids))
     }
 
     async fn start_processes(
@@ -308,26 +320,37 @@ impl Kubelet {
         let mount_token = spec
             .and_then(|s| s.automount_service_account_token)
             .unwrap_or(true);
-        for c in containers {
-            let Some((binary, args)) = podrun::berth_argv(c) else {
-                continue;
-            };
+        let pod_dir = self.dirs.scratch.join("pods").join(uid);
+        running.files = Some(pod_dir.clone());
+        let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+        let hostname = if host_network { &self.plan.name } else { &name };
+        for c in containers.iter().filter(|c| podrun::is_berth_container(c)) {
             let token_dir = if mount_token {
-                let dir = self.dirs.scratch.join("pods").join(uid);
+                let dir = pod_dir.join("serviceaccount");
                 podrun::write_service_account(&self.client, pod, &self.dirs.ca_cert, &dir).await?;
-                running.files = Some(dir.clone());
                 Some(dir)
             } else {
                 None
             };
-            let env = podrun::container_env(&self.client, &facts, c).await?;
-            let cmd = podrun::berth_command(run_ns, binary, &args, &env, token_dir.as_deref());
+            let placement = podrun::Placement {
+                pod_dir: &pod_dir,
+                netns: run_ns,
+                hostname,
+                token_dir: token_dir.as_deref(),
+            };
+            let prepared =
+                podrun::prepare_berth_container(&self.client, &facts, c, &placement).await?;
+            // Recorded before it starts: a failure from here on still deletes it.
+            running.containers.push(prepared.id.clone());
+            running
+                .image_ids
+                .insert(c.name.clone(), prepared.image_id.clone());
             let label = format!("pod {ns}/{name} container {}", c.name);
-            running.processes.push(Supervised::spawn(
-                &label,
-                cmd,
-                &log(&format!("-{}", c.name)),
-            )?);
+            let log_file = log(&format!("-{}", c.name));
+            running
+                .processes
+                .push(Supervised::spawn(&label, prepared.command, &log_file)?);
+            oci::wait_running(&prepared.id, &log_file, Duration::from_secs(20)).await?;
         }
         if let Some(cmd) = podserver_command(pod, run_ns) {
             running
@@ -340,6 +363,18 @@ impl Kubelet {
     async fn teardown(&self, uid: &str) {
         let running = self.pods.lock().await.remove(uid);
         if let Some(pod) = running {
+            // SIGTERM to each container (berth's agents clean up on it), then whatever is
+            // left is killed and crun forgets it; only then its supervisor goes.
+            let ids = pod.containers.clone();
+            let stopped = tokio::task::spawn_blocking(move || {
+                for id in ids {
+                    oci::stop(&id, Duration::from_secs(10));
+                }
+            })
+            .await;
+            if let Err(e) = stopped {
+                tracing::warn!(node = %self.plan.name, "stopping containers: {e}");
+            }
             drop(pod.processes);
             if let Some(ns) = pod.netns {
                 net::delete_netns(&ns);
@@ -350,7 +385,12 @@ impl Kubelet {
         }
     }
 
-    async fn report_running(&self, pod: &Pod, ip: Ipv4Addr) -> Result<()> {
+    async fn report_running(
+        &self,
+        pod: &Pod,
+        ip: Ipv4Addr,
+        image_ids: &BTreeMap<String, String>,
+    ) -> Result<()> {
         let name = pod.metadata.name.clone().unwrap_or_default();
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let t = now();
@@ -359,8 +399,9 @@ impl Kubelet {
             .iter()
             .flat_map(|s| s.containers.iter())
             .map(|c| {
+                let image_id = image_ids.get(&c.name).cloned().unwrap_or_default();
                 json!({"name": c.name, "image": c.image.clone().unwrap_or_default(),
-                       "imageID": "", "ready": true, "started": true, "restartCount": 0,
+                       "imageID": image_id, "ready": true, "started": true, "restartCount": 0,
                        "state": {"running": {"startedAt": t}}})
             })
             .collect();
@@ -411,7 +452,7 @@ fn podserver_command(pod: &Pod, netns: &str) -> Option<Command> {
     for c in spec
         .containers
         .iter()
-        .filter(|c| podrun::berth_argv(c).is_none())
+        .filter(|c| !podrun::is_berth_container(c))
     {
         let nginx = c
             .image

@@ -15,6 +15,7 @@ pub mod l2scale;
 pub mod localstack;
 pub mod net;
 pub mod nodeagent;
+pub mod oci;
 pub mod paths;
 pub mod pki;
 pub mod podrun;

@@ -1,8 +1,9 @@
 //! What the test kubelet runs for a pod. Containers whose image is one of berth's own
-//! (`…/berth-controller:…`, `…/berth-nodeproxy:…`) run berth's built binaries with the
-//! container's command/args and environment and the pod's ServiceAccount token mounted
-//! where in-cluster clients look for it; every other container is played by one
-//! `berth-podserver` serving its ports.
+//! (`…/berth-controller:…`, `…/berth-nodeproxy:…`) run from that image as `make images`
+//! built it: unpacked into a bundle and started with crun in the pod's network namespace
+//! (see `oci`), with the container's command/args, environment and security context and
+//! the pod's ServiceAccount token mounted where in-cluster clients look for it; every
+//! other container is played by one `berth-podserver` serving its ports.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,7 +15,7 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 
 use crate::error::{Error, Result};
-use crate::paths;
+use crate::oci;
 
 /// berth's binaries that a pod image may name.
 pub const BERTH_BINARIES: &[&str] = &["berth-controller", "berth-nodeproxy"];
@@ -24,6 +25,11 @@ pub fn berth_binary(image: &str) -> Option<&'static str> {
     let last = image.rsplit('/').next().unwrap_or(image);
     let name = last.split(['@', ':']).next().unwrap_or(last);
     BERTH_BINARIES.iter().copied().find(|b| *b == name)
+}
+
+/// Whether the container runs one of berth's images (else a podserver plays it).
+pub fn is_berth_container(container: &Container) -> bool {
+    container.image.as_deref().and_then(berth_binary).is_some()
 }
 
 /// Facts about the pod's placement that downward-API env vars refer to.
@@ -191,71 +197,84 @@ pub async fn write_service_account(
     write("ca.crt", &ca)
 }
 
-/// The command line of a berth container: the binary named by the image (or by the
-/// first `command` element), then the rest of `command`, then `args`.
-pub fn berth_argv(container: &Container) -> Option<(&'static str, Vec<String>)> {
-    let binary = berth_binary(container.image.as_deref()?)?;
-    let mut rest: Vec<String> = container.command.clone().unwrap_or_default();
-    if let Some(first) = rest.first() {
-        let base = first.rsplit('/').next().unwrap_or(first);
-        if let Some(b) = BERTH_BINARIES.iter().find(|b| **b == base) {
-            let b: &'static str = b;
-            rest.remove(0);
-            rest.extend(container.args.clone().unwrap_or_default());
-            return Some((b, rest));
-        }
-    }
-    rest.extend(container.args.clone().unwrap_or_default());
-    Some((binary, rest))
+/// A berth container ready to start: its crun id, the image it runs and the command
+/// (`crun run`) to supervise.
+pub struct BerthContainer {
+    pub id: String,
+    pub image_id: String,
+    pub command: Command,
 }
 
-/// Runs a berth binary in `netns` with `env` and, when `token_dir` is given, the
-/// ServiceAccount files mounted at /var/run/secrets/kubernetes.io/serviceaccount inside
-/// the process's own mount namespace (`ip netns exec` gives it one; nothing on the host
-/// is mounted over).
-pub fn berth_command(
-    netns: &str,
-    binary: &str,
-    args: &[String],
-    env: &BTreeMap<String, String>,
-    token_dir: Option<&Path>,
-) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", netns]);
-    let exe = paths::sibling_bin(binary);
-    match token_dir {
-        Some(dir) => {
-            let script = "mount -t tmpfs -o size=1m,mode=0755 berth-run /run && \
-                mkdir -p /run/secrets/kubernetes.io/serviceaccount && \
-                cp \"$1\"/token \"$1\"/ca.crt \"$1\"/namespace /run/secrets/kubernetes.io/serviceaccount/ && \
-                shift && exec \"$@\"";
-            cmd.args(["sh", "-c", script, "sh"]).arg(dir).arg(exe);
-        }
-        None => {
-            cmd.arg(exe);
-        }
-    }
-    cmd.args(args).env_clear().envs(env);
-    cmd.env(
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    );
-    cmd
+/// Where a pod's container runs and what it mounts.
+pub struct Placement<'a> {
+    /// The pod's directory: one bundle per container is made in it.
+    pub pod_dir: &'a Path,
+    /// The network namespace to join: the pod's, or the node's for hostNetwork.
+    pub netns: &'a str,
+    pub hostname: &'a str,
+    pub token_dir: Option<&'a Path>,
+}
+
+/// Resolves the container's image in the OCI layouts `make images` writes, unpacks it
+/// into a bundle of its own and writes the runtime spec from the pod: argv from the
+/// image's entrypoint and the container's command/args, env, user and runAsNonRoot,
+/// capabilities, allowPrivilegeEscalation, readOnlyRootFilesystem and the
+/// ServiceAccount token.
+pub async fn prepare_berth_container(
+    client: &Client,
+    facts: &PodFacts<'_>,
+    container: &Container,
+    at: &Placement<'_>,
+) -> Result<BerthContainer> {
+    let reference = container.image.as_deref().unwrap_or_default();
+    let image = oci::resolve(&oci::images_dir(), reference)?;
+    let uid = facts.pod.metadata.uid.as_deref().unwrap_or_default();
+    let id = oci::container_id(uid, &container.name);
+    let bundle = at.pod_dir.join(&container.name);
+    let rootfs = bundle.join("rootfs");
+    let _ = std::fs::remove_dir_all(&bundle);
+    std::fs::create_dir_all(&bundle).map_err(Error::io("create bundle", &bundle))?;
+    oci::unpack(&image, &rootfs)?;
+    let pod_sc = facts
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.security_context.as_ref());
+    let sc = container.security_context.as_ref();
+    let (uid, gid) = oci::process_user(pod_sc, sc, &image.config.user)?;
+    let env = container_env(client, facts, container).await?;
+    let spec = oci::runtime_spec(&oci::SpecInput {
+        rootfs: &rootfs,
+        readonly: sc
+            .and_then(|s| s.read_only_root_filesystem)
+            .unwrap_or(false),
+        args: oci::process_args(container, &image.config),
+        env: oci::merged_env(&image.config, &env),
+        cwd: image.config.working_dir.clone(),
+        uid,
+        gid,
+        caps: oci::capabilities(sc),
+        no_new_privileges: !sc
+            .and_then(|s| s.allow_privilege_escalation)
+            .unwrap_or(true),
+        netns: Path::new("/run/netns").join(at.netns),
+        hostname: at.hostname.to_string(),
+        token_dir: at.token_dir,
+    });
+    let config = bundle.join("config.json");
+    let text = serde_json::to_vec_pretty(&spec)
+        .map_err(|e| Error::Setup(format!("runtime spec of {id}: {e}")))?;
+    std::fs::write(&config, text).map_err(Error::io("write runtime spec", &config))?;
+    Ok(BerthContainer {
+        command: oci::run_command(&bundle, &id),
+        id,
+        image_id: image.image_id(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn container(image: &str, command: Option<&[&str]>, args: &[&str]) -> Container {
-        Container {
-            name: "c".into(),
-            image: Some(image.into()),
-            command: command.map(|c| c.iter().map(|s| s.to_string()).collect()),
-            args: Some(args.iter().map(|s| s.to_string()).collect()),
-            ..Container::default()
-        }
-    }
 
     #[test]
     fn images_name_berth_binaries_by_their_last_component() {
@@ -270,28 +289,6 @@ mod tests {
         assert_eq!(berth_binary("berth-nodeproxy"), Some("berth-nodeproxy"));
         assert_eq!(berth_binary("nginx:latest"), None);
         assert_eq!(berth_binary("evil/berth-controller-x:1"), None);
-    }
-
-    #[test]
-    fn argv_takes_command_and_args_like_a_container_runtime() {
-        let c = container("r/berth-controller:1", None, &["--leader-elect"]);
-        assert_eq!(
-            berth_argv(&c),
-            Some(("berth-controller", vec!["--leader-elect".into()]))
-        );
-        let c = container(
-            "r/berth-nodeproxy:1",
-            Some(&["/usr/local/bin/berth-nodeproxy", "--v"]),
-            &["--node-name=a"],
-        );
-        assert_eq!(
-            berth_argv(&c),
-            Some((
-                "berth-nodeproxy",
-                vec!["--v".into(), "--node-name=a".into()]
-            ))
-        );
-        assert_eq!(berth_argv(&container("nginx", None, &[])), None);
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Metrics {
     last_ok: Mutex<Option<Instant>>,
     l2_renewal_lateness: Histogram,
     refused: Family<Label, Gauge>,
+    transactions: Family<Label, Counter>,
+    conntrack_deleted: Counter,
 }
 
 fn count(n: usize) -> i64 {
@@ -56,7 +58,12 @@ impl Default for Metrics {
             last_ok: Mutex::new(None),
             l2_renewal_lateness: metrics::histogram(SECONDS_BUCKETS),
             refused: Family::default(),
+            transactions: Family::default(),
+            conntrack_deleted: Counter::default(),
         };
+        for path in ["netlink", "nft"] {
+            m.transactions.get_or_create(&[("path", path)]).inc_by(0);
+        }
         // Series that exist from the start, so rates and alerts see them at 0.
         m.failures.get_or_create(&[("reason", "nft")]).inc_by(0);
         for event in ["acquired", "released", "lost"] {
@@ -134,6 +141,16 @@ impl Metrics {
         (age.is_some_and(|a| a <= max_age), age)
     }
 
+    /// A transaction committed: `netlink` (an element batch) or `nft` (an `nft -f` run).
+    pub fn transaction(&self, path: &'static str) {
+        self.transactions.get_or_create(&[("path", path)]).inc();
+    }
+
+    /// Stale UDP conntrack entries deleted over netlink.
+    pub fn conntrack_deleted(&self, n: usize) {
+        self.conntrack_deleted.inc_by(n as u64);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         metrics::encode(self)
@@ -206,6 +223,16 @@ impl Collect for Metrics {
             "Refused or losing Service claims left out of the rules, by reason",
             self.refused.clone(),
         );
+        r.register(
+            "berth_nodeproxy_kernel_transactions",
+            "Committed kernel transactions by path: netlink element batches or nft runs",
+            self.transactions.clone(),
+        );
+        r.register(
+            "berth_nodeproxy_conntrack_deleted",
+            "Stale UDP conntrack entries deleted over netlink",
+            self.conntrack_deleted.clone(),
+        );
     }
 }
 
@@ -233,6 +260,13 @@ mod tests {
         assert!(t.contains("\nberth_nodeproxy_lb_chains_programmed 2\n"));
         assert!(t.contains("\nberth_nodeproxy_services 3\n"));
         assert!(t.contains("berth_nodeproxy_endpointslice_programming_latency_seconds_count 1"));
+        assert!(t.contains("berth_nodeproxy_kernel_transactions_total{path=\"netlink\"} 0"));
+        m.transaction("netlink");
+        m.conntrack_deleted(2);
+        let t = m.render();
+        assert!(t.contains("berth_nodeproxy_kernel_transactions_total{path=\"netlink\"} 1"));
+        assert!(t.contains("berth_nodeproxy_kernel_transactions_total{path=\"nft\"} 0"));
+        assert!(t.contains("\nberth_nodeproxy_conntrack_deleted_total 2\n"));
     }
 
     #[test]

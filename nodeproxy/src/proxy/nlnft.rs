@@ -651,7 +651,7 @@ mod tests {
                 &["-f", "-"],
                 "table ip berth { set cluster-ips { type ipv4_addr; }\n\
                  map service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }\n\
-                 chain ep-1 { } }\n",
+                 chain ep-1 { }\n}\n",
             );
             let mut sock = NftSocket::open().expect("socket");
             let add = |ip: &str| ElementChange {

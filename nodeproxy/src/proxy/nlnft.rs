@@ -213,31 +213,51 @@ fn data_attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
     nest(buf, kind, |b| attr(b, NFTA_DATA_VALUE, value));
 }
 
-/// One `NFTA_LIST_ELEM`: key, interval end, and the value when adding to a map.
+/// The value of a map element, encoded.
+enum Data<'a> {
+    Value(Vec<u8>),
+    Verdict(i32, Option<&'a str>),
+}
+
+/// The value of an element added to `map`; `None` for a set.
+fn data<'a>(map: MapName, value: Option<&'a str>) -> Result<Option<Data<'a>>, EncodeError> {
+    let fail = |what: &'static str, text: &str| EncodeError {
+        what,
+        text: text.to_string(),
+        map: map.name(),
+    };
+    Ok(match (values(map), value) {
+        (Values::None, None) => None,
+        (Values::None, Some(v)) => return Err(fail("value of a set", v)),
+        (_, None) => return Err(fail("missing value", "")),
+        (Values::Verdict, Some(v)) => {
+            let (code, chain) = verdict(v).ok_or_else(|| fail("verdict", v))?;
+            Some(Data::Verdict(code, chain))
+        }
+        (Values::Data(fields), Some(v)) => {
+            let (d, _) = encode_fields(fields, v).ok_or_else(|| fail("value", v))?;
+            Some(Data::Value(d))
+        }
+    })
+}
+
+/// One `NFTA_LIST_ELEM`: key, interval end, and the value when adding to a map (a delete
+/// names the key only).
 fn element(
     buf: &mut Vec<u8>,
     key: &ElemKey,
     value: Option<&str>,
     with_value: bool,
 ) -> Result<(), EncodeError> {
-    let fail = |what: &'static str, text: &str| EncodeError {
-        what,
-        text: text.to_string(),
+    let (k, end) = encode_fields(key_fields(key.map), &key.key).ok_or_else(|| EncodeError {
+        what: "key",
+        text: key.key.clone(),
         map: key.map.name(),
-    };
-    let (k, end) =
-        encode_fields(key_fields(key.map), &key.key).ok_or_else(|| fail("key", &key.key))?;
-    let data = match (values(key.map), value.filter(|_| with_value)) {
-        (Values::Verdict, Some(v)) => Some(Err(verdict(v).ok_or_else(|| fail("verdict", v))?)),
-        (Values::Data(fields), Some(v)) => {
-            let (d, _) = encode_fields(fields, v).ok_or_else(|| fail("value", v))?;
-            Some(Ok(d))
-        }
-        (Values::None, Some(v)) => return Err(fail("value of a set", v)),
-        (_, None) if with_value && !matches!(values(key.map), Values::None) => {
-            return Err(fail("missing value", ""));
-        }
-        _ => None,
+    })?;
+    let data = if with_value {
+        data(key.map, value)?
+    } else {
+        None
     };
     nest(buf, NFTA_LIST_ELEM, |b| {
         data_attr(b, NFTA_SET_ELEM_KEY, &k);
@@ -245,8 +265,8 @@ fn element(
             data_attr(b, NFTA_SET_ELEM_KEY_END, e);
         }
         match data {
-            Some(Ok(d)) => data_attr(b, NFTA_SET_ELEM_DATA, &d),
-            Some(Err((code, chain))) => nest(b, NFTA_SET_ELEM_DATA, |b| {
+            Some(Data::Value(d)) => data_attr(b, NFTA_SET_ELEM_DATA, &d),
+            Some(Data::Verdict(code, chain)) => nest(b, NFTA_SET_ELEM_DATA, |b| {
                 nest(b, NFTA_DATA_VERDICT, |b| {
                     attr(b, NFTA_VERDICT_CODE, &code.to_be_bytes());
                     if let Some(c) = chain {

@@ -262,4 +262,66 @@ mod tests {
         let other_port = Frontend { port: 54, ..fe };
         assert!(delete_body(&entry, &[(other_port, "10.244.2.2".parse().expect("ip"))]).is_none());
     }
+
+    fn conntrack(args: &[&str]) -> String {
+        let out = std::process::Command::new("conntrack")
+            .args(args)
+            .output()
+            .expect("conntrack");
+        assert!(out.status.success(), "conntrack {args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn insert(sport: &str, endpoint: &str) {
+        conntrack(&[
+            "-I",
+            "-p",
+            "udp",
+            "-s",
+            "10.244.1.5",
+            "-d",
+            "10.96.0.10",
+            "--sport",
+            sport,
+            "--dport",
+            "53",
+            "-r",
+            endpoint,
+            "-q",
+            "10.244.1.5",
+            "--reply-port-src",
+            "5353",
+            "--reply-port-dst",
+            sport,
+            "-t",
+            "60",
+        ]);
+    }
+
+    /// Against the real kernel in a network namespace of this thread's own (entries made
+    /// with the conntrack tool): only the flows answered by the removed endpoint go, and
+    /// the socket serves the next sync too.
+    #[test]
+    fn stale_flows_are_deleted_in_the_kernel() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare(2) of this thread only; the thread ends with the test.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            insert("5000", "10.244.2.2");
+            insert("5001", "10.244.2.3");
+            let fe = Frontend {
+                addr: "10.96.0.10".parse().expect("ip"),
+                protocol: Protocol::Udp,
+                port: 53,
+            };
+            let mut sock = ConntrackSocket::open().expect("socket");
+            let stale = [(fe, "10.244.2.2".parse().expect("ip"))];
+            assert_eq!(sock.delete_udp(&stale).expect("delete"), 1);
+            let left = conntrack(&["-L", "-p", "udp"]);
+            assert!(!left.contains("sport=5000"), "{left}");
+            assert!(left.contains("sport=5001"), "{left}");
+            assert_eq!(sock.delete_udp(&stale).expect("again"), 0, "nothing left");
+        })
+        .join()
+        .expect("netns thread");
+    }
 }

@@ -93,8 +93,8 @@ async fn endpoint_changes_go_over_netlink_and_stale_udp_flows_are_deleted_there(
         .expect("create deployment");
     let svc = ServiceBuilder::new("echo")
         .app("echo")
-        .tcp(80, 8080)
-        .udp(53, 5353)
+        .named_port("http", "TCP", 80, Some(8080))
+        .named_port("dns", "UDP", 53, Some(5353))
         .create(&env, &ns.name)
         .await;
     let ip = svc

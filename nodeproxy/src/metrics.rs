@@ -41,6 +41,8 @@ pub struct Metrics {
     /// Unix time of the last successful sync (the start until the first), for alerts.
     last_ok_unix: Gauge<f64, AtomicU64>,
     drift_repairs: Counter,
+    transactions: Family<Label, Counter>,
+    conntrack_deleted: Counter,
 }
 
 fn count(n: usize) -> i64 {
@@ -66,8 +68,13 @@ impl Default for Metrics {
             kube_proxy: KubeProxy::default(),
             last_ok_unix: Gauge::default(),
             drift_repairs: Counter::default(),
+            transactions: Family::default(),
+            conntrack_deleted: Counter::default(),
         };
         m.last_ok_unix.set(unix_now());
+        for path in ["netlink", "nft"] {
+            m.transactions.get_or_create(&[("path", path)]).inc_by(0);
+        }
         // Series that exist from the start, so rates and alerts see them at 0.
         m.failures.get_or_create(&[("reason", "nft")]).inc_by(0);
         for event in ["acquired", "released", "lost"] {
@@ -147,6 +154,16 @@ impl Metrics {
             .unwrap_or_else(|p| p.into_inner())
             .map(|t| t.elapsed());
         (age.is_some_and(|a| a <= max_age), age)
+    }
+
+    /// A transaction committed: `netlink` (an element batch) or `nft` (an `nft -f` run).
+    pub fn transaction(&self, path: &'static str) {
+        self.transactions.get_or_create(&[("path", path)]).inc();
+    }
+
+    /// Stale UDP conntrack entries deleted over netlink.
+    pub fn conntrack_deleted(&self, n: usize) {
+        self.conntrack_deleted.inc_by(n as u64);
     }
 
     /// The Prometheus text exposition.
@@ -230,6 +247,16 @@ impl Collect for Metrics {
             "berth_nodeproxy_drift_repairs",
             "Times another process changed berth's tables and a full sync restored them",
             self.drift_repairs.clone(),
+        );
+        r.register(
+            "berth_nodeproxy_kernel_transactions",
+            "Committed kernel transactions by path: netlink element batches or nft runs",
+            self.transactions.clone(),
+        );
+        r.register(
+            "berth_nodeproxy_conntrack_deleted",
+            "Stale UDP conntrack entries deleted over netlink",
+            self.conntrack_deleted.clone(),
         );
         self.kube_proxy.register(r);
     }
@@ -439,6 +466,13 @@ mod tests {
         assert!(t.contains("\nberth_nodeproxy_lb_chains_programmed 2\n"));
         assert!(t.contains("\nberth_nodeproxy_services 3\n"));
         assert!(t.contains("berth_nodeproxy_endpointslice_programming_latency_seconds_count 1"));
+        assert!(t.contains("berth_nodeproxy_kernel_transactions_total{path=\"netlink\"} 0"));
+        m.transaction("netlink");
+        m.conntrack_deleted(2);
+        let t = m.render();
+        assert!(t.contains("berth_nodeproxy_kernel_transactions_total{path=\"netlink\"} 1"));
+        assert!(t.contains("berth_nodeproxy_kernel_transactions_total{path=\"nft\"} 0"));
+        assert!(t.contains("\nberth_nodeproxy_conntrack_deleted_total 2\n"));
     }
 
     #[test]

@@ -407,6 +407,8 @@ struct SyncState {
     retry_at: Option<Instant>,
     /// The longest wait between retries.
     retry_cap: Duration,
+    /// Netlink sockets kept open for incremental batches and conntrack deletes.
+    sockets: nft::Sockets,
 }
 
 /// The result of applying one sync's rules.
@@ -415,6 +417,8 @@ struct Applied {
     /// `Some(true)` full, `Some(false)` partial, `None` nothing was applied.
     full: Option<bool>,
     stale_udp: Vec<(crate::proxy::ruleset::Frontend, IpAddr)>,
+    /// How a transaction went to the kernel: `netlink` or `nft` (none when nothing did).
+    path: Option<&'static str>,
 }
 
 impl Applied {
@@ -423,6 +427,7 @@ impl Applied {
             result: Ok(()),
             full: None,
             stale_udp: Vec::new(),
+            path: None,
         }
     }
 }
@@ -434,6 +439,7 @@ async fn sync_loop(shared: Arc<Shared>, health: HealthChecks, args: Args) {
         last: Instant::now() - args.min_sync_interval,
         retry_at: None,
         retry_cap: args.max_sync_interval,
+        sockets: nft::Sockets::default(),
     };
     loop {
         wait_for_work(&shared, &mut state, &args).await;
@@ -549,6 +555,7 @@ async fn apply_full(
         result,
         full: Some(true),
         stale_udp: plan.stale_udp,
+        path: Some("nft"),
     }
 }
 
@@ -566,10 +573,20 @@ async fn apply_changes(
     if plan.needs_full {
         return None;
     }
-    let result = if plan.transaction.is_empty() {
-        Ok(())
-    } else {
-        apply_watched(drift, &plan.transaction, "partial").await
+    // Element changes go as one batch over the kept-open netlink socket; the rare change
+    // that also adds a set and its rule (a new affinity timeout) goes through nft.
+    let (result, path) = match &plan.elements {
+        _ if plan.transaction.is_empty() => (Ok(()), None),
+        Some(elements) => {
+            drift.begin();
+            let result = state.sockets.apply_elements(elements);
+            drift.end_elements(result.is_ok());
+            (result, Some("netlink"))
+        }
+        None => (
+            apply_watched(drift, &plan.transaction, "partial").await,
+            Some("nft"),
+        ),
     };
     if result.is_ok() {
         tracing::debug!(
@@ -584,6 +601,7 @@ async fn apply_changes(
         result,
         full: Some(false),
         stale_udp: plan.stale_udp,
+        path,
     })
 }
 
@@ -610,7 +628,11 @@ async fn record(
     }
     state.retry_at = None;
     state.force_full = false;
-    nft::clear_udp(&applied.stale_udp).await;
+    if let Some(path) = applied.path {
+        shared.metrics.transaction(path);
+    }
+    let cleared = state.sockets.clear_udp(&applied.stale_udp);
+    shared.metrics.conntrack_deleted(cleared);
     if let Some(p) = &state.programmed {
         health.update(p.health_checks());
         shared.metrics.sync_ok(

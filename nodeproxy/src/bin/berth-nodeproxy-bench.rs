@@ -1,6 +1,7 @@
 //! `make bench` for the node agent: full sync (model build from Kubernetes objects,
-//! render, `nft -f` apply) at 1k and 10k Services × 10 endpoints, one incremental change at
-//! 10k, peak memory, and first-connection latency through the rules at 100 vs 10k
+//! render, `nft -f` apply) at 1k and 10k Services × 10 endpoints, single-Service
+//! incremental changes at 10k over the agent's netlink path (p50 and p99; one endpoint
+//! replaced, one Service added) and through `nft -f` for comparison, peak memory, and first-connection latency through the rules at 100 vs 10k
 //! Services. Runs in a private network namespace of its own (unshare), which the kernel
 //! removes when the process exits. Needs root.
 
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use berth_nodeproxy::proxy::convert;
 use berth_nodeproxy::proxy::index::{Index, Kind, NodeConfig};
+use berth_nodeproxy::proxy::nlnft::NftSocket;
 use berth_nodeproxy::proxy::ruleset;
 use berth_nodeproxy::proxy::sync::{Changes, Programmed};
 use k8s_openapi::api::core::v1::Service;
@@ -36,34 +38,40 @@ fn objects(count: usize, generation: usize) -> (Vec<Service>, Vec<EndpointSlice>
     let mut services = Vec::with_capacity(count);
     let mut slices = Vec::with_capacity(count);
     for i in 0..count {
-        let name = format!("svc-{i}");
-        let svc: Service = serde_json::from_value(serde_json::json!({
-            "metadata": {"namespace": "bench", "name": name},
-            "spec": {"clusterIP": vip(i).to_string(), "clusterIPs": [vip(i).to_string()],
-                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
-        }))
-        .unwrap_or_default();
-        let eps: Vec<_> = (0..ENDPOINTS)
-            .map(|j| {
-                serde_json::json!({"addresses": [endpoint(i + generation, j).to_string()],
-                                   "conditions": {"ready": true}, "nodeName": format!("node-{}", j % 3)})
-            })
-            .collect();
-        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
-            "metadata": {"namespace": "bench", "name": format!("{name}-abc"),
-                         "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": eps,
-        }))
-        .unwrap_or_else(|_| EndpointSlice {
-            address_type: "IPv4".into(),
-            ..Default::default()
-        });
-        services.push(svc);
-        slices.push(slice);
+        let (s, e) = object(i, generation);
+        services.push(s);
+        slices.push(e);
     }
     (services, slices)
+}
+
+/// Service `svc-i` and its EndpointSlice.
+fn object(i: usize, generation: usize) -> (Service, EndpointSlice) {
+    let name = format!("svc-{i}");
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"namespace": "bench", "name": name},
+        "spec": {"clusterIP": vip(i).to_string(), "clusterIPs": [vip(i).to_string()],
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+    }))
+    .unwrap_or_default();
+    let eps: Vec<_> = (0..ENDPOINTS)
+        .map(|j| {
+            serde_json::json!({"addresses": [endpoint(i + generation, j).to_string()],
+                               "conditions": {"ready": true}, "nodeName": format!("node-{}", j % 3)})
+        })
+        .collect();
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"namespace": "bench", "name": format!("{name}-abc"),
+                     "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": eps,
+    }))
+    .unwrap_or_else(|_| EndpointSlice {
+        address_type: "IPv4".into(),
+        ..Default::default()
+    });
+    (svc, slice)
 }
 
 /// Watch events → index → the rules of every Service.
@@ -167,30 +175,72 @@ fn full_sync(count: usize) -> Result<FullSync, String> {
     })
 }
 
-/// Medians of `runs` single-Service endpoint replacements: (total, agent side, nft).
-fn incremental(p: &mut Programmed, count: usize, runs: usize) -> Result<(f64, f64, f64), String> {
+/// Which single-Service change to time.
+#[derive(Clone, Copy, PartialEq)]
+enum Change {
+    /// Service `i` of the table gets one endpoint replaced by a new address.
+    ReplaceEndpoint,
+    /// A Service beyond the table's count, with its endpoints, is added.
+    AddService,
+}
+
+/// How the transaction goes to the kernel: the agent's kept-open netlink socket, or an
+/// `nft -f` process (the path incremental syncs took before).
+enum Path<'a> {
+    Netlink(&'a mut NftSocket),
+    Nft,
+}
+
+/// Timings of one change: total, agent side (model, rules, plan, record), kernel.
+struct Timed {
+    total: Vec<Duration>,
+    agent: Vec<Duration>,
+    kernel: Vec<Duration>,
+}
+
+fn percentile(v: &[Duration], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort();
+    let at = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v.get(at).map(|d| ms(*d)).unwrap_or(f64::NAN)
+}
+
+/// The watch objects of change `r` of kind `change` on a table of `count` Services.
+fn changed_objects(
+    change: Change,
+    count: usize,
+    r: usize,
+) -> Result<(Service, EndpointSlice), String> {
+    let i = match change {
+        Change::ReplaceEndpoint => (r * 7919) % count,
+        Change::AddService => count + r,
+    };
+    let (svc, mut slice) = object(i, 0);
+    if change == Change::ReplaceEndpoint
+        && let Some(first) = slice.endpoints.as_mut().and_then(|e| e.first_mut())
+    {
+        first.addresses = vec![Ipv4Addr::new(10, 255, 251, (r % 250 + 1) as u8).to_string()];
+    }
+    Ok((svc, slice))
+}
+
+/// `runs` single-Service changes applied one after the other, each timed from the watch
+/// objects to the kernel's commit.
+fn incremental(
+    p: &mut Programmed,
+    count: usize,
+    runs: usize,
+    change: Change,
+    mut path: Path,
+) -> Result<Timed, String> {
     let node = p.node().clone();
-    let mut times = Vec::new();
-    let mut agent = Vec::new();
-    let mut kernel = Vec::new();
+    let mut t = Timed {
+        total: Vec::new(),
+        agent: Vec::new(),
+        kernel: Vec::new(),
+    };
     for r in 0..runs {
-        let i = (r * 7919) % count;
-        let (services, slices) = objects(1, 0);
-        let mut svc = services.into_iter().next().ok_or("no service")?;
-        svc.metadata.name = Some(format!("svc-{i}"));
-        if let Some(spec) = svc.spec.as_mut() {
-            spec.cluster_ip = Some(vip(i).to_string());
-            spec.cluster_ips = Some(vec![vip(i).to_string()]);
-        }
-        let mut slice = slices.into_iter().next().ok_or("no slice")?;
-        slice.metadata.name = Some(format!("svc-{i}-abc"));
-        if let Some(labels) = slice.metadata.labels.as_mut() {
-            labels.insert("kubernetes.io/service-name".into(), format!("svc-{i}"));
-        }
-        // One endpoint replaced by a new address.
-        if let Some(first) = slice.endpoints.as_mut().and_then(|e| e.first_mut()) {
-            first.addresses = vec![Ipv4Addr::new(10, 255, 251, (r % 250 + 1) as u8).to_string()];
-        }
+        let (svc, slice) = changed_objects(change, count, r)?;
         let start = Instant::now();
         let mut w = Vec::new();
         let model_svc = convert::service(&svc, &mut w).ok_or("service not proxied")?;
@@ -199,18 +249,75 @@ fn incremental(p: &mut Programmed, count: usize, runs: usize) -> Result<(f64, f6
         let changes: Changes = BTreeMap::from([(model_svc.id.clone(), Some(rules))]);
         let plan = p.plan_incremental(&changes);
         let planned = Instant::now();
-        nft(&plan.transaction)?;
+        match &mut path {
+            Path::Netlink(sock) => {
+                let elements = plan.elements.as_ref().ok_or("not an element change")?;
+                sock.commit(elements).map_err(|e| e.to_string())?;
+            }
+            Path::Nft => nft(&plan.transaction)?,
+        }
         let applied = Instant::now();
         p.commit(changes);
-        times.push(start.elapsed());
-        agent.push(planned - start + applied.elapsed());
-        kernel.push(applied - planned);
+        t.total.push(start.elapsed());
+        t.agent.push(planned - start + applied.elapsed());
+        t.kernel.push(applied - planned);
     }
-    let median = |mut v: Vec<Duration>| {
-        v.sort();
-        ms(v[v.len() / 2])
-    };
-    Ok((median(times), median(agent), median(kernel)))
+    Ok(t)
+}
+
+/// Times single-Service changes at `count` Services, over netlink and (for comparison,
+/// fewer runs) nft -f, and records them.
+fn incremental_figures(
+    p: &mut Programmed,
+    count: usize,
+    r: &mut BTreeMap<String, f64>,
+) -> Result<(), String> {
+    let mut sock = NftSocket::open().map_err(|e| format!("netlink socket: {e}"))?;
+    // Warm-up: the first batches fault in the kernel's set backends' memory.
+    incremental(
+        p,
+        count,
+        20,
+        Change::ReplaceEndpoint,
+        Path::Netlink(&mut sock),
+    )?;
+    let rep = incremental(
+        p,
+        count,
+        1000,
+        Change::ReplaceEndpoint,
+        Path::Netlink(&mut sock),
+    )?;
+    let (p50, p99) = (percentile(&rep.total, 0.5), percentile(&rep.total, 0.99));
+    let (agent, kernel) = (percentile(&rep.agent, 0.5), percentile(&rep.kernel, 0.5));
+    let kernel99 = percentile(&rep.kernel, 0.99);
+    println!(
+        "10k Services: one endpoint replaced over netlink: p50 {p50:.3} ms, p99 {p99:.3} ms \
+         (agent p50 {agent:.3} ms, kernel batch p50 {kernel:.3} ms, p99 {kernel99:.3} ms; 1000 changes)"
+    );
+    r.insert("nodeproxy.incremental_10k_ms".into(), p50);
+    r.insert("nodeproxy.incremental_10k_p50_ms".into(), p50);
+    r.insert("nodeproxy.incremental_10k_p99_ms".into(), p99);
+    r.insert("nodeproxy.incremental_10k_agent_ms".into(), agent);
+    r.insert("nodeproxy.incremental_10k_kernel_ms".into(), kernel);
+    let add = incremental(p, count, 300, Change::AddService, Path::Netlink(&mut sock))?;
+    let (a50, a99) = (percentile(&add.total, 0.5), percentile(&add.total, 0.99));
+    let akernel = percentile(&add.kernel, 0.5);
+    println!(
+        "10k Services: one Service added over netlink: p50 {a50:.3} ms, p99 {a99:.3} ms \
+         (kernel batch p50 {akernel:.3} ms; 300 Services)"
+    );
+    r.insert("nodeproxy.service_added_10k_p50_ms".into(), a50);
+    r.insert("nodeproxy.service_added_10k_p99_ms".into(), a99);
+    r.insert("nodeproxy.service_added_10k_kernel_ms".into(), akernel);
+    let old = incremental(p, count, 21, Change::ReplaceEndpoint, Path::Nft)?;
+    let (o50, o99) = (percentile(&old.total, 0.5), percentile(&old.total, 0.99));
+    println!(
+        "10k Services: one endpoint replaced through nft -f (the previous path): p50 {o50:.2} ms, \
+         p99 {o99:.2} ms (21 changes)"
+    );
+    r.insert("nodeproxy.incremental_10k_nft_ms".into(), o50);
+    Ok(())
 }
 
 /// Median time of `n` first connections (new conntrack entry, NAT lookup through the
@@ -288,14 +395,7 @@ fn run() -> Result<BTreeMap<String, f64>, String> {
     r.insert("nodeproxy.full_sync_10k_render_ms".into(), k10.render_ms);
     r.insert("nodeproxy.full_sync_10k_nft_ms".into(), k10.apply_ms);
     r.insert("nodeproxy.elements_10k".into(), k10.elements as f64);
-    let (inc, inc_agent, inc_nft) = incremental(&mut k10.programmed, 10_000, 21)?;
-    println!(
-        "10k Services: one endpoint replaced, incremental sync {inc:.2} ms \
-         (agent {inc_agent:.2} ms, nft -f {inc_nft:.2} ms; median of 21)"
-    );
-    r.insert("nodeproxy.incremental_10k_ms".into(), inc);
-    r.insert("nodeproxy.incremental_10k_agent_ms".into(), inc_agent);
-    r.insert("nodeproxy.incremental_10k_nft_ms".into(), inc_nft);
+    incremental_figures(&mut k10.programmed, 10_000, &mut r)?;
     let rss = status_kib("VmHWM:") / 1024.0;
     println!(
         "peak RSS of the agent side (model, rules, programmed record, transaction text) at 10k: {rss:.1} MiB"

@@ -132,6 +132,27 @@ impl<K: Kernel> Drift<K> {
     }
 }
 
+impl<K: Kernel> Drift<K> {
+    /// A transaction that changed set elements only ended. Elements are not part of the
+    /// fingerprint, so after a commit only the generation is read: the recorded
+    /// fingerprint stays the baseline (with none recorded yet, both are read).
+    pub fn end_elements(&self, committed: bool) {
+        let mut st = self.state();
+        let Some((_, print)) = st.baseline.clone().filter(|_| committed) else {
+            drop(st);
+            return self.end(committed, false);
+        };
+        st.syncing = false;
+        match self.kernel.generation() {
+            Ok(g) => st.baseline = Some((g, print)),
+            Err(e) => {
+                tracing::warn!("reading the nftables generation after a commit: {e}");
+                st.baseline = None;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +210,30 @@ mod tests {
         d.begin();
         d.end(true, true);
         assert_eq!(d.check(), None);
+    }
+
+    #[test]
+    fn element_batches_move_the_generation_baseline_only() {
+        let k = Fake::default();
+        let d = Drift::new(&k);
+        d.begin();
+        d.end(true, true);
+        let reads = k.prints_read.load(Ordering::SeqCst);
+        d.begin();
+        k.counter.store(1, Ordering::SeqCst);
+        d.end_elements(true);
+        assert_eq!(
+            k.prints_read.load(Ordering::SeqCst),
+            reads,
+            "no fingerprint read"
+        );
+        assert_eq!(d.check(), None, "berth's own batch is not drift");
+        k.counter.store(2, Ordering::SeqCst);
+        k.print.store(3, Ordering::SeqCst);
+        assert!(d.check().is_some(), "a foreign change after it still is");
+        d.begin();
+        d.end_elements(false);
+        assert!(d.check().is_some(), "a refused batch repairs nothing");
     }
 
     #[test]

@@ -80,7 +80,7 @@ struct Socket {
     seq: u32,
 }
 
-fn check<T: Default + PartialOrd>(ret: T) -> io::Result<T> {
+pub(crate) fn check<T: Default + PartialOrd>(ret: T) -> io::Result<T> {
     if ret < T::default() {
         Err(io::Error::last_os_error())
     } else {
@@ -88,7 +88,7 @@ fn check<T: Default + PartialOrd>(ret: T) -> io::Result<T> {
     }
 }
 
-fn attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
+pub(crate) fn attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
     let len = 4 + value.len();
     buf.extend_from_slice(&(len as u16).to_ne_bytes());
     buf.extend_from_slice(&kind.to_ne_bytes());

@@ -1,4 +1,6 @@
-//! The kernel edge: `nft -f -` for transactions, `conntrack -D` for stale UDP flows.
+//! The kernel edge: `nft -f -` for full transactions, the netlink sockets the agent keeps
+//! open for incremental element batches ([`crate::proxy::nlnft`]) and stale UDP flows
+//! ([`crate::proxy::nlct`]).
 
 use std::net::IpAddr;
 use std::process::Stdio;
@@ -7,7 +9,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use crate::error::Error;
-use crate::proxy::model::Family;
+use crate::proxy::nlct::ConntrackSocket;
+use crate::proxy::nlnft::{ElementChange, NftSocket};
 use crate::proxy::ruleset::Frontend;
 
 /// Applies one transaction atomically (nft commits a whole `-f` input or nothing).
@@ -41,62 +44,58 @@ pub async fn apply(transaction: &str, mode: &'static str) -> Result<(), Error> {
     }
 }
 
-/// `conntrack` arguments deleting UDP flows to `fe` that were NATed to `endpoint`.
-pub fn conntrack_args(fe: &Frontend, endpoint: &IpAddr) -> Vec<String> {
-    let family = match Family::of(&fe.addr) {
-        Family::V4 => "ipv4",
-        Family::V6 => "ipv6",
-    };
-    vec![
-        "-D".into(),
-        "-f".into(),
-        family.into(),
-        "-p".into(),
-        "udp".into(),
-        "--orig-dst".into(),
-        fe.addr.to_string(),
-        "--orig-port-dst".into(),
-        fe.port.to_string(),
-        "--reply-src".into(),
-        endpoint.to_string(),
-    ]
+/// The netlink sockets kept open across syncs, each opened on first use and dropped after
+/// an error (it may still hold answers to the failed request; the next use opens anew).
+#[derive(Default)]
+pub struct Sockets {
+    nft: Option<NftSocket>,
+    conntrack: Option<ConntrackSocket>,
 }
 
-/// Deletes stale UDP flows; "no entries" is not an error.
-pub async fn clear_udp(stale: &[(Frontend, IpAddr)]) {
-    for (fe, ep) in stale {
-        let args = conntrack_args(fe, ep);
-        match Command::new("conntrack")
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await
-        {
-            Ok(_) => {
-                tracing::debug!(frontend = %fe.addr, port = fe.port, endpoint = %ep, "cleared UDP conntrack")
+impl Sockets {
+    /// Commits `change` as one nftables batch.
+    pub fn apply_elements(&mut self, change: &ElementChange) -> Result<(), Error> {
+        let mut sock = match self.nft.take() {
+            Some(s) => s,
+            None => NftSocket::open().map_err(Error::io("open nftables netlink socket"))?,
+        };
+        match sock.commit(change) {
+            Ok(()) => {
+                self.nft = Some(sock);
+                Ok(())
             }
-            Err(e) => tracing::warn!("conntrack: {e}"),
+            Err(e) => Err(Error::Nft {
+                mode: "partial",
+                status: "netlink batch refused".into(),
+                stderr: e.to_string(),
+            }),
         }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::proxy::model::Protocol;
-
-    #[test]
-    fn conntrack_deletes_by_frontend_and_endpoint() {
-        let fe = Frontend {
-            addr: "10.96.0.10".parse().expect("ip"),
-            protocol: Protocol::Udp,
-            port: 53,
-        };
-        let args = conntrack_args(&fe, &"10.244.1.2".parse().expect("ip"));
-        assert_eq!(
-            args.join(" "),
-            "-D -f ipv4 -p udp --orig-dst 10.96.0.10 --orig-port-dst 53 --reply-src 10.244.1.2"
-        );
+    /// Deletes the conntrack entries of stale UDP flows; returns how many went. A failure
+    /// is logged: the flows then expire on their own as before berth cleared them.
+    pub fn clear_udp(&mut self, stale: &[(Frontend, IpAddr)]) -> usize {
+        if stale.is_empty() {
+            return 0;
+        }
+        let result = match self.conntrack.take() {
+            Some(s) => Ok(s),
+            None => ConntrackSocket::open(),
+        }
+        .and_then(|mut s| {
+            let n = s.delete_udp(stale)?;
+            self.conntrack = Some(s);
+            Ok(n)
+        });
+        match result {
+            Ok(n) => {
+                tracing::debug!(flows = stale.len(), deleted = n, "cleared UDP conntrack");
+                n
+            }
+            Err(e) => {
+                tracing::warn!("deleting stale UDP conntrack entries over netlink: {e}");
+                0
+            }
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! Property test against the real nft: random models, with hostile Service, port and
 //! namespace names, always render to transactions nft accepts, and incremental
-//! transactions apply on top of full ones. Runs in a throwaway network namespace
-//! (`unshare -n`, gone when nft exits); needs root like the rest of `make test`.
+//! transactions apply on top of full ones, both through `nft -f` and as the agent's
+//! netlink element batch, leaving the same ruleset in the kernel. Runs in throwaway
+//! network namespaces (`unshare -n`, gone when nft exits; a thread's own for the
+//! netlink path); needs root like the rest of `make test`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -15,6 +17,7 @@ use crate::proxy::model::{
     Cidr, Endpoint, EndpointPort, Model, NodeFacts, Protocol, Service, ServiceId, ServicePort,
     Slice,
 };
+use crate::proxy::nlnft::{ElementChange, NftSocket};
 use crate::proxy::ruleset::{all_rules, protect, service_rules};
 use crate::proxy::sync::{Changes, Programmed};
 
@@ -141,8 +144,9 @@ fn random_model(r: &mut StdRng) -> Model {
     m
 }
 
-/// Runs the transactions in order in a fresh network namespace; nft's error otherwise.
-fn nft_in_throwaway_netns(transactions: &[String]) -> Result<(), String> {
+/// Runs the transactions in order in a fresh network namespace and returns the ruleset
+/// they leave; nft's error otherwise.
+fn nft_in_throwaway_netns(transactions: &[String]) -> Result<String, String> {
     let dir = std::env::temp_dir().join(format!(
         "berth-nftcheck-{}-{}",
         std::process::id(),
@@ -157,6 +161,7 @@ fn nft_in_throwaway_netns(transactions: &[String]) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         script.push_str(&format!("nft -f {}\n", f.display()));
     }
+    script.push_str("nft list ruleset\n");
     let out = Command::new("unshare")
         .args(["-n", "sh", "-c", &script])
         .stdin(Stdio::null())
@@ -165,15 +170,88 @@ fn nft_in_throwaway_netns(transactions: &[String]) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&dir);
     let out = out?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 
+fn nft_stdin(input: &str, args: &[&str]) -> Result<String, String> {
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nft: {e}"))?;
+    child
+        .stdin
+        .take()
+        .ok_or("nft stdin")?
+        .write_all(input.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// `full` through nft, then `incremental` as one netlink batch, in a network namespace
+/// of a thread of its own; returns the ruleset left.
+fn netlink_in_throwaway_netns(full: String, incremental: ElementChange) -> Result<String, String> {
+    std::thread::spawn(move || {
+        // SAFETY: unshare(2) of this thread only; the thread ends here.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("unshare: {}", std::io::Error::last_os_error()));
+        }
+        nft_stdin(&full, &["-f", "-"])?;
+        let mut sock = NftSocket::open().map_err(|e| e.to_string())?;
+        sock.commit(&incremental).map_err(|e| e.to_string())?;
+        // The socket stays usable: an empty batch and a repeat of nothing are no-ops.
+        sock.commit(&ElementChange::default())
+            .map_err(|e| e.to_string())?;
+        nft_stdin("", &["list", "ruleset"])
+    })
+    .join()
+    .map_err(|_| "netns thread panicked".to_string())?
+}
+
+/// A listing with whitespace collapsed and the elements of each set sorted: a hash set
+/// lists its elements in an order that depends on its per-table hash seed.
+fn normalized(listing: &str) -> String {
+    let flat = listing.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut out = String::new();
+    let mut rest = flat.as_str();
+    while let Some(at) = rest.find("elements = { ") {
+        let (head, tail) = rest.split_at(at + "elements = { ".len());
+        out.push_str(head);
+        let end = tail.find(" }").unwrap_or(tail.len());
+        let mut items: Vec<&str> = tail[..end].split(", ").collect();
+        items.sort_unstable();
+        out.push_str(&items.join(", "));
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn normalized_listings_ignore_element_order_and_layout() {
+    let a = "set s {\n\telements = { 10.0.0.2, 10.0.0.1,\n\t\t10.0.0.3 }\n}\n";
+    let b = "set s { elements = { 10.0.0.1, 10.0.0.3, 10.0.0.2 } }";
+    assert_eq!(normalized(a), normalized(b));
+    assert_ne!(
+        normalized(a),
+        normalized("set s { elements = { 10.0.0.1 } }")
+    );
+}
+
 #[test]
 fn random_models_with_hostile_names_render_to_transactions_nft_accepts() {
     let mut r = StdRng::seed_from_u64(0xbe57);
+    let mut batches = 0;
     for round in 0..40 {
         let m = random_model(&mut r);
         // Every load-balancer address is a pool address here.
@@ -211,15 +289,34 @@ fn random_models_with_hostile_names_render_to_transactions_nft_accepts() {
         programmed.commit(changes);
         let again = programmed.plan_incremental(&Changes::new());
         assert_eq!(again.transaction, "");
-        if let Err(e) = nft_in_throwaway_netns(&[
+        let by_nft = nft_in_throwaway_netns(&[
             full.transaction.clone(),
             full.transaction.clone(),
             incr.transaction.clone(),
-        ]) {
+        ])
+        .unwrap_or_else(|e| {
             panic!(
                 "round {round}: nft refused:\n{e}\n--- full ---\n{}\n--- incremental ---\n{}",
                 full.transaction, incr.transaction
-            );
-        }
+            )
+        });
+        // A new affinity timeout adds a set and a rule: that change goes through nft only.
+        let Some(elements) = incr.elements else {
+            assert!(incr.transaction.contains("add set"), "round {round}");
+            continue;
+        };
+        batches += 1;
+        let by_netlink = netlink_in_throwaway_netns(full.transaction.clone(), elements)
+            .unwrap_or_else(|e| panic!("round {round}: the netlink batch was refused: {e}"));
+        assert_eq!(
+            normalized(&by_netlink),
+            normalized(&by_nft),
+            "round {round}: netlink and nft -f left different rulesets\n--- incremental ---\n{}",
+            incr.transaction
+        );
     }
+    assert!(
+        batches >= 20,
+        "only {batches} rounds compared the two paths"
+    );
 }

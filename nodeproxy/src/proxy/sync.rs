@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::proxy::model::{Family, NodeFacts, ServiceId};
+use crate::proxy::nlnft::ElementChange;
 use crate::proxy::ruleset::{self, ElemKey, Frontend, HealthCheck, MapName, ServiceRules};
 
 /// How long to wait before retrying after `failures` consecutive failed transactions:
@@ -36,6 +37,10 @@ pub struct Plan {
     pub stale_udp: Vec<(Frontend, IpAddr)>,
     /// Map elements deleted + added.
     pub elements_changed: usize,
+    /// An incremental transaction as element changes for the netlink path, or `None` when
+    /// it also adds sets and rules (a new affinity timeout): then only `nft -f` of
+    /// `transaction` applies it.
+    pub elements: Option<ElementChange>,
 }
 
 /// The in-memory copy of what the kernel holds.
@@ -106,6 +111,7 @@ impl Programmed {
                 needs_full: false,
                 stale_udp: stale,
                 elements_changed: count,
+                elements: None,
             },
             p,
         )
@@ -251,6 +257,20 @@ impl Programmed {
             }
         }
         let elements_changed = deletes.len() + adds.len();
+        let owned = |ops: &ElementOps| -> Vec<(ElemKey, Option<String>)> {
+            ops.iter()
+                .map(|(k, v)| ((*k).clone(), v.cloned()))
+                .collect()
+        };
+        let elements = new_timeouts.is_empty().then(|| ElementChange {
+            flush: if flush_affinity {
+                vec![(Family::V4, "affinity"), (Family::V6, "affinity")]
+            } else {
+                Vec::new()
+            },
+            deletes: owned(&deletes),
+            adds: owned(&adds),
+        });
         tx.push_str(&ruleset::element_statements("delete", deletes));
         tx.push_str(&ruleset::element_statements("add", adds));
         Plan {
@@ -258,6 +278,7 @@ impl Programmed {
             needs_full,
             stale_udp: stale,
             elements_changed,
+            elements,
         }
     }
 

@@ -234,9 +234,16 @@ impl Programmed {
             }
         }
         let (deletes, adds) = self.element_diff(touched, changes);
-        let needs_full = new_chains
-            .iter()
-            .any(|(_, n)| *n > ruleset::PRECREATED_LB_CHAINS);
+        // IPv6 affinity sets and chains are created and deleted by full syncs only.
+        let none = ruleset::Affinity6::default();
+        let affinity6_changed = changes.iter().any(|(id, new)| {
+            let old = self.by_service.get(id).map_or(&none, |o| &o.affinity6);
+            old != new.as_ref().map_or(&none, |n| &n.affinity6)
+        });
+        let needs_full = affinity6_changed
+            || new_chains
+                .iter()
+                .any(|(_, n)| *n > ruleset::PRECREATED_LB_CHAINS);
         let mut tx = String::new();
         for (f, t) in &new_timeouts {
             tx.push_str(&ruleset::timeout_set(*f, *t));
@@ -259,6 +266,15 @@ impl Programmed {
             stale_udp: stale,
             elements_changed,
         }
+    }
+
+    /// The rules recorded, per Service.
+    #[cfg(test)]
+    pub fn rules(&self) -> BTreeMap<ServiceId, ServiceRules> {
+        self.by_service
+            .iter()
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect()
     }
 
     /// Records `changes` as programmed (after their transaction committed).

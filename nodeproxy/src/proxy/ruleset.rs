@@ -1287,6 +1287,79 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_affinity_keeps_a_set_of_clients_per_endpoint() {
+        let mut svc = Service::test("ns", "v6", "fd00:96::10").with_port("http", Protocol::Tcp, 80);
+        svc.affinity_timeout = Some(60);
+        let s = Slice::test(&svc)
+            .with_port("http", Protocol::Tcp, 8080)
+            .with(Endpoint::test("fd00:244::3", "n2"))
+            .with(Endpoint::test("fd00:244::2", "n1"));
+        let r = rules_of(&svc, &[s]);
+        let port = "fd000096000000000000000000000010-tcp-80";
+        let ep = |a: &str| format!("{port}-fd0002440000000000000000000000{a}-8080");
+        let (e2, e3) = (ep("02"), ep("03"));
+        let k = ElemKey {
+            family: Family::V6,
+            map: MapName::ServiceIps,
+            key: "fd00:96::10 . tcp . 80".into(),
+        };
+        assert_eq!(
+            r.elements.get(&k).cloned().flatten(),
+            Some(format!("goto affsvc-{port}-all"))
+        );
+        assert!(r.elements.keys().all(|k| k.map != MapName::Backends));
+        assert!(r.lb_chains.is_empty() && !r.affinity && r.timeouts.is_empty());
+        assert_eq!(
+            r.affinity6.sets,
+            BTreeMap::from([(format!("aff-{e2}"), 60), (format!("aff-{e3}"), 60)])
+        );
+        assert_eq!(
+            r.affinity6.chains[&format!("affep-{e2}")],
+            vec![
+                format!("update @aff-{e2} {{ ip6 saddr }}"),
+                "meta l4proto tcp dnat ip6 to [fd00:244::2]:8080".to_string(),
+            ]
+        );
+        assert_eq!(
+            r.affinity6.chains[&format!("affsvc-{port}-all")],
+            vec![
+                format!("ip6 saddr @aff-{e2} goto affep-{e2}"),
+                format!("ip6 saddr @aff-{e3} goto affep-{e3}"),
+                format!("numgen random mod 2 vmap {{ 0 : goto affep-{e2}, 1 : goto affep-{e3} }}"),
+            ]
+        );
+        // Sets before the chains, every chain before the rules jumping to it.
+        let text = r.affinity6.statements();
+        let set = text.find("add set ip6 berth aff-").expect("set");
+        let chain = text.find("add chain ip6 berth affsvc-").expect("chain");
+        let rule = text.find("add rule ip6 berth").expect("rule");
+        assert!(set < chain && chain < rule, "{text}");
+        assert!(text.contains("{ type ipv6_addr; flags dynamic,timeout; timeout 60s; }"));
+        let m = Model::test(node()).with_service(svc.clone()).with_slice(
+            "a",
+            Slice::test(&svc)
+                .with_port("http", Protocol::Tcp, 8080)
+                .with(Endpoint::test("fd00:244::2", "n1")),
+        );
+        let full = full_transaction(&m.node, &all_rules(&m));
+        let statements = full.find(&format!("add chain ip6 berth affep-{e2}"));
+        let elements = full.find("add element ip6 berth service-ips");
+        assert!(statements.is_some() && statements < elements, "{full}");
+    }
+
+    #[test]
+    fn ipv4_affinity_keeps_its_map() {
+        let mut svc = web();
+        svc.affinity_timeout = Some(60);
+        let r = rules_of(
+            &svc,
+            &[slice(&svc, vec![Endpoint::test("10.244.2.3", "n2")])],
+        );
+        assert!(r.affinity6.sets.is_empty() && r.affinity6.chains.is_empty());
+        assert!(has(&r, MapName::AffinityIds, "10.96.0.10 . tcp . 80"));
+    }
+
+    #[test]
     fn full_transaction_is_deterministic() {
         let a = web();
         let b = Service::test("ns", "b", "10.96.0.11").with_port("http", Protocol::Tcp, 80);

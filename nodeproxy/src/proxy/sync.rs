@@ -417,6 +417,33 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_affinity_sets_and_chains_change_by_full_syncs() {
+        let mut a = svc("a", "fd00:96::1");
+        a.affinity_timeout = Some(30);
+        let mut p = Programmed::default();
+        let one = rules(&a, &["fd00:244::2"]);
+        assert!(!one.affinity6.sets.is_empty());
+        let added = Changes::from([(a.id.clone(), Some(one.clone()))]);
+        assert!(p.plan_incremental(&added).needs_full);
+        p.commit(added);
+        let same = Changes::from([(a.id.clone(), Some(one))]);
+        assert!(!p.plan_incremental(&same).needs_full);
+        let grow = Changes::from([(
+            a.id.clone(),
+            Some(rules(&a, &["fd00:244::2", "fd00:244::3"])),
+        )]);
+        assert!(p.plan_incremental(&grow).needs_full);
+        assert!(
+            p.plan_incremental(&Changes::from([(a.id.clone(), None)]))
+                .needs_full
+        );
+        // Without affinity IPv6 Services stay on the incremental path.
+        let b = svc("b", "fd00:96::2");
+        let plain = Changes::from([(b.id.clone(), Some(rules(&b, &["fd00:244::4"])))]);
+        assert!(!p.plan_incremental(&plain).needs_full);
+    }
+
+    #[test]
     fn retries_back_off_up_to_the_cap() {
         let cap = Duration::from_secs(30);
         let delays: Vec<u64> = (1..=7).map(|n| retry_delay(n, cap).as_secs()).collect();

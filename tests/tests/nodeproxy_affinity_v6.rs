@@ -2,7 +2,8 @@
 //! IPv4-only, so this case adds the few IPv6 addresses it needs (client, one node, its
 //! pod bridge and three pods on it; removed again on drop) and gives a Service an IPv6
 //! externalIP with a hand-written IPv6 EndpointSlice naming those pods. Repeated requests
-//! from the client namespace must all reach one pod.
+//! from the client namespace must all reach one pod; a second Service on the same pods
+//! without affinity must spread them.
 //! Needs root and the running local cluster with its node agents (`make test`).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -181,45 +182,31 @@ async fn ipv6_client_ip_affinity_keeps_a_client_on_one_pod() {
                               "conditions": {"ready": true},
                               "targetRef": {"kind": "Pod", "name": name, "namespace": ns.name}}));
     }
-    let external = format!("fd00:96:9::{:x}", rand::random_range(0x10..0xfff_u16));
-    v6.route(&env.info.client_netns, &format!("{external}/128"), &node_ip);
+    let base = rand::random_range(0x10..0xff0_u16);
+    let sticky = format!("fd00:96:9::{base:x}");
+    let spread = format!("fd00:96:9::{:x}", base + 1);
+    for external in [&sticky, &spread] {
+        v6.route(&env.info.client_netns, &format!("{external}/128"), &node_ip);
+    }
+    v6_service(&env, &ns.name, "web6", &sticky, true, &endpoints).await;
+    v6_service(&env, &ns.name, "web6-spread", &spread, false, &endpoints).await;
 
-    ServiceBuilder::new("web6")
-        .set("externalIPs", json!([external]))
-        .set("sessionAffinity", "ClientIP")
-        .set(
-            "sessionAffinityConfig",
-            json!({"clientIP": {"timeoutSeconds": 300}}),
+    let sticky_url = format!("http://[{sticky}]/");
+    let spread_url = format!("http://[{spread}]/");
+    for url in [&sticky_url, &spread_url] {
+        wait_true(
+            &format!("{url} answering"),
+            Duration::from_secs(30),
+            &diag,
+            async || {
+                requests(&env.info.client_netns, url, 1)
+                    .keys()
+                    .any(|a| a.starts_with("OK "))
+            },
         )
-        .tcp(80, 8080)
-        .create(&env, &ns.name)
         .await;
-    let slice: EndpointSlice = serde_json::from_value(json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": "web6-v6", "labels": {"kubernetes.io/service-name": "web6"}},
-        "addressType": "IPv6",
-        "ports": [{"name": "", "port": 8080, "protocol": "TCP"}],
-        "endpoints": endpoints,
-    }))
-    .expect("slice object");
-    Api::<EndpointSlice>::namespaced(env.client.clone(), &ns.name)
-        .create(&PostParams::default(), &slice)
-        .await
-        .expect("create EndpointSlice");
-
-    let url = format!("http://[{external}]/");
-    wait_true(
-        "the IPv6 externalIP answering",
-        Duration::from_secs(30),
-        &diag,
-        async || {
-            requests(&env.info.client_netns, &url, 1)
-                .keys()
-                .any(|a| a.starts_with("OK "))
-        },
-    )
-    .await;
-    let t = requests(&env.info.client_netns, &url, 40);
+    }
+    let t = requests(&env.info.client_netns, &sticky_url, 40);
     assert_eq!(t.len(), 1, "one IPv6 client saw {t:?}");
     let (only, count) = t.iter().next().expect("one answer");
     assert_eq!(*count, 40);
@@ -227,4 +214,45 @@ async fn ipv6_client_ip_affinity_keeps_a_client_on_one_pod() {
         names.contains(only.trim_start_matches("OK ")),
         "answer {only} is none of {names:?}"
     );
+    // The same pods without affinity: 40 random picks among 3 land on one pod with
+    // probability 3^-39.
+    let t = requests(&env.info.client_netns, &spread_url, 40);
+    assert!(
+        t.keys()
+            .all(|a| names.contains(a.trim_start_matches("OK "))),
+        "answers {t:?} outside {names:?}"
+    );
+    assert!(t.len() >= 2, "without affinity one client saw {t:?}");
+}
+
+/// A selector-less Service `name` on IPv6 `external` (port 80 → 8080), with ClientIP
+/// affinity when `sticky`, and an IPv6 EndpointSlice of `endpoints`.
+async fn v6_service(
+    env: &TestEnv,
+    ns: &str,
+    name: &str,
+    external: &str,
+    sticky: bool,
+    endpoints: &[serde_json::Value],
+) {
+    let mut svc = ServiceBuilder::new(name).set("externalIPs", json!([external]));
+    if sticky {
+        svc = svc.set("sessionAffinity", "ClientIP").set(
+            "sessionAffinityConfig",
+            json!({"clientIP": {"timeoutSeconds": 300}}),
+        );
+    }
+    svc.tcp(80, 8080).create(env, ns).await;
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-v6"), "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv6",
+        "ports": [{"name": "", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }))
+    .expect("slice object");
+    Api::<EndpointSlice>::namespaced(env.client.clone(), ns)
+        .create(&PostParams::default(), &slice)
+        .await
+        .expect("create EndpointSlice");
 }

@@ -10,6 +10,9 @@
 //! - `no-endpoints` (verdict map, filter hooks): frontend → reject or drop;
 //! - sets for masquerading, hairpin, source ranges and session affinity.
 //!
+//! The one exception: IPv6 ClientIP affinity needs a set and a chain per endpoint (see
+//! [`Affinity6`]), created by full syncs.
+//!
 //! Only typed values (addresses, numbers, protocol keywords) are ever written into nft
 //! syntax; names of Services and ports stay in Rust, so no user string can inject rules.
 

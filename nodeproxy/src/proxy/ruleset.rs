@@ -10,6 +10,9 @@
 //! - `no-endpoints` (verdict map, filter hooks): frontend → reject or drop;
 //! - sets for masquerading, hairpin, source ranges and session affinity.
 //!
+//! The one exception: IPv6 ClientIP affinity needs a set and a chain per endpoint (see
+//! [`Affinity6`]), created by full syncs.
+//!
 //! Only typed values (addresses, numbers, protocol keywords) are ever written into nft
 //! syntax; names of Services and ports stay in Rust, so no user string can inject rules.
 
@@ -175,6 +178,91 @@ pub struct ServiceRules {
     /// Whether some frontend has ClientIP affinity.
     pub affinity: bool,
     pub health_check: Option<HealthCheck>,
+    /// IPv6 ClientIP affinity: its per-endpoint sets and chains.
+    pub affinity6: Affinity6,
+}
+
+/// IPv6 ClientIP affinity in the layout of kube-proxy's nftables mode, the only one nft
+/// 1.0.6 writes correctly (its dynamic updates store keys of 16 bytes intact, longer or
+/// concatenated ones corrupted): one set of client addresses per (Service port,
+/// endpoint), refreshed by that endpoint's chain before it DNATs; the Service port's
+/// chain first sends a client found in one of its endpoints' sets there, then picks at
+/// random. Names are built from addresses, protocols and ports only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Affinity6 {
+    /// Set name → its timeout in seconds.
+    pub sets: BTreeMap<String, u32>,
+    /// Chain name → its rules.
+    pub chains: BTreeMap<String, Vec<String>>,
+}
+
+impl Affinity6 {
+    /// Adds the chains of one Service port's frontends balancing over `eps` (`tag` tells
+    /// the endpoint lists of one port apart: all, or this node's) and returns the name
+    /// of the chain to `goto`. `port_id` names the Service port (address, protocol, port).
+    fn add(
+        &mut self,
+        port_id: &str,
+        tag: &str,
+        eps: &[(IpAddr, u16)],
+        aff: (Protocol, u32),
+    ) -> String {
+        let (proto, secs) = aff;
+        let mut checks = Vec::new();
+        let mut picks = Vec::new();
+        for (i, (addr, p)) in eps.iter().enumerate() {
+            let ep_id = format!("{port_id}-{}-{p}", addr_hex(addr));
+            let set = format!("aff-{ep_id}");
+            let chain = format!("affep-{ep_id}");
+            self.sets.insert(set.clone(), secs);
+            self.chains.insert(
+                chain.clone(),
+                vec![
+                    format!("update @{set} {{ ip6 saddr }}"),
+                    format!("meta l4proto {} dnat ip6 to [{addr}]:{p}", proto.nft()),
+                ],
+            );
+            checks.push(format!("ip6 saddr @{set} goto {chain}"));
+            picks.push(format!("{i} : goto {chain}"));
+        }
+        checks.push(format!(
+            "numgen random mod {} vmap {{ {} }}",
+            eps.len(),
+            picks.join(", ")
+        ));
+        let name = format!("affsvc-{port_id}-{tag}");
+        self.chains.insert(name.clone(), checks);
+        name
+    }
+
+    /// `add` statements creating these sets and chains in the ip6 table (sets first:
+    /// rules refer to them; all chains before any rule: rules jump between them).
+    pub fn statements(&self) -> String {
+        let mut out = String::new();
+        for (set, secs) in &self.sets {
+            let _ = writeln!(
+                out,
+                "add set ip6 {TABLE} {set} {{ type ipv6_addr; flags dynamic,timeout; timeout {secs}s; }}"
+            );
+        }
+        for chain in self.chains.keys() {
+            let _ = writeln!(out, "add chain ip6 {TABLE} {chain}");
+        }
+        for (chain, rules) in &self.chains {
+            for r in rules {
+                let _ = writeln!(out, "add rule ip6 {TABLE} {chain} {r}");
+            }
+        }
+        out
+    }
+}
+
+/// An address as hex digits, usable in set and chain names.
+fn addr_hex(addr: &IpAddr) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{:x}", u32::from(*a)),
+        IpAddr::V6(a) => format!("{:x}", u128::from(*a)),
+    }
 }
 
 impl ServiceRules {
@@ -292,6 +380,19 @@ pub fn service_rules<'a>(
                     local_addrs.insert(c.ep.addr);
                 }
             }
+            // IPv6 affinity names its sets and chains after the Service port's first
+            // address (every frontend of the port shares its clients' affinity).
+            let aff6 = match (
+                f,
+                svc.affinity_timeout,
+                cluster_ips.first().or(external.first()),
+            ) {
+                (Family::V6, Some(t), Some(a)) => Some((
+                    format!("{}-{}-{}", addr_hex(a), port.protocol.nft(), port.port),
+                    (port.protocol, t),
+                )),
+                _ => None,
+            };
             let mut frontends: Vec<(Kind, Frontend)> = Vec::new();
             for ip in &cluster_ips {
                 frontends.push((
@@ -355,20 +456,26 @@ pub fn service_rules<'a>(
                 // endpoint, as kube-proxy does: only outside traffic is kept local.
                 if kind != Kind::Cluster && svc.external_local && !all.is_empty() {
                     out.put(f, MapName::InternalShortcut, key.clone(), None);
-                    out.put(
-                        f,
-                        MapName::ServiceIpsInternal,
-                        key.clone(),
-                        Some(format!("goto epi-{}", all.len())),
-                    );
-                    out.internal_chains.insert((f, all.len()));
-                    for (i, (addr, p)) in all.iter().enumerate() {
+                    if let Some((id, t)) = &aff6 {
+                        let chain = out.affinity6.add(id, "all", &all, *t);
+                        let verdict = Some(format!("goto {chain}"));
+                        out.put(f, MapName::ServiceIpsInternal, key.clone(), verdict);
+                    } else {
                         out.put(
                             f,
-                            MapName::BackendsInternal,
-                            format!("{key} . {i}"),
-                            Some(format!("{addr} . {p}")),
+                            MapName::ServiceIpsInternal,
+                            key.clone(),
+                            Some(format!("goto epi-{}", all.len())),
                         );
+                        out.internal_chains.insert((f, all.len()));
+                        for (i, (addr, p)) in all.iter().enumerate() {
+                            out.put(
+                                f,
+                                MapName::BackendsInternal,
+                                format!("{key} . {i}"),
+                                Some(format!("{addr} . {p}")),
+                            );
+                        }
                     }
                 }
                 if eps.is_empty() {
@@ -385,6 +492,12 @@ pub fn service_rules<'a>(
                 } else {
                     MapName::ServiceIps
                 };
+                if let Some((id, t)) = &aff6 {
+                    let tag = if local_only { "local" } else { "all" };
+                    let chain = out.affinity6.add(id, tag, eps, *t);
+                    out.put(f, map, key, Some(format!("goto {chain}")));
+                    continue;
+                }
                 out.put(f, map, key.clone(), Some(format!("goto ep-{}", eps.len())));
                 out.lb_chains.insert((f, eps.len()));
                 for (i, (addr, p)) in eps.iter().enumerate() {
@@ -395,10 +508,7 @@ pub fn service_rules<'a>(
                         Some(format!("{addr} . {p}")),
                     );
                 }
-                // IPv6 tables balance ClientIP-affinity Services randomly: nft 1.0.6 cannot
-                // write a dynamic-map update keyed on an IPv6 address and more (it aborts,
-                // or, for the layouts it accepts, overlaps key and value registers so the
-                // entries never match); see the README.
+                // IPv6 affinity took its own path above ([`Affinity6`]).
                 if let (Some(t), Family::V4) = (svc.affinity_timeout, f) {
                     let mark = fe.affinity_mark();
                     out.put(
@@ -784,6 +894,12 @@ pub fn full_transaction(node: &NodeFacts, rules: &BTreeMap<ServiceId, ServiceRul
     for (f, t) in &timeouts {
         out.push_str(&timeout_set(*f, *t));
     }
+    let mut affinity6 = Affinity6::default();
+    for r in rules.values() {
+        affinity6.sets.extend(r.affinity6.sets.clone());
+        affinity6.chains.extend(r.affinity6.chains.clone());
+    }
+    out.push_str(&affinity6.statements());
     out.push_str(&element_statements("add", elements));
     out
 }
@@ -1171,6 +1287,79 @@ mod tests {
             Some("goto ep-1")
         );
         assert!(r.elements.keys().all(|k| k.family == Family::V6));
+    }
+
+    #[test]
+    fn ipv6_affinity_keeps_a_set_of_clients_per_endpoint() {
+        let mut svc = Service::test("ns", "v6", "fd00:96::10").with_port("http", Protocol::Tcp, 80);
+        svc.affinity_timeout = Some(60);
+        let s = Slice::test(&svc)
+            .with_port("http", Protocol::Tcp, 8080)
+            .with(Endpoint::test("fd00:244::3", "n2"))
+            .with(Endpoint::test("fd00:244::2", "n1"));
+        let r = rules_of(&svc, &[s]);
+        let port = "fd000096000000000000000000000010-tcp-80";
+        let ep = |a: &str| format!("{port}-fd0002440000000000000000000000{a}-8080");
+        let (e2, e3) = (ep("02"), ep("03"));
+        let k = ElemKey {
+            family: Family::V6,
+            map: MapName::ServiceIps,
+            key: "fd00:96::10 . tcp . 80".into(),
+        };
+        assert_eq!(
+            r.elements.get(&k).cloned().flatten(),
+            Some(format!("goto affsvc-{port}-all"))
+        );
+        assert!(r.elements.keys().all(|k| k.map != MapName::Backends));
+        assert!(r.lb_chains.is_empty() && !r.affinity && r.timeouts.is_empty());
+        assert_eq!(
+            r.affinity6.sets,
+            BTreeMap::from([(format!("aff-{e2}"), 60), (format!("aff-{e3}"), 60)])
+        );
+        assert_eq!(
+            r.affinity6.chains[&format!("affep-{e2}")],
+            vec![
+                format!("update @aff-{e2} {{ ip6 saddr }}"),
+                "meta l4proto tcp dnat ip6 to [fd00:244::2]:8080".to_string(),
+            ]
+        );
+        assert_eq!(
+            r.affinity6.chains[&format!("affsvc-{port}-all")],
+            vec![
+                format!("ip6 saddr @aff-{e2} goto affep-{e2}"),
+                format!("ip6 saddr @aff-{e3} goto affep-{e3}"),
+                format!("numgen random mod 2 vmap {{ 0 : goto affep-{e2}, 1 : goto affep-{e3} }}"),
+            ]
+        );
+        // Sets before the chains, every chain before the rules jumping to it.
+        let text = r.affinity6.statements();
+        let set = text.find("add set ip6 berth aff-").expect("set");
+        let chain = text.find("add chain ip6 berth affsvc-").expect("chain");
+        let rule = text.find("add rule ip6 berth").expect("rule");
+        assert!(set < chain && chain < rule, "{text}");
+        assert!(text.contains("{ type ipv6_addr; flags dynamic,timeout; timeout 60s; }"));
+        let m = Model::test(node()).with_service(svc.clone()).with_slice(
+            "a",
+            Slice::test(&svc)
+                .with_port("http", Protocol::Tcp, 8080)
+                .with(Endpoint::test("fd00:244::2", "n1")),
+        );
+        let full = full_transaction(&m.node, &all_rules(&m));
+        let statements = full.find(&format!("add chain ip6 berth affep-{e2}"));
+        let elements = full.find("add element ip6 berth service-ips");
+        assert!(statements.is_some() && statements < elements, "{full}");
+    }
+
+    #[test]
+    fn ipv4_affinity_keeps_its_map() {
+        let mut svc = web();
+        svc.affinity_timeout = Some(60);
+        let r = rules_of(
+            &svc,
+            &[slice(&svc, vec![Endpoint::test("10.244.2.3", "n2")])],
+        );
+        assert!(r.affinity6.sets.is_empty() && r.affinity6.chains.is_empty());
+        assert!(has(&r, MapName::AffinityIds, "10.96.0.10 . tcp . 80"));
     }
 
     #[test]

@@ -240,9 +240,16 @@ impl Programmed {
             }
         }
         let (deletes, adds) = self.element_diff(touched, changes);
-        let needs_full = new_chains
-            .iter()
-            .any(|(_, n)| *n > ruleset::PRECREATED_LB_CHAINS);
+        // IPv6 affinity sets and chains are created and deleted by full syncs only.
+        let none = ruleset::Affinity6::default();
+        let affinity6_changed = changes.iter().any(|(id, new)| {
+            let old = self.by_service.get(id).map_or(&none, |o| &o.affinity6);
+            old != new.as_ref().map_or(&none, |n| &n.affinity6)
+        });
+        let needs_full = affinity6_changed
+            || new_chains
+                .iter()
+                .any(|(_, n)| *n > ruleset::PRECREATED_LB_CHAINS);
         let mut tx = String::new();
         for (f, t) in &new_timeouts {
             tx.push_str(&ruleset::timeout_set(*f, *t));
@@ -280,6 +287,15 @@ impl Programmed {
             elements_changed,
             elements,
         }
+    }
+
+    /// The rules recorded, per Service.
+    #[cfg(test)]
+    pub fn rules(&self) -> BTreeMap<ServiceId, ServiceRules> {
+        self.by_service
+            .iter()
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect()
     }
 
     /// Records `changes` as programmed (after their transaction committed).
@@ -419,6 +435,33 @@ mod tests {
                 .transaction
                 .contains("flush map ip berth affinity")
         );
+    }
+
+    #[test]
+    fn ipv6_affinity_sets_and_chains_change_by_full_syncs() {
+        let mut a = svc("a", "fd00:96::1");
+        a.affinity_timeout = Some(30);
+        let mut p = Programmed::default();
+        let one = rules(&a, &["fd00:244::2"]);
+        assert!(!one.affinity6.sets.is_empty());
+        let added = Changes::from([(a.id.clone(), Some(one.clone()))]);
+        assert!(p.plan_incremental(&added).needs_full);
+        p.commit(added);
+        let same = Changes::from([(a.id.clone(), Some(one))]);
+        assert!(!p.plan_incremental(&same).needs_full);
+        let grow = Changes::from([(
+            a.id.clone(),
+            Some(rules(&a, &["fd00:244::2", "fd00:244::3"])),
+        )]);
+        assert!(p.plan_incremental(&grow).needs_full);
+        assert!(
+            p.plan_incremental(&Changes::from([(a.id.clone(), None)]))
+                .needs_full
+        );
+        // Without affinity IPv6 Services stay on the incremental path.
+        let b = svc("b", "fd00:96::2");
+        let plain = Changes::from([(b.id.clone(), Some(rules(&b, &["fd00:244::4"])))]);
+        assert!(!p.plan_incremental(&plain).needs_full);
     }
 
     #[test]

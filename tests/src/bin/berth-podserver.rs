@@ -31,7 +31,8 @@ async fn main() -> std::io::Result<()> {
         .map(|p| (*p, false))
         .chain(args.nginx.iter().map(|p| (*p, true)))
     {
-        let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+        // `::` takes IPv4 too (bindv6only is off): IPv6 endpoints answer like IPv4 ones.
+        let listener = TcpListener::bind(("::", port)).await?;
         let name = args.name.clone();
         tasks.spawn(async move {
             loop {
@@ -63,6 +64,8 @@ async fn main() -> std::io::Result<()> {
 const NGINX_PAGE: &str = "<!DOCTYPE html>\n<html>\n<head>\n<title>Welcome to nginx!</title>\n</head>\n<body>\n<h1>Welcome to nginx!</h1>\n<p>If you see this page, the nginx web server is successfully installed and\nworking. Further configuration is required.</p>\n<p><em>Thank you for using nginx.</em></p>\n</body>\n</html>\n";
 
 async fn serve_http(mut stream: TcpStream, peer: SocketAddr, name: String, nginx: bool) {
+    // IPv4 callers arrive as `::ffff:a.b.c.d` on the dual-stack socket: report them as IPv4.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     // Keep-alive: answer each request head until the client closes.

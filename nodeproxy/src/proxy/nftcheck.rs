@@ -19,7 +19,7 @@ use crate::proxy::model::{
 };
 use crate::proxy::nlnft::{ElementChange, NftSocket};
 use crate::proxy::ruleset::{all_rules, protect, service_rules};
-use crate::proxy::sync::{Changes, Programmed};
+use crate::proxy::sync::{Changes, Plan, Programmed};
 
 const HOSTILE: &[&str] = &[
     "web",
@@ -248,6 +248,76 @@ fn normalized_listings_ignore_element_order_and_layout() {
     );
 }
 
+/// The full transaction of a random model with hostile names (no user string reaches nft
+/// syntax), and the programmed state it leaves.
+fn hostile_full(m: &Model) -> (Plan, Programmed) {
+    // Every load-balancer address is a pool address here.
+    let mut rules = all_rules(m);
+    for (id, r) in rules.iter_mut() {
+        protect(r, m.services[id].load_balancer_ips.clone(), &m.node);
+    }
+    let (full, programmed) = Programmed::full(&m.node, rules, None);
+    for name in HOSTILE.iter().filter(|n| n.len() > 3) {
+        assert!(
+            !full.transaction.contains(name),
+            "user string {name:?} reached nft syntax"
+        );
+    }
+    (full, programmed)
+}
+
+/// An incremental step on `m`: remove every other Service, change or add five of `next`.
+fn random_changes(m: &Model, next: &Model) -> Changes {
+    let mut changes: Changes = BTreeMap::new();
+    for (i, id) in m.services.keys().enumerate() {
+        if i % 2 == 0 {
+            changes.insert(id.clone(), None);
+        }
+    }
+    for (id, svc) in next.services.iter().take(5) {
+        let mut svc = svc.clone();
+        svc.id = id.clone();
+        let mut rules = service_rules(&svc, next.slices_of(id), &m.node);
+        protect(&mut rules, svc.load_balancer_ips.clone(), &m.node);
+        changes.insert(id.clone(), Some(rules));
+    }
+    changes
+}
+
+/// Applies `full` then the step `incr` with nft, and, when the step is an element batch,
+/// the same batch over netlink in another namespace; both must leave the same ruleset.
+/// True when the two paths were compared.
+fn nft_and_netlink_agree(round: usize, full: &Plan, incr: Plan, next: &str) -> bool {
+    let by_nft = nft_in_throwaway_netns(&[
+        full.transaction.clone(),
+        full.transaction.clone(),
+        next.to_string(),
+    ])
+    .unwrap_or_else(|e| {
+        panic!(
+            "round {round}: nft refused:\n{e}\n--- full ---\n{}\n--- incremental ---\n{next}",
+            full.transaction
+        )
+    });
+    if incr.needs_full {
+        return false;
+    }
+    // A new affinity timeout adds a set and a rule: that change goes through nft only.
+    let Some(elements) = incr.elements else {
+        assert!(incr.transaction.contains("add set"), "round {round}");
+        return false;
+    };
+    let by_netlink = netlink_in_throwaway_netns(full.transaction.clone(), elements)
+        .unwrap_or_else(|e| panic!("round {round}: the netlink batch was refused: {e}"));
+    assert_eq!(
+        normalized(&by_netlink),
+        normalized(&by_nft),
+        "round {round}: netlink and nft -f left different rulesets\n--- incremental ---\n{}",
+        incr.transaction
+    );
+    true
+}
+
 #[test]
 fn random_models_with_hostile_names_render_to_transactions_nft_accepts() {
     let mut r = StdRng::seed_from_u64(0xbe57);
@@ -259,33 +329,8 @@ fn random_models_with_hostile_names_render_to_transactions_nft_accepts() {
             break;
         }
         let m = random_model(&mut r);
-        // Every load-balancer address is a pool address here.
-        let mut rules = all_rules(&m);
-        for (id, r) in rules.iter_mut() {
-            protect(r, m.services[id].load_balancer_ips.clone(), &m.node);
-        }
-        let (full, mut programmed) = Programmed::full(&m.node, rules, None);
-        for name in HOSTILE.iter().filter(|n| n.len() > 3) {
-            assert!(
-                !full.transaction.contains(name),
-                "user string {name:?} reached nft syntax"
-            );
-        }
-        // An incremental step: change, remove and add some Services.
-        let next = random_model(&mut r);
-        let mut changes: Changes = BTreeMap::new();
-        for (i, id) in m.services.keys().enumerate() {
-            if i % 2 == 0 {
-                changes.insert(id.clone(), None);
-            }
-        }
-        for (id, svc) in next.services.iter().take(5) {
-            let mut svc = svc.clone();
-            svc.id = id.clone();
-            let mut rules = service_rules(&svc, next.slices_of(id), &m.node);
-            protect(&mut rules, svc.load_balancer_ips.clone(), &m.node);
-            changes.insert(id.clone(), Some(rules));
-        }
+        let (full, mut programmed) = hostile_full(&m);
+        let changes = random_changes(&m, &random_model(&mut r));
         let incr = programmed.plan_incremental(&changes);
         let affinity6 = full.transaction.contains(" affsvc-")
             || changes
@@ -307,34 +352,9 @@ fn random_models_with_hostile_names_render_to_transactions_nft_accepts() {
         } else {
             incr.transaction.clone()
         };
-        let by_nft = nft_in_throwaway_netns(&[
-            full.transaction.clone(),
-            full.transaction.clone(),
-            next.clone(),
-        ])
-        .unwrap_or_else(|e| {
-            panic!(
-                "round {round}: nft refused:\n{e}\n--- full ---\n{}\n--- incremental ---\n{}",
-                full.transaction, next
-            )
-        });
-        if incr.needs_full {
-            continue;
+        if nft_and_netlink_agree(round, &full, incr, &next) {
+            batches += 1;
         }
-        // A new affinity timeout adds a set and a rule: that change goes through nft only.
-        let Some(elements) = incr.elements else {
-            assert!(incr.transaction.contains("add set"), "round {round}");
-            continue;
-        };
-        batches += 1;
-        let by_netlink = netlink_in_throwaway_netns(full.transaction.clone(), elements)
-            .unwrap_or_else(|e| panic!("round {round}: the netlink batch was refused: {e}"));
-        assert_eq!(
-            normalized(&by_netlink),
-            normalized(&by_nft),
-            "round {round}: netlink and nft -f left different rulesets\n--- incremental ---\n{}",
-            incr.transaction
-        );
     }
     assert!(
         batches >= 20,

@@ -109,15 +109,26 @@ impl Drop for Supervised {
     }
 }
 
-/// A TCP port nobody listens on at `ip` right now.
+/// Ports the harness hands to its servers: below Linux's default ephemeral range
+/// (32768-60999), so an outgoing connection of another process, which takes its local
+/// port from that range and holds it without SO_REUSEADDR, can never occupy the port
+/// between this choice and the server's bind (the flood suites open thousands of them).
+const SERVER_PORTS: std::ops::Range<u16> = 20000..32768;
+
+/// A port free on `ip` now, picked at random from [`SERVER_PORTS`].
 pub fn free_port(ip: &str) -> Result<u16> {
-    let listener = std::net::TcpListener::bind((ip, 0))
-        .map_err(Error::io("bind free port", ip.to_string()))?;
-    let port = listener
-        .local_addr()
-        .map_err(Error::io("read bound port", ip.to_string()))?
-        .port();
-    Ok(port)
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let mut last = None;
+    for _ in 0..500 {
+        let port = rng.random_range(SERVER_PORTS);
+        match std::net::TcpListener::bind((ip, port)) {
+            Ok(_) => return Ok(port),
+            Err(e) => last = Some(e),
+        }
+    }
+    let e = last.unwrap_or_else(|| std::io::Error::other("no port tried"));
+    Err(Error::io("bind free port", ip.to_string())(e))
 }
 
 /// Polls `check` until it returns true or `timeout` passes.

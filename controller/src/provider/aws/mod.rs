@@ -772,9 +772,9 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn plan_records_a_replacement_and_a_modification_and_writes_nothing() {
-        use dryrun::Action;
+    /// A one-port Service with its NLB provisioned, an internal subnet to move it to, and
+    /// the calls so far forgotten.
+    async fn provisioned_with_an_internal_subnet() -> (AwsProvider<FakeAws>, Service) {
         let p = provider(Fence::unfenced());
         let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
         svc.metadata.uid = Some("u1".into());
@@ -784,6 +784,13 @@ mod tests {
             .inner()
             .add_subnet("subnet-i", "vpc-1", "us-east-1a", &internal);
         p.aws.inner().take_calls();
+        (p, svc)
+    }
+
+    #[tokio::test]
+    async fn plan_records_a_replacement_and_a_modification_and_writes_nothing() {
+        use dryrun::Action;
+        let (p, svc) = provisioned_with_an_internal_subnet().await;
         let plan = p.plan(&svc, &class()).await.map_err(|_| ()).expect("plan");
         assert!(
             plan.steps.is_empty() && plan.replacement.is_none(),
@@ -834,15 +841,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unacknowledged_scheme_change_keeps_the_load_balancer_and_says_how() {
-        let p = provider(Fence::unfenced());
-        let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
-        svc.metadata.uid = Some("u1".into());
-        assert!(p.ensure(&svc, &class()).await.error.is_none());
-        let internal = [("kubernetes.io/role/internal-elb", "1")];
-        p.aws
-            .inner()
-            .add_subnet("subnet-i", "vpc-1", "us-east-1a", &internal);
-        p.aws.inner().take_calls();
+        let (p, mut svc) = provisioned_with_an_internal_subnet().await;
         let a = svc.metadata.annotations.get_or_insert_default();
         a.insert(keys::SCHEME.into(), "internal".into());
         let out = p.ensure(&svc, &class()).await;

@@ -94,6 +94,15 @@ pub mod annotations {
     /// berth's own (pool provider): Services in one namespace with the same value share one
     /// address when their ports (port and protocol) do not overlap.
     pub const ALLOW_SHARED_IP: &str = "berth.dev/allow-shared-ip";
+    /// Address pins written for MetalLB (current and pre-0.13 key) and Cilium LB-IPAM
+    /// (current and legacy key), honoured like `LOAD_BALANCER_IPS` so a Service moved onto
+    /// a berth pool class keeps its address. berth's own key wins when both are set.
+    pub const PEER_LOAD_BALANCER_IPS: [&str; 4] = [
+        "metallb.io/loadBalancerIPs",
+        "metallb.universe.tf/loadBalancerIPs",
+        "lbipam.cilium.io/ips",
+        "io.cilium/lb-ipam-ips",
+    ];
     /// The in-tree cloud provider's source-range annotation, which berth does not
     /// implement: a Service carrying it is warned (as for every unknown `AWS_PREFIX` key).
     pub const SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";

@@ -132,6 +132,10 @@ pub struct Holder {
     pub external_local: bool,
     /// `spec.selector`; `None` when it has none (its endpoints are written by hand).
     pub selector: Option<BTreeMap<String, String>>,
+    /// A LoadBalancer Service that no berth pool class serves but whose status lists
+    /// addresses (another implementation, e.g. MetalLB, still announces them): nothing new
+    /// is allocated on its addresses, but it never takes one from a berth holder.
+    pub foreign: bool,
 }
 
 impl Holder {
@@ -172,6 +176,7 @@ impl Holder {
                 .as_ref()
                 .and_then(|s| s.selector.clone())
                 .filter(|s| !s.is_empty()),
+            foreign: false,
         }
     }
 
@@ -213,8 +218,31 @@ pub fn holders<'a>(
         .collect()
 }
 
-/// Addresses the Service pins: the annotation (comma-separated, at most one per family)
-/// or `spec.loadBalancerIP`; both set must agree.
+/// LoadBalancer Services with status addresses that no pool class serves (see
+/// `Holder::foreign`).
+pub fn foreign_holders<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    is_pool_class: impl Fn(&str) -> bool,
+) -> Vec<Holder> {
+    services
+        .into_iter()
+        .filter(|s| s.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("LoadBalancer"))
+        .filter(|s| {
+            !s.annotations()
+                .get(ANNOTATION_OWNER_CLASS)
+                .is_some_and(|c| is_pool_class(c))
+        })
+        .map(|s| Holder {
+            foreign: true,
+            ..Holder::of(s)
+        })
+        .filter(|h| !h.ips.is_empty())
+        .collect()
+}
+
+/// Addresses the Service pins: berth's annotation, else a peer's (MetalLB, Cilium; all
+/// of those set must agree), comma-separated, at most one per family, or
+/// `spec.loadBalancerIP`; an annotation and the spec field both set must agree.
 pub fn pinned(svc: &Service) -> Result<Vec<IpAddr>, String> {
     let spec_ip = svc
         .spec
@@ -229,39 +257,64 @@ pub fn pinned(svc: &Service) -> Result<Vec<IpAddr>, String> {
         ),
         None => None,
     };
-    let Some(value) = svc.annotations().get(annotations::LOAD_BALANCER_IPS) else {
+    let Some((key, value, ips)) = annotated_pins(svc)? else {
         return Ok(spec_ip.into_iter().collect());
     };
+    if let Some(s) = spec_ip
+        && !ips.contains(&s)
+    {
+        return Err(format!(
+            "spec.loadBalancerIP {s} is not among annotation {key} `{value}`"
+        ));
+    }
+    Ok(ips)
+}
+
+/// The pinning annotation in force (berth's, else the peers' ones, which must agree):
+/// its key, its value and its addresses.
+fn annotated_pins(svc: &Service) -> Result<Option<(&'static str, String, Vec<IpAddr>)>, String> {
+    let annotations = svc.annotations();
+    if let Some(value) = annotations.get(annotations::LOAD_BALANCER_IPS) {
+        let ips = parse_pins(annotations::LOAD_BALANCER_IPS, value)?;
+        return Ok(Some((annotations::LOAD_BALANCER_IPS, value.clone(), ips)));
+    }
+    let mut found: Option<(&'static str, String, Vec<IpAddr>)> = None;
+    for key in annotations::PEER_LOAD_BALANCER_IPS {
+        let Some(value) = annotations.get(key) else {
+            continue;
+        };
+        let mut ips = parse_pins(key, value)?;
+        ips.sort();
+        match &found {
+            Some((first, first_value, first_ips)) if *first_ips != ips => {
+                return Err(format!(
+                    "annotations {first} `{first_value}` and {key} `{value}` pin different addresses"
+                ));
+            }
+            Some(_) => {}
+            None => found = Some((key, value.clone(), ips)),
+        }
+    }
+    Ok(found)
+}
+
+/// One pinning annotation's value: addresses, comma-separated, at most one per family.
+fn parse_pins(key: &str, value: &str) -> Result<Vec<IpAddr>, String> {
     let mut ips: Vec<IpAddr> = Vec::new();
     for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let ip: IpAddr = part.parse().map_err(|_| {
-            format!(
-                "annotation {}: `{part}` is not an IP address",
-                annotations::LOAD_BALANCER_IPS
-            )
-        })?;
+        let ip: IpAddr = part
+            .parse()
+            .map_err(|_| format!("annotation {key}: `{part}` is not an IP address"))?;
         if ips.iter().any(|i| Family::of(i) == Family::of(&ip)) {
             return Err(format!(
-                "annotation {}: more than one {} address",
-                annotations::LOAD_BALANCER_IPS,
+                "annotation {key}: more than one {} address",
                 Family::of(&ip).name()
             ));
         }
         ips.push(ip);
     }
     if ips.is_empty() {
-        return Err(format!(
-            "annotation {} is empty",
-            annotations::LOAD_BALANCER_IPS
-        ));
-    }
-    if let Some(s) = spec_ip
-        && !ips.contains(&s)
-    {
-        return Err(format!(
-            "spec.loadBalancerIP {s} is not among annotation {} `{value}`",
-            annotations::LOAD_BALANCER_IPS
-        ));
+        return Err(format!("annotation {key} is empty"));
     }
     Ok(ips)
 }
@@ -424,8 +477,16 @@ fn blocked(me: &Holder, ip: &IpAddr, others: &[Holder]) -> Option<Conflict> {
     others
         .iter()
         .filter(|o| o.uid != me.uid && o.ips.contains(ip))
-        .filter(|o| !held || o.precedes(me))
-        .find_map(|o| sharing_conflict(me, o, ip))
+        .filter(|o| !held || (!o.foreign && o.precedes(me)))
+        .find_map(|o| {
+            if o.foreign {
+                return Some(Conflict::other(format!(
+                    "{ip} is in use by Service {}, which no berth pool class serves",
+                    o.name
+                )));
+            }
+            sharing_conflict(me, o, ip)
+        })
 }
 
 /// Chooses the Service's addresses from `class`'s pool. `me.ips` are those it holds now;
@@ -554,7 +615,10 @@ fn shared_address(
     let mut keyed: Vec<IpAddr> = others
         .iter()
         .filter(|o| {
-            o.uid != me.uid && o.namespace == me.namespace && o.sharing_key.as_ref() == Some(key)
+            !o.foreign
+                && o.uid != me.uid
+                && o.namespace == me.namespace
+                && o.sharing_key.as_ref() == Some(key)
         })
         .flat_map(|o| o.ips.iter().copied())
         .filter(|ip| Family::of(ip) == family && class.pool.contains(ip))
@@ -742,6 +806,7 @@ mod tests {
             ips: ips.iter().map(|s| ip(s)).collect(),
             external_local: false,
             selector: None,
+            foreign: false,
         }
     }
 
@@ -1073,6 +1138,114 @@ mod tests {
             families(&s("RequireDualStack", &["IPv6", "IPv4"]), &both, "c"),
             Ok(vec![Family::V6, Family::V4])
         );
+    }
+
+    #[test]
+    fn peers_pins_are_honoured_and_berths_own_wins() {
+        let s = |pairs: &[(&str, &str)]| {
+            let mut v = serde_json::json!({"metadata": {"annotations": {}}, "spec": {}});
+            for (k, val) in pairs {
+                v["metadata"]["annotations"][*k] = (*val).into();
+            }
+            svc(v)
+        };
+        for key in annotations::PEER_LOAD_BALANCER_IPS {
+            assert_eq!(
+                pinned(&s(&[(key, "198.19.1.7")])),
+                Ok(vec![ip("198.19.1.7")]),
+                "{key}"
+            );
+        }
+        assert_eq!(
+            pinned(&s(&[
+                ("metallb.io/loadBalancerIPs", "198.19.1.7"),
+                (annotations::LOAD_BALANCER_IPS, "198.19.1.8")
+            ])),
+            Ok(vec![ip("198.19.1.8")])
+        );
+        assert_eq!(
+            pinned(&s(&[
+                ("metallb.io/loadBalancerIPs", "198.19.1.7,2001:db8::7"),
+                ("lbipam.cilium.io/ips", "2001:db8::7, 198.19.1.7")
+            ])),
+            Ok(vec![ip("198.19.1.7"), ip("2001:db8::7")])
+        );
+        let clash = pinned(&s(&[
+            ("metallb.io/loadBalancerIPs", "198.19.1.7"),
+            ("lbipam.cilium.io/ips", "198.19.1.9"),
+        ]))
+        .expect_err("disagreeing peers");
+        assert!(
+            clash.contains("metallb.io/loadBalancerIPs") && clash.contains("lbipam.cilium.io/ips")
+        );
+        let bad = pinned(&s(&[("io.cilium/lb-ipam-ips", "banana")])).expect_err("bad");
+        assert!(bad.contains("io.cilium/lb-ipam-ips") && bad.contains("banana"));
+    }
+
+    #[test]
+    fn foreign_addresses_are_never_given_out_and_never_taken_from_berth() {
+        let c = class(&["198.19.1.0/29"]);
+        let foreign = Holder {
+            foreign: true,
+            ..holder("metallb-served", 1, &["198.19.1.1"])
+        };
+        let me = holder("me", 5, &[]);
+        assert_eq!(
+            assigned(&allocate(
+                &c,
+                &me,
+                &Want::Auto(vec![Family::V4]),
+                &[foreign.clone()]
+            )),
+            vec![ip("198.19.1.2")]
+        );
+        let (r, m) = unassigned(&allocate(
+            &c,
+            &me,
+            &Want::Pinned(vec![ip("198.19.1.1")]),
+            &[foreign.clone()],
+        ));
+        assert_eq!(r, reason::ADDRESS_UNAVAILABLE);
+        assert!(m.contains("ns/metallb-served") && m.contains("no berth pool class"));
+        // A berth holder keeps its address, even against an older foreign Service.
+        let holding = holder("holding", 9, &["198.19.1.1"]);
+        assert_eq!(
+            assigned(&allocate(
+                &c,
+                &holding,
+                &Want::Auto(vec![Family::V4]),
+                &[foreign]
+            )),
+            vec![ip("198.19.1.1")]
+        );
+    }
+
+    #[test]
+    fn foreign_holders_are_unserved_load_balancers_with_addresses() {
+        let mk = |name: &str, type_: &str, owner: Option<&str>, ip: Option<&str>| {
+            let mut v = serde_json::json!({
+                "metadata": {"name": name, "namespace": "ns", "uid": name, "annotations": {}},
+                "spec": {"type": type_},
+            });
+            if let Some(o) = owner {
+                v["metadata"]["annotations"][ANNOTATION_OWNER_CLASS] = o.into();
+            }
+            if let Some(i) = ip {
+                v["status"] = serde_json::json!({"loadBalancer": {"ingress": [{"ip": i}]}});
+            }
+            svc(v)
+        };
+        let services = [
+            mk("metallb", "LoadBalancer", None, Some("198.19.1.2")),
+            mk("berth", "LoadBalancer", Some("lab"), Some("198.19.1.3")),
+            mk("aws", "LoadBalancer", Some("nlb"), None),
+            mk("pending", "LoadBalancer", None, None),
+            mk("stale", "ClusterIP", None, Some("198.19.1.4")),
+        ];
+        let foreign = foreign_holders(services.iter(), |c| c == "lab");
+        let names: Vec<&str> = foreign.iter().map(|h| h.uid.as_str()).collect();
+        assert_eq!(names, vec!["metallb"]);
+        assert!(foreign[0].foreign);
     }
 
     #[test]

@@ -97,6 +97,22 @@ pub fn pool_holders(
     reservations.apply(held, |uid| by_uid.get(uid).map(|s| Holder::of(s)))
 }
 
+/// The addresses a Service that no pool class served yet brings along: its status
+/// addresses, written by the implementation that served it before (e.g. MetalLB or
+/// Cilium), so taking it over keeps its address. Like any held address, one is kept only
+/// when it is in the class's pool and free; otherwise the Service gets another and an
+/// `AddressMoved` Event says why. Pure.
+fn taken_over(svc: &Service, classes: &[Arc<LoadBalancerClass>]) -> Vec<IpAddr> {
+    let served = svc
+        .annotations()
+        .get(berth_crds::ANNOTATION_OWNER_CLASS)
+        .is_some_and(|c| is_pool_class(classes, c));
+    if served {
+        return Vec::new();
+    }
+    allocation::status_ips(svc)
+}
+
 /// The condition, addresses and moves an allocation gives. Pure.
 fn readiness_of(
     allocation: &Allocation,
@@ -214,14 +230,21 @@ impl PoolProvider {
         let uid = uid(svc);
         let classes = self.stores.classes.state();
         let mut reservations = self.state.reservations.lock().ok()?;
-        let holders = pool_holders(&self.stores.services.state(), &classes, &mut reservations);
+        let services = self.stores.services.state();
+        let holders = pool_holders(&services, &classes, &mut reservations);
         let mut me = Holder::of(svc);
-        me.ips = holders
-            .iter()
-            .find(|h| h.uid == uid)
-            .map(|h| h.ips.clone())
-            .unwrap_or_default();
-        let others: Vec<Holder> = holders.into_iter().filter(|h| h.uid != uid).collect();
+        me.ips = match holders.iter().find(|h| h.uid == uid) {
+            Some(h) => h.ips.clone(),
+            None => taken_over(svc, &classes),
+        };
+        let foreign = allocation::foreign_holders(services.iter().map(|s| s.as_ref()), |c| {
+            is_pool_class(&classes, c)
+        });
+        let others: Vec<Holder> = holders
+            .into_iter()
+            .chain(foreign)
+            .filter(|h| h.uid != uid)
+            .collect();
         let allocation = allocation::decide(svc, class, &ns_labels, &me, &others);
         let mut during: Vec<IpAddr> = me.ips.clone();
         if let Allocation::Assigned { ips, .. } = &allocation {
@@ -572,6 +595,53 @@ mod tests {
         assert_eq!(ips, ["198.19.1.1"]);
         assert!(!p.verdict(&bad).accepted);
         assert!(p.verdict(&good).accepted);
+    }
+
+    /// A Service that another implementation (MetalLB, Cilium) served keeps its status
+    /// address when a pool class takes it; one outside the pool is replaced; a Service
+    /// still served elsewhere keeps its address out of berth's hands.
+    #[tokio::test]
+    async fn taking_over_keeps_the_status_address_and_spares_foreign_ones() {
+        let good = pool_class("good", &["198.19.1.0/29"]);
+        let svc = |uid: &str, ips: &[&str]| -> Service {
+            let ingress: Vec<serde_json::Value> =
+                ips.iter().map(|ip| serde_json::json!({"ip": ip})).collect();
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": uid, "namespace": "ns", "uid": uid},
+                "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]},
+                "status": {"loadBalancer": {"ingress": ingress}}
+            }))
+            .expect("service")
+        };
+        let still_metallb = svc("metallb", &["198.19.1.1"]);
+        let (tx, _rx) = futures::channel::mpsc::unbounded();
+        let stores = crate::stores::testing::stores(
+            vec![good.clone()],
+            vec![still_metallb.clone()],
+            Vec::new(),
+        );
+        let p = PoolProvider::new(stores, tx);
+        let (r, ips) = ingress_ips(&p.ensure(&svc("moved", &["198.19.1.5"]), &good).await);
+        assert!(r.ready, "{r:?}");
+        assert_eq!(ips, ["198.19.1.5"]);
+        let (r, ips) = ingress_ips(&p.ensure(&svc("outside", &["203.0.113.9"]), &good).await);
+        assert!(r.ready, "{r:?}");
+        assert_eq!(ips, ["198.19.1.2"], "198.19.1.1 is still MetalLB's");
+        let out = p.ensure(&svc("outside2", &["203.0.113.9"]), &good).await;
+        let notes: Vec<String> = out.events.iter().map(|n| n.message.clone()).collect();
+        assert!(
+            notes.iter().any(|n| n.contains("moved from 203.0.113.9")),
+            "{notes:?}"
+        );
+        let pin: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "pin", "namespace": "ns", "uid": "pin",
+                         "annotations": {"metallb.io/loadBalancerIPs": "198.19.1.1"}},
+            "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]},
+        }))
+        .expect("service");
+        let (r, ips) = ingress_ips(&p.ensure(&pin, &good).await);
+        assert!(!r.ready && r.message.contains("ns/metallb"), "{r:?}");
+        assert!(ips.is_empty(), "{ips:?}");
     }
 
     #[test]

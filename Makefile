@@ -6,7 +6,7 @@ BIN := $(BERTH_CACHE)/bin/current
 ENV := target/debug/berth-env
 export PATH := $(BIN):$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench bench-nodeproxy bench-controller bench-l2 bench-proxies images
+.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench bench-nodeproxy bench-controller bench-aws-limits bench-l2 bench-proxies images
 
 ## Everything a fresh machine needs: Debian packages, Kubernetes/etcd/helm binaries built
 ## from Go modules (cached by version), the pinned LocalStack venv.
@@ -59,6 +59,13 @@ bench-nodeproxy:
 ## Controller: creation-to-ready latency and AWS calls per reconcile against LocalStack.
 bench-controller: deps build
 	hack/bench-controller.sh
+
+## Controller under AWS's request rate limits (LocalStack's extension enforcing them): 200
+## Services at once against the lower bound their calls and the limits imply, one Service
+## alone, calls per new Service by API (aws.limits.* keys). BENCH_AWS_CLIENT=global: the
+## controller without its per-API buckets, for comparison.
+bench-aws-limits: deps build
+	hack/bench-controller.sh --aws-limits
 
 ## L2 announcement at 1,000 pool Services: time to announce all, renewal lateness p50/p99,
 ## Leases lost by healthy nodes, failed probes while 980 are deleted at once (l2.* keys).

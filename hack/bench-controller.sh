@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The controller's benchmark figures on one local environment (started and torn down
-# here); merges them into target/bench/results.json.
+# here); merges them into target/bench/results.json. Arguments go to the benchmark
+# (`--aws-limits`: under AWS's request rate limits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
@@ -16,4 +17,4 @@ hack/setup-localstack.sh
 cargo build -p berth-e2e -p berth-controller --bins
 trap '"$env" down' EXIT
 "$env" up
-${CARGO_TARGET_DIR:-target}/debug/berth-bench-controller
+${CARGO_TARGET_DIR:-target}/debug/berth-bench-controller "$@"

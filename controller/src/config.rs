@@ -29,6 +29,11 @@ pub struct Config {
     pub aws_qps: f64,
     #[arg(long, default_value_t = 40)]
     pub aws_burst: u32,
+    /// Also wait for each API's own bucket, sized as AWS's published per-API limits, so
+    /// calls are spaced instead of throttled (`--aws-api-limits=false`: the process-wide
+    /// bucket only).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub aws_api_limits: bool,
     /// NodePort range of the apiserver (`--service-node-port-range`).
     #[arg(long, default_value = "30000-32767")]
     pub node_port_range: String,

@@ -306,7 +306,12 @@ async fn context(
     let recorder = Recorder::new(client.clone(), reporter);
     let writer = writes::Writer::new(client.clone(), recorder, fence.clone(), metrics.clone());
     let sdk = aws_sdk(config).await;
-    let aws = Aws::new(&sdk, config.aws_qps, config.aws_burst, metrics.clone());
+    let aws = Aws::new(
+        &sdk,
+        (config.aws_qps, config.aws_burst),
+        config.aws_api_limits,
+        metrics.clone(),
+    );
     let aws = AwsProvider::new(
         aws,
         fence,

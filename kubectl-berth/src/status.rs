@@ -287,8 +287,8 @@ pub async fn aws_client(opts: &AwsOpts) -> Result<Aws, Error> {
     let sdk = berth_controller::aws_sdk(&config).await;
     Ok(Aws::new(
         &sdk,
-        config.aws_qps,
-        config.aws_burst,
+        (config.aws_qps, config.aws_burst),
+        config.aws_api_limits,
         Arc::new(Metrics::default()),
     ))
 }

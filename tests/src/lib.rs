@@ -4,6 +4,7 @@
 
 pub mod agentstate;
 pub mod awsinfra;
+pub mod awslimits;
 pub mod controller;
 pub mod controlplane;
 pub mod env;

@@ -18,6 +18,7 @@ use elb::types::{
 
 use crate::metrics::Metrics;
 use crate::provider::aws::annotations::{HealthCheck, HealthPort, SubnetChoice};
+use crate::provider::aws::limits::ApiLimits;
 use crate::provider::aws::model::{
     DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Scheme, Target,
     TargetType,
@@ -84,6 +85,8 @@ pub struct Aws {
     pub elb: elb::Client,
     pub ec2: ec2::Client,
     limiter: RateLimiter,
+    /// AWS's per-API buckets, when on.
+    api_limits: Option<ApiLimits>,
     metrics: Arc<Metrics>,
     max_attempts: u32,
 }
@@ -182,11 +185,19 @@ fn descriptions(targets: &[Target]) -> Vec<TargetDescription> {
 }
 
 impl Aws {
-    pub fn new(sdk: &aws_config::SdkConfig, qps: f64, burst: u32, metrics: Arc<Metrics>) -> Self {
+    /// A client whose calls wait for the process-wide bucket (`qps`, `burst`) and, with
+    /// `api_limits`, for their API's bucket of AWS's table ([`ApiLimits`]).
+    pub fn new(
+        sdk: &aws_config::SdkConfig,
+        (qps, burst): (f64, u32),
+        api_limits: bool,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             elb: elb::Client::new(sdk),
             ec2: ec2::Client::new(sdk),
             limiter: RateLimiter::new(qps, burst),
+            api_limits: api_limits.then(ApiLimits::default),
             metrics,
             max_attempts: 5,
         }
@@ -203,6 +214,9 @@ impl Aws {
     {
         let mut attempt = 0;
         loop {
+            if let Some(limits) = &self.api_limits {
+                limits.acquire(operation).await;
+            }
             self.limiter.acquire().await;
             let started = Instant::now();
             let result = f().await;

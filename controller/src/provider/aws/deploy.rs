@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use berth_crds::tags;
 
 use crate::provider::aws::annotations::HealthCheck;
-use crate::provider::aws::api::{AwsApi, AwsError, LbInfo, ListenerInfo, TargetState, TgInfo};
+use crate::provider::aws::api::{
+    AwsApi, AwsError, LbInfo, ListenerInfo, TagsByArn, TargetState, TgInfo,
+};
 use crate::provider::aws::identity::{Claim, Owner};
 use crate::provider::aws::model::{DesiredListener, DesiredLoadBalancer, Target};
 use crate::provider::aws::replacement;
@@ -161,20 +163,25 @@ pub async fn find_own_lb<A: AwsApi>(
     Ok(Some((lb, tags)))
 }
 
-/// Finds the target group named `name`; one that is not this Service's is a conflict.
+/// Finds the target group named `name` with its tags; one that is not this Service's is a
+/// conflict.
 async fn find_own_tg<A: AwsApi>(
     aws: &A,
     name: &str,
     owner: Owner<'_>,
-) -> Result<Option<TgInfo>, ApplyError> {
+) -> Result<Option<(TgInfo, Tags)>, ApplyError> {
     let Some(tg) = aws.find_target_group(name).await? else {
         return Ok(None);
     };
-    let tags = aws.tags(std::slice::from_ref(&tg.arn)).await?;
-    if !tags.get(&tg.arn).is_some_and(|t| owner.owns(t)) {
+    let tags = aws
+        .tags(std::slice::from_ref(&tg.arn))
+        .await?
+        .remove(&tg.arn)
+        .unwrap_or_default();
+    if !owner.owns(&tags) {
         return Err(ApplyError::NameConflict(name.into()));
     }
-    Ok(Some(tg))
+    Ok(Some((tg, tags)))
 }
 
 /// What to do about a load balancer with deletion protection on. Protection berth did
@@ -478,29 +485,45 @@ async fn update_load_balancer<A: AwsApi>(
     Ok(())
 }
 
-/// The target groups attached to the load balancer: the owner's, and the ARNs of the
-/// others (attached by hand: never reused, repointed from or deleted).
+/// The target groups attached to the load balancer, each read once with its tags.
+#[derive(Default)]
+struct Attached {
+    /// The owner's.
+    own: Vec<TgInfo>,
+    /// The ARNs of the others (attached by hand: never reused, repointed from or deleted).
+    foreign: BTreeSet<String>,
+    /// Tags of the owner's, by ARN.
+    tags: TagsByArn,
+}
+
 async fn attached_groups<A: AwsApi>(
     aws: &A,
     lb: &LbInfo,
     owner: Owner<'_>,
-) -> Result<(Vec<TgInfo>, BTreeSet<String>), AwsError> {
+) -> Result<Attached, AwsError> {
     let all = aws.target_groups_of(&lb.arn).await?;
     if all.is_empty() {
-        return Ok((all, BTreeSet::new()));
+        return Ok(Attached::default());
     }
     let arns: Vec<String> = all.iter().map(|t| t.arn.clone()).collect();
-    let tags = aws.tags(&arns).await?;
+    let mut tags = aws.tags(&arns).await?;
     let (own, foreign): (Vec<TgInfo>, Vec<TgInfo>) = all
         .into_iter()
         .partition(|t| tags.get(&t.arn).is_some_and(|t| owner.owns(t)));
-    Ok((own, foreign.into_iter().map(|t| t.arn).collect()))
+    tags.retain(|arn, _| own.iter().any(|t| &t.arn == arn));
+    Ok(Attached {
+        own,
+        foreign: foreign.into_iter().map(|t| t.arn).collect(),
+        tags,
+    })
 }
 
-/// The Service's target groups by desired name, and the ARNs of those created just now.
+/// The Service's target groups by desired name, the ARNs of those created just now, and
+/// the tags each has (read with it, or given at creation): no second read for tags.
 struct TargetGroups {
     by_name: HashMap<String, TgInfo>,
     fresh: BTreeSet<String>,
+    tags: TagsByArn,
 }
 
 /// Step 2: target groups: attached ones, then unattached ones by name (left by a crash),
@@ -510,15 +533,17 @@ async fn ensure_target_groups<A: AwsApi>(
     inventory: &Inventory,
     desired: &DesiredLoadBalancer,
     owner: Owner<'_>,
-    attached: &[TgInfo],
+    attached: &Attached,
     fresh_lb: bool,
 ) -> Result<TargetGroups, ApplyError> {
     let mut out = TargetGroups {
         by_name: attached
+            .own
             .iter()
             .map(|t| (t.name.clone(), t.clone()))
             .collect(),
         fresh: BTreeSet::new(),
+        tags: attached.tags.clone(),
     };
     for d in &desired.target_groups {
         if out.by_name.contains_key(&d.name) {
@@ -529,13 +554,13 @@ async fn ensure_target_groups<A: AwsApi>(
         } else {
             find_own_tg(aws, &d.name, owner).await?
         };
-        let tg = match existing {
-            Some(tg) => tg,
+        let (tg, tags) = match existing {
+            Some(found) => found,
             None => match aws.create_target_group(d).await {
                 Ok(tg) => {
                     tracing::info!(tg = %tg.name, "created target group");
                     out.fresh.insert(tg.arn.clone());
-                    tg
+                    (tg, d.tags.clone())
                 }
                 // Left by an earlier load balancer of this Service: adopt it.
                 Err(e) if e.is("DuplicateTargetGroupName") => find_own_tg(aws, &d.name, owner)
@@ -544,31 +569,29 @@ async fn ensure_target_groups<A: AwsApi>(
                 Err(e) => return Err(e.into()),
             },
         };
+        out.tags.insert(tg.arn.clone(), tags);
         inventory.add_tg(owner.uid, &tg.arn);
         out.by_name.insert(d.name.clone(), tg);
     }
     Ok(out)
 }
 
-/// Step 3: the tags of the load balancer and every target group, read in one call.
+/// Step 3: the tags of the load balancer and every target group, against the tags read
+/// with them (or given at their creation): no call unless a tag is missing or differs.
 async fn sync_tags<A: AwsApi>(
     aws: &A,
-    lb: &LbInfo,
+    lb: &Found,
     desired: &DesiredLoadBalancer,
     tgs: &TargetGroups,
 ) -> Result<(), ApplyError> {
-    let mut wanted = vec![(lb.arn.clone(), &desired.tags)];
-    wanted.extend(
-        desired
-            .target_groups
-            .iter()
-            .filter_map(|d| Some((tgs.by_name.get(&d.name)?.arn.clone(), &d.tags))),
-    );
-    let arns: Vec<String> = wanted.iter().map(|(arn, _)| arn.clone()).collect();
-    let actual = aws.tags(&arns).await?;
     let empty = BTreeMap::new();
-    for (arn, tags) in wanted {
-        let changes = tag_changes(tags, actual.get(&arn).unwrap_or(&empty));
+    let mut wanted = vec![(&lb.lb.arn, &desired.tags, &lb.tags)];
+    wanted.extend(desired.target_groups.iter().filter_map(|d| {
+        let arn = &tgs.by_name.get(&d.name)?.arn;
+        Some((arn, &d.tags, tgs.tags.get(arn).unwrap_or(&empty)))
+    }));
+    for (arn, tags, actual) in wanted {
+        let changes = tag_changes(tags, actual);
         if !changes.is_empty() {
             aws.add_tags(&arn, &changes).await?;
         }
@@ -718,25 +741,28 @@ pub async fn ensure_gated<A: AwsApi>(
     owner: Owner<'_>,
     gate: Gate<'_>,
 ) -> Result<Applied, ApplyError> {
-    let found = ensure_load_balancer(aws, inventory, desired, owner, gate).await?;
+    let mut found = ensure_load_balancer(aws, inventory, desired, owner, gate).await?;
     let legacy = owner.identity.claim(&found.tags) == Claim::Legacy;
     if legacy {
         // First: the IAM policy lets berth change only resources carrying the identity.
-        aws.add_tags(&found.lb.arn, &owner.identity.tag()).await?;
+        let identity = owner.identity.tag();
+        aws.add_tags(&found.lb.arn, &identity).await?;
+        found.tags.extend(identity);
         tracing::info!(lb = %found.lb.name, "gave a load balancer of an earlier berth this cluster's identity");
     }
     update_load_balancer(aws, &found, legacy, desired).await?;
-    let (lb, fresh) = (found.lb, found.fresh);
-    let (attached, foreign) = if fresh {
-        (Vec::new(), BTreeSet::new())
+    let fresh = found.fresh;
+    let attached = if fresh {
+        Attached::default()
     } else {
-        attached_groups(aws, &lb, owner).await?
+        attached_groups(aws, &found.lb, owner).await?
     };
     let tgs = ensure_target_groups(aws, inventory, desired, owner, &attached, fresh).await?;
-    sync_tags(aws, &lb, desired, &tgs).await?;
+    sync_tags(aws, &found, desired, &tgs).await?;
+    let lb = found.lb;
     let health = sync_target_groups(aws, desired, &tgs).await?;
-    sync_listeners(aws, &lb, desired, &tgs, &foreign, fresh).await?;
-    delete_stale(aws, inventory, &lb, desired, &attached, &tgs, owner).await?;
+    sync_listeners(aws, &lb, desired, &tgs, &attached.foreign, fresh).await?;
+    delete_stale(aws, inventory, &lb, desired, &attached.own, &tgs, owner).await?;
     // Describe again only while provisioning, to learn when it turns active.
     let lb = if lb.state == "active" {
         lb

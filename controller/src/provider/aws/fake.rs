@@ -59,6 +59,8 @@ pub struct State {
     pub calls: Vec<String>,
     /// Calls (`Operation target`) to fail, with the error code.
     failures: BTreeMap<String, String>,
+    /// Requests made by operation, reads included.
+    operations: BTreeMap<&'static str, usize>,
 }
 
 impl State {
@@ -133,7 +135,23 @@ impl FakeAws {
             return Err(AwsError::coded(op, &code, "injected failure"));
         }
         s.calls.push(call);
+        *s.operations.entry(op).or_default() += 1;
         Ok(s)
+    }
+
+    /// Counts `n` requests of a read (a batched read of nothing makes none).
+    fn read(&self, op: &'static str, n: usize) -> MutexGuard<'_, State> {
+        let mut s = self.state();
+        if n > 0 {
+            *s.operations.entry(op).or_default() += n;
+        }
+        s
+    }
+
+    /// Forgets the requests made so far, answering how many of each operation there were,
+    /// reads included, as the SDK client would make them.
+    pub fn take_operations(&self) -> BTreeMap<&'static str, usize> {
+        std::mem::take(&mut self.state().operations)
     }
 
     /// Makes the call `op` on `target` (as logged) fail with `code` from now on.
@@ -176,7 +194,7 @@ fn subnet_matches(s: &FakeSubnet, q: &SubnetQuery) -> bool {
 
 impl AwsApi for FakeAws {
     async fn find_load_balancer(&self, name: &str) -> Result<Option<LbInfo>, AwsError> {
-        let s = self.state();
+        let s = self.read("DescribeLoadBalancers", 1);
         Ok(s.lbs
             .values()
             .find(|l| l.info.name == name)
@@ -184,7 +202,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn describe_load_balancers(&self, arns: &[String]) -> Result<Vec<LbInfo>, AwsError> {
-        let s = self.state();
+        let s = self.read("DescribeLoadBalancers", arns.len().div_ceil(20));
         Ok(arns
             .iter()
             .filter_map(|a| s.lbs.get(a).map(|l| l.info.clone()))
@@ -192,16 +210,17 @@ impl AwsApi for FakeAws {
     }
 
     async fn all_load_balancers(&self) -> Result<Vec<LbInfo>, AwsError> {
-        Ok(self.state().lbs.values().map(|l| l.info.clone()).collect())
+        let s = self.read("DescribeLoadBalancers", 1);
+        Ok(s.lbs.values().map(|l| l.info.clone()).collect())
     }
 
     async fn all_target_groups(&self) -> Result<Vec<TgInfo>, AwsError> {
-        let s = self.state();
+        let s = self.read("DescribeTargetGroups", 1);
         Ok(s.tgs.keys().filter_map(|a| s.tg_info(a)).collect())
     }
 
     async fn tags(&self, arns: &[String]) -> Result<TagsByArn, AwsError> {
-        let s = self.state();
+        let s = self.read("DescribeTags", arns.len().div_ceil(20));
         Ok(arns
             .iter()
             .filter_map(|a| {
@@ -279,7 +298,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn load_balancer_attributes(&self, arn: &str) -> Result<Tags, AwsError> {
-        let mut s = self.state();
+        let mut s = self.read("DescribeLoadBalancerAttributes", 1);
         Ok(s.lb("DescribeLoadBalancerAttributes", arn)?
             .attributes
             .clone())
@@ -316,7 +335,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn listeners(&self, lb_arn: &str) -> Result<Vec<ListenerInfo>, AwsError> {
-        let mut s = self.state();
+        let mut s = self.read("DescribeListeners", 1);
         s.lb("DescribeListeners", lb_arn)?;
         Ok(s.listeners
             .values()
@@ -377,7 +396,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn target_groups_of(&self, lb_arn: &str) -> Result<Vec<TgInfo>, AwsError> {
-        let s = self.state();
+        let s = self.read("DescribeTargetGroups", 1);
         let arns: BTreeSet<&String> = s
             .listeners
             .values()
@@ -388,7 +407,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn find_target_group(&self, name: &str) -> Result<Option<TgInfo>, AwsError> {
-        let s = self.state();
+        let s = self.read("DescribeTargetGroups", 1);
         let arn = s
             .tgs
             .values()
@@ -436,7 +455,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn target_group_attributes(&self, arn: &str) -> Result<Tags, AwsError> {
-        let mut s = self.state();
+        let mut s = self.read("DescribeTargetGroupAttributes", 1);
         Ok(s.tg("DescribeTargetGroupAttributes", arn)?
             .attributes
             .clone())
@@ -468,7 +487,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn target_health(&self, tg_arn: &str) -> Result<Vec<TargetState>, AwsError> {
-        let mut s = self.state();
+        let mut s = self.read("DescribeTargetHealth", 1);
         let tg = s.tg("DescribeTargetHealth", tg_arn)?;
         Ok(tg
             .targets
@@ -498,7 +517,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn describe_subnets(&self, query: &SubnetQuery) -> Result<Vec<Candidate>, AwsError> {
-        let s = self.state();
+        let s = self.read("DescribeSubnets", 1);
         Ok(s.subnets
             .iter()
             .filter(|sub| subnet_matches(sub, query))
@@ -517,7 +536,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn instance_vpcs(&self, ids: &[String]) -> Result<BTreeSet<String>, AwsError> {
-        let s = self.state();
+        let s = self.read("DescribeInstances", 1);
         Ok(ids
             .iter()
             .filter_map(|id| s.instances.get(id).cloned())

@@ -15,6 +15,7 @@ pub mod fenced;
 pub mod gc;
 pub mod identity;
 pub mod inventory;
+pub mod limits;
 pub mod model;
 pub mod naming;
 pub mod replacement;
@@ -73,6 +74,16 @@ pub const EVENT_UNSUPPORTED_ANNOTATION: &str = "UnsupportedAnnotation";
 /// Subnet lookups are reused this long.
 const SUBNET_CACHE: Duration = Duration::from_secs(60);
 
+/// An apply that left the load balancer active stands this long for the same desired
+/// state: the events a new Service brings right after its apply (its finalizer, its
+/// EndpointSlice, its status) then cost no AWS call. Drift is still found by the next
+/// change or resync.
+const RECENT_APPLY: Duration = Duration::from_secs(5);
+
+/// The last apply that left a Service's load balancer active: what was desired, when, and
+/// what it found.
+type RecentApply = (DesiredLoadBalancer, Instant, deploy::Applied);
+
 /// Node instances asked for their VPC (one DescribeInstances filter's worth).
 const MAX_INSTANCE_LOOKUP: usize = 200;
 
@@ -83,6 +94,8 @@ pub struct AwsProvider<A = client::Aws> {
     subnets: Mutex<HashMap<String, SubnetLookup>>,
     /// The VPC of the nodes' instances, when no class or flag names one, and when found.
     node_vpc: Mutex<Option<(Instant, String)>>,
+    /// Per Service UID.
+    recent: Mutex<HashMap<String, RecentApply>>,
     /// Warnings published per Service UID (`reason/message`): each becomes an Event once,
     /// not once per reconcile.
     warned: Mutex<HashMap<String, BTreeSet<String>>>,
@@ -138,6 +151,7 @@ impl<A: AwsApi> AwsProvider<A> {
             inventory: Inventory::default(),
             subnets: Mutex::default(),
             node_vpc: Mutex::default(),
+            recent: Mutex::default(),
             warned: Mutex::default(),
             stores,
             config,
@@ -402,6 +416,11 @@ impl<A: AwsApi> AwsProvider<A> {
             Err(out) => return out,
         };
         let uid = uid(svc);
+        if let Some(applied) = self.recently_applied(&uid, &desired) {
+            let mut out = applied_outcome(svc, &applied);
+            out.events.extend(skipped);
+            return out;
+        }
         let owner = Owner {
             identity: &identity,
             uid: &uid,
@@ -409,7 +428,9 @@ impl<A: AwsApi> AwsProvider<A> {
         let annotations = svc.annotations();
         let gate = |r: &replacement::Replacement| replacement::acknowledged(annotations, r);
         let applied = deploy::ensure_gated(&self.aws, &self.inventory, &desired, owner, &gate);
-        let out = match applied.await {
+        let result = applied.await;
+        self.remember(&uid, &desired, result.as_ref().ok());
+        let out = match result {
             Ok(applied) => applied_outcome(svc, &applied),
             // The old load balancer stays as it is: the condition says what waits and how
             // to acknowledge it, once as an Event.
@@ -423,6 +444,39 @@ impl<A: AwsApi> AwsProvider<A> {
         let mut out = out;
         out.events.extend(skipped);
         out
+    }
+
+    /// The apply of `desired` for the Service made within [`RECENT_APPLY`] that left its
+    /// load balancer active.
+    fn recently_applied(
+        &self,
+        uid: &str,
+        desired: &DesiredLoadBalancer,
+    ) -> Option<deploy::Applied> {
+        let recent = self.recent.lock().ok()?;
+        let (was, at, applied) = recent.get(uid)?;
+        (was == desired && at.elapsed() < RECENT_APPLY).then(|| applied.clone())
+    }
+
+    /// Keeps an apply that left the load balancer active; forgets the Service otherwise.
+    fn remember(
+        &self,
+        uid: &str,
+        desired: &DesiredLoadBalancer,
+        applied: Option<&deploy::Applied>,
+    ) {
+        let Ok(mut recent) = self.recent.lock() else {
+            return;
+        };
+        recent.retain(|_, (_, at, _)| at.elapsed() < RECENT_APPLY);
+        match applied.filter(|a| a.lb.state == "active") {
+            Some(a) => {
+                recent.insert(uid.into(), (desired.clone(), Instant::now(), a.clone()));
+            }
+            None => {
+                recent.remove(uid);
+            }
+        }
     }
 
     /// What [`Provider::ensure`] would write to AWS for the Service, computed by the same
@@ -460,6 +514,9 @@ impl<A: AwsApi> AwsProvider<A> {
     async fn release_now(&self, svc: &Service, deleting: bool) -> Outcome {
         if deleting && let Ok(mut warned) = self.warned.lock() {
             warned.remove(&uid(svc));
+        }
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.remove(&uid(svc));
         }
         if !self.in_use() {
             return Outcome::done();
@@ -697,6 +754,7 @@ impl<A: AwsApi + 'static> Provider for AwsProvider<A> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::time::Instant;
 
     use clap::Parser;
@@ -770,6 +828,51 @@ mod tests {
             p.aws.inner().take_calls().is_empty(),
             "a second ensure mutated AWS"
         );
+    }
+
+    /// Every AWS request a new one-port Service costs, by operation: tags go with each
+    /// create, nothing is described that was created just now, one RegisterTargets per
+    /// target group. An added call fails this test (budget: 10 in all; LocalStack's
+    /// provisioning state adds one DescribeLoadBalancers, checked end to end by
+    /// tests/tests/serial_aws_throttling.rs). A reconcile right after costs nothing; a later
+    /// one of the unchanged Service reads only, its tags coming with the resources it
+    /// reads, not from another DescribeTags.
+    #[tokio::test]
+    async fn a_new_one_port_service_costs_few_aws_calls() {
+        let p = provider(Fence::unfenced());
+        let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        svc.metadata.uid = Some("u1".into());
+        assert!(p.ensure(&svc, &class()).await.error.is_none());
+        let calls = p.aws.inner().take_operations();
+        let expected = BTreeMap::from([
+            ("DescribeInstances", 1),
+            ("DescribeSubnets", 1),
+            ("DescribeLoadBalancers", 1),
+            ("CreateLoadBalancer", 1),
+            ("CreateTargetGroup", 1),
+            ("RegisterTargets", 1),
+            ("CreateListener", 1),
+        ]);
+        assert_eq!(calls, expected);
+        assert!(calls.values().sum::<usize>() < 10);
+
+        assert!(p.ensure(&svc, &class()).await.error.is_none());
+        assert_eq!(
+            p.aws.inner().take_operations(),
+            BTreeMap::new(),
+            "the events right after an apply cost nothing"
+        );
+        p.recent.lock().expect("lock").clear();
+        assert!(p.ensure(&svc, &class()).await.error.is_none());
+        let again = p.aws.inner().take_operations();
+        let expected = BTreeMap::from([
+            ("DescribeLoadBalancers", 1),
+            ("DescribeTags", 2),
+            ("DescribeTargetGroups", 1),
+            ("DescribeTargetHealth", 1),
+            ("DescribeListeners", 1),
+        ]);
+        assert_eq!(again, expected, "an unchanged Service only reads");
     }
 
     /// A one-port Service with its NLB provisioned, an internal subnet to move it to, and

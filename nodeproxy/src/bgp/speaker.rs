@@ -8,11 +8,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use berth_crds::bgp::{
     BGPPeer, BGPPeerSpec, BGPSessionStatus, DEFAULT_HOLD_SECONDS, DEFAULT_PORT,
-    STATUS_MANAGER_PREFIX,
+    STATUS_MANAGER_PREFIX, SecretKeyRef,
 };
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Secret};
@@ -32,6 +32,8 @@ use super::session::{self, PeerConfig, Report, State};
 const STEP: Duration = Duration::from_millis(200);
 /// Deadline of each status write: a slow apiserver never holds the sessions back.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a password read from its Secret is used before it is read again.
+const PASSWORD_REFRESH: Duration = Duration::from_secs(30);
 
 /// The routes this node should announce to each peer (by name), given whether it may
 /// carry load-balancer traffic and the peers it has sessions with; `None` until the
@@ -85,6 +87,15 @@ pub struct Speaker {
     sessions: BTreeMap<String, Running>,
     /// Entries as last written (or failed to write: retried next step).
     written: BTreeMap<String, (Entry, String)>,
+    /// Each peer's password as last read: (the Secret reference, when, the outcome).
+    passwords: BTreeMap<
+        String,
+        (
+            Option<SecretKeyRef>,
+            Instant,
+            Result<Option<String>, String>,
+        ),
+    >,
     warned: BTreeSet<String>,
 }
 
@@ -192,6 +203,7 @@ impl Speaker {
             listed,
             sessions: BTreeMap::new(),
             written: BTreeMap::new(),
+            passwords: BTreeMap::new(),
             warned: BTreeSet::new(),
         }
     }
@@ -243,6 +255,29 @@ impl Speaker {
             .map_err(|_| format!("Secret {}/{} key {key:?} is not UTF-8", r.namespace, r.name))
     }
 
+    /// The peer's password, read again when its reference changes and every
+    /// [`PASSWORD_REFRESH`] (a rotated Secret reaches new sessions within that), not at
+    /// every step.
+    async fn cached_password(
+        &mut self,
+        peer: &str,
+        spec: &BGPPeerSpec,
+    ) -> Result<Option<String>, String> {
+        let reference = spec.password_secret_ref.clone();
+        if let Some((r, at, outcome)) = self.passwords.get(peer)
+            && *r == reference
+            && at.elapsed() < PASSWORD_REFRESH
+        {
+            return outcome.clone();
+        }
+        let outcome = self.password(spec).await;
+        self.passwords.insert(
+            peer.to_string(),
+            (reference, Instant::now(), outcome.clone()),
+        );
+        outcome
+    }
+
     async fn step(&mut self, view: &RoutesView) {
         let node = self.me.state().into_iter().next();
         let labels = node
@@ -266,7 +301,7 @@ impl Speaker {
                     continue;
                 }
             }
-            let cfg = match self.password(&peer.spec).await {
+            let cfg = match self.cached_password(&name, &peer.spec).await {
                 Ok(pw) => peer_config(&name, &peer.spec, node_ip, pw),
                 Err(e) => Err(e),
             };
@@ -280,6 +315,8 @@ impl Speaker {
                 }
             }
         }
+        self.passwords
+            .retain(|p, _| wanted.contains_key(p) || entries.contains_key(p));
         // Stop sessions of peers gone, deselected or changed.
         let stale: Vec<String> = self
             .sessions

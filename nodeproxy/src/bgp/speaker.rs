@@ -41,6 +41,13 @@ const PASSWORD_REFRESH: Duration = Duration::from_secs(30);
 pub type RoutesView =
     Arc<dyn Fn(bool, &BTreeSet<String>) -> Option<BTreeMap<String, Routes>> + Send + Sync>;
 
+/// A password as last read: the Secret reference, when, and the outcome.
+type CachedPassword = (
+    Option<SecretKeyRef>,
+    Instant,
+    Result<Option<String>, String>,
+);
+
 struct Running {
     cfg: PeerConfig,
     routes: watch::Sender<Routes>,
@@ -88,14 +95,7 @@ pub struct Speaker {
     /// Entries as last written (or failed to write: retried next step).
     written: BTreeMap<String, (Entry, String)>,
     /// Each peer's password as last read: (the Secret reference, when, the outcome).
-    passwords: BTreeMap<
-        String,
-        (
-            Option<SecretKeyRef>,
-            Instant,
-            Result<Option<String>, String>,
-        ),
-    >,
+    passwords: BTreeMap<String, CachedPassword>,
     warned: BTreeSet<String>,
 }
 

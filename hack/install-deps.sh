@@ -4,6 +4,7 @@ set -euo pipefail
 pkgs=(nftables iproute2 conntrack openssl socat tcpdump curl jq ca-certificates python3-venv)
 pkgs+=(prometheus)  # monitoring e2e: a real Prometheus scrapes the cluster and evaluates the chart's alerts
 pkgs+=(mmdebstrap umoci crun binutils) # make images; the local cluster runs berth's pods from them
+pkgs+=(frr gobgpd) # BGP e2e: real routers (FRR bgpd + zebra, GoBGP) peer with the node agents
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

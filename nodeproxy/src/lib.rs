@@ -3,8 +3,10 @@
 //!
 //! [`proxy`] is kube-proxy's job (watch events → index → pure ruleset → sync → nft).
 //! Beside it, [`l2`] announces pool addresses on the node's network (one node per
-//! address, chosen through a Lease each). [`runtime`] wires both to the cluster.
+//! address, chosen through a Lease each), and [`bgp`] announces them to BGP routers
+//! from every node that serves them. [`runtime`] wires them to the cluster.
 
+pub mod bgp;
 pub mod error;
 pub mod events;
 pub mod healthcheck;

@@ -18,6 +18,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 
+use crate::bgp;
 use crate::error::Error;
 use crate::events;
 use crate::healthcheck::{self, AgentHealth, HealthChecks};
@@ -845,6 +846,29 @@ fn model_view(shared: Arc<Shared>, liveness: Liveness) -> ModelView {
     })
 }
 
+/// The BGP speaker's view of the model: the routes of this node for each peer.
+fn bgp_view(shared: Arc<Shared>) -> bgp::speaker::RoutesView {
+    let warned = Mutex::new(std::collections::BTreeSet::new());
+    Arc::new(move |eligible, peers| {
+        let idx = shared.index();
+        let pools = shared.pools();
+        if !idx.ready() || !pools.listed {
+            return None;
+        }
+        let mut warnings = Vec::new();
+        let routes =
+            bgp::routes::per_peer(&idx.model, &pools.classes, eligible, peers, &mut warnings);
+        // Each once: the view runs several times a second.
+        let mut warned = warned.lock().unwrap_or_else(|p| p.into_inner());
+        for w in warnings {
+            if warned.insert(w.clone()) {
+                tracing::warn!("BGP: {w}");
+            }
+        }
+        Some(routes)
+    })
+}
+
 /// Runs the agent until `shutdown` completes (or a task ends). Stopping leaves the rules
 /// in place: the next start replaces them atomically, so established connections keep
 /// flowing. Pool addresses are given up on the way out, so another node takes them over
@@ -918,6 +942,8 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
         },
         shared.metrics.clone(),
     );
+    let speaker = bgp::speaker::Speaker::new(client.clone(), &args.node_name);
+    let speaking = tokio::spawn(speaker.run(bgp_view(shared.clone()), stopped.clone()));
     let mut announcing = tokio::spawn(announcer.run(model_view(shared.clone(), liveness), stopped));
     tokio::select! {
         _ = futures::future::join_all(tasks) => {}
@@ -926,7 +952,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
             let _ = stop.send(true);
             // Bounded: a stuck apiserver must not keep the agent from exiting; Leases
             // not released expire, addresses not removed run out of lifetime.
-            let released = futures::future::join(announcing, beating);
+            let released = futures::future::join3(announcing, beating, speaking);
             if tokio::time::timeout(Duration::from_secs(5), released).await.is_err() {
                 tracing::warn!("pool addresses not all released within 5s");
             }

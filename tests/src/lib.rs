@@ -23,6 +23,7 @@ pub mod podrun;
 pub mod proc;
 pub mod prometheus;
 pub mod proxybench;
+pub mod router;
 pub mod service;
 pub mod testing;
 pub mod wait;

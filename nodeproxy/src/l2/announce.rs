@@ -44,6 +44,8 @@ pub struct PoolClass {
     pub l2: bool,
     /// The class's usable addresses, as the controller allocates them.
     pub addresses: AddressPool,
+    /// `spec.pool.bgp` when it is enabled: the BGP speaker announces the addresses.
+    pub bgp: Option<crate::bgp::routes::Advertisement>,
 }
 
 impl PoolClass {
@@ -61,6 +63,10 @@ pub fn pool_class(spec: &LoadBalancerClassSpec, warnings: &mut Vec<String>) -> O
     Some(PoolClass {
         l2: pool.l2 != Some(false),
         addresses,
+        bgp: pool
+            .bgp
+            .as_ref()
+            .and_then(|b| crate::bgp::routes::Advertisement::of(b, warnings)),
     })
 }
 
@@ -345,6 +351,7 @@ mod tests {
         PoolClass {
             l2,
             addresses: AddressPool::parse(entries).expect("pool"),
+            bgp: None,
         }
     }
 

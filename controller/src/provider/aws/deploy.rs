@@ -593,7 +593,7 @@ async fn sync_tags<A: AwsApi>(
     for (arn, tags, actual) in wanted {
         let changes = tag_changes(tags, actual);
         if !changes.is_empty() {
-            aws.add_tags(&arn, &changes).await?;
+            aws.add_tags(arn, &changes).await?;
         }
     }
     Ok(())

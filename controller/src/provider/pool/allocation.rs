@@ -270,15 +270,17 @@ pub fn pinned(svc: &Service) -> Result<Vec<IpAddr>, String> {
     Ok(ips)
 }
 
-/// The pinning annotation in force (berth's, else the peers' ones, which must agree):
-/// its key, its value and its addresses.
-fn annotated_pins(svc: &Service) -> Result<Option<(&'static str, String, Vec<IpAddr>)>, String> {
+/// A pinning annotation: its key, its value and its addresses.
+type Pins = (&'static str, String, Vec<IpAddr>);
+
+/// The pinning annotation in force (berth's, else the peers' ones, which must agree).
+fn annotated_pins(svc: &Service) -> Result<Option<Pins>, String> {
     let annotations = svc.annotations();
     if let Some(value) = annotations.get(annotations::LOAD_BALANCER_IPS) {
         let ips = parse_pins(annotations::LOAD_BALANCER_IPS, value)?;
         return Ok(Some((annotations::LOAD_BALANCER_IPS, value.clone(), ips)));
     }
-    let mut found: Option<(&'static str, String, Vec<IpAddr>)> = None;
+    let mut found: Option<Pins> = None;
     for key in annotations::PEER_LOAD_BALANCER_IPS {
         let Some(value) = annotations.get(key) else {
             continue;
@@ -1195,7 +1197,7 @@ mod tests {
                 &c,
                 &me,
                 &Want::Auto(vec![Family::V4]),
-                &[foreign.clone()]
+                std::slice::from_ref(&foreign)
             )),
             vec![ip("198.19.1.2")]
         );
@@ -1203,7 +1205,7 @@ mod tests {
             &c,
             &me,
             &Want::Pinned(vec![ip("198.19.1.1")]),
-            &[foreign.clone()],
+            std::slice::from_ref(&foreign),
         ));
         assert_eq!(r, reason::ADDRESS_UNAVAILABLE);
         assert!(m.contains("ns/metallb-served") && m.contains("no berth pool class"));

@@ -161,22 +161,20 @@ async fn a_service_over_the_budget_is_skipped_and_the_rest_keeps_programming() {
             async || get(&netns, &url, Duration::from_secs(2)).is_ok_and(|b| b == pod),
         )
         .await;
-        let metrics = get(
-            &env.info.client_netns,
-            &format!("http://{}:{METRICS_PORT}/metrics", n.plan.ip),
-            Duration::from_secs(2),
+        // Each agent reads Services and EndpointSlices on separate watches, so it may
+        // program `small` before it has all of huge's slices: wait for its verdict.
+        let metrics_url = format!("http://{}:{METRICS_PORT}/metrics", n.plan.ip);
+        wait_true(
+            &format!("{} counting huge as over budget", n.plan.name),
+            Duration::from_secs(60),
+            &dump(&env),
+            async || {
+                get(&env.info.client_netns, &metrics_url, Duration::from_secs(2)).is_ok_and(|m| {
+                    m.contains("berth_nodeproxy_refused_claims{reason=\"over_budget\"} 1")
+                })
+            },
         )
-        .expect("metrics");
-        assert!(
-            metrics.contains("berth_nodeproxy_refused_claims{reason=\"over_budget\"} 1"),
-            "{}: {}",
-            n.plan.name,
-            metrics
-                .lines()
-                .filter(|l| l.contains("refused"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
+        .await;
         let pid = nodeagent::agent_pid(&n.plan.name).expect("agent pid");
         let rss = rss_kib(pid);
         assert!(

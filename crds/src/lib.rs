@@ -51,6 +51,10 @@ pub mod tags {
     /// On a load balancer whose deletion protection berth itself turned on (value
     /// `berth`): only then may berth turn it off again.
     pub const PROTECTION: &str = "berth.dev/deletion-protection";
+    /// On a load balancer berth adopted from another controller (value: that controller,
+    /// `aws-load-balancer-controller`): handed back, not deleted, when the Service stops
+    /// being berth's without being deleted.
+    pub const ADOPTED_FROM: &str = "berth.dev/adopted-from";
 }
 
 /// Service annotations berth reads: the AWS Load Balancer Controller's names, so existing
@@ -60,6 +64,9 @@ pub mod annotations {
     pub const SCHEME: &str = "service.beta.kubernetes.io/aws-load-balancer-scheme";
     pub const NLB_TARGET_TYPE: &str =
         "service.beta.kubernetes.io/aws-load-balancer-nlb-target-type";
+    /// The AWS Load Balancer Controller's marker on Services without a class: `external`
+    /// (with `nlb-target-type`) or `nlb-ip` (ip targets).
+    pub const LB_TYPE: &str = "service.beta.kubernetes.io/aws-load-balancer-type";
     pub const NAME: &str = "service.beta.kubernetes.io/aws-load-balancer-name";
     pub const IP_ADDRESS_TYPE: &str =
         "service.beta.kubernetes.io/aws-load-balancer-ip-address-type";
@@ -243,6 +250,29 @@ pub struct AwsProvider {
     /// `targetRef` is a Pod; the others are skipped with a Warning Event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_non_pod_targets: Option<bool>,
+    /// Other controllers whose load balancers this class takes over in place (opt-in; at
+    /// most one class may name a controller). `aws-load-balancer-controller`: berth serves
+    /// Services of `spec.loadBalancerClass: service.k8s.aws/nlb` and those without a class
+    /// annotated `aws-load-balancer-type: external` (with `nlb-target-type`) or `nlb-ip`,
+    /// and adopts the NLB, listeners and target groups that controller made for each,
+    /// keeping the DNS name. Stop or scope that controller first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1))]
+    pub adopt_from: Option<Vec<AdoptSource>>,
+}
+
+/// A controller whose load balancers a class may adopt.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum AdoptSource {
+    #[serde(rename = "aws-load-balancer-controller")]
+    AwsLoadBalancerController,
+}
+
+impl AwsProvider {
+    /// Whether the class opts in to adopting `source`'s load balancers.
+    pub fn adopts(&self, source: AdoptSource) -> bool {
+        self.adopt_from.iter().flatten().any(|s| *s == source)
+    }
 }
 
 /// Why the API server refuses `spec.aws.region`.
@@ -434,6 +464,28 @@ mod tests {
             Some(vec!["healthCheck".to_string(), "scheme".to_string()])
         );
         assert_eq!(aws.allow_non_pod_targets, Some(true));
+    }
+
+    #[test]
+    fn adopt_from_names_only_the_known_controller_once() {
+        let spec: LoadBalancerClassSpec =
+            serde_yaml::from_str("aws:\n  adoptFrom: [aws-load-balancer-controller]\n")
+                .unwrap_or_default();
+        let aws = spec.aws.unwrap_or_default();
+        assert!(aws.adopts(AdoptSource::AwsLoadBalancerController));
+        assert!(!AwsProvider::default().adopts(AdoptSource::AwsLoadBalancerController));
+        assert!(
+            serde_yaml::from_str::<LoadBalancerClassSpec>("aws:\n  adoptFrom: [nginx]\n").is_err()
+        );
+        let crd = serde_json::to_value(LoadBalancerClass::crd()).unwrap_or_default();
+        let field = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["aws"]["properties"]["adoptFrom"];
+        assert_eq!(field["maxItems"], 1, "{field}");
+        assert_eq!(
+            field["items"]["enum"],
+            serde_json::json!(["aws-load-balancer-controller"]),
+            "{field}"
+        );
     }
 
     #[test]

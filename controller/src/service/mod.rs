@@ -18,6 +18,7 @@ use kube::{Api, Resource, ResourceExt};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::provider::aws::adopt::{self, Adopter};
 use crate::provider::{Ingress, Next, Note, Outcome, ProviderError, Readiness, Registry, Report};
 use crate::reason;
 use crate::stores::Stores;
@@ -87,13 +88,22 @@ pub enum Ownership {
 }
 
 /// A LoadBalancer Service with `berth.dev/<class>` (one this controller handles), or
-/// without a class while a handled class is `default: true`. Pure.
+/// without a class while a handled class is `default: true`. A Service the AWS Load
+/// Balancer Controller would serve belongs to the one class adopting its NLBs (none while
+/// several claim it) whenever a class opts in, default or not. Pure.
 pub fn ownership(svc: &Service, classes: &[Arc<LoadBalancerClass>], config: &Config) -> Ownership {
     let Some(spec) = svc.spec.as_ref() else {
         return Ownership::NotOurs;
     };
     if spec.type_.as_deref() != Some("LoadBalancer") {
         return Ownership::NotOurs;
+    }
+    if adopt::lbc_serves(svc) {
+        match adopt::adopter(classes) {
+            Adopter::One(name) if config.handles_class(&name) => return Ownership::Class(name),
+            Adopter::One(_) | Adopter::Conflict(_) => return Ownership::NotOurs,
+            Adopter::None => {}
+        }
     }
     match spec.load_balancer_class.as_deref() {
         Some(c) => match class_name(c) {
@@ -595,6 +605,50 @@ mod tests {
             ),
             Ownership::Class("zz".into())
         );
+    }
+
+    #[test]
+    fn the_adopting_class_owns_what_the_aws_load_balancer_controller_would_serve() {
+        let all = Config::try_parse_from(["x"]).expect("config");
+        let only_b = Config::try_parse_from(["x", "--class", "b"]).expect("config");
+        let mut adopting = (*class("m", false)).clone();
+        if let Some(aws) = adopting.spec.aws.as_mut() {
+            aws.adopt_from = Some(vec![berth_crds::AdoptSource::AwsLoadBalancerController]);
+        }
+        let adopting = Arc::new(adopting);
+        let lbc = svc("LoadBalancer", Some(adopt::LBC_CLASS));
+        let mut legacy = svc("LoadBalancer", None);
+        legacy.metadata.annotations = Some(
+            [(
+                berth_crds::annotations::LB_TYPE.to_string(),
+                "nlb-ip".to_string(),
+            )]
+            .into(),
+        );
+        let without = vec![class("a", true), class("b", false)];
+        assert_eq!(ownership(&lbc, &without, &all), Ownership::NotOurs);
+        assert_eq!(
+            ownership(&legacy, &without, &all),
+            Ownership::Class("a".into()),
+            "no opt-in: the default class, as before"
+        );
+        let with = vec![class("a", true), adopting.clone()];
+        assert_eq!(ownership(&lbc, &with, &all), Ownership::Class("m".into()));
+        assert_eq!(
+            ownership(&legacy, &with, &all),
+            Ownership::Class("m".into())
+        );
+        assert_eq!(ownership(&lbc, &with, &only_b), Ownership::NotOurs);
+        assert_eq!(
+            ownership(&legacy, &with, &only_b),
+            Ownership::NotOurs,
+            "another controller's class adopts it"
+        );
+        let mut second = (*adopting).clone();
+        second.metadata.name = Some("n".into());
+        let conflict = vec![class("a", true), adopting, Arc::new(second)];
+        assert_eq!(ownership(&lbc, &conflict, &all), Ownership::NotOurs);
+        assert_eq!(ownership(&legacy, &conflict, &all), Ownership::NotOurs);
     }
 
     #[test]

@@ -76,6 +76,22 @@ pub const TABLE: &[Annotation] = &[
         },
     },
     Annotation {
+        key: annotations::LB_TYPE,
+        group: Group::TargetGroup,
+        values: "external | nlb-ip (ip targets) | nlb",
+        apply: |d, v| {
+            let options = [
+                ("external", None),
+                ("nlb", None),
+                ("nlb-ip", Some(TargetType::Ip)),
+            ];
+            if let Some(t) = one_of(v, &options)? {
+                d.settings.target_type = t;
+            }
+            Ok(())
+        },
+    },
+    Annotation {
         key: annotations::NLB_TARGET_TYPE,
         group: Group::TargetGroup,
         values: "instance | ip",
@@ -719,6 +735,7 @@ pub(crate) mod tests {
         Some(match key {
             annotations::SCHEME => ("internet-facing", vec![]),
             annotations::NLB_TARGET_TYPE => ("ip", vec![]),
+            annotations::LB_TYPE => ("nlb-ip", vec![]),
             annotations::IP_ADDRESS_TYPE => ("dualstack", vec![]),
             annotations::NAME => ("my-nlb", vec![]),
             annotations::SUBNETS => ("subnet-1, subnet-2", vec![]),

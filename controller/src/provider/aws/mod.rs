@@ -2,8 +2,10 @@
 //! ([`settings`]), naming ([`naming`]), the pure desired model ([`model`]), diff and apply
 //! ([`deploy`]) over a client trait ([`api`], the SDK in [`client`]) that the leader
 //! reaches only through the fence ([`fenced`]), subnets ([`subnets`]), the inventory
-//! ([`inventory`]) and the orphan sweep ([`gc`]).
+//! ([`inventory`]), the orphan sweep ([`gc`]) and taking over the AWS Load Balancer
+//! Controller's NLBs ([`adopt`]).
 
+pub mod adopt;
 pub mod annotations;
 pub mod api;
 pub mod client;
@@ -411,7 +413,11 @@ impl<A: AwsApi> AwsProvider<A> {
     }
 
     async fn ensure_now(&self, svc: &Service, class: &LoadBalancerClass) -> Outcome {
-        let (desired, identity, skipped) = match self.desire(svc, class).await {
+        let adopting = adopts(svc, class);
+        if adopting && let Some(why) = adopt::blocked(svc) {
+            return Outcome::invalid(adopt::ADOPTION_BLOCKED, why);
+        }
+        let (mut desired, identity, skipped) = match self.desire(svc, class).await {
             Ok(d) => d,
             Err(out) => return out,
         };
@@ -425,6 +431,9 @@ impl<A: AwsApi> AwsProvider<A> {
             identity: &identity,
             uid: &uid,
         };
+        if adopting && let Err(e) = self.adopt(svc, &mut desired, owner).await {
+            return failed(&e.into());
+        }
         let annotations = svc.annotations();
         let gate = |r: &replacement::Replacement| replacement::acknowledged(annotations, r);
         let applied = deploy::ensure_gated(&self.aws, &self.inventory, &desired, owner, &gate);
@@ -477,6 +486,24 @@ impl<A: AwsApi> AwsProvider<A> {
                 recent.remove(uid);
             }
         }
+    }
+
+    /// Takes over the NLB the AWS Load Balancer Controller made for the Service, if any:
+    /// `desired` gets its names, and it gets berth's tags.
+    async fn adopt(
+        &self,
+        svc: &Service,
+        desired: &mut DesiredLoadBalancer,
+        owner: Owner<'_>,
+    ) -> Result<(), AwsError> {
+        let stack = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
+        let cluster = &self.config.cluster_name;
+        let Some(found) = adopt::find(&self.aws, &self.inventory, owner, cluster, &stack).await?
+        else {
+            return Ok(());
+        };
+        adopt::take_names(desired, &found);
+        adopt::take_over(&self.aws, &self.inventory, &found, desired, owner).await
     }
 
     /// What [`Provider::ensure`] would write to AWS for the Service, computed by the same
@@ -535,7 +562,19 @@ impl<A: AwsApi> AwsProvider<A> {
                     identity: &identity,
                     uid: &uid,
                 };
-                deploy::remove(&self.aws, &self.inventory, owner, &names, keep_protection).await
+                // Still alive but no longer berth's: what was adopted goes back as it was.
+                let handed = if deleting {
+                    Ok(0)
+                } else {
+                    adopt::hand_back(&self.aws, &self.inventory, owner).await
+                };
+                match handed {
+                    Ok(_) => {
+                        deploy::remove(&self.aws, &self.inventory, owner, &names, keep_protection)
+                            .await
+                    }
+                    Err(e) => Err(e.into()),
+                }
             }
             Err(e) => Err(e.into()),
         };
@@ -601,6 +640,17 @@ impl<A: AwsApi> AwsProvider<A> {
             Err(e) => tracing::warn!(error = %e, "orphan sweep failed"),
         }
     }
+}
+
+/// Whether the Service is one the AWS Load Balancer Controller would serve and its class
+/// opts in to adopting that controller's NLBs. Pure.
+fn adopts(svc: &Service, class: &LoadBalancerClass) -> bool {
+    adopt::lbc_serves(svc)
+        && class
+            .spec
+            .aws
+            .as_ref()
+            .is_some_and(|a| a.adopts(berth_crds::AdoptSource::AwsLoadBalancerController))
 }
 
 /// The class's policy over the Service's annotations: an `allowedOverrides` entry naming
@@ -707,6 +757,30 @@ impl<A: AwsApi + 'static> Provider for AwsProvider<A> {
                 reason: reason::INVALID_SPEC,
                 message: format!("allowedOverrides entries {unknown:?} name nothing"),
                 addresses: None,
+            };
+        }
+        let lbc = berth_crds::AdoptSource::AwsLoadBalancerController;
+        if class.spec.aws.as_ref().is_some_and(|a| a.adopts(lbc)) {
+            return match adopt::adopter(&self.stores.classes.state()) {
+                adopt::Adopter::Conflict(names) => Verdict {
+                    accepted: false,
+                    reason: adopt::ADOPT_CONFLICT,
+                    message: format!(
+                        "adoptFrom [{}] is set on classes {}: none of them adopts until only one does (their berth.dev/ Services are still served)",
+                        adopt::FROM_LBC,
+                        names.join(", ")
+                    ),
+                    addresses: None,
+                },
+                _ => Verdict {
+                    accepted: true,
+                    reason: "Accepted",
+                    message: format!(
+                        "aws provider; serves {} Services and adopts the NLBs the AWS Load Balancer Controller made for them",
+                        adopt::LBC_CLASS
+                    ),
+                    addresses: None,
+                },
             };
         }
         Verdict {
@@ -981,6 +1055,180 @@ mod tests {
         assert!(
             calls.iter().any(|c| c.starts_with("CreateLoadBalancer")),
             "{calls:?}"
+        );
+    }
+
+    /// Makes, in the fake, the NLB + target group + listener the AWS Load Balancer
+    /// Controller makes for `shop/web` of cluster `cluster`, named with `suffix`.
+    async fn lbc_made(p: &AwsProvider<FakeAws>, cluster: &str, suffix: &str) -> (String, String) {
+        use adopt::lbc_tags;
+        let lbc = |resource: &str| {
+            BTreeMap::from([
+                (lbc_tags::CLUSTER.to_string(), cluster.to_string()),
+                (lbc_tags::STACK.to_string(), "shop/web".to_string()),
+                (lbc_tags::RESOURCE.to_string(), resource.to_string()),
+            ])
+        };
+        let tg = model::DesiredTargetGroup {
+            name: format!("k8s-shop-web-tg{suffix}"),
+            protocol: "TCP".into(),
+            port: 30080,
+            target_type: TargetType::Instance,
+            vpc_id: "vpc-1".into(),
+            health_check: annotations::HealthCheck::default_tcp(),
+            attributes: BTreeMap::new(),
+            tags: lbc("shop/web:80"),
+            targets: Default::default(),
+        };
+        let listener = model::DesiredListener {
+            port: 80,
+            protocol: "TCP".into(),
+            certificate: None,
+            ssl_policy: None,
+            target_group: tg.name.clone(),
+        };
+        let lb = DesiredLoadBalancer {
+            name: format!("k8s-shop-web-lb{suffix}"),
+            scheme: Scheme::InternetFacing,
+            ip_address_type: model::IpAddressType::Ipv4,
+            subnets: vec!["subnet-a".into(), "subnet-b".into()],
+            security_groups: Vec::new(),
+            tags: lbc(adopt::lbc_tags::LOAD_BALANCER),
+            attributes: BTreeMap::new(),
+            listeners: vec![listener.clone()],
+            target_groups: vec![tg.clone()],
+        };
+        let aws = p.aws.inner();
+        let lb = aws.create_load_balancer(&lb).await.expect("lb");
+        let tg = aws.create_target_group(&tg).await.expect("tg");
+        aws.create_listener(&lb.arn, &listener, &tg.arn)
+            .await
+            .expect("listener");
+        aws.take_calls();
+        (lb.arn, tg.arn)
+    }
+
+    fn lbc_service(finalizers: &[&str]) -> Service {
+        let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        svc.metadata.uid = Some("u1".into());
+        svc.metadata.finalizers = Some(finalizers.iter().map(|f| f.to_string()).collect());
+        if let Some(spec) = svc.spec.as_mut() {
+            spec.load_balancer_class = Some(adopt::LBC_CLASS.into());
+        }
+        svc
+    }
+
+    #[tokio::test]
+    async fn an_lbc_nlb_is_adopted_kept_handed_back_and_deleted() {
+        let p = provider(Fence::unfenced());
+        let adopting = class_with(serde_json::json!({
+            "scheme": "internet-facing", "adoptFrom": ["aws-load-balancer-controller"]
+        }));
+        let (lb, tg) = lbc_made(&p, "c1", "").await;
+        let (other_lb, other_tg) = lbc_made(&p, "another-cluster", "x").await;
+        let theirs = |p: &AwsProvider<FakeAws>| {
+            let s = p.aws.inner().state();
+            (s.lbs[&other_lb].tags.clone(), s.tgs[&other_tg].tags.clone())
+        };
+        let before = theirs(&p);
+
+        // LBC's finalizer still there: nothing is read or written.
+        let blocked = p
+            .ensure(&lbc_service(&[adopt::LBC_FINALIZER]), &adopting)
+            .await;
+        assert!(
+            matches!(&blocked.report, Report::Set { readiness, .. } if readiness.reason == adopt::ADOPTION_BLOCKED),
+            "{:?}",
+            blocked.report
+        );
+        assert!(p.aws.inner().take_calls().is_empty());
+
+        // Adopted: the same NLB and target group, berth's tags added, LBC's kept.
+        let svc = lbc_service(&[]);
+        let out = p.ensure(&svc, &adopting).await;
+        assert!(out.error.is_none(), "{:?}", out.error);
+        let Report::Set { ingress, .. } = &out.report else {
+            panic!("no status: {:?}", out.report);
+        };
+        assert_eq!(
+            *ingress,
+            Ingress::Set(hostname_ingress(&svc, "k8s-shop-web-lb.elb.fake"))
+        );
+        let calls = p.aws.inner().take_calls();
+        assert!(
+            !calls
+                .iter()
+                .any(|c| c.starts_with("Create") || c.starts_with("Delete")),
+            "{calls:?}"
+        );
+        {
+            let s = p.aws.inner().state();
+            assert_eq!((s.lbs.len(), s.tgs.len()), (2, 2), "nothing new");
+            let t = &s.lbs[&lb].tags;
+            assert_eq!(t[berth_crds::tags::SERVICE_UID], "u1");
+            assert_eq!(t[berth_crds::tags::CLUSTER_ID], "id-1");
+            assert_eq!(t[berth_crds::tags::ADOPTED_FROM], adopt::FROM_LBC);
+            assert_eq!(t[adopt::lbc_tags::STACK], "shop/web");
+            assert_eq!(s.tgs[&tg].tags[berth_crds::tags::SERVICE_UID], "u1");
+            let ids: Vec<&str> = s.tgs[&tg].targets.iter().map(|t| t.id.as_str()).collect();
+            assert_eq!(ids, vec!["i-1", "i-2"], "the nodes registered");
+        }
+        assert_eq!(theirs(&p), before, "another cluster's NLB was touched");
+        let again = p.ensure(&svc, &adopting).await;
+        assert!(again.error.is_none(), "{:?}", again.error);
+        assert_eq!(p.aws.inner().take_calls(), Vec::<String>::new());
+
+        // No longer berth's (opt-in removed): handed back, nothing deleted.
+        let released = p.release(&svc, false).await;
+        assert!(released.error.is_none(), "{:?}", released.error);
+        {
+            let s = p.aws.inner().state();
+            assert_eq!(s.lbs.len(), 2);
+            assert!(!s.lbs[&lb].tags.contains_key(berth_crds::tags::SERVICE_UID));
+            assert!(!s.tgs[&tg].tags.contains_key(berth_crds::tags::CLUSTER_ID));
+            assert_eq!(s.lbs[&lb].tags[adopt::lbc_tags::STACK], "shop/web");
+        }
+
+        // Adopted again, then the Service deleted: the NLB and target group go.
+        assert!(p.ensure(&svc, &adopting).await.error.is_none());
+        let deleted = p.release(&svc, true).await;
+        assert!(deleted.error.is_none(), "{:?}", deleted.error);
+        let s = p.aws.inner().state();
+        assert!(!s.lbs.contains_key(&lb) && !s.tgs.contains_key(&tg));
+        assert!(s.lbs.contains_key(&other_lb) && s.tgs.contains_key(&other_tg));
+    }
+
+    #[tokio::test]
+    async fn without_the_opt_in_an_lbc_service_of_a_class_adopts_nothing() {
+        let p = provider(Fence::unfenced());
+        let (lb, _) = lbc_made(&p, "c1", "").await;
+        let out = p.ensure(&lbc_service(&[]), &class()).await;
+        assert!(out.error.is_none(), "{:?}", out.error);
+        let s = p.aws.inner().state();
+        assert!(!s.lbs[&lb].tags.contains_key(berth_crds::tags::SERVICE_UID));
+        assert_eq!(s.lbs.len(), 2, "a new NLB of berth's own");
+    }
+
+    #[tokio::test]
+    async fn two_adopting_classes_are_a_conflict_in_both_statuses() {
+        let p = provider(Fence::unfenced());
+        let adopting = |name: &str| {
+            let mut c =
+                class_with(serde_json::json!({"adoptFrom": ["aws-load-balancer-controller"]}));
+            c.metadata.name = Some(name.into());
+            c
+        };
+        assert!(p.verdict(&adopting("a")).accepted);
+        let mut stores = p.stores.clone();
+        stores.classes = crate::stores::testing::filled(vec![adopting("a"), adopting("b")]);
+        let p = AwsProvider { stores, ..p };
+        let v = p.verdict(&adopting("a"));
+        assert!(!v.accepted);
+        assert_eq!(v.reason, adopt::ADOPT_CONFLICT);
+        assert!(v.message.contains("a, b"), "{}", v.message);
+        assert!(
+            p.verdict(&class()).accepted,
+            "a class without adoptFrom is fine"
         );
     }
 

@@ -8,7 +8,14 @@ target starts ``initial``, turns ``healthy`` after HealthyThresholdCount passes 
 Each listener gets a forwarder on ``BERTH_LISTENER_HOST`` (default: the gateway's host)
 at a free port; TCP_UDP listeners get TCP and UDP on the same port. Connections go to a
 random healthy target of the listener's target group; when no target is healthy, to any
-registered target (AWS NLBs "fail open" the same way). TLS listeners terminate TLS with
+unhealthy one (AWS NLBs "fail open" the same way). A target still in ``initial`` (being
+registered) or ``draining`` gets no new connections.
+
+A deregistered target drains as on AWS: DescribeTargetHealth reports it ``draining`` for
+the target group's ``deregistration_delay.timeout_seconds`` (default 300), it gets no new
+connections, and the connections it already has go on (unless
+``deregistration_delay.connection_termination.enabled`` is true: then they are closed when
+the delay ends). Registering it again ends the draining. TLS listeners terminate TLS with
 their certificate (an IAM server certificate; moto keeps its key) and relay the plain
 stream, as an NLB TLS listener with a TCP target group does.
 """
@@ -73,11 +80,68 @@ def _codes_match(matcher, status):
     return False
 
 
+def _tg_attribute(tg, key, default):
+    return (getattr(tg, "attributes", None) or {}).get(key, default)
+
+
 class HealthMonitor:
     def __init__(self):
         self._state = {}  # (tg arn, id, port) -> dict(state, ok, fail)
+        self._draining = {}  # (tg arn, id, port) -> (monotonic end, close connections)
+        self._conns = {}  # (tg arn, id, port) -> set of relayed sockets
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="berth-hc")
+
+    def deregistered(self, tg, targets):
+        """Starts draining the targets just deregistered from ``tg``."""
+        try:
+            delay = int(_tg_attribute(tg, "deregistration_delay.timeout_seconds", "300"))
+        except (TypeError, ValueError):
+            delay = 300
+        close = str(_tg_attribute(tg, "deregistration_delay.connection_termination.enabled", "false")).lower()
+        end = time.monotonic() + max(delay, 0)
+        with self._lock:
+            for t in targets:
+                key = (tg.arn, t["Id"], int(t.get("Port") or tg.port))
+                self._draining[key] = (end, close == "true")
+                self._state.pop(key, None)
+
+    def registered(self, tg_arn, targets, default_port):
+        """Registering a draining target again ends its draining."""
+        with self._lock:
+            for t in targets:
+                self._draining.pop((tg_arn, t["Id"], int(t.get("Port") or default_port)), None)
+
+    def draining(self, tg_arn):
+        """[(id, port)] of the targets of ``tg_arn`` still draining."""
+        self._expire()
+        with self._lock:
+            return [(k[1], k[2]) for k in self._draining if k[0] == tg_arn]
+
+    def _expire(self):
+        now = time.monotonic()
+        with self._lock:
+            done = [(k, close) for k, (end, close) in self._draining.items() if end <= now]
+            for k, _ in done:
+                del self._draining[k]
+            cut = [s for k, close in done if close for s in self._conns.pop(k, ())]
+        for s in cut:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def track(self, key, sock):
+        with self._lock:
+            self._conns.setdefault(key, set()).add(sock)
+
+    def untrack(self, key, sock):
+        with self._lock:
+            conns = self._conns.get(key)
+            if conns is not None:
+                conns.discard(sock)
+                if not conns:
+                    del self._conns[key]
 
     def health(self, tg_arn, target_id, port):
         """TargetHealth for DescribeTargetHealth, or None to keep moto's answer."""
@@ -153,6 +217,7 @@ class HealthMonitor:
                     st["state"] = "unhealthy"
 
     def round(self):
+        self._expire()
         seen = set()
         futures = []
         for _account, _region, backend, ec2 in _backends():
@@ -178,21 +243,25 @@ class HealthMonitor:
                 del self._state[key]
 
     def targets_for(self, tg_arn):
-        """[(address, port)] of the healthy targets, or of all when none is healthy."""
+        """[(address, port, key)] of the healthy targets, or of the unhealthy ones when
+        none is healthy; targets being registered (``initial``) get nothing."""
         for _account, _region, backend, ec2 in _backends():
             tg = backend.target_groups.get(tg_arn)
             if tg is None:
                 continue
-            all_targets, healthy = [], []
+            unhealthy, healthy = [], []
             for t in list(tg.targets.values()):
                 port = int(t.get("Port") or tg.port)
                 address = _target_address(ec2, t["Id"])
                 if not address:
                     continue
-                all_targets.append((address, port))
-                if self.state((tg_arn, t["Id"], port)) == "healthy":
-                    healthy.append((address, port))
-            return healthy or all_targets
+                key = (tg_arn, t["Id"], port)
+                state = self.state(key)
+                if state == "healthy":
+                    healthy.append((address, port, key))
+                elif state == "unhealthy":
+                    unhealthy.append((address, port, key))
+            return healthy or unhealthy
         return []
 
 
@@ -371,17 +440,23 @@ class Forwarder:
         if target is None:
             client.close()
             return
+        address, port, key = target
         try:
-            upstream = socket.create_connection(target, timeout=3)
+            upstream = socket.create_connection((address, port), timeout=3)
             upstream.settimeout(None)
         except OSError:
             client.close()
             return
-        if self.protocol == "TLS":
-            _relay_one_thread(client, upstream)
-        else:
-            threading.Thread(target=_pipe, args=(client, upstream), daemon=True).start()
-            _pipe(upstream, client)
+        # Known per target, so the end of a draining can close them when asked to.
+        MONITOR.track(key, upstream)
+        try:
+            if self.protocol == "TLS":
+                _relay_one_thread(client, upstream)
+            else:
+                threading.Thread(target=_pipe, args=(client, upstream), daemon=True).start()
+                _pipe(upstream, client)
+        finally:
+            MONITOR.untrack(key, upstream)
 
     def _serve_udp(self):
         flows = {}  # client address -> (upstream socket, last use)
@@ -396,7 +471,7 @@ class Forwarder:
                 if target is None:
                     continue
                 upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                upstream.connect(target)
+                upstream.connect(target[:2])
                 threading.Thread(target=self._udp_replies, args=(upstream, client), daemon=True).start()
                 flows[client] = upstream
                 flow = upstream

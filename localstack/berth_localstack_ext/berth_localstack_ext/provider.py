@@ -6,6 +6,9 @@ additions that make it trustworthy for berth's tests (see dataplane.py for the f
 - DescribeTargetHealth reports the result of real health checks against the registered
   targets (instance targets at the instance's private IP, ip targets at the IP) instead of
   moto's "always healthy".
+- A deregistered target drains for the target group's deregistration delay: listed as
+  ``draining`` by DescribeTargetHealth, no new connections, existing ones kept
+  (dataplane.py).
 - Each listener is served: a forwarder bound on the gateway's host address at a port of
   its own relays TCP and/or UDP to a healthy target (TLS listeners terminate TLS with their
   IAM server certificate first). The addresses are listed at
@@ -44,11 +47,45 @@ def _forward_to_moto(context, _request):
 def _describe_target_health(context, request):
     response = call_moto(context)
     tg_arn = request.get("TargetGroupArn")
-    for desc in response.get("TargetHealthDescriptions", []) or []:
+    descriptions = response.get("TargetHealthDescriptions", []) or []
+    for desc in descriptions:
         target = desc.get("Target") or {}
         health = dataplane.MONITOR.health(tg_arn, target.get("Id"), target.get("Port"))
         if health is not None:
             desc["TargetHealth"] = health
+    if not request.get("Targets"):
+        listed = {((d.get("Target") or {}).get("Id"), int((d.get("Target") or {}).get("Port") or 0)) for d in descriptions}
+        for target_id, port in dataplane.MONITOR.draining(tg_arn):
+            if (target_id, port) in listed:
+                continue
+            descriptions.append(
+                {
+                    "Target": {"Id": target_id, "Port": port},
+                    "HealthCheckPort": str(port),
+                    "TargetHealth": {
+                        "State": "draining",
+                        "Reason": "Target.DeregistrationInProgress",
+                        "Description": "Target deregistration is in progress",
+                    },
+                }
+            )
+        response["TargetHealthDescriptions"] = descriptions
+    return response
+
+
+def _register_targets(context, request):
+    response = call_moto(context)
+    tg = _backend(context).target_groups.get(request.get("TargetGroupArn"))
+    if tg is not None:
+        dataplane.MONITOR.registered(tg.arn, request.get("Targets") or [], tg.port)
+    return response
+
+
+def _deregister_targets(context, request):
+    tg = _backend(context).target_groups.get(request.get("TargetGroupArn"))
+    response = call_moto(context)
+    if tg is not None:
+        dataplane.MONITOR.deregistered(tg, request.get("Targets") or [])
     return response
 
 
@@ -169,6 +206,8 @@ def elbv2():
     spec = load_service("elbv2")
     dispatch = {name: _forward_to_moto for name in spec.operation_names}
     dispatch["DescribeTargetHealth"] = _describe_target_health
+    dispatch["RegisterTargets"] = _register_targets
+    dispatch["DeregisterTargets"] = _deregister_targets
     dispatch["CreateLoadBalancer"] = _create_load_balancer
     dispatch["CreateListener"] = _create_listener
     dispatch["ModifyListener"] = _modify_listener

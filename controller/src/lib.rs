@@ -25,7 +25,7 @@ use berth_crds::{LABEL_SERVICE_NAME, LoadBalancerClass};
 use berth_runtime::Fence;
 use berth_runtime::watch::{self, Change, Fingerprints};
 use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Node, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
@@ -36,6 +36,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 
 pub use config::Config;
+use provider::aws::readiness::{self, Gates};
 use provider::aws::{AwsProvider, client::Aws};
 use provider::pool::PoolProvider;
 use provider::{Provider, Registry};
@@ -233,6 +234,71 @@ fn watch_slices(client: &Client, tx: &Trigger) -> Store<EndpointSlice> {
     slices
 }
 
+/// What about a gated pod matters to its Services and its gate: labels, address,
+/// readiness of its containers and of berth's gate, termination. Pure.
+pub fn pod_fingerprint(pod: &Pod) -> String {
+    let status = pod.status.as_ref();
+    let conditions: Vec<String> = status
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|c| c.type_ == "ContainersReady" || c.type_ == berth_crds::CONDITION_TARGET_HEALTH)
+        .map(|c| format!("{}={}", c.type_, c.status))
+        .collect();
+    format!(
+        "{:?}|{:?}|{:?}|{}",
+        pod.labels(),
+        status.and_then(|s| s.pod_ip.as_deref()),
+        conditions,
+        pod.metadata.deletion_timestamp.is_some()
+    )
+}
+
+/// A change of a pod with berth's readiness gate queues the LoadBalancer Services
+/// selecting it (a pod only waiting for the gate is registered although its endpoint is
+/// not ready) and wakes the gate writer.
+fn watch_pods(
+    client: &Client,
+    services: &Store<Service>,
+    tx: &Trigger,
+    gates: &Arc<Gates>,
+) -> Store<Pod> {
+    let (pods, writer) = reflector::store::<Pod>();
+    let (s, t, g, mut prints) = (
+        services.clone(),
+        tx.clone(),
+        gates.clone(),
+        Fingerprints::default(),
+    );
+    tokio::spawn(watch::feed(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        writer,
+        move |c| {
+            // Pods without the gate are tracked through their EndpointSlices already.
+            let print = |p: &Pod| {
+                if readiness::has_gate(p) {
+                    pod_fingerprint(p)
+                } else {
+                    String::new()
+                }
+            };
+            let delta = prints.observe(&c, print);
+            let (Change::Applied(pod) | Change::Deleted(pod)) = c else {
+                return;
+            };
+            if delta.is_none() || !readiness::has_gate(pod) {
+                return;
+            }
+            for svc in s.state().iter().filter(|svc| readiness::selects(svc, pod)) {
+                let _ = t.unbounded_send(ObjectRef::from_obj(svc.as_ref()));
+            }
+            g.wake();
+        },
+    ));
+    pods
+}
+
 /// A class spec change re-checks every Service and the class status; the class status
 /// berth writes itself must not re-trigger, so only the generation counts.
 fn watch_classes(
@@ -298,6 +364,7 @@ async fn context(
     fence: Fence,
     tx: Trigger,
     metrics: Arc<metrics::Metrics>,
+    gates: Arc<Gates>,
 ) -> Arc<service::Context> {
     let reporter = Reporter {
         controller: berth_crds::CONTROLLER_MANAGER.into(),
@@ -319,7 +386,8 @@ async fn context(
         config.clone(),
         client.clone(),
         metrics.clone(),
-    );
+    )
+    .with_gates(gates);
     let pool = PoolProvider::new(stores.clone(), tx);
     let providers: Vec<Arc<dyn Provider>> = vec![Arc::new(pool), Arc::new(aws)];
     let registry = Registry::new(providers);
@@ -349,7 +417,7 @@ fn stop_signal(
 }
 
 /// Work besides the reconciler while leading; all of it stops when leadership is lost.
-fn spawn_leader_work(ctx: &Arc<service::Context>, class_wake: Arc<Notify>) {
+fn spawn_leader_work(ctx: &Arc<service::Context>, class_wake: Arc<Notify>, gates: Arc<Gates>) {
     let token = ctx.writer.fence().token();
     let c = ctx.clone();
     tokio::spawn(async move {
@@ -360,6 +428,13 @@ fn spawn_leader_work(ctx: &Arc<service::Context>, class_wake: Arc<Notify>) {
     });
     class_wake.notify_one();
     tokio::spawn(class::run(ctx.clone(), class_wake));
+    let (c, token) = (ctx.clone(), ctx.writer.fence().token());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = token.cancelled() => {}
+            () = readiness::run(c, gates) => {}
+        }
+    });
 }
 
 /// Serves `/healthz`, `/readyz` and `/metrics` on the admin address.
@@ -452,6 +527,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let events = service_events(&client, services_writer, synced_tx, class_wake.clone());
     let controller = Controller::for_stream(events, services.clone());
     let (nodes, slices, classes, namespaces) = spawn_watches(&client, &services, &tx, &class_wake);
+    let gates = Arc::new(Gates::default());
+    let pods = watch_pods(&client, &services, &tx, &gates);
     let _ = futures::join!(
         nodes.wait_until_ready(),
         slices.wait_until_ready(),
@@ -465,6 +542,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         slices,
         classes,
         namespaces,
+        pods,
     };
     metrics.ready.store(true, Ordering::Relaxed);
     tracing::info!(%identity, "watches synced; waiting for leadership");
@@ -491,10 +569,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         fence,
         tx,
         metrics.clone(),
+        gates.clone(),
     )
     .await;
     ctx.providers.prepare().await;
-    spawn_leader_work(&ctx, class_wake);
+    spawn_leader_work(&ctx, class_wake, gates);
     let (lost_tx, lost_rx) = futures::channel::oneshot::channel::<bool>();
     let shutdown = stop.map(move |r| {
         let _ = lost_tx.send(r.unwrap_or(false));

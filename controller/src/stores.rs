@@ -2,7 +2,7 @@
 //! watches `run` wires, and the queue that asks for a Service reconcile.
 
 use futures::FutureExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{ObjectRef, Store};
 
@@ -21,6 +21,9 @@ pub struct Stores {
     pub slices: Store<EndpointSlice>,
     pub classes: Store<LoadBalancerClass>,
     pub namespaces: Store<Namespace>,
+    /// Pods, for readiness gates (`provider::aws::readiness`); not awaited before
+    /// reconciling: a pod not seen yet is only registered a little later.
+    pub pods: Store<Pod>,
 }
 
 impl Stores {
@@ -80,6 +83,7 @@ impl Stores {
             slices: filled(slices),
             classes: filled(classes),
             namespaces: filled(namespaces),
+            pods: filled(Vec::new()),
         }
     }
 }

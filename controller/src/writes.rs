@@ -23,6 +23,7 @@ pub enum Write {
     NodePorts,
     Event,
     ClassStatus,
+    PodCondition,
 }
 
 impl Write {
@@ -33,6 +34,7 @@ impl Write {
             Write::NodePorts => "node_ports",
             Write::Event => "event",
             Write::ClassStatus => "class_status",
+            Write::PodCondition => "pod_condition",
         }
     }
 }
@@ -126,6 +128,24 @@ impl Writer {
     {
         self.allow(what)?;
         api.patch(name, &PatchParams::default(), &Patch::Merge(body))
+            .await
+            .map_err(|e| WriteError::Kube(what, e))
+    }
+
+    /// A strategic merge patch of a status subresource: a Pod condition is merged by its
+    /// type, next to the kubelet's own (a server-side apply would take over the list).
+    pub async fn strategic_status<K>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        body: serde_json::Value,
+        what: Write,
+    ) -> Result<K, WriteError>
+    where
+        K: Clone + DeserializeOwned + Debug,
+    {
+        self.allow(what)?;
+        api.patch_status(name, &PatchParams::default(), &Patch::Strategic(body))
             .await
             .map_err(|e| WriteError::Kube(what, e))
     }

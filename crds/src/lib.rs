@@ -33,6 +33,12 @@ pub const LABEL_EXCLUDE_FROM_LB: &str = "node.kubernetes.io/exclude-from-externa
 pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
 /// Label joining an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Pod condition (and readiness gate) berth sets True once the pod's target is healthy in
+/// every target group of each berth `ip`-target Service selecting it.
+pub const CONDITION_TARGET_HEALTH: &str = "target-health.berth.dev/load-balancer";
+/// Namespace label (`enabled`) under which the chart's MutatingAdmissionPolicy gives new
+/// pods the [`CONDITION_TARGET_HEALTH`] readiness gate.
+pub const LABEL_READINESS_GATE_INJECT: &str = "berth.dev/readiness-gate-inject";
 
 /// Tags berth puts on every AWS resource it creates.
 pub mod tags {

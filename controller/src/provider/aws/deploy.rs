@@ -66,27 +66,68 @@ pub fn attribute_changes(
         .collect()
 }
 
-/// Targets to register and to deregister. Draining or unused targets count as absent. Pure.
-pub fn target_changes(
+/// What to do with one target group's targets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TargetPlan {
+    pub register: Vec<Target>,
+    pub deregister: Vec<Target>,
+    /// Registered, no longer wanted, but kept until the wanted targets are healthy.
+    pub held: Vec<Target>,
+}
+
+/// Targets to register, to deregister and to keep for now. New targets are registered at
+/// once; a registered target that is no longer wanted but whose endpoint still serves
+/// (terminating, in `serving`) is deregistered only once every wanted target is healthy
+/// (and there is one), so the group never trades healthy targets for ones still being
+/// registered; the reconcile looks again meanwhile. A target whose endpoint is gone or no
+/// longer serves goes at once: nothing is served by keeping it. Draining or unused targets
+/// count as absent. Pure.
+pub fn target_plan(
     desired: &BTreeSet<Target>,
+    serving: &BTreeSet<Target>,
     actual: &[TargetState],
-) -> (Vec<Target>, Vec<Target>) {
-    let present: BTreeSet<&Target> = actual
+) -> TargetPlan {
+    let present: BTreeMap<&Target, &str> = actual
         .iter()
         .filter(|t| !matches!(t.state.as_str(), "draining" | "unused"))
-        .map(|t| &t.target)
+        .map(|t| (&t.target, t.state.as_str()))
         .collect();
-    let register = desired
+    let register: Vec<Target> = desired
         .iter()
-        .filter(|t| !present.contains(t))
+        .filter(|t| !present.contains_key(t))
         .cloned()
         .collect();
-    let deregister = present
-        .into_iter()
-        .filter(|t| !desired.contains(*t))
-        .cloned()
-        .collect();
-    (register, deregister)
+    // Without a listener (unused) nothing is served, so there is nothing to protect.
+    let unused = actual.iter().any(|t| t.state == "unused");
+    let replaced = unused
+        || (!desired.is_empty()
+            && desired
+                .iter()
+                .all(|t| present.get(t).is_some_and(|s| *s == "healthy")));
+    let mut plan = TargetPlan {
+        register,
+        ..TargetPlan::default()
+    };
+    for t in present.into_keys().filter(|t| !desired.contains(*t)) {
+        if serving.contains(t) && !replaced {
+            plan.held.push(t.clone());
+        } else {
+            plan.deregister.push(t.clone());
+        }
+    }
+    plan
+}
+
+/// Whether a target group is still changing in a way the reconcile must watch: a wanted
+/// target not registered yet or still in its initial health checks, or a target held for
+/// its replacement. Pure.
+pub fn settling(desired: &BTreeSet<Target>, actual: &[TargetState], plan: &TargetPlan) -> bool {
+    let initial = desired.iter().any(|d| {
+        !actual
+            .iter()
+            .any(|a| a.target == *d && !matches!(a.state.as_str(), "initial" | "draining"))
+    });
+    !plan.held.is_empty() || initial
 }
 
 /// Whether the health check must be modified. An answer without success codes says
@@ -140,6 +181,10 @@ pub struct Applied {
     pub lb: LbInfo,
     /// Per target group name: (healthy, total) targets.
     pub health: BTreeMap<String, (usize, usize)>,
+    /// Per target group name: the targets' states, read before this pass changed them.
+    pub targets: BTreeMap<String, Vec<TargetState>>,
+    /// A target is being registered or held for its replacement: look again soon.
+    pub settling: bool,
 }
 
 /// Finds the load balancer named `name` with its tags; one that is not this Service's
@@ -599,14 +644,22 @@ async fn sync_tags<A: AwsApi>(
     Ok(())
 }
 
-/// Step 4: each target group's health check, attributes and targets. Answers (healthy,
-/// total) targets per target group name.
+/// What [`sync_target_groups`] found.
+#[derive(Default)]
+struct TargetHealth {
+    health: BTreeMap<String, (usize, usize)>,
+    targets: BTreeMap<String, Vec<TargetState>>,
+    settling: bool,
+}
+
+/// Step 4: each target group's health check, attributes and targets (registered before
+/// others are deregistered: [`target_plan`]).
 async fn sync_target_groups<A: AwsApi>(
     aws: &A,
     desired: &DesiredLoadBalancer,
     tgs: &TargetGroups,
-) -> Result<BTreeMap<String, (usize, usize)>, ApplyError> {
-    let mut health = BTreeMap::new();
+) -> Result<TargetHealth, ApplyError> {
+    let mut out = TargetHealth::default();
     for d in &desired.target_groups {
         let Some(tg) = tgs.by_name.get(&d.name) else {
             continue;
@@ -627,20 +680,26 @@ async fn sync_target_groups<A: AwsApi>(
         } else {
             aws.target_health(&tg.arn).await?
         };
-        let (register, deregister) = target_changes(&d.targets, &actual);
-        if !register.is_empty() {
-            aws.register_targets(&tg.arn, &register).await?;
+        let plan = target_plan(&d.targets, &d.serving, &actual);
+        if !plan.register.is_empty() {
+            aws.register_targets(&tg.arn, &plan.register).await?;
         }
-        if !deregister.is_empty() {
-            aws.deregister_targets(&tg.arn, &deregister).await?;
+        if !plan.deregister.is_empty() {
+            aws.deregister_targets(&tg.arn, &plan.deregister).await?;
         }
+        if !plan.held.is_empty() {
+            tracing::debug!(tg = %tg.name, held = ?plan.held, "terminating targets kept until their replacements are healthy");
+        }
+        out.settling |= settling(&d.targets, &actual, &plan);
         let healthy = actual
             .iter()
             .filter(|t| t.state == "healthy" && d.targets.contains(&t.target))
             .count();
-        health.insert(d.name.clone(), (healthy, d.targets.len()));
+        out.health
+            .insert(d.name.clone(), (healthy, d.targets.len()));
+        out.targets.insert(d.name.clone(), actual);
     }
-    Ok(health)
+    Ok(out)
 }
 
 /// Step 5: listeners: create or repoint, then delete the ones no port wants, except
@@ -769,7 +828,12 @@ pub async fn ensure_gated<A: AwsApi>(
     } else {
         aws.find_load_balancer(&desired.name).await?.unwrap_or(lb)
     };
-    Ok(Applied { lb, health })
+    Ok(Applied {
+        lb,
+        health: health.health,
+        targets: health.targets,
+        settling: health.settling,
+    })
 }
 
 /// Deletes every resource of the Service `owner`: load balancers named `names` (if they
@@ -851,11 +915,70 @@ mod tests {
             ts("i-3", 30080, "unhealthy"),
             ts("i-1", 30080, "draining"),
         ];
-        let (reg, dereg) = target_changes(&desired, &actual);
-        assert_eq!(reg, vec![t("i-1", 30080)]);
-        assert_eq!(dereg, vec![t("i-3", 30080)]);
+        let plan = target_plan(&desired, &BTreeSet::new(), &actual);
+        assert_eq!(plan.register, vec![t("i-1", 30080)]);
+        assert_eq!(plan.deregister, vec![t("i-3", 30080)]);
+        assert!(plan.held.is_empty());
         let steady = vec![ts("i-1", 30080, "initial"), ts("i-2", 30080, "healthy")];
-        assert_eq!(target_changes(&desired, &steady), (vec![], vec![]));
+        assert_eq!(
+            target_plan(&desired, &BTreeSet::new(), &steady),
+            TargetPlan::default()
+        );
+    }
+
+    #[test]
+    fn a_serving_target_leaves_only_after_every_replacement_is_healthy() {
+        let (old, new) = (t("10.0.0.1", 80), t("10.0.0.2", 80));
+        let desired = BTreeSet::from([new.clone()]);
+        let serving = BTreeSet::from([old.clone()]);
+        // The replacement is not even registered yet: register it, keep the old one.
+        let before = vec![ts("10.0.0.1", 80, "healthy")];
+        let plan = target_plan(&desired, &serving, &before);
+        assert_eq!(plan.register, vec![new.clone()]);
+        assert!(plan.deregister.is_empty());
+        assert_eq!(plan.held, vec![old.clone()]);
+        assert!(settling(&desired, &before, &plan));
+        // Registered, still in its initial checks: nothing changes.
+        let initial = vec![ts("10.0.0.1", 80, "healthy"), ts("10.0.0.2", 80, "initial")];
+        let plan = target_plan(&desired, &serving, &initial);
+        assert!(plan.register.is_empty() && plan.deregister.is_empty());
+        assert_eq!(plan.held, vec![old.clone()]);
+        // Healthy: now the old one goes (and drains).
+        let healthy = vec![ts("10.0.0.1", 80, "healthy"), ts("10.0.0.2", 80, "healthy")];
+        let plan = target_plan(&desired, &serving, &healthy);
+        assert_eq!(plan.deregister, vec![old.clone()]);
+        assert!(plan.held.is_empty());
+        assert!(!settling(&desired, &healthy, &plan));
+        // Draining counts as gone: it is not deregistered again.
+        let drained = vec![
+            ts("10.0.0.1", 80, "draining"),
+            ts("10.0.0.2", 80, "healthy"),
+        ];
+        assert_eq!(
+            target_plan(&desired, &serving, &drained),
+            TargetPlan::default()
+        );
+    }
+
+    #[test]
+    fn a_target_that_no_longer_serves_goes_at_once() {
+        let (old, new) = (t("10.0.0.1", 80), t("10.0.0.2", 80));
+        let desired = BTreeSet::from([new.clone()]);
+        let initial = vec![ts("10.0.0.1", 80, "healthy"), ts("10.0.0.2", 80, "initial")];
+        // Its endpoint is gone (or not serving): holding it would only send traffic to
+        // nothing.
+        let plan = target_plan(&desired, &BTreeSet::new(), &initial);
+        assert_eq!(plan.deregister, vec![old.clone()]);
+        assert!(plan.held.is_empty());
+        assert!(
+            settling(&desired, &initial, &plan),
+            "the new one is initial"
+        );
+        // Every endpoint terminating (no wanted target): the serving ones stay.
+        let none = BTreeSet::new();
+        let serving = BTreeSet::from([old.clone()]);
+        let plan = target_plan(&none, &serving, &[ts("10.0.0.1", 80, "healthy")]);
+        assert_eq!(plan.held, vec![old.clone()]);
     }
 
     #[test]
@@ -976,6 +1099,7 @@ mod tests {
                 subnets: &subnets,
                 nodes,
                 slices: &[],
+                gated_ready: &BTreeSet::new(),
             };
             let settings = settings(svc, &Default::default(), "c1").expect("settings");
             let mut d = build(svc, &settings, &world).expect("build");

@@ -370,6 +370,7 @@ mod tests {
                 subnets: &subnets,
                 nodes: &nodes,
                 slices: &[],
+                gated_ready: &BTreeSet::new(),
             };
             let s = settings(&svc, &Default::default(), "c1").expect("settings");
             let mut d = build(&svc, &s, &world).expect("build");
@@ -567,6 +568,7 @@ mod tests {
                 attributes: BTreeMap::new(),
                 tags: BTreeMap::new(),
                 targets: BTreeSet::new(),
+                serving: BTreeSet::new(),
             }
         }
     }

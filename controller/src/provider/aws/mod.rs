@@ -20,6 +20,7 @@ pub mod inventory;
 pub mod limits;
 pub mod model;
 pub mod naming;
+pub mod readiness;
 pub mod replacement;
 pub mod settings;
 pub mod subnets;
@@ -107,7 +108,13 @@ pub struct AwsProvider<A = client::Aws> {
     metrics: Arc<Metrics>,
     /// Resolved on first use: a controller without AWS classes never needs it.
     identity: OnceLock<Identity>,
+    /// Each `ip`-target Service's view of its pods' targets, for their readiness gates.
+    gates: Arc<readiness::Gates>,
 }
+
+/// Requeue while targets are being registered or held for their replacements: their
+/// health is only learnt by looking.
+const SETTLING: Duration = Duration::from_secs(2);
 
 fn uid(svc: &Service) -> String {
     svc.metadata.uid.clone().unwrap_or_default()
@@ -160,7 +167,27 @@ impl<A: AwsApi> AwsProvider<A> {
             client,
             metrics,
             identity: OnceLock::new(),
+            gates: Arc::default(),
         }
+    }
+
+    /// Shares the readiness-gate views with the gate writer.
+    pub fn with_gates(mut self, gates: Arc<readiness::Gates>) -> Self {
+        self.gates = gates;
+        self
+    }
+
+    /// The pods of the Service's namespace that wait only for berth's readiness gate.
+    fn gated_ready(&self, svc: &Service) -> BTreeSet<String> {
+        let ns = svc.namespace().unwrap_or_default();
+        self.stores
+            .pods
+            .state()
+            .iter()
+            .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+            .filter(|p| readiness::gated_ready(p))
+            .map(|p| format!("{ns}/{}", p.name_any()))
+            .collect()
     }
 
     /// This cluster's identity: `--cluster-id`, else the `kube-system` Namespace's UID.
@@ -395,12 +422,17 @@ impl<A: AwsApi> AwsProvider<A> {
             }
         };
         let (slices, nodes) = (self.slices_of(svc), self.stores.nodes.state());
+        let gated_ready = match settings.target_type {
+            TargetType::Ip => self.gated_ready(svc),
+            TargetType::Instance => BTreeSet::new(),
+        };
         let world = World {
             cluster: &self.config.cluster_name,
             vpc_id: &vpc,
             subnets: &subnets,
             nodes: &nodes,
             slices: &slices,
+            gated_ready: &gated_ready,
         };
         let mut desired = model::build(svc, &settings, &world).map_err(|e| match e {
             BuildError::NoSubnets => Outcome::invalid(reason::NO_SUBNETS, e.to_string()),
@@ -440,7 +472,19 @@ impl<A: AwsApi> AwsProvider<A> {
         let result = applied.await;
         self.remember(&uid, &desired, result.as_ref().ok());
         let out = match result {
-            Ok(applied) => applied_outcome(svc, &applied),
+            Ok(applied) => {
+                let ip = desired
+                    .target_groups
+                    .iter()
+                    .any(|t| t.target_type == TargetType::Ip);
+                if ip {
+                    let view = readiness::verdicts(&desired, &applied.targets);
+                    self.gates.record(&uid, view);
+                } else {
+                    self.gates.forget(&uid);
+                }
+                applied_outcome(svc, &applied)
+            }
             // The old load balancer stays as it is: the condition says what waits and how
             // to acknowledge it, once as an Event.
             Err(e @ ApplyError::ReplacementPending(_)) => {
@@ -467,7 +511,8 @@ impl<A: AwsApi> AwsProvider<A> {
         (was == desired && at.elapsed() < RECENT_APPLY).then(|| applied.clone())
     }
 
-    /// Keeps an apply that left the load balancer active; forgets the Service otherwise.
+    /// Keeps an apply that left the load balancer active and its targets settled; forgets
+    /// the Service otherwise (a settling apply must look at target health again).
     fn remember(
         &self,
         uid: &str,
@@ -478,7 +523,7 @@ impl<A: AwsApi> AwsProvider<A> {
             return;
         };
         recent.retain(|_, (_, at, _)| at.elapsed() < RECENT_APPLY);
-        match applied.filter(|a| a.lb.state == "active") {
+        match applied.filter(|a| a.lb.state == "active" && !a.settling) {
             Some(a) => {
                 recent.insert(uid.into(), (desired.clone(), Instant::now(), a.clone()));
             }
@@ -545,6 +590,7 @@ impl<A: AwsApi> AwsProvider<A> {
         if let Ok(mut recent) = self.recent.lock() {
             recent.remove(&uid(svc));
         }
+        self.gates.forget(&uid(svc));
         if !self.in_use() {
             return Outcome::done();
         }
@@ -708,7 +754,12 @@ fn applied_outcome(svc: &Service, applied: &deploy::Applied) -> Outcome {
             applied.lb.dns_name,
             targets.join(", ")
         );
-        Outcome::report(Readiness::ready(message), ingress)
+        let out = Outcome::report(Readiness::ready(message), ingress);
+        if applied.settling {
+            out.then(Next::Requeue(SETTLING))
+        } else {
+            out
+        }
     } else {
         let message = format!("load balancer {} is {}", applied.lb.name, applied.lb.state);
         Outcome::report(Readiness::not_ready(reason::PROVISIONING, message), ingress)

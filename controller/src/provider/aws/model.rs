@@ -50,6 +50,10 @@ pub struct DesiredTargetGroup {
     pub attributes: BTreeMap<String, String>,
     pub tags: BTreeMap<String, String>,
     pub targets: BTreeSet<Target>,
+    /// Targets of terminating endpoints that still serve: kept registered while the
+    /// targets replacing them are not healthy yet (`ip` targets; see
+    /// `deploy::target_plan`).
+    pub serving: BTreeSet<Target>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -74,6 +78,10 @@ pub struct World<'a> {
     pub subnets: &'a [String],
     pub nodes: &'a [std::sync::Arc<Node>],
     pub slices: &'a [std::sync::Arc<EndpointSlice>],
+    /// Pods (`namespace/name`) with berth's readiness gate whose containers are ready
+    /// (`readiness::gated_ready`): targets even while their endpoint is not ready, so
+    /// the gate can turn True once they are healthy.
+    pub gated_ready: &'a BTreeSet<String>,
 }
 
 /// The instance ID in an AWS providerID (`aws:///us-east-1a/i-0abc`).
@@ -133,31 +141,85 @@ fn is_pod(ep: &Endpoint) -> bool {
         .is_some_and(|r| r.kind.as_deref() == Some("Pod"))
 }
 
-/// Ready endpoints of the IPv4 slices (an endpoint without a ready condition counts as
-/// ready, as the EndpointSlice API says), with the slice they are in.
-fn ready_endpoints(
+/// Endpoints of the IPv4 slices, with the slice they are in.
+fn endpoints(
     slices: &[std::sync::Arc<EndpointSlice>],
 ) -> impl Iterator<Item = (&EndpointSlice, &Endpoint)> {
     slices
         .iter()
         .filter(|s| s.address_type == "IPv4")
         .flat_map(|s| s.endpoints.iter().flatten().map(move |ep| (s.as_ref(), ep)))
-        .filter(|(_, ep)| ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
 }
 
-/// Ready endpoint addresses of the Service port named `port_name` with `protocol`, with the
-/// port each endpoint listens on; endpoints that are not Pods only when `allow_non_pod`.
+/// Whether an endpoint is ready (one without a ready condition counts as ready, as the
+/// EndpointSlice API says).
+fn is_ready(ep: &Endpoint) -> bool {
+    ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
+}
+
+/// Ready endpoints of the IPv4 slices, with the slice they are in.
+fn ready_endpoints(
+    slices: &[std::sync::Arc<EndpointSlice>],
+) -> impl Iterator<Item = (&EndpointSlice, &Endpoint)> {
+    endpoints(slices).filter(|(_, ep)| is_ready(ep))
+}
+
+/// The `namespace/name` of the Pod behind an endpoint.
+fn pod_key(slice: &EndpointSlice, ep: &Endpoint) -> Option<String> {
+    let r = ep.target_ref.as_ref()?;
+    let ns = r.namespace.as_ref().or(slice.metadata.namespace.as_ref())?;
+    Some(format!("{ns}/{}", r.name.as_ref()?))
+}
+
+/// What an endpoint is to the target group: a target, a terminating endpoint still
+/// serving, or nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Target,
+    Serving,
+    Out,
+}
+
+fn role(slice: &EndpointSlice, ep: &Endpoint, gated_ready: &BTreeSet<String>) -> Role {
+    let c = ep.conditions.as_ref();
+    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+    if is_ready(ep) {
+        Role::Target
+    } else if terminating {
+        // `serving` absent: an older producer; such an endpoint is not known to serve.
+        if c.and_then(|c| c.serving).unwrap_or(false) {
+            Role::Serving
+        } else {
+            Role::Out
+        }
+    } else if pod_key(slice, ep).is_some_and(|k| gated_ready.contains(&k)) {
+        Role::Target
+    } else {
+        Role::Out
+    }
+}
+
+/// Endpoint addresses of the Service port named `port_name` with `protocol`, with the
+/// port each endpoint listens on: the targets (ready endpoints, and pods only waiting for
+/// berth's readiness gate) and the terminating endpoints still serving. Endpoints that
+/// are not Pods only when `allow_non_pod`.
 pub fn ip_targets(
     slices: &[std::sync::Arc<EndpointSlice>],
     port_name: &str,
     protocol: &str,
     allow_non_pod: bool,
-) -> BTreeSet<Target> {
-    let mut out = BTreeSet::new();
-    for (slice, ep) in ready_endpoints(slices) {
+    gated_ready: &BTreeSet<String>,
+) -> (BTreeSet<Target>, BTreeSet<Target>) {
+    let (mut targets, mut serving) = (BTreeSet::new(), BTreeSet::new());
+    for (slice, ep) in endpoints(slices) {
         if !allow_non_pod && !is_pod(ep) {
             continue;
         }
+        let out = match role(slice, ep, gated_ready) {
+            Role::Target => &mut targets,
+            Role::Serving => &mut serving,
+            Role::Out => continue,
+        };
         let number = slice.ports.iter().flatten().find_map(|p| {
             let matches = p.name.as_deref().unwrap_or("") == port_name
                 && p.protocol.as_deref().unwrap_or("TCP") == protocol;
@@ -171,7 +233,9 @@ pub fn ip_targets(
             });
         }
     }
-    out
+    // An address both ready and terminating (two slices mid-update) is a target.
+    serving.retain(|t| !targets.contains(t));
+    (targets, serving)
 }
 
 /// Addresses of ready endpoints that are not Pods: what [`ip_targets`] leaves out unless
@@ -289,16 +353,23 @@ fn health_check(settings: &Settings, spec: &ServiceSpec) -> Result<HealthCheck, 
 }
 
 impl Build<'_> {
-    fn targets(&self, group: &[&ServicePort], tg_port: i32) -> BTreeSet<Target> {
+    /// The targets, and the terminating ones still serving (`ip` targets).
+    fn targets(
+        &self,
+        group: &[&ServicePort],
+        tg_port: i32,
+    ) -> (BTreeSet<Target>, BTreeSet<Target>) {
         match self.settings.target_type {
-            TargetType::Instance => self
-                .nodes
-                .iter()
-                .map(|id| Target {
-                    id: id.clone(),
-                    port: tg_port,
-                })
-                .collect(),
+            TargetType::Instance => (
+                self.nodes
+                    .iter()
+                    .map(|id| Target {
+                        id: id.clone(),
+                        port: tg_port,
+                    })
+                    .collect(),
+                BTreeSet::new(),
+            ),
             TargetType::Ip => {
                 // For TCP_UDP both entries point at the same pods; the TCP entry names them.
                 let first = group
@@ -311,7 +382,8 @@ impl Build<'_> {
                     .and_then(|p| p.protocol.clone())
                     .unwrap_or_else(|| "TCP".into());
                 let allow = self.settings.allow_non_pod_targets;
-                ip_targets(self.world.slices, &pname, &pproto, allow)
+                let gated = self.world.gated_ready;
+                ip_targets(self.world.slices, &pname, &pproto, allow, gated)
             }
         }
     }
@@ -349,6 +421,7 @@ impl Build<'_> {
             tags::RESOURCE.into(),
             format!("targetgroup/{port}/{protocol}"),
         );
+        let (targets, serving) = self.targets(group, tg_port);
         let target_group = DesiredTargetGroup {
             name: tg_name.clone(),
             protocol: protocol.to_string(),
@@ -358,7 +431,8 @@ impl Build<'_> {
             health_check: self.health_check.clone(),
             attributes: settings.tg_attributes.clone(),
             tags,
-            targets: self.targets(group, tg_port),
+            targets,
+            serving,
         };
         let tls = tls_for(settings, port, group, protocol);
         let listener = DesiredListener {
@@ -434,6 +508,8 @@ mod tests {
     use crate::provider::aws::annotations::tests::{node, service, settings_for};
     use std::sync::Arc;
 
+    static NO_PODS: BTreeSet<String> = BTreeSet::new();
+
     fn world<'a>(
         nodes: &'a [Arc<Node>],
         slices: &'a [Arc<EndpointSlice>],
@@ -445,6 +521,7 @@ mod tests {
             subnets,
             nodes,
             slices,
+            gated_ready: &NO_PODS,
         }
     }
 
@@ -637,6 +714,43 @@ mod tests {
         settings.allow_non_pod_targets = true;
         let lb = build(&svc, &settings, &world(&[], &slices, &subnets)).expect("build");
         assert_eq!(lb.target_groups[0].targets.len(), 4, "the class opted in");
+    }
+
+    #[test]
+    fn pods_waiting_for_the_gate_are_targets_and_terminating_ones_serve() {
+        let pod = |name: &str| serde_json::json!({"kind": "Pod", "namespace": "ns", "name": name});
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s1", "namespace": "ns"},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.244.1.1"], "conditions": {"ready": true}, "targetRef": pod("ready")},
+                {"addresses": ["10.244.1.2"], "conditions": {"ready": false}, "targetRef": pod("gated")},
+                {"addresses": ["10.244.1.3"], "conditions": {"ready": false}, "targetRef": pod("starting")},
+                {"addresses": ["10.244.1.4"],
+                 "conditions": {"ready": false, "serving": true, "terminating": true},
+                 "targetRef": pod("leaving")},
+                {"addresses": ["10.244.1.5"],
+                 "conditions": {"ready": false, "serving": false, "terminating": true},
+                 "targetRef": pod("gone")},
+                {"addresses": ["10.244.1.6"],
+                 "conditions": {"ready": false, "serving": true, "terminating": true},
+                 "targetRef": pod("gated-leaving")}
+            ]
+        }))
+        .expect("slice");
+        let slices = vec![Arc::new(slice)];
+        let awaiting = BTreeSet::from(["ns/gated".to_string(), "ns/gated-leaving".to_string()]);
+        let (targets, serving) = ip_targets(&slices, "http", "TCP", false, &awaiting);
+        let ids = |s: &BTreeSet<Target>| s.iter().map(|t| t.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&targets), vec!["10.244.1.1", "10.244.1.2"]);
+        assert_eq!(ids(&serving), vec!["10.244.1.4", "10.244.1.6"]);
+        let (targets, _) = ip_targets(&slices, "http", "TCP", false, &NO_PODS);
+        assert_eq!(
+            ids(&targets),
+            vec!["10.244.1.1"],
+            "no gate: only ready ones"
+        );
     }
 
     #[test]

@@ -138,6 +138,8 @@ pub struct Kubelet {
     plan: NodePlan,
     client: Client,
     pods: Mutex<BTreeMap<String, RunningPod>>,
+    /// Pods (by UID) in their preStop hook: still running until it ends.
+    stopping: Mutex<BTreeSet<String>>,
     /// The last pod address slot handed out: slots go round, so an address freed by a
     /// deleted pod is reused as late as possible (as IPAM plugins do).
     last_slot: Mutex<u8>,
@@ -150,6 +152,7 @@ impl Kubelet {
             plan,
             client,
             pods: Mutex::new(BTreeMap::new()),
+            stopping: Mutex::new(BTreeSet::new()),
             last_slot: Mutex::new(1),
             dirs,
         })
@@ -190,29 +193,32 @@ impl Kubelet {
         tokio::join!(beat, sync);
     }
 
-    async fn sync_pod(&self, pod: Pod) {
+    async fn sync_pod(self: Arc<Self>, pod: Pod) {
         let Some(uid) = pod.metadata.uid.clone() else {
             return;
         };
         let name = pod.metadata.name.clone().unwrap_or_default();
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         if pod.metadata.deletion_timestamp.is_some() {
-            self.teardown(&uid).await;
-            let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
-            let dp = DeleteParams {
-                grace_period_seconds: Some(0),
-                preconditions: Some(Preconditions {
-                    uid: Some(uid),
-                    resource_version: None,
-                }),
-                ..DeleteParams::default()
-            };
-            if let Err(e) = api.delete(&name, &dp).await {
-                tracing::debug!(pod = %name, "final delete: {e}");
+            let hook = pre_stop_sleep(&pod);
+            if !hook.is_zero() && self.pods.lock().await.contains_key(&uid) {
+                // As a kubelet runs a preStop sleep hook: the pod goes on serving (and
+                // stays Ready, so its endpoint is terminating but serving) until it ends.
+                if self.stopping.lock().await.insert(uid.clone()) {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(hook).await;
+                        this.stop_and_delete(&uid, &ns, &name).await;
+                        this.stopping.lock().await.remove(&uid);
+                    });
+                }
+                return;
             }
+            self.stop_and_delete(&uid, &ns, &name).await;
             return;
         }
         if self.pods.lock().await.contains_key(&uid) {
+            self.sync_readiness(&pod).await;
             return;
         }
         match self.start_pod(&pod, &uid).await {
@@ -225,6 +231,49 @@ impl Kubelet {
                 tracing::warn!(node = %self.plan.name, pod = %name, "cannot start pod: {e}");
                 self.report_failed(&pod, &e.to_string()).await;
             }
+        }
+    }
+
+    /// Stops a pod's processes and removes the Pod object, as a kubelet does once its
+    /// containers have exited.
+    async fn stop_and_delete(&self, uid: &str, ns: &str, name: &str) {
+        {
+            let uid = uid.to_string();
+            self.teardown(&uid).await;
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+            let dp = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            if let Err(e) = api.delete(name, &dp).await {
+                tracing::debug!(pod = %name, "final delete: {e}");
+            }
+        }
+    }
+
+    /// Keeps a running pod's Ready condition as a kubelet does: True only while every
+    /// readiness gate's condition is True.
+    async fn sync_readiness(&self, pod: &Pod) {
+        let want = if gates_pass(pod) { "True" } else { "False" };
+        if condition_status(pod, "Ready").as_deref() == Some(want) {
+            return;
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let status = json!({"status": {"conditions": [
+            {"type": "Ready", "status": want, "lastTransitionTime": now(),
+             "reason": if want == "True" { "" } else { "ReadinessGatesNotReady" }}
+        ]}});
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        if let Err(e) = api
+            .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&status))
+            .await
+        {
+            tracing::warn!(pod = %name, "readiness update failed: {e}");
         }
     }
 
@@ -406,6 +455,12 @@ impl Kubelet {
             })
             .collect();
         let cond = |kind: &str| json!({"type": kind, "status": "True", "lastTransitionTime": t});
+        let ready = if gates_pass(pod) {
+            cond("Ready")
+        } else {
+            json!({"type": "Ready", "status": "False", "lastTransitionTime": t,
+                   "reason": "ReadinessGatesNotReady"})
+        };
         let status = json!({"status": {
             "phase": "Running",
             "hostIP": self.plan.ip.to_string(),
@@ -413,11 +468,12 @@ impl Kubelet {
             "podIP": ip.to_string(),
             "podIPs": [{"ip": ip.to_string()}],
             "startTime": t,
-            "conditions": [cond("PodScheduled"), cond("Initialized"), cond("ContainersReady"), cond("Ready")],
+            "conditions": [cond("PodScheduled"), cond("Initialized"), cond("ContainersReady"), ready],
             "containerStatuses": containers,
         }});
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+        // Strategic: merged by condition type, so a gate condition set meanwhile stays.
+        api.patch_status(&name, &PatchParams::default(), &Patch::Strategic(&status))
             .await
             .map_err(Error::kube(format!("status of pod {ns}/{name}")))?;
         Ok(())
@@ -430,6 +486,43 @@ impl Kubelet {
             self.teardown(&uid).await;
         }
     }
+}
+
+fn condition_status(pod: &Pod, kind: &str) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| c.status.clone())
+}
+
+/// Whether every readiness gate of the pod has its condition True (none: true).
+fn gates_pass(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.readiness_gates.as_ref())
+        .into_iter()
+        .flatten()
+        .all(|g| condition_status(pod, &g.condition_type).as_deref() == Some("True"))
+}
+
+/// The longest `preStop: {sleep: {seconds}}` hook of the pod's containers, bounded by its
+/// termination grace period (as a kubelet bounds it).
+fn pre_stop_sleep(pod: &Pod) -> Duration {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Duration::ZERO;
+    };
+    let hook = spec
+        .containers
+        .iter()
+        .filter_map(|c| c.lifecycle.as_ref()?.pre_stop.as_ref()?.sleep.as_ref())
+        .map(|s| s.seconds)
+        .max()
+        .unwrap_or(0);
+    let grace = spec.termination_grace_period_seconds.unwrap_or(30);
+    Duration::from_secs(hook.clamp(0, grace.max(0)) as u64)
 }
 
 /// The first free address slot (2..=254) after `last`, wrapping around.
@@ -536,6 +629,41 @@ mod tests {
         assert_eq!(next_free_slot(2, &used), Some(5));
         let full: BTreeSet<u8> = (2..=254).collect();
         assert_eq!(next_free_slot(7, &full), None);
+    }
+
+    #[test]
+    fn ready_waits_for_every_readiness_gate() {
+        let mut p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web-1"},
+            "spec": {"containers": [], "readinessGates": [{"conditionType": "x/a"}, {"conditionType": "x/b"}]},
+            "status": {"conditions": [{"type": "x/a", "status": "True"}]}
+        }))
+        .expect("pod");
+        assert!(!gates_pass(&p));
+        p.status
+            .as_mut()
+            .and_then(|s| s.conditions.as_mut())
+            .expect("conditions")
+            .push(serde_json::from_value(json!({"type": "x/b", "status": "True"})).expect("c"));
+        assert!(gates_pass(&p));
+        assert!(gates_pass(&pod("x", json!([]))), "no gates");
+    }
+
+    #[test]
+    fn pre_stop_sleeps_are_bounded_by_the_grace_period() {
+        let p = |sleep: i64, grace: Option<i64>| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "web-1"},
+                "spec": {"terminationGracePeriodSeconds": grace, "containers": [
+                    {"name": "a", "lifecycle": {"preStop": {"sleep": {"seconds": sleep}}}},
+                    {"name": "b"}
+                ]}
+            }))
+            .expect("pod")
+        };
+        assert_eq!(pre_stop_sleep(&p(5, None)), Duration::from_secs(5));
+        assert_eq!(pre_stop_sleep(&p(50, Some(10))), Duration::from_secs(10));
+        assert_eq!(pre_stop_sleep(&pod("x", json!([]))), Duration::ZERO);
     }
 
     #[test]

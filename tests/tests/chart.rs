@@ -83,8 +83,17 @@ async fn rendered_chart_is_accepted_by_the_apiserver() {
             );
         }
         let policy = "mutatingadmissionpolicy.admissionregistration.k8s.io/";
+        let named = |suffix: &str| {
+            applied
+                .lines()
+                .any(|l| l.contains(policy) && l.contains(suffix))
+        };
+        assert!(
+            named("-readiness-gate "),
+            "the readiness-gate policy is on by default: {applied}"
+        );
         assert_eq!(
-            applied.contains(policy),
+            named("-default-class "),
             file.as_deref()
                 .is_some_and(|f| f.ends_with("pool-default.yaml")),
             "the default-class policy goes with a default class only: {applied}"

@@ -356,6 +356,10 @@ fn watch_namespaces(client: &Client, services: &Store<Service>, tx: &Trigger) ->
 }
 
 /// The reconcile context: the fenced writer and the providers.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a distinct piece made by run(); a struct would only rename them"
+)]
 async fn context(
     client: &Client,
     config: &Config,

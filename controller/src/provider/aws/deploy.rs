@@ -13,7 +13,7 @@ use crate::provider::aws::api::{
     AwsApi, AwsError, LbInfo, ListenerInfo, TagsByArn, TargetState, TgInfo,
 };
 use crate::provider::aws::identity::{Claim, Owner};
-use crate::provider::aws::model::{DesiredListener, DesiredLoadBalancer, Target};
+use crate::provider::aws::model::{DesiredListener, DesiredLoadBalancer, Target, TargetType};
 use crate::provider::aws::replacement;
 
 pub use crate::provider::aws::inventory::{Inventory, InventoryData};
@@ -690,7 +690,9 @@ async fn sync_target_groups<A: AwsApi>(
         if !plan.held.is_empty() {
             tracing::debug!(tg = %tg.name, held = ?plan.held, "terminating targets kept until their replacements are healthy");
         }
-        out.settling |= settling(&d.targets, &actual, &plan);
+        // Instance targets hold nothing back (no readiness gate, no terminating endpoint
+        // kept): their registration needs no second look.
+        out.settling |= d.target_type == TargetType::Ip && settling(&d.targets, &actual, &plan);
         let healthy = actual
             .iter()
             .filter(|t| t.state == "healthy" && d.targets.contains(&t.target))

@@ -481,22 +481,32 @@ async fn a_rolling_update_behind_an_ip_target_nlb_drops_no_request() {
     let _policy = Policy::install(&env, &ns.name);
     // The apiserver picks the policy up within a few seconds: a pod created now (a
     // server-side dry run) gets the gate.
-    wait_true(
+    wait_until(
         "the policy gives new pods the gate",
         LONG,
         &Diagnostics::new(&env),
         async || {
-            let out = env.kubectl_output(&[
-                "run",
-                "probe",
-                "-n",
-                &ns.name,
-                "--image=berth/echo",
-                "--dry-run=server",
-                "-o",
-                "jsonpath={.spec.readinessGates[*].conditionType}",
-            ]);
-            out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CONDITION_TARGET_HEALTH))
+            let o = env
+                .kubectl_output(&[
+                    "run",
+                    "probe",
+                    "-n",
+                    &ns.name,
+                    "--image=berth/echo",
+                    "--dry-run=server",
+                    "-o",
+                    "jsonpath={.spec.readinessGates[*].conditionType}",
+                ])
+                .map_err(|e| e.to_string())?;
+            let out = String::from_utf8_lossy(&o.stdout);
+            if out.contains(CONDITION_TARGET_HEALTH) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "gates {out:?}; {}",
+                    String::from_utf8_lossy(&o.stderr)
+                ))
+            }
         },
     )
     .await;

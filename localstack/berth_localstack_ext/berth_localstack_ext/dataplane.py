@@ -107,10 +107,14 @@ class HealthMonitor:
                 self._state.pop(key, None)
 
     def registered(self, tg_arn, targets, default_port):
-        """Registering a draining target again ends its draining."""
+        """A target just registered is ``initial`` until its health checks pass (moto would
+        call it healthy before the first check); registering a draining target again ends
+        its draining."""
         with self._lock:
             for t in targets:
-                self._draining.pop((tg_arn, t["Id"], int(t.get("Port") or default_port)), None)
+                key = (tg_arn, t["Id"], int(t.get("Port") or default_port))
+                self._draining.pop(key, None)
+                self._state.setdefault(key, {"state": "initial", "ok": 0, "fail": 0})
 
     def draining(self, tg_arn):
         """[(id, port)] of the targets of ``tg_arn`` still draining."""
@@ -144,23 +148,23 @@ class HealthMonitor:
                     del self._conns[key]
 
     def health(self, tg_arn, target_id, port):
-        """TargetHealth for DescribeTargetHealth, or None to keep moto's answer."""
+        """TargetHealth for DescribeTargetHealth (None for a malformed port: moto's answer)."""
         try:
             key = (tg_arn, target_id, int(port))
         except (TypeError, ValueError):
             return None
         with self._lock:
             st = self._state.get(key)
-        if st is None:
-            return None
-        if st["state"] == "healthy":
-            return {"State": "healthy"}
-        if st["state"] == "initial":
+        # Not checked yet (registered before this process started, or before its first
+        # round): initial, as AWS says until the checks pass; never moto's "healthy".
+        if st is None or st["state"] == "initial":
             return {
                 "State": "initial",
                 "Reason": "Elb.InitialHealthChecking",
                 "Description": "Initial health checks in progress",
             }
+        if st["state"] == "healthy":
+            return {"State": "healthy"}
         return {
             "State": "unhealthy",
             "Reason": "Target.FailedHealthChecks",

@@ -280,6 +280,20 @@ fn is_ip_service(svc: &Service, ctx: &Context) -> bool {
     target_type == TargetType::Ip
 }
 
+/// Whether `svc` is a LoadBalancer Service of a berth class another controller handles
+/// (`--classes`): a pod it selects is left to that controller. Pure.
+pub fn of_another_controller(svc: &Service, config: &crate::config::Config) -> bool {
+    let Some(spec) = svc.spec.as_ref() else {
+        return false;
+    };
+    spec.type_.as_deref() == Some("LoadBalancer")
+        && spec
+            .load_balancer_class
+            .as_deref()
+            .and_then(berth_crds::class_name)
+            .is_some_and(|name| !config.handles_class(name))
+}
+
 /// Makes every gated pod's condition match the Services' views, once.
 async fn sync(ctx: &Context, gates: &Gates) {
     let views = gates.snapshot();
@@ -289,6 +303,13 @@ async fn sync(ctx: &Context, gates: &Gates) {
         .state()
         .into_iter()
         .filter(|s| s.metadata.deletion_timestamp.is_none() && is_ip_service(s, ctx))
+        .collect();
+    let others: Vec<Arc<Service>> = ctx
+        .stores
+        .services
+        .state()
+        .into_iter()
+        .filter(|s| of_another_controller(s, &ctx.config))
         .collect();
     let now = k8s_openapi::jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -303,6 +324,12 @@ async fn sync(ctx: &Context, gates: &Gates) {
             || pod.metadata.deletion_timestamp.is_some()
             || is_true(&pod, CONDITION_TARGET_HEALTH)
         {
+            continue;
+        }
+        // Pods of another controller's Services are its to gate: one that sees none of its
+        // own Services selecting the pod must not call it free of load balancers.
+        let mine = services.iter().any(|s| selects(s, &pod));
+        if !mine && others.iter().any(|s| selects(s, &pod)) {
             continue;
         }
         let selecting: Vec<(String, Option<&BTreeMap<String, Verdict>>)> = services
@@ -364,6 +391,42 @@ mod tests {
             ]},
             "status": {"podIP": "10.244.1.5", "conditions": conditions}
         }))
+    }
+
+    #[test]
+    fn services_of_classes_another_controller_handles_are_left_to_it() {
+        let svc = |class: Option<&str>, kind: &str| -> Service {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web", "namespace": "ns"},
+                "spec": {"type": kind, "loadBalancerClass": class, "selector": {"app": "web"}}
+            }))
+            .expect("service")
+        };
+        use clap::Parser;
+        let config =
+            crate::config::Config::try_parse_from(["x", "--class", "mine"]).expect("config");
+        assert!(of_another_controller(
+            &svc(Some("berth.dev/theirs"), "LoadBalancer"),
+            &config
+        ));
+        assert!(!of_another_controller(
+            &svc(Some("berth.dev/mine"), "LoadBalancer"),
+            &config
+        ));
+        assert!(!of_another_controller(
+            &svc(Some("example.com/lb"), "LoadBalancer"),
+            &config
+        ));
+        assert!(!of_another_controller(&svc(None, "LoadBalancer"), &config));
+        assert!(!of_another_controller(
+            &svc(Some("berth.dev/theirs"), "ClusterIP"),
+            &config
+        ));
+        let all = crate::config::Config::try_parse_from(["x"]).expect("config");
+        assert!(!of_another_controller(
+            &svc(Some("berth.dev/theirs"), "LoadBalancer"),
+            &all
+        ));
     }
 
     #[test]

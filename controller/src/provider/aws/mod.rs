@@ -1130,6 +1130,7 @@ mod tests {
             attributes: BTreeMap::new(),
             tags: lbc("shop/web:80"),
             targets: Default::default(),
+            serving: Default::default(),
         };
         let listener = model::DesiredListener {
             port: 80,

@@ -21,6 +21,7 @@ pub mod limits;
 pub mod model;
 pub mod naming;
 pub mod replacement;
+pub mod security_groups;
 pub mod settings;
 pub mod subnets;
 
@@ -50,7 +51,7 @@ use deploy::{ApplyError, Inventory};
 use fenced::{FENCED_CODE, FencedAws};
 use identity::{Identity, Owner};
 use model::{BuildError, DesiredLoadBalancer, Scheme, TargetType, World};
-use settings::Settings;
+use settings::{FrontendChoice, Settings};
 use subnets::SubnetError;
 
 /// What the controller would do in AWS for one Service ([`AwsProvider::plan`]).
@@ -98,6 +99,8 @@ pub struct AwsProvider<A = client::Aws> {
     node_vpc: Mutex<Option<(Instant, String)>>,
     /// Per Service UID.
     recent: Mutex<HashMap<String, RecentApply>>,
+    /// CIDRs by VPC (what an internal NLB admits by default).
+    vpc_cidrs: Mutex<HashMap<String, SubnetLookup>>,
     /// Warnings published per Service UID (`reason/message`): each becomes an Event once,
     /// not once per reconcile.
     warned: Mutex<HashMap<String, BTreeSet<String>>>,
@@ -154,6 +157,7 @@ impl<A: AwsApi> AwsProvider<A> {
             subnets: Mutex::default(),
             node_vpc: Mutex::default(),
             recent: Mutex::default(),
+            vpc_cidrs: Mutex::default(),
             warned: Mutex::default(),
             stores,
             config,
@@ -255,6 +259,42 @@ impl<A: AwsApi> AwsProvider<A> {
                 "the nodes are in several VPCs ({a}, {b}, ...)"
             ))),
         }
+    }
+
+    /// The VPC's CIDRs, when the Service's managed group admits them by default (an
+    /// internal NLB naming no sources); else none, without asking AWS.
+    async fn default_sources(
+        &self,
+        settings: &Settings,
+        vpc: &str,
+    ) -> Result<Vec<String>, Outcome> {
+        let needed = settings.scheme == Scheme::Internal
+            && settings.frontend == FrontendChoice::Managed
+            && settings.source_ranges.is_none()
+            && settings.prefix_lists.is_empty();
+        if !needed {
+            return Ok(Vec::new());
+        }
+        if let Ok(cache) = self.vpc_cidrs.lock()
+            && let Some((at, c)) = cache.get(vpc)
+            && at.elapsed() < SUBNET_CACHE
+        {
+            return Ok(c.clone());
+        }
+        let cidrs = self
+            .aws
+            .vpc_cidrs(vpc)
+            .await
+            .map_err(|e| failed(&e.into()))?;
+        if cidrs.is_empty() {
+            let message =
+                format!("VPC {vpc} has no CIDR to admit by default: set loadBalancerSourceRanges");
+            return Err(Outcome::invalid(reason::INVALID_SPEC, message));
+        }
+        if let Ok(mut cache) = self.vpc_cidrs.lock() {
+            cache.insert(vpc.to_string(), (Instant::now(), cidrs.clone()));
+        }
+        Ok(cidrs)
     }
 
     /// Only Pods as `ip` targets: the addresses left out, as warnings.
@@ -394,10 +434,12 @@ impl<A: AwsApi> AwsProvider<A> {
                 return Err(Outcome::invalid(reason, e.to_string()));
             }
         };
+        let vpc_cidrs = self.default_sources(&settings, &vpc).await?;
         let (slices, nodes) = (self.slices_of(svc), self.stores.nodes.state());
         let world = World {
             cluster: &self.config.cluster_name,
             vpc_id: &vpc,
+            vpc_cidrs: &vpc_cidrs,
             subnets: &subnets,
             nodes: &nodes,
             slices: &slices,
@@ -406,7 +448,12 @@ impl<A: AwsApi> AwsProvider<A> {
             BuildError::NoSubnets => Outcome::invalid(reason::NO_SUBNETS, e.to_string()),
             BuildError::InvalidSpec(_) => Outcome::invalid(reason::INVALID_SPEC, e.to_string()),
         })?;
-        let skipped = self.skipped_endpoints(&settings, &slices);
+        let mut skipped = self.skipped_endpoints(&settings, &slices);
+        skipped.extend(
+            security_groups::warnings(&settings)
+                .into_iter()
+                .map(|m| warning(security_groups::SOURCE_RANGES_NOT_ENFORCED, m)),
+        );
         let identity = self.identity().await.map_err(|e| failed(&e.into()))?;
         identity.stamp(&mut desired);
         Ok((desired, identity, skipped))
@@ -451,6 +498,17 @@ impl<A: AwsApi> AwsProvider<A> {
             Err(e) => failed(&e),
         };
         let mut out = out;
+        // What the NLB does not enforce is said in the condition too, never only once.
+        let unenforced: Vec<&str> = skipped
+            .iter()
+            .filter(|n| n.reason == security_groups::SOURCE_RANGES_NOT_ENFORCED)
+            .map(|n| n.message.as_str())
+            .collect();
+        if let Report::Set { readiness, .. } = &mut out.report
+            && !unenforced.is_empty()
+        {
+            readiness.message = format!("{}; {}", readiness.message, unenforced.join("; "));
+        }
         out.events.extend(skipped);
         out
     }
@@ -582,7 +640,7 @@ impl<A: AwsApi> AwsProvider<A> {
             Ok(0) => Outcome::done(),
             Ok(_) => Outcome::done().with_events(vec![Note::normal(
                 "Deleted",
-                "deleted the load balancer and its target groups",
+                "deleted the load balancer, its target groups and security groups",
             )]),
             // The finalizer stays until protection is off: the Service (Terminating when
             // deleted) keeps saying why its load balancer is still there.
@@ -695,6 +753,21 @@ fn failed(e: &ApplyError) -> Outcome {
 
 /// Ready once the load balancer is active; until then the condition says Provisioning.
 fn applied_outcome(svc: &Service, applied: &deploy::Applied) -> Outcome {
+    let out = ready_or_provisioning(svc, applied);
+    if applied.backend_problems.is_empty() {
+        return out;
+    }
+    let message = format!(
+        "backend security group rules missing (the targets' traffic may be blocked): {}",
+        applied.backend_problems.join("; ")
+    );
+    out.with_events(vec![warning(
+        security_groups::BACKEND_GROUP_UNKNOWN,
+        message,
+    )])
+}
+
+fn ready_or_provisioning(svc: &Service, applied: &deploy::Applied) -> Outcome {
     let ingress = Ingress::Set(hostname_ingress(svc, &applied.lb.dns_name));
     if applied.lb.state == "active" {
         let targets: Vec<String> = applied

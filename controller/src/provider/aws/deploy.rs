@@ -368,6 +368,10 @@ struct Found {
     fresh: bool,
     /// The frontend security groups it should have (the managed one exists).
     groups: Vec<String>,
+    /// The Service had no load balancer before.
+    new: bool,
+    /// What [`security_groups::frontend_groups`] learnt of the nodes' groups' rules.
+    node_rules: security_groups::NodeRules,
 }
 
 /// Step 1: the load balancer, adopted by name, replaced when an immutable property
@@ -395,12 +399,15 @@ async fn ensure_load_balancer<A: AwsApi>(
     }
     if let Some((lb, tags)) = lb {
         let security = &desired.security;
-        let groups = security_groups::frontend_groups(aws, security, owner, Some(&lb)).await?;
+        let (groups, node_rules) =
+            security_groups::frontend_groups(aws, security, owner, Some(&lb), false).await?;
         return Ok(Found {
             lb,
             tags,
             fresh: false,
             groups,
+            new: false,
+            node_rules,
         });
     }
     let previous: Vec<String> = inventory.of(owner.uid).0.into_iter().collect();
@@ -415,7 +422,9 @@ async fn ensure_load_balancer<A: AwsApi>(
         check_protection(aws, &previous, Protection::LiftOwn).await?;
     }
     // An NLB gets security groups only at creation: the managed one is made first.
-    let groups = security_groups::frontend_groups(aws, &desired.security, owner, None).await?;
+    let new = previous.is_empty();
+    let (groups, node_rules) =
+        security_groups::frontend_groups(aws, &desired.security, owner, None, new).await?;
     let with_groups = DesiredLoadBalancer {
         security_groups: groups.clone(),
         ..desired.clone()
@@ -438,6 +447,8 @@ async fn ensure_load_balancer<A: AwsApi>(
         tags: desired.tags.clone(),
         fresh: true,
         groups,
+        new,
+        node_rules,
     })
 }
 
@@ -818,14 +829,20 @@ async fn sync_security<A: AwsApi>(
         tracing::info!(lb = %lb.name, groups = ?found.groups, "set security groups");
     }
     let service = desired.tags.get(tags::SERVICE).cloned().unwrap_or_default();
-    let problems =
-        security_groups::sync_backend(aws, &desired.security, &found.groups, owner, &service)
-            .await?;
-    let managed_in_use = matches!(
-        desired.security.frontend,
-        security_groups::Frontend::Managed(_)
-    ) && !found.groups.is_empty();
-    if !managed_in_use {
+    let security = &desired.security;
+    let problems = security_groups::sync_backend(
+        aws,
+        security,
+        &found.groups,
+        owner,
+        &service,
+        found.node_rules.clone(),
+    )
+    .await?;
+    let managed_in_use = matches!(security.frontend, security_groups::Frontend::Managed(_))
+        && !found.groups.is_empty();
+    // A Service that had no load balancer has no managed group left to delete.
+    if !managed_in_use && !found.new {
         security_groups::delete_managed(aws, owner, &found.groups).await?;
     }
     Ok(problems)

@@ -589,7 +589,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn security_groups(&self, query: &SgQuery) -> Result<Vec<SgInfo>, AwsError> {
-        let s = self.state();
+        let s = self.read("DescribeSecurityGroups", 1);
         let matches = |g: &SgInfo| {
             query.ids.as_ref().is_none_or(|ids| ids.contains(&g.id))
                 && query.filters.iter().all(|(name, values)| {
@@ -690,7 +690,7 @@ impl AwsApi for FakeAws {
         &self,
         ids: &[String],
     ) -> Result<BTreeMap<String, Vec<String>>, AwsError> {
-        let s = self.state();
+        let s = self.read("DescribeInstances", ids.len().div_ceil(200));
         Ok(ids
             .iter()
             .filter(|id| s.instances.contains_key(*id))
@@ -704,6 +704,7 @@ impl AwsApi for FakeAws {
     }
 
     async fn vpc_cidrs(&self, _vpc: &str) -> Result<Vec<String>, AwsError> {
+        drop(self.read("DescribeVpcs", 1));
         Ok(vec!["10.0.0.0/16".into()])
     }
 }

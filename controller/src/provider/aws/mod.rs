@@ -101,6 +101,8 @@ pub struct AwsProvider<A = client::Aws> {
     recent: Mutex<HashMap<String, RecentApply>>,
     /// CIDRs by VPC (what an internal NLB admits by default).
     vpc_cidrs: Mutex<HashMap<String, SubnetLookup>>,
+    /// The nodes' security groups, for the node instances they were found for.
+    node_groups: Mutex<Option<(Instant, BTreeSet<String>, security_groups::NodeGroups)>>,
     /// Warnings published per Service UID (`reason/message`): each becomes an Event once,
     /// not once per reconcile.
     warned: Mutex<HashMap<String, BTreeSet<String>>>,
@@ -158,6 +160,7 @@ impl<A: AwsApi> AwsProvider<A> {
             node_vpc: Mutex::default(),
             recent: Mutex::default(),
             vpc_cidrs: Mutex::default(),
+            node_groups: Mutex::default(),
             warned: Mutex::default(),
             stores,
             config,
@@ -295,6 +298,29 @@ impl<A: AwsApi> AwsProvider<A> {
             cache.insert(vpc.to_string(), (Instant::now(), cidrs.clone()));
         }
         Ok(cidrs)
+    }
+
+    /// The groups of the node instances `ids`, cached like their VPC: instances rarely
+    /// change groups, and every new Service would otherwise describe them again.
+    async fn node_groups(
+        &self,
+        ids: &BTreeSet<String>,
+    ) -> Result<security_groups::NodeGroups, Outcome> {
+        if let Ok(cached) = self.node_groups.lock()
+            && let Some((at, for_ids, groups)) = cached.as_ref()
+            && at.elapsed() < SUBNET_CACHE
+            && for_ids == ids
+        {
+            return Ok(groups.clone());
+        }
+        let cluster = &self.config.cluster_name;
+        let groups = security_groups::node_groups(&self.aws, ids, cluster)
+            .await
+            .map_err(|e| failed(&e.into()))?;
+        if let Ok(mut cached) = self.node_groups.lock() {
+            *cached = Some((Instant::now(), ids.clone(), groups.clone()));
+        }
+        Ok(groups)
     }
 
     /// Only Pods as `ip` targets: the addresses left out, as warnings.
@@ -454,6 +480,7 @@ impl<A: AwsApi> AwsProvider<A> {
                 .into_iter()
                 .map(|m| warning(security_groups::SOURCE_RANGES_NOT_ENFORCED, m)),
         );
+        desired.security.node_groups = self.node_groups(&desired.security.nodes).await?;
         let identity = self.identity().await.map_err(|e| failed(&e.into()))?;
         identity.stamp(&mut desired);
         Ok((desired, identity, skipped))
@@ -934,6 +961,10 @@ mod tests {
         );
         fake.add_instance("i-1", "vpc-1");
         fake.add_instance("i-2", "vpc-1");
+        // As in the e2e environment: a cluster-tagged group and another one.
+        let cluster = [("kubernetes.io/cluster/c1", "owned")];
+        fake.add_group("sg-nodes", "vpc-1", &cluster, &["i-1", "i-2"]);
+        fake.add_group("sg-other", "vpc-1", &[], &["i-1", "i-2"]);
         let nodes = vec![node("n1", "i-1", &[]), node("n2", "i-2", &[])];
         let args = ["x", "--cluster-name", "c1", "--cluster-id", "id-1"];
         let config = Config::try_parse_from(args).expect("config");
@@ -991,17 +1022,41 @@ mod tests {
         svc.metadata.uid = Some("u1".into());
         assert!(p.ensure(&svc, &class()).await.error.is_none());
         let calls = p.aws.inner().take_operations();
+        // The first Service also pays for what the provider caches for a minute: the
+        // nodes' VPC and groups (DescribeInstances twice, the groups' tags since the
+        // nodes have two) and the subnets.
         let expected = BTreeMap::from([
-            ("DescribeInstances", 1),
+            ("DescribeInstances", 2),
+            ("DescribeSecurityGroups", 1),
             ("DescribeSubnets", 1),
             ("DescribeLoadBalancers", 1),
+            ("CreateSecurityGroup", 1),
+            // The managed group's rule, then the backend rule on the nodes' group.
+            ("AuthorizeSecurityGroupIngress", 2),
             ("CreateLoadBalancer", 1),
             ("CreateTargetGroup", 1),
             ("RegisterTargets", 1),
             ("CreateListener", 1),
         ]);
         assert_eq!(calls, expected);
-        assert!(calls.values().sum::<usize>() < 10);
+
+        // Every further new Service: nothing is read but the adoption check by name.
+        let mut other = service(&[("http", 80, "TCP", Some(30081))], &[]);
+        other.metadata.name = Some("other".into());
+        other.metadata.uid = Some("u2".into());
+        assert!(p.ensure(&other, &class()).await.error.is_none());
+        let calls = p.aws.inner().take_operations();
+        let expected = BTreeMap::from([
+            ("DescribeLoadBalancers", 1),
+            ("CreateSecurityGroup", 1),
+            ("AuthorizeSecurityGroupIngress", 2),
+            ("CreateLoadBalancer", 1),
+            ("CreateTargetGroup", 1),
+            ("RegisterTargets", 1),
+            ("CreateListener", 1),
+        ]);
+        assert_eq!(calls, expected);
+        assert!(calls.values().sum::<usize>() <= 10);
 
         assert!(p.ensure(&svc, &class()).await.error.is_none());
         assert_eq!(
@@ -1018,6 +1073,8 @@ mod tests {
             ("DescribeTargetGroups", 1),
             ("DescribeTargetHealth", 1),
             ("DescribeListeners", 1),
+            // The managed group's rules and the nodes' groups' rules, to compare.
+            ("DescribeSecurityGroups", 1),
         ]);
         assert_eq!(again, expected, "an unchanged Service only reads");
     }

@@ -180,6 +180,7 @@ mod tests {
                 frontend: crate::provider::aws::security_groups::Frontend::Disabled,
                 backend: None,
                 nodes: Default::default(),
+                node_groups: Default::default(),
             },
             tags: BTreeMap::new(),
             attributes: BTreeMap::new(),

@@ -129,6 +129,29 @@ pub struct Security {
     pub backend: Option<Backend>,
     /// Every node's instance: their groups are where berth's backend rules may be.
     pub nodes: BTreeSet<String>,
+    /// The groups of `nodes`, found by the provider ([`node_groups`]; cached, as the
+    /// nodes' VPC is, so a new Service does not describe the instances again).
+    pub node_groups: NodeGroups,
+}
+
+/// What is known of the rules on the nodes' groups when the backend rules are synced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeRules {
+    /// To be described.
+    Unknown,
+    /// The only frontend group was created in this apply: no rule refers to it yet.
+    NoneYet,
+    /// Described together with the frontend group, in one call.
+    Read(Vec<SgInfo>),
+}
+
+/// The security groups of the nodes' instances.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeGroups {
+    /// Every group of every node instance: where berth's backend rules may be.
+    pub all: BTreeSet<String>,
+    /// Per instance: the group for backend rules ([`backend_group`]), or why none.
+    pub chosen: BTreeMap<String, Result<String, String>>,
 }
 
 impl Security {
@@ -279,6 +302,7 @@ pub fn build(
         frontend,
         backend,
         nodes,
+        node_groups: NodeGroups::default(),
     }
 }
 
@@ -455,52 +479,156 @@ async fn sync_rules<A: AwsApi>(
     Ok(())
 }
 
-/// The managed group, found by its tags (the one of the wanted name first) or created
-/// (tagged at creation), with its rules made to match.
+/// The managed group, with its rules made to match, and what is known of the nodes'
+/// groups' rules. For a `new` Service (no load balancer, now or before) it is created first (tagged
+/// at creation), so the usual case reads nothing; a group left by an earlier attempt
+/// makes the name a duplicate and is then looked up. For an existing load balancer, its
+/// groups and the nodes' are described in one call; the group is found by its tags
+/// otherwise (the one of the wanted name first), or created.
 async fn ensure_managed<A: AwsApi>(
     aws: &A,
+    security: &Security,
     m: &ManagedGroup,
     owner: Owner<'_>,
-) -> Result<String, ApplyError> {
-    let mut found = owned_groups(aws, owner).await?;
-    found.sort_by_key(|g| (g.name != m.name, g.id.clone()));
-    let group = match found.first() {
-        Some(g) => g.clone(),
-        None => match aws.create_security_group(m).await {
-            Ok(g) => {
-                tracing::info!(group = %g.id, name = %m.name, "created security group");
-                g
+    existing: Option<&LbInfo>,
+    new: bool,
+) -> Result<(String, NodeRules), ApplyError> {
+    let mut node_rules = NodeRules::Unknown;
+    let mut found = None;
+    match existing {
+        None if new => {
+            found = create_managed(aws, m)
+                .await?
+                .map(|g| (g, NodeRules::NoneYet))
+        }
+        Some(lb) if !lb.security_groups.is_empty() => {
+            let ids: BTreeSet<String> = lb
+                .security_groups
+                .iter()
+                .chain(&security.node_groups.all)
+                .cloned()
+                .collect();
+            let query = SgQuery {
+                ids: Some(ids.into_iter().collect()),
+                filters: Vec::new(),
+            };
+            let (mine, nodes): (Vec<SgInfo>, Vec<SgInfo>) = aws
+                .security_groups(&query)
+                .await?
+                .into_iter()
+                .partition(|g| {
+                    lb.security_groups.contains(&g.id)
+                        && owner.owns(&g.tags)
+                        && g.tags.get(tags::RESOURCE).map(String::as_str) == Some(RESOURCE)
+                });
+            node_rules = NodeRules::Read(nodes);
+            found = mine.into_iter().next().map(|g| (g, NodeRules::Unknown));
+        }
+        _ => {}
+    }
+    let (group, rules) = match found {
+        Some(found) => found,
+        None => {
+            let mut found = owned_groups(aws, owner).await?;
+            found.sort_by_key(|g| (g.name != m.name, g.id.clone()));
+            match found.into_iter().next() {
+                Some(g) => (g, NodeRules::Unknown),
+                None if new => {
+                    return Err(ApplyError::NameConflict(m.name.clone()));
+                }
+                None => match create_managed(aws, m).await? {
+                    Some(g) => (g, NodeRules::NoneYet),
+                    None => return Err(ApplyError::NameConflict(m.name.clone())),
+                },
             }
-            Err(e) if e.is("InvalidGroup.Duplicate") => {
-                return Err(ApplyError::NameConflict(m.name.clone()));
-            }
-            Err(e) => return Err(e.into()),
-        },
+        }
     };
+    if rules == NodeRules::NoneYet {
+        node_rules = rules;
+    }
     // Every rule in berth's own group is berth's.
     sync_rules(aws, &group, &m.rules, &m.description, |_| true).await?;
-    Ok(group.id)
+    Ok((group.id, node_rules))
 }
 
-/// The frontend groups the NLB should carry, the managed one made first. An NLB that
-/// exists without groups and need not have any (nothing restricts it) keeps none.
+/// Creates the managed group; `None` when its name is taken in the VPC.
+async fn create_managed<A: AwsApi>(aws: &A, m: &ManagedGroup) -> Result<Option<SgInfo>, AwsError> {
+    match aws.create_security_group(m).await {
+        Ok(g) => {
+            tracing::info!(group = %g.id, name = %m.name, "created security group");
+            Ok(Some(g))
+        }
+        Err(e) if e.is("InvalidGroup.Duplicate") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The frontend groups the NLB should carry, the managed one made first, and what is
+/// known of the nodes' groups' rules on the way. An NLB that exists without groups and
+/// need not have any (nothing restricts it) keeps none. `existing`: the Service's load
+/// balancer; `new`: the Service never had one.
 pub async fn frontend_groups<A: AwsApi>(
     aws: &A,
     security: &Security,
     owner: Owner<'_>,
     existing: Option<&LbInfo>,
-) -> Result<Vec<String>, ApplyError> {
+    new: bool,
+) -> Result<(Vec<String>, NodeRules), ApplyError> {
     match &security.frontend {
-        Frontend::Disabled => Ok(Vec::new()),
-        Frontend::Given(ids) => Ok(ids.clone()),
+        Frontend::Disabled => Ok((Vec::new(), NodeRules::Unknown)),
+        Frontend::Given(ids) => Ok((ids.clone(), NodeRules::Unknown)),
         Frontend::Managed(_)
             if existing.is_some_and(|lb| lb.security_groups.is_empty())
                 && !security.requires_groups() =>
         {
-            Ok(Vec::new())
+            Ok((Vec::new(), NodeRules::Unknown))
         }
-        Frontend::Managed(m) => Ok(vec![ensure_managed(aws, m, owner).await?]),
+        Frontend::Managed(m) => {
+            let (id, rules) = ensure_managed(aws, security, m, owner, existing, new).await?;
+            Ok((vec![id], rules))
+        }
     }
+}
+
+/// The groups of the instances `ids` and the one of each chosen for backend rules: one
+/// DescribeInstances per 200 instances, and one DescribeSecurityGroups only when an
+/// instance has several groups (their tags decide).
+pub async fn node_groups<A: AwsApi>(
+    aws: &A,
+    ids: &BTreeSet<String>,
+    cluster: &str,
+) -> Result<NodeGroups, AwsError> {
+    if ids.is_empty() {
+        return Ok(NodeGroups::default());
+    }
+    let ids: Vec<String> = ids.iter().cloned().collect();
+    let by_instance = aws.instance_groups(&ids).await?;
+    let several: BTreeSet<String> = by_instance
+        .values()
+        .filter(|g| g.len() > 1)
+        .flatten()
+        .cloned()
+        .collect();
+    let tagged: BTreeMap<String, Tags> = if several.is_empty() {
+        BTreeMap::new()
+    } else {
+        let query = SgQuery {
+            ids: Some(several.into_iter().collect()),
+            filters: Vec::new(),
+        };
+        aws.security_groups(&query)
+            .await?
+            .into_iter()
+            .map(|g| (g.id, g.tags))
+            .collect()
+    };
+    Ok(NodeGroups {
+        all: by_instance.values().flatten().cloned().collect(),
+        chosen: by_instance
+            .iter()
+            .map(|(i, of)| (i.clone(), backend_group(of, &tagged, cluster)))
+            .collect(),
+    })
 }
 
 /// Makes the backend rules of the Service match: on the chosen group of each target
@@ -514,25 +642,12 @@ pub async fn sync_backend<A: AwsApi>(
     frontend: &[String],
     owner: Owner<'_>,
     service: &str,
+    known: NodeRules,
 ) -> Result<Vec<String>, ApplyError> {
-    if security.nodes.is_empty() {
+    let nodes = &security.node_groups;
+    if nodes.all.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<String> = security.nodes.iter().cloned().collect();
-    let by_instance = aws.instance_groups(&ids).await?;
-    let all: BTreeSet<String> = by_instance.values().flatten().cloned().collect();
-    if all.is_empty() {
-        return Ok(Vec::new());
-    }
-    let query = SgQuery {
-        ids: Some(all.into_iter().collect()),
-        filters: Vec::new(),
-    };
-    let groups = aws.security_groups(&query).await?;
-    let tagged: BTreeMap<String, Tags> = groups
-        .iter()
-        .map(|g| (g.id.clone(), g.tags.clone()))
-        .collect();
     let (targets, desired) = match &security.backend {
         Some(b) if !frontend.is_empty() => {
             let rules: BTreeSet<Rule> = frontend
@@ -549,10 +664,10 @@ pub async fn sync_backend<A: AwsApi>(
     };
     let mut chosen = BTreeSet::new();
     let mut problems = Vec::new();
-    for (instance, of) in by_instance.iter().filter(|(i, _)| targets.contains(*i)) {
-        match backend_group(of, &tagged, &owner.identity.name) {
+    for (instance, group) in nodes.chosen.iter().filter(|(i, _)| targets.contains(*i)) {
+        match group {
             Ok(g) => {
-                chosen.insert(g);
+                chosen.insert(g.clone());
             }
             Err(why) => problems.push(format!("instance {instance} {why}")),
         }
@@ -560,6 +675,31 @@ pub async fn sync_backend<A: AwsApi>(
     let marker = marker(&owner.identity.id, owner.uid);
     let description = backend_description(&marker, service);
     let owned = |r: &IngressRule| is_marked(r.description.as_deref(), &marker);
+    let groups = match known {
+        // Every wanted rule is missing; the Service's rules elsewhere refer to an earlier
+        // frontend group, which the next apply (reading) or the Service's deletion revokes.
+        NodeRules::NoneYet => chosen
+            .iter()
+            .map(|id| SgInfo {
+                id: id.clone(),
+                name: String::new(),
+                vpc: String::new(),
+                tags: Tags::new(),
+                ingress: Vec::new(),
+            })
+            .collect(),
+        NodeRules::Read(groups) => groups
+            .into_iter()
+            .filter(|g| nodes.all.contains(&g.id))
+            .collect(),
+        NodeRules::Unknown => {
+            let query = SgQuery {
+                ids: Some(nodes.all.iter().cloned().collect()),
+                filters: Vec::new(),
+            };
+            aws.security_groups(&query).await?
+        }
+    };
     let none = BTreeSet::new();
     for g in &groups {
         let want = if chosen.contains(&g.id) {
@@ -885,7 +1025,8 @@ mod tests {
             }
         }
 
-        fn desired(ranges: &[&str]) -> DesiredLoadBalancer {
+        /// The Service's load balancer, with the nodes' groups as the provider finds them.
+        async fn desired(aws: &FakeAws, ranges: &[&str]) -> DesiredLoadBalancer {
             let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
             let ranges: Vec<String> = ranges.iter().map(|r| r.to_string()).collect();
             svc.spec.get_or_insert_default().load_balancer_source_ranges = Some(ranges);
@@ -904,6 +1045,9 @@ mod tests {
             };
             let s = settings(&svc, &Default::default(), "c1").expect("settings");
             let mut d = build_lb(&svc, &s, &world).expect("build");
+            d.security.node_groups = node_groups(aws, &d.security.nodes, "c1")
+                .await
+                .expect("node groups");
             ME.stamp(&mut d);
             d
         }
@@ -930,9 +1074,10 @@ mod tests {
         #[tokio::test]
         async fn ranges_change_in_place_and_everything_goes_with_the_service() {
             let (aws, inv) = (aws(), Inventory::default());
-            let applied = deploy::ensure(&aws, &inv, &desired(&["198.18.0.100/32"]), me())
-                .await
-                .expect("ensure");
+            let applied =
+                deploy::ensure(&aws, &inv, &desired(&aws, &["198.18.0.100/32"]).await, me())
+                    .await
+                    .expect("ensure");
             let [managed] = applied.lb.security_groups.as_slice() else {
                 panic!("{:?}", applied.lb)
             };
@@ -950,7 +1095,7 @@ mod tests {
             assert!(aws.state().sgs["sg-other"].ingress.is_empty());
             aws.take_calls();
 
-            let d = desired(&["192.0.2.0/24"]);
+            let d = desired(&aws, &["192.0.2.0/24"]).await;
             let applied = deploy::ensure(&aws, &inv, &d, me()).await.expect("ensure");
             assert_eq!(applied.lb.security_groups, vec![managed.clone()]);
             let calls = aws.take_calls();
@@ -997,7 +1142,7 @@ mod tests {
         #[tokio::test]
         async fn an_nlb_made_without_groups_is_kept_unless_the_service_restricts_it() {
             let (aws, inv) = (aws(), Inventory::default());
-            let mut open = desired(&[]);
+            let mut open = desired(&aws, &[]).await;
             open.security.frontend = Frontend::Disabled;
             open.security.backend = None;
             let applied = deploy::ensure(&aws, &inv, &open, me())
@@ -1005,7 +1150,7 @@ mod tests {
                 .expect("ensure");
             assert!(applied.lb.security_groups.is_empty());
             // Now the managed group is wanted, admitting everyone: the NLB stays without.
-            let mut everyone = desired(&[]);
+            let mut everyone = desired(&aws, &[]).await;
             if let Frontend::Managed(m) = &mut everyone.security.frontend {
                 m.restricted = false;
             }
@@ -1016,9 +1161,15 @@ mod tests {
             assert!(aws.state().sgs.len() == 2, "no managed group made");
             // Restricting needs a replacement, which waits for its acknowledgement.
             let gate = |_: &crate::provider::aws::replacement::Replacement| false;
-            let err = deploy::ensure_gated(&aws, &inv, &desired(&["10.0.0.0/8"]), me(), &gate)
-                .await
-                .expect_err("a replacement");
+            let err = deploy::ensure_gated(
+                &aws,
+                &inv,
+                &desired(&aws, &["10.0.0.0/8"]).await,
+                me(),
+                &gate,
+            )
+            .await
+            .expect_err("a replacement");
             assert!(err.to_string().contains("securityGroups"), "{err}");
         }
     }

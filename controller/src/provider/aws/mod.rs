@@ -491,41 +491,17 @@ impl<A: AwsApi> AwsProvider<A> {
         if adopting && let Some(why) = adopt::blocked(svc) {
             return Outcome::invalid(adopt::ADOPTION_BLOCKED, why);
         }
-        let (mut desired, identity, skipped) = match self.desire(svc, class).await {
+        let (desired, identity, skipped) = match self.desire(svc, class).await {
             Ok(d) => d,
             Err(out) => return out,
         };
         let uid = uid(svc);
-        if let Some(applied) = self.recently_applied(&uid, &desired) {
-            let mut out = applied_outcome(svc, &applied);
-            out.events.extend(skipped);
-            return out;
-        }
-        let owner = Owner {
-            identity: &identity,
-            uid: &uid,
+        let mut out = match self.recently_applied(&uid, &desired) {
+            Some(applied) => applied_outcome(svc, &applied),
+            None => self.apply(svc, desired, &identity, &uid, adopting).await,
         };
-        if adopting && let Err(e) = self.adopt(svc, &mut desired, owner).await {
-            return failed(&e.into());
-        }
-        let annotations = svc.annotations();
-        let gate = |r: &replacement::Replacement| replacement::acknowledged(annotations, r);
-        let applied = deploy::ensure_gated(&self.aws, &self.inventory, &desired, owner, &gate);
-        let result = applied.await;
-        self.remember(&uid, &desired, result.as_ref().ok());
-        let out = match result {
-            Ok(applied) => applied_outcome(svc, &applied),
-            // The old load balancer stays as it is: the condition says what waits and how
-            // to acknowledge it, once as an Event.
-            Err(e @ ApplyError::ReplacementPending(_)) => {
-                let note = warning(replacement::REPLACEMENT_PENDING, e.to_string());
-                Outcome::invalid(replacement::REPLACEMENT_PENDING, e.to_string())
-                    .with_events(vec![note])
-            }
-            Err(e) => failed(&e),
-        };
-        let mut out = out;
-        // What the NLB does not enforce is said in the condition too, never only once.
+        // What the NLB does not enforce is said in the condition too, never only once
+        // (also when the outcome is the recent apply's).
         let unenforced: Vec<&str> = skipped
             .iter()
             .filter(|n| n.reason == security_groups::SOURCE_RANGES_NOT_ENFORCED)
@@ -538,6 +514,38 @@ impl<A: AwsApi> AwsProvider<A> {
         }
         out.events.extend(skipped);
         out
+    }
+
+    /// Makes AWS match `desired` (adopting LBC's resources first when the class does),
+    /// remembering an apply that left the NLB active.
+    async fn apply(
+        &self,
+        svc: &Service,
+        mut desired: DesiredLoadBalancer,
+        identity: &Identity,
+        uid: &str,
+        adopting: bool,
+    ) -> Outcome {
+        let owner = Owner { identity, uid };
+        if adopting && let Err(e) = self.adopt(svc, &mut desired, owner).await {
+            return failed(&e.into());
+        }
+        let annotations = svc.annotations();
+        let gate = |r: &replacement::Replacement| replacement::acknowledged(annotations, r);
+        let applied = deploy::ensure_gated(&self.aws, &self.inventory, &desired, owner, &gate);
+        let result = applied.await;
+        self.remember(uid, &desired, result.as_ref().ok());
+        match result {
+            Ok(applied) => applied_outcome(svc, &applied),
+            // The old load balancer stays as it is: the condition says what waits and how
+            // to acknowledge it, once as an Event.
+            Err(e @ ApplyError::ReplacementPending(_)) => {
+                let note = warning(replacement::REPLACEMENT_PENDING, e.to_string());
+                Outcome::invalid(replacement::REPLACEMENT_PENDING, e.to_string())
+                    .with_events(vec![note])
+            }
+            Err(e) => failed(&e),
+        }
     }
 
     /// The apply of `desired` for the Service made within [`RECENT_APPLY`] that left its
@@ -1077,6 +1085,25 @@ mod tests {
             ("DescribeSecurityGroups", 1),
         ]);
         assert_eq!(again, expected, "an unchanged Service only reads");
+    }
+
+    #[tokio::test]
+    async fn unenforced_source_ranges_stay_in_the_condition_after_the_apply() {
+        let p = provider(Fence::unfenced());
+        let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        svc.metadata.uid = Some("u1".into());
+        let a = svc.metadata.annotations.get_or_insert_default();
+        a.insert(keys::DISABLE_NLB_SG.into(), "true".into());
+        let spec = svc.spec.get_or_insert_default();
+        spec.load_balancer_source_ranges = Some(vec!["192.0.2.0/24".into()]);
+        // The apply, then an event right after it, answered from the recent apply.
+        for _ in 0..2 {
+            let out = p.ensure(&svc, &class()).await;
+            let Report::Set { readiness, .. } = &out.report else {
+                panic!("no condition: {:?}", out.error)
+            };
+            assert!(readiness.message.contains("NOT enforced"), "{readiness:?}");
+        }
     }
 
     /// A one-port Service with its NLB provisioned, an internal subnet to move it to, and

@@ -255,6 +255,7 @@ mod tests {
                     frontend: Frontend::Disabled,
                     backend: None,
                     nodes: Default::default(),
+                    node_groups: Default::default(),
                 },
                 tags: BTreeMap::new(),
                 attributes: BTreeMap::new(),

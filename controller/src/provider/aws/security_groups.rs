@@ -1128,7 +1128,7 @@ mod tests {
                 .expect("group")
                 .ingress
                 .push(theirs.clone());
-            deploy::remove(&aws, &inv, me(), &[d.name.clone()], false)
+            deploy::remove(&aws, &inv, me(), std::slice::from_ref(&d.name), false)
                 .await
                 .expect("remove");
             assert!(aws.state().lbs.is_empty());

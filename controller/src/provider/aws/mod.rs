@@ -1250,6 +1250,13 @@ mod tests {
             ip_address_type: model::IpAddressType::Ipv4,
             subnets: vec!["subnet-a".into(), "subnet-b".into()],
             security_groups: Vec::new(),
+            // LBC's fixture: how it makes its own groups is not what is tested here.
+            security: security_groups::Security {
+                frontend: security_groups::Frontend::Disabled,
+                backend: None,
+                nodes: Default::default(),
+                node_groups: Default::default(),
+            },
             tags: lbc(adopt::lbc_tags::LOAD_BALANCER),
             attributes: BTreeMap::new(),
             listeners: vec![listener.clone()],

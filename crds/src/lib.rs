@@ -117,9 +117,21 @@ pub mod annotations {
         "lbipam.cilium.io/ips",
         "io.cilium/lb-ipam-ips",
     ];
-    /// The in-tree cloud provider's source-range annotation, which berth does not
-    /// implement: a Service carrying it is warned (as for every unknown `AWS_PREFIX` key).
+    /// The in-tree cloud provider's source ranges (comma-separated CIDRs), read when
+    /// `spec.loadBalancerSourceRanges` is empty: the NLB's managed security group admits
+    /// only them.
     pub const SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+    /// Security group IDs for the NLB instead of the one berth manages.
+    pub const SECURITY_GROUPS: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-security-groups";
+    /// Managed prefix list IDs the NLB's managed security group admits.
+    pub const SECURITY_GROUP_PREFIX_LISTS: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-security-group-prefix-lists";
+    /// `true|false`: rules on the targets' security groups for the NLB's traffic.
+    pub const MANAGE_BACKEND_SG_RULES: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-manage-backend-security-group-rules";
+    /// `true`: the NLB gets no security group (source ranges are then not enforced).
+    pub const DISABLE_NLB_SG: &str = "service.beta.kubernetes.io/aws-load-balancer-disable-nlb-sg";
 }
 
 /// A kind of load balancer and its settings. Services select it with
@@ -225,6 +237,11 @@ pub struct AwsProvider {
     /// `kubernetes.io/role/internal-elb` tag and the cluster tag, one per zone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnets: Option<SubnetSelector>,
+    /// Security group IDs every NLB of the class gets instead of the one berth manages
+    /// per NLB (the `security-groups` annotation overrides them): berth manages none of
+    /// their rules, so source ranges are not applied, and adds backend rules only when a
+    /// Service asks (`manage-backend-security-group-rules: "true"`). Changes apply in
+    /// place (SetSecurityGroups).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_groups: Option<Vec<String>>,
     /// Extra tags on every resource.

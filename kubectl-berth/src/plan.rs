@@ -239,6 +239,7 @@ mod tests {
 
     use berth_controller::provider::aws::model::{DesiredLoadBalancer, IpAddressType, Scheme};
     use berth_controller::provider::aws::replacement::{Change, Replacement};
+    use berth_controller::provider::aws::security_groups::{Frontend, Security};
 
     use super::*;
 
@@ -250,6 +251,12 @@ mod tests {
                 ip_address_type: IpAddressType::Ipv4,
                 subnets: Vec::new(),
                 security_groups: Vec::new(),
+                security: Security {
+                    frontend: Frontend::Disabled,
+                    backend: None,
+                    nodes: Default::default(),
+                    node_groups: Default::default(),
+                },
                 tags: BTreeMap::new(),
                 attributes: BTreeMap::new(),
                 listeners: Vec::new(),

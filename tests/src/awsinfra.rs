@@ -33,6 +33,13 @@ pub struct AwsInfra {
     pub subnet_ids: Vec<String>,
     /// EC2 instance per node index, same order as the nodes.
     pub instance_ids: Vec<String>,
+    /// Every node instance is in two groups: this one, tagged with the cluster (where
+    /// backend rules belong, as the AWS Load Balancer Controller chooses), and
+    /// [`AwsInfra::extra_security_group`], untagged.
+    #[serde(default)]
+    pub node_security_group: String,
+    #[serde(default)]
+    pub extra_security_group: String,
 }
 
 fn tag(key: &str, value: &str) -> Tag {
@@ -69,6 +76,9 @@ pub async fn create(ec2: &aws_sdk_ec2::Client, nodes: &[NodePlan]) -> Result<Aws
         .and_then(|v| v.vpc_id())
         .ok_or_else(|| Error::Setup("CreateVpc returned no VpcId".into()))?
         .to_string();
+    let node_security_group =
+        security_group(ec2, &vpc_id, "nodes", &[(&cluster_tag, "owned")]).await?;
+    let extra_security_group = security_group(ec2, &vpc_id, "extra", &[]).await?;
     let mut subnet_ids = Vec::new();
     let mut instance_ids = Vec::new();
     for node in nodes {
@@ -102,6 +112,8 @@ pub async fn create(ec2: &aws_sdk_ec2::Client, nodes: &[NodePlan]) -> Result<Aws
             .min_count(1)
             .max_count(1)
             .subnet_id(&subnet_id)
+            .security_group_ids(&node_security_group)
+            .security_group_ids(&extra_security_group)
             .private_ip_address(node.ip.to_string())
             .tag_specifications(tags(
                 ResourceType::Instance,
@@ -127,7 +139,34 @@ pub async fn create(ec2: &aws_sdk_ec2::Client, nodes: &[NodePlan]) -> Result<Aws
         vpc_id,
         subnet_ids,
         instance_ids,
+        node_security_group,
+        extra_security_group,
     })
+}
+
+/// A security group `berth-e2e-<what>` in the VPC, with a chosen ID.
+async fn security_group(
+    ec2: &aws_sdk_ec2::Client,
+    vpc_id: &str,
+    what: &str,
+    extra_tags: &[(&str, &str)],
+) -> Result<String> {
+    let name = format!("{CLUSTER_NAME}-{what}");
+    let id = chosen_id("sg", what);
+    let mut pairs = vec![("Name", name.as_str()), (CUSTOM_ID, id.as_str())];
+    pairs.extend_from_slice(extra_tags);
+    let out = ec2
+        .create_security_group()
+        .group_name(&name)
+        .description(format!("berth e2e {what}"))
+        .vpc_id(vpc_id)
+        .tag_specifications(tags(ResourceType::SecurityGroup, &pairs))
+        .send()
+        .await
+        .map_err(Error::aws(format!("CreateSecurityGroup {name}")))?;
+    out.group_id()
+        .map(str::to_string)
+        .ok_or_else(|| Error::Setup("CreateSecurityGroup returned no GroupId".into()))
 }
 
 /// The private IP LocalStack reports for an instance.

@@ -227,6 +227,8 @@ impl Env {
                     vpc_id: String::new(),
                     subnet_ids: Vec::new(),
                     instance_ids: Vec::new(),
+                    node_security_group: String::new(),
+                    extra_security_group: String::new(),
                 },
                 log_dir: log_dir.clone(),
                 supervisor_pid: std::process::id(),

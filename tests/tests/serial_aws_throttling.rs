@@ -177,6 +177,10 @@ async fn the_controller_converges_under_throttling_and_counts_it() {
         // The adoption check by name (LoadBalancerNotFound), then the provisioning state
         // read back until active.
         ("DescribeLoadBalancers", 2.0),
+        // The managed frontend group, tagged at creation, its rule for the listener, and
+        // the backend rule on the nodes' group (their groups are cached since "warm").
+        ("CreateSecurityGroup", 1.0),
+        ("AuthorizeSecurityGroupIngress", 2.0),
         ("CreateLoadBalancer", 1.0),
         ("CreateTargetGroup", 1.0),
         ("RegisterTargets", 1.0),

@@ -18,6 +18,10 @@ connections, and the connections it already has go on (unless
 the delay ends). Registering it again ends the draining. TLS listeners terminate TLS with
 their certificate (an IAM server certificate; moto keeps its key) and relay the plain
 stream, as an NLB TLS listener with a TCP target group does.
+
+A flow reaches the listener only when the load balancer's security groups admit its
+source (security.py): the forwarder sees the client's own address, since listeners are
+bound on the gateway's address on the test network, which clients reach directly.
 """
 
 import http.client
@@ -30,8 +34,11 @@ import socket
 import ssl
 import tempfile
 import threading
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+from berth_localstack_ext import security
 
 LOG = logging.getLogger("localstack.berth.dataplane")
 
@@ -420,12 +427,25 @@ class Forwarder:
         targets = MONITOR.targets_for(self.target_group())
         return random.choice(targets) if targets else None
 
+    def _admits(self, protocol, address):
+        try:
+            return security.admits(self.lb, protocol, self.listener.port, address)
+        except Exception:  # noqa: BLE001 - an unreadable rule admits nothing
+            LOG.exception("security groups of %s", self.lb.arn)
+            return False
+
     def _serve_tcp(self):
         while not self.closed:
             try:
-                client, _ = self.tcp.accept()
+                client, source = self.tcp.accept()
             except OSError:
                 return
+            if not self._admits("tcp", source[0]):
+                LOG.info("listener %s: %s refused by the security groups", self.arn, source[0])
+                # A reset: the kernel already completed the handshake AWS would not answer.
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+                continue
             threading.Thread(target=self._relay, args=(client,), daemon=True).start()
 
     def _relay(self, client):
@@ -471,6 +491,9 @@ class Forwarder:
                 return
             flow = flows.get(client)
             if flow is None:
+                # Security groups are stateful: only a new flow is checked.
+                if not self._admits("udp", client[0]):
+                    continue
                 target = self._pick()
                 if target is None:
                     continue
@@ -538,6 +561,7 @@ def _sync_forwarders():
                 and fwd.certificate == _certificate(listener)
             ):
                 fwd.listener = listener
+                fwd.lb = lb
                 continue
             if fwd is not None:
                 FORWARDERS.pop(arn).close()

@@ -20,6 +20,9 @@ additions that make it trustworthy for berth's tests (see dataplane.py for the f
 - A load balancer's DNS name is ``<name>-<id>.elb.<region>.amazonaws.com`` with the ID of
   its ARN, as on AWS, so a recreated load balancer has a new name (moto reuses one).
 - RunInstances honours a ``_custom_id_`` instance tag (ec2ids.py, a start hook).
+- Security groups as AWS has them for NLBs (security.py): CreateLoadBalancer refuses
+  unknown groups, SetSecurityGroups refuses to add groups to an NLB created without any
+  or to remove all of them, and listeners admit only flows the groups' inbound rules allow.
 """
 
 from localstack.aws.api import CommonServiceException
@@ -28,7 +31,7 @@ from localstack.aws.spec import load_service
 from localstack.services.moto import call_moto
 from localstack.services.plugins import Service, aws_provider
 
-from berth_localstack_ext import dataplane
+from berth_localstack_ext import dataplane, security
 
 NLB_PROTOCOLS = ("TCP", "UDP", "TCP_UDP", "TLS")
 DEFAULT_SSL_POLICY = "ELBSecurityPolicy-2016-08"
@@ -89,7 +92,8 @@ def _deregister_targets(context, request):
     return response
 
 
-def _create_load_balancer(context, _request):
+def _create_load_balancer(context, request):
+    security.check_create(context, request)
     response = call_moto(context)
     backend = _backend(context)
     for desc in response.get("LoadBalancers") or []:
@@ -201,6 +205,13 @@ def _modify_listener(context, request):
     return {"Listeners": [out]}
 
 
+def _set_security_groups(context, request):
+    lb = _backend(context).load_balancers.get(request.get("LoadBalancerArn"))
+    if lb is not None:
+        security.check_set(lb, request.get("SecurityGroups") or [])
+    return call_moto(context)
+
+
 @aws_provider(api="elbv2")
 def elbv2():
     spec = load_service("elbv2")
@@ -211,5 +222,6 @@ def elbv2():
     dispatch["CreateLoadBalancer"] = _create_load_balancer
     dispatch["CreateListener"] = _create_listener
     dispatch["ModifyListener"] = _modify_listener
+    dispatch["SetSecurityGroups"] = _set_security_groups
     dataplane.start()
     return Service("elbv2", skeleton=Skeleton(spec, dispatch))

@@ -14,7 +14,8 @@ pub use berth_crds::annotations;
 
 pub use crate::provider::aws::naming::valid_lb_name;
 pub use crate::provider::aws::settings::{
-    DEFAULT_SSL_POLICY, Draft, HealthCheck, HealthPort, Settings, Ssl, SslPorts, SubnetChoice,
+    DEFAULT_SSL_POLICY, Draft, FrontendChoice, HealthCheck, HealthPort, Settings, Ssl, SslPorts,
+    SubnetChoice,
 };
 
 use crate::provider::aws::naming::MAX_NAME;
@@ -160,6 +161,45 @@ pub const TABLE: &[Annotation] = &[
         values: "k1=v1, k2=v2",
         apply: |d, v| {
             d.settings.lb_attributes.extend(parse_map(v, false)?);
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::SECURITY_GROUPS,
+        group: Group::LoadBalancer,
+        values: "security group IDs (sg-…), comma-separated, at most 5",
+        apply: |d, v| {
+            let ids = id_list(v, "sg-", 5)?;
+            d.settings.frontend = FrontendChoice::Given(ids);
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::SECURITY_GROUP_PREFIX_LISTS,
+        group: Group::LoadBalancer,
+        values: "managed prefix list IDs (pl-…), comma-separated",
+        apply: |d, v| {
+            d.settings.prefix_lists = id_list(v, "pl-", 60)?;
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::MANAGE_BACKEND_SG_RULES,
+        group: Group::LoadBalancer,
+        values: "true | false",
+        apply: |d, v| {
+            d.settings.manage_backend_rules = Some(one_of(v, &[("true", true), ("false", false)])?);
+            Ok(())
+        },
+    },
+    Annotation {
+        key: annotations::DISABLE_NLB_SG,
+        group: Group::LoadBalancer,
+        values: "true | false",
+        apply: |d, v| {
+            if one_of(v, &[("true", true), ("false", false)])? {
+                d.disable_security_groups = true;
+            }
             Ok(())
         },
     },
@@ -367,15 +407,15 @@ pub fn refused_overrides(svc: &Service, class: &AwsProvider) -> Vec<String> {
         .collect()
 }
 
-/// The Service's AWS Load Balancer Controller annotations (and the in-tree
-/// `load-balancer-source-ranges`) that berth does not implement, sorted.
+/// The Service's AWS Load Balancer Controller annotations that berth does not implement,
+/// sorted.
 pub fn unimplemented(svc: &Service) -> Vec<String> {
     svc.metadata
         .annotations
         .iter()
         .flatten()
         .map(|(k, _)| k)
-        .filter(|k| k.starts_with(annotations::AWS_PREFIX) || *k == annotations::SOURCE_RANGES)
+        .filter(|k| k.starts_with(annotations::AWS_PREFIX))
         .filter(|k| lookup(k).is_none())
         .cloned()
         .collect()
@@ -426,6 +466,54 @@ fn parse_int(value: &str, range: std::ops::RangeInclusive<i32>) -> Result<i32, S
             range.end()
         )),
     }
+}
+
+/// IDs starting with `prefix`, comma-separated, at most `max`.
+fn id_list(value: &str, prefix: &str, max: usize) -> Result<Vec<String>, String> {
+    let list = parse_list(value);
+    let bad: Vec<&String> = list
+        .iter()
+        .filter(|i| {
+            !i.starts_with(prefix)
+                || i.len() <= prefix.len()
+                || !i.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+        .collect();
+    match list.len() {
+        0 => Err("empty".into()),
+        n if n > max => Err(format!("{n} IDs, at most {max}")),
+        _ if !bad.is_empty() => Err(format!("{bad:?} are not {prefix}… IDs")),
+        _ => Ok(list),
+    }
+}
+
+/// The Service's source ranges: `spec.loadBalancerSourceRanges`, else the annotation, as
+/// normalised CIDRs (host bits cleared); `None` when neither gives any.
+pub fn source_ranges(svc: &Service) -> Result<Option<Vec<String>>, String> {
+    let from_spec: Vec<String> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.clone())
+        .unwrap_or_default();
+    let (what, list) = if !from_spec.is_empty() {
+        ("spec.loadBalancerSourceRanges", from_spec)
+    } else {
+        let ann = svc.metadata.annotations.as_ref();
+        match ann.and_then(|a| a.get(annotations::SOURCE_RANGES)) {
+            Some(v) => (annotations::SOURCE_RANGES, parse_list(v)),
+            None => return Ok(None),
+        }
+    };
+    let mut out = Vec::new();
+    for item in &list {
+        match item.trim().parse::<ipnet::IpNet>() {
+            Ok(net) => out.push(net.trunc().to_string()),
+            Err(_) => return Err(format!("{what}: `{item}` is not a CIDR")),
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok((!out.is_empty()).then_some(out))
 }
 
 fn subnet_choice(value: &str) -> Result<SubnetChoice, String> {
@@ -484,6 +572,22 @@ pub fn settings(
             draft.settings.health_check_overridden = true;
         }
         apply(a.key, value, &mut draft, &mut errors);
+    }
+    match source_ranges(svc) {
+        Ok(r) => draft.settings.source_ranges = r,
+        Err(e) => errors.push(e),
+    }
+    if draft.disable_security_groups {
+        if matches!(draft.settings.frontend, FrontendChoice::Given(_))
+            && ann.contains_key(annotations::SECURITY_GROUPS)
+        {
+            errors.push(format!(
+                "{} and {} contradict each other",
+                annotations::SECURITY_GROUPS,
+                annotations::DISABLE_NLB_SG
+            ));
+        }
+        draft.settings.frontend = FrontendChoice::Disabled;
     }
     let settings = draft.finish(&mut errors);
     if errors.is_empty() {
@@ -759,6 +863,10 @@ pub(crate) mod tests {
             annotations::HC_HEALTHY_THRESHOLD => ("5", vec![]),
             annotations::HC_UNHEALTHY_THRESHOLD => ("5", vec![]),
             annotations::HC_SUCCESS_CODES => ("200", vec![http]),
+            annotations::SECURITY_GROUPS => ("sg-0123, sg-0456", vec![]),
+            annotations::SECURITY_GROUP_PREFIX_LISTS => ("pl-0123", vec![]),
+            annotations::MANAGE_BACKEND_SG_RULES => ("false", vec![]),
+            annotations::DISABLE_NLB_SG => ("true", vec![]),
             _ => return None,
         })
     }
@@ -891,8 +999,8 @@ pub(crate) mod tests {
             vec![
                 "service.beta.kubernetes.io/aws-load-balancer-minimum-load-balancer-capacity"
                     .to_string(),
-                annotations::SOURCE_RANGES.to_string(),
-            ]
+            ],
+            "the source ranges are implemented now"
         );
         let plain = service(
             &[("http", 80, "TCP", None)],

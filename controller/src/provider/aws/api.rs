@@ -10,6 +10,7 @@ use crate::provider::aws::annotations::HealthCheck;
 use crate::provider::aws::model::{
     DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Target,
 };
+use crate::provider::aws::security_groups::{IngressRule, ManagedGroup, SgInfo, SgQuery};
 
 /// A failed AWS call: which operation, the AWS error code when there is one, the message.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -51,6 +52,8 @@ pub struct LbInfo {
     pub scheme: String,
     pub ip_address_type: String,
     pub subnets: Vec<String>,
+    /// Its security groups (none: it was made without, and can never get any).
+    pub security_groups: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -210,4 +213,33 @@ pub trait AwsApi: Send + Sync {
         &self,
         ids: &[String],
     ) -> impl Future<Output = Res<std::collections::BTreeSet<String>>> + Send;
+    /// Replaces the load balancer's security groups (it must have been created with some).
+    fn set_security_groups(
+        &self,
+        arn: &str,
+        groups: &[String],
+    ) -> impl Future<Output = Res<()>> + Send;
+    /// Security groups matching the query, with their inbound rules.
+    fn security_groups(&self, query: &SgQuery) -> impl Future<Output = Res<Vec<SgInfo>>> + Send;
+    /// Creates the group, tagged at creation, without inbound rules.
+    fn create_security_group(&self, g: &ManagedGroup) -> impl Future<Output = Res<SgInfo>> + Send;
+    fn authorize_ingress(
+        &self,
+        group: &str,
+        rules: &[IngressRule],
+    ) -> impl Future<Output = Res<()>> + Send;
+    fn revoke_ingress(
+        &self,
+        group: &str,
+        rules: &[IngressRule],
+    ) -> impl Future<Output = Res<()>> + Send;
+    /// A missing group is success.
+    fn delete_security_group(&self, id: &str) -> impl Future<Output = Res<()>> + Send;
+    /// The security groups of those instances among `ids` that exist.
+    fn instance_groups(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Res<BTreeMap<String, Vec<String>>>> + Send;
+    /// The VPC's IPv4 and IPv6 CIDRs.
+    fn vpc_cidrs(&self, vpc: &str) -> impl Future<Output = Res<Vec<String>>> + Send;
 }

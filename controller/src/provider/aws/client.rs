@@ -23,6 +23,9 @@ use crate::provider::aws::model::{
     DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Scheme, Target,
     TargetType,
 };
+use crate::provider::aws::security_groups::{
+    IngressRule, ManagedGroup, Rule, SgInfo, SgQuery, Source,
+};
 use crate::provider::aws::subnets;
 
 pub use crate::provider::aws::api::{
@@ -161,6 +164,98 @@ fn lb_info(lb: &elb::types::LoadBalancer) -> LbInfo {
             .iter()
             .filter_map(|z| z.subnet_id().map(str::to_string))
             .collect(),
+        security_groups: lb.security_groups().to_vec(),
+    }
+}
+
+/// One EC2 permission per rule (a permission's lists would group them; one each keeps a
+/// rule's description its own).
+fn permission(r: &IngressRule) -> ec2::types::IpPermission {
+    use ec2::types::{IpPermission, IpRange, Ipv6Range, PrefixListId, UserIdGroupPair};
+    let d = r.description.clone();
+    let p = IpPermission::builder()
+        .ip_protocol(&r.rule.protocol)
+        .from_port(r.rule.from_port)
+        .to_port(r.rule.to_port);
+    match &r.rule.source {
+        Source::Cidr(c) if c.contains(':') => {
+            p.ipv6_ranges(Ipv6Range::builder().cidr_ipv6(c).set_description(d).build())
+        }
+        Source::Cidr(c) => p.ip_ranges(IpRange::builder().cidr_ip(c).set_description(d).build()),
+        Source::PrefixList(id) => p.prefix_list_ids(
+            PrefixListId::builder()
+                .prefix_list_id(id)
+                .set_description(d)
+                .build(),
+        ),
+        Source::Group(id) => p.user_id_group_pairs(
+            UserIdGroupPair::builder()
+                .group_id(id)
+                .set_description(d)
+                .build(),
+        ),
+    }
+    .build()
+}
+
+/// The rules in an EC2 permission, each with its description.
+fn rules_of(p: &ec2::types::IpPermission) -> Vec<IngressRule> {
+    let protocol = p.ip_protocol().unwrap_or("-1").to_ascii_lowercase();
+    let protocol = match protocol.as_str() {
+        "6" => "tcp".to_string(),
+        "17" => "udp".to_string(),
+        _ => protocol,
+    };
+    let (from, to) = (p.from_port().unwrap_or(-1), p.to_port().unwrap_or(-1));
+    let one = |source: Source, description: Option<&str>| IngressRule {
+        rule: Rule {
+            protocol: protocol.clone(),
+            from_port: from,
+            to_port: to,
+            source,
+        },
+        description: description.map(str::to_string),
+    };
+    let mut out = Vec::new();
+    for r in p.ip_ranges() {
+        if let Some(c) = r.cidr_ip() {
+            out.push(one(Source::Cidr(c.to_string()), r.description()));
+        }
+    }
+    for r in p.ipv6_ranges() {
+        if let Some(c) = r.cidr_ipv6() {
+            out.push(one(Source::Cidr(c.to_string()), r.description()));
+        }
+    }
+    for r in p.prefix_list_ids() {
+        if let Some(id) = r.prefix_list_id() {
+            out.push(one(Source::PrefixList(id.to_string()), r.description()));
+        }
+    }
+    for r in p.user_id_group_pairs() {
+        if let Some(id) = r.group_id() {
+            out.push(one(Source::Group(id.to_string()), r.description()));
+        }
+    }
+    out
+}
+
+fn sg_info(g: &ec2::types::SecurityGroup) -> SgInfo {
+    SgInfo {
+        id: g.group_id().unwrap_or_default().to_string(),
+        name: g.group_name().unwrap_or_default().to_string(),
+        vpc: g.vpc_id().unwrap_or_default().to_string(),
+        tags: g
+            .tags()
+            .iter()
+            .filter_map(|t| {
+                Some((
+                    t.key()?.to_string(),
+                    t.value().unwrap_or_default().to_string(),
+                ))
+            })
+            .collect(),
+        ingress: g.ip_permissions().iter().flat_map(rules_of).collect(),
     }
 }
 
@@ -908,6 +1003,200 @@ impl AwsApi for Aws {
             .filter_map(|i| i.vpc_id().map(str::to_string))
             .collect())
     }
+
+    async fn set_security_groups(&self, arn: &str, groups: &[String]) -> Result<(), AwsError> {
+        self.call("SetSecurityGroups", || {
+            self.elb
+                .set_security_groups()
+                .load_balancer_arn(arn)
+                .set_security_groups(Some(groups.to_vec()))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn security_groups(&self, query: &SgQuery) -> Result<Vec<SgInfo>, AwsError> {
+        use ec2::types::Filter;
+        let filters: Vec<Filter> = query
+            .filters
+            .iter()
+            .map(|(name, values)| {
+                Filter::builder()
+                    .name(name)
+                    .set_values(Some(values.clone()))
+                    .build()
+            })
+            .collect();
+        match self.describe_groups(query.ids.clone(), &filters).await {
+            Ok(found) => Ok(found),
+            // One ID gone fails the whole call: ask one by one so the others are found.
+            Err(e) if e.is("InvalidGroup.NotFound") => {
+                let mut out = Vec::new();
+                for id in query.ids.iter().flatten() {
+                    match self.describe_groups(Some(vec![id.clone()]), &filters).await {
+                        Ok(found) => out.extend(found),
+                        Err(e) if e.is("InvalidGroup.NotFound") => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(out)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn create_security_group(&self, g: &ManagedGroup) -> Result<SgInfo, AwsError> {
+        use ec2::types::{ResourceType, TagSpecification};
+        let tags: Vec<ec2::types::Tag> = g
+            .tags
+            .iter()
+            .map(|(k, v)| ec2::types::Tag::builder().key(k).value(v).build())
+            .collect();
+        let spec = TagSpecification::builder()
+            .resource_type(ResourceType::SecurityGroup)
+            .set_tags(Some(tags))
+            .build();
+        let out = self
+            .call("CreateSecurityGroup", || {
+                self.ec2
+                    .create_security_group()
+                    .group_name(&g.name)
+                    .description(&g.description)
+                    .vpc_id(&g.vpc_id)
+                    .tag_specifications(spec.clone())
+                    .send()
+            })
+            .await?;
+        Ok(SgInfo {
+            id: out.group_id().unwrap_or_default().to_string(),
+            name: g.name.clone(),
+            vpc: g.vpc_id.clone(),
+            tags: g.tags.clone(),
+            ingress: Vec::new(),
+        })
+    }
+
+    async fn authorize_ingress(&self, group: &str, rules: &[IngressRule]) -> Result<(), AwsError> {
+        let permissions: Vec<ec2::types::IpPermission> = rules.iter().map(permission).collect();
+        self.call("AuthorizeSecurityGroupIngress", || {
+            self.ec2
+                .authorize_security_group_ingress()
+                .group_id(group)
+                .set_ip_permissions(Some(permissions.clone()))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn revoke_ingress(&self, group: &str, rules: &[IngressRule]) -> Result<(), AwsError> {
+        let permissions: Vec<ec2::types::IpPermission> = rules.iter().map(permission).collect();
+        self.call("RevokeSecurityGroupIngress", || {
+            self.ec2
+                .revoke_security_group_ingress()
+                .group_id(group)
+                .set_ip_permissions(Some(permissions.clone()))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn delete_security_group(&self, id: &str) -> Result<(), AwsError> {
+        let res = self
+            .call("DeleteSecurityGroup", || {
+                self.ec2.delete_security_group().group_id(id).send()
+            })
+            .await;
+        match res {
+            Err(e) if e.is("InvalidGroup.NotFound") => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    async fn instance_groups(
+        &self,
+        ids: &[String],
+    ) -> Result<BTreeMap<String, Vec<String>>, AwsError> {
+        use ec2::types::Filter;
+        let mut out = BTreeMap::new();
+        // A filter takes at most 200 values.
+        for chunk in ids.chunks(200) {
+            let filter = Filter::builder()
+                .name("instance-id")
+                .set_values(Some(chunk.to_vec()))
+                .build();
+            let page = self
+                .call("DescribeInstances", || {
+                    self.ec2.describe_instances().filters(filter.clone()).send()
+                })
+                .await?;
+            out.extend(
+                page.reservations()
+                    .iter()
+                    .flat_map(|r| r.instances())
+                    .filter_map(|i| {
+                        let groups = i
+                            .security_groups()
+                            .iter()
+                            .filter_map(|g| g.group_id().map(str::to_string))
+                            .collect();
+                        Some((i.instance_id()?.to_string(), groups))
+                    }),
+            );
+        }
+        Ok(out)
+    }
+
+    async fn vpc_cidrs(&self, vpc: &str) -> Result<Vec<String>, AwsError> {
+        let out = self
+            .call("DescribeVpcs", || {
+                self.ec2.describe_vpcs().vpc_ids(vpc).send()
+            })
+            .await?;
+        let mut cidrs = BTreeSet::new();
+        for v in out.vpcs() {
+            cidrs.extend(v.cidr_block().map(str::to_string));
+            for a in v.cidr_block_association_set() {
+                cidrs.extend(a.cidr_block().map(str::to_string));
+            }
+            for a in v.ipv6_cidr_block_association_set() {
+                cidrs.extend(a.ipv6_cidr_block().map(str::to_string));
+            }
+        }
+        Ok(cidrs.into_iter().collect())
+    }
+}
+
+impl Aws {
+    /// One `DescribeSecurityGroups` page loop.
+    async fn describe_groups(
+        &self,
+        ids: Option<Vec<String>>,
+        filters: &[ec2::types::Filter],
+    ) -> Result<Vec<SgInfo>, AwsError> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let t = token.clone();
+            let page = self
+                .call("DescribeSecurityGroups", || {
+                    self.ec2
+                        .describe_security_groups()
+                        .set_group_ids(ids.clone())
+                        .set_filters((!filters.is_empty()).then(|| filters.to_vec()))
+                        .set_next_token(t.clone())
+                        .send()
+                })
+                .await?;
+            out.extend(page.security_groups().iter().map(sg_info));
+            match page.next_token() {
+                Some(n) if !n.is_empty() && Some(n) != token.as_deref() => token = Some(n.into()),
+                _ => return Ok(out),
+            }
+        }
+    }
 }
 
 impl Aws {
@@ -1022,12 +1311,26 @@ mod iam_policy {
         let called = called();
         assert!(called.len() > 20, "{called:?}");
         assert!(called.contains("ec2:DescribeSubnets"));
-        let allowed: BTreeSet<String> = statements().iter().flat_map(actions).collect();
+        let mut allowed: BTreeSet<String> = statements().iter().flat_map(actions).collect();
+        for implied in IMPLIED {
+            allowed.remove(implied);
+        }
         let missing: Vec<&String> = called.difference(&allowed).collect();
         let unused: Vec<&String> = allowed.difference(&called).collect();
         assert!(missing.is_empty(), "not in iam-policy.json: {missing:?}");
         assert!(unused.is_empty(), "never called: {unused:?}");
     }
+
+    /// Permissions a call needs besides its own: tagging a security group at creation.
+    const IMPLIED: [&str; 1] = ["ec2:CreateTags"];
+
+    /// Rules on the targets' groups (not berth's, so not tagged with the identity): IAM
+    /// cannot condition on a rule's description, which is how berth finds its own. The
+    /// README says to narrow the resource to the nodes' groups.
+    const BACKEND_RULES: [&str; 2] = [
+        "ec2:AuthorizeSecurityGroupIngress",
+        "ec2:RevokeSecurityGroupIngress",
+    ];
 
     /// Listeners carry no tags berth could be matched by: their two calls are limited
     /// to listeners of network load balancers instead.
@@ -1047,6 +1350,14 @@ mod iam_policy {
                 continue;
             }
             let condition = s["Condition"].to_string();
+            if s["Sid"] == "BackendRulesOnNodeGroups" {
+                assert!(
+                    changes.iter().all(|a| BACKEND_RULES.contains(&a.as_str())),
+                    "{s}"
+                );
+                assert_eq!(s["Resource"], "arn:aws:ec2:*:*:security-group/*");
+                continue;
+            }
             if changes.iter().all(|a| UNTAGGED.contains(&a.as_str())) {
                 assert_eq!(
                     s["Resource"],

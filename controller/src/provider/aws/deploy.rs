@@ -15,6 +15,7 @@ use crate::provider::aws::api::{
 use crate::provider::aws::identity::{Claim, Owner};
 use crate::provider::aws::model::{DesiredListener, DesiredLoadBalancer, Target, TargetType};
 use crate::provider::aws::replacement;
+use crate::provider::aws::security_groups;
 
 pub use crate::provider::aws::inventory::{Inventory, InventoryData};
 
@@ -185,6 +186,8 @@ pub struct Applied {
     pub targets: BTreeMap<String, Vec<TargetState>>,
     /// A target is being registered or held for its replacement: look again soon.
     pub settling: bool,
+    /// Targets whose security group for the backend rules cannot be chosen.
+    pub backend_problems: Vec<String>,
 }
 
 /// Finds the load balancer named `name` with its tags; one that is not this Service's
@@ -246,6 +249,7 @@ pub enum Protection {
 pub struct Removed {
     pub load_balancers: usize,
     pub target_groups: usize,
+    pub security_groups: usize,
 }
 
 /// Whether berth turned on the protection of a load balancer with these tags. Pure.
@@ -361,7 +365,8 @@ async fn delete_target_groups<A: AwsApi>(
 }
 
 /// The one delete path: the load balancers `lbs` (listeners first), then those of the
-/// target groups they forwarded to and `target_groups` that are the owner's. With
+/// target groups they forwarded to and `target_groups` that are the owner's, then the
+/// owner's backend rules and managed security groups. With
 /// [`Protection::Respect`], or protection berth did not turn on, a protected load
 /// balancer stops it before anything is deleted, keeping listeners and target groups.
 pub async fn teardown<A: AwsApi>(
@@ -375,9 +380,16 @@ pub async fn teardown<A: AwsApi>(
     let mut tgs = delete_load_balancers(aws, inventory, lbs, protection).await?;
     tgs.extend(target_groups);
     let target_groups = delete_target_groups(aws, inventory, owner, &tgs).await?;
+    // Last: a group is in use while a load balancer or another group's rule refers to it.
+    let frontend: Vec<String> = lbs
+        .iter()
+        .flat_map(|l| l.security_groups.iter().cloned())
+        .collect();
+    let security_groups = security_groups::release(aws, owner, &frontend).await?;
     Ok(Removed {
         load_balancers: lbs.len(),
         target_groups,
+        security_groups,
     })
 }
 
@@ -399,6 +411,12 @@ struct Found {
     tags: Tags,
     /// Created just now.
     fresh: bool,
+    /// The frontend security groups it should have (the managed one exists).
+    groups: Vec<String>,
+    /// The Service had no load balancer before.
+    new: bool,
+    /// What [`security_groups::frontend_groups`] learnt of the nodes' groups' rules.
+    node_rules: security_groups::NodeRules,
 }
 
 /// Step 1: the load balancer, adopted by name, replaced when an immutable property
@@ -425,10 +443,16 @@ async fn ensure_load_balancer<A: AwsApi>(
         lb = None;
     }
     if let Some((lb, tags)) = lb {
+        let security = &desired.security;
+        let (groups, node_rules) =
+            security_groups::frontend_groups(aws, security, owner, Some(&lb), false).await?;
         return Ok(Found {
             lb,
             tags,
             fresh: false,
+            groups,
+            new: false,
+            node_rules,
         });
     }
     let previous: Vec<String> = inventory.of(owner.uid).0.into_iter().collect();
@@ -442,7 +466,15 @@ async fn ensure_load_balancer<A: AwsApi>(
         }
         check_protection(aws, &previous, Protection::LiftOwn).await?;
     }
-    let created = match aws.create_load_balancer(desired).await {
+    // An NLB gets security groups only at creation: the managed one is made first.
+    let new = previous.is_empty();
+    let (groups, node_rules) =
+        security_groups::frontend_groups(aws, &desired.security, owner, None, new).await?;
+    let with_groups = DesiredLoadBalancer {
+        security_groups: groups.clone(),
+        ..desired.clone()
+    };
+    let created = match aws.create_load_balancer(&with_groups).await {
         Ok(lb) => lb,
         // Created by an earlier attempt whose answer was lost.
         Err(e) if e.is("DuplicateLoadBalancerName") => {
@@ -459,6 +491,9 @@ async fn ensure_load_balancer<A: AwsApi>(
         lb: created,
         tags: desired.tags.clone(),
         fresh: true,
+        groups,
+        new,
+        node_rules,
     })
 }
 
@@ -812,6 +847,7 @@ pub async fn ensure_gated<A: AwsApi>(
         tracing::info!(lb = %found.lb.name, "gave a load balancer of an earlier berth this cluster's identity");
     }
     update_load_balancer(aws, &found, legacy, desired).await?;
+    let backend_problems = sync_security(aws, &found, desired, owner).await?;
     let fresh = found.fresh;
     let attached = if fresh {
         Attached::default()
@@ -835,7 +871,44 @@ pub async fn ensure_gated<A: AwsApi>(
         health: health.health,
         targets: health.targets,
         settling: health.settling,
+        backend_problems,
     })
+}
+
+/// The load balancer's security groups swapped in place when they changed, the backend
+/// rules made to match, and a managed group no longer used deleted. Answers the targets
+/// whose group cannot be chosen.
+async fn sync_security<A: AwsApi>(
+    aws: &A,
+    found: &Found,
+    desired: &DesiredLoadBalancer,
+    owner: Owner<'_>,
+) -> Result<Vec<String>, ApplyError> {
+    let lb = &found.lb;
+    let want: BTreeSet<&String> = found.groups.iter().collect();
+    let have: BTreeSet<&String> = lb.security_groups.iter().collect();
+    if !found.fresh && !want.is_empty() && want != have {
+        aws.set_security_groups(&lb.arn, &found.groups).await?;
+        tracing::info!(lb = %lb.name, groups = ?found.groups, "set security groups");
+    }
+    let service = desired.tags.get(tags::SERVICE).cloned().unwrap_or_default();
+    let security = &desired.security;
+    let problems = security_groups::sync_backend(
+        aws,
+        security,
+        &found.groups,
+        owner,
+        &service,
+        found.node_rules.clone(),
+    )
+    .await?;
+    let managed_in_use = matches!(security.frontend, security_groups::Frontend::Managed(_))
+        && !found.groups.is_empty();
+    // A Service that had no load balancer has no managed group left to delete.
+    if !managed_in_use && !found.new {
+        security_groups::delete_managed(aws, owner, &found.groups).await?;
+    }
+    Ok(problems)
 }
 
 /// Deletes every resource of the Service `owner`: load balancers named `names` (if they
@@ -1098,6 +1171,7 @@ mod tests {
             let world = World {
                 cluster: "c1",
                 vpc_id: "vpc-1",
+                vpc_cidrs: &[],
                 subnets: &subnets,
                 nodes,
                 slices: &[],
@@ -1247,7 +1321,8 @@ mod tests {
                     "DeleteListener",
                     "DeleteLoadBalancer",
                     "DeleteTargetGroup",
-                    "DeleteTargetGroup"
+                    "DeleteTargetGroup",
+                    "DeleteSecurityGroup"
                 ]
             );
             let s = aws.state();

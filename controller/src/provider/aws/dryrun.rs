@@ -13,6 +13,9 @@ use crate::provider::aws::api::{
 use crate::provider::aws::model::{
     DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Target,
 };
+use crate::provider::aws::security_groups::{
+    IngressRule, ManagedGroup, Rule, SgInfo, SgQuery, Source,
+};
 
 /// ARNs of resources that would be created start with this: AWS knows nothing of them.
 const PLANNED: &str = "planned:";
@@ -215,6 +218,7 @@ impl<A: AwsApi> AwsApi for DryRun<'_, A> {
             scheme: d.scheme.as_str().into(),
             ip_address_type: d.ip_address_type.as_str().into(),
             subnets: d.subnets.clone(),
+            security_groups: d.security_groups.clone(),
         };
         Ok(self.lb_info(lb))
     }
@@ -388,4 +392,84 @@ impl<A: AwsApi> AwsApi for DryRun<'_, A> {
     async fn instance_vpcs(&self, ids: &[String]) -> Res<BTreeSet<String>> {
         self.inner.instance_vpcs(ids).await
     }
+
+    async fn set_security_groups(&self, arn: &str, groups: &[String]) -> Res<()> {
+        let detail = format!("SetSecurityGroups {}", groups.join(", "));
+        self.record(Action::Modify, self.name(arn), detail);
+        Ok(())
+    }
+
+    async fn security_groups(&self, query: &SgQuery) -> Res<Vec<SgInfo>> {
+        let mut query = query.clone();
+        if let Some(ids) = query.ids.as_mut() {
+            ids.retain(|i| !planned(i));
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+        }
+        let found = self.inner.security_groups(&query).await?;
+        for g in &found {
+            self.learn(&g.id, format!("security group {} ({})", g.name, g.id));
+        }
+        Ok(found)
+    }
+
+    async fn create_security_group(&self, g: &ManagedGroup) -> Res<SgInfo> {
+        let detail = format!("CreateSecurityGroup in {}", g.vpc_id);
+        self.record(Action::Create, format!("security group {}", g.name), detail);
+        let id = format!("{PLANNED}securitygroup/{}", g.name);
+        self.learn(&id, format!("security group {}", g.name));
+        Ok(SgInfo {
+            id,
+            name: g.name.clone(),
+            vpc: g.vpc_id.clone(),
+            tags: g.tags.clone(),
+            ingress: Vec::new(),
+        })
+    }
+
+    async fn authorize_ingress(&self, group: &str, rules: &[IngressRule]) -> Res<()> {
+        let list: Vec<Rule> = rules.iter().map(|r| r.rule.clone()).collect();
+        let detail = format!("AuthorizeSecurityGroupIngress {}", rule_list(&list));
+        self.record(Action::Modify, self.name(group), detail);
+        Ok(())
+    }
+
+    async fn revoke_ingress(&self, group: &str, rules: &[IngressRule]) -> Res<()> {
+        let list: Vec<Rule> = rules.iter().map(|r| r.rule.clone()).collect();
+        let detail = format!("RevokeSecurityGroupIngress {}", rule_list(&list));
+        self.record(Action::Modify, self.name(group), detail);
+        Ok(())
+    }
+
+    async fn delete_security_group(&self, id: &str) -> Res<()> {
+        self.record(
+            Action::Delete,
+            self.name(id),
+            format!("DeleteSecurityGroup {id}"),
+        );
+        Ok(())
+    }
+
+    async fn instance_groups(&self, ids: &[String]) -> Res<BTreeMap<String, Vec<String>>> {
+        self.inner.instance_groups(ids).await
+    }
+
+    async fn vpc_cidrs(&self, vpc: &str) -> Res<Vec<String>> {
+        self.inner.vpc_cidrs(vpc).await
+    }
+}
+
+/// Rules in words: `tcp 80 from 10.0.0.0/8`.
+fn rule_list(rules: &[Rule]) -> String {
+    let v: Vec<String> = rules
+        .iter()
+        .map(|r| {
+            let from = match &r.source {
+                Source::Cidr(c) | Source::PrefixList(c) | Source::Group(c) => c,
+            };
+            format!("{} {} from {}", r.protocol, r.from_port, from)
+        })
+        .collect();
+    v.join(", ")
 }

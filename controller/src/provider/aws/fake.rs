@@ -14,6 +14,7 @@ use crate::provider::aws::api::{
 use crate::provider::aws::model::{
     DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Target, TargetType,
 };
+use crate::provider::aws::security_groups::{IngressRule, ManagedGroup, SgInfo, SgQuery, Source};
 
 type Tags = BTreeMap<String, String>;
 
@@ -55,6 +56,10 @@ pub struct State {
     subnets: Vec<FakeSubnet>,
     /// Instance ID → its VPC.
     instances: BTreeMap<String, String>,
+    /// Instance ID → its security groups.
+    pub instance_groups: BTreeMap<String, Vec<String>>,
+    /// Security groups by ID.
+    pub sgs: BTreeMap<String, SgInfo>,
     /// Mutating calls made, as `Operation target`.
     pub calls: Vec<String>,
     /// Calls (`Operation target`) to fail, with the error code.
@@ -177,6 +182,30 @@ impl FakeAws {
         self.state().instances.insert(id.into(), vpc.into());
     }
 
+    /// A security group not made by berth (a node's), with these instances in it.
+    pub fn add_group(&self, id: &str, vpc: &str, tags: &[(&str, &str)], instances: &[&str]) {
+        let mut s = self.state();
+        s.sgs.insert(
+            id.into(),
+            SgInfo {
+                id: id.into(),
+                name: id.into(),
+                vpc: vpc.into(),
+                tags: tags
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ingress: Vec::new(),
+            },
+        );
+        for i in instances {
+            s.instance_groups
+                .entry(i.to_string())
+                .or_default()
+                .push(id.into());
+        }
+    }
+
     /// Forgets the mutating calls made so far.
     pub fn take_calls(&self) -> Vec<String> {
         std::mem::take(&mut self.state().calls)
@@ -274,6 +303,7 @@ impl AwsApi for FakeAws {
             scheme: d.scheme.as_str().into(),
             ip_address_type: d.ip_address_type.as_str().into(),
             subnets: d.subnets.clone(),
+            security_groups: d.security_groups.clone(),
         };
         let attributes = Tags::from([("deletion_protection.enabled".into(), "false".into())]);
         let lb = FakeLb {
@@ -541,5 +571,140 @@ impl AwsApi for FakeAws {
             .iter()
             .filter_map(|id| s.instances.get(id).cloned())
             .collect())
+    }
+
+    async fn set_security_groups(&self, arn: &str, groups: &[String]) -> Result<(), AwsError> {
+        let mut s = self.log("SetSecurityGroups", arn)?;
+        let lb = s.lb("SetSecurityGroups", arn)?;
+        // AWS: only an NLB made with security groups can change them, and keeps one.
+        if lb.info.security_groups.is_empty() || groups.is_empty() {
+            return Err(AwsError::coded(
+                "SetSecurityGroups",
+                "InvalidConfigurationRequest",
+                "an NLB created without security groups cannot get any, nor lose its last",
+            ));
+        }
+        lb.info.security_groups = groups.to_vec();
+        Ok(())
+    }
+
+    async fn security_groups(&self, query: &SgQuery) -> Result<Vec<SgInfo>, AwsError> {
+        let s = self.read("DescribeSecurityGroups", 1);
+        let matches = |g: &SgInfo| {
+            query.ids.as_ref().is_none_or(|ids| ids.contains(&g.id))
+                && query.filters.iter().all(|(name, values)| {
+                    if let Some(key) = name.strip_prefix("tag:") {
+                        return g.tags.get(key).is_some_and(|v| values.contains(v));
+                    }
+                    match name.as_str() {
+                        "ip-permission.group-id" => g.ingress.iter().any(
+                            |r| matches!(&r.rule.source, Source::Group(id) if values.contains(id)),
+                        ),
+                        "vpc-id" => values.contains(&g.vpc),
+                        _ => false,
+                    }
+                })
+        };
+        Ok(s.sgs.values().filter(|g| matches(g)).cloned().collect())
+    }
+
+    async fn create_security_group(&self, g: &ManagedGroup) -> Result<SgInfo, AwsError> {
+        let mut s = self.log("CreateSecurityGroup", &g.name)?;
+        if s.sgs
+            .values()
+            .any(|x| x.name == g.name && x.vpc == g.vpc_id)
+        {
+            return Err(AwsError::coded(
+                "CreateSecurityGroup",
+                "InvalidGroup.Duplicate",
+                g.name.clone(),
+            ));
+        }
+        s.next += 1;
+        let info = SgInfo {
+            id: format!("sg-fake{}", s.next),
+            name: g.name.clone(),
+            vpc: g.vpc_id.clone(),
+            tags: g.tags.clone(),
+            ingress: Vec::new(),
+        };
+        s.sgs.insert(info.id.clone(), info.clone());
+        Ok(info)
+    }
+
+    async fn authorize_ingress(&self, group: &str, rules: &[IngressRule]) -> Result<(), AwsError> {
+        let mut s = self.log("AuthorizeSecurityGroupIngress", group)?;
+        let Some(g) = s.sgs.get_mut(group) else {
+            return Err(AwsError::coded(
+                "AuthorizeSecurityGroupIngress",
+                "InvalidGroup.NotFound",
+                group.to_string(),
+            ));
+        };
+        if rules
+            .iter()
+            .any(|r| g.ingress.iter().any(|have| have.rule == r.rule))
+        {
+            return Err(AwsError::coded(
+                "AuthorizeSecurityGroupIngress",
+                "InvalidPermission.Duplicate",
+                group.to_string(),
+            ));
+        }
+        g.ingress.extend(rules.iter().cloned());
+        Ok(())
+    }
+
+    async fn revoke_ingress(&self, group: &str, rules: &[IngressRule]) -> Result<(), AwsError> {
+        let mut s = self.log("RevokeSecurityGroupIngress", group)?;
+        if let Some(g) = s.sgs.get_mut(group) {
+            g.ingress
+                .retain(|r| !rules.iter().any(|x| x.rule == r.rule));
+        }
+        Ok(())
+    }
+
+    async fn delete_security_group(&self, id: &str) -> Result<(), AwsError> {
+        let mut s = self.log("DeleteSecurityGroup", id)?;
+        let attached = s
+            .lbs
+            .values()
+            .any(|l| l.info.security_groups.iter().any(|g| g == id));
+        let referred = s.sgs.values().any(|g| {
+            g.ingress
+                .iter()
+                .any(|r| r.rule.source == Source::Group(id.into()))
+        });
+        if attached || referred {
+            return Err(AwsError::coded(
+                "DeleteSecurityGroup",
+                "DependencyViolation",
+                id.to_string(),
+            ));
+        }
+        s.sgs.remove(id);
+        Ok(())
+    }
+
+    async fn instance_groups(
+        &self,
+        ids: &[String],
+    ) -> Result<BTreeMap<String, Vec<String>>, AwsError> {
+        let s = self.read("DescribeInstances", ids.len().div_ceil(200));
+        Ok(ids
+            .iter()
+            .filter(|id| s.instances.contains_key(*id))
+            .map(|id| {
+                (
+                    id.clone(),
+                    s.instance_groups.get(id).cloned().unwrap_or_default(),
+                )
+            })
+            .collect())
+    }
+
+    async fn vpc_cidrs(&self, _vpc: &str) -> Result<Vec<String>, AwsError> {
+        drop(self.read("DescribeVpcs", 1));
+        Ok(vec!["10.0.0.0/16".into()])
     }
 }

@@ -17,6 +17,7 @@ use crate::provider::aws::api::{
 use crate::provider::aws::model::{
     DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Target,
 };
+use crate::provider::aws::security_groups::{IngressRule, ManagedGroup, SgInfo, SgQuery};
 
 /// The error code of a call the fence refused.
 pub const FENCED_CODE: &str = "BerthNotLeading";
@@ -117,6 +118,14 @@ impl<A: AwsApi> AwsApi for FencedAws<A> {
     read!(target_health(tg_arn: &str) -> Vec<TargetState>);
     read!(describe_subnets(query: &SubnetQuery) -> Vec<Candidate>);
     read!(instance_vpcs(ids: &[String]) -> std::collections::BTreeSet<String>);
+    read!(security_groups(query: &SgQuery) -> Vec<SgInfo>);
+    read!(instance_groups(ids: &[String]) -> BTreeMap<String, Vec<String>>);
+    read!(vpc_cidrs(vpc: &str) -> Vec<String>);
+    write!(set_security_groups, "SetSecurityGroups"(arn: &str, groups: &[String]) -> ());
+    write!(create_security_group, "CreateSecurityGroup"(g: &ManagedGroup) -> SgInfo);
+    write!(authorize_ingress, "AuthorizeSecurityGroupIngress"(group: &str, rules: &[IngressRule]) -> ());
+    write!(revoke_ingress, "RevokeSecurityGroupIngress"(group: &str, rules: &[IngressRule]) -> ());
+    write!(delete_security_group, "DeleteSecurityGroup"(id: &str) -> ());
     write!(add_tags, "AddTags"(arn: &str, tags: &BTreeMap<String, String>) -> ());
     write!(remove_tags, "RemoveTags"(arn: &str, keys: &[String]) -> ());
     write!(create_load_balancer, "CreateLoadBalancer"(d: &DesiredLoadBalancer) -> LbInfo);

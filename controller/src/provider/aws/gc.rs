@@ -1,5 +1,6 @@
 //! The orphan sweep: lists berth's resources of this cluster by tag, refreshes the
-//! inventory, and deletes load balancers and target groups whose Service UID no longer
+//! inventory, and deletes load balancers, target groups and managed security groups
+//! (with the backend rules referring to them) whose Service UID no longer
 //! exists (also what a controller killed mid-provision left behind), through the same
 //! delete path as Service deletion: a protected orphan is kept whole and counted.
 //!
@@ -19,6 +20,7 @@ use kube::Api;
 use crate::provider::aws::api::{AwsApi, AwsError, LbInfo};
 use crate::provider::aws::deploy::{self, ApplyError, Inventory, InventoryData, Protection};
 use crate::provider::aws::identity::{Claim, Identity, Owner};
+use crate::provider::aws::security_groups::SgQuery;
 
 /// A tagged resource: ARN, Service UID, `namespace/name`, and whether it carries only the
 /// cluster name (an earlier berth's, not yet migrated).
@@ -95,9 +97,10 @@ pub async fn service_exists(client: &kube::Client, r: &Tagged) -> bool {
 #[derive(Clone, Debug, Default)]
 pub struct Found {
     pub load_balancers: Vec<LbInfo>,
-    /// Tagged load balancers and target groups.
+    /// Tagged load balancers, target groups and managed security groups.
     pub lb_tags: Vec<Tagged>,
     pub tg_tags: Vec<Tagged>,
+    pub sg_tags: Vec<Tagged>,
 }
 
 /// Lists this cluster's load balancers and target groups by tag and replaces the
@@ -114,9 +117,22 @@ pub async fn refresh<A: AwsApi>(
     let tg_arns: Vec<String> = tgs.iter().map(|t| t.arn.clone()).collect();
     let all: Vec<String> = lb_arns.iter().chain(tg_arns.iter()).cloned().collect();
     let tags = aws.tags(&all).await?;
+    // Only groups with this cluster's identity: managed groups came after identities.
+    let query = SgQuery {
+        ids: None,
+        filters: vec![(
+            format!("tag:{}", tags::CLUSTER_ID),
+            vec![identity.id.clone()],
+        )],
+    };
+    let groups = aws.security_groups(&query).await?;
+    let sg_ids: Vec<String> = groups.iter().map(|g| g.id.clone()).collect();
+    let sg_tags: BTreeMap<String, BTreeMap<String, String>> =
+        groups.into_iter().map(|g| (g.id, g.tags)).collect();
     let found = Found {
         lb_tags: ours(&tags, &lb_arns, identity),
         tg_tags: ours(&tags, &tg_arns, identity),
+        sg_tags: ours(&sg_tags, &sg_ids, identity),
         load_balancers: lbs,
     };
     let mut data = InventoryData::default();
@@ -163,6 +179,13 @@ fn orphans_by_uid(found: &Found, live: &Live) -> BTreeMap<String, Orphan> {
         let o = out.entry(r.uid.clone()).or_default();
         o.tagged.get_or_insert_with(|| r.clone());
         o.target_groups.insert(r.arn.clone());
+    }
+    // A managed group left alone: the teardown finds it by the Service's tags.
+    for r in orphans(&found.sg_tags, live) {
+        out.entry(r.uid.clone())
+            .or_default()
+            .tagged
+            .get_or_insert_with(|| r.clone());
     }
     out
 }
@@ -251,7 +274,10 @@ where
         };
         let tgs = orphan.target_groups;
         match deploy::teardown(aws, inventory, owner, lbs, tgs, Protection::Respect).await {
-            Ok(removed) => report.deleted += removed.load_balancers + removed.target_groups,
+            Ok(removed) => {
+                report.deleted +=
+                    removed.load_balancers + removed.target_groups + removed.security_groups
+            }
             Err(ApplyError::DeletionProtected { name: lb, .. }) => {
                 tracing::warn!(%lb, %service, "orphaned load balancer has deletion protection on: kept with its listeners and target groups");
                 report.protected += 1;
@@ -367,6 +393,7 @@ mod tests {
             let world = World {
                 cluster: "c1",
                 vpc_id: "vpc-1",
+                vpc_cidrs: &[],
                 subnets: &subnets,
                 nodes: &nodes,
                 slices: &[],
@@ -408,7 +435,7 @@ mod tests {
             assert_eq!(
                 report,
                 SweepReport {
-                    deleted: 2,
+                    deleted: 3,
                     protected: 1,
                     ..SweepReport::default()
                 }
@@ -443,7 +470,10 @@ mod tests {
                 .await
                 .expect("sweep");
             assert_eq!(report.failed, 1);
-            assert_eq!(report.deleted, 2);
+            assert_eq!(
+                report.deleted, 3,
+                "the other's NLB, target group and security group"
+            );
             assert_eq!(uids_left(&aws), BTreeSet::from(["u-bad".to_string()]));
         }
 
@@ -488,6 +518,11 @@ mod tests {
             for t in s.tgs.values_mut() {
                 t.tags.remove(tags::CLUSTER_ID);
             }
+            // An earlier berth made no security groups.
+            for l in s.lbs.values_mut() {
+                l.info.security_groups.clear();
+            }
+            s.sgs.clear();
         }
 
         #[tokio::test]
@@ -549,7 +584,10 @@ mod tests {
             let report = sweep(&aws, &inv, &ME, &Live::new(), gone)
                 .await
                 .expect("sweep");
-            assert_eq!(report.deleted, 2, "the load balancer and its own group");
+            assert_eq!(
+                report.deleted, 3,
+                "the load balancer, its own target group and its security group"
+            );
             let s = aws.state();
             assert!(s.lbs.is_empty());
             let left: Vec<&str> = s.tgs.values().map(|t| t.info.name.as_str()).collect();

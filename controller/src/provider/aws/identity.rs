@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 
 use crate::provider::aws::model::DesiredLoadBalancer;
+use crate::provider::aws::security_groups::Frontend;
 
 /// This cluster: the name (subnet tags, the old tag) and the identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,11 +72,15 @@ impl Identity {
         BTreeMap::from([(tags::CLUSTER_ID.to_string(), self.id.clone())])
     }
 
-    /// Adds the identity to the tags of the load balancer and its target groups.
+    /// Adds the identity to the tags of the load balancer, its target groups and its
+    /// managed security group.
     pub fn stamp(&self, desired: &mut DesiredLoadBalancer) {
         desired.tags.extend(self.tag());
         for tg in &mut desired.target_groups {
             tg.tags.extend(self.tag());
+        }
+        if let Frontend::Managed(m) = &mut desired.security.frontend {
+            m.tags.extend(self.tag());
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod model;
 pub mod naming;
 pub mod readiness;
 pub mod replacement;
+pub mod security_groups;
 pub mod settings;
 pub mod subnets;
 
@@ -51,7 +52,7 @@ use deploy::{ApplyError, Inventory};
 use fenced::{FENCED_CODE, FencedAws};
 use identity::{Identity, Owner};
 use model::{BuildError, DesiredLoadBalancer, Scheme, TargetType, World};
-use settings::Settings;
+use settings::{FrontendChoice, Settings};
 use subnets::SubnetError;
 
 /// What the controller would do in AWS for one Service ([`AwsProvider::plan`]).
@@ -99,6 +100,10 @@ pub struct AwsProvider<A = client::Aws> {
     node_vpc: Mutex<Option<(Instant, String)>>,
     /// Per Service UID.
     recent: Mutex<HashMap<String, RecentApply>>,
+    /// CIDRs by VPC (what an internal NLB admits by default).
+    vpc_cidrs: Mutex<HashMap<String, SubnetLookup>>,
+    /// The nodes' security groups, for the node instances they were found for.
+    node_groups: Mutex<Option<(Instant, BTreeSet<String>, security_groups::NodeGroups)>>,
     /// Warnings published per Service UID (`reason/message`): each becomes an Event once,
     /// not once per reconcile.
     warned: Mutex<HashMap<String, BTreeSet<String>>>,
@@ -161,6 +166,8 @@ impl<A: AwsApi> AwsProvider<A> {
             subnets: Mutex::default(),
             node_vpc: Mutex::default(),
             recent: Mutex::default(),
+            vpc_cidrs: Mutex::default(),
+            node_groups: Mutex::default(),
             warned: Mutex::default(),
             stores,
             config,
@@ -282,6 +289,65 @@ impl<A: AwsApi> AwsProvider<A> {
                 "the nodes are in several VPCs ({a}, {b}, ...)"
             ))),
         }
+    }
+
+    /// The VPC's CIDRs, when the Service's managed group admits them by default (an
+    /// internal NLB naming no sources); else none, without asking AWS.
+    async fn default_sources(
+        &self,
+        settings: &Settings,
+        vpc: &str,
+    ) -> Result<Vec<String>, Outcome> {
+        let needed = settings.scheme == Scheme::Internal
+            && settings.frontend == FrontendChoice::Managed
+            && settings.source_ranges.is_none()
+            && settings.prefix_lists.is_empty();
+        if !needed {
+            return Ok(Vec::new());
+        }
+        if let Ok(cache) = self.vpc_cidrs.lock()
+            && let Some((at, c)) = cache.get(vpc)
+            && at.elapsed() < SUBNET_CACHE
+        {
+            return Ok(c.clone());
+        }
+        let cidrs = self
+            .aws
+            .vpc_cidrs(vpc)
+            .await
+            .map_err(|e| failed(&e.into()))?;
+        if cidrs.is_empty() {
+            let message =
+                format!("VPC {vpc} has no CIDR to admit by default: set loadBalancerSourceRanges");
+            return Err(Outcome::invalid(reason::INVALID_SPEC, message));
+        }
+        if let Ok(mut cache) = self.vpc_cidrs.lock() {
+            cache.insert(vpc.to_string(), (Instant::now(), cidrs.clone()));
+        }
+        Ok(cidrs)
+    }
+
+    /// The groups of the node instances `ids`, cached like their VPC: instances rarely
+    /// change groups, and every new Service would otherwise describe them again.
+    async fn node_groups(
+        &self,
+        ids: &BTreeSet<String>,
+    ) -> Result<security_groups::NodeGroups, Outcome> {
+        if let Ok(cached) = self.node_groups.lock()
+            && let Some((at, for_ids, groups)) = cached.as_ref()
+            && at.elapsed() < SUBNET_CACHE
+            && for_ids == ids
+        {
+            return Ok(groups.clone());
+        }
+        let cluster = &self.config.cluster_name;
+        let groups = security_groups::node_groups(&self.aws, ids, cluster)
+            .await
+            .map_err(|e| failed(&e.into()))?;
+        if let Ok(mut cached) = self.node_groups.lock() {
+            *cached = Some((Instant::now(), ids.clone(), groups.clone()));
+        }
+        Ok(groups)
     }
 
     /// Only Pods as `ip` targets: the addresses left out, as warnings.
@@ -421,6 +487,7 @@ impl<A: AwsApi> AwsProvider<A> {
                 return Err(Outcome::invalid(reason, e.to_string()));
             }
         };
+        let vpc_cidrs = self.default_sources(&settings, &vpc).await?;
         let (slices, nodes) = (self.slices_of(svc), self.stores.nodes.state());
         let gated_ready = match settings.target_type {
             TargetType::Ip => self.gated_ready(svc),
@@ -429,6 +496,7 @@ impl<A: AwsApi> AwsProvider<A> {
         let world = World {
             cluster: &self.config.cluster_name,
             vpc_id: &vpc,
+            vpc_cidrs: &vpc_cidrs,
             subnets: &subnets,
             nodes: &nodes,
             slices: &slices,
@@ -438,7 +506,13 @@ impl<A: AwsApi> AwsProvider<A> {
             BuildError::NoSubnets => Outcome::invalid(reason::NO_SUBNETS, e.to_string()),
             BuildError::InvalidSpec(_) => Outcome::invalid(reason::INVALID_SPEC, e.to_string()),
         })?;
-        let skipped = self.skipped_endpoints(&settings, &slices);
+        let mut skipped = self.skipped_endpoints(&settings, &slices);
+        skipped.extend(
+            security_groups::warnings(&settings)
+                .into_iter()
+                .map(|m| warning(security_groups::SOURCE_RANGES_NOT_ENFORCED, m)),
+        );
+        desired.security.node_groups = self.node_groups(&desired.security.nodes).await?;
         let identity = self.identity().await.map_err(|e| failed(&e.into()))?;
         identity.stamp(&mut desired);
         Ok((desired, identity, skipped))
@@ -449,20 +523,42 @@ impl<A: AwsApi> AwsProvider<A> {
         if adopting && let Some(why) = adopt::blocked(svc) {
             return Outcome::invalid(adopt::ADOPTION_BLOCKED, why);
         }
-        let (mut desired, identity, skipped) = match self.desire(svc, class).await {
+        let (desired, identity, skipped) = match self.desire(svc, class).await {
             Ok(d) => d,
             Err(out) => return out,
         };
         let uid = uid(svc);
-        if let Some(applied) = self.recently_applied(&uid, &desired) {
-            let mut out = applied_outcome(svc, &applied);
-            out.events.extend(skipped);
-            return out;
-        }
-        let owner = Owner {
-            identity: &identity,
-            uid: &uid,
+        let mut out = match self.recently_applied(&uid, &desired) {
+            Some(applied) => applied_outcome(svc, &applied),
+            None => self.apply(svc, desired, &identity, &uid, adopting).await,
         };
+        // What the NLB does not enforce is said in the condition too, never only once
+        // (also when the outcome is the recent apply's).
+        let unenforced: Vec<&str> = skipped
+            .iter()
+            .filter(|n| n.reason == security_groups::SOURCE_RANGES_NOT_ENFORCED)
+            .map(|n| n.message.as_str())
+            .collect();
+        if let Report::Set { readiness, .. } = &mut out.report
+            && !unenforced.is_empty()
+        {
+            readiness.message = format!("{}; {}", readiness.message, unenforced.join("; "));
+        }
+        out.events.extend(skipped);
+        out
+    }
+
+    /// Makes AWS match `desired` (adopting LBC's resources first when the class does),
+    /// remembering an apply that left the NLB active.
+    async fn apply(
+        &self,
+        svc: &Service,
+        mut desired: DesiredLoadBalancer,
+        identity: &Identity,
+        uid: &str,
+        adopting: bool,
+    ) -> Outcome {
+        let owner = Owner { identity, uid };
         if adopting && let Err(e) = self.adopt(svc, &mut desired, owner).await {
             return failed(&e.into());
         }
@@ -470,8 +566,8 @@ impl<A: AwsApi> AwsProvider<A> {
         let gate = |r: &replacement::Replacement| replacement::acknowledged(annotations, r);
         let applied = deploy::ensure_gated(&self.aws, &self.inventory, &desired, owner, &gate);
         let result = applied.await;
-        self.remember(&uid, &desired, result.as_ref().ok());
-        let out = match result {
+        self.remember(uid, &desired, result.as_ref().ok());
+        match result {
             Ok(applied) => {
                 let ip = desired
                     .target_groups
@@ -479,9 +575,9 @@ impl<A: AwsApi> AwsProvider<A> {
                     .any(|t| t.target_type == TargetType::Ip);
                 if ip {
                     let view = readiness::verdicts(&desired, &applied.targets);
-                    self.gates.record(&uid, view);
+                    self.gates.record(uid, view);
                 } else {
-                    self.gates.forget(&uid);
+                    self.gates.forget(uid);
                 }
                 applied_outcome(svc, &applied)
             }
@@ -493,10 +589,7 @@ impl<A: AwsApi> AwsProvider<A> {
                     .with_events(vec![note])
             }
             Err(e) => failed(&e),
-        };
-        let mut out = out;
-        out.events.extend(skipped);
-        out
+        }
     }
 
     /// The apply of `desired` for the Service made within [`RECENT_APPLY`] that left its
@@ -628,7 +721,7 @@ impl<A: AwsApi> AwsProvider<A> {
             Ok(0) => Outcome::done(),
             Ok(_) => Outcome::done().with_events(vec![Note::normal(
                 "Deleted",
-                "deleted the load balancer and its target groups",
+                "deleted the load balancer, its target groups and security groups",
             )]),
             // The finalizer stays until protection is off: the Service (Terminating when
             // deleted) keeps saying why its load balancer is still there.
@@ -741,6 +834,21 @@ fn failed(e: &ApplyError) -> Outcome {
 
 /// Ready once the load balancer is active; until then the condition says Provisioning.
 fn applied_outcome(svc: &Service, applied: &deploy::Applied) -> Outcome {
+    let out = ready_or_provisioning(svc, applied);
+    if applied.backend_problems.is_empty() {
+        return out;
+    }
+    let message = format!(
+        "backend security group rules missing (the targets' traffic may be blocked): {}",
+        applied.backend_problems.join("; ")
+    );
+    out.with_events(vec![warning(
+        security_groups::BACKEND_GROUP_UNKNOWN,
+        message,
+    )])
+}
+
+fn ready_or_provisioning(svc: &Service, applied: &deploy::Applied) -> Outcome {
     let ingress = Ingress::Set(hostname_ingress(svc, &applied.lb.dns_name));
     if applied.lb.state == "active" {
         let targets: Vec<String> = applied
@@ -912,6 +1020,10 @@ mod tests {
         );
         fake.add_instance("i-1", "vpc-1");
         fake.add_instance("i-2", "vpc-1");
+        // As in the e2e environment: a cluster-tagged group and another one.
+        let cluster = [("kubernetes.io/cluster/c1", "owned")];
+        fake.add_group("sg-nodes", "vpc-1", &cluster, &["i-1", "i-2"]);
+        fake.add_group("sg-other", "vpc-1", &[], &["i-1", "i-2"]);
         let nodes = vec![node("n1", "i-1", &[]), node("n2", "i-2", &[])];
         let args = ["x", "--cluster-name", "c1", "--cluster-id", "id-1"];
         let config = Config::try_parse_from(args).expect("config");
@@ -969,17 +1081,41 @@ mod tests {
         svc.metadata.uid = Some("u1".into());
         assert!(p.ensure(&svc, &class()).await.error.is_none());
         let calls = p.aws.inner().take_operations();
+        // The first Service also pays for what the provider caches for a minute: the
+        // nodes' VPC and groups (DescribeInstances twice, the groups' tags since the
+        // nodes have two) and the subnets.
         let expected = BTreeMap::from([
-            ("DescribeInstances", 1),
+            ("DescribeInstances", 2),
+            ("DescribeSecurityGroups", 1),
             ("DescribeSubnets", 1),
             ("DescribeLoadBalancers", 1),
+            ("CreateSecurityGroup", 1),
+            // The managed group's rule, then the backend rule on the nodes' group.
+            ("AuthorizeSecurityGroupIngress", 2),
             ("CreateLoadBalancer", 1),
             ("CreateTargetGroup", 1),
             ("RegisterTargets", 1),
             ("CreateListener", 1),
         ]);
         assert_eq!(calls, expected);
-        assert!(calls.values().sum::<usize>() < 10);
+
+        // Every further new Service: nothing is read but the adoption check by name.
+        let mut other = service(&[("http", 80, "TCP", Some(30081))], &[]);
+        other.metadata.name = Some("other".into());
+        other.metadata.uid = Some("u2".into());
+        assert!(p.ensure(&other, &class()).await.error.is_none());
+        let calls = p.aws.inner().take_operations();
+        let expected = BTreeMap::from([
+            ("DescribeLoadBalancers", 1),
+            ("CreateSecurityGroup", 1),
+            ("AuthorizeSecurityGroupIngress", 2),
+            ("CreateLoadBalancer", 1),
+            ("CreateTargetGroup", 1),
+            ("RegisterTargets", 1),
+            ("CreateListener", 1),
+        ]);
+        assert_eq!(calls, expected);
+        assert!(calls.values().sum::<usize>() <= 10);
 
         assert!(p.ensure(&svc, &class()).await.error.is_none());
         assert_eq!(
@@ -996,8 +1132,29 @@ mod tests {
             ("DescribeTargetGroups", 1),
             ("DescribeTargetHealth", 1),
             ("DescribeListeners", 1),
+            // The managed group's rules and the nodes' groups' rules, to compare.
+            ("DescribeSecurityGroups", 1),
         ]);
         assert_eq!(again, expected, "an unchanged Service only reads");
+    }
+
+    #[tokio::test]
+    async fn unenforced_source_ranges_stay_in_the_condition_after_the_apply() {
+        let p = provider(Fence::unfenced());
+        let mut svc = service(&[("http", 80, "TCP", Some(30080))], &[]);
+        svc.metadata.uid = Some("u1".into());
+        let a = svc.metadata.annotations.get_or_insert_default();
+        a.insert(keys::DISABLE_NLB_SG.into(), "true".into());
+        let spec = svc.spec.get_or_insert_default();
+        spec.load_balancer_source_ranges = Some(vec!["192.0.2.0/24".into()]);
+        // The apply, then an event right after it, answered from the recent apply.
+        for _ in 0..2 {
+            let out = p.ensure(&svc, &class()).await;
+            let Report::Set { readiness, .. } = &out.report else {
+                panic!("no condition: {:?}", out.error)
+            };
+            assert!(readiness.message.contains("NOT enforced"), "{readiness:?}");
+        }
     }
 
     /// A one-port Service with its NLB provisioned, an internal subnet to move it to, and
@@ -1145,6 +1302,13 @@ mod tests {
             ip_address_type: model::IpAddressType::Ipv4,
             subnets: vec!["subnet-a".into(), "subnet-b".into()],
             security_groups: Vec::new(),
+            // LBC's fixture: how it makes its own groups is not what is tested here.
+            security: security_groups::Security {
+                frontend: security_groups::Frontend::Disabled,
+                backend: None,
+                nodes: Default::default(),
+                node_groups: Default::default(),
+            },
             tags: lbc(adopt::lbc_tags::LOAD_BALANCER),
             attributes: BTreeMap::new(),
             listeners: vec![listener.clone()],

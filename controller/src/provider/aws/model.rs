@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::provider::aws::security_groups::{self, Security};
 use crate::provider::aws::settings::{HealthCheck, HealthPort, Settings, SslPorts};
 use berth_crds::{LABEL_EXCLUDE_FROM_LB, TAINT_TO_BE_DELETED, tags};
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
@@ -19,7 +20,10 @@ pub struct DesiredLoadBalancer {
     pub scheme: Scheme,
     pub ip_address_type: IpAddressType,
     pub subnets: Vec<String>,
+    /// The frontend groups the NLB is created with: filled in by the apply, once the
+    /// managed one exists ([`security_groups::frontend_groups`]).
     pub security_groups: Vec<String>,
+    pub security: Security,
     pub tags: BTreeMap<String, String>,
     pub attributes: BTreeMap<String, String>,
     /// Sorted by port.
@@ -75,6 +79,8 @@ pub enum BuildError {
 pub struct World<'a> {
     pub cluster: &'a str,
     pub vpc_id: &'a str,
+    /// The VPC's CIDRs: what an internal NLB admits when the Service names no sources.
+    pub vpc_cidrs: &'a [String],
     pub subnets: &'a [String],
     pub nodes: &'a [std::sync::Arc<Node>],
     pub slices: &'a [std::sync::Arc<EndpointSlice>],
@@ -487,6 +493,16 @@ pub fn build(
         listeners.push(listener);
         target_groups.push(target_group);
     }
+    let inputs = security_groups::Inputs {
+        namespace: &b.namespace,
+        name: &b.name,
+        vpc_id: world.vpc_id,
+        vpc_cidrs: world.vpc_cidrs,
+        base_tags: &b.base_tags,
+        nodes: world.nodes,
+        slices: world.slices,
+    };
+    let security = security_groups::build(settings, &listeners, &target_groups, &inputs);
     let mut lb_tags = b.base_tags;
     lb_tags.insert(tags::RESOURCE.into(), "loadbalancer".into());
     Ok(DesiredLoadBalancer {
@@ -494,7 +510,8 @@ pub fn build(
         scheme: settings.scheme,
         ip_address_type: settings.ip_address_type,
         subnets: world.subnets.to_vec(),
-        security_groups: settings.security_groups.clone(),
+        security_groups: Vec::new(),
+        security,
         tags: lb_tags,
         attributes: settings.lb_attributes.clone(),
         listeners,
@@ -518,6 +535,7 @@ mod tests {
         World {
             cluster: "c1",
             vpc_id: "vpc-1",
+            vpc_cidrs: &[],
             subnets,
             nodes,
             slices,

@@ -38,9 +38,25 @@ pub struct Replacement {
 }
 
 /// The properties of `existing` that `desired` changes and AWS cannot modify in place
-/// (an NLB's scheme is fixed at creation). Pure.
+/// (an NLB's scheme is fixed at creation; security groups cannot be added to an NLB made
+/// without, nor all removed from one made with them). Pure.
 pub fn changes(existing: &LbInfo, desired: &DesiredLoadBalancer) -> Vec<Change> {
     let mut out = Vec::new();
+    let has = !existing.security_groups.is_empty();
+    if !has && desired.security.requires_groups() {
+        out.push(Change {
+            property: "securityGroups",
+            from: "none".into(),
+            to: "some".into(),
+        });
+    }
+    if has && desired.security.forbids_groups() {
+        out.push(Change {
+            property: "securityGroups",
+            from: "some".into(),
+            to: "none".into(),
+        });
+    }
     if existing.scheme != desired.scheme.as_str() {
         out.push(Change {
             property: "scheme",
@@ -149,6 +165,7 @@ mod tests {
             scheme: scheme.into(),
             ip_address_type: "ipv4".into(),
             subnets: Vec::new(),
+            security_groups: Vec::new(),
         }
     }
 
@@ -159,6 +176,12 @@ mod tests {
             ip_address_type: crate::provider::aws::model::IpAddressType::Ipv4,
             subnets: Vec::new(),
             security_groups: Vec::new(),
+            security: crate::provider::aws::security_groups::Security {
+                frontend: crate::provider::aws::security_groups::Frontend::Disabled,
+                backend: None,
+                nodes: Default::default(),
+                node_groups: Default::default(),
+            },
             tags: BTreeMap::new(),
             attributes: BTreeMap::new(),
             listeners: Vec::new(),

@@ -93,6 +93,16 @@ pub enum SubnetChoice {
     Tags(BTreeMap<String, String>),
 }
 
+/// The NLB's frontend security groups: one berth manages (default), the user's (the
+/// `security-groups` annotation or the class's `securityGroups`), or none
+/// (`disable-nlb-sg`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FrontendChoice {
+    Managed,
+    Given(Vec<String>),
+    Disabled,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     pub name: String,
@@ -102,7 +112,15 @@ pub struct Settings {
     pub ip_address_type: IpAddressType,
     pub vpc_id: Option<String>,
     pub subnets: SubnetChoice,
-    pub security_groups: Vec<String>,
+    /// The NLB's frontend security groups.
+    pub frontend: FrontendChoice,
+    /// Who may reach the NLB (`spec.loadBalancerSourceRanges`, else the
+    /// `load-balancer-source-ranges` annotation), normalised CIDRs; `None`: not given.
+    pub source_ranges: Option<Vec<String>>,
+    /// `security-group-prefix-lists`: managed prefix lists admitted like source ranges.
+    pub prefix_lists: Vec<String>,
+    /// `manage-backend-security-group-rules`; `None`: the default for the frontend.
+    pub manage_backend_rules: Option<bool>,
     /// Class tags and `additional-resource-tags` (berth's own tags are added by the builder).
     pub tags: BTreeMap<String, String>,
     pub lb_attributes: BTreeMap<String, String>,
@@ -124,6 +142,8 @@ pub struct Draft {
     pub ssl_certificate: Option<String>,
     pub ssl_ports: Option<SslPorts>,
     pub ssl_policy: String,
+    /// `disable-nlb-sg: "true"`, applied last (it wins over the class's groups).
+    pub disable_security_groups: bool,
 }
 
 /// The subnets the class chooses when no annotation does.
@@ -177,7 +197,13 @@ impl Draft {
             ip_address_type: class.ip_address_type.unwrap_or(IpAddressType::Ipv4),
             vpc_id: class.vpc_id.clone(),
             subnets: class_subnets(class),
-            security_groups: class.security_groups.clone().unwrap_or_default(),
+            frontend: match class.security_groups.clone().unwrap_or_default() {
+                ids if ids.is_empty() => FrontendChoice::Managed,
+                ids => FrontendChoice::Given(ids),
+            },
+            source_ranges: None,
+            prefix_lists: Vec::new(),
+            manage_backend_rules: None,
             tags: class.tags.clone().unwrap_or_default(),
             lb_attributes: class.load_balancer_attributes.clone().unwrap_or_default(),
             tg_attributes: class.target_group_attributes.clone().unwrap_or_default(),
@@ -192,6 +218,7 @@ impl Draft {
             ssl_certificate: None,
             ssl_ports: None,
             ssl_policy: DEFAULT_SSL_POLICY.to_string(),
+            disable_security_groups: false,
         }
     }
 

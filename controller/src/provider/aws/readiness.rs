@@ -484,6 +484,12 @@ mod tests {
             ip_address_type: crate::provider::aws::model::IpAddressType::Ipv4,
             subnets: vec![],
             security_groups: vec![],
+            security: crate::provider::aws::security_groups::Security {
+                frontend: crate::provider::aws::security_groups::Frontend::Disabled,
+                backend: None,
+                nodes: Default::default(),
+                node_groups: Default::default(),
+            },
             tags: BTreeMap::new(),
             attributes: BTreeMap::new(),
             listeners: vec![],

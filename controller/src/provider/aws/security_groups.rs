@@ -894,6 +894,7 @@ mod tests {
             subnets: &subnets,
             nodes: &nodes,
             slices: &[],
+            gated_ready: &Default::default(),
         };
         let lb = build_lb(&svc, &settings, &world).expect("build");
         (lb.security, settings)
@@ -1042,6 +1043,7 @@ mod tests {
                 subnets: &subnets,
                 nodes: &nodes,
                 slices: &[],
+                gated_ready: &Default::default(),
             };
             let s = settings(&svc, &Default::default(), "c1").expect("settings");
             let mut d = build_lb(&svc, &s, &world).expect("build");

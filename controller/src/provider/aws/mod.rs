@@ -461,18 +461,23 @@ impl<A: AwsApi> AwsProvider<A> {
             }
         };
         let vpc_cidrs = self.default_sources(&settings, &vpc).await?;
+        let subnet_cidrs = self.subnet_cidrs(&settings, &subnets).await?;
         let (slices, nodes) = (self.slices_of(svc), self.stores.nodes.state());
         let world = World {
             cluster: &self.config.cluster_name,
             vpc_id: &vpc,
             vpc_cidrs: &vpc_cidrs,
             subnets: &subnets,
+            subnet_cidrs: &subnet_cidrs,
             nodes: &nodes,
             slices: &slices,
         };
         let mut desired = model::build(svc, &settings, &world).map_err(|e| match e {
             BuildError::NoSubnets => Outcome::invalid(reason::NO_SUBNETS, e.to_string()),
             BuildError::InvalidSpec(_) => Outcome::invalid(reason::INVALID_SPEC, e.to_string()),
+            BuildError::InvalidAnnotation(_) => {
+                Outcome::invalid(reason::INVALID_ANNOTATION, e.to_string())
+            }
         })?;
         let mut skipped = self.skipped_endpoints(&settings, &slices);
         skipped.extend(
@@ -484,6 +489,29 @@ impl<A: AwsApi> AwsProvider<A> {
         let identity = self.identity().await.map_err(|e| failed(&e.into()))?;
         identity.stamp(&mut desired);
         Ok((desired, identity, skipped))
+    }
+
+    /// The CIDRs of the subnets, read only when static private or IPv6 addresses must be
+    /// matched to them.
+    async fn subnet_cidrs(
+        &self,
+        settings: &Settings,
+        subnets: &[String],
+    ) -> Result<std::collections::BTreeMap<String, Vec<ipnet::IpNet>>, Outcome> {
+        let a = &settings.addresses;
+        if (a.private_ipv4.is_empty() && a.ipv6.is_empty()) || subnets.is_empty() {
+            return Ok(Default::default());
+        }
+        let query = api::SubnetQuery {
+            ids: Some(subnets.to_vec()),
+            filters: Vec::new(),
+        };
+        let found = self
+            .aws
+            .describe_subnets(&query)
+            .await
+            .map_err(|e| failed(&e.into()))?;
+        Ok(found.into_iter().map(|c| (c.id, c.cidrs)).collect())
     }
 
     async fn ensure_now(&self, svc: &Service, class: &LoadBalancerClass) -> Outcome {

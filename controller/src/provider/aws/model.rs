@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::provider::aws::security_groups::{self, Security};
-use crate::provider::aws::settings::{HealthCheck, HealthPort, Settings, SslPorts};
+use crate::provider::aws::settings::{HealthCheck, HealthPort, ProxyProtocol, Settings, SslPorts};
+use berth_crds::annotations as keys;
 use berth_crds::{LABEL_EXCLUDE_FROM_LB, TAINT_TO_BE_DELETED, tags};
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
@@ -20,6 +21,9 @@ pub struct DesiredLoadBalancer {
     pub scheme: Scheme,
     pub ip_address_type: IpAddressType,
     pub subnets: Vec<String>,
+    /// One per subnet, in subnet order, when any static address is asked for; else empty
+    /// (AWS assigns the addresses).
+    pub mappings: Vec<SubnetMapping>,
     /// The frontend groups the NLB is created with: filled in by the apply, once the
     /// managed one exists ([`security_groups::frontend_groups`]).
     pub security_groups: Vec<String>,
@@ -31,6 +35,15 @@ pub struct DesiredLoadBalancer {
     pub target_groups: Vec<DesiredTargetGroup>,
 }
 
+/// A subnet of the load balancer with its static addresses.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SubnetMapping {
+    pub subnet: String,
+    pub allocation_id: Option<String>,
+    pub private_ipv4: Option<String>,
+    pub ipv6: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredListener {
     pub port: i32,
@@ -39,6 +52,12 @@ pub struct DesiredListener {
     /// TLS only: the certificate ARN and the security policy.
     pub certificate: Option<String>,
     pub ssl_policy: Option<String>,
+    /// TLS only: certificates besides the default one (served by SNI).
+    pub extra_certificates: Vec<String>,
+    /// TLS only: the ALPN policy, when set.
+    pub alpn_policy: Option<String>,
+    /// Listener attributes to set (others are left as they are).
+    pub attributes: BTreeMap<String, String>,
     /// Name of the target group in [`DesiredLoadBalancer::target_groups`].
     pub target_group: String,
 }
@@ -49,6 +68,8 @@ pub struct DesiredTargetGroup {
     pub protocol: String,
     pub port: i32,
     pub target_type: TargetType,
+    /// An IPv6 target group (dualstack load balancer, ip targets, an IPv6 Service).
+    pub ipv6: bool,
     pub vpc_id: String,
     pub health_check: HealthCheck,
     pub attributes: BTreeMap<String, String>,
@@ -67,6 +88,9 @@ pub struct Target {
 pub enum BuildError {
     #[error("{0}")]
     InvalidSpec(String),
+    /// Annotations that do not fit the Service or its subnets, every one named.
+    #[error("{}", .0.join("; "))]
+    InvalidAnnotation(Vec<String>),
     #[error("no subnets found for the load balancer")]
     NoSubnets,
 }
@@ -78,6 +102,8 @@ pub struct World<'a> {
     /// The VPC's CIDRs: what an internal NLB admits when the Service names no sources.
     pub vpc_cidrs: &'a [String],
     pub subnets: &'a [String],
+    /// The CIDRs of the subnets, known when static private or IPv6 addresses need them.
+    pub subnet_cidrs: &'a BTreeMap<String, Vec<ipnet::IpNet>>,
     pub nodes: &'a [std::sync::Arc<Node>],
     pub slices: &'a [std::sync::Arc<EndpointSlice>],
 }
@@ -139,28 +165,31 @@ fn is_pod(ep: &Endpoint) -> bool {
         .is_some_and(|r| r.kind.as_deref() == Some("Pod"))
 }
 
-/// Ready endpoints of the IPv4 slices (an endpoint without a ready condition counts as
-/// ready, as the EndpointSlice API says), with the slice they are in.
-fn ready_endpoints(
-    slices: &[std::sync::Arc<EndpointSlice>],
-) -> impl Iterator<Item = (&EndpointSlice, &Endpoint)> {
+/// Ready endpoints of the slices of `family` (`IPv4`, `IPv6`; an endpoint without a ready
+/// condition counts as ready, as the EndpointSlice API says), with the slice they are in.
+fn ready_endpoints<'s>(
+    slices: &'s [std::sync::Arc<EndpointSlice>],
+    family: &'s str,
+) -> impl Iterator<Item = (&'s EndpointSlice, &'s Endpoint)> {
     slices
         .iter()
-        .filter(|s| s.address_type == "IPv4")
+        .filter(move |s| s.address_type == family)
         .flat_map(|s| s.endpoints.iter().flatten().map(move |ep| (s.as_ref(), ep)))
         .filter(|(_, ep)| ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
 }
 
-/// Ready endpoint addresses of the Service port named `port_name` with `protocol`, with the
-/// port each endpoint listens on; endpoints that are not Pods only when `allow_non_pod`.
+/// Ready endpoint addresses of `family` of the Service port named `port_name` with
+/// `protocol`, with the port each endpoint listens on; endpoints that are not Pods only
+/// when `allow_non_pod`.
 pub fn ip_targets(
     slices: &[std::sync::Arc<EndpointSlice>],
+    family: &str,
     port_name: &str,
     protocol: &str,
     allow_non_pod: bool,
 ) -> BTreeSet<Target> {
     let mut out = BTreeSet::new();
-    for (slice, ep) in ready_endpoints(slices) {
+    for (slice, ep) in ready_endpoints(slices, family) {
         if !allow_non_pod && !is_pod(ep) {
             continue;
         }
@@ -183,19 +212,24 @@ pub fn ip_targets(
 /// Addresses of ready endpoints that are not Pods: what [`ip_targets`] leaves out unless
 /// the class allows them. Pure.
 pub fn non_pod_addresses(slices: &[std::sync::Arc<EndpointSlice>]) -> BTreeSet<String> {
-    ready_endpoints(slices)
+    ready_endpoints(slices, "IPv4")
+        .chain(ready_endpoints(slices, "IPv6"))
         .filter(|(_, ep)| !is_pod(ep))
         .flat_map(|(_, ep)| ep.addresses.iter().cloned())
         .collect()
 }
 
-fn listener_protocol(protocols: &BTreeSet<&str>) -> Result<&'static str, String> {
+fn listener_protocol(protocols: &BTreeSet<&str>, tcp_udp: bool) -> Result<&'static str, String> {
     match (
         protocols.contains("TCP"),
         protocols.contains("UDP"),
         protocols.len(),
     ) {
-        (true, true, 2) => Ok("TCP_UDP"),
+        (true, true, 2) if tcp_udp => Ok("TCP_UDP"),
+        (true, true, 2) => Err(format!(
+            "{} is false, but a port with TCP and UDP needs one TCP_UDP listener (a Network Load Balancer has one listener per port)",
+            keys::ENABLE_TCP_UDP_LISTENER
+        )),
         (true, false, 1) => Ok("TCP"),
         (false, true, 1) => Ok("UDP"),
         _ => Err(format!(
@@ -252,6 +286,10 @@ struct Build<'a> {
     base_tags: BTreeMap<String, String>,
     /// Instance targets (instance mode).
     nodes: BTreeSet<String>,
+    /// Target groups are IPv6 (see [`DesiredTargetGroup::ipv6`]).
+    ipv6: bool,
+    /// The Service's ports, for health-check ports given by name.
+    ports: Vec<ServicePort>,
 }
 
 /// Whether TLS applies to the listener of `port` (TCP only).
@@ -286,7 +324,7 @@ fn health_check(settings: &Settings, spec: &ServiceSpec) -> Result<HealthCheck, 
     {
         hc = HealthCheck::etp_local(spec.health_check_node_port.unwrap_or_default());
     }
-    if let HealthPort::Port(0) = hc.port {
+    if hc.port == HealthPort::Port(0) {
         return Err(BuildError::InvalidSpec(
             "externalTrafficPolicy Local but no healthCheckNodePort yet".into(),
         ));
@@ -317,9 +355,74 @@ impl Build<'_> {
                     .and_then(|p| p.protocol.clone())
                     .unwrap_or_else(|| "TCP".into());
                 let allow = self.settings.allow_non_pod_targets;
-                ip_targets(self.world.slices, &pname, &pproto, allow)
+                let family = if self.ipv6 { "IPv6" } else { "IPv4" };
+                ip_targets(self.world.slices, family, &pname, &pproto, allow)
             }
         }
+    }
+
+    /// The health check of the target group of `group`: a port given by name becomes
+    /// that Service port's nodePort (instance targets) or numeric targetPort (ip targets).
+    fn health_check_for(&self) -> Result<HealthCheck, String> {
+        let mut hc = self.health_check.clone();
+        let HealthPort::Named(name) = &hc.port else {
+            return Ok(hc);
+        };
+        let Some(port) = self.ports.iter().find(|p| p.name.as_deref() == Some(name)) else {
+            return Err(format!(
+                "{}: the Service has no port named `{name}`",
+                keys::HC_PORT
+            ));
+        };
+        let number = match self.settings.target_type {
+            TargetType::Instance => port.node_port,
+            TargetType::Ip => match &port.target_port {
+                Some(IntOrString::Int(n)) => Some(*n),
+                None => Some(port.port),
+                Some(IntOrString::String(_)) => {
+                    return Err(format!(
+                        "{}: port `{name}` has a named targetPort; ip targets need a number",
+                        keys::HC_PORT
+                    ));
+                }
+            },
+        };
+        let Some(number) = number else {
+            return Err(format!(
+                "{}: port `{name}` has no nodePort yet",
+                keys::HC_PORT
+            ));
+        };
+        hc.port = HealthPort::Port(number);
+        Ok(hc)
+    }
+
+    /// The target group attributes of Service port `port`: the global ones, the port's
+    /// own over them (an empty value keeps the global one), then proxy protocol.
+    fn tg_attributes(&self, port: i32) -> BTreeMap<String, String> {
+        let settings = self.settings;
+        let mut attrs = settings.tg_attributes.clone();
+        for (k, v) in settings
+            .tg_attributes_by_port
+            .get(&port)
+            .into_iter()
+            .flatten()
+        {
+            if !v.is_empty() {
+                attrs.insert(k.clone(), v.clone());
+            }
+        }
+        let key = "proxy_protocol_v2.enabled".to_string();
+        match &settings.proxy_protocol {
+            ProxyProtocol::Unset => {}
+            ProxyProtocol::All => {
+                attrs.insert(key, "true".into());
+            }
+            ProxyProtocol::Ports(ports) => {
+                attrs.insert(key, ports.contains(&port).to_string());
+            }
+        }
+        attrs
     }
 
     /// The listener and target group of one Service port number.
@@ -333,17 +436,36 @@ impl Build<'_> {
             .iter()
             .map(|p| p.protocol.as_deref().unwrap_or("TCP"))
             .collect();
-        let protocol = listener_protocol(&protocols).map_err(BuildError::InvalidSpec)?;
+        let protocol = listener_protocol(&protocols, settings.tcp_udp).map_err(|e| {
+            if protocols.len() == 2 && !settings.tcp_udp {
+                BuildError::InvalidAnnotation(vec![e])
+            } else {
+                BuildError::InvalidSpec(e)
+            }
+        })?;
         let tg_port = target_group_port(group, settings.target_type, port)
             .map_err(BuildError::InvalidSpec)?;
         let target_type = match settings.target_type {
             TargetType::Instance => "instance",
             TargetType::Ip => "ip",
         };
-        let hash_input = format!(
+        let tls = tls_for(settings, port, group, protocol);
+        let tg_protocol = match tls {
+            Some(ssl) if ssl.backend_tls => "TLS",
+            _ => protocol,
+        };
+        // Protocol and address type are fixed at creation: a change makes a new target
+        // group (the name of an unchanged one stays as it was).
+        let mut hash_input = format!(
             "{}/{}/{port}/{protocol}/{tg_port}/{target_type}/{}",
             world.cluster, self.uid, world.vpc_id
         );
+        if tg_protocol != protocol {
+            hash_input.push_str("/tls");
+        }
+        if self.ipv6 {
+            hash_input.push_str("/ipv6");
+        }
         let tg_name = resource_name(
             &settings.name_prefix,
             &self.namespace,
@@ -357,25 +479,158 @@ impl Build<'_> {
         );
         let target_group = DesiredTargetGroup {
             name: tg_name.clone(),
-            protocol: protocol.to_string(),
+            protocol: tg_protocol.to_string(),
             port: tg_port,
             target_type: settings.target_type,
+            ipv6: self.ipv6,
             vpc_id: world.vpc_id.to_string(),
-            health_check: self.health_check.clone(),
-            attributes: settings.tg_attributes.clone(),
+            health_check: self
+                .health_check_for()
+                .map_err(|e| BuildError::InvalidAnnotation(vec![e]))?,
+            attributes: self.tg_attributes(port),
             tags,
             targets: self.targets(group, tg_port),
         };
-        let tls = tls_for(settings, port, group, protocol);
+        let listener_protocol = if tls.is_some() { "TLS" } else { protocol };
+        let attributes = settings
+            .listener_attributes
+            .get(&(listener_protocol.to_string(), port))
+            .cloned()
+            .unwrap_or_default();
         let listener = DesiredListener {
             port,
-            protocol: if tls.is_some() { "TLS" } else { protocol }.into(),
+            protocol: listener_protocol.into(),
             certificate: tls.map(|ssl| ssl.certificate.clone()),
             ssl_policy: tls.map(|ssl| ssl.policy.clone()),
+            extra_certificates: tls
+                .map(|ssl| ssl.extra_certificates.clone())
+                .unwrap_or_default(),
+            alpn_policy: tls.and_then(|ssl| ssl.alpn_policy.clone()),
+            attributes,
             target_group: tg_name,
         };
         Ok((listener, target_group))
     }
+}
+
+/// Per-port annotations naming a port or listener the Service does not have. Pure.
+fn unmatched_ports(settings: &Settings, listeners: &[DesiredListener]) -> Vec<String> {
+    let ports: BTreeSet<i32> = listeners.iter().map(|l| l.port).collect();
+    let mut errors = Vec::new();
+    for port in settings.tg_attributes_by_port.keys() {
+        if !ports.contains(port) {
+            errors.push(format!(
+                "{}{port}: the Service has no port {port}",
+                keys::TARGET_GROUP_ATTRIBUTES_PORT
+            ));
+        }
+    }
+    if let ProxyProtocol::Ports(wanted) = &settings.proxy_protocol {
+        for port in wanted.difference(&ports) {
+            errors.push(format!(
+                "{}: the Service has no port {port}",
+                keys::PROXY_PROTOCOL_PER_TARGET_GROUP
+            ));
+        }
+    }
+    for (protocol, port) in settings.listener_attributes.keys() {
+        if !listeners
+            .iter()
+            .any(|l| l.port == *port && l.protocol == *protocol)
+        {
+            let have: Vec<String> = listeners
+                .iter()
+                .map(|l| format!("{}-{}", l.protocol, l.port))
+                .collect();
+            errors.push(format!(
+                "{}{protocol}-{port}: the load balancer has no such listener (it has {})",
+                keys::LISTENER_ATTRIBUTES,
+                have.join(", ")
+            ));
+        }
+    }
+    errors
+}
+
+/// The subnet mappings for the static addresses: Elastic IPs in subnet order, private
+/// IPv4 and IPv6 addresses each in the subnet whose CIDR holds it; the counts must match
+/// the subnets (as the AWS Load Balancer Controller requires). Pure.
+fn subnet_mappings(
+    settings: &Settings,
+    subnets: &[String],
+    cidrs: &BTreeMap<String, Vec<ipnet::IpNet>>,
+) -> Result<Vec<SubnetMapping>, Vec<String>> {
+    let a = &settings.addresses;
+    if a.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut errors = Vec::new();
+    let mut mappings: Vec<SubnetMapping> = subnets
+        .iter()
+        .map(|s| SubnetMapping {
+            subnet: s.clone(),
+            ..Default::default()
+        })
+        .collect();
+    let count = |key: &str, n: usize, errors: &mut Vec<String>| {
+        if n != 0 && n != subnets.len() {
+            errors.push(format!(
+                "{key}: {n} given for {} subnets ({}); one per subnet",
+                subnets.len(),
+                subnets.join(", ")
+            ));
+            return false;
+        }
+        n != 0
+    };
+    if count(keys::EIP_ALLOCATIONS, a.eip_allocations.len(), &mut errors) {
+        for (m, id) in mappings.iter_mut().zip(&a.eip_allocations) {
+            m.allocation_id = Some(id.clone());
+        }
+    }
+    let v4: Vec<std::net::IpAddr> = a.private_ipv4.iter().map(|ip| (*ip).into()).collect();
+    let v6: Vec<std::net::IpAddr> = a.ipv6.iter().map(|ip| (*ip).into()).collect();
+    for (key, list, is_v6) in [
+        (keys::PRIVATE_IPV4_ADDRESSES, v4, false),
+        (keys::IPV6_ADDRESSES, v6, true),
+    ] {
+        if !count(key, list.len(), &mut errors) {
+            continue;
+        }
+        for m in mappings.iter_mut() {
+            let nets = cidrs.get(&m.subnet).map(Vec::as_slice).unwrap_or_default();
+            let inside: Vec<&std::net::IpAddr> = list
+                .iter()
+                .filter(|ip| nets.iter().any(|n| n.contains(*ip)))
+                .collect();
+            match inside.as_slice() {
+                [one] if is_v6 => m.ipv6 = Some(one.to_string()),
+                [one] => m.private_ipv4 = Some(one.to_string()),
+                _ => {
+                    let ranges: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
+                    errors.push(format!(
+                        "{key}: subnet {} ({}) needs exactly one of the addresses inside it, got {}",
+                        m.subnet,
+                        if ranges.is_empty() { "no CIDR of this family".into() } else { ranges.join(", ") },
+                        inside.len()
+                    ));
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(mappings)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Whether the Service has an IPv6 family: with a dualstack load balancer and ip targets
+/// its target groups are IPv6 (as the AWS Load Balancer Controller makes them).
+fn ipv6_targets(settings: &Settings, spec: &ServiceSpec) -> bool {
+    settings.target_type == TargetType::Ip
+        && settings.ip_address_type == IpAddressType::Dualstack
+        && spec.ip_families.iter().flatten().any(|f| f == "IPv6")
 }
 
 /// Builds the desired load balancer. Pure.
@@ -411,13 +666,35 @@ pub fn build(
         name,
         uid,
         base_tags,
+        ipv6: ipv6_targets(settings, &spec),
+        ports: ports.clone(),
     };
     let mut listeners = Vec::new();
     let mut target_groups = Vec::new();
+    let mut errors = Vec::new();
     for (port, group) in port_groups(&ports) {
-        let (listener, target_group) = b.port(port, &group)?;
-        listeners.push(listener);
-        target_groups.push(target_group);
+        match b.port(port, &group) {
+            Ok((listener, target_group)) => {
+                listeners.push(listener);
+                target_groups.push(target_group);
+            }
+            Err(BuildError::InvalidAnnotation(e)) => errors.extend(e),
+            Err(e) => return Err(e),
+        }
+    }
+    errors.dedup();
+    if errors.is_empty() {
+        errors.extend(unmatched_ports(settings, &listeners));
+    }
+    let mappings = match subnet_mappings(settings, world.subnets, world.subnet_cidrs) {
+        Ok(m) => m,
+        Err(e) => {
+            errors.extend(e);
+            Vec::new()
+        }
+    };
+    if !errors.is_empty() {
+        return Err(BuildError::InvalidAnnotation(errors));
     }
     let inputs = security_groups::Inputs {
         namespace: &b.namespace,
@@ -436,6 +713,7 @@ pub fn build(
         scheme: settings.scheme,
         ip_address_type: settings.ip_address_type,
         subnets: world.subnets.to_vec(),
+        mappings,
         security_groups: Vec::new(),
         security,
         tags: lb_tags,
@@ -451,6 +729,8 @@ mod tests {
     use crate::provider::aws::annotations::tests::{node, service, settings_for};
     use std::sync::Arc;
 
+    static NO_CIDRS: BTreeMap<String, Vec<ipnet::IpNet>> = BTreeMap::new();
+
     fn world<'a>(
         nodes: &'a [Arc<Node>],
         slices: &'a [Arc<EndpointSlice>],
@@ -461,6 +741,7 @@ mod tests {
             vpc_id: "vpc-1",
             vpc_cidrs: &[],
             subnets,
+            subnet_cidrs: &NO_CIDRS,
             nodes,
             slices,
         }

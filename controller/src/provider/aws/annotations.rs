@@ -929,6 +929,155 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn certificate_lists_alpn_and_backend_tls_make_one_ssl_setting() {
+        let (a, b) = (
+            "arn:aws:acm:us-east-1:1:certificate/a",
+            "arn:aws:acm:us-east-1:1:certificate/b",
+        );
+        let both = format!("{a}, {b}");
+        let svc = service(
+            &[("https", 443, "TCP", None)],
+            &[
+                (annotations::SSL_CERT, &both),
+                (annotations::ALPN_POLICY, "HTTP2Preferred"),
+                (annotations::BACKEND_PROTOCOL, "ssl"),
+            ],
+        );
+        let ssl = settings_for(&svc).ssl.expect("ssl");
+        assert_eq!(ssl.certificate, a);
+        assert_eq!(ssl.extra_certificates, vec![b.to_string()]);
+        assert_eq!(ssl.alpn_policy.as_deref(), Some("HTTP2Preferred"));
+        assert!(ssl.backend_tls);
+        let alone = service(
+            &[("https", 443, "TCP", None)],
+            &[
+                (annotations::ALPN_POLICY, "None"),
+                (annotations::BACKEND_PROTOCOL, "ssl"),
+            ],
+        );
+        let errors = settings(&alone, &AwsProvider::default(), "c1").expect_err("no cert");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors.iter().all(|e| e.contains("needs")), "{errors:?}");
+    }
+
+    #[test]
+    fn families_take_their_suffix_and_report_a_bad_one() {
+        let svc = service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-listener-attributes.tcp-80",
+                    "tcp.idle_timeout.seconds=400",
+                ),
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-target-group-attributes.80",
+                    "a=1, b=",
+                ),
+                (annotations::PROXY_PROTOCOL_PER_TARGET_GROUP, "80, 443"),
+                (annotations::ENABLE_TCP_UDP_LISTENER, "false"),
+            ],
+        );
+        let s = settings_for(&svc);
+        let attrs = &s.listener_attributes[&("TCP".to_string(), 80)];
+        assert_eq!(attrs["tcp.idle_timeout.seconds"], "400");
+        assert_eq!(s.tg_attributes_by_port[&80].len(), 2);
+        assert_eq!(
+            s.proxy_protocol,
+            ProxyProtocol::Ports(BTreeSet::from([80, 443]))
+        );
+        assert!(!s.tcp_udp);
+        assert!(unimplemented(&svc).is_empty());
+        let bad = service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-listener-attributes.SCTP-80",
+                    "x=1",
+                ),
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-target-group-attributes.http",
+                    "x=1",
+                ),
+                (annotations::PROXY_PROTOCOL_PER_TARGET_GROUP, "eighty"),
+                (annotations::ENABLE_TCP_UDP_LISTENER, "yes"),
+                (annotations::ALPN_POLICY, "HTTP3"),
+                (annotations::BACKEND_PROTOCOL, "tls"),
+            ],
+        );
+        let errors = settings(&bad, &AwsProvider::default(), "c1").expect_err("invalid");
+        assert_eq!(errors.len(), 6, "{errors:?}");
+        // `proxy-protocol: "*"` wins over the per-port list.
+        let star = service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (annotations::PROXY_PROTOCOL_PER_TARGET_GROUP, "80"),
+                (annotations::PROXY_PROTOCOL, "*"),
+            ],
+        );
+        assert_eq!(settings_for(&star).proxy_protocol, ProxyProtocol::All);
+    }
+
+    #[test]
+    fn static_addresses_parse_and_fit_the_scheme_and_address_type() {
+        let svc = service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (annotations::SCHEME, "internet-facing"),
+                (annotations::EIP_ALLOCATIONS, "eipalloc-1, eipalloc-2"),
+            ],
+        );
+        assert_eq!(settings_for(&svc).addresses.eip_allocations.len(), 2);
+        let internal = service(
+            &[("http", 80, "TCP", None)],
+            &[(annotations::PRIVATE_IPV4_ADDRESSES, "10.0.1.5,10.0.2.5")],
+        );
+        assert_eq!(settings_for(&internal).addresses.private_ipv4.len(), 2);
+        let wrong = service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (annotations::EIP_ALLOCATIONS, "eipalloc-1"),
+                (annotations::IPV6_ADDRESSES, "2001:db8::1"),
+                (annotations::SCHEME, "internet-facing"),
+                (annotations::PRIVATE_IPV4_ADDRESSES, "10.0.1.5"),
+            ],
+        );
+        let errors = settings(&wrong, &AwsProvider::default(), "c1").expect_err("invalid");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].starts_with(annotations::PRIVATE_IPV4_ADDRESSES),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].starts_with(annotations::IPV6_ADDRESSES),
+            "{errors:?}"
+        );
+        let malformed = service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (annotations::EIP_ALLOCATIONS, "1.2.3.4"),
+                (annotations::PRIVATE_IPV4_ADDRESSES, "2001:db8::1"),
+                (annotations::IPV6_ADDRESSES, "10.0.0.1"),
+            ],
+        );
+        let errors = settings(&malformed, &AwsProvider::default(), "c1").expect_err("invalid");
+        assert_eq!(errors.len(), 3, "{errors:?}");
+    }
+
+    #[test]
+    fn a_health_check_port_may_be_a_port_name() {
+        let svc = service(
+            &[("http", 80, "TCP", None)],
+            &[(annotations::HC_PORT, "http")],
+        );
+        assert_eq!(
+            settings_for(&svc).health_check.port,
+            HealthPort::Named("http".into())
+        );
+        let bad = service(&[("http", 80, "TCP", None)], &[(annotations::HC_PORT, "0")]);
+        assert!(settings(&bad, &AwsProvider::default(), "c1").is_err());
+    }
+
+    #[test]
     fn maps_parse_strictly() {
         assert_eq!(parse_map("a=1,b = 2 ,", false).map(|m| m.len()), Ok(2));
         assert!(parse_map("a", false).is_err());

@@ -989,4 +989,265 @@ mod tests {
         let protocols: Vec<&str> = lb.listeners.iter().map(|l| l.protocol.as_str()).collect();
         assert_eq!(protocols, vec!["TCP_UDP", "TLS"]);
     }
+
+    fn ip_service(ports: &[(&str, i32, &str, Option<i32>)], ann: &[(&str, &str)]) -> Service {
+        let mut all = ann.to_vec();
+        all.push((keys::NLB_TARGET_TYPE, "ip"));
+        service(ports, &all)
+    }
+
+    #[test]
+    fn static_addresses_become_subnet_mappings_by_order_and_cidr() {
+        let subnets = vec!["subnet-a".to_string(), "subnet-b".to_string()];
+        let cidrs: BTreeMap<String, Vec<ipnet::IpNet>> = BTreeMap::from([
+            (
+                "subnet-a".into(),
+                vec!["10.0.1.0/24".parse().expect("cidr")],
+            ),
+            (
+                "subnet-b".into(),
+                vec!["10.0.2.0/24".parse().expect("cidr")],
+            ),
+        ]);
+        let svc = ip_service(
+            &[("http", 80, "TCP", None)],
+            &[(keys::PRIVATE_IPV4_ADDRESSES, "10.0.2.7, 10.0.1.7")],
+        );
+        let w = World {
+            subnet_cidrs: &cidrs,
+            ..world(&[], &[], &subnets)
+        };
+        let lb = build(&svc, &settings_for(&svc), &w).expect("build");
+        let got: Vec<(&str, Option<&str>)> = lb
+            .mappings
+            .iter()
+            .map(|m| (m.subnet.as_str(), m.private_ipv4.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("subnet-a", Some("10.0.1.7")),
+                ("subnet-b", Some("10.0.2.7"))
+            ]
+        );
+        let outside = ip_service(
+            &[("http", 80, "TCP", None)],
+            &[(keys::PRIVATE_IPV4_ADDRESSES, "10.0.1.7, 10.0.9.7")],
+        );
+        let Err(BuildError::InvalidAnnotation(errors)) =
+            build(&outside, &settings_for(&outside), &w)
+        else {
+            panic!("an address outside every subnet is an error");
+        };
+        assert!(errors[0].contains("subnet-b"), "{errors:?}");
+        let eips = ip_service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (keys::SCHEME, "internet-facing"),
+                (keys::EIP_ALLOCATIONS, "eipalloc-1"),
+            ],
+        );
+        let Err(BuildError::InvalidAnnotation(errors)) = build(&eips, &settings_for(&eips), &w)
+        else {
+            panic!("one allocation for two subnets is an error");
+        };
+        assert!(errors[0].contains("1 given for 2 subnets"), "{errors:?}");
+        let plain = ip_service(&[("http", 80, "TCP", None)], &[]);
+        let lb = build(&plain, &settings_for(&plain), &w).expect("build");
+        assert!(lb.mappings.is_empty(), "AWS assigns the addresses");
+    }
+
+    #[test]
+    fn per_port_attributes_proxy_protocol_and_listener_attributes() {
+        let svc = ip_service(
+            &[("http", 80, "TCP", None), ("https", 443, "TCP", None)],
+            &[
+                (keys::TARGET_GROUP_ATTRIBUTES, "d=30, s=on"),
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-target-group-attributes.443",
+                    "d=5, s=",
+                ),
+                (keys::PROXY_PROTOCOL_PER_TARGET_GROUP, "443"),
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TCP-80",
+                    "tcp.idle_timeout.seconds=400",
+                ),
+            ],
+        );
+        let subnets = vec!["subnet-a".to_string()];
+        let lb = build(&svc, &settings_for(&svc), &world(&[], &[], &subnets)).expect("build");
+        let (http, https) = (
+            &lb.target_groups[0].attributes,
+            &lb.target_groups[1].attributes,
+        );
+        assert_eq!(http["d"], "30");
+        assert_eq!(https["d"], "5");
+        assert_eq!(https["s"], "on", "an empty value keeps the global one");
+        assert_eq!(http["proxy_protocol_v2.enabled"], "false");
+        assert_eq!(https["proxy_protocol_v2.enabled"], "true");
+        assert_eq!(
+            lb.listeners[0].attributes["tcp.idle_timeout.seconds"],
+            "400"
+        );
+        assert!(lb.listeners[1].attributes.is_empty());
+        let missing = ip_service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-target-group-attributes.443",
+                    "d=5",
+                ),
+                (keys::PROXY_PROTOCOL_PER_TARGET_GROUP, "8080"),
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-listener-attributes.UDP-80",
+                    "x=1",
+                ),
+            ],
+        );
+        let Err(BuildError::InvalidAnnotation(errors)) = build(
+            &missing,
+            &settings_for(&missing),
+            &world(&[], &[], &subnets),
+        ) else {
+            panic!("ports the Service lacks are errors");
+        };
+        assert_eq!(errors.len(), 3, "{errors:?}");
+    }
+
+    #[test]
+    fn a_named_health_check_port_is_the_node_port_or_the_target_port() {
+        let nodes = vec![Arc::new(node("n1", "i-1", &[]))];
+        let subnets = vec!["subnet-a".to_string()];
+        let svc = service(
+            &[
+                ("http", 80, "TCP", Some(30080)),
+                ("admin", 81, "TCP", Some(30081)),
+            ],
+            &[(keys::HC_PORT, "admin")],
+        );
+        let lb = build(&svc, &settings_for(&svc), &world(&nodes, &[], &subnets)).expect("build");
+        for tg in &lb.target_groups {
+            assert_eq!(tg.health_check.port, HealthPort::Port(30081));
+        }
+        let mut ip = ip_service(&[("http", 80, "TCP", None)], &[(keys::HC_PORT, "http")]);
+        ip.spec
+            .get_or_insert_default()
+            .ports
+            .get_or_insert_default()[0]
+            .target_port = Some(IntOrString::Int(8080));
+        let lb = build(&ip, &settings_for(&ip), &world(&[], &[], &subnets)).expect("build");
+        assert_eq!(
+            lb.target_groups[0].health_check.port,
+            HealthPort::Port(8080)
+        );
+        let unknown = ip_service(&[("http", 80, "TCP", None)], &[(keys::HC_PORT, "metrics")]);
+        assert!(matches!(
+            build(
+                &unknown,
+                &settings_for(&unknown),
+                &world(&[], &[], &subnets)
+            ),
+            Err(BuildError::InvalidAnnotation(_))
+        ));
+    }
+
+    #[test]
+    fn tcp_udp_off_is_an_error_for_a_shared_port() {
+        let svc = service(
+            &[
+                ("dns-tcp", 53, "TCP", Some(30053)),
+                ("dns-udp", 53, "UDP", Some(30053)),
+            ],
+            &[(keys::ENABLE_TCP_UDP_LISTENER, "false")],
+        );
+        let nodes = vec![Arc::new(node("n1", "i-1", &[]))];
+        let subnets = vec!["subnet-a".to_string()];
+        let Err(BuildError::InvalidAnnotation(errors)) =
+            build(&svc, &settings_for(&svc), &world(&nodes, &[], &subnets))
+        else {
+            panic!("TCP and UDP on one port need TCP_UDP");
+        };
+        assert!(
+            errors[0].contains(keys::ENABLE_TCP_UDP_LISTENER),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn tls_listeners_carry_extra_certificates_alpn_and_tls_target_groups() {
+        let svc = ip_service(
+            &[("https", 443, "TCP", None)],
+            &[
+                (
+                    keys::SSL_CERT,
+                    "arn:aws:acm:r:1:certificate/a,arn:aws:acm:r:1:certificate/b",
+                ),
+                (keys::ALPN_POLICY, "HTTP2Only"),
+                (keys::BACKEND_PROTOCOL, "ssl"),
+            ],
+        );
+        let subnets = vec!["subnet-a".to_string()];
+        let lb = build(&svc, &settings_for(&svc), &world(&[], &[], &subnets)).expect("build");
+        let l = &lb.listeners[0];
+        assert_eq!(
+            l.certificate.as_deref(),
+            Some("arn:aws:acm:r:1:certificate/a")
+        );
+        assert_eq!(
+            l.extra_certificates,
+            vec!["arn:aws:acm:r:1:certificate/b".to_string()]
+        );
+        assert_eq!(l.alpn_policy.as_deref(), Some("HTTP2Only"));
+        assert_eq!(lb.target_groups[0].protocol, "TLS");
+        let plain = ip_service(
+            &[("https", 443, "TCP", None)],
+            &[(keys::SSL_CERT, "arn:aws:acm:r:1:certificate/a")],
+        );
+        let tcp = build(&plain, &settings_for(&plain), &world(&[], &[], &subnets)).expect("build");
+        assert_ne!(
+            tcp.target_groups[0].name, lb.target_groups[0].name,
+            "a TLS target group is a new one (the protocol is fixed at creation)"
+        );
+    }
+
+    #[test]
+    fn dualstack_ip_targets_of_an_ipv6_service_go_to_an_ipv6_target_group() {
+        let pod = serde_json::json!({"kind": "Pod", "namespace": "ns", "name": "a"});
+        let slice = |family: &str, addr: &str| -> Arc<EndpointSlice> {
+            Arc::new(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": format!("s-{family}"), "namespace": "ns"},
+                    "addressType": family,
+                    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                    "endpoints": [{"addresses": [addr], "targetRef": pod}]
+                }))
+                .expect("slice"),
+            )
+        };
+        let slices = vec![slice("IPv4", "10.244.1.2"), slice("IPv6", "fd00:10:244::2")];
+        let mut svc = ip_service(
+            &[("http", 80, "TCP", None)],
+            &[(keys::IP_ADDRESS_TYPE, "dualstack")],
+        );
+        svc.spec.get_or_insert_default().ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
+        let subnets = vec!["subnet-a".to_string()];
+        let lb = build(&svc, &settings_for(&svc), &world(&[], &slices, &subnets)).expect("build");
+        let tg = &lb.target_groups[0];
+        assert!(tg.ipv6);
+        let ids: Vec<&str> = tg.targets.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, vec!["fd00:10:244::2"]);
+        let v4 = ip_service(
+            &[("http", 80, "TCP", None)],
+            &[(keys::IP_ADDRESS_TYPE, "dualstack")],
+        );
+        let lb4 = build(&v4, &settings_for(&v4), &world(&[], &slices, &subnets)).expect("build");
+        assert!(!lb4.target_groups[0].ipv6);
+        assert_ne!(lb4.target_groups[0].name, tg.name);
+        let ids: Vec<&str> = lb4.target_groups[0]
+            .targets
+            .iter()
+            .map(|t| t.id.as_str())
+            .collect();
+        assert_eq!(ids, vec!["10.244.1.2"]);
+    }
 }

@@ -112,6 +112,20 @@ async fn listeners(case: &AwsCase, lb: &str) -> Vec<(String, i32, String, Vec<St
     v
 }
 
+async fn listener_attributes(case: &AwsCase, listener: &str) -> BTreeMap<String, String> {
+    let out = case
+        .elb
+        .describe_listener_attributes()
+        .listener_arn(listener)
+        .send()
+        .await
+        .expect("DescribeListenerAttributes");
+    out.attributes()
+        .iter()
+        .filter_map(|a| Some((a.key()?.to_string(), a.value()?.to_string())))
+        .collect()
+}
+
 /// (certificate, is default) of the listener.
 async fn listener_certificates(case: &AwsCase, listener: &str) -> Vec<(String, bool)> {
     let out = case
@@ -245,27 +259,14 @@ async fn per_port_attributes_proxy_protocol_and_a_named_health_check_port() {
     assert!(!message.contains("ignored"), "{message}");
     let lb = case.one_lb(&uid(&svc), 2).await;
     let ls = listeners(&case, &lb).await;
-    let attrs = |arn: String| async move {
-        let out = case
-            .elb
-            .describe_listener_attributes()
-            .listener_arn(arn)
-            .send()
-            .await
-            .expect("DescribeListenerAttributes");
-        out.attributes()
-            .iter()
-            .filter_map(|a| Some((a.key()?.to_string(), a.value()?.to_string())))
-            .collect::<BTreeMap<String, String>>()
-    };
     let idle = "tcp.idle_timeout.seconds";
-    let on_80 = attrs(ls[0].0.clone()).await;
+    let on_80 = listener_attributes(&case, &ls[0].0).await;
     assert_eq!(
         on_80.get(idle).map(String::as_str),
         Some("400"),
         "{on_80:?}"
     );
-    let on_443 = attrs(ls[1].0.clone()).await;
+    let on_443 = listener_attributes(&case, &ls[1].0).await;
     assert_ne!(
         on_443.get(idle).map(String::as_str),
         Some("400"),

@@ -179,9 +179,10 @@ async fn a_private_ipv4_address_is_mapped_to_its_subnet() {
     case.delete_service("web", &uid(&svc)).await;
 }
 
-/// Static addresses where AWS takes none: an Elastic IP on an internal NLB and IPv6
-/// addresses without dualstack are both named at once; then an address outside the
-/// subnet's CIDR, and more addresses than subnets. Each time the condition says
+/// Static addresses where AWS takes none, each on a Service of its own (an Event series
+/// keeps its first message, so one Service per case shows each Warning): an Elastic IP on
+/// an internal NLB and IPv6 addresses without dualstack, both named at once; an address
+/// outside the subnet's CIDR; more addresses than subnets. Each time the condition says
 /// `InvalidAnnotation` with a Warning Event, and LocalStack holds nothing for the Service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_addresses_that_cannot_work_are_reported_and_nothing_is_created() {
@@ -191,49 +192,42 @@ async fn static_addresses_that_cannot_work_are_reported_and_nothing_is_created()
     )
     .await;
     let subnet = case.env.info.aws.subnet_ids[0].clone();
-    let svc = case
-        .create_service(
-            "web",
+    let cases = [
+        (
+            "both",
             serde_json::json!({
                 SUBNETS: subnet, EIPS: "eipalloc-0123456789abcdef0", IPV6: "2001:db8::10"
             }),
-            one_port(),
-        )
-        .await;
-    let (status, _, message) = case.wait_reason("web", "InvalidAnnotation").await;
-    assert_eq!(status, "False");
-    for key in [EIPS, IPV6] {
-        assert!(message.contains(key), "{key} not named: {message}");
+            vec![EIPS, IPV6],
+        ),
+        (
+            "outside",
+            serde_json::json!({SUBNETS: subnet, PRIVATE: "192.0.2.10"}),
+            vec![PRIVATE, subnet.as_str()],
+        ),
+        (
+            "count",
+            serde_json::json!({SUBNETS: subnet, PRIVATE: "10.0.0.1, 10.0.0.2"}),
+            vec![PRIVATE, "2 given for 1 subnets"],
+        ),
+    ];
+    let mut svcs = Vec::new();
+    for (name, annotations, _) in &cases {
+        svcs.push(
+            case.create_service(name, annotations.clone(), one_port())
+                .await,
+        );
     }
-    case.wait_warning("web", "InvalidAnnotation", &[EIPS, IPV6])
-        .await;
-    case.assert_nothing_for(&uid(&svc)).await;
-
-    case.annotate(
-        "web",
-        serde_json::json!({EIPS: null, IPV6: null, PRIVATE: "192.0.2.10"}),
-    )
-    .await;
-    let (_, _, message) = case
-        .wait_condition("web", "the CIDR named", |s| {
-            berth_e2e::testing::lb_condition(s)
-                .is_some_and(|(_, r, m)| r == "InvalidAnnotation" && m.contains(&subnet))
-        })
-        .await;
-    assert!(message.contains(PRIVATE), "{message}");
-    case.wait_warning("web", "InvalidAnnotation", &[PRIVATE, &subnet])
-        .await;
-    case.assert_nothing_for(&uid(&svc)).await;
-
-    case.annotate("web", serde_json::json!({PRIVATE: "10.0.0.1, 10.0.0.2"}))
-        .await;
-    let (_, _, message) = case
-        .wait_condition("web", "the count named", |s| {
-            berth_e2e::testing::lb_condition(s)
-                .is_some_and(|(_, _, m)| m.contains("2 given for 1 subnets"))
-        })
-        .await;
-    assert!(message.contains(PRIVATE), "{message}");
-    case.assert_nothing_for(&uid(&svc)).await;
-    case.delete_service("web", &uid(&svc)).await;
+    for ((name, _, named), svc) in cases.iter().zip(&svcs) {
+        let (status, _, message) = case.wait_reason(name, "InvalidAnnotation").await;
+        assert_eq!(status, "False");
+        for part in named {
+            assert!(message.contains(part), "{part} not named: {message}");
+        }
+        case.wait_warning(name, "InvalidAnnotation", named).await;
+        case.assert_nothing_for(&uid(svc)).await;
+    }
+    for ((name, _, _), svc) in cases.iter().zip(&svcs) {
+        case.delete_service(name, &uid(svc)).await;
+    }
 }

@@ -34,8 +34,10 @@ async fn describe(case: &AwsCase, arn: &str) -> LoadBalancer {
         .expect("the load balancer")
 }
 
-/// (subnet, allocation ID, private IPv4) of each zone of the load balancer.
-fn mapped(lb: &LoadBalancer) -> Vec<(String, Option<String>, Option<String>)> {
+/// (subnet, allocation ID, private IPv4, IPv6) of each zone of the load balancer.
+type Mapped = (String, Option<String>, Option<String>, Option<String>);
+
+fn mapped(lb: &LoadBalancer) -> Vec<Mapped> {
     lb.availability_zones()
         .iter()
         .map(|z| {
@@ -44,6 +46,7 @@ fn mapped(lb: &LoadBalancer) -> Vec<(String, Option<String>, Option<String>)> {
                 z.subnet_id().unwrap_or_default().to_string(),
                 a.and_then(|a| a.allocation_id()).map(str::to_string),
                 a.and_then(|a| a.private_ipv4_address()).map(str::to_string),
+                a.and_then(|a| a.ipv6_address()).map(str::to_string),
             )
         })
         .collect()
@@ -94,7 +97,7 @@ async fn an_eip_mapped_nlb_shows_its_allocation_and_a_new_one_waits_for_acknowle
             let lb = describe(&case, &arn).await;
             assert_eq!(
                 mapped(&lb),
-                vec![(subnet.clone(), Some(first.clone()), None)]
+                vec![(subnet.clone(), Some(first.clone()), None, None)]
             );
             let dns = lb.dns_name().unwrap_or_default().to_string();
 
@@ -108,7 +111,7 @@ async fn an_eip_mapped_nlb_shows_its_allocation_and_a_new_one_waits_for_acknowle
             // Kept as it was: same load balancer, same allocation.
             assert_eq!(
                 mapped(&describe(&case, &arn).await),
-                vec![(subnet.clone(), Some(first.clone()), None)]
+                vec![(subnet.clone(), Some(first.clone()), None, None)]
             );
             let token = message
                 .split(&format!("{ACK}="))
@@ -125,7 +128,7 @@ async fn an_eip_mapped_nlb_shows_its_allocation_and_a_new_one_waits_for_acknowle
             let arn = case.one_lb(&uid(&svc), 1).await;
             assert_eq!(
                 mapped(&describe(&case, &arn).await),
-                vec![(subnet.clone(), Some(second.clone()), None)]
+                vec![(subnet.clone(), Some(second.clone()), None, None)]
             );
             case.delete_service("web", &uid(&svc)).await;
         },
@@ -174,9 +177,70 @@ async fn a_private_ipv4_address_is_mapped_to_its_subnet() {
     let arn = case.one_lb(&uid(&svc), 1).await;
     assert_eq!(
         mapped(&describe(&case, &arn).await),
-        vec![(subnet.clone(), None, Some(address.clone()))]
+        vec![(subnet.clone(), None, Some(address.clone()), None)]
     );
     case.delete_service("web", &uid(&svc)).await;
+}
+
+/// A dualstack internal NLB with `ipv6-addresses` and `private-ipv4-addresses` holds both
+/// in its subnet's mapping. The environment's subnets have no IPv6 CIDR, so the test makes
+/// one that has (untagged: no other Service discovers it) and removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_and_private_ipv4_addresses_are_mapped_on_a_dualstack_nlb() {
+    let case = AwsCase::new(
+        "static-ipv6",
+        serde_json::json!({"scheme": "internal", "targetType": "ip"}),
+    )
+    .await;
+    // A /24 of the VPC no node uses (nodes have 198.18.<index>.0/24), picked per run.
+    let third = 100 + std::process::id() % 100;
+    let made = case
+        .ec2
+        .create_subnet()
+        .vpc_id(&case.env.info.aws.vpc_id)
+        .cidr_block(format!("198.18.{third}.0/24"))
+        .ipv6_cidr_block(format!("2001:db8:{third}::/64"))
+        .send()
+        .await
+        .expect("CreateSubnet");
+    let subnet = made
+        .subnet()
+        .and_then(|s| s.subnet_id())
+        .expect("subnet ID")
+        .to_string();
+    let (v4, v6) = (
+        format!("198.18.{third}.10"),
+        format!("2001:db8:{third}::10"),
+    );
+    with_cleanup(
+        async {
+            let svc = case
+                .create_service(
+                    "web",
+                    serde_json::json!({
+                        SUBNETS: subnet,
+                        "service.beta.kubernetes.io/aws-load-balancer-ip-address-type": "dualstack",
+                        PRIVATE: v4,
+                        IPV6: v6,
+                    }),
+                    one_port(),
+                )
+                .await;
+            case.wait_ready("web").await;
+            let arn = case.one_lb(&uid(&svc), 1).await;
+            let lb = describe(&case, &arn).await;
+            assert_eq!(lb.ip_address_type().map(|t| t.as_str()), Some("dualstack"));
+            assert_eq!(
+                mapped(&lb),
+                vec![(subnet.clone(), None, Some(v4.clone()), Some(v6.clone()))]
+            );
+            case.delete_service("web", &uid(&svc)).await;
+        },
+        async {
+            let _ = case.ec2.delete_subnet().subnet_id(&subnet).send().await;
+        },
+    )
+    .await;
 }
 
 /// Static addresses where AWS takes none, each on a Service of its own (an Event series

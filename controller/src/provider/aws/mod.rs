@@ -1259,6 +1259,7 @@ mod tests {
             protocol: "TCP".into(),
             port: 30080,
             target_type: TargetType::Instance,
+            ipv6: false,
             vpc_id: "vpc-1".into(),
             health_check: annotations::HealthCheck::default_tcp(),
             attributes: BTreeMap::new(),
@@ -1270,6 +1271,9 @@ mod tests {
             protocol: "TCP".into(),
             certificate: None,
             ssl_policy: None,
+            extra_certificates: Vec::new(),
+            alpn_policy: None,
+            attributes: BTreeMap::new(),
             target_group: tg.name.clone(),
         };
         let lb = DesiredLoadBalancer {
@@ -1277,6 +1281,7 @@ mod tests {
             scheme: Scheme::InternetFacing,
             ip_address_type: model::IpAddressType::Ipv4,
             subnets: vec!["subnet-a".into(), "subnet-b".into()],
+            mappings: Vec::new(),
             security_groups: Vec::new(),
             // LBC's fixture: how it makes its own groups is not what is tested here.
             security: security_groups::Security {

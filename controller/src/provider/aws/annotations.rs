@@ -186,40 +186,40 @@ pub const TABLE: &[Annotation] = &[
         key: annotations::SECURITY_GROUPS,
         group: Group::LoadBalancer,
         values: "security group IDs (sg-…), comma-separated, at most 5",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             let ids = id_list(v, "sg-", 5)?;
             d.settings.frontend = FrontendChoice::Given(ids);
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::SECURITY_GROUP_PREFIX_LISTS,
         group: Group::LoadBalancer,
         values: "managed prefix list IDs (pl-…), comma-separated",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             d.settings.prefix_lists = id_list(v, "pl-", 60)?;
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::MANAGE_BACKEND_SG_RULES,
         group: Group::LoadBalancer,
         values: "true | false",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             d.settings.manage_backend_rules = Some(one_of(v, &[("true", true), ("false", false)])?);
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::DISABLE_NLB_SG,
         group: Group::LoadBalancer,
         values: "true | false",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             if one_of(v, &[("true", true), ("false", false)])? {
                 d.disable_security_groups = true;
             }
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::TARGET_GROUP_ATTRIBUTES,

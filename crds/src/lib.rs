@@ -102,6 +102,28 @@ pub mod annotations {
         "service.beta.kubernetes.io/aws-load-balancer-healthcheck-unhealthy-threshold";
     pub const HC_SUCCESS_CODES: &str =
         "service.beta.kubernetes.io/aws-load-balancer-healthcheck-success-codes";
+    /// NLB subnet mappings: one Elastic IP allocation per subnet (internet-facing only).
+    pub const EIP_ALLOCATIONS: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-eip-allocations";
+    /// NLB subnet mappings: one private IPv4 address per subnet (internal only).
+    pub const PRIVATE_IPV4_ADDRESSES: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-private-ipv4-addresses";
+    /// NLB subnet mappings: one IPv6 address per subnet (dualstack only).
+    pub const IPV6_ADDRESSES: &str = "service.beta.kubernetes.io/aws-load-balancer-ipv6-addresses";
+    pub const ALPN_POLICY: &str = "service.beta.kubernetes.io/aws-load-balancer-alpn-policy";
+    pub const BACKEND_PROTOCOL: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-backend-protocol";
+    /// A family: `listener-attributes.<Protocol>-<Port>`, one key per listener.
+    pub const LISTENER_ATTRIBUTES: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-listener-attributes.";
+    /// A family: `target-group-attributes.<Port>`, over [`TARGET_GROUP_ATTRIBUTES`] for
+    /// the target group of that Service port.
+    pub const TARGET_GROUP_ATTRIBUTES_PORT: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-target-group-attributes.";
+    pub const PROXY_PROTOCOL_PER_TARGET_GROUP: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-proxy-protocol-per-target-group";
+    pub const ENABLE_TCP_UDP_LISTENER: &str =
+        "service.beta.kubernetes.io/aws-load-balancer-enable-tcp-udp-listener";
     /// berth's own (pool provider): pin the Service's addresses, comma-separated, at most
     /// one per address family (`198.19.0.10` or `198.19.0.10,2001:db8::10`).
     pub const LOAD_BALANCER_IPS: &str = "berth.dev/load-balancer-ips";

@@ -250,6 +250,7 @@ mod tests {
                 scheme: Scheme::InternetFacing,
                 ip_address_type: IpAddressType::Ipv4,
                 subnets: Vec::new(),
+                mappings: Vec::new(),
                 security_groups: Vec::new(),
                 security: Security {
                     frontend: Frontend::Disabled,

@@ -3,6 +3,7 @@
 //! namespaces, and the helpers the end-to-end suites use to reach them.
 
 pub mod agentstate;
+pub mod awscase;
 pub mod awsinfra;
 pub mod awslimits;
 pub mod controller;

@@ -23,6 +23,14 @@ additions that make it trustworthy for berth's tests (see dataplane.py for the f
 - Security groups as AWS has them for NLBs (security.py): CreateLoadBalancer refuses
   unknown groups, SetSecurityGroups refuses to add groups to an NLB created without any
   or to remove all of them, and listeners admit only flows the groups' inbound rules allow.
+- Subnet mappings with static addresses (addresses.py): an Elastic IP allocation
+  (internet-facing only, existing, not used by another load balancer), a private IPv4
+  address (internal only, inside the subnet's CIDR) or an IPv6 address (dualstack only,
+  inside the subnet's IPv6 CIDR) is validated as AWS does, kept, and described back in
+  ``AvailabilityZones[].LoadBalancerAddresses``.
+- Listener extras (listeners.py): ALPN policies on TLS listeners, certificate lists
+  (Add/Remove/DescribeListenerCertificates) and listener attributes
+  (Describe/ModifyListenerAttributes), validated and described back.
 """
 
 from localstack.aws.api import CommonServiceException
@@ -31,7 +39,7 @@ from localstack.aws.spec import load_service
 from localstack.services.moto import call_moto
 from localstack.services.plugins import Service, aws_provider
 
-from berth_localstack_ext import dataplane, security
+from berth_localstack_ext import addresses, dataplane, listeners, security
 
 NLB_PROTOCOLS = ("TCP", "UDP", "TCP_UDP", "TLS")
 DEFAULT_SSL_POLICY = "ELBSecurityPolicy-2016-08"
@@ -94,6 +102,7 @@ def _deregister_targets(context, request):
 
 def _create_load_balancer(context, request):
     security.check_create(context, request)
+    mappings = addresses.validate(context, request)
     response = call_moto(context)
     backend = _backend(context)
     for desc in response.get("LoadBalancers") or []:
@@ -102,6 +111,36 @@ def _create_load_balancer(context, request):
             continue
         lb.dns_name = f"{lb.name}-{lb.arn.rsplit('/', 1)[-1]}.elb.{context.region}.amazonaws.com"
         desc["DNSName"] = lb.dns_name
+        addresses.keep(lb.arn, mappings)
+        addresses.describe(desc)
+    return response
+
+
+def _describe_load_balancers(context, _request):
+    response = call_moto(context)
+    for desc in response.get("LoadBalancers") or []:
+        addresses.describe(desc)
+    return response
+
+
+def _delete_load_balancer(context, request):
+    response = call_moto(context)
+    addresses.forget(request.get("LoadBalancerArn"))
+    return response
+
+
+def _set_subnets(context, request):
+    backend = _backend(context)
+    arn = request.get("LoadBalancerArn")
+    lb = backend.load_balancers.get(arn)
+    if lb is None:
+        raise CommonServiceException("LoadBalancerNotFound", "One or more load balancers not found")
+    full = dict(request, Scheme=lb.scheme, IpAddressType=lb.ip_address_type)
+    mappings = addresses.validate(context, full, own=arn)
+    response = call_moto(context)
+    addresses.keep(arn, mappings)
+    for zone in response.get("AvailabilityZones") or []:
+        addresses.describe_zone(arn, zone)
     return response
 
 
@@ -131,6 +170,7 @@ def _create_listener(context, request):
     if protocol == "TLS":
         certs = [c.get("CertificateArn") for c in request.get("Certificates") or []]
         _tls_settings(_backend(context), certs, request.get("SslPolicy"))
+    alpn = listeners.alpn_of(request, protocol)
     response = call_moto(context)
     if protocol != "TLS":
         # moto gives every listener an SslPolicy; on AWS only TLS/HTTPS ones have one.
@@ -141,7 +181,58 @@ def _create_listener(context, request):
                 if listener is not None:
                     listener.ssl_policy = None
             desc.pop("SslPolicy", None)
+    for desc in response.get("Listeners") or []:
+        listeners.set_alpn(desc.get("ListenerArn"), alpn)
+        listeners.describe(desc)
     return response
+
+
+def _describe_listeners(context, _request):
+    response = call_moto(context)
+    for desc in response.get("Listeners") or []:
+        listeners.describe(desc)
+    return response
+
+
+def _add_listener_certificates(context, request):
+    backend = _backend(context)
+    _find_listener(backend, request["ListenerArn"])
+    certs = [c.get("CertificateArn") for c in request.get("Certificates") or []]
+    for cert in certs:
+        if not backend._certificate_exists(certificate_arn=cert):
+            raise CommonServiceException("CertificateNotFound", f"Certificate '{cert}' not found")
+    added = listeners.add_certificates(request["ListenerArn"], certs)
+    return {"Certificates": [{"CertificateArn": c, "IsDefault": False} for c in added]}
+
+
+def _remove_listener_certificates(context, request):
+    _find_listener(_backend(context), request["ListenerArn"])
+    certs = [c.get("CertificateArn") for c in request.get("Certificates") or []]
+    listeners.remove_certificates(request["ListenerArn"], certs)
+    return {}
+
+
+def _describe_listener_certificates(context, request):
+    _lb, listener = _find_listener(_backend(context), request["ListenerArn"])
+    default = [{"CertificateArn": c, "IsDefault": True} for c in list(listener.certificates)[:1]]
+    extra = [
+        {"CertificateArn": c, "IsDefault": False}
+        for c in listeners.certificates(request["ListenerArn"])
+    ]
+    return {"Certificates": default + extra}
+
+
+def _describe_listener_attributes(context, request):
+    _lb, listener = _find_listener(_backend(context), request["ListenerArn"])
+    attrs = listeners.attributes(listener.arn, listener.protocol)
+    return {"Attributes": [{"Key": k, "Value": v} for k, v in sorted(attrs.items())]}
+
+
+def _modify_listener_attributes(context, request):
+    _lb, listener = _find_listener(_backend(context), request["ListenerArn"])
+    changes = {a.get("Key"): a.get("Value") for a in request.get("Attributes") or []}
+    attrs = listeners.modify_attributes(listener.arn, listener.protocol, changes)
+    return {"Attributes": [{"Key": k, "Value": v} for k, v in sorted(attrs.items())]}
 
 
 def _find_listener(backend, arn):
@@ -169,10 +260,12 @@ def _modify_listener(context, request):
     ):
         raise CommonServiceException("DuplicateListener", "A listener with the specified port already exists.")
     if protocol == "TLS":
-        certs = [c.get("CertificateArn") for c in request.get("Certificates") or []] or list(listener.certificates)
+        certs = [c.get("CertificateArn") for c in request.get("Certificates") or []] or list(listener.certificates)[:1]
         certs, policy = _tls_settings(backend, certs, request.get("SslPolicy") or listener.ssl_policy)
     else:
         certs, policy = [], None
+    if "AlpnPolicy" in request or protocol != "TLS":
+        listeners.set_alpn(listener.arn, listeners.alpn_of(request, protocol))
     actions = request.get("DefaultActions")
     if actions:
         fake = [FakeAction(dict(a)) for a in actions]
@@ -202,6 +295,7 @@ def _modify_listener(context, request):
         out["Certificates"] = [{"CertificateArn": c} for c in certs]
     if policy:
         out["SslPolicy"] = policy
+    listeners.describe(out)
     return {"Listeners": [out]}
 
 
@@ -220,8 +314,17 @@ def elbv2():
     dispatch["RegisterTargets"] = _register_targets
     dispatch["DeregisterTargets"] = _deregister_targets
     dispatch["CreateLoadBalancer"] = _create_load_balancer
+    dispatch["DescribeLoadBalancers"] = _describe_load_balancers
+    dispatch["DeleteLoadBalancer"] = _delete_load_balancer
+    dispatch["SetSubnets"] = _set_subnets
     dispatch["CreateListener"] = _create_listener
+    dispatch["DescribeListeners"] = _describe_listeners
     dispatch["ModifyListener"] = _modify_listener
     dispatch["SetSecurityGroups"] = _set_security_groups
+    dispatch["AddListenerCertificates"] = _add_listener_certificates
+    dispatch["RemoveListenerCertificates"] = _remove_listener_certificates
+    dispatch["DescribeListenerCertificates"] = _describe_listener_certificates
+    dispatch["DescribeListenerAttributes"] = _describe_listener_attributes
+    dispatch["ModifyListenerAttributes"] = _modify_listener_attributes
     dataplane.start()
     return Service("elbv2", skeleton=Skeleton(spec, dispatch))

@@ -5,7 +5,7 @@
 //! ([`refused_overrides`]), and every other `aws-load-balancer-*` key on a Service is
 //! reported as not implemented ([`unimplemented`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use berth_crds::{AwsProvider, IpAddressType, Scheme, TargetType};
 use k8s_openapi::api::core::v1::Service;
@@ -14,8 +14,8 @@ pub use berth_crds::annotations;
 
 pub use crate::provider::aws::naming::valid_lb_name;
 pub use crate::provider::aws::settings::{
-    DEFAULT_SSL_POLICY, Draft, FrontendChoice, HealthCheck, HealthPort, Settings, Ssl, SslPorts,
-    SubnetChoice,
+    DEFAULT_SSL_POLICY, Draft, FrontendChoice, HealthCheck, HealthPort, ProxyProtocol, Settings,
+    Ssl, SslPorts, StaticAddresses, SubnetChoice,
 };
 
 use crate::provider::aws::naming::MAX_NAME;
@@ -50,37 +50,55 @@ impl Group {
     }
 }
 
+/// How a value changes the draft, or what is wrong with it.
+#[derive(Clone, Copy)]
+pub enum Apply {
+    /// The key is the whole annotation name.
+    Value(fn(&mut Draft, &str) -> Result<(), String>),
+    /// The key is a prefix: each annotation starting with it is one entry of the family,
+    /// named by what follows (`listener-attributes.TCP-80`); gets (suffix, value).
+    Family(fn(&mut Draft, &str, &str) -> Result<(), String>),
+}
+
 /// One annotation: its key, the values it takes, and how a value changes the settings.
 pub struct Annotation {
     pub key: &'static str,
     pub group: Group,
     /// The values it takes, as the README documents them.
     pub values: &'static str,
-    /// Parses `value` into the draft, or says what is wrong with it.
-    pub apply: fn(&mut Draft, &str) -> Result<(), String>,
+    pub apply: Apply,
 }
 
-/// Every annotation, in the order they are applied (`proxy-protocol` after
-/// `target-group-attributes`, so it wins).
+impl Annotation {
+    /// Whether the Service annotation `key` is this one (or one of its family).
+    fn names(&self, key: &str) -> bool {
+        match self.apply {
+            Apply::Value(_) => key == self.key,
+            Apply::Family(_) => key.strip_prefix(self.key).is_some_and(|s| !s.is_empty()),
+        }
+    }
+}
+
+/// Every annotation, in the order they are applied.
 pub const TABLE: &[Annotation] = &[
     Annotation {
         key: annotations::SCHEME,
         group: Group::LoadBalancer,
         values: "internal | internet-facing",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             let options = [
                 ("internal", Scheme::Internal),
                 ("internet-facing", Scheme::InternetFacing),
             ];
             d.settings.scheme = one_of(v, &options)?;
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::LB_TYPE,
         group: Group::TargetGroup,
         values: "external | nlb-ip (ip targets) | nlb",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             let options = [
                 ("external", None),
                 ("nlb", None),
@@ -90,36 +108,36 @@ pub const TABLE: &[Annotation] = &[
                 d.settings.target_type = t;
             }
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::NLB_TARGET_TYPE,
         group: Group::TargetGroup,
         values: "instance | ip",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             let options = [("instance", TargetType::Instance), ("ip", TargetType::Ip)];
             d.settings.target_type = one_of(v, &options)?;
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::IP_ADDRESS_TYPE,
         group: Group::LoadBalancer,
         values: "ipv4 | dualstack",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             let options = [
                 ("ipv4", IpAddressType::Ipv4),
                 ("dualstack", IpAddressType::Dualstack),
             ];
             d.settings.ip_address_type = one_of(v, &options)?;
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::NAME,
         group: Group::LoadBalancer,
         values: "a load balancer name",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             if !valid_lb_name(v) {
                 return Err(format!(
                     "`{v}` is not a valid load balancer name (≤{MAX_NAME} letters, digits, hyphens)"
@@ -127,22 +145,22 @@ pub const TABLE: &[Annotation] = &[
             }
             d.settings.name = v.to_string();
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::SUBNETS,
         group: Group::LoadBalancer,
         values: "subnet IDs or Name tags, comma-separated",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             d.settings.subnets = subnet_choice(v)?;
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::ADDITIONAL_RESOURCE_TAGS,
         group: Group::LoadBalancer,
         values: "k1=v1, k2=v2",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             let tags = parse_map(v, false)?;
             let reserved: Vec<&String> = tags
                 .keys()
@@ -153,115 +171,216 @@ pub const TABLE: &[Annotation] = &[
             }
             d.settings.tags.extend(tags);
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::ATTRIBUTES,
         group: Group::LoadBalancer,
         values: "k1=v1, k2=v2",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             d.settings.lb_attributes.extend(parse_map(v, false)?);
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::SECURITY_GROUPS,
         group: Group::LoadBalancer,
         values: "security group IDs (sg-…), comma-separated, at most 5",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             let ids = id_list(v, "sg-", 5)?;
             d.settings.frontend = FrontendChoice::Given(ids);
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::SECURITY_GROUP_PREFIX_LISTS,
         group: Group::LoadBalancer,
         values: "managed prefix list IDs (pl-…), comma-separated",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             d.settings.prefix_lists = id_list(v, "pl-", 60)?;
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::MANAGE_BACKEND_SG_RULES,
         group: Group::LoadBalancer,
         values: "true | false",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             d.settings.manage_backend_rules = Some(one_of(v, &[("true", true), ("false", false)])?);
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::DISABLE_NLB_SG,
         group: Group::LoadBalancer,
         values: "true | false",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             if one_of(v, &[("true", true), ("false", false)])? {
                 d.disable_security_groups = true;
             }
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::TARGET_GROUP_ATTRIBUTES,
         group: Group::TargetGroup,
         values: "k1=v1, k2=v2",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             d.settings.tg_attributes.extend(parse_map(v, false)?);
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::PROXY_PROTOCOL,
         group: Group::TargetGroup,
         values: "*",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             one_of(v, &[("*", ())])?;
-            let key = "proxy_protocol_v2.enabled".to_string();
-            d.settings.tg_attributes.insert(key, "true".into());
+            d.settings.proxy_protocol = ProxyProtocol::All;
             Ok(())
-        },
+        }),
+    },
+    Annotation {
+        key: annotations::PROXY_PROTOCOL_PER_TARGET_GROUP,
+        group: Group::TargetGroup,
+        values: "Service port numbers, comma-separated",
+        apply: Apply::Value(|d, v| {
+            let ports = parse_list(v)
+                .iter()
+                .map(|p| parse_int(p, 1..=65535))
+                .collect::<Result<BTreeSet<i32>, String>>()?;
+            if ports.is_empty() {
+                return Err("names no port".into());
+            }
+            // `proxy-protocol: "*"` wins whatever the order.
+            if d.settings.proxy_protocol != ProxyProtocol::All {
+                d.settings.proxy_protocol = ProxyProtocol::Ports(ports);
+            }
+            Ok(())
+        }),
+    },
+    Annotation {
+        key: annotations::TARGET_GROUP_ATTRIBUTES_PORT,
+        group: Group::TargetGroup,
+        values: "k1=v1, k2=v2 (key suffix: a Service port number)",
+        apply: Apply::Family(|d, suffix, v| {
+            let port = parse_int(suffix, 1..=65535)
+                .map_err(|_| format!("`{suffix}` after the key is not a port number"))?;
+            let attrs = parse_map(v, false)?;
+            d.settings.tg_attributes_by_port.insert(port, attrs);
+            Ok(())
+        }),
+    },
+    Annotation {
+        key: annotations::LISTENER_ATTRIBUTES,
+        group: Group::LoadBalancer,
+        values: "k1=v1, k2=v2 (key suffix: <Protocol>-<Port>, e.g. TCP-80)",
+        apply: Apply::Family(|d, suffix, v| {
+            let parsed = suffix.split_once('-').and_then(|(proto, port)| {
+                let proto = proto.to_ascii_uppercase();
+                let known = ["TCP", "UDP", "TCP_UDP", "TLS"].contains(&proto.as_str());
+                Some((proto, parse_int(port, 1..=65535).ok()?)).filter(|_| known)
+            });
+            let Some(listener) = parsed else {
+                return Err(format!(
+                    "`{suffix}` after the key is not <Protocol>-<Port> (TCP, UDP, TCP_UDP or TLS)"
+                ));
+            };
+            d.settings
+                .listener_attributes
+                .insert(listener, parse_map(v, false)?);
+            Ok(())
+        }),
+    },
+    Annotation {
+        key: annotations::ENABLE_TCP_UDP_LISTENER,
+        group: Group::LoadBalancer,
+        values: "true | false",
+        apply: Apply::Value(|d, v| {
+            d.settings.tcp_udp = one_of(v, &[("true", true), ("false", false)])?;
+            Ok(())
+        }),
+    },
+    Annotation {
+        key: annotations::EIP_ALLOCATIONS,
+        group: Group::LoadBalancer,
+        values: "Elastic IP allocation IDs, one per subnet",
+        apply: Apply::Value(|d, v| {
+            let ids = parse_list(v);
+            let valid = |id: &String| {
+                id.strip_prefix("eipalloc-")
+                    .is_some_and(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric()))
+            };
+            if let Some(bad) = ids.iter().find(|id| !valid(id)) {
+                return Err(format!("`{bad}` is not an allocation ID (eipalloc-…)"));
+            }
+            if ids.is_empty() {
+                return Err("names no allocation".into());
+            }
+            d.settings.addresses.eip_allocations = ids;
+            Ok(())
+        }),
+    },
+    Annotation {
+        key: annotations::PRIVATE_IPV4_ADDRESSES,
+        group: Group::LoadBalancer,
+        values: "IPv4 addresses, one per subnet",
+        apply: Apply::Value(|d, v| {
+            d.settings.addresses.private_ipv4 = parse_addresses(v)?;
+            Ok(())
+        }),
+    },
+    Annotation {
+        key: annotations::IPV6_ADDRESSES,
+        group: Group::LoadBalancer,
+        values: "IPv6 addresses, one per subnet",
+        apply: Apply::Value(|d, v| {
+            d.settings.addresses.ipv6 = parse_addresses(v)?;
+            Ok(())
+        }),
     },
     Annotation {
         key: annotations::TARGET_NODE_LABELS,
         group: Group::TargetGroup,
         values: "k1=v1, k2 (a bare key: any value)",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             d.settings.target_node_labels = parse_map(v, true)?;
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::SSL_CERT,
         group: Group::Tls,
-        values: "a certificate ARN",
-        apply: |d, v| {
-            let cert = v.trim();
-            if !cert.starts_with("arn:") {
-                return Err(format!("`{cert}` is not a certificate ARN"));
+        values: "certificate ARNs, comma-separated (the first is the default)",
+        apply: Apply::Value(|d, v| {
+            let certs = parse_list(v);
+            if certs.is_empty() {
+                return Err("names no certificate".into());
             }
-            d.ssl_certificate = Some(cert.to_string());
+            if let Some(bad) = certs.iter().find(|c| !c.starts_with("arn:")) {
+                return Err(format!("`{bad}` is not a certificate ARN"));
+            }
+            d.ssl_certificates = certs;
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::SSL_PORTS,
         group: Group::Tls,
         values: "* | port numbers or names, comma-separated",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             d.ssl_ports = Some(match v.trim() {
                 "*" => SslPorts::All,
                 list => SslPorts::Some(parse_list(list).into_iter().collect()),
             });
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::SSL_NEGOTIATION_POLICY,
         group: Group::Tls,
         values: "a security policy name",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             let p = v.trim();
             let valid = !p.is_empty()
                 && p.len() <= 128
@@ -271,98 +390,130 @@ pub const TABLE: &[Annotation] = &[
             }
             d.ssl_policy = p.to_string();
             Ok(())
-        },
+        }),
+    },
+    Annotation {
+        key: annotations::ALPN_POLICY,
+        group: Group::Tls,
+        values: "HTTP1Only | HTTP2Only | HTTP2Optional | HTTP2Preferred | None",
+        apply: Apply::Value(|d, v| {
+            let options = [
+                ("HTTP1Only", "HTTP1Only"),
+                ("HTTP2Only", "HTTP2Only"),
+                ("HTTP2Optional", "HTTP2Optional"),
+                ("HTTP2Preferred", "HTTP2Preferred"),
+                ("None", "None"),
+            ];
+            d.alpn_policy = Some(one_of(v.trim(), &options)?.to_string());
+            Ok(())
+        }),
+    },
+    Annotation {
+        key: annotations::BACKEND_PROTOCOL,
+        group: Group::Tls,
+        values: "ssl | tcp",
+        apply: Apply::Value(|d, v| {
+            d.backend_tls = one_of(v.trim(), &[("ssl", true), ("tcp", false)])?;
+            Ok(())
+        }),
     },
     Annotation {
         key: annotations::HC_PROTOCOL,
         group: Group::HealthCheck,
         values: "TCP | HTTP | HTTPS",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             let upper = v.to_ascii_uppercase();
             if !["TCP", "HTTP", "HTTPS"].contains(&upper.as_str()) {
                 return Err(format!("`{v}` is not TCP, HTTP or HTTPS"));
             }
             d.settings.health_check.protocol = upper;
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::HC_PORT,
         group: Group::HealthCheck,
-        values: "traffic-port | 1..=65535",
-        apply: |d, v| {
+        values: "traffic-port | 1..=65535 | a Service port name",
+        apply: Apply::Value(|d, v| {
+            let v = v.trim();
+            let name = !v.is_empty()
+                && v.len() <= 15
+                && v.chars().any(|c| c.is_ascii_lowercase())
+                && v.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
             d.settings.health_check.port = match v {
                 "traffic-port" => HealthPort::TrafficPort,
+                _ if name => HealthPort::Named(v.to_string()),
                 _ => HealthPort::Port(parse_int(v, 1..=65535)?),
             };
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::HC_PATH,
         group: Group::HealthCheck,
         values: "/path",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             if !v.starts_with('/') {
                 return Err(format!("`{v}` does not start with /"));
             }
             d.settings.health_check.path = Some(v.to_string());
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::HC_INTERVAL,
         group: Group::HealthCheck,
         values: "5..=300 seconds",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             d.settings.health_check.interval_seconds = parse_int(v, 5..=300)?;
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::HC_TIMEOUT,
         group: Group::HealthCheck,
         values: "2..=120 seconds",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             d.settings.health_check.timeout_seconds = parse_int(v, 2..=120)?;
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::HC_HEALTHY_THRESHOLD,
         group: Group::HealthCheck,
         values: "2..=10",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             d.settings.health_check.healthy_threshold = parse_int(v, 2..=10)?;
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::HC_UNHEALTHY_THRESHOLD,
         group: Group::HealthCheck,
         values: "2..=10",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             d.settings.health_check.unhealthy_threshold = parse_int(v, 2..=10)?;
             Ok(())
-        },
+        }),
     },
     Annotation {
         key: annotations::HC_SUCCESS_CODES,
         group: Group::HealthCheck,
         values: "HTTP codes like 200-399 or 200,302",
-        apply: |d, v| {
+        apply: Apply::Value(|d, v| {
             if !valid_codes(v) {
                 return Err(format!("`{v}` is not HTTP codes like 200-399"));
             }
             d.settings.health_check.success_codes = Some(v.to_string());
             Ok(())
-        },
+        }),
     },
 ];
 
 /// The table entry for `key`.
 pub fn lookup(key: &str) -> Option<&'static Annotation> {
-    TABLE.iter().find(|a| a.key == key)
+    TABLE.iter().find(|a| a.names(key))
 }
 
 /// Whether an `allowedOverrides` entry names the annotation: its group, its full key or
@@ -370,7 +521,10 @@ pub fn lookup(key: &str) -> Option<&'static Annotation> {
 fn entry_names(entry: &str, a: &Annotation) -> bool {
     entry == a.group.name()
         || entry == a.key
-        || a.key.strip_prefix(annotations::AWS_PREFIX) == Some(entry)
+        || a.key
+            .strip_prefix(annotations::AWS_PREFIX)
+            .map(|k| k.trim_end_matches('.'))
+            == Some(entry)
 }
 
 /// The class's `allowedOverrides` entries that name neither a group nor an annotation.
@@ -394,12 +548,12 @@ pub fn refused_overrides(svc: &Service, class: &AwsProvider) -> Vec<String> {
     let ann = svc.metadata.annotations.clone().unwrap_or_default();
     TABLE
         .iter()
-        .filter(|a| ann.contains_key(a.key))
-        .filter(|a| !allowed.iter().any(|e| entry_names(e, a)))
-        .map(|a| {
+        .flat_map(|a| ann.keys().filter(move |k| a.names(k)).map(move |k| (a, k)))
+        .filter(|(a, _)| !allowed.iter().any(|e| entry_names(e, a)))
+        .map(|(a, key)| {
             format!(
                 "{} (group {}) is not in the class's allowedOverrides [{}]",
-                a.key,
+                key,
                 a.group.name(),
                 allowed.join(", ")
             )
@@ -538,11 +692,28 @@ fn valid_codes(value: &str) -> bool {
     })
 }
 
+/// Addresses of one family, comma-separated (IPv4 for `Ipv4Addr`, IPv6 for `Ipv6Addr`).
+fn parse_addresses<T: std::str::FromStr>(value: &str) -> Result<Vec<T>, String> {
+    let list = parse_list(value);
+    if list.is_empty() {
+        return Err("names no address".into());
+    }
+    list.iter()
+        .map(|a| {
+            a.parse::<T>()
+                .map_err(|_| format!("`{a}` is not an address of this family"))
+        })
+        .collect()
+}
+
 /// Applies `value` of the annotation `key` to the draft, collecting the error.
 fn apply(key: &str, value: &str, draft: &mut Draft, errors: &mut Vec<String>) {
-    if let Some(a) = lookup(key)
-        && let Err(e) = (a.apply)(draft, value)
-    {
+    let Some(a) = lookup(key) else { return };
+    let result = match a.apply {
+        Apply::Value(f) => f(draft, value),
+        Apply::Family(f) => f(draft, &key[a.key.len()..], value),
+    };
+    if let Err(e) = result {
         errors.push(format!("{key}: {e}"));
     }
 }
@@ -565,13 +736,12 @@ pub fn settings(
         }
     }
     for a in TABLE {
-        let Some(value) = ann.get(a.key) else {
-            continue;
-        };
-        if a.group == Group::HealthCheck {
-            draft.settings.health_check_overridden = true;
+        for (key, value) in ann.iter().filter(|(k, _)| a.names(k)) {
+            if a.group == Group::HealthCheck {
+                draft.settings.health_check_overridden = true;
+            }
+            apply(key, value, &mut draft, &mut errors);
         }
-        apply(a.key, value, &mut draft, &mut errors);
     }
     match source_ranges(svc) {
         Ok(r) => draft.settings.source_ranges = r,
@@ -687,7 +857,8 @@ pub(crate) mod tests {
                 .map(String::as_str),
             Some("true")
         );
-        assert_eq!(s.tg_attributes.len(), 2);
+        assert_eq!(s.tg_attributes.len(), 1);
+        assert_eq!(s.proxy_protocol, ProxyProtocol::All);
         assert_eq!(s.health_check.protocol, "HTTP");
         assert_eq!(s.health_check.path.as_deref(), Some("/ready"));
         assert_eq!(
@@ -758,6 +929,155 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn certificate_lists_alpn_and_backend_tls_make_one_ssl_setting() {
+        let (a, b) = (
+            "arn:aws:acm:us-east-1:1:certificate/a",
+            "arn:aws:acm:us-east-1:1:certificate/b",
+        );
+        let both = format!("{a}, {b}");
+        let svc = service(
+            &[("https", 443, "TCP", None)],
+            &[
+                (annotations::SSL_CERT, &both),
+                (annotations::ALPN_POLICY, "HTTP2Preferred"),
+                (annotations::BACKEND_PROTOCOL, "ssl"),
+            ],
+        );
+        let ssl = settings_for(&svc).ssl.expect("ssl");
+        assert_eq!(ssl.certificate, a);
+        assert_eq!(ssl.extra_certificates, vec![b.to_string()]);
+        assert_eq!(ssl.alpn_policy.as_deref(), Some("HTTP2Preferred"));
+        assert!(ssl.backend_tls);
+        let alone = service(
+            &[("https", 443, "TCP", None)],
+            &[
+                (annotations::ALPN_POLICY, "None"),
+                (annotations::BACKEND_PROTOCOL, "ssl"),
+            ],
+        );
+        let errors = settings(&alone, &AwsProvider::default(), "c1").expect_err("no cert");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors.iter().all(|e| e.contains("needs")), "{errors:?}");
+    }
+
+    #[test]
+    fn families_take_their_suffix_and_report_a_bad_one() {
+        let svc = service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-listener-attributes.tcp-80",
+                    "tcp.idle_timeout.seconds=400",
+                ),
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-target-group-attributes.80",
+                    "a=1, b=",
+                ),
+                (annotations::PROXY_PROTOCOL_PER_TARGET_GROUP, "80, 443"),
+                (annotations::ENABLE_TCP_UDP_LISTENER, "false"),
+            ],
+        );
+        let s = settings_for(&svc);
+        let attrs = &s.listener_attributes[&("TCP".to_string(), 80)];
+        assert_eq!(attrs["tcp.idle_timeout.seconds"], "400");
+        assert_eq!(s.tg_attributes_by_port[&80].len(), 2);
+        assert_eq!(
+            s.proxy_protocol,
+            ProxyProtocol::Ports(BTreeSet::from([80, 443]))
+        );
+        assert!(!s.tcp_udp);
+        assert!(unimplemented(&svc).is_empty());
+        let bad = service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-listener-attributes.SCTP-80",
+                    "x=1",
+                ),
+                (
+                    "service.beta.kubernetes.io/aws-load-balancer-target-group-attributes.http",
+                    "x=1",
+                ),
+                (annotations::PROXY_PROTOCOL_PER_TARGET_GROUP, "eighty"),
+                (annotations::ENABLE_TCP_UDP_LISTENER, "yes"),
+                (annotations::ALPN_POLICY, "HTTP3"),
+                (annotations::BACKEND_PROTOCOL, "tls"),
+            ],
+        );
+        let errors = settings(&bad, &AwsProvider::default(), "c1").expect_err("invalid");
+        assert_eq!(errors.len(), 6, "{errors:?}");
+        // `proxy-protocol: "*"` wins over the per-port list.
+        let star = service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (annotations::PROXY_PROTOCOL_PER_TARGET_GROUP, "80"),
+                (annotations::PROXY_PROTOCOL, "*"),
+            ],
+        );
+        assert_eq!(settings_for(&star).proxy_protocol, ProxyProtocol::All);
+    }
+
+    #[test]
+    fn static_addresses_parse_and_fit_the_scheme_and_address_type() {
+        let svc = service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (annotations::SCHEME, "internet-facing"),
+                (annotations::EIP_ALLOCATIONS, "eipalloc-1, eipalloc-2"),
+            ],
+        );
+        assert_eq!(settings_for(&svc).addresses.eip_allocations.len(), 2);
+        let internal = service(
+            &[("http", 80, "TCP", None)],
+            &[(annotations::PRIVATE_IPV4_ADDRESSES, "10.0.1.5,10.0.2.5")],
+        );
+        assert_eq!(settings_for(&internal).addresses.private_ipv4.len(), 2);
+        let wrong = service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (annotations::EIP_ALLOCATIONS, "eipalloc-1"),
+                (annotations::IPV6_ADDRESSES, "2001:db8::1"),
+                (annotations::SCHEME, "internet-facing"),
+                (annotations::PRIVATE_IPV4_ADDRESSES, "10.0.1.5"),
+            ],
+        );
+        let errors = settings(&wrong, &AwsProvider::default(), "c1").expect_err("invalid");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].starts_with(annotations::PRIVATE_IPV4_ADDRESSES),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].starts_with(annotations::IPV6_ADDRESSES),
+            "{errors:?}"
+        );
+        let malformed = service(
+            &[("http", 80, "TCP", None)],
+            &[
+                (annotations::EIP_ALLOCATIONS, "1.2.3.4"),
+                (annotations::PRIVATE_IPV4_ADDRESSES, "2001:db8::1"),
+                (annotations::IPV6_ADDRESSES, "10.0.0.1"),
+            ],
+        );
+        let errors = settings(&malformed, &AwsProvider::default(), "c1").expect_err("invalid");
+        assert_eq!(errors.len(), 3, "{errors:?}");
+    }
+
+    #[test]
+    fn a_health_check_port_may_be_a_port_name() {
+        let svc = service(
+            &[("http", 80, "TCP", None)],
+            &[(annotations::HC_PORT, "http")],
+        );
+        assert_eq!(
+            settings_for(&svc).health_check.port,
+            HealthPort::Named("http".into())
+        );
+        let bad = service(&[("http", 80, "TCP", None)], &[(annotations::HC_PORT, "0")]);
+        assert!(settings(&bad, &AwsProvider::default(), "c1").is_err());
+    }
+
+    #[test]
     fn maps_parse_strictly() {
         assert_eq!(parse_map("a=1,b = 2 ,", false).map(|m| m.len()), Ok(2));
         assert!(parse_map("a", false).is_err());
@@ -789,29 +1109,24 @@ pub(crate) mod tests {
         ));
     }
 
-    /// The keys of the README's list of AWS annotations (`healthcheck-{a,b}` expanded).
+    /// The keys of the README's table of AWS annotations: the first cell of each row
+    /// (`aws-load-balancer-` left out there), a family (`listener-attributes.<Protocol>-<Port>`)
+    /// as its prefix.
     fn readme_keys() -> Vec<String> {
         let readme = include_str!("../../../../README.md");
-        let intro = "apply (`service.beta.kubernetes.io/aws-load-balancer-`:";
         let start = readme
-            .find(intro)
-            .expect("the README lists the annotations");
-        let list = &readme[start + "apply (`".len()..];
-        let list = &list[..list.find(").").expect("the list ends")];
-        let mut items = list.split('`').step_by(2).map(str::trim);
-        let prefix = items.next().expect("the prefix");
-        let mut keys = Vec::new();
-        for item in items {
-            match item.split_once('{') {
-                Some((head, tail)) => {
-                    for part in tail.trim_end_matches('}').split(',') {
-                        keys.push(format!("{prefix}{head}{part}"));
-                    }
-                }
-                None => keys.push(format!("{prefix}{item}")),
-            }
-        }
-        keys
+            .find("| annotation (`service.beta.kubernetes.io/aws-load-balancer-…`) |")
+            .expect("the README has the annotation table");
+        readme[start..]
+            .lines()
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .filter_map(|l| l.split('`').nth(1))
+            .map(|k| {
+                let k = k.split_once('<').map_or(k, |(head, _)| head);
+                format!("{}{k}", annotations::AWS_PREFIX)
+            })
+            .collect()
     }
 
     /// The values of the AWS annotation constants in `berth_crds::annotations`.
@@ -867,6 +1182,20 @@ pub(crate) mod tests {
             annotations::SECURITY_GROUP_PREFIX_LISTS => ("pl-0123", vec![]),
             annotations::MANAGE_BACKEND_SG_RULES => ("false", vec![]),
             annotations::DISABLE_NLB_SG => ("true", vec![]),
+            annotations::ALPN_POLICY => ("HTTP2Preferred", vec![cert]),
+            annotations::BACKEND_PROTOCOL => ("ssl", vec![cert]),
+            annotations::LISTENER_ATTRIBUTES => ("tcp.idle_timeout.seconds=400", vec![]),
+            annotations::TARGET_GROUP_ATTRIBUTES_PORT => ("stickiness.enabled=true", vec![]),
+            annotations::PROXY_PROTOCOL_PER_TARGET_GROUP => ("443", vec![]),
+            annotations::ENABLE_TCP_UDP_LISTENER => ("false", vec![]),
+            annotations::EIP_ALLOCATIONS => {
+                ("eipalloc-1", vec![(annotations::SCHEME, "internet-facing")])
+            }
+            annotations::PRIVATE_IPV4_ADDRESSES => ("10.0.0.9", vec![]),
+            annotations::IPV6_ADDRESSES => (
+                "2001:db8::9",
+                vec![(annotations::IP_ADDRESS_TYPE, "dualstack")],
+            ),
             _ => return None,
         })
     }
@@ -876,7 +1205,8 @@ pub(crate) mod tests {
         let documented = readme_keys();
         assert!(documented.len() >= 20, "{documented:?}");
         for key in documented.iter().chain(crd_keys().iter()) {
-            assert!(lookup(key).is_some(), "{key} is not in the table");
+            let known = lookup(key).is_some() || TABLE.iter().any(|a| a.key == key);
+            assert!(known, "{key} is not in the table");
         }
         for a in TABLE {
             assert!(
@@ -899,19 +1229,26 @@ pub(crate) mod tests {
         for a in TABLE {
             let (value, context) =
                 sample(a.key).unwrap_or_else(|| panic!("no sample for {}", a.key));
+            let key = match a.apply {
+                Apply::Value(_) => a.key.to_string(),
+                Apply::Family(_) if a.key == annotations::LISTENER_ATTRIBUTES => {
+                    format!("{}TCP-443", a.key)
+                }
+                Apply::Family(_) => format!("{}443", a.key),
+            };
             let base = plain(settings(
                 &service(&ports, &context),
                 &AwsProvider::default(),
                 "c1",
             ));
-            let mut with = context.clone();
-            with.push((a.key, value));
+            let mut with: Vec<(&str, &str)> = context.clone();
+            with.push((&key, value));
             let changed = plain(settings(
                 &service(&ports, &with),
                 &AwsProvider::default(),
                 "c1",
             ));
-            assert_ne!(base, changed, "{} = {value} changed nothing", a.key);
+            assert_ne!(base, changed, "{key} = {value} changed nothing");
         }
     }
 

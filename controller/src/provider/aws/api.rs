@@ -8,7 +8,7 @@ use std::future::Future;
 
 use crate::provider::aws::annotations::HealthCheck;
 use crate::provider::aws::model::{
-    DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Target,
+    DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, SubnetMapping, Target,
 };
 use crate::provider::aws::security_groups::{IngressRule, ManagedGroup, SgInfo, SgQuery};
 
@@ -54,6 +54,8 @@ pub struct LbInfo {
     pub subnets: Vec<String>,
     /// Its security groups (none: it was made without, and can never get any).
     pub security_groups: Vec<String>,
+    /// Each subnet's addresses as described (AWS-assigned ones too), in subnet order.
+    pub mappings: Vec<SubnetMapping>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +66,7 @@ pub struct ListenerInfo {
     pub target_group_arn: Option<String>,
     pub certificate: Option<String>,
     pub ssl_policy: Option<String>,
+    pub alpn_policy: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,6 +110,8 @@ pub struct Candidate {
     pub vpc: String,
     pub zone: String,
     pub cluster_tags: Vec<String>,
+    /// The subnet's IPv4 and IPv6 CIDR blocks.
+    pub cidrs: Vec<ipnet::IpNet>,
 }
 
 type Res<T> = Result<T, AwsError>;
@@ -137,7 +142,13 @@ pub trait AwsApi: Send + Sync {
         &self,
         d: &DesiredLoadBalancer,
     ) -> impl Future<Output = Res<LbInfo>> + Send;
-    fn set_subnets(&self, arn: &str, subnets: &[String]) -> impl Future<Output = Res<()>> + Send;
+    /// Sets the subnets: by `mappings` (with static addresses) when there are any.
+    fn set_subnets(
+        &self,
+        arn: &str,
+        subnets: &[String],
+        mappings: &[SubnetMapping],
+    ) -> impl Future<Output = Res<()>> + Send;
     fn set_ip_address_type(
         &self,
         arn: &str,
@@ -155,17 +166,39 @@ pub trait AwsApi: Send + Sync {
     /// Deletes the load balancer and its listeners; a missing one is success.
     fn delete_load_balancer(&self, arn: &str) -> impl Future<Output = Res<()>> + Send;
     fn listeners(&self, lb_arn: &str) -> impl Future<Output = Res<Vec<ListenerInfo>>> + Send;
+    /// Creates the listener; answers its ARN.
     fn create_listener(
         &self,
         lb_arn: &str,
         l: &DesiredListener,
         tg_arn: &str,
-    ) -> impl Future<Output = Res<()>> + Send;
+    ) -> impl Future<Output = Res<String>> + Send;
     fn modify_listener(
         &self,
         arn: &str,
         l: &DesiredListener,
         tg_arn: &str,
+    ) -> impl Future<Output = Res<()>> + Send;
+    /// The listener's certificates besides its default one.
+    fn listener_certificates(&self, arn: &str) -> impl Future<Output = Res<Vec<String>>> + Send;
+    fn add_listener_certificates(
+        &self,
+        arn: &str,
+        certificates: &[String],
+    ) -> impl Future<Output = Res<()>> + Send;
+    fn remove_listener_certificates(
+        &self,
+        arn: &str,
+        certificates: &[String],
+    ) -> impl Future<Output = Res<()>> + Send;
+    fn listener_attributes(
+        &self,
+        arn: &str,
+    ) -> impl Future<Output = Res<BTreeMap<String, String>>> + Send;
+    fn modify_listener_attributes(
+        &self,
+        arn: &str,
+        attrs: &BTreeMap<String, String>,
     ) -> impl Future<Output = Res<()>> + Send;
     /// A missing listener is success.
     fn delete_listener(&self, arn: &str) -> impl Future<Output = Res<()>> + Send;

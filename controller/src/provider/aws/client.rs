@@ -20,8 +20,8 @@ use crate::metrics::Metrics;
 use crate::provider::aws::annotations::{HealthCheck, HealthPort, SubnetChoice};
 use crate::provider::aws::limits::ApiLimits;
 use crate::provider::aws::model::{
-    DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Scheme, Target,
-    TargetType,
+    DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Scheme, SubnetMapping,
+    Target, TargetType,
 };
 use crate::provider::aws::security_groups::{
     IngressRule, ManagedGroup, Rule, SgInfo, SgQuery, Source,
@@ -165,6 +165,22 @@ fn lb_info(lb: &elb::types::LoadBalancer) -> LbInfo {
             .filter_map(|z| z.subnet_id().map(str::to_string))
             .collect(),
         security_groups: lb.security_groups().to_vec(),
+        mappings: lb
+            .availability_zones()
+            .iter()
+            .map(|z| {
+                let addrs = z.load_balancer_addresses();
+                let first = |f: fn(&elb::types::LoadBalancerAddress) -> Option<&str>| {
+                    addrs.iter().find_map(|a| f(a).map(str::to_string))
+                };
+                SubnetMapping {
+                    subnet: z.subnet_id().unwrap_or_default().to_string(),
+                    allocation_id: first(|a| a.allocation_id()),
+                    private_ipv4: first(|a| a.private_ipv4_address()),
+                    ipv6: first(|a| a.ipv6_address()),
+                }
+            })
+            .collect(),
     }
 }
 
@@ -259,9 +275,32 @@ fn sg_info(g: &ec2::types::SecurityGroup) -> SgInfo {
     }
 }
 
+/// The SDK's subnet mappings, or `None` when no static address is asked for.
+fn sdk_mappings(mappings: &[SubnetMapping]) -> Option<Vec<elb::types::SubnetMapping>> {
+    (!mappings.is_empty()).then(|| {
+        mappings
+            .iter()
+            .map(|m| {
+                elb::types::SubnetMapping::builder()
+                    .subnet_id(&m.subnet)
+                    .set_allocation_id(m.allocation_id.clone())
+                    .set_private_ipv4_address(m.private_ipv4.clone())
+                    .set_ipv6_address(m.ipv6.clone())
+                    .build()
+            })
+            .collect()
+    })
+}
+
 fn tags_of(map: &BTreeMap<String, String>) -> Vec<Tag> {
     map.iter()
         .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+fn certificate_list(arns: &[String]) -> Vec<Certificate> {
+    arns.iter()
+        .map(|c| Certificate::builder().certificate_arn(c).build())
         .collect()
 }
 
@@ -537,6 +576,8 @@ impl AwsApi for Aws {
 
     async fn create_load_balancer(&self, d: &DesiredLoadBalancer) -> Result<LbInfo, AwsError> {
         let sgs = (!d.security_groups.is_empty()).then(|| d.security_groups.clone());
+        let mappings = sdk_mappings(&d.mappings);
+        let subnets = mappings.is_none().then(|| d.subnets.clone());
         let out = self
             .call("CreateLoadBalancer", || {
                 self.elb
@@ -545,7 +586,8 @@ impl AwsApi for Aws {
                     .r#type(LoadBalancerTypeEnum::Network)
                     .scheme(LoadBalancerSchemeEnum::from(d.scheme.as_str()))
                     .ip_address_type(AwsIpType::from(d.ip_address_type.as_str()))
-                    .set_subnets(Some(d.subnets.clone()))
+                    .set_subnets(subnets.clone())
+                    .set_subnet_mappings(mappings.clone())
                     .set_security_groups(sgs.clone())
                     .set_tags(Some(tags_of(&d.tags)))
                     .send()
@@ -557,12 +599,20 @@ impl AwsApi for Aws {
             .ok_or_else(|| AwsError::other("CreateLoadBalancer", "no load balancer in the answer"))
     }
 
-    async fn set_subnets(&self, arn: &str, subnets: &[String]) -> Result<(), AwsError> {
+    async fn set_subnets(
+        &self,
+        arn: &str,
+        subnets: &[String],
+        mappings: &[SubnetMapping],
+    ) -> Result<(), AwsError> {
+        let mappings = sdk_mappings(mappings);
+        let subnets = mappings.is_none().then(|| subnets.to_vec());
         self.call("SetSubnets", || {
             self.elb
                 .set_subnets()
                 .load_balancer_arn(arn)
-                .set_subnets(Some(subnets.to_vec()))
+                .set_subnets(subnets.clone())
+                .set_subnet_mappings(mappings.clone())
                 .send()
         })
         .await
@@ -668,8 +718,106 @@ impl AwsApi for Aws {
                     .iter()
                     .find_map(|c| c.certificate_arn().map(str::to_string)),
                 ssl_policy: l.ssl_policy().map(str::to_string),
+                alpn_policy: l.alpn_policy().first().cloned(),
             })
             .collect())
+    }
+
+    async fn listener_certificates(&self, arn: &str) -> Result<Vec<String>, AwsError> {
+        let out = self
+            .call("DescribeListenerCertificates", || {
+                self.elb
+                    .describe_listener_certificates()
+                    .listener_arn(arn)
+                    .send()
+            })
+            .await?;
+        Ok(out
+            .certificates()
+            .iter()
+            .filter(|c| c.is_default() != Some(true))
+            .filter_map(|c| c.certificate_arn().map(str::to_string))
+            .collect())
+    }
+
+    async fn add_listener_certificates(
+        &self,
+        arn: &str,
+        certificates: &[String],
+    ) -> Result<(), AwsError> {
+        let certs = certificate_list(certificates);
+        self.call("AddListenerCertificates", || {
+            self.elb
+                .add_listener_certificates()
+                .listener_arn(arn)
+                .set_certificates(Some(certs.clone()))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn remove_listener_certificates(
+        &self,
+        arn: &str,
+        certificates: &[String],
+    ) -> Result<(), AwsError> {
+        let certs = certificate_list(certificates);
+        self.call("RemoveListenerCertificates", || {
+            self.elb
+                .remove_listener_certificates()
+                .listener_arn(arn)
+                .set_certificates(Some(certs.clone()))
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn listener_attributes(&self, arn: &str) -> Result<BTreeMap<String, String>, AwsError> {
+        let out = self
+            .call("DescribeListenerAttributes", || {
+                self.elb
+                    .describe_listener_attributes()
+                    .listener_arn(arn)
+                    .send()
+            })
+            .await?;
+        Ok(out
+            .attributes()
+            .iter()
+            .filter_map(|a| {
+                Some((
+                    a.key()?.to_string(),
+                    a.value().unwrap_or_default().to_string(),
+                ))
+            })
+            .collect())
+    }
+
+    async fn modify_listener_attributes(
+        &self,
+        arn: &str,
+        attrs: &BTreeMap<String, String>,
+    ) -> Result<(), AwsError> {
+        let list: Vec<elb::types::ListenerAttribute> = attrs
+            .iter()
+            .map(|(k, v)| {
+                elb::types::ListenerAttribute::builder()
+                    .key(k)
+                    .value(v)
+                    .build()
+            })
+            .collect();
+        self.call("ModifyListenerAttributes", || {
+            self.elb
+                .modify_listener_attributes()
+                .listener_arn(arn)
+                .set_attributes(Some(list.clone()))
+                .send()
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn create_listener(
@@ -677,24 +825,30 @@ impl AwsApi for Aws {
         lb_arn: &str,
         l: &DesiredListener,
         tg_arn: &str,
-    ) -> Result<(), AwsError> {
+    ) -> Result<String, AwsError> {
         let certs = l
             .certificate
             .as_ref()
             .map(|c| vec![Certificate::builder().certificate_arn(c).build()]);
-        self.call("CreateListener", || {
-            self.elb
-                .create_listener()
-                .load_balancer_arn(lb_arn)
-                .port(l.port)
-                .protocol(ProtocolEnum::from(l.protocol.as_str()))
-                .set_certificates(certs.clone())
-                .set_ssl_policy(l.ssl_policy.clone())
-                .default_actions(forward(tg_arn))
-                .send()
-        })
-        .await
-        .map(|_| ())
+        let out = self
+            .call("CreateListener", || {
+                self.elb
+                    .create_listener()
+                    .load_balancer_arn(lb_arn)
+                    .port(l.port)
+                    .protocol(ProtocolEnum::from(l.protocol.as_str()))
+                    .set_certificates(certs.clone())
+                    .set_ssl_policy(l.ssl_policy.clone())
+                    .set_alpn_policy(l.alpn_policy.clone().map(|a| vec![a]))
+                    .default_actions(forward(tg_arn))
+                    .send()
+            })
+            .await?;
+        out.listeners()
+            .first()
+            .and_then(|l| l.listener_arn())
+            .map(str::to_string)
+            .ok_or_else(|| AwsError::other("CreateListener", "no listener in the answer"))
     }
 
     async fn modify_listener(
@@ -715,6 +869,7 @@ impl AwsApi for Aws {
                 .protocol(ProtocolEnum::from(l.protocol.as_str()))
                 .set_certificates(certs.clone())
                 .set_ssl_policy(l.ssl_policy.clone())
+                .set_alpn_policy(l.alpn_policy.clone().map(|a| vec![a]))
                 .default_actions(forward(tg_arn))
                 .send()
         })
@@ -781,6 +936,10 @@ impl AwsApi for Aws {
                         TargetType::Instance => TargetTypeEnum::Instance,
                         TargetType::Ip => TargetTypeEnum::Ip,
                     })
+                    .set_ip_address_type(
+                        d.ipv6
+                            .then_some(elb::types::TargetGroupIpAddressTypeEnum::Ipv6),
+                    )
                     .health_check_protocol(ProtocolEnum::from(hc.protocol.as_str()))
                     .health_check_port(hc.port_string())
                     .set_health_check_path(hc.path.clone())
@@ -979,6 +1138,16 @@ impl AwsApi for Aws {
                     .filter_map(|t| t.key())
                     .filter(|k| k.starts_with("kubernetes.io/cluster/"))
                     .map(str::to_string)
+                    .collect(),
+                cidrs: s
+                    .cidr_block()
+                    .into_iter()
+                    .chain(
+                        s.ipv6_cidr_block_association_set()
+                            .iter()
+                            .filter_map(|a| a.ipv6_cidr_block()),
+                    )
+                    .filter_map(|c| c.parse().ok())
                     .collect(),
             })
             .collect())
@@ -1332,11 +1501,14 @@ mod iam_policy {
         "ec2:RevokeSecurityGroupIngress",
     ];
 
-    /// Listeners carry no tags berth could be matched by: their two calls are limited
-    /// to listeners of network load balancers instead.
-    const UNTAGGED: [&str; 2] = [
+    /// Listeners carry no tags berth could be matched by: their calls are limited to
+    /// listeners of network load balancers instead.
+    const UNTAGGED: [&str; 5] = [
+        "elasticloadbalancing:AddListenerCertificates",
         "elasticloadbalancing:DeleteListener",
         "elasticloadbalancing:ModifyListener",
+        "elasticloadbalancing:ModifyListenerAttributes",
+        "elasticloadbalancing:RemoveListenerCertificates",
     ];
 
     #[test]

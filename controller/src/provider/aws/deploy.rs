@@ -168,7 +168,8 @@ pub fn listener_step(
             if l.protocol == desired.protocol
                 && l.target_group_arn.as_deref() == Some(tg_arn)
                 && l.certificate == desired.certificate
-                && l.ssl_policy == desired.ssl_policy =>
+                && l.ssl_policy == desired.ssl_policy
+                && l.alpn_policy == desired.alpn_policy =>
         {
             ListenerStep::Keep
         }
@@ -547,7 +548,8 @@ async fn update_load_balancer<A: AwsApi>(
     let want_subnets: BTreeSet<&String> = desired.subnets.iter().collect();
     let have_subnets: BTreeSet<&String> = lb.subnets.iter().collect();
     if want_subnets != have_subnets {
-        aws.set_subnets(&lb.arn, &desired.subnets).await?;
+        aws.set_subnets(&lb.arn, &desired.subnets, &desired.mappings)
+            .await?;
     }
     if !desired.attributes.is_empty() {
         let actual = aws.load_balancer_attributes(&lb.arn).await?;
@@ -739,6 +741,59 @@ async fn sync_target_groups<A: AwsApi>(
     Ok(out)
 }
 
+/// A listener's certificate list (besides the default) and its attributes. Only the
+/// attributes the Service names are set; the others are left as they are. A listener
+/// created just now has no extra certificates: nothing to read.
+async fn sync_listener_extras<A: AwsApi>(
+    aws: &A,
+    arn: &str,
+    l: &DesiredListener,
+    fresh: bool,
+) -> Result<(), ApplyError> {
+    let tls = l.protocol == "TLS";
+    if tls && !(fresh && l.extra_certificates.is_empty()) {
+        let have = if fresh {
+            Vec::new()
+        } else {
+            aws.listener_certificates(arn).await?
+        };
+        let (add, remove) = certificate_changes(&l.extra_certificates, &have);
+        if !add.is_empty() {
+            aws.add_listener_certificates(arn, &add).await?;
+        }
+        if !remove.is_empty() {
+            aws.remove_listener_certificates(arn, &remove).await?;
+        }
+    }
+    if !l.attributes.is_empty() {
+        let actual = if fresh {
+            BTreeMap::new()
+        } else {
+            aws.listener_attributes(arn).await?
+        };
+        let changes = attribute_changes(&l.attributes, &actual);
+        if !changes.is_empty() {
+            aws.modify_listener_attributes(arn, &changes).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Extra certificates to add and to remove. Pure.
+pub fn certificate_changes(desired: &[String], actual: &[String]) -> (Vec<String>, Vec<String>) {
+    let add = desired
+        .iter()
+        .filter(|c| !actual.contains(c))
+        .cloned()
+        .collect();
+    let remove = actual
+        .iter()
+        .filter(|c| !desired.contains(c))
+        .cloned()
+        .collect();
+    (add, remove)
+}
+
 /// Step 5: listeners: create or repoint, then delete the ones no port wants, except
 /// those forwarding to a target group that is not the Service's (added by hand).
 async fn sync_listeners<A: AwsApi>(
@@ -758,11 +813,18 @@ async fn sync_listeners<A: AwsApi>(
         let Some(tg) = tgs.by_name.get(&l.target_group) else {
             continue;
         };
-        match listener_step(l, &tg.arn, &listeners) {
-            ListenerStep::Create => aws.create_listener(&lb.arn, l, &tg.arn).await?,
-            ListenerStep::Modify(arn) => aws.modify_listener(&arn, l, &tg.arn).await?,
-            ListenerStep::Keep => {}
-        }
+        let (arn, fresh) = match listener_step(l, &tg.arn, &listeners) {
+            ListenerStep::Create => (aws.create_listener(&lb.arn, l, &tg.arn).await?, true),
+            ListenerStep::Modify(arn) => {
+                aws.modify_listener(&arn, l, &tg.arn).await?;
+                (arn, false)
+            }
+            ListenerStep::Keep => {
+                let arn = listeners.iter().find(|x| x.port == l.port);
+                (arn.map(|x| x.arn.clone()).unwrap_or_default(), false)
+            }
+        };
+        sync_listener_extras(aws, &arn, l, fresh).await?;
     }
     let wanted_ports: BTreeSet<i32> = desired.listeners.iter().map(|l| l.port).collect();
     let theirs = |l: &ListenerInfo| {
@@ -1063,6 +1125,9 @@ mod tests {
             protocol: "TCP".into(),
             certificate: None,
             ssl_policy: None,
+            extra_certificates: Vec::new(),
+            alpn_policy: None,
+            attributes: BTreeMap::new(),
             target_group: "tg".into(),
         };
         let existing = vec![ListenerInfo {
@@ -1072,6 +1137,7 @@ mod tests {
             target_group_arn: Some("arn-tg".into()),
             certificate: None,
             ssl_policy: None,
+            alpn_policy: None,
         }];
         assert_eq!(listener_step(&d, "arn-tg", &existing), ListenerStep::Keep);
         assert_eq!(
@@ -1113,6 +1179,25 @@ mod tests {
             ListenerStep::Modify("l1".into()),
             "TLS back to TCP"
         );
+        let alpn = DesiredListener {
+            alpn_policy: Some("HTTP2Preferred".into()),
+            ..tls.clone()
+        };
+        assert_eq!(
+            listener_step(&alpn, "arn-tg", &tls_now),
+            ListenerStep::Modify("l1".into())
+        );
+    }
+
+    #[test]
+    fn extra_certificates_are_added_and_removed_by_difference() {
+        let want = vec!["arn:b".to_string(), "arn:c".to_string()];
+        let have = vec!["arn:a".to_string(), "arn:b".to_string()];
+        assert_eq!(
+            certificate_changes(&want, &have),
+            (vec!["arn:c".to_string()], vec!["arn:a".to_string()])
+        );
+        assert_eq!(certificate_changes(&want, &want), (vec![], vec![]));
     }
 
     #[test]
@@ -1173,6 +1258,7 @@ mod tests {
                 vpc_id: "vpc-1",
                 vpc_cidrs: &[],
                 subnets: &subnets,
+                subnet_cidrs: &BTreeMap::new(),
                 nodes,
                 slices: &[],
                 gated_ready: &BTreeSet::new(),

@@ -11,7 +11,7 @@ use crate::provider::aws::api::{
     AwsApi, AwsError, Candidate, LbInfo, ListenerInfo, SubnetQuery, TagsByArn, TargetState, TgInfo,
 };
 use crate::provider::aws::model::{
-    DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Target,
+    DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, SubnetMapping, Target,
 };
 use crate::provider::aws::security_groups::{
     IngressRule, ManagedGroup, Rule, SgInfo, SgQuery, Source,
@@ -141,12 +141,31 @@ pub fn health_check(hc: &HealthCheck) -> String {
     )
 }
 
+/// Static addresses in words (` with subnet-a eipalloc-1, …`), or nothing.
+fn mappings(m: &[SubnetMapping]) -> String {
+    if m.is_empty() {
+        return String::new();
+    }
+    let each: Vec<String> = m
+        .iter()
+        .map(|m| {
+            let addrs = [&m.allocation_id, &m.private_ipv4, &m.ipv6];
+            let addrs: Vec<&str> = addrs.iter().filter_map(|a| a.as_deref()).collect();
+            format!("{} {}", m.subnet, addrs.join(" "))
+        })
+        .collect();
+    format!(" with {}", each.join(", "))
+}
+
 fn listener(l: &DesiredListener) -> String {
-    let tls = l
+    let mut tls = l
         .certificate
         .as_deref()
         .map(|c| format!(" certificate {c}"))
         .unwrap_or_default();
+    if let Some(alpn) = &l.alpn_policy {
+        tls.push_str(&format!(" alpn {alpn}"));
+    }
     format!("{} {}{tls} -> {}", l.protocol, l.port, l.target_group)
 }
 
@@ -204,10 +223,11 @@ impl<A: AwsApi> AwsApi for DryRun<'_, A> {
 
     async fn create_load_balancer(&self, d: &DesiredLoadBalancer) -> Res<LbInfo> {
         let detail = format!(
-            "CreateLoadBalancer {} {} in subnets {}",
+            "CreateLoadBalancer {} {} in subnets {}{}",
             d.scheme.as_str(),
             d.ip_address_type.as_str(),
-            d.subnets.join(", ")
+            d.subnets.join(", "),
+            mappings(&d.mappings)
         );
         self.record(Action::Create, format!("load balancer {}", d.name), detail);
         let lb = LbInfo {
@@ -219,12 +239,13 @@ impl<A: AwsApi> AwsApi for DryRun<'_, A> {
             ip_address_type: d.ip_address_type.as_str().into(),
             subnets: d.subnets.clone(),
             security_groups: d.security_groups.clone(),
+            mappings: d.mappings.clone(),
         };
         Ok(self.lb_info(lb))
     }
 
-    async fn set_subnets(&self, arn: &str, subnets: &[String]) -> Res<()> {
-        let detail = format!("SetSubnets {}", subnets.join(", "));
+    async fn set_subnets(&self, arn: &str, subnets: &[String], m: &[SubnetMapping]) -> Res<()> {
+        let detail = format!("SetSubnets {}{}", subnets.join(", "), mappings(m));
         self.record(Action::Modify, self.name(arn), detail);
         Ok(())
     }
@@ -273,15 +294,53 @@ impl<A: AwsApi> AwsApi for DryRun<'_, A> {
         Ok(listeners)
     }
 
-    async fn create_listener(&self, lb_arn: &str, l: &DesiredListener, _tg: &str) -> Res<()> {
+    async fn create_listener(&self, lb_arn: &str, l: &DesiredListener, _tg: &str) -> Res<String> {
         let resource = format!("listener {} of {}", l.port, self.name(lb_arn));
         let detail = format!("CreateListener {}", listener(l));
+        let arn = format!("{PLANNED}listener/{}", l.port);
+        self.learn(&arn, resource.clone());
         self.record(Action::Create, resource, detail);
-        Ok(())
+        Ok(arn)
     }
 
     async fn modify_listener(&self, arn: &str, l: &DesiredListener, _tg: &str) -> Res<()> {
         let detail = format!("ModifyListener {}", listener(l));
+        self.record(Action::Modify, self.name(arn), detail);
+        Ok(())
+    }
+
+    async fn listener_certificates(&self, arn: &str) -> Res<Vec<String>> {
+        if planned(arn) {
+            return Ok(Vec::new());
+        }
+        self.inner.listener_certificates(arn).await
+    }
+
+    async fn add_listener_certificates(&self, arn: &str, certs: &[String]) -> Res<()> {
+        let detail = format!("AddListenerCertificates {}", certs.join(", "));
+        self.record(Action::Modify, self.name(arn), detail);
+        Ok(())
+    }
+
+    async fn remove_listener_certificates(&self, arn: &str, certs: &[String]) -> Res<()> {
+        let detail = format!("RemoveListenerCertificates {}", certs.join(", "));
+        self.record(Action::Modify, self.name(arn), detail);
+        Ok(())
+    }
+
+    async fn listener_attributes(&self, arn: &str) -> Res<BTreeMap<String, String>> {
+        if planned(arn) {
+            return Ok(BTreeMap::new());
+        }
+        self.inner.listener_attributes(arn).await
+    }
+
+    async fn modify_listener_attributes(
+        &self,
+        arn: &str,
+        attrs: &BTreeMap<String, String>,
+    ) -> Res<()> {
+        let detail = format!("ModifyListenerAttributes {}", pairs(attrs));
         self.record(Action::Modify, self.name(arn), detail);
         Ok(())
     }

@@ -12,7 +12,8 @@ use crate::provider::aws::api::{
     TargetState, TgInfo,
 };
 use crate::provider::aws::model::{
-    DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Target, TargetType,
+    DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, SubnetMapping, Target,
+    TargetType,
 };
 use crate::provider::aws::security_groups::{IngressRule, ManagedGroup, SgInfo, SgQuery, Source};
 
@@ -37,6 +38,9 @@ pub struct FakeTg {
 pub struct FakeListener {
     pub lb_arn: String,
     pub info: ListenerInfo,
+    /// Certificates besides the default one.
+    pub extra_certificates: Vec<String>,
+    pub attributes: Tags,
 }
 
 #[derive(Clone, Debug)]
@@ -116,7 +120,10 @@ impl State {
                 target_group_arn: Some(tg_arn.to_string()),
                 certificate: l.certificate.clone(),
                 ssl_policy: l.ssl_policy.clone(),
+                alpn_policy: l.alpn_policy.clone(),
             },
+            extra_certificates: Vec::new(),
+            attributes: Tags::new(),
         }
     }
 }
@@ -304,6 +311,7 @@ impl AwsApi for FakeAws {
             ip_address_type: d.ip_address_type.as_str().into(),
             subnets: d.subnets.clone(),
             security_groups: d.security_groups.clone(),
+            mappings: d.mappings.clone(),
         };
         let attributes = Tags::from([("deletion_protection.enabled".into(), "false".into())]);
         let lb = FakeLb {
@@ -315,9 +323,16 @@ impl AwsApi for FakeAws {
         Ok(info)
     }
 
-    async fn set_subnets(&self, arn: &str, subnets: &[String]) -> Result<(), AwsError> {
+    async fn set_subnets(
+        &self,
+        arn: &str,
+        subnets: &[String],
+        mappings: &[SubnetMapping],
+    ) -> Result<(), AwsError> {
         let mut s = self.log("SetSubnets", arn)?;
-        s.lb("SetSubnets", arn)?.info.subnets = subnets.to_vec();
+        let lb = s.lb("SetSubnets", arn)?;
+        lb.info.subnets = subnets.to_vec();
+        lb.info.mappings = mappings.to_vec();
         Ok(())
     }
 
@@ -379,7 +394,7 @@ impl AwsApi for FakeAws {
         lb_arn: &str,
         l: &DesiredListener,
         tg_arn: &str,
-    ) -> Result<(), AwsError> {
+    ) -> Result<String, AwsError> {
         let mut s = self.log("CreateListener", &format!("{lb_arn}:{}", l.port))?;
         s.lb("CreateListener", lb_arn)?;
         s.tg("CreateListener", tg_arn)?;
@@ -396,8 +411,8 @@ impl AwsApi for FakeAws {
         }
         let arn = s.arn("listener", &l.port.to_string());
         let listener = s.listener(lb_arn, l, tg_arn, arn.clone());
-        s.listeners.insert(arn, listener);
-        Ok(())
+        s.listeners.insert(arn.clone(), listener);
+        Ok(arn)
     }
 
     async fn modify_listener(
@@ -415,8 +430,61 @@ impl AwsApi for FakeAws {
                 arn.to_string(),
             ));
         };
-        let listener = s.listener(&lb_arn, l, tg_arn, arn.to_string());
+        let mut listener = s.listener(&lb_arn, l, tg_arn, arn.to_string());
+        if let Some(old) = s.listeners.get(arn) {
+            // ModifyListener leaves the certificate list and the attributes alone.
+            listener.extra_certificates = old.extra_certificates.clone();
+            listener.attributes = old.attributes.clone();
+        }
         s.listeners.insert(arn.to_string(), listener);
+        Ok(())
+    }
+
+    async fn listener_certificates(&self, arn: &str) -> Result<Vec<String>, AwsError> {
+        let s = self.state();
+        Ok(s.listeners
+            .get(arn)
+            .map(|l| l.extra_certificates.clone())
+            .unwrap_or_default())
+    }
+
+    async fn add_listener_certificates(
+        &self,
+        arn: &str,
+        certificates: &[String],
+    ) -> Result<(), AwsError> {
+        let mut s = self.log("AddListenerCertificates", arn)?;
+        if let Some(l) = s.listeners.get_mut(arn) {
+            l.extra_certificates.extend(certificates.iter().cloned());
+        }
+        Ok(())
+    }
+
+    async fn remove_listener_certificates(
+        &self,
+        arn: &str,
+        certificates: &[String],
+    ) -> Result<(), AwsError> {
+        let mut s = self.log("RemoveListenerCertificates", arn)?;
+        if let Some(l) = s.listeners.get_mut(arn) {
+            l.extra_certificates.retain(|c| !certificates.contains(c));
+        }
+        Ok(())
+    }
+
+    async fn listener_attributes(&self, arn: &str) -> Result<Tags, AwsError> {
+        let s = self.state();
+        Ok(s.listeners
+            .get(arn)
+            .map(|l| l.attributes.clone())
+            .unwrap_or_default())
+    }
+
+    async fn modify_listener_attributes(&self, arn: &str, attrs: &Tags) -> Result<(), AwsError> {
+        let mut s = self.log("ModifyListenerAttributes", arn)?;
+        if let Some(l) = s.listeners.get_mut(arn) {
+            l.attributes.extend(attrs.clone());
+        }
         Ok(())
     }
 
@@ -561,6 +629,7 @@ impl AwsApi for FakeAws {
                     .filter(|k| k.starts_with("kubernetes.io/cluster/"))
                     .cloned()
                     .collect(),
+                cidrs: Vec::new(),
             })
             .collect())
     }

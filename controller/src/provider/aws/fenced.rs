@@ -15,7 +15,7 @@ use crate::provider::aws::api::{
     AwsApi, AwsError, Candidate, LbInfo, ListenerInfo, SubnetQuery, TagsByArn, TargetState, TgInfo,
 };
 use crate::provider::aws::model::{
-    DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, Target,
+    DesiredListener, DesiredLoadBalancer, DesiredTargetGroup, IpAddressType, SubnetMapping, Target,
 };
 use crate::provider::aws::security_groups::{IngressRule, ManagedGroup, SgInfo, SgQuery};
 
@@ -129,14 +129,23 @@ impl<A: AwsApi> AwsApi for FencedAws<A> {
     write!(add_tags, "AddTags"(arn: &str, tags: &BTreeMap<String, String>) -> ());
     write!(remove_tags, "RemoveTags"(arn: &str, keys: &[String]) -> ());
     write!(create_load_balancer, "CreateLoadBalancer"(d: &DesiredLoadBalancer) -> LbInfo);
-    write!(set_subnets, "SetSubnets"(arn: &str, subnets: &[String]) -> ());
+    write!(set_subnets, "SetSubnets"(
+        arn: &str, subnets: &[String], mappings: &[SubnetMapping]) -> ());
     write!(set_ip_address_type, "SetIpAddressType"(arn: &str, t: IpAddressType) -> ());
     write!(modify_load_balancer_attributes, "ModifyLoadBalancerAttributes"(
         arn: &str, attrs: &BTreeMap<String, String>) -> ());
     write!(delete_load_balancer, "DeleteLoadBalancer"(arn: &str) -> ());
-    write!(create_listener, "CreateListener"(lb_arn: &str, l: &DesiredListener, tg_arn: &str) -> ());
+    write!(create_listener, "CreateListener"(lb_arn: &str, l: &DesiredListener, tg_arn: &str) -> String);
     write!(modify_listener, "ModifyListener"(arn: &str, l: &DesiredListener, tg_arn: &str) -> ());
     write!(delete_listener, "DeleteListener"(arn: &str) -> ());
+    read!(listener_certificates(arn: &str) -> Vec<String>);
+    write!(add_listener_certificates, "AddListenerCertificates"(
+        arn: &str, certificates: &[String]) -> ());
+    write!(remove_listener_certificates, "RemoveListenerCertificates"(
+        arn: &str, certificates: &[String]) -> ());
+    read!(listener_attributes(arn: &str) -> BTreeMap<String, String>);
+    write!(modify_listener_attributes, "ModifyListenerAttributes"(
+        arn: &str, attrs: &BTreeMap<String, String>) -> ());
     write!(create_target_group, "CreateTargetGroup"(d: &DesiredTargetGroup) -> TgInfo);
     write!(modify_health_check, "ModifyTargetGroup"(arn: &str, hc: &HealthCheck) -> ());
     write!(modify_target_group_attributes, "ModifyTargetGroupAttributes"(

@@ -395,6 +395,7 @@ mod tests {
                 vpc_id: "vpc-1",
                 vpc_cidrs: &[],
                 subnets: &subnets,
+                subnet_cidrs: &BTreeMap::new(),
                 nodes: &nodes,
                 slices: &[],
                 gated_ready: &BTreeSet::new(),
@@ -575,6 +576,9 @@ mod tests {
                 protocol: "TCP".into(),
                 certificate: None,
                 ssl_policy: None,
+                extra_certificates: Vec::new(),
+                alpn_policy: None,
+                attributes: BTreeMap::new(),
                 target_group: "by-hand".into(),
             };
             aws.create_listener(&lb, &listener, &tg.arn)
@@ -601,6 +605,7 @@ mod tests {
                 protocol: tg.info.protocol.clone(),
                 port: tg.info.port,
                 target_type: crate::provider::aws::model::TargetType::Instance,
+                ipv6: false,
                 vpc_id: "vpc-1".into(),
                 health_check: tg.info.health_check.clone(),
                 attributes: BTreeMap::new(),

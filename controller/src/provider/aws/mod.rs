@@ -488,6 +488,7 @@ impl<A: AwsApi> AwsProvider<A> {
             }
         };
         let vpc_cidrs = self.default_sources(&settings, &vpc).await?;
+        let subnet_cidrs = self.subnet_cidrs(&settings, &subnets).await?;
         let (slices, nodes) = (self.slices_of(svc), self.stores.nodes.state());
         let gated_ready = match settings.target_type {
             TargetType::Ip => self.gated_ready(svc),
@@ -498,6 +499,7 @@ impl<A: AwsApi> AwsProvider<A> {
             vpc_id: &vpc,
             vpc_cidrs: &vpc_cidrs,
             subnets: &subnets,
+            subnet_cidrs: &subnet_cidrs,
             nodes: &nodes,
             slices: &slices,
             gated_ready: &gated_ready,
@@ -505,6 +507,9 @@ impl<A: AwsApi> AwsProvider<A> {
         let mut desired = model::build(svc, &settings, &world).map_err(|e| match e {
             BuildError::NoSubnets => Outcome::invalid(reason::NO_SUBNETS, e.to_string()),
             BuildError::InvalidSpec(_) => Outcome::invalid(reason::INVALID_SPEC, e.to_string()),
+            BuildError::InvalidAnnotation(_) => {
+                Outcome::invalid(reason::INVALID_ANNOTATION, e.to_string())
+            }
         })?;
         let mut skipped = self.skipped_endpoints(&settings, &slices);
         skipped.extend(
@@ -516,6 +521,29 @@ impl<A: AwsApi> AwsProvider<A> {
         let identity = self.identity().await.map_err(|e| failed(&e.into()))?;
         identity.stamp(&mut desired);
         Ok((desired, identity, skipped))
+    }
+
+    /// The CIDRs of the subnets, read only when static private or IPv6 addresses must be
+    /// matched to them.
+    async fn subnet_cidrs(
+        &self,
+        settings: &Settings,
+        subnets: &[String],
+    ) -> Result<std::collections::BTreeMap<String, Vec<ipnet::IpNet>>, Outcome> {
+        let a = &settings.addresses;
+        if (a.private_ipv4.is_empty() && a.ipv6.is_empty()) || subnets.is_empty() {
+            return Ok(Default::default());
+        }
+        let query = api::SubnetQuery {
+            ids: Some(subnets.to_vec()),
+            filters: Vec::new(),
+        };
+        let found = self
+            .aws
+            .describe_subnets(&query)
+            .await
+            .map_err(|e| failed(&e.into()))?;
+        Ok(found.into_iter().map(|c| (c.id, c.cidrs)).collect())
     }
 
     async fn ensure_now(&self, svc: &Service, class: &LoadBalancerClass) -> Outcome {
@@ -1282,6 +1310,7 @@ mod tests {
             protocol: "TCP".into(),
             port: 30080,
             target_type: TargetType::Instance,
+            ipv6: false,
             vpc_id: "vpc-1".into(),
             health_check: annotations::HealthCheck::default_tcp(),
             attributes: BTreeMap::new(),
@@ -1294,6 +1323,9 @@ mod tests {
             protocol: "TCP".into(),
             certificate: None,
             ssl_policy: None,
+            extra_certificates: Vec::new(),
+            alpn_policy: None,
+            attributes: BTreeMap::new(),
             target_group: tg.name.clone(),
         };
         let lb = DesiredLoadBalancer {
@@ -1301,6 +1333,7 @@ mod tests {
             scheme: Scheme::InternetFacing,
             ip_address_type: model::IpAddressType::Ipv4,
             subnets: vec!["subnet-a".into(), "subnet-b".into()],
+            mappings: Vec::new(),
             security_groups: Vec::new(),
             // LBC's fixture: how it makes its own groups is not what is tested here.
             security: security_groups::Security {

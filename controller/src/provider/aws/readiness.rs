@@ -483,6 +483,7 @@ mod tests {
             scheme: crate::provider::aws::model::Scheme::Internal,
             ip_address_type: crate::provider::aws::model::IpAddressType::Ipv4,
             subnets: vec![],
+            mappings: vec![],
             security_groups: vec![],
             security: crate::provider::aws::security_groups::Security {
                 frontend: crate::provider::aws::security_groups::Frontend::Disabled,
@@ -500,6 +501,7 @@ mod tests {
                     protocol: "TCP".into(),
                     port: 80,
                     target_type: TargetType::Ip,
+                    ipv6: false,
                     vpc_id: "vpc-1".into(),
                     health_check: crate::provider::aws::settings::HealthCheck::default_tcp(),
                     attributes: BTreeMap::new(),

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use crate::provider::aws::api::{AwsApi, LbInfo};
 use crate::provider::aws::deploy::{self, ApplyError, Inventory};
 use crate::provider::aws::identity::Owner;
-use crate::provider::aws::model::DesiredLoadBalancer;
+use crate::provider::aws::model::{DesiredLoadBalancer, SubnetMapping};
 
 /// Annotation acknowledging a replacement: its value is the token the condition (and
 /// `kubectl berth plan`) names.
@@ -37,9 +37,47 @@ pub struct Replacement {
     pub token: String,
 }
 
+/// The static addresses of mappings in words: `subnet-a/eipalloc-1+subnet-b/…`, or
+/// `assigned-by-aws`. Pure.
+fn addresses(mappings: &[SubnetMapping]) -> String {
+    let each: Vec<String> = mappings
+        .iter()
+        .filter_map(|m| {
+            let addrs = [&m.allocation_id, &m.private_ipv4, &m.ipv6];
+            let addrs: Vec<&str> = addrs.iter().filter_map(|a| a.as_deref()).collect();
+            (!addrs.is_empty()).then(|| format!("{}/{}", m.subnet, addrs.join("/")))
+        })
+        .collect();
+    if each.is_empty() {
+        "assigned-by-aws".into()
+    } else {
+        each.join("+")
+    }
+}
+
+/// Whether the addresses of a subnet the load balancer already has differ from the ones
+/// wanted: an Elastic IP added, removed or changed, or a private IPv4 or IPv6 address
+/// asked for that it does not have (an address AWS assigned is kept when none is asked
+/// for). AWS changes an existing subnet's addresses only by replacing the NLB. Pure.
+fn addresses_change(existing: &[SubnetMapping], desired: &[SubnetMapping]) -> bool {
+    existing.iter().any(|have| {
+        let want = desired.iter().find(|d| d.subnet == have.subnet);
+        let want_eip = want.and_then(|w| w.allocation_id.as_ref());
+        let asked =
+            |w: Option<&String>, h: &Option<String>| w.is_some_and(|w| Some(w) != h.as_ref());
+        want_eip != have.allocation_id.as_ref()
+            || asked(
+                want.and_then(|w| w.private_ipv4.as_ref()),
+                &have.private_ipv4,
+            )
+            || asked(want.and_then(|w| w.ipv6.as_ref()), &have.ipv6)
+    })
+}
+
 /// The properties of `existing` that `desired` changes and AWS cannot modify in place
-/// (an NLB's scheme is fixed at creation; security groups cannot be added to an NLB made
-/// without, nor all removed from one made with them). Pure.
+/// (an NLB's scheme and the static addresses of its subnets are fixed at creation;
+/// security groups cannot be added to an NLB made without, nor all removed from one made
+/// with them). Pure.
 pub fn changes(existing: &LbInfo, desired: &DesiredLoadBalancer) -> Vec<Change> {
     let mut out = Vec::new();
     let has = !existing.security_groups.is_empty();
@@ -62,6 +100,13 @@ pub fn changes(existing: &LbInfo, desired: &DesiredLoadBalancer) -> Vec<Change> 
             property: "scheme",
             from: existing.scheme.clone(),
             to: desired.scheme.as_str().to_string(),
+        });
+    }
+    if addresses_change(&existing.mappings, &desired.mappings) {
+        out.push(Change {
+            property: "subnet-mappings",
+            from: addresses(&existing.mappings),
+            to: addresses(&desired.mappings),
         });
     }
     out
@@ -166,6 +211,7 @@ mod tests {
             ip_address_type: "ipv4".into(),
             subnets: Vec::new(),
             security_groups: Vec::new(),
+            mappings: Vec::new(),
         }
     }
 
@@ -175,6 +221,7 @@ mod tests {
             scheme,
             ip_address_type: crate::provider::aws::model::IpAddressType::Ipv4,
             subnets: Vec::new(),
+            mappings: Vec::new(),
             security_groups: Vec::new(),
             security: crate::provider::aws::security_groups::Security {
                 frontend: crate::provider::aws::security_groups::Frontend::Disabled,
@@ -209,6 +256,48 @@ mod tests {
         assert!(!acknowledged(&with("scheme=internet-facing"), &r));
         assert!(!acknowledged(&with("scheme=internet-facing@other"), &r));
         assert!(!acknowledged(&BTreeMap::new(), &r));
+    }
+
+    fn mapping(subnet: &str, eip: Option<&str>, private: Option<&str>) -> SubnetMapping {
+        SubnetMapping {
+            subnet: subnet.into(),
+            allocation_id: eip.map(str::to_string),
+            private_ipv4: private.map(str::to_string),
+            ipv6: None,
+        }
+    }
+
+    #[test]
+    fn changed_static_addresses_replace_and_assigned_ones_do_not() {
+        let mut have = lb("internet-facing");
+        have.mappings = vec![mapping("subnet-a", None, Some("10.0.0.9"))];
+        let mut want = desired(Scheme::InternetFacing);
+        assert!(
+            replacement(&have, &want).is_none(),
+            "AWS-assigned addresses stay"
+        );
+        want.mappings = vec![mapping("subnet-a", Some("eipalloc-1"), None)];
+        let r = replacement(&have, &want).expect("an Elastic IP added");
+        assert_eq!(r.token, "subnet-mappings=subnet-a/eipalloc-1@50dc6c49");
+        have.mappings = want.mappings.clone();
+        assert!(replacement(&have, &want).is_none());
+        want.mappings = vec![mapping("subnet-a", None, None)];
+        let r = replacement(&have, &want).expect("the Elastic IP removed");
+        assert_eq!(r.changes[0].to, "assigned-by-aws");
+        // A subnet added with its address is SetSubnets, not a replacement.
+        want.mappings = vec![
+            mapping("subnet-a", Some("eipalloc-1"), None),
+            mapping("subnet-b", Some("eipalloc-2"), None),
+        ];
+        assert!(replacement(&have, &want).is_none());
+        let mut internal = lb("internal");
+        internal.mappings = vec![mapping("subnet-a", None, Some("10.0.0.9"))];
+        let mut want = desired(Scheme::Internal);
+        want.mappings = vec![mapping("subnet-a", None, Some("10.0.0.10"))];
+        assert!(
+            replacement(&internal, &want).is_some(),
+            "another private address"
+        );
     }
 
     #[test]

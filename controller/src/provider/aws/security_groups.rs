@@ -325,6 +325,8 @@ fn backend(settings: &Settings, target_groups: &[DesiredTargetGroup], inputs: &I
             HealthPort::Port(p) => {
                 ports.insert(("tcp".into(), p));
             }
+            // The model builder resolves a port name to its number before this runs.
+            HealthPort::Named(_) => {}
         }
         targets.extend(tg.targets.iter().map(|t| t.id.clone()));
     }
@@ -892,6 +894,7 @@ mod tests {
             vpc_id: "vpc-1",
             vpc_cidrs: &cidrs,
             subnets: &subnets,
+            subnet_cidrs: &Default::default(),
             nodes: &nodes,
             slices: &[],
             gated_ready: &Default::default(),
@@ -1041,6 +1044,7 @@ mod tests {
                 vpc_id: "vpc-1",
                 vpc_cidrs: &[],
                 subnets: &subnets,
+                subnet_cidrs: &Default::default(),
                 nodes: &nodes,
                 slices: &[],
                 gated_ready: &Default::default(),

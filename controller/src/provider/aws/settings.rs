@@ -12,6 +12,9 @@ use crate::provider::aws::naming::resource_name;
 pub enum HealthPort {
     TrafficPort,
     Port(i32),
+    /// A Service port's name: its nodePort (instance targets) or numeric targetPort (ip
+    /// targets), resolved by the model builder.
+    Named(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,9 +61,10 @@ impl HealthCheck {
     }
 
     pub fn port_string(&self) -> String {
-        match self.port {
+        match &self.port {
             HealthPort::TrafficPort => "traffic-port".into(),
             HealthPort::Port(p) => p.to_string(),
+            HealthPort::Named(name) => name.clone(),
         }
     }
 }
@@ -75,7 +79,14 @@ pub enum SslPorts {
 /// TLS listeners: `ssl-cert`, `ssl-ports`, `ssl-negotiation-policy`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ssl {
+    /// The listener's default certificate (the first of `ssl-cert`).
     pub certificate: String,
+    /// The rest of `ssl-cert`: added to each TLS listener's certificate list (SNI).
+    pub extra_certificates: Vec<String>,
+    /// `alpn-policy`, when set.
+    pub alpn_policy: Option<String>,
+    /// `backend-protocol: ssl`: the target groups of TLS listeners speak TLS too.
+    pub backend_tls: bool,
     pub ports: SslPorts,
     pub policy: String,
 }
@@ -103,6 +114,32 @@ pub enum FrontendChoice {
     Disabled,
 }
 
+/// Static addresses of the load balancer's subnet mappings, each list in subnet order
+/// (Elastic IPs) or matched to the subnet whose CIDR holds it (private IPv4, IPv6).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StaticAddresses {
+    pub eip_allocations: Vec<String>,
+    pub private_ipv4: Vec<std::net::Ipv4Addr>,
+    pub ipv6: Vec<std::net::Ipv6Addr>,
+}
+
+impl StaticAddresses {
+    pub fn is_empty(&self) -> bool {
+        self.eip_allocations.is_empty() && self.private_ipv4.is_empty() && self.ipv6.is_empty()
+    }
+}
+
+/// Proxy protocol v2 on the target groups: `proxy-protocol: "*"` (every one, winning over
+/// everything else) or `proxy-protocol-per-target-group` (these Service ports on, the
+/// others off).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    #[default]
+    Unset,
+    All,
+    Ports(BTreeSet<i32>),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     pub name: String,
@@ -125,6 +162,15 @@ pub struct Settings {
     pub tags: BTreeMap<String, String>,
     pub lb_attributes: BTreeMap<String, String>,
     pub tg_attributes: BTreeMap<String, String>,
+    /// `target-group-attributes.<port>`: over `tg_attributes` for that Service port's
+    /// target group (an empty value keeps the global one).
+    pub tg_attributes_by_port: BTreeMap<i32, BTreeMap<String, String>>,
+    pub proxy_protocol: ProxyProtocol,
+    /// `listener-attributes.<Protocol>-<Port>`, keyed by (protocol, port).
+    pub listener_attributes: BTreeMap<(String, i32), BTreeMap<String, String>>,
+    /// `enable-tcp-udp-listener` (berth's default: on).
+    pub tcp_udp: bool,
+    pub addresses: StaticAddresses,
     pub health_check: HealthCheck,
     /// Any `healthcheck-*` annotation set: then ETP=Local does not replace the check.
     pub health_check_overridden: bool,
@@ -139,7 +185,10 @@ pub struct Settings {
 #[derive(Clone, Debug)]
 pub struct Draft {
     pub settings: Settings,
-    pub ssl_certificate: Option<String>,
+    /// `ssl-cert`: the first is the default certificate.
+    pub ssl_certificates: Vec<String>,
+    pub alpn_policy: Option<String>,
+    pub backend_tls: bool,
     pub ssl_ports: Option<SslPorts>,
     pub ssl_policy: String,
     /// `disable-nlb-sg: "true"`, applied last (it wins over the class's groups).
@@ -207,6 +256,11 @@ impl Draft {
             tags: class.tags.clone().unwrap_or_default(),
             lb_attributes: class.load_balancer_attributes.clone().unwrap_or_default(),
             tg_attributes: class.target_group_attributes.clone().unwrap_or_default(),
+            tg_attributes_by_port: BTreeMap::new(),
+            proxy_protocol: ProxyProtocol::Unset,
+            listener_attributes: BTreeMap::new(),
+            tcp_udp: true,
+            addresses: StaticAddresses::default(),
             health_check: HealthCheck::default_tcp(),
             health_check_overridden: false,
             target_node_labels: BTreeMap::new(),
@@ -215,7 +269,9 @@ impl Draft {
         };
         Self {
             settings,
-            ssl_certificate: None,
+            ssl_certificates: Vec::new(),
+            alpn_policy: None,
+            backend_tls: false,
             ssl_ports: None,
             ssl_policy: DEFAULT_SSL_POLICY.to_string(),
             disable_security_groups: false,
@@ -226,14 +282,26 @@ impl Draft {
     /// completed for its protocol and its timeout capped at the interval.
     pub fn finish(self, errors: &mut Vec<String>) -> Settings {
         let mut s = self.settings;
-        if self.ssl_ports.is_some() && self.ssl_certificate.is_none() {
-            errors.push(format!("{} needs {}", keys::SSL_PORTS, keys::SSL_CERT));
+        let mut certificates = self.ssl_certificates.into_iter();
+        let certificate = certificates.next();
+        for (key, set) in [
+            (keys::SSL_PORTS, self.ssl_ports.is_some()),
+            (keys::ALPN_POLICY, self.alpn_policy.is_some()),
+            (keys::BACKEND_PROTOCOL, self.backend_tls),
+        ] {
+            if set && certificate.is_none() {
+                errors.push(format!("{key} needs {}", keys::SSL_CERT));
+            }
         }
-        s.ssl = self.ssl_certificate.map(|certificate| Ssl {
+        s.ssl = certificate.map(|certificate| Ssl {
             certificate,
+            extra_certificates: certificates.collect(),
+            alpn_policy: self.alpn_policy,
+            backend_tls: self.backend_tls,
             ports: self.ssl_ports.unwrap_or(SslPorts::All),
             policy: self.ssl_policy,
         });
+        address_rules(&s, errors);
         let hc = &mut s.health_check;
         if hc.protocol != "TCP" {
             hc.path.get_or_insert_with(|| "/".into());
@@ -244,5 +312,31 @@ impl Draft {
         }
         hc.timeout_seconds = hc.timeout_seconds.min(hc.interval_seconds);
         s
+    }
+}
+
+/// Static addresses only where AWS takes them (as the AWS Load Balancer Controller checks):
+/// Elastic IPs on internet-facing load balancers, private IPv4 addresses on internal ones,
+/// IPv6 addresses on dualstack ones. Subnet counts and CIDRs are checked once the subnets
+/// are known ([`crate::provider::aws::model`]).
+fn address_rules(s: &Settings, errors: &mut Vec<String>) {
+    let a = &s.addresses;
+    if !a.eip_allocations.is_empty() && s.scheme != Scheme::InternetFacing {
+        errors.push(format!(
+            "{}: Elastic IPs need an internet-facing load balancer (the scheme is internal)",
+            keys::EIP_ALLOCATIONS
+        ));
+    }
+    if !a.private_ipv4.is_empty() && s.scheme != Scheme::Internal {
+        errors.push(format!(
+            "{}: private IPv4 addresses need an internal load balancer (the scheme is internet-facing)",
+            keys::PRIVATE_IPV4_ADDRESSES
+        ));
+    }
+    if !a.ipv6.is_empty() && s.ip_address_type != IpAddressType::Dualstack {
+        errors.push(format!(
+            "{}: IPv6 addresses need a dualstack load balancer (ip-address-type is ipv4)",
+            keys::IPV6_ADDRESSES
+        ));
     }
 }

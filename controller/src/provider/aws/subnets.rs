@@ -128,6 +128,7 @@ mod tests {
             vpc: vpc.into(),
             zone: zone.into(),
             cluster_tags: tags.iter().map(|s| s.to_string()).collect(),
+            cidrs: Vec::new(),
         }
     }
 

@@ -272,3 +272,26 @@ pub fn lb_ips(svc: &Service) -> Vec<String> {
         .map(|v| v.iter().filter_map(|i| i.ip.clone()).collect())
         .unwrap_or_default()
 }
+
+/// A node cordoned (`kubectl cordon`) while alive; uncordoned on drop, also after a
+/// failure.
+pub struct Cordon<'a> {
+    env: &'a TestEnv,
+    node: String,
+}
+
+impl<'a> Cordon<'a> {
+    pub fn new(env: &'a TestEnv, node: &str) -> Self {
+        env.kubectl(&["cordon", node]);
+        Self {
+            env,
+            node: node.to_string(),
+        }
+    }
+}
+
+impl Drop for Cordon<'_> {
+    fn drop(&mut self) {
+        let _ = self.env.kubectl_output(&["uncordon", &self.node]);
+    }
+}

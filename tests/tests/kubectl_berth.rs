@@ -13,12 +13,11 @@ use aws_sdk_elasticloadbalancingv2 as elb;
 use berth_e2e::controller::{
     AwsView, ClassGuard, ControllerOpts, ControllerProc, aws_view, install_crds, logs_of,
 };
-use berth_e2e::nodeagent::L2_LEASE_NAMESPACE;
+use berth_e2e::l2::lease_holder;
 use berth_e2e::paths;
 use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{TestEnv, TestNamespace, lb_condition, lb_hostname, lb_ips, wait_for};
 use futures::FutureExt;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -131,18 +130,6 @@ impl Case {
 
 fn uid(svc: &Service) -> String {
     svc.metadata.uid.clone().unwrap_or_default()
-}
-
-/// The L2 Lease holder of `ip`, once there is one.
-async fn lease_holder(env: &TestEnv, ip: &str) -> Option<String> {
-    let name = format!("berth-l2-{}", ip.replace('.', "-"));
-    Api::<Lease>::namespaced(env.client.clone(), L2_LEASE_NAMESPACE)
-        .get_opt(&name)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|l| l.spec?.holder_identity)
-        .filter(|h| !h.is_empty())
 }
 
 /// A pool of two addresses held by two Services: `why` names both holders for the third;

@@ -8,22 +8,21 @@
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use berth_e2e::controller::{ClassGuard, install_crds};
 use berth_e2e::env::NodeInfo;
+use berth_e2e::l2::{client_neighbour, lease_holder, mac_of, nginx_on, set_ingress};
 use berth_e2e::l2scale::{BERTH_PROTO, HostAddress};
-use berth_e2e::nodeagent::{self, L2_LEASE_NAMESPACE, L2_LEASE_SECONDS};
+use berth_e2e::nodeagent::{self, L2_LEASE_SECONDS};
+use berth_e2e::requests::{RequestLoop, gap};
 use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{TestEnv, TestNamespace, curl_in};
 use berth_e2e::wait::{Diagnostics, wait_until};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
 
 /// The pool every case's class draws from: the lower half of the suite's block, so
@@ -87,21 +86,6 @@ async fn lb_service(
     set_ingress(env, ns, name, ips).await;
 }
 
-async fn set_ingress(env: &TestEnv, ns: &str, name: &str, ips: &[&str]) {
-    let ingress: Vec<serde_json::Value> = ips
-        .iter()
-        .map(|ip| json!({"ip": ip, "ipMode": "VIP"}))
-        .collect();
-    Api::<Service>::namespaced(env.client.clone(), ns)
-        .patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": ingress}}})),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("set load-balancer status of {name}: {e}"));
-}
-
 async fn delete_service(env: &TestEnv, ns: &str, name: &str) {
     Api::<Service>::namespaced(env.client.clone(), ns)
         .delete(name, &DeleteParams::default())
@@ -112,39 +96,6 @@ async fn delete_service(env: &TestEnv, ns: &str, name: &str) {
 /// The seed's nginx Deployment (3 pods answering with the nginx welcome page).
 fn seed_nginx(env: &TestEnv, ns: &str) {
     env.apply_example(ns, "seed/nginx-deployment.yaml");
-}
-
-/// One nginx pod pinned to `node` by its hostname label.
-async fn nginx_on(env: &TestEnv, ns: &str, name: &str, node: &str) {
-    let d: Deployment = serde_json::from_value(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                 "template": {"metadata": {"labels": {"app": name}},
-                              "spec": {"nodeSelector": {"kubernetes.io/hostname": node},
-                                       "containers": [{"name": "nginx", "image": "nginx:latest",
-                                                       "ports": [{"containerPort": 80}]}]}}}
-    }))
-    .expect("deployment object");
-    Api::<Deployment>::namespaced(env.client.clone(), ns)
-        .create(&PostParams::default(), &d)
-        .await
-        .unwrap_or_else(|e| panic!("create deployment {name}: {e}"));
-}
-
-fn lease_name(ip: &str) -> String {
-    format!("berth-l2-{}", ip.replace(['.', ':'], "-"))
-}
-
-/// The Lease's holder, when it has one.
-async fn lease_holder(env: &TestEnv, ip: &str) -> Option<String> {
-    let api: Api<Lease> = Api::namespaced(env.client.clone(), L2_LEASE_NAMESPACE);
-    api.get_opt(&lease_name(ip))
-        .await
-        .ok()
-        .flatten()
-        .and_then(|l| l.spec?.holder_identity)
-        .filter(|h| !h.is_empty())
 }
 
 /// Nodes whose `eth0` carries `ip` (as a host address).
@@ -158,30 +109,6 @@ fn node<'a>(env: &'a TestEnv, name: &str) -> &'a NodeInfo {
         .iter()
         .find(|n| n.plan.name == name)
         .unwrap_or_else(|| panic!("node {name}"))
-}
-
-fn mac_of(netns: &str) -> String {
-    let out = Command::new("ip")
-        .args(["-n", netns, "-j", "link", "show", "dev", "eth0"])
-        .output()
-        .expect("ip link");
-    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j link");
-    links[0]["address"]
-        .as_str()
-        .expect("eth0 MAC")
-        .to_lowercase()
-}
-
-/// The client's neighbour entry for `ip`: its MAC, when it has one.
-fn client_neighbour(env: &TestEnv, ip: &str) -> Option<String> {
-    let out = Command::new("ip")
-        .args(["-n", &env.info.client_netns, "neigh", "show", ip])
-        .output()
-        .expect("ip neigh");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut words = text.split_whitespace();
-    words.find(|w| *w == "lladdr")?;
-    words.next().map(str::to_lowercase)
 }
 
 /// Polls `probe` until it answers `Ok`; panics with its last `Err` (the state seen) and
@@ -309,73 +236,6 @@ impl Drop for StrayAddress {
     }
 }
 
-// ---------- the request loop and its gap ----------
-
-/// A request every 100 ms from the client, each on a new connection: (sent, answered).
-struct RequestLoop {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Vec<(Instant, bool)>>>,
-}
-
-impl RequestLoop {
-    fn start(netns: &str, url: &str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (netns, url, flag) = (netns.to_string(), url.to_string(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let mut samples = Vec::new();
-            while !flag.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                let ok = curl_in(&netns, &url, Duration::from_secs(1))
-                    .is_ok_and(|b| b.contains("Welcome to nginx!"));
-                samples.push((t, ok));
-                std::thread::sleep(Duration::from_millis(100).saturating_sub(t.elapsed()));
-            }
-            samples
-        });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn finish(mut self) -> Vec<(Instant, bool)> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for RequestLoop {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Requests sent from `from` on: how many, how many failed, and the longest time between
-/// two successes (the last one before `from` included).
-fn gap(samples: &[(Instant, bool)], from: Instant) -> (usize, usize, Duration) {
-    let before = samples
-        .iter()
-        .rev()
-        .find(|(t, ok)| *ok && *t < from)
-        .map(|s| s.0);
-    let after: Vec<&(Instant, bool)> = samples.iter().filter(|(t, _)| *t >= from).collect();
-    let failures = after.iter().filter(|(_, ok)| !*ok).count();
-    let mut longest = Duration::ZERO;
-    let mut last = before;
-    for (t, ok) in after.iter().copied() {
-        if *ok {
-            if let Some(l) = last {
-                longest = longest.max(t.duration_since(l));
-            }
-            last = Some(*t);
-        }
-    }
-    (after.len(), failures, longest)
-}
-
 /// An nftables table in a node's namespace dropping every packet to one address before
 /// anything else sees it; deleted on drop.
 struct BlackHole {
@@ -459,7 +319,12 @@ async fn fail_over(
     what: &str,
 ) -> String {
     let url = format!("http://{ip}/");
-    let load = RequestLoop::start(&env.info.client_netns, &url);
+    let load = RequestLoop::start(
+        &env.info.client_netns,
+        &url,
+        "Welcome to nginx!",
+        Duration::from_millis(100),
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let hold = HoldAgent::new(holder);
     let pid = nodeagent::agent_pid(holder).expect("agent pid");

@@ -11,15 +11,13 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use berth_e2e::controller::{ClassGuard, ControllerOpts, ControllerProc, install_crds};
-use berth_e2e::nodeagent::L2_LEASE_NAMESPACE;
+use berth_e2e::l2::{lease_holder, nginx_on};
 use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{TestEnv, curl_in, lb_condition, lb_ips};
 use berth_e2e::wait::{Diagnostics, wait_true, wait_until};
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::DeleteParams;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -36,35 +34,6 @@ fn ranking(addr: &str, nodes: &[String]) -> Vec<String> {
         (digest[..8].to_vec(), n.clone())
     });
     order
-}
-
-/// One nginx pod pinned to `node`.
-async fn nginx_on(env: &TestEnv, ns: &str, name: &str, node: &str) {
-    let d: Deployment = serde_json::from_value(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                 "template": {"metadata": {"labels": {"app": name}},
-                              "spec": {"nodeSelector": {"kubernetes.io/hostname": node},
-                                       "containers": [{"name": "nginx", "image": "nginx:latest",
-                                                       "ports": [{"containerPort": 80}]}]}}}
-    }))
-    .expect("deployment object");
-    Api::<Deployment>::namespaced(env.client.clone(), ns)
-        .create(&PostParams::default(), &d)
-        .await
-        .unwrap_or_else(|e| panic!("create deployment {name}: {e}"));
-}
-
-async fn lease_holder(env: &TestEnv, ip: &str) -> Option<String> {
-    let name = format!("berth-l2-{}", ip.replace('.', "-"));
-    Api::<Lease>::namespaced(env.client.clone(), L2_LEASE_NAMESPACE)
-        .get_opt(&name)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|l| l.spec?.holder_identity)
-        .filter(|h| !h.is_empty())
 }
 
 /// A Service of the class sharing [`ADDRESS`] under one key, pods `app`, port `port`.

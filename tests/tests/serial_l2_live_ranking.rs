@@ -12,11 +12,11 @@
 use std::time::{Duration, Instant};
 
 use berth_e2e::controller::{ClassGuard, install_crds};
-use berth_e2e::nodeagent::{self, L2_LEASE_NAMESPACE, L2_LEASE_SECONDS};
+use berth_e2e::l2::lease_holder;
+use berth_e2e::nodeagent::{self, L2_LEASE_SECONDS};
 use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::TestEnv;
 use berth_e2e::wait::{Diagnostics, wait_until};
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -40,17 +40,6 @@ fn ranking(addr: &str, nodes: &[String]) -> Vec<String> {
         (digest[..8].to_vec(), n.clone())
     });
     order
-}
-
-async fn lease_holder(env: &TestEnv, ip: &str) -> Option<String> {
-    let name = format!("berth-l2-{}", ip.replace('.', "-"));
-    Api::<Lease>::namespaced(env.client.clone(), L2_LEASE_NAMESPACE)
-        .get_opt(&name)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|l| l.spec?.holder_identity)
-        .filter(|h| !h.is_empty())
 }
 
 /// Keeps a node's agent down while alive; its supervisor restarts it on drop.

@@ -70,6 +70,10 @@ pub struct Config {
     /// garbage-collected with it; default: no owner.
     #[arg(long, env = "BERTH_LEASE_OWNER_SERVICE_ACCOUNT")]
     pub lease_owner_service_account: Option<String>,
+    /// Namespace of the node agents' L2 announcement Leases, read to write who announces
+    /// each pool Service (`berth.dev/Announced`); default: the leader Lease's namespace.
+    #[arg(long, env = "BERTH_L2_LEASE_NAMESPACE")]
+    pub l2_lease_namespace: Option<String>,
     /// Log as JSON.
     #[arg(long, env = "BERTH_LOG_JSON")]
     pub log_json: bool,

@@ -3,9 +3,11 @@
 //!
 //! `run` only wires: watches feed the [`stores`] and queue Services; once this replica
 //! leads, the [`service`] reconciler asks the [`provider`] registry for each Service, the
-//! [`class`] writer keeps class status, providers do their housekeeping (the orphan sweep),
+//! [`class`] writer keeps class status, [`announcers`] names who announces each pool
+//! Service, providers do their housekeeping (the orphan sweep),
 //! and every write goes through the leader fence ([`writes`], `provider::aws::fenced`).
 
+pub mod announcers;
 pub mod class;
 pub mod config;
 pub mod leader;
@@ -421,7 +423,12 @@ fn stop_signal(
 }
 
 /// Work besides the reconciler while leading; all of it stops when leadership is lost.
-fn spawn_leader_work(ctx: &Arc<service::Context>, class_wake: Arc<Notify>, gates: Arc<Gates>) {
+fn spawn_leader_work(
+    ctx: &Arc<service::Context>,
+    class_wake: Arc<Notify>,
+    gates: Arc<Gates>,
+    leases: announcers::Leases,
+) {
     let token = ctx.writer.fence().token();
     let c = ctx.clone();
     tokio::spawn(async move {
@@ -439,6 +446,7 @@ fn spawn_leader_work(ctx: &Arc<service::Context>, class_wake: Arc<Notify>, gates
             () = readiness::run(c, gates) => {}
         }
     });
+    tokio::spawn(announcers::run(ctx.clone(), leases));
 }
 
 /// Serves `/healthz`, `/readyz` and `/metrics` on the admin address.
@@ -539,6 +547,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         classes.wait_until_ready(),
         namespaces.wait_until_ready()
     );
+    let l2_namespace = config
+        .l2_lease_namespace
+        .as_deref()
+        .unwrap_or(&config.lease_namespace);
+    let leases = announcers::Leases::watch(&client, l2_namespace);
     let stores = Stores {
         services,
         services_synced,
@@ -577,7 +590,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     )
     .await;
     ctx.providers.prepare().await;
-    spawn_leader_work(&ctx, class_wake, gates);
+    spawn_leader_work(&ctx, class_wake, gates, leases);
     let (lost_tx, lost_rx) = futures::channel::oneshot::channel::<bool>();
     let shutdown = stop.map(move |r| {
         let _ = lost_tx.send(r.unwrap_or(false));

@@ -4,6 +4,25 @@
 pub mod addresses;
 pub mod bgp;
 
+/// The node agents' L2 announcement Leases, as the agents write them and the controller
+/// and `kubectl berth` read them.
+pub mod l2 {
+    use std::net::IpAddr;
+
+    /// Label on every address Lease the agents create (their watches select on it).
+    pub const LEASE_LABEL: &str = "berth.dev/l2-announcement";
+
+    /// Lease name of an address: `berth-l2-198-19-8-5`, `berth-l2-fd00--5`.
+    pub fn lease_name(addr: &IpAddr) -> String {
+        let mut name = format!("berth-l2-{addr}").replace(['.', ':'], "-");
+        // A name must end alphanumeric (`fd00::` would end in `-`).
+        if name.ends_with('-') {
+            name.push('0');
+        }
+        name
+    }
+}
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
@@ -26,6 +45,9 @@ pub const ANNOTATION_OWNER_CLASS: &str = "berth.dev/load-balancer-class";
 pub const CONDITION_LB_READY: &str = "berth.dev/LoadBalancerReady";
 /// LoadBalancerClass condition type.
 pub const CONDITION_ACCEPTED: &str = "Accepted";
+/// Service condition naming who announces its pool addresses (written by the controller
+/// from the node agents' L2 Leases).
+pub const CONDITION_ANNOUNCED: &str = "berth.dev/Announced";
 
 /// Node label that keeps a node out of every load balancer's targets.
 pub const LABEL_EXCLUDE_FROM_LB: &str = "node.kubernetes.io/exclude-from-external-load-balancers";

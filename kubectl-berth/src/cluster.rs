@@ -117,7 +117,7 @@ pub async fn events(client: &Client, namespace: &str, name: &str) -> Result<Vec<
 /// The node agents' announcement Lease of `addr`, wherever the agents keep them: they
 /// carry the announcer's label, and the name comes from the agent's own naming.
 pub async fn l2_lease(client: &Client, addr: &IpAddr) -> Result<Option<Lease>, Error> {
-    use berth_nodeproxy::l2::announce::{LEASE_LABEL, lease_name};
+    use berth_crds::l2::{LEASE_LABEL, lease_name};
     let lp = ListParams::default().labels(LEASE_LABEL);
     let name = lease_name(addr);
     let leases = Api::<Lease>::all(client.clone()).list(&lp).await?.items;

@@ -334,6 +334,14 @@ pub async fn detail(
     );
     match provider {
         "pool" => {
+            // What the controller wrote on the Service (the same condition `kubectl
+            // describe service` shows), then each address's Lease in detail.
+            if let Some(c) = berth_controller::announcers::current(svc) {
+                out.push_str(&format!(
+                    "  Announced: {} ({}): {}\n",
+                    c.status, c.reason, c.message
+                ));
+            }
             for ip in status_ips(svc) {
                 let lease = cluster::l2_lease(client, &ip).await?;
                 out.push_str(&format!(

@@ -1,16 +1,18 @@
 //! The kernel edge of L2 announcement: pool addresses on the node's interface with a
-//! finite lifetime (over rtnetlink, many in one exchange), and gratuitous ARP through an
-//! `AF_PACKET` socket. Every address berth adds carries `IFA_PROTO` [`BERTH_PROTO`], so
+//! finite lifetime (over rtnetlink, many in one exchange), gratuitous ARP through an
+//! `AF_PACKET` socket and unsolicited neighbour advertisements through a raw ICMPv6
+//! socket. Every address berth adds carries `IFA_PROTO` [`BERTH_PROTO`], so
 //! a restarted agent still finds its own leftovers and never touches anyone else's.
 //!
 //! An address lives as long as one lease duration after its last renewal: if the agent
 //! is killed, the kernel removes it by itself about when another node may take the
-//! Lease, so two nodes never answer ARP for long. IPv6 addresses are added (without
-//! duplicate address detection) but not advertised: no unsolicited neighbour
-//! advertisement is sent, neighbours learn the new holder when their entry goes stale.
+//! Lease, so two nodes never answer ARP for long. IPv6 addresses are added without
+//! duplicate address detection (`IFA_F_NODAD`: the Lease already makes the holder unique,
+//! and DAD would keep the address tentative for a second) and advertised with unsolicited
+//! neighbour advertisements, so neighbours switch to the new holder at once.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV6};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -264,9 +266,65 @@ pub fn send_garp(iface: &Interface, ip: Ipv4Addr) -> Result<(), Error> {
     Ok(())
 }
 
+/// An unsolicited neighbour advertisement (RFC 4861 §4.4, §7.2.6) for `target` at `mac`,
+/// from the ICMPv6 type on: Override set (replace whatever link-layer address a neighbour
+/// has), Solicited and Router clear, with the target link-layer address option. The
+/// checksum stays zero: the kernel fills it in on raw ICMPv6 sockets (RFC 3542 §3.1).
+/// Written by hand because the 32 bytes are fixed: the packet crates at hand either
+/// leave NDP options out (etherparse) or bring a code-generation framework for them
+/// (pnet), and neither sends.
+pub fn unsolicited_na(mac: [u8; 6], target: Ipv6Addr) -> [u8; 32] {
+    let mut m = [0u8; 32];
+    m[0] = 136; // Neighbor Advertisement; code 0
+    m[4] = 0x20; // Override
+    m[8..24].copy_from_slice(&target.octets());
+    m[24] = 2; // Target Link-Layer Address option
+    m[25] = 1; // its length in units of 8 bytes
+    m[26..32].copy_from_slice(&mac);
+    m
+}
+
+/// Sends one unsolicited neighbour advertisement for `ip` out of `iface` to all nodes
+/// (`ff02::1`), hop limit 255 as receivers require (needs `CAP_NET_RAW`).
+pub fn send_unsolicited_na(iface: &Interface, ip: Ipv6Addr) -> Result<(), Error> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let io = |what: &str| {
+        let what = format!(
+            "{what} (neighbour advertisement for {ip} on {})",
+            iface.name
+        );
+        move |source| Error::Io { what, source }
+    };
+    let index = u32::try_from(iface.index)
+        .map_err(|_| Error::InvalidInput(format!("interface index {}", iface.index)))?;
+    let sock = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))
+        .map_err(io("open raw ICMPv6 socket"))?;
+    sock.set_multicast_if_v6(index)
+        .map_err(io("set the multicast interface"))?;
+    sock.set_multicast_hops_v6(255)
+        .map_err(io("set the hop limit"))?;
+    let all_nodes = SocketAddrV6::new(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1), 0, 0, index);
+    sock.send_to(&unsolicited_na(iface.mac, ip), &SockAddr::from(all_nodes))
+        .map_err(io("send"))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unsolicited_na_bytes() {
+        let mac = [0x0a, 0x58, 0xc6, 0x12, 0x01, 0x0a];
+        let m = unsolicited_na(mac, "fd00:198:19::5".parse().expect("ip"));
+        let expected: [u8; 32] = [
+            136, 0, 0, 0, // type, code, checksum (the kernel's)
+            0x20, 0, 0, 0, // Override only
+            0xfd, 0x00, 0x01, 0x98, 0x00, 0x19, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x05, // target
+            2, 1, 0x0a, 0x58, 0xc6, 0x12, 0x01, 0x0a, // target link-layer address
+        ];
+        assert_eq!(m, expected);
+    }
 
     #[test]
     fn garp_frame_bytes() {

@@ -1,0 +1,456 @@
+//! Who announces each pool Service's addresses, on the Service itself: the
+//! `berth.dev/Announced` condition (`True`/`L2` naming the node that holds each
+//! address's L2 Lease, `False`/`NotAnnounced` while an address has no current holder)
+//! and an `AnnouncerChanged` Event whenever the holders change. Lease renewals change
+//! nothing, so they cause no write.
+//!
+//! The decision is the pure [`announced`] (Service and holders → condition and Event);
+//! [`run`] feeds it from a watch of the agents' Leases and the Service store and writes
+//! under a field manager of its own, so the reconciler's status writes and these never
+//! remove each other's condition.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use berth_crds::l2::{LEASE_LABEL, lease_name};
+use berth_crds::{ANNOTATION_OWNER_CLASS, CLASS_PREFIX, CONDITION_ANNOUNCED, LoadBalancerClass};
+use berth_runtime::lease::Observations;
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::Store;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::provider::pool::allocation::status_ips;
+use crate::service::Context;
+use crate::writes::Write;
+
+/// Field manager of the condition (not the reconciler's: see the module doc).
+pub const FIELD_MANAGER: &str = "berth-controller-announcers";
+pub const REASON_L2: &str = "L2";
+pub const REASON_NOT_ANNOUNCED: &str = "NotAnnounced";
+pub const EVENT_REASON: &str = "AnnouncerChanged";
+
+/// How often holders are re-judged without a Lease event: a dead holder's Lease just
+/// stops changing.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// What to write on a Service: nothing, or its new condition (`None`: remove ours) with
+/// the Event note of the change, if any.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Announced {
+    Unchanged,
+    Write {
+        condition: Option<Condition>,
+        event: Option<String>,
+    },
+}
+
+/// The pool addresses berth announces over L2 for `svc`: its status addresses when its
+/// owner class is a pool class with L2 on; none otherwise. Pure.
+pub fn l2_addresses(svc: &Service, classes: &Store<LoadBalancerClass>) -> Vec<IpAddr> {
+    let Some(owner) = svc.annotations().get(ANNOTATION_OWNER_CLASS) else {
+        return Vec::new();
+    };
+    let l2 = classes
+        .state()
+        .iter()
+        .find(|c| c.name_any() == *owner)
+        .and_then(|c| c.spec.pool.as_ref().map(|p| p.l2 != Some(false)))
+        .unwrap_or(false);
+    if l2 { status_ips(svc) } else { Vec::new() }
+}
+
+/// Whether this controller speaks for `svc`: its owner class, or before it has one its
+/// requested class, is one of this controller's. Others' Services are never written.
+fn handled(svc: &Service, config: &Config) -> bool {
+    let requested = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_class.as_deref())
+        .and_then(|c| c.strip_prefix(CLASS_PREFIX));
+    svc.annotations()
+        .get(ANNOTATION_OWNER_CLASS)
+        .map(String::as_str)
+        .or(requested)
+        .is_some_and(|c| config.handles_class(c))
+}
+
+/// The Service's current announcer condition, if any.
+pub fn current(svc: &Service) -> Option<&Condition> {
+    svc.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == CONDITION_ANNOUNCED)
+}
+
+fn describe(addr: &IpAddr, holder: Option<&str>) -> String {
+    match holder {
+        Some(h) => format!("{addr} announced by {h}"),
+        None => format!("{addr} not announced"),
+    }
+}
+
+/// The holders a condition message names, by address (the inverse of [`describe`]).
+fn holders_in(message: &str) -> BTreeMap<String, String> {
+    message
+        .split("; ")
+        .filter_map(|part| {
+            let (addr, node) = part.split_once(" announced by ")?;
+            Some((addr.to_string(), node.to_string()))
+        })
+        .collect()
+}
+
+/// What to write on `svc`, announcing `addrs`, given each address's current holder.
+/// Only a change of holders (or of the address set) writes; the Event names each
+/// address whose holder changed, with the previous one. Pure.
+pub fn announced(
+    svc: &Service,
+    addrs: &[IpAddr],
+    holder: impl Fn(&IpAddr) -> Option<String>,
+    now: Time,
+) -> Announced {
+    let previous = current(svc);
+    if addrs.is_empty() {
+        return if previous.is_some() {
+            Announced::Write {
+                condition: None,
+                event: None,
+            }
+        } else {
+            Announced::Unchanged
+        };
+    }
+    let holders: Vec<(IpAddr, Option<String>)> = addrs.iter().map(|a| (*a, holder(a))).collect();
+    let all = holders.iter().all(|(_, h)| h.is_some());
+    let (status, reason) = if all {
+        ("True", REASON_L2)
+    } else {
+        ("False", REASON_NOT_ANNOUNCED)
+    };
+    let message = holders
+        .iter()
+        .map(|(a, h)| describe(a, h.as_deref()))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if previous.is_some_and(|c| c.status == status && c.reason == reason && c.message == message) {
+        return Announced::Unchanged;
+    }
+    let was = previous.map(|c| holders_in(&c.message)).unwrap_or_default();
+    let changes: Vec<String> = holders
+        .iter()
+        .filter(|(a, h)| was.get(&a.to_string()) != h.as_ref())
+        .map(|(a, h)| {
+            let before = was.get(&a.to_string()).map_or("none", String::as_str);
+            match h {
+                Some(h) => format!("{a} now announced by {h} (was {before})"),
+                None => format!("{a} no longer announced (was {before})"),
+            }
+        })
+        .collect();
+    let last_transition_time = match previous {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => now,
+    };
+    Announced::Write {
+        condition: Some(Condition {
+            type_: CONDITION_ANNOUNCED.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            last_transition_time,
+            observed_generation: svc.metadata.generation,
+        }),
+        event: (!changes.is_empty()).then(|| changes.join("; ")),
+    }
+}
+
+/// The current holder of `addr`'s Lease: named in it, and the Lease not standing still
+/// for two durations (the agents take over after one, so a live successor shows up
+/// first; a Lease nobody renews at all means nobody announces).
+pub fn holder(leases: &Observations, addr: &IpAddr, now: Instant) -> Option<String> {
+    let seen = leases.get(&lease_name(addr))?;
+    let stale = now >= seen.seen_at + seen.record.duration * 2;
+    seen.holder().filter(|_| !stale).map(str::to_string)
+}
+
+/// The agents' address Leases as this process observes them, and the wake-up of
+/// [`run`] on every change of a holder (renewals only refresh observation times).
+#[derive(Clone)]
+pub struct Leases {
+    seen: Arc<Mutex<Observations>>,
+    wake: Arc<Notify>,
+}
+
+impl Leases {
+    /// Watches the address Leases in `namespace` (from now on, leading or not: a new
+    /// leader starts from a full view).
+    pub fn watch(client: &Client, namespace: &str) -> Self {
+        let leases = Self {
+            seen: Arc::default(),
+            wake: Arc::new(Notify::new()),
+        };
+        let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
+        let config = watcher::Config::default().labels(LEASE_LABEL);
+        let l = leases.clone();
+        tokio::spawn(async move {
+            let stream = watcher(api, config).default_backoff();
+            futures::pin_mut!(stream);
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(ev) => {
+                        let mut seen = l.seen.lock().unwrap_or_else(|p| p.into_inner());
+                        let before = holders_of(&seen);
+                        seen.apply(ev, Instant::now());
+                        if holders_of(&seen) != before {
+                            l.wake.notify_one();
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "watching L2 Leases; retrying"),
+                }
+            }
+        });
+        leases
+    }
+}
+
+fn holders_of(leases: &Observations) -> Vec<(String, Option<String>)> {
+    leases
+        .iter()
+        .map(|(n, o)| (n.clone(), o.holder().map(str::to_string)))
+        .collect()
+}
+
+/// While leading: re-judges every Service on each holder change and every [`RECHECK`],
+/// and writes the changes.
+pub async fn run(ctx: Arc<Context>, leases: Leases) {
+    let token = ctx.writer.fence().token();
+    loop {
+        for svc in ctx.stores.services.state() {
+            if !handled(&svc, &ctx.config) {
+                continue;
+            }
+            let addrs = l2_addresses(&svc, &ctx.stores.classes);
+            let decision = {
+                let seen = leases.seen.lock().unwrap_or_else(|p| p.into_inner());
+                let now = Instant::now();
+                announced(
+                    &svc,
+                    &addrs,
+                    |a| holder(&seen, a, now),
+                    Time(k8s_openapi::jiff::Timestamp::now()),
+                )
+            };
+            if let Announced::Write { condition, event } = decision {
+                write(&ctx, &svc, condition.as_ref(), event.as_deref()).await;
+            }
+        }
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = leases.wake.notified() => {}
+            () = tokio::time::sleep(RECHECK) => {}
+        }
+    }
+}
+
+async fn write(ctx: &Context, svc: &Service, condition: Option<&Condition>, event: Option<&str>) {
+    let (Some(ns), name) = (svc.namespace(), svc.name_any()) else {
+        return;
+    };
+    let mut status = serde_json::json!({});
+    if let Some(c) = condition {
+        status["conditions"] = serde_json::json!([c]);
+    }
+    let body = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "status": status,
+    });
+    if ctx.writer.allow(Write::ServiceStatus).is_err() {
+        return;
+    }
+    let api: Api<Service> = Api::namespaced(ctx.writer.client().clone(), &ns);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    if let Err(e) = api.patch_status(&name, &params, &Patch::Apply(body)).await {
+        // Retried on the next round: nothing was written, so the change is still due.
+        tracing::warn!(service = %format!("{ns}/{name}"), error = %e, "writing the Announced condition");
+        return;
+    }
+    if let Some(note) = event {
+        let ev = Event {
+            type_: EventType::Normal,
+            reason: EVENT_REASON.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Announce".into(),
+            secondary: None,
+        };
+        ctx.writer.publish(&ev, &svc.object_ref(&())).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(condition: Option<(&str, &str, &str)>) -> Service {
+        let mut s: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "app"},
+            "spec": {"type": "LoadBalancer"},
+        }))
+        .expect("service");
+        if let Some((status, reason, message)) = condition {
+            s.status = serde_json::from_value(serde_json::json!({"conditions": [{
+                "type": CONDITION_ANNOUNCED, "status": status, "reason": reason,
+                "message": message, "lastTransitionTime": "2026-01-01T00:00:00Z"
+            }]}))
+            .expect("status");
+        }
+        s
+    }
+
+    fn now() -> Time {
+        Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    fn by(map: &[(&str, &str)]) -> impl Fn(&IpAddr) -> Option<String> {
+        let m: BTreeMap<IpAddr, String> = map.iter().map(|(a, n)| (ip(a), n.to_string())).collect();
+        move |a| m.get(a).cloned()
+    }
+
+    #[test]
+    fn a_new_holder_writes_the_condition_and_an_event() {
+        let s = svc(None);
+        let a = announced(
+            &s,
+            &[ip("198.19.0.5")],
+            by(&[("198.19.0.5", "node-a")]),
+            now(),
+        );
+        let Announced::Write {
+            condition: Some(c),
+            event,
+        } = a
+        else {
+            panic!("{a:?}")
+        };
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", REASON_L2));
+        assert_eq!(c.message, "198.19.0.5 announced by node-a");
+        assert_eq!(
+            event.as_deref(),
+            Some("198.19.0.5 now announced by node-a (was none)")
+        );
+    }
+
+    #[test]
+    fn the_same_holder_writes_nothing() {
+        let s = svc(Some(("True", REASON_L2, "198.19.0.5 announced by node-a")));
+        let a = announced(
+            &s,
+            &[ip("198.19.0.5")],
+            by(&[("198.19.0.5", "node-a")]),
+            now(),
+        );
+        assert_eq!(a, Announced::Unchanged);
+    }
+
+    #[test]
+    fn a_failover_names_the_previous_holder() {
+        let s = svc(Some((
+            "True",
+            REASON_L2,
+            "198.19.0.5 announced by node-a; fd00::5 announced by node-c",
+        )));
+        let a = announced(
+            &s,
+            &[ip("198.19.0.5"), ip("fd00::5")],
+            by(&[("198.19.0.5", "node-b"), ("fd00::5", "node-c")]),
+            now(),
+        );
+        let Announced::Write {
+            condition: Some(c),
+            event,
+        } = a
+        else {
+            panic!("{a:?}")
+        };
+        assert_eq!(
+            c.message,
+            "198.19.0.5 announced by node-b; fd00::5 announced by node-c"
+        );
+        assert_eq!(
+            c.last_transition_time.0,
+            "2026-01-01T00:00:00Z".parse().expect("time"),
+            "still True"
+        );
+        assert_eq!(
+            event.as_deref(),
+            Some("198.19.0.5 now announced by node-b (was node-a)")
+        );
+    }
+
+    #[test]
+    fn no_holder_is_false_and_no_address_removes_the_condition() {
+        let s = svc(Some(("True", REASON_L2, "198.19.0.5 announced by node-a")));
+        let Announced::Write {
+            condition: Some(c),
+            event,
+        } = announced(&s, &[ip("198.19.0.5")], by(&[]), now())
+        else {
+            panic!("a write")
+        };
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", REASON_NOT_ANNOUNCED)
+        );
+        assert_eq!(c.message, "198.19.0.5 not announced");
+        assert_eq!(
+            event.as_deref(),
+            Some("198.19.0.5 no longer announced (was node-a)")
+        );
+        assert_eq!(
+            announced(&s, &[], by(&[]), now()),
+            Announced::Write {
+                condition: None,
+                event: None
+            }
+        );
+        assert_eq!(
+            announced(&svc(None), &[], by(&[]), now()),
+            Announced::Unchanged
+        );
+    }
+
+    #[test]
+    fn a_lease_counts_until_it_stood_still_for_two_durations() {
+        let lease: Lease = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "berth-l2-198-19-0-5", "resourceVersion": "1"},
+            "spec": {"holderIdentity": "node-a", "leaseDurationSeconds": 4}
+        }))
+        .expect("lease");
+        let mut seen = Observations::default();
+        let t0 = Instant::now();
+        seen.observe(lease, t0);
+        let a = ip("198.19.0.5");
+        assert_eq!(
+            holder(&seen, &a, t0 + Duration::from_secs(7)).as_deref(),
+            Some("node-a")
+        );
+        assert_eq!(holder(&seen, &a, t0 + Duration::from_secs(8)), None);
+        assert_eq!(holder(&seen, &ip("198.19.0.6"), t0), None);
+    }
+}

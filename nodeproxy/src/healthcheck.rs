@@ -128,6 +128,13 @@ pub fn draining(node: &k8s_openapi::api::core::v1::Node) -> Option<String> {
     tainted.then(|| format!("node has the {AUTOSCALER_TAINT} taint"))
 }
 
+/// Why this node's pool addresses should move to other nodes first: it is going away
+/// ([`draining`]) or cordoned (a drain usually follows).
+pub fn leaving(node: &k8s_openapi::api::core::v1::Node) -> Option<String> {
+    let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true);
+    draining(node).or_else(|| cordoned.then(|| "node is cordoned".to_string()))
+}
+
 impl AgentHealth {
     fn state(&self) -> std::sync::MutexGuard<'_, HealthState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -232,6 +239,12 @@ mod tests {
         let deleted = node(serde_json::json!({"metadata": {"name": "n",
             "deletionTimestamp": "2026-01-01T00:00:00Z", "finalizers": ["x"]}}));
         assert!(draining(&deleted).is_some());
+        assert_eq!(leaving(&tainted), draining(&tainted));
+        let cordoned =
+            node(serde_json::json!({"metadata": {"name": "n"}, "spec": {"unschedulable": true}}));
+        assert_eq!(draining(&cordoned), None, "cordoned alone is not draining");
+        assert_eq!(leaving(&cordoned).as_deref(), Some("node is cordoned"));
+        assert_eq!(leaving(&other), None);
         let h = AgentHealth::default();
         h.set_draining(draining(&tainted));
         assert_eq!(h.problems(true).len(), 1);

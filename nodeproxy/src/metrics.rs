@@ -34,6 +34,9 @@ pub struct Metrics {
     l2_held: Gauge,
     l2_transitions: Family<Label, Counter>,
     garps: Counter,
+    peer_probes: Counter,
+    peers_dead: Gauge,
+    neighbour_adverts: Counter,
     last_ok: Mutex<Option<Instant>>,
     l2_renewal_lateness: Histogram,
     refused: Family<Label, Gauge>,
@@ -62,6 +65,9 @@ impl Default for Metrics {
             l2_held: Gauge::default(),
             l2_transitions: Family::default(),
             garps: Counter::default(),
+            peer_probes: Counter::default(),
+            peers_dead: Gauge::default(),
+            neighbour_adverts: Counter::default(),
             last_ok: Mutex::new(None),
             l2_renewal_lateness: metrics::histogram(SECONDS_BUCKETS),
             refused: Family::default(),
@@ -132,6 +138,19 @@ impl Metrics {
 
     pub fn garp_sent(&self) {
         self.garps.inc();
+    }
+
+    pub fn peer_probe_sent(&self) {
+        self.peer_probes.inc();
+    }
+
+    /// Peer agents this one's probes find dead now.
+    pub fn peers_dead(&self, n: usize) {
+        self.peers_dead.set(count(n));
+    }
+
+    pub fn neighbour_advert_sent(&self) {
+        self.neighbour_adverts.inc();
     }
 
     /// How long after its due time a pool address's Lease renewal started.
@@ -215,6 +234,11 @@ impl Collect for Metrics {
                 "Pool addresses this node announces",
                 &self.l2_held,
             ),
+            (
+                "berth_nodeproxy_l2_peers_dead",
+                "Peer agents silent to this agent's probes and to a witness's",
+                &self.peers_dead,
+            ),
         ] {
             r.register(name, help, gauge.clone());
         }
@@ -227,6 +251,16 @@ impl Collect for Metrics {
             "berth_nodeproxy_l2_gratuitous_arps_sent",
             "Gratuitous ARPs sent for pool addresses",
             self.garps.clone(),
+        );
+        r.register(
+            "berth_nodeproxy_l2_peer_probes_sent",
+            "Probes sent to peer agents on the node network",
+            self.peer_probes.clone(),
+        );
+        r.register(
+            "berth_nodeproxy_l2_neighbour_advertisements_sent",
+            "Unsolicited IPv6 neighbour advertisements sent for pool addresses",
+            self.neighbour_adverts.clone(),
         );
         r.register(
             "berth_nodeproxy_l2_renewal_lateness_seconds",
@@ -485,10 +519,12 @@ mod tests {
         m.l2_transition("acquired");
         m.l2_transition("acquired");
         m.garp_sent();
+        m.neighbour_advert_sent();
         let t = m.render();
         assert!(t.contains("berth_nodeproxy_l2_addresses_held 2"));
         assert!(t.contains("berth_nodeproxy_l2_lease_transitions_total{event=\"acquired\"} 2"));
         assert!(t.contains("\nberth_nodeproxy_l2_gratuitous_arps_sent_total 1\n"));
+        assert!(t.contains("\nberth_nodeproxy_l2_neighbour_advertisements_sent_total 1\n"));
         m.l2_renewal_lateness(Duration::from_millis(3));
         let t = m.render();
         assert!(t.contains("berth_nodeproxy_l2_renewal_lateness_seconds_bucket{le=\"0.005\"} 1"));

@@ -25,7 +25,8 @@ use crate::healthcheck::{self, AgentHealth, HealthChecks};
 use crate::l2::announce;
 use crate::l2::announce::{PoolClass, Timing};
 use crate::l2::announcer::{self, Announcer, ModelView, Snapshot};
-use crate::l2::heartbeat::{self, Beat, Liveness};
+use crate::l2::heartbeat::{self, Beat, Leaving, Liveness};
+use crate::l2::probe::{ProbeConfig, Probes};
 use crate::metrics::Metrics;
 use crate::proxy::drift::Drift;
 use crate::proxy::index::{Index, Kind, NodeConfig, Work};
@@ -99,6 +100,15 @@ pub struct Args {
     /// Interface pool addresses are announced on; default: the one with the node's address.
     #[arg(long)]
     pub l2_interface: Option<String>,
+    /// UDP port the agents probe each other on over the node network, so that a dead
+    /// node's pool addresses move within about a second instead of a Lease duration; 0
+    /// turns the probes off (Leases alone then).
+    #[arg(long, default_value_t = 7947)]
+    pub l2_peer_probe_port: u16,
+    /// A peer agent not heard on the probe port for this long, and reported silent by
+    /// another peer too, is dead: its pool addresses are taken over at once.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub l2_peer_dead_after: Duration,
     /// externalIPs are honoured only inside these CIDRs (comma-separated, e.g.
     /// `0.0.0.0/0,::/0` for all); unset, every externalIP is refused.
     #[arg(long, value_delimiter = ',')]
@@ -137,6 +147,7 @@ struct Shared {
     health: Arc<AgentHealth>,
     drift: Arc<Drift>,
     pools: Mutex<Pools>,
+    leaving: Arc<Leaving>,
 }
 
 impl Shared {
@@ -769,13 +780,15 @@ async fn watch_nodes(api: Api<Node>, me: String, shared: Arc<Shared>) {
                         idx.set_node_ips(ips);
                         idx.set_node_zone(convert::node_zone(&n));
                         shared.health.set_draining(healthcheck::draining(&n));
+                        shared.leaving.set(healthcheck::leaving(&n));
                     }
                 }
                 Ok(Event::Delete(n)) => {
                     idx.apply_cluster_node(&n.name_any(), None);
                     if n.name_any() == me {
-                        let deleted = Some("node object deleted".into());
-                        shared.health.set_draining(deleted);
+                        let deleted = Some("node object deleted".to_string());
+                        shared.health.set_draining(deleted.clone());
+                        shared.leaving.set(deleted);
                     }
                 }
                 Err(e) => tracing::warn!("Node watch: {e}"),
@@ -832,6 +845,7 @@ async fn report_refusals(shared: Arc<Shared>, node: String) {
 fn model_view(shared: Arc<Shared>, liveness: Liveness) -> ModelView {
     Arc::new(move |classes, nodes| {
         let nodes = liveness.live(nodes)?;
+        let dead = liveness.dead();
         let idx = shared.index();
         if !idx.ready() {
             return None;
@@ -842,14 +856,51 @@ fn model_view(shared: Arc<Shared>, liveness: Liveness) -> ModelView {
             wanted,
             node_addresses: idx.model.node.addresses.clone(),
             warnings,
+            dead,
         })
     })
 }
 
-/// The BGP speaker's view of the model: the routes of this node for each peer.
-fn bgp_view(shared: Arc<Shared>) -> bgp::speaker::RoutesView {
+/// The peer probes, unless turned off or their port cannot be bound (then Leases alone
+/// decide, and the agent says so).
+fn start_probes(args: &Args, wake: Arc<Notify>, metrics: Arc<Metrics>) -> Option<Arc<Probes>> {
+    if args.l2_peer_probe_port == 0 {
+        tracing::info!("L2 peer probes off: a dead node's addresses move after a Lease duration");
+        return None;
+    }
+    let cfg = ProbeConfig {
+        dead_after: args.l2_peer_dead_after,
+        ..ProbeConfig::default()
+    };
+    match Probes::start(&args.node_name, args.l2_peer_probe_port, cfg, wake, metrics) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(
+                port = args.l2_peer_probe_port,
+                "L2 peer probes off, their port cannot be bound ({e}): a dead node's addresses move after a Lease duration"
+            );
+            None
+        }
+    }
+}
+
+/// Where this agent's probes arrive: the node's first address of the model (its
+/// InternalIP unless given), once known.
+fn probe_address(shared: Arc<Shared>, port: u16) -> heartbeat::ProbeAddress {
+    Box::new(move || {
+        let idx = shared.index();
+        let ip = idx.model.node.addresses.first().copied()?;
+        Some(SocketAddr::new(ip, port))
+    })
+}
+
+/// The BGP speaker's view of the model: the routes of this node for each peer. A leaving
+/// node advertises nothing while another node stays (its routes go first, make-before-
+/// break: it keeps forwarding what still reaches it).
+fn bgp_view(shared: Arc<Shared>, liveness: Liveness) -> bgp::speaker::RoutesView {
     let warned = Mutex::new(std::collections::BTreeSet::new());
     Arc::new(move |eligible, peers| {
+        let eligible = eligible && liveness.announces();
         let idx = shared.index();
         let pools = shared.pools();
         if !idx.ready() || !pools.listed {
@@ -895,6 +946,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
         health: Arc::default(),
         drift: Arc::default(),
         pools: Mutex::default(),
+        leaving: Arc::default(),
     });
     shared.index().set_policy(claims::Policy {
         external_ip_cidrs: args.external_ip_cidrs.clone(),
@@ -920,12 +972,19 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
     tasks.extend(claim_tasks(&client, &shared, &args.node_name));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let leases = Api::namespaced(client.clone(), &args.lease_namespace);
-    let liveness = Liveness::watch(leases.clone(), &args.node_name);
-    let beat = Beat::new(berth_runtime::lease::LeaseClient::new(
-        leases,
+    let wake = Arc::new(Notify::new());
+    let probes = start_probes(&args, wake.clone(), shared.metrics.clone());
+    let liveness = Liveness::watch(
+        leases.clone(),
         &args.node_name,
-        args.l2_lease_duration,
-    ));
+        probes.clone(),
+        shared.leaving.clone(),
+    );
+    let beat = Beat::new(
+        berth_runtime::lease::LeaseClient::new(leases, &args.node_name, args.l2_lease_duration),
+        probes.map(|p| probe_address(shared.clone(), p.port())),
+        shared.leaving.clone(),
+    );
     let beating = tokio::spawn(heartbeat::run(
         beat,
         liveness.clone(),
@@ -941,10 +1000,13 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
             timing: Timing::new(args.l2_lease_duration),
         },
         shared.metrics.clone(),
+        wake,
     );
     let speaker = bgp::speaker::Speaker::new(client.clone(), &args.node_name);
-    let speaking = tokio::spawn(speaker.run(bgp_view(shared.clone()), stopped.clone()));
-    let mut announcing = tokio::spawn(announcer.run(model_view(shared.clone(), liveness), stopped));
+    let speaking =
+        tokio::spawn(speaker.run(bgp_view(shared.clone(), liveness.clone()), stopped.clone()));
+    let view = model_view(shared.clone(), liveness);
+    let mut announcing = tokio::spawn(announcer.run(view, stopped));
     tokio::select! {
         _ = futures::future::join_all(tasks) => {}
         _ = &mut announcing => {}

@@ -29,6 +29,9 @@ pub const METRICS_PORT: u16 = 10249;
 /// machine then missed a renewal by more than the 2.7 s of slack.
 pub const L2_LEASE_SECONDS: u64 = 6;
 
+/// UDP port the harness's agents probe each other on (the agent's default).
+pub const PEER_PROBE_PORT: u16 = 7947;
+
 /// Namespace of the agents' pool-address Leases.
 pub const L2_LEASE_NAMESPACE: &str = "kube-system";
 
@@ -73,6 +76,7 @@ fn command(plan: &NodePlan, kubeconfig: &Path) -> Command {
         .args(["--metrics-bind", &format!("0.0.0.0:{METRICS_PORT}")])
         .args(["--l2-lease-duration", &format!("{L2_LEASE_SECONDS}s")])
         .args(["--lease-namespace", L2_LEASE_NAMESPACE])
+        .args(["--l2-peer-probe-port", &PEER_PROBE_PORT.to_string()])
         // Every externalIP allowed: the suites test the agent's other claim rules.
         .args(["--external-ip-cidrs", "0.0.0.0/0,::/0"])
         .env("RUST_LOG", "info,berth_nodeproxy=debug,kube=warn");

@@ -8,16 +8,15 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use berth_e2e::controller::{ClassGuard, install_crds};
 use berth_e2e::net::NodePlan;
 use berth_e2e::nodeagent;
+use berth_e2e::requests::RequestLoop;
 use berth_e2e::router::{Kind, NODE_ASN, Neighbor, ROUTER_ASN, Router};
 use berth_e2e::service::ServiceBuilder;
-use berth_e2e::testing::{TestEnv, curl_in};
+use berth_e2e::testing::{Cordon, TestEnv, curl_in};
 use berth_e2e::wait::{Diagnostics, wait_until};
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
@@ -43,48 +42,6 @@ async fn until_hops(env: &TestEnv, router: &Router, addr: Ipv4Addr, want: &[Ipv4
         }
     })
     .await
-}
-
-/// A request every 50 ms from the client, each on a new connection: (sent, answered).
-struct RequestLoop {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Vec<(Instant, bool)>>>,
-}
-
-impl RequestLoop {
-    fn start(netns: &str, url: &str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (netns, url, flag) = (netns.to_string(), url.to_string(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let mut samples = Vec::new();
-            while !flag.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                let ok = curl_in(&netns, &url, Duration::from_secs(1))
-                    .is_ok_and(|b| b.contains("Welcome to nginx!"));
-                samples.push((t, ok));
-                std::thread::sleep(Duration::from_millis(50).saturating_sub(t.elapsed()));
-            }
-            samples
-        });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn finish(mut self) -> Vec<(Instant, bool)> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for RequestLoop {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
 }
 
 /// Keeps a node's agent from being restarted while alive.
@@ -220,10 +177,53 @@ async fn sigterm_withdraws_first_and_a_failed_node_goes_with_the_hold_timer() {
     )
     .await;
 
+    // Cordoned: the node withdraws its route while it still forwards what reaches it
+    // (make-before-break); uncordoned, it announces again. No request fails.
+    let cordoned = &nodes[2];
+    let others: Vec<Ipv4Addr> = nodes
+        .iter()
+        .filter(|n| n.name != cordoned.name)
+        .map(|n| n.ip)
+        .collect();
+    let requests = RequestLoop::start(
+        &client,
+        &url,
+        "Welcome to nginx!",
+        Duration::from_millis(50),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cordon = Cordon::new(&env, &cordoned.name);
+    until_hops(
+        &env,
+        &router,
+        addr,
+        &others,
+        "the cordoned node's route withdrawn",
+    )
+    .await;
+    drop(cordon);
+    until_hops(&env, &router, addr, &all, "uncordoned, announced again").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let samples = requests.finish();
+    let failed = samples.iter().filter(|(_, ok)| !ok).count();
+    println!(
+        "cordon: {} requests through FRR, {failed} failed",
+        samples.len()
+    );
+    assert_eq!(
+        failed, 0,
+        "no request fails while a cordoned node withdraws"
+    );
+
     // SIGTERM: withdraw first, then close; no request fails.
     let stopped = &nodes[0];
     let rest: Vec<Ipv4Addr> = nodes[1..].iter().map(|n| n.ip).collect();
-    let requests = RequestLoop::start(&client, &url);
+    let requests = RequestLoop::start(
+        &client,
+        &url,
+        "Welcome to nginx!",
+        Duration::from_millis(50),
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let hold = HoldAgent::new(&stopped.name);
     signal_agent(stopped, libc::SIGTERM);

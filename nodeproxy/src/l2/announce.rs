@@ -22,20 +22,9 @@ use sha2::{Digest, Sha256};
 
 use crate::proxy::model::Model;
 
-/// Label on every Lease the announcer creates (its watch selects on it).
-pub const LEASE_LABEL: &str = "berth.dev/l2-announcement";
+pub use berth_crds::l2::{LEASE_LABEL, lease_name};
 /// Annotation naming the node that released a Lease: the others do not wait for it.
 pub const RELEASED_BY: &str = "berth.dev/released-by";
-
-/// Lease name of an address: `berth-l2-198-19-8-5`, `berth-l2-fd00--5`.
-pub fn lease_name(addr: &IpAddr) -> String {
-    let mut name = format!("berth-l2-{addr}").replace(['.', ':'], "-");
-    // A name must end alphanumeric (`fd00::` would end in `-`).
-    if name.ends_with('-') {
-        name.push('0');
-    }
-    name
-}
 
 /// What the announcer needs of a `pool` LoadBalancerClass.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -215,6 +204,15 @@ impl LeaseView {
 
     pub fn expired(&self, now: Instant) -> bool {
         now >= self.expires_at
+    }
+
+    /// The claim of a holder that peer probes find dead ends now, not a duration after
+    /// its last renewal: the next node may take the Lease at once.
+    pub fn unless_holder_dead(mut self, dead: &BTreeSet<String>, now: Instant) -> Self {
+        if self.holder.as_ref().is_some_and(|h| dead.contains(h)) {
+            self.expires_at = self.expires_at.min(now);
+        }
+        self
     }
 }
 
@@ -633,6 +631,27 @@ mod tests {
             now: at(now_ms),
             timing: timing(),
         }
+    }
+
+    #[test]
+    fn a_dead_holders_lease_is_takeable_at_once_and_the_next_node_takes_it() {
+        let held = view(Some("a"), 1_000);
+        assert!(!takeable(Some(&held), "b", at(1_500)));
+        let dead = nodes(&["a"]);
+        let seen_dead = held.clone().unless_holder_dead(&dead, at(1_500));
+        assert!(takeable(Some(&seen_dead), "b", at(1_500)));
+        assert_eq!(
+            held.clone().unless_holder_dead(&nodes(&["c"]), at(1_500)),
+            held,
+            "another node's death changes nothing"
+        );
+        // The dead holder is out of the eligible nodes (not alive): of b and c, the first
+        // in the ranking without a takes it without waiting a step.
+        let alive = nodes(&["b", "c"]);
+        let first = ranking(&ip("198.19.8.30"), &alive, Some("a"))[0];
+        let mut s = state(first, Some(&alive), Some(&seen_dead), 1_500);
+        s.takeable_since = Some(at(1_500));
+        assert_eq!(decide(&s), Action::Acquire);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use berth_crds::LoadBalancerClass;
-use berth_runtime::lease::{LeaseClient, Observations, Observed};
+use berth_runtime::lease::{self, LeaseClient, Observations, Observed};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
@@ -24,7 +24,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::error::Error;
 use crate::l2::announce::{self, Action, AddrState, LeaseView, PoolClass, Timing};
@@ -38,6 +38,8 @@ pub struct Snapshot {
     pub wanted: BTreeMap<IpAddr, BTreeSet<String>>,
     pub node_addresses: Vec<IpAddr>,
     pub warnings: Vec<String>,
+    /// Nodes peer probes find dead: their Leases are takeable at once.
+    pub dead: BTreeSet<String>,
 }
 
 /// Computes a [`Snapshot`] from the classes and node names; `None` until the model's
@@ -74,6 +76,23 @@ struct Watched {
     listed: [Arc<AtomicBool>; 3],
 }
 
+/// An address handed over: kept on the interface after its Lease was released.
+#[derive(Clone, Copy, Debug)]
+struct Handover {
+    /// Withdrawn at the latest then, taken or not.
+    until: Instant,
+    /// When this node first saw another node holding the Lease.
+    taken_at: Option<Instant>,
+}
+
+/// How long a handed-over address stays after another node took its Lease: the new
+/// holder adds it and sends its first gratuitous ARP right after its write.
+const HANDOVER_GRACE: Duration = Duration::from_millis(500);
+
+/// How long a stopping agent waits for other nodes to take its addresses over (within
+/// the agent's 5 s bound for stopping).
+const STOP_HANDOVER: Duration = Duration::from_secs(3);
+
 /// One step's work: Lease writes, and addresses to take off the interface before them.
 #[derive(Default)]
 struct Plan {
@@ -94,6 +113,15 @@ pub struct Announcer {
     /// Addresses on the interface now; a gratuitous ARP burst stops when its address leaves.
     announcing: Arc<Mutex<BTreeSet<IpAddr>>>,
     takeable_since: BTreeMap<IpAddr, Instant>,
+    /// Nodes peer probes found dead at the last step.
+    dead: BTreeSet<String>,
+    /// Addresses whose Lease this node gave up while they are still wanted: they stay on
+    /// the interface until another node has taken the Lease and announced them
+    /// (make-before-break), or the hand-over's bound passes.
+    handing_over: BTreeMap<IpAddr, Handover>,
+    /// Brings the next step forward: peer probes found a node dead (or alive again), or a
+    /// Lease was released.
+    wake: Arc<Notify>,
     iface: Option<Interface>,
     last_interface_sync: Option<Instant>,
     warned: BTreeSet<String>,
@@ -193,7 +221,7 @@ fn pool_classes(
 
 impl Announcer {
     /// Starts the watches; [`Announcer::run`] then does the work.
-    pub fn new(client: Client, cfg: Config, metrics: Arc<Metrics>) -> Self {
+    pub fn new(client: Client, cfg: Config, metrics: Arc<Metrics>, wake: Arc<Notify>) -> Self {
         let listed: [Arc<AtomicBool>; 3] = Default::default();
         let classes = reflect(
             "LoadBalancerClass",
@@ -210,6 +238,7 @@ impl Announcer {
         let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
         let leases = SharedObservations::default();
         let observations = leases.clone();
+        let released = wake.clone();
         tokio::spawn(follow(
             "Lease",
             watcher::watcher(
@@ -217,8 +246,15 @@ impl Announcer {
                 watcher::Config::default().labels(announce::LEASE_LABEL),
             ),
             listed[2].clone(),
-            // Stamped on arrival: the only clock that judges another node's Lease.
-            move |ev| lock(&observations).apply(ev, Instant::now()),
+            // Stamped on arrival: the only clock that judges another node's Lease. A
+            // released Lease is decided at once: it may be handed over to this node.
+            move |ev| {
+                let freed = matches!(&ev, watcher::Event::Apply(l) if lease::Record::of(l).holder.is_none());
+                lock(&observations).apply(ev, Instant::now());
+                if freed {
+                    released.notify_one();
+                }
+            },
         ));
         Self {
             worker: Worker {
@@ -238,6 +274,9 @@ impl Announcer {
             held: BTreeMap::new(),
             announcing: Arc::new(Mutex::new(BTreeSet::new())),
             takeable_since: BTreeMap::new(),
+            dead: BTreeSet::new(),
+            handing_over: BTreeMap::new(),
+            wake,
             iface: None,
             last_interface_sync: None,
             warned: BTreeSet::new(),
@@ -247,14 +286,19 @@ impl Announcer {
     /// Announces until `shutdown` turns true, then gives every address up. A step runs
     /// every tick, and earlier when a renewal falls due or a write finishes: each address
     /// is renewed at its own time, not at the next tick. Writes finish in the background
-    /// and are settled as they come.
+    /// and are settled as they come; a wake brings the next step forward.
     pub async fn run(mut self, model: ModelView, mut shutdown: watch::Receiver<bool>) {
+        let wake = self.wake.clone();
         let mut next = Instant::now();
         let mut last_step = next;
         loop {
             let finished = tokio::select! {
                 _ = tokio::time::sleep_until(next.into()) => Vec::new(),
                 done = self.in_flight.finished() => done,
+                _ = wake.notified() => {
+                    next = next.min(last_step + self.cfg.timing.tick / 8);
+                    Vec::new()
+                }
                 _ = shutdown.changed() => break,
             };
             if *shutdown.borrow() {
@@ -306,6 +350,15 @@ impl Announcer {
             .filter(|(a, _)| !self.in_flight.busy(a))
             .map(|(_, h)| h.renewed_at + timing.renew)
             .min();
+        let handover = self
+            .handing_over
+            .values()
+            .map(|h| {
+                h.taken_at
+                    .map_or(h.until, |t| (t + HANDOVER_GRACE).min(h.until))
+            })
+            .min();
+        let due = due.into_iter().chain(handover).min();
         let at = due.map_or(started + timing.tick, |d| d.min(started + timing.tick));
         at.max(started + timing.tick / 8)
     }
@@ -334,7 +387,10 @@ impl Announcer {
         let Some(iface) = self.iface.clone() else {
             return;
         };
-        let plan = self.plan(&snap.wanted);
+        self.dead = snap.dead.clone();
+        let handed = self.handed_over(&snap.wanted);
+        let mut plan = self.plan(&snap.wanted);
+        plan.withdraw.extend(handed);
         self.takeable_since
             .retain(|a, _| snap.wanted.contains_key(a));
         let changed = !plan.withdraw.is_empty();
@@ -378,6 +434,7 @@ impl Announcer {
                 Action::Acquire | Action::Release if busy => {}
                 Action::Acquire => {
                     others += 1;
+                    self.handing_over.remove(&addr);
                     plan.jobs.push((addr, Job::Acquire { seen }));
                 }
                 Action::Renew => {
@@ -393,9 +450,14 @@ impl Announcer {
                 Action::Release => {
                     if let Some(h) = self.held.remove(&addr) {
                         others += 1;
-                        plan.withdraw.push(addr);
-                        // Allocated no more: the Lease goes with the address.
+                        // Allocated no more: the Lease goes with the address. Still
+                        // wanted: another node takes it over before it leaves here.
                         let delete = !wanted.contains_key(&addr);
+                        if delete {
+                            plan.withdraw.push(addr);
+                        } else {
+                            self.hand_over(addr);
+                        }
                         plan.jobs.push((
                             addr,
                             Job::Release {
@@ -416,6 +478,49 @@ impl Announcer {
         let room = schedule::OTHERS_PER_STEP.saturating_sub(others);
         plan.jobs.extend(self.sweeps(wanted).into_iter().take(room));
         plan
+    }
+
+    /// Keeps `addr` on the interface after its Lease is released, for a Lease duration at
+    /// most, and stops its gratuitous ARPs.
+    fn hand_over(&mut self, addr: IpAddr) {
+        self.set_announcing(addr, false);
+        let until = Instant::now() + self.cfg.timing.duration;
+        self.handing_over.insert(
+            addr,
+            Handover {
+                until,
+                taken_at: None,
+            },
+        );
+    }
+
+    /// The handed-over addresses to take off the interface now: another node has held
+    /// the Lease for [`HANDOVER_GRACE`], the bound passed, or the address is no longer
+    /// wanted.
+    fn handed_over(&mut self, wanted: &BTreeMap<IpAddr, BTreeSet<String>>) -> Vec<IpAddr> {
+        let now = Instant::now();
+        let leases = lock(&self.watched.leases);
+        let mut done = Vec::new();
+        for (addr, h) in self.handing_over.iter_mut() {
+            let taken = leases
+                .get(&announce::lease_name(addr))
+                .and_then(|o| o.holder())
+                .is_some_and(|holder| holder != self.cfg.node);
+            if taken && h.taken_at.is_none() {
+                h.taken_at = Some(now);
+            }
+            let grace_over = h.taken_at.is_some_and(|t| now >= t + HANDOVER_GRACE);
+            if grace_over || now >= h.until || !wanted.contains_key(addr) {
+                done.push(*addr);
+            }
+        }
+        drop(leases);
+        for addr in &done {
+            if let Some(h) = self.handing_over.remove(addr) {
+                tracing::info!(address = %addr, taken = h.taken_at.is_some(), "handed-over pool address withdrawn");
+            }
+        }
+        done
     }
 
     /// Leases of addresses allocated no more that have stood still for a whole duration:
@@ -547,9 +652,7 @@ impl Announcer {
         );
         self.metrics.l2_transition("acquired");
         self.set_announcing(addr, true);
-        if let IpAddr::V4(v4) = addr {
-            self.send_garps(iface.clone(), v4);
-        }
+        self.send_garps(iface.clone(), addr);
     }
 
     /// The pool classes and the model's addresses with their eligible nodes; `None` until
@@ -604,9 +707,11 @@ impl Announcer {
         let seen = lock(&self.watched.leases)
             .get(&announce::lease_name(&addr))
             .cloned();
-        let view = seen.as_ref().map(LeaseView::of);
-        let held = self.held.get(&addr).map(|h| h.renewed_at);
         let now = Instant::now();
+        let view = seen
+            .as_ref()
+            .map(|s| LeaseView::of(s).unless_holder_dead(&self.dead, now));
+        let held = self.held.get(&addr).map(|h| h.renewed_at);
         if held.is_none() && announce::takeable(view.as_ref(), &self.cfg.node, now) {
             self.takeable_since.entry(addr).or_insert(now);
         } else {
@@ -634,12 +739,13 @@ impl Announcer {
         }
     }
 
-    /// Several gratuitous ARPs, spread over a second: a neighbour ignores updates for an
-    /// entry changed less than its locktime ago. Stops when the address leaves.
-    fn send_garps(&self, iface: Interface, v4: std::net::Ipv4Addr) {
+    /// Several gratuitous ARPs (IPv4) or unsolicited neighbour advertisements (IPv6),
+    /// spread over a second: a neighbour ignores ARP updates for an entry changed less
+    /// than its locktime ago, and any single frame may be lost. Stops when the address
+    /// leaves.
+    fn send_garps(&self, iface: Interface, addr: IpAddr) {
         let announcing = self.announcing.clone();
         let metrics = self.metrics.clone();
-        let addr = IpAddr::V4(v4);
         tokio::spawn(async move {
             for i in 0..3 {
                 if i > 0 {
@@ -652,9 +758,13 @@ impl Announcer {
                 if !still {
                     break;
                 }
-                match link::send_garp(&iface, v4) {
-                    Ok(()) => metrics.garp_sent(),
-                    Err(e) => tracing::warn!(address = %addr, "gratuitous ARP: {e}"),
+                let sent = match addr {
+                    IpAddr::V4(v4) => link::send_garp(&iface, v4).map(|()| metrics.garp_sent()),
+                    IpAddr::V6(v6) => link::send_unsolicited_na(&iface, v6)
+                        .map(|()| metrics.neighbour_advert_sent()),
+                };
+                if let Err(e) = sent {
+                    tracing::warn!(address = %addr, "announcing the address: {e}");
                 }
             }
         });
@@ -700,10 +810,48 @@ impl Announcer {
         }
     }
 
-    /// The agent stops: every address goes, every Lease is freed.
+    /// The agent stops: every Lease is freed first, and each address leaves the
+    /// interface once another node holds its Lease (make-before-break), or after
+    /// [`STOP_HANDOVER`] for those nobody took; handed-over addresses go the same way.
     async fn release_all(&mut self) {
-        let all: Vec<IpAddr> = self.held.keys().copied().collect();
-        self.release_some(all).await;
+        let Some(iface) = self.iface.clone() else {
+            return;
+        };
+        let jobs: Vec<(IpAddr, Job)> = std::mem::take(&mut self.held)
+            .into_iter()
+            .map(|(a, h)| {
+                let job = Job::Release {
+                    held: h.lease,
+                    delete: false,
+                };
+                (a, job)
+            })
+            .collect();
+        for (addr, _) in &jobs {
+            self.hand_over(*addr);
+        }
+        for (addr, outcome) in self.worker.run(jobs).await {
+            if let Outcome::Released { .. } = outcome {
+                tracing::info!(address = %addr, "released the Lease of a pool address on stop");
+                self.metrics.l2_transition("released");
+            }
+        }
+        let until = Instant::now() + STOP_HANDOVER;
+        let wanted: BTreeMap<IpAddr, BTreeSet<String>> = self
+            .handing_over
+            .keys()
+            .map(|a| (*a, BTreeSet::new()))
+            .collect();
+        loop {
+            let done = self.handed_over(&wanted);
+            self.withdraw(&iface, done).await;
+            if self.handing_over.is_empty() || Instant::now() >= until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let rest: Vec<IpAddr> = std::mem::take(&mut self.handing_over).into_keys().collect();
+        self.withdraw(&iface, rest).await;
     }
 
     /// Removes the addresses berth put on the interface that this node does not hold:
@@ -721,7 +869,12 @@ impl Announcer {
             }
         };
         self.last_interface_sync = Some(Instant::now());
-        let held: BTreeSet<IpAddr> = self.held.keys().copied().collect();
+        let held: BTreeSet<IpAddr> = self
+            .held
+            .keys()
+            .chain(self.handing_over.keys())
+            .copied()
+            .collect();
         let stale = link::stale(&on, &held);
         let lifetime = link::lifetime(self.cfg.timing.duration);
         let failed = link::apply(&iface, Vec::new(), stale.clone(), lifetime).await;

@@ -9,8 +9,13 @@
 //! killed agent stops renewing, a stopped one releases: none of them is ranked, so the
 //! first live node takes a free address at once instead of waiting a step per dead node
 //! ranked before it.
+//!
+//! The heartbeat Lease also says where the agent listens for peer probes
+//! ([`super::probe`]); a node the probes find dead is not alive either, well before its
+//! heartbeat would expire.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -20,12 +25,14 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
+use kube::api::ResourceExt;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::l2::announce::Timing;
+use crate::l2::probe::{self, Probes};
 
 /// Label on every heartbeat Lease; its value is the node's name (the watch selects on it).
 pub const LABEL: &str = "berth.dev/agent-heartbeat";
@@ -69,12 +76,93 @@ pub fn live(
         .collect()
 }
 
+/// The nodes whose heartbeat says they are leaving. Pure.
+pub fn leaving(heartbeats: &Observations) -> BTreeSet<String> {
+    heartbeats
+        .iter()
+        .filter_map(|(name, seen)| {
+            let node = seen.holder()?;
+            let says = seen
+                .lease
+                .metadata
+                .annotations
+                .as_ref()?
+                .contains_key(LEAVING);
+            (says && *name == lease_name(node)).then(|| node.to_string())
+        })
+        .collect()
+}
+
+/// The nodes to rank among the `alive`: those not `leaving`, unless every one is (an
+/// address announced from a leaving node beats one announced from none).
+pub fn staying(alive: BTreeSet<String>, leaving: &BTreeSet<String>) -> BTreeSet<String> {
+    let staying: BTreeSet<String> = alive.difference(leaving).cloned().collect();
+    if staying.is_empty() { alive } else { staying }
+}
+
+/// Annotation on an agent's heartbeat Lease while its node is leaving: why.
+pub const LEAVING: &str = "berth.dev/leaving";
+
+/// Whether this node is leaving (cordoned, tainted for removal by the cluster autoscaler,
+/// being deleted): no node ranks it for an address, and it hands its addresses over to
+/// other nodes first (make-before-break).
+#[derive(Debug, Default)]
+pub struct Leaving {
+    reason: Mutex<Option<String>>,
+    changed: Notify,
+}
+
+impl Leaving {
+    pub fn set(&self, why: Option<String>) {
+        let mut reason = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if *reason == why {
+            return;
+        }
+        match &why {
+            Some(w) => tracing::info!("node leaving ({w}): its pool addresses move to other nodes"),
+            None => tracing::info!("node no longer leaving: it announces pool addresses again"),
+        }
+        *reason = why;
+        self.changed.notify_one();
+    }
+
+    pub fn reason(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Every other agent's probe address, from the heartbeat Leases that name their node as
+/// holder. Pure.
+pub fn probe_peers(heartbeats: &Observations) -> BTreeMap<String, SocketAddr> {
+    heartbeats
+        .iter()
+        .filter_map(|(_, seen)| {
+            let node = seen.holder()?;
+            let value = seen
+                .lease
+                .metadata
+                .annotations
+                .as_ref()?
+                .get(probe::ANNOTATION)?;
+            (lease_name(node) == seen.lease.name_any())
+                .then(|| probe::advertised(value))
+                .flatten()
+                .map(|a| (node.to_string(), a))
+        })
+        .collect()
+}
+
 /// Every agent's heartbeat as this agent observes it (cheap to clone).
 #[derive(Clone)]
 pub struct Liveness {
     me: String,
     heartbeats: Arc<Mutex<Observations>>,
     listed: Arc<AtomicBool>,
+    probes: Option<Arc<Probes>>,
+    leaving: Arc<Leaving>,
 }
 
 impl Liveness {
@@ -82,12 +170,20 @@ impl Liveness {
         self.heartbeats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Watches the heartbeat Leases of `api`'s namespace.
-    pub fn watch(api: Api<Lease>, me: &str) -> Self {
+    /// Watches the heartbeat Leases of `api`'s namespace; tells `probes` whom to probe.
+    /// This node counts as alive unless `leaving`.
+    pub fn watch(
+        api: Api<Lease>,
+        me: &str,
+        probes: Option<Arc<Probes>>,
+        leaving: Arc<Leaving>,
+    ) -> Self {
         let liveness = Self {
             me: me.into(),
             heartbeats: Arc::default(),
             listed: Arc::default(),
+            probes,
+            leaving,
         };
         tokio::spawn(liveness.clone().follow(api));
         liveness
@@ -105,7 +201,11 @@ impl Liveness {
                         self.listed.store(true, Ordering::Relaxed);
                     }
                     // Stamped on arrival: the only clock that judges another agent.
-                    self.lock().apply(ev, Instant::now());
+                    let mut seen = self.lock();
+                    seen.apply(ev, Instant::now());
+                    if let Some(p) = &self.probes {
+                        p.set_peers(probe_peers(&seen));
+                    }
                 }
                 Err(e) if !failing => {
                     failing = true;
@@ -122,7 +222,44 @@ impl Liveness {
         if !self.listed.load(Ordering::Relaxed) {
             return None;
         }
-        Some(live(nodes, &self.me, &self.lock(), Instant::now()))
+        let seen = self.lock();
+        let mut alive = live(nodes, &self.me, &seen, Instant::now());
+        for dead in self.dead() {
+            alive.remove(&dead);
+        }
+        let mut going = leaving(&seen);
+        going.remove(&self.me);
+        if self.leaving.reason().is_some() {
+            going.insert(self.me.clone());
+        }
+        Some(staying(alive, &going))
+    }
+
+    /// Whether this node announces its addresses: not leaving, or leaving while no other
+    /// live node stays (an address announced from a leaving node beats one announced
+    /// from none).
+    pub fn announces(&self) -> bool {
+        if self.leaving.reason().is_none() {
+            return true;
+        }
+        let seen = self.lock();
+        let now = Instant::now();
+        let going = leaving(&seen);
+        let dead = self.dead();
+        !seen.iter().any(|(name, o)| {
+            o.holder().is_some_and(|n| {
+                n != self.me
+                    && *name == lease_name(n)
+                    && !o.expired(now)
+                    && !going.contains(n)
+                    && !dead.contains(n)
+            })
+        })
+    }
+
+    /// The peers the probes find dead now (none without probes).
+    pub fn dead(&self) -> BTreeSet<String> {
+        self.probes.as_ref().map(|p| p.dead()).unwrap_or_default()
     }
 
     /// This agent's own heartbeat Lease as last observed.
@@ -133,16 +270,52 @@ impl Liveness {
     }
 }
 
+/// Where this agent's probes arrive (`ip:port`), once the node's address is known.
+pub type ProbeAddress = Box<dyn Fn() -> Option<SocketAddr> + Send>;
+
 /// This agent's side of its heartbeat: the Lease as last written, when it holds it.
 pub struct Beat {
     leases: LeaseClient,
     held: Option<Lease>,
+    probe_address: Option<ProbeAddress>,
+    leaving: Arc<Leaving>,
 }
 
 impl Beat {
-    /// `leases` writes as this node, with the L2 lease duration.
-    pub fn new(leases: LeaseClient) -> Self {
-        Self { leases, held: None }
+    /// `leases` writes as this node, with the L2 lease duration; the Lease's annotations
+    /// say where probes arrive (`probe_address`, when probes are on) and whether the node
+    /// is `leaving`.
+    pub fn new(
+        leases: LeaseClient,
+        probe_address: Option<ProbeAddress>,
+        leaving: Arc<Leaving>,
+    ) -> Self {
+        Self {
+            leases,
+            held: None,
+            probe_address,
+            leaving,
+        }
+    }
+
+    /// Writes the annotations into `lease` (removing stale ones).
+    fn annotate(&self, lease: &mut Lease) {
+        let probe = self
+            .probe_address
+            .as_ref()
+            .and_then(|f| f())
+            .map(|a| a.to_string());
+        let annotations = lease.metadata.annotations.get_or_insert_with(BTreeMap::new);
+        for (key, value) in [(probe::ANNOTATION, probe), (LEAVING, self.leaving.reason())] {
+            match value {
+                Some(v) => {
+                    annotations.insert(key.to_string(), v);
+                }
+                None => {
+                    annotations.remove(key);
+                }
+            }
+        }
     }
 
     pub fn holds(&self) -> bool {
@@ -155,7 +328,8 @@ impl Beat {
     pub async fn once(&mut self, observed: Option<Lease>, deadline: Instant) {
         let name = lease_name(self.leases.identity());
         let written = match self.held.take() {
-            Some(held) => {
+            Some(mut held) => {
+                self.annotate(&mut held);
                 let renewed = self.leases.renew(held.clone(), Timestamp::now(), deadline);
                 match renewed.await {
                     // The write may have landed: a later renewal conflicts then.
@@ -169,7 +343,8 @@ impl Beat {
             None => {
                 let labels =
                     BTreeMap::from([(LABEL.to_string(), label_value(self.leases.identity()))]);
-                let current = observed.unwrap_or_else(|| lease::absent(&name, labels));
+                let mut current = observed.unwrap_or_else(|| lease::absent(&name, labels));
+                self.annotate(&mut current);
                 self.leases
                     .acquire(current, Timestamp::now(), deadline)
                     .await
@@ -222,8 +397,11 @@ pub async fn run(
 ) {
     let mut wait = Duration::ZERO;
     loop {
+        let leaving = beat.leaving.clone();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            // Other nodes stop ranking a leaving node as soon as its heartbeat says so.
+            _ = leaving.changed.notified() => {}
             _ = shutdown.changed() => break,
         }
         if *shutdown.borrow() {
@@ -349,22 +527,64 @@ mod tests {
     async fn the_beat_creates_renews_retakes_and_releases_its_lease() {
         let server = FakeApiserver::new("kube-system");
         let api: Api<Lease> = Api::namespaced(server.client(), "kube-system");
-        let mut beat = Beat::new(LeaseClient::new(api, "n1", Duration::from_secs(3)));
+        let probe: SocketAddr = "198.18.1.10:7947".parse().expect("addr");
+        let leaving = Arc::new(Leaving::default());
+        let mut beat = Beat::new(
+            LeaseClient::new(api, "n1", Duration::from_secs(3)),
+            Some(Box::new(move || Some(probe))),
+            leaving.clone(),
+        );
         let soon = || Instant::now() + Duration::from_secs(5);
         beat.once(None, soon()).await;
         let name = lease_name("n1");
         let created = server.get(&name).expect("created");
         assert_eq!(lease::Record::of(&created).holder.as_deref(), Some("n1"));
+        let mut seen = Observations::default();
+        seen.observe(created.clone(), Instant::now());
+        assert_eq!(
+            probe_peers(&seen),
+            BTreeMap::from([("n1".to_string(), probe)]),
+            "the probe address is advertised"
+        );
         assert_eq!(
             created.metadata.labels.as_ref().and_then(|l| l.get(LABEL)),
             Some(&"n1".to_string())
         );
+        // Cordoned: the next beat says so, and other agents stop ranking the node.
+        leaving.set(Some("node is cordoned".into()));
         beat.once(None, soon()).await;
         let renewed = server.get(&name).expect("renewed");
         assert_ne!(
             renewed.metadata.resource_version,
             created.metadata.resource_version
         );
+        let leaving_says = renewed
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LEAVING));
+        assert_eq!(leaving_says.map(String::as_str), Some("node is cordoned"));
+        let mut seen = Observations::default();
+        seen.observe(renewed.clone(), Instant::now());
+        assert_eq!(
+            leaving_nodes_of(&seen),
+            nodes(&["n1"]),
+            "others see it leaving"
+        );
+        let l = Liveness {
+            me: "n1".into(),
+            heartbeats: Arc::default(),
+            listed: Arc::new(AtomicBool::new(true)),
+            probes: None,
+            leaving: leaving.clone(),
+        };
+        assert_eq!(
+            l.live(&nodes(&["n1"])),
+            Some(nodes(&["n1"])),
+            "alone, a leaving node still announces"
+        );
+        leaving.set(None);
+        assert_eq!(l.live(&nodes(&["n1"])), Some(nodes(&["n1"])));
         // Someone else wrote it (an earlier instance of this agent, say): the renewal
         // conflicts, and the next beat takes it back from the observed copy.
         let foreign = server.put(renewed.clone());
@@ -376,6 +596,76 @@ mod tests {
         let released = server.get(&name).expect("released");
         assert_eq!(lease::Record::of(&released).holder, None);
         assert!(!beat.holds());
+    }
+
+    fn leaving_nodes_of(seen: &Observations) -> BTreeSet<String> {
+        leaving(seen)
+    }
+
+    #[test]
+    fn leaving_nodes_are_not_ranked_unless_all_are() {
+        let alive = nodes(&["a", "b", "c"]);
+        assert_eq!(staying(alive.clone(), &nodes(&["a"])), nodes(&["b", "c"]));
+        assert_eq!(
+            staying(alive.clone(), &alive),
+            alive,
+            "everyone leaving: keep all"
+        );
+        let mut seen = Observations::default();
+        let mut a = heartbeat("a", Some("a"), 1);
+        a.metadata.annotations = Some(BTreeMap::from([(
+            LEAVING.to_string(),
+            "node is cordoned".to_string(),
+        )]));
+        seen.observe(a, at(0));
+        seen.observe(heartbeat("b", Some("b"), 1), at(0));
+        // c's Lease held by b cannot say that b leaves.
+        let mut c = heartbeat("c", Some("b"), 1);
+        c.metadata.annotations = Some(BTreeMap::from([(LEAVING.to_string(), "x".to_string())]));
+        seen.observe(c, at(0));
+        assert_eq!(leaving(&seen), nodes(&["a"]));
+
+        // a itself: it stops announcing (BGP) while b stays, not once b leaves too.
+        let me = Liveness {
+            me: "a".into(),
+            heartbeats: Arc::default(),
+            listed: Arc::new(AtomicBool::new(true)),
+            probes: None,
+            leaving: Arc::default(),
+        };
+        me.lock()
+            .observe(heartbeat("b", Some("b"), 1), Instant::now());
+        assert!(me.announces(), "not leaving");
+        me.leaving.set(Some("node is cordoned".into()));
+        assert!(!me.announces(), "leaving while b stays");
+        let mut b = heartbeat("b", Some("b"), 2);
+        b.metadata.annotations = Some(BTreeMap::from([(LEAVING.to_string(), "x".to_string())]));
+        me.lock().observe(b, Instant::now());
+        assert!(me.announces(), "everyone leaving");
+    }
+
+    #[test]
+    fn probe_peers_come_from_heartbeats_held_by_their_own_node() {
+        let with = |mut l: Lease, v: &str| {
+            l.metadata.annotations = Some(BTreeMap::from([(
+                probe::ANNOTATION.to_string(),
+                v.to_string(),
+            )]));
+            l
+        };
+        let mut seen = Observations::default();
+        seen.observe(
+            with(heartbeat("a", Some("a"), 1), "198.18.1.10:7947"),
+            at(0),
+        );
+        // b's heartbeat Lease with a as holder cannot speak for a.
+        seen.observe(with(heartbeat("b", Some("a"), 1), "198.18.9.9:7947"), at(0));
+        seen.observe(with(heartbeat("c", Some("c"), 1), "not an address"), at(0));
+        seen.observe(heartbeat("d", Some("d"), 1), at(0));
+        assert_eq!(
+            probe_peers(&seen),
+            BTreeMap::from([("a".to_string(), "198.18.1.10:7947".parse().expect("addr"))])
+        );
     }
 
     #[test]
@@ -391,6 +681,8 @@ mod tests {
             me: "me".into(),
             heartbeats: Arc::default(),
             listed: Arc::default(),
+            probes: None,
+            leaving: Arc::default(),
         };
         assert_eq!(l.live(&nodes(&["me"])), None);
         l.listed.store(true, Ordering::Relaxed);

@@ -59,6 +59,40 @@ pub fn agent_pid(node: &str) -> Option<i32> {
         .ok()
 }
 
+/// Sends `signal` to `node`'s agent (found by its pid file, checked to be an agent).
+pub fn signal_agent(node: &str, signal: i32) {
+    let pid = agent_pid(node)
+        .filter(|p| is_agent(*p))
+        .unwrap_or_else(|| panic!("no agent on {node}"));
+    // SAFETY: kill(2) of the agent the harness started, found by its pid file.
+    unsafe { libc::kill(pid, signal) };
+}
+
+/// Keeps a node's agent from being restarted while alive (the supervisor leaves it dead
+/// while its [`hold_file`] exists); it is restarted after the drop.
+pub struct HoldAgent(PathBuf);
+
+impl HoldAgent {
+    pub fn new(node: &str) -> Self {
+        let path = hold_file(node);
+        std::fs::write(&path, b"held by a test\n").expect("hold file");
+        Self(path)
+    }
+
+    /// Holds `node`'s agent and sends it `signal`.
+    pub fn stop(node: &str, signal: i32) -> Self {
+        let hold = Self::new(node);
+        signal_agent(node, signal);
+        hold
+    }
+}
+
+impl Drop for HoldAgent {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn command(plan: &NodePlan, kubeconfig: &Path) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &plan.netns])

@@ -14,7 +14,7 @@ use berth_e2e::controller::{ClassGuard, install_crds};
 use berth_e2e::env::NodeInfo;
 use berth_e2e::l2::{client_neighbour, lease_holder, mac_of, nginx_on, set_ingress};
 use berth_e2e::l2scale::{BERTH_PROTO, HostAddress};
-use berth_e2e::nodeagent::{self, L2_LEASE_SECONDS};
+use berth_e2e::nodeagent::{self, HoldAgent, L2_LEASE_SECONDS};
 use berth_e2e::requests::{RequestLoop, gap};
 use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{TestEnv, TestNamespace, curl_in};
@@ -282,23 +282,6 @@ impl Drop for BlackHole {
     }
 }
 
-/// Keeps a node's agent from being restarted while alive.
-struct HoldAgent(std::path::PathBuf);
-
-impl HoldAgent {
-    fn new(node: &str) -> Self {
-        let path = nodeagent::hold_file(node);
-        std::fs::write(&path, b"held by the l2 suite\n").expect("hold file");
-        Self(path)
-    }
-}
-
-impl Drop for HoldAgent {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 async fn agent_back(env: &TestEnv, name: &str) {
     nodeagent::wait_healthy(&node(env, name).plan, Duration::from_secs(60))
         .await
@@ -326,12 +309,8 @@ async fn fail_over(
         Duration::from_millis(100),
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let hold = HoldAgent::new(holder);
-    let pid = nodeagent::agent_pid(holder).expect("agent pid");
-    assert!(nodeagent::is_agent(pid), "pid {pid} is not an agent");
     let stopped_at = Instant::now();
-    // SAFETY: kill(2) of the agent the harness started, found by its pid file.
-    unsafe { libc::kill(pid, signal) };
+    let hold = HoldAgent::stop(holder, signal);
     let _down = node_down.then(|| BlackHole::add(&node(env, holder).plan.netns, ip));
     let next = until(
         env,

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use berth_e2e::env::NodeInfo;
-use berth_e2e::nodeagent;
+use berth_e2e::nodeagent::{self, HoldAgent};
 use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{TestEnv, TestNamespace, curl_in, exec_in, wait_for};
 use berth_e2e::wait::{Diagnostics, wait_true};
@@ -1076,23 +1076,6 @@ impl HeldConnection {
             .find_map(|l| l.strip_prefix("X-Berth-Pod: "))
             .map(|p| p.trim().to_string())
             .ok_or_else(|| format!("no pod header in {raw:?}"))
-    }
-}
-
-/// Keeps a node's agent from being restarted while alive.
-struct HoldAgent(std::path::PathBuf);
-
-impl HoldAgent {
-    fn new(node: &str) -> Self {
-        let path = nodeagent::hold_file(node);
-        std::fs::write(&path, b"held by a test\n").expect("hold file");
-        Self(path)
-    }
-}
-
-impl Drop for HoldAgent {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 

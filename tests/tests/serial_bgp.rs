@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use berth_e2e::controller::{ClassGuard, install_crds};
 use berth_e2e::net::NodePlan;
-use berth_e2e::nodeagent;
+use berth_e2e::nodeagent::{self, HoldAgent};
 use berth_e2e::requests::RequestLoop;
 use berth_e2e::router::{Kind, NODE_ASN, Neighbor, ROUTER_ASN, Router};
 use berth_e2e::service::ServiceBuilder;
@@ -42,23 +42,6 @@ async fn until_hops(env: &TestEnv, router: &Router, addr: Ipv4Addr, want: &[Ipv4
         }
     })
     .await
-}
-
-/// Keeps a node's agent from being restarted while alive.
-struct HoldAgent(std::path::PathBuf);
-
-impl HoldAgent {
-    fn new(node: &str) -> Self {
-        let path = nodeagent::hold_file(node);
-        std::fs::write(&path, b"held by the serial_bgp suite\n").expect("hold file");
-        Self(path)
-    }
-}
-
-impl Drop for HoldAgent {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// An nftables table in a node's namespace dropping everything to and from the router,
@@ -102,14 +85,6 @@ impl Drop for Unplugged {
             ])
             .output();
     }
-}
-
-fn signal_agent(node: &NodePlan, signal: i32) {
-    let pid = nodeagent::agent_pid(&node.name)
-        .filter(|p| nodeagent::is_agent(*p))
-        .unwrap_or_else(|| panic!("no agent on {}", node.name));
-    // SAFETY: kill(2) of the agent recorded in berth's own pid file.
-    unsafe { libc::kill(pid, signal) };
 }
 
 /// SIGTERM of one node's agent under a request loop: its route is withdrawn and no
@@ -225,8 +200,7 @@ async fn sigterm_withdraws_first_and_a_failed_node_goes_with_the_hold_timer() {
         Duration::from_millis(50),
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let hold = HoldAgent::new(&stopped.name);
-    signal_agent(stopped, libc::SIGTERM);
+    let hold = HoldAgent::stop(&stopped.name, libc::SIGTERM);
     until_hops(
         &env,
         &router,
@@ -261,9 +235,8 @@ async fn sigterm_withdraws_first_and_a_failed_node_goes_with_the_hold_timer() {
 
     // A failed node: nothing reaches it or comes back, its agent dies without a word.
     let failed_node = &nodes[1];
-    let hold = HoldAgent::new(&failed_node.name);
     let unplugged = Unplugged::new(&failed_node.netns, router.ip, addr);
-    signal_agent(failed_node, libc::SIGKILL);
+    let hold = HoldAgent::stop(&failed_node.name, libc::SIGKILL);
     let t = Instant::now();
     let survivors: Vec<Ipv4Addr> = nodes
         .iter()

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use berth_e2e::controller::{ClassGuard, ControllerOpts, ControllerProc, install_crds};
 use berth_e2e::l2::lease_holder;
-use berth_e2e::nodeagent::{self, L2_LEASE_NAMESPACE, L2_LEASE_SECONDS};
+use berth_e2e::nodeagent::{self, HoldAgent, L2_LEASE_NAMESPACE, L2_LEASE_SECONDS};
 use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{TestEnv, lb_ips};
 use berth_e2e::wait::{Diagnostics, wait_until};
@@ -23,29 +23,6 @@ const POOL: &str = "198.19.46.0/29";
 
 fn lease() -> Duration {
     Duration::from_secs(L2_LEASE_SECONDS)
-}
-
-/// Keeps a node's agent down while alive; its supervisor restarts it on drop.
-struct AgentDown {
-    hold: std::path::PathBuf,
-}
-
-impl AgentDown {
-    fn kill(node: &str) -> Self {
-        let hold = nodeagent::hold_file(node);
-        std::fs::write(&hold, b"held by serial_l2_announcers\n").expect("hold file");
-        let pid = nodeagent::agent_pid(node).expect("agent pid");
-        assert!(nodeagent::is_agent(pid), "pid {pid} is not an agent");
-        // SAFETY: kill(2) of the agent the harness started, found by its pid file.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        Self { hold }
-    }
-}
-
-impl Drop for AgentDown {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.hold);
-    }
 }
 
 /// The Service's `berth.dev/Announced` condition as (status, reason, message).
@@ -134,7 +111,7 @@ async fn the_announced_condition_follows_the_lease_holder() {
         "kubectl describe service:\n{describe}"
     );
 
-    let down = AgentDown::kill(&first);
+    let down = HoldAgent::stop(&first, libc::SIGKILL);
     let second = announced_by_holder(&env, &api, &ip, Some(&first), &diag).await;
     let want = format!("{ip} now announced by {second} (was {first})");
     wait_until("the AnnouncerChanged Event", lease(), &diag, async || {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use berth_e2e::controller::{ClassGuard, install_crds};
 use berth_e2e::l2::{lease_holder, mac_of};
-use berth_e2e::nodeagent::{self, L2_LEASE_SECONDS};
+use berth_e2e::nodeagent::{self, HoldAgent, L2_LEASE_SECONDS};
 use berth_e2e::paths;
 use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{TestEnv, exec_in};
@@ -120,29 +120,6 @@ impl Drop for Backend {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// Keeps a node's agent down while alive; its supervisor restarts it on drop.
-struct AgentDown {
-    hold: std::path::PathBuf,
-}
-
-impl AgentDown {
-    fn kill(node: &str) -> Self {
-        let hold = nodeagent::hold_file(node);
-        std::fs::write(&hold, b"held by serial_l2_ipv6\n").expect("hold file");
-        let pid = nodeagent::agent_pid(node).expect("agent pid");
-        assert!(nodeagent::is_agent(pid), "pid {pid} is not an agent");
-        // SAFETY: kill(2) of the agent the harness started, found by its pid file.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        Self { hold }
-    }
-}
-
-impl Drop for AgentDown {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.hold);
     }
 }
 
@@ -308,7 +285,7 @@ async fn an_ipv6_pool_address_moves_with_unsolicited_neighbour_advertisements() 
         "the client reached {VIP} at {first} ({state})"
     );
 
-    let down = AgentDown::kill(&first);
+    let down = HoldAgent::stop(&first, libc::SIGKILL);
     let (second, taken) = wait_until(
         "another node taking the address",
         lease() * 4,

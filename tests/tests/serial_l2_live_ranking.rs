@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use berth_e2e::controller::{ClassGuard, install_crds};
 use berth_e2e::l2::lease_holder;
-use berth_e2e::nodeagent::{self, L2_LEASE_SECONDS};
+use berth_e2e::nodeagent::{self, HoldAgent, L2_LEASE_SECONDS};
 use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::TestEnv;
 use berth_e2e::wait::{Diagnostics, wait_until};
@@ -42,29 +42,6 @@ fn ranking(addr: &str, nodes: &[String]) -> Vec<String> {
     order
 }
 
-/// Keeps a node's agent down while alive; its supervisor restarts it on drop.
-struct AgentDown {
-    hold: std::path::PathBuf,
-}
-
-impl AgentDown {
-    fn stop(node: &str, signal: i32) -> Self {
-        let hold = nodeagent::hold_file(node);
-        std::fs::write(&hold, b"held by serial_l2_live_ranking\n").expect("hold file");
-        let pid = nodeagent::agent_pid(node).expect("agent pid");
-        assert!(nodeagent::is_agent(pid), "pid {pid} is not an agent");
-        // SAFETY: kill(2) of the agent the harness started, found by its pid file.
-        unsafe { libc::kill(pid, signal) };
-        Self { hold }
-    }
-}
-
-impl Drop for AgentDown {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.hold);
-    }
-}
-
 /// Stops the agent of `addr`'s best-ranked node with `signal`, gives the others time to
 /// see it dead, then writes `addr` into a new Service's status and measures until some
 /// node carries it: the next-ranked node, within [`BOUND`].
@@ -80,7 +57,7 @@ async fn announced_without_waiting_for_the_dead(
     let order = ranking(addr, &names);
     let (dead, next) = (&order[0], &order[1]);
     let dump = Diagnostics::new(env).node_agents(&env.info);
-    let down = AgentDown::stop(dead, signal);
+    let down = HoldAgent::stop(dead, signal);
     // Dead by observation: one lease duration without a heartbeat; twice, to be sure
     // every other agent has seen it so.
     tokio::time::sleep(lease() * 2).await;

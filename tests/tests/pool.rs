@@ -322,7 +322,24 @@ async fn restart_keeps_every_address_without_a_write() {
             })
             .collect()
     };
-    let before = snapshot(api.list(&ListParams::default()).await.expect("list").items);
+    // The first controller may still be finishing a write it started (a CI run saw one
+    // Service's resourceVersion move after every address was out): the snapshot is taken
+    // once nothing has changed for 3 s, so only the restart's writes can differ.
+    let mut before = snapshot(api.list(&ListParams::default()).await.expect("list").items);
+    let mut still_since = std::time::Instant::now();
+    let quiet_by = std::time::Instant::now() + LONG;
+    while still_since.elapsed() < Duration::from_secs(3) {
+        assert!(
+            std::time::Instant::now() < quiet_by,
+            "Services kept changing"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = snapshot(api.list(&ListParams::default()).await.expect("list").items);
+        if now != before {
+            before = now;
+            still_since = std::time::Instant::now();
+        }
+    }
     let distinct: std::collections::BTreeSet<&Vec<String>> =
         before.values().map(|(ips, _)| ips).collect();
     assert_eq!(distinct.len(), SERVICES, "no address given twice");

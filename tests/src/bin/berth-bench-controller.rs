@@ -268,7 +268,18 @@ fn buckets(view: &serde_json::Value) -> Vec<Bucket> {
 
 /// The bucket (its index and name) an operation draws from, as the extension picks it.
 fn bucket_of(table: &[Bucket], operation: &str) -> Option<(usize, String)> {
-    let service = if matches!(operation, "DescribeSubnets" | "DescribeInstances") {
+    // The EC2 operations the controller calls (its `limits::EC2_OPERATIONS`).
+    let ec2 = [
+        "AuthorizeSecurityGroupIngress",
+        "CreateSecurityGroup",
+        "DeleteSecurityGroup",
+        "DescribeInstances",
+        "DescribeSecurityGroups",
+        "DescribeSubnets",
+        "DescribeVpcs",
+        "RevokeSecurityGroupIngress",
+    ];
+    let service = if ec2.contains(&operation) {
         "ec2"
     } else {
         "elbv2"

@@ -1448,6 +1448,16 @@ mod iam_policy {
         out
     }
 
+    /// The client-side buckets take each call from its own service's table.
+    #[test]
+    fn every_call_draws_from_its_services_buckets() {
+        for call in called() {
+            let (service, op) = call.split_once(':').expect("service:Operation");
+            let want = if service == "ec2" { "ec2" } else { "elbv2" };
+            assert_eq!(super::super::limits::service_of(op), want, "{call}");
+        }
+    }
+
     fn policy() -> Value {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),

@@ -229,44 +229,10 @@ impl Collect for Metrics {
                 "Proxied Services known",
                 &self.services,
             ),
-            (
-                "berth_nodeproxy_l2_addresses_held",
-                "Pool addresses this node announces",
-                &self.l2_held,
-            ),
-            (
-                "berth_nodeproxy_l2_peers_dead",
-                "Peer agents silent to this agent's probes and to a witness's",
-                &self.peers_dead,
-            ),
         ] {
             r.register(name, help, gauge.clone());
         }
-        r.register(
-            "berth_nodeproxy_l2_lease_transitions",
-            "Pool address Leases acquired, released or lost by this node",
-            self.l2_transitions.clone(),
-        );
-        r.register(
-            "berth_nodeproxy_l2_gratuitous_arps_sent",
-            "Gratuitous ARPs sent for pool addresses",
-            self.garps.clone(),
-        );
-        r.register(
-            "berth_nodeproxy_l2_peer_probes_sent",
-            "Probes sent to peer agents on the node network",
-            self.peer_probes.clone(),
-        );
-        r.register(
-            "berth_nodeproxy_l2_neighbour_advertisements_sent",
-            "Unsolicited IPv6 neighbour advertisements sent for pool addresses",
-            self.neighbour_adverts.clone(),
-        );
-        r.register(
-            "berth_nodeproxy_l2_renewal_lateness_seconds",
-            "How long after its due time each pool address Lease renewal started",
-            self.l2_renewal_lateness.clone(),
-        );
+        self.register_l2(r);
         r.register(
             "berth_nodeproxy_refused_claims",
             "Refused or losing Service claims left out of the rules, by reason",
@@ -293,6 +259,47 @@ impl Collect for Metrics {
             self.conntrack_deleted.clone(),
         );
         self.kube_proxy.register(r);
+    }
+}
+
+impl Metrics {
+    /// The L2 announcement's metrics.
+    fn register_l2(&self, r: &mut Registry) {
+        r.register(
+            "berth_nodeproxy_l2_addresses_held",
+            "Pool addresses this node announces",
+            self.l2_held.clone(),
+        );
+        r.register(
+            "berth_nodeproxy_l2_peers_dead",
+            "Peer agents silent to this agent's probes and to a witness's",
+            self.peers_dead.clone(),
+        );
+        r.register(
+            "berth_nodeproxy_l2_lease_transitions",
+            "Pool address Leases acquired, released or lost by this node",
+            self.l2_transitions.clone(),
+        );
+        r.register(
+            "berth_nodeproxy_l2_gratuitous_arps_sent",
+            "Gratuitous ARPs sent for pool addresses",
+            self.garps.clone(),
+        );
+        r.register(
+            "berth_nodeproxy_l2_peer_probes_sent",
+            "Probes sent to peer agents on the node network",
+            self.peer_probes.clone(),
+        );
+        r.register(
+            "berth_nodeproxy_l2_neighbour_advertisements_sent",
+            "Unsolicited IPv6 neighbour advertisements sent for pool addresses",
+            self.neighbour_adverts.clone(),
+        );
+        r.register(
+            "berth_nodeproxy_l2_renewal_lateness_seconds",
+            "How long after its due time each pool address Lease renewal started",
+            self.l2_renewal_lateness.clone(),
+        );
     }
 }
 

@@ -7,12 +7,10 @@ use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
-use aws_sdk_elasticloadbalancingv2 as elb;
-use berth_e2e::controller::{
-    ClassGuard, ControllerOpts, ControllerProc, aws_view, install_crds, logs_of, targets,
-};
+use berth_e2e::awscase::AwsCase;
+use berth_e2e::controller::{ClassGuard, aws_view, install_crds, logs_of, targets};
 use berth_e2e::service::ServiceBuilder;
-use berth_e2e::testing::{TestEnv, TestNamespace, lb_condition, lb_hostname, wait_for};
+use berth_e2e::testing::{TestEnv, lb_condition, lb_hostname, wait_for};
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::Api;
@@ -26,37 +24,19 @@ const HC_PROTOCOL: &str = "service.beta.kubernetes.io/aws-load-balancer-healthch
 const CAPACITY: &str =
     "service.beta.kubernetes.io/aws-load-balancer-minimum-load-balancer-capacity";
 
-struct Case {
-    env: TestEnv,
-    ns: TestNamespace,
-    class: ClassGuard,
-    controllers: Vec<ControllerProc>,
-    elb: elb::Client,
-    ec2: aws_sdk_ec2::Client,
+/// The shared AWS case ([`AwsCase`]) with this suite's own steps.
+struct Case(AwsCase);
+
+impl std::ops::Deref for Case {
+    type Target = AwsCase;
+    fn deref(&self) -> &AwsCase {
+        &self.0
+    }
 }
 
 impl Case {
     async fn new(prefix: &str, aws: serde_json::Value) -> Self {
-        let env = TestEnv::connect().await;
-        install_crds(&env);
-        let ns = env.namespace(prefix).await;
-        let class = ClassGuard::create(&env, &ns.name, aws);
-        let sdk = env.aws().await;
-        let opts = ControllerOpts::new(&class.name, &ns.name);
-        let controller = ControllerProc::spawn(&env.info, &ns.name, &opts)
-            .unwrap_or_else(|e| panic!("start controller: {e}"));
-        Self {
-            elb: elb::Client::new(&sdk),
-            ec2: aws_sdk_ec2::Client::new(&sdk),
-            env,
-            ns,
-            class,
-            controllers: vec![controller],
-        }
-    }
-
-    fn services(&self) -> Api<Service> {
-        Api::namespaced(self.env.client.clone(), &self.ns.name)
+        Self(AwsCase::new(prefix, aws).await)
     }
 
     async fn create_service(&self, name: &str, annotations: serde_json::Value) -> Service {

@@ -10,13 +10,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use aws_sdk_ec2 as ec2;
-use aws_sdk_elasticloadbalancingv2 as elb;
-use berth_e2e::controller::{
-    AwsView, ClassGuard, ControllerOpts, ControllerProc, aws_view, install_crds, listener_address,
-    logs_of,
-};
+use berth_e2e::awscase::AwsCase;
+use berth_e2e::controller::{AwsView, aws_view, listener_address};
 use berth_e2e::service::ServiceBuilder;
-use berth_e2e::testing::{TestEnv, TestNamespace, curl_in, lb_condition, wait_for};
+use berth_e2e::testing::{curl_in, lb_condition, wait_for};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -28,41 +25,19 @@ const DISABLE_NLB_SG: &str = "service.beta.kubernetes.io/aws-load-balancer-disab
 /// A rule as (protocol, from port, to port, source, description).
 type RuleView = (String, i32, i32, String, String);
 
-struct Case {
-    env: TestEnv,
-    ns: TestNamespace,
-    class: ClassGuard,
-    controllers: Vec<ControllerProc>,
-    elb: elb::Client,
-    ec2: ec2::Client,
+/// The shared AWS case ([`AwsCase`]) with this suite's own steps.
+struct Case(AwsCase);
+
+impl std::ops::Deref for Case {
+    type Target = AwsCase;
+    fn deref(&self) -> &AwsCase {
+        &self.0
+    }
 }
 
 impl Case {
     async fn new(prefix: &str, aws: serde_json::Value) -> Self {
-        let env = TestEnv::connect().await;
-        install_crds(&env);
-        let ns = env.namespace(prefix).await;
-        let class = ClassGuard::create(&env, &ns.name, aws);
-        let sdk = env.aws().await;
-        let opts = ControllerOpts::new(&class.name, &ns.name);
-        let c = ControllerProc::spawn(&env.info, &ns.name, &opts)
-            .unwrap_or_else(|e| panic!("start controller: {e}"));
-        Self {
-            elb: elb::Client::new(&sdk),
-            ec2: ec2::Client::new(&sdk),
-            env,
-            ns,
-            class,
-            controllers: vec![c],
-        }
-    }
-
-    fn logs(&self) -> String {
-        logs_of(&self.controllers)
-    }
-
-    fn services(&self) -> Api<Service> {
-        Api::namespaced(self.env.client.clone(), &self.ns.name)
+        Self(AwsCase::new(prefix, aws).await)
     }
 
     async fn create_service(

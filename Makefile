@@ -6,7 +6,7 @@ BIN := $(BERTH_CACHE)/bin/current
 ENV := target/debug/berth-env
 export PATH := $(BIN):$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench bench-nodeproxy bench-controller bench-aws-limits bench-l2 bench-proxies images
+.PHONY: deps build fmt-check lint unit e2e test up down demo clean-env bench bench-nodeproxy bench-controller bench-aws-limits bench-l2 bench-proxies bench-metallb images
 
 ## Everything a fresh machine needs: Debian packages, Kubernetes/etcd/helm binaries built
 ## from Go modules (cached by version), the pinned LocalStack venv.
@@ -48,7 +48,7 @@ demo: deps build
 
 ## Benchmarks (root); each prints a report and merges its keys into
 ## target/bench/results.json.
-bench: bench-nodeproxy bench-controller bench-l2
+bench: bench-nodeproxy bench-controller bench-l2 bench-metallb
 
 ## Node agent (release build): full and incremental sync, peak memory, first-connection
 ## latency.
@@ -78,6 +78,14 @@ bench-l2: deps build
 ## target/bench/proxies.svg). BENCH_PROXIES_SCALES=1000,5000,10000 adds 10k.
 bench-proxies: deps build
 	hack/bench-proxies.sh
+
+## berth's pool addresses against MetalLB v0.16.2 (memberlist on, built from its Go
+## module) on the same 500 Services, one at a time: time to allocate and announce all,
+## addresses kept across a controller restart, L2 failover gap when the announcing agent
+## is killed and when its node fails (bare.* and compare.metallb.* keys).
+## BENCH_METALLB_SERVICES sets the count.
+bench-metallb: deps build
+	hack/bench-metallb.sh
 
 ## OCI images of the controller and the node agent (root; no Docker daemon): Debian
 ## bookworm root filesystems made with mmdebstrap, assembled with umoci into

@@ -3,7 +3,8 @@
 # from Go modules and caches them by version under ${BERTH_CACHE:-~/.cache/berth}/bin.
 # Idempotent: a binary already cached for its version is not rebuilt.
 # `build-binaries.sh kube-proxy` builds only the two kube-proxy opponents of
-# `make bench-proxies` (the pinned and the newest release, KUBE_PROXY_NEWEST_VERSION).
+# `make bench-proxies` (the pinned and the newest release, KUBE_PROXY_NEWEST_VERSION);
+# `build-binaries.sh metallb` only MetalLB's controller and speaker (`make bench-metallb`).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -95,6 +96,41 @@ build_kube_proxy() {
       -o "$dir/kube-proxy.tmp" k8s.io/kubernetes/cmd/kube-proxy)
   mv "$dir/kube-proxy.tmp" "$dir/kube-proxy"
 }
+
+# MetalLB's controller and speaker from the helper module, plus its CRD manifests (the
+# module's config/crd) which `make bench-metallb` applies. Built in a copy of the module
+# next to a patched frr-k8s (see the replace in hack/gobin/metallb/go.mod).
+build_metallb() {
+  local dir="$cache/bin/metallb-v$METALLB_VERSION" src="$cache/gobin/metallb-v$METALLB_VERSION"
+  [ -x "$dir/controller" ] && [ -x "$dir/speaker" ] && [ -d "$dir/crd" ] &&
+    { log "metallb v$METALLB_VERSION cached in $dir"; return; }
+  log "building metallb v$METALLB_VERSION"
+  rm -rf "$src" && mkdir -p "$src"
+  cp "$here/gobin/metallb/go.mod" "$here/gobin/metallb/go.sum" "$src/"
+  local frr
+  frr=$(cd "$src" && GOFLAGS= go mod download -json github.com/metallb/frr-k8s@v0.0.21 |
+    sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  cp -r "$frr" "$src/frr-k8s" && chmod -R u+w "$src/frr-k8s"
+  local api="$src/frr-k8s/api/v1beta1"
+  sed -i 's|^\tPrefixesWithCommunity \[\]CommunityPrefixes .*|&\n\tPrefixesWithAsPathPrepend []AsPathPrependPrefixes `json:"withAsPathPrepend,omitempty"`|' \
+    "$api/frrconfiguration_types.go"
+  printf 'package v1beta1\n\ntype AsPathPrependPrefixes struct {\n\tAsPathPrepend uint8    `json:"asPathPrepend"`\n\tPrefixes      []string `json:"prefixes,omitempty"`\n}\n' \
+    >"$api/zz_berth_aspathprepend.go"
+  mkdir -p "$dir.tmp/crd"
+  (cd "$src" &&
+    go build -trimpath -ldflags "-s -w" -o "$dir.tmp/" \
+      go.universe.tf/metallb/controller go.universe.tf/metallb/speaker)
+  local mod
+  mod=$(cd "$src" && go list -m -f '{{.Dir}}' go.universe.tf/metallb)
+  cp "$mod"/config/crd/bases/*.yaml "$dir.tmp/crd/"
+  chmod -R u+w "$dir.tmp"
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+}
+
+if [ "${1:-}" = metallb ]; then
+  build_metallb
+  exit 0
+fi
 
 if [ "${1:-}" = kube-proxy ]; then
   build_kube_proxy "$KUBE_VERSION"

@@ -1,6 +1,6 @@
 //! What the L2 suites read and set up around a pool address: its Lease and holder, the
 //! nodes' and the client's view of it on the wire, a pinned nginx and the status the
-//! pool allocator would write.
+//! pool allocator would write, and a node cut off the network ([`LinkDown`]).
 
 use std::process::Command;
 
@@ -11,6 +11,7 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 
+use crate::net::NodePlan;
 use crate::nodeagent::L2_LEASE_NAMESPACE;
 use crate::testing::TestEnv;
 
@@ -87,4 +88,31 @@ pub async fn set_ingress(env: &TestEnv, ns: &str, name: &str, ips: &[&str]) {
         )
         .await
         .unwrap_or_else(|e| panic!("set load-balancer status of {name}: {e}"));
+}
+
+/// A node's veth on the bridge, down while alive: the node is off the network.
+pub struct LinkDown(String);
+
+impl LinkDown {
+    pub fn cut(plan: &NodePlan) -> Self {
+        let link = plan.host_link();
+        let out = Command::new("ip")
+            .args(["link", "set", &link, "down"])
+            .output()
+            .expect("ip link");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(link)
+    }
+}
+
+impl Drop for LinkDown {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "set", &self.0, "up"])
+            .output();
+    }
 }

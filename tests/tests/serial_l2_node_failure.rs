@@ -12,11 +12,10 @@
 //! suite. No controller runs: the case writes the Service's owner annotation and status
 //! itself, as the pool allocator would.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use berth_e2e::controller::{ClassGuard, install_crds};
-use berth_e2e::l2::{client_neighbour, lease_holder, mac_of, nginx_on, set_ingress};
+use berth_e2e::l2::{LinkDown, client_neighbour, lease_holder, mac_of, nginx_on, set_ingress};
 use berth_e2e::net::NodePlan;
 use berth_e2e::nodeagent::{self, L2_LEASE_NAMESPACE, L2_LEASE_SECONDS, PEER_PROBE_PORT};
 use berth_e2e::requests::{RequestLoop, gap, resumed};
@@ -47,33 +46,6 @@ fn plan<'a>(env: &'a TestEnv, name: &str) -> &'a NodePlan {
         .find(|n| n.plan.name == name)
         .unwrap_or_else(|| panic!("node {name}"))
         .plan
-}
-
-/// A node's veth on the bridge, down while alive: the node is off the network.
-struct LinkDown(String);
-
-impl LinkDown {
-    fn cut(plan: &NodePlan) -> Self {
-        let link = plan.host_link();
-        let out = Command::new("ip")
-            .args(["link", "set", &link, "down"])
-            .output()
-            .expect("ip link");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self(link)
-    }
-}
-
-impl Drop for LinkDown {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "set", &self.0, "up"])
-            .output();
-    }
 }
 
 /// `name`'s value of a metric without labels, from its agent's `/metrics`.

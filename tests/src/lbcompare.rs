@@ -16,6 +16,11 @@ fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
+/// Whether `name` is a time (`…_s`, `…_ms`): counts get no ratio.
+fn is_time(name: &str) -> bool {
+    name.ends_with("_s") || name.ends_with("_ms")
+}
+
 /// berth / MetalLB, when both were measured and MetalLB's is not zero.
 pub fn ratio(berth: Option<f64>, metallb: Option<f64>) -> Option<f64> {
     match (berth, metallb) {
@@ -32,7 +37,7 @@ pub fn result_keys(berth: &Figures, metallb: &Figures) -> BTreeMap<String, Value
     }
     for (name, v) in metallb {
         out.insert(format!("compare.metallb.{name}"), json!(v.map(round3)));
-        if let Some(r) = ratio(berth.get(name).copied().flatten(), *v) {
+        if let Some(r) = ratio(berth.get(name).copied().flatten(), *v).filter(|_| is_time(name)) {
             out.insert(
                 format!("compare.metallb.berth_over_metallb.{name}"),
                 json!(r),
@@ -59,6 +64,7 @@ pub fn table(berth: &Figures, metallb: &Figures) -> String {
             berth.get(name).copied().flatten(),
             metallb.get(name).copied().flatten(),
         )
+        .filter(|_| is_time(name))
         .map_or("–".to_string(), |r| r.to_string());
         let _ = writeln!(
             out,
@@ -83,12 +89,14 @@ mod tests {
         let b = figures(&[
             ("announce_s", Some(10.0)),
             ("gap_ms", None),
-            ("changed", Some(0.0)),
+            ("late_s", Some(1.0)),
+            ("changed", Some(2.0)),
         ]);
         let m = figures(&[
             ("announce_s", Some(4.0)),
             ("gap_ms", Some(900.0)),
-            ("changed", Some(0.0)),
+            ("late_s", Some(0.0)),
+            ("changed", Some(1.0)),
         ]);
         let k = result_keys(&b, &m);
         assert_eq!(k["bare.announce_s"], json!(10.0));
@@ -98,18 +106,20 @@ mod tests {
             k["compare.metallb.berth_over_metallb.announce_s"],
             json!(2.5)
         );
-        // No ratio of a miss, nor over a zero.
+        // No ratio of a miss, over a zero, nor of a count.
         assert!(!k.contains_key("compare.metallb.berth_over_metallb.gap_ms"));
+        assert!(!k.contains_key("compare.metallb.berth_over_metallb.late_s"));
         assert!(!k.contains_key("compare.metallb.berth_over_metallb.changed"));
-        assert_eq!(k.len(), 7);
+        assert_eq!(k.len(), 9);
     }
 
     #[test]
     fn the_table_shows_misses() {
-        let b = figures(&[("a", Some(1.0)), ("b", None)]);
-        let m = figures(&[("a", Some(3.0))]);
+        let b = figures(&[("a_s", Some(1.0)), ("b_s", None), ("n", Some(2.0))]);
+        let m = figures(&[("a_s", Some(3.0)), ("n", Some(1.0))]);
         let t = table(&b, &m);
-        assert!(t.contains("| a | 1 | 3 | 0.333 |"), "{t}");
-        assert!(t.contains("| b | miss | miss | – |"), "{t}");
+        assert!(t.contains("| a_s | 1 | 3 | 0.333 |"), "{t}");
+        assert!(t.contains("| b_s | miss | miss | – |"), "{t}");
+        assert!(t.contains("| n | 2 | 1 | – |"), "{t}");
     }
 }

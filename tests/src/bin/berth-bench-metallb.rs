@@ -128,8 +128,8 @@ fn index_of(name: &str) -> Option<usize> {
     name.strip_prefix("svc-")?.parse().ok()
 }
 
-/// (address, resourceVersion) of every `svc-<i>`, by name.
-async fn snapshot(api: &Api<Service>) -> BTreeMap<String, (Option<IpAddr>, String)> {
+/// (address, resourceVersion, annotations and status) of every `svc-<i>`, by name.
+async fn snapshot(api: &Api<Service>) -> BTreeMap<String, (Option<IpAddr>, String, String)> {
     api.list(&ListParams::default())
         .await
         .unwrap_or_else(|e| panic!("list Services: {e}"))
@@ -139,7 +139,8 @@ async fn snapshot(api: &Api<Service>) -> BTreeMap<String, (Option<IpAddr>, Strin
             let name = s.metadata.name.clone()?;
             index_of(&name)?;
             let rv = s.metadata.resource_version.clone().unwrap_or_default();
-            Some((name, (first_ip(&s), rv)))
+            let seen = json!({"annotations": s.metadata.annotations, "status": s.status});
+            Some((name, (first_ip(&s), rv, seen.to_string())))
         })
         .collect()
 }
@@ -253,12 +254,23 @@ async fn controller_restart(
     let after = snapshot(api).await;
     let changed = before
         .iter()
-        .filter(|(k, (ip, _))| after.get(*k).map(|a| a.0) != Some(*ip))
+        .filter(|(k, (ip, _, _))| after.get(*k).map(|a| a.0) != Some(*ip))
         .count();
-    let written = before
+    let written: Vec<&String> = before
         .iter()
-        .filter(|(k, (_, rv))| after.get(*k).map(|a| &a.1) != Some(rv))
-        .count();
+        .filter(|(k, (_, rv, _))| after.get(*k).map(|a| &a.1) != Some(rv))
+        .map(|(k, _)| k)
+        .collect();
+    // What a write changed, for the report (one example).
+    if let Some(k) = written.first() {
+        eprintln!(
+            "{}: {k} written across the restart:\n  before {}\n  after  {}",
+            side.name(),
+            before[*k].2,
+            after.get(*k).map_or("gone", |a| a.2.as_str())
+        );
+    }
+    let written = written.len();
     figures.insert("restart_addresses_changed".into(), Some(changed as f64));
     figures.insert("restart_services_written".into(), Some(written as f64));
 }

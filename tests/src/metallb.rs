@@ -166,6 +166,27 @@ impl MetalLb {
         Ok(())
     }
 
+    /// Every speaker peers with the router at `router` (hold 9 s, keepalive 3 s, as the
+    /// harness's FRR) and announces the pool over BGP as well.
+    pub fn peer_with(&self, env: &TestEnv, router: &str, my_asn: u32, peer_asn: u32) {
+        let objects = json!({
+            "apiVersion": "v1", "kind": "List", "items": [
+                {"apiVersion": "metallb.io/v1beta2", "kind": "BGPPeer",
+                 "metadata": {"name": "bench", "namespace": NAMESPACE},
+                 "spec": {"myASN": my_asn, "peerASN": peer_asn, "peerAddress": router,
+                          "holdTime": "9s", "keepaliveTime": "3s"}},
+                {"apiVersion": "metallb.io/v1beta1", "kind": "BGPAdvertisement",
+                 "metadata": {"name": "bench", "namespace": NAMESPACE},
+                 "spec": {"ipAddressPools": ["bench"]}}
+            ]
+        });
+        let path = std::env::temp_dir().join(format!("{}metallb-bgp.json", paths::SCRATCH_PREFIX));
+        std::fs::write(&path, objects.to_string())
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        env.kubectl(&["apply", "-f", &path.display().to_string()]);
+        let _ = std::fs::remove_file(&path);
+    }
+
     /// Starts (again) the speaker of `node`.
     pub fn start_speaker(&mut self, node: &str) -> Result<()> {
         let plan = self

@@ -8,24 +8,28 @@
 //! - the addresses changed and Services written across a controller SIGKILL and restart;
 //! - the longest gap of a request loop (one request per 50 ms) when the announcing node's
 //!   agent (berth-nodeproxy / MetalLB's speaker) is SIGKILLed, and when the node's link
-//!   is cut, with the time until the client's neighbour entry moved to another node.
+//!   is cut, with the time until the client's neighbour entry moved to another node;
+//! - the time until FRR (in its router namespace, hold 9 s and keepalive 3 s on both
+//!   sides) drops a node's next hop for an address every node announces over BGP, once
+//!   that node's link is cut.
 //!
 //! Merges `bare.*` (berth), `compare.metallb.*` (MetalLB, and berth / MetalLB ratios) into
 //! `target/bench/results.json` and prints the README's table.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use berth_e2e::controller::{ClassGuard, ControllerOpts, ControllerProc, install_crds};
-use berth_e2e::l2::{LinkDown, client_neighbour, mac_of};
+use berth_e2e::l2::{LinkDown, client_neighbour, mac_of, set_ingress};
 use berth_e2e::lbcompare::{self, Figures};
 use berth_e2e::metallb::MetalLb;
 use berth_e2e::net::NodePlan;
 use berth_e2e::nodeagent::{self, HoldAgent};
 use berth_e2e::proxybench::{merge_file, percentile};
 use berth_e2e::requests::{RequestLoop, answering, gap};
+use berth_e2e::router::{Kind, NODE_ASN, Neighbor, ROUTER_ASN, Router};
 use berth_e2e::service::ServiceBuilder;
 use berth_e2e::testing::{TestEnv, curl_in, lb_ips};
 use futures::StreamExt;
@@ -38,6 +42,11 @@ use serde_json::json;
 const BERTH_POOL: &str = "198.19.80.0/23";
 const METALLB_POOL: &str = "198.19.82.0/23";
 const METALLB_CLASS: &str = "bench.berth.dev/metallb";
+/// berth's BGP class (L2 off) and the address its one Service gets.
+const BERTH_BGP_POOL: &str = "198.19.84.0/24";
+const BERTH_BGP_ADDRESS: &str = "198.19.84.10";
+/// FRR's router number (`berth-rtr-<n>`), used by no suite.
+const ROUTER_INDEX: u8 = 7;
 const NGINX: &str = "Welcome to nginx!";
 /// API calls in flight while creating the Services.
 const IN_FLIGHT: usize = 16;
@@ -74,7 +83,8 @@ impl Side {
         }
     }
 
-    fn restart_controller(&mut self, env: &TestEnv) {
+    /// SIGKILL to the controller and a new one in its place (berth's: once it leads).
+    async fn restart_controller(&mut self, env: &TestEnv) {
         match self {
             Side::Berth {
                 controller, opts, ..
@@ -82,6 +92,15 @@ impl Side {
                 controller.kill();
                 *controller = ControllerProc::spawn(&env.info, "bench-berth-1", opts)
                     .unwrap_or_else(|e| panic!("restart berth-controller: {e}"));
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !controller.is_leader().await {
+                    assert!(
+                        Instant::now() < deadline && controller.exited().is_none(),
+                        "the restarted berth-controller does not lead:\n{}",
+                        controller.log_tail()
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
             Side::MetalLb(m) => m
                 .restart_controller()
@@ -248,8 +267,18 @@ async fn controller_restart(
     side: &mut Side,
     figures: &mut Figures,
 ) {
-    let before = snapshot(api).await;
-    side.restart_controller(env);
+    // Settled first: the node agents' condition writes after the announcement are no
+    // part of the restart. Snapshot once nothing changed for 3 s (at most a minute).
+    let mut before = snapshot(api).await;
+    let (mut still_since, limit) = (Instant::now(), Instant::now() + Duration::from_secs(60));
+    while still_since.elapsed() < Duration::from_secs(3) && Instant::now() < limit {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = snapshot(api).await;
+        if now != before {
+            (before, still_since) = (now, Instant::now());
+        }
+    }
+    side.restart_controller(env).await;
     tokio::time::sleep(RESTART_SETTLE).await;
     let after = snapshot(api).await;
     let changed = before
@@ -418,7 +447,75 @@ async fn failover(
     tokio::time::sleep(Duration::from_secs(10)).await;
 }
 
-async fn run(env: &TestEnv, side: &mut Side, n: usize) -> Figures {
+/// `bgp_node_failure_withdrawn_s`: once every node is a next hop of `addr` at the
+/// router, the first node's link is cut; the time until the router drops it.
+async fn bgp_convergence(env: &TestEnv, router: &Router, addr: Ipv4Addr, figures: &mut Figures) {
+    let nodes: Vec<NodePlan> = env.info.nodes.iter().map(|n| n.plan.clone()).collect();
+    let mut all: Vec<Ipv4Addr> = nodes.iter().map(|n| n.ip).collect();
+    all.sort();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let hops = router.next_hops(addr);
+        if hops.as_ref().is_ok_and(|h| *h == all) {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!("BGP: {addr} never had every node as next hop: {hops:?}");
+            figures.insert("bgp_node_failure_withdrawn_s".into(), None);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let failed = &nodes[0];
+    let cut = LinkDown::cut(failed);
+    let at = Instant::now();
+    let mut gone = None;
+    while at.elapsed() < TAKEOVER_LIMIT {
+        if router
+            .next_hops(addr)
+            .is_ok_and(|h| !h.contains(&failed.ip))
+        {
+            gone = Some(at.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(cut);
+    eprintln!("BGP: {} withdrawn from {addr} after {gone:?}", failed.name);
+    figures.insert(
+        "bgp_node_failure_withdrawn_s".into(),
+        gone.map(|d| d.as_secs_f64()),
+    );
+}
+
+/// berth's BGP set-up: a BGPPeer for the router and a class with L2 off announcing to
+/// it, its one Service's address written as the allocator would; the address.
+async fn berth_bgp(env: &TestEnv, ns: &str, router: &Router) -> (ClassGuard, Ipv4Addr) {
+    let peer = json!({"apiVersion": "berth.dev/v1alpha1", "kind": "BGPPeer",
+                      "metadata": {"name": "bench-router"},
+                      "spec": {"address": router.ip.to_string(), "peerASN": ROUTER_ASN,
+                               "myASN": NODE_ASN, "holdTime": 9, "keepaliveTime": 3}});
+    let path = std::env::temp_dir().join("berth-e2e-bench-bgppeer.json");
+    std::fs::write(&path, peer.to_string()).expect("write BGPPeer");
+    env.kubectl(&["apply", "-f", &path.display().to_string()]);
+    let _ = std::fs::remove_file(&path);
+    let class = ClassGuard::with_spec(
+        env,
+        "bench-berth-bgp",
+        json!({"pool": {"addresses": [BERTH_BGP_POOL], "l2": false,
+                        "bgp": {"peers": ["bench-router"]}}}),
+    );
+    ServiceBuilder::load_balancer("bgp")
+        .owner_class(&class.name)
+        .app("nginx")
+        .tcp(80, 80)
+        .create(env, ns)
+        .await;
+    set_ingress(env, ns, "bgp", &[BERTH_BGP_ADDRESS]).await;
+    (class, BERTH_BGP_ADDRESS.parse().expect("address"))
+}
+
+async fn run(env: &TestEnv, side: &mut Side, router: &Router, n: usize) -> Figures {
     let mut figures = Figures::new();
     let ns = env.namespace(&format!("bench-{}", side.name())).await;
     env.apply_example(&ns.name, "seed/nginx-deployment.yaml");
@@ -450,7 +547,16 @@ async fn run(env: &TestEnv, side: &mut Side, n: usize) -> Figures {
         if let Some(ip) = s.as_ref().and_then(first_ip) {
             break ip.to_string();
         }
-        assert!(Instant::now() < deadline, "failover Service got no address");
+        if Instant::now() > deadline {
+            eprintln!("{}: the failover Service got no address", side.name());
+            for f in ["agent_kill", "node_failure"] {
+                for k in ["takeover_s", "failed_requests", "gap_ms"] {
+                    figures.insert(format!("{f}_{k}"), None);
+                }
+            }
+            figures.insert("bgp_node_failure_withdrawn_s".into(), None);
+            return figures;
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     for n in &env.info.nodes {
@@ -459,6 +565,24 @@ async fn run(env: &TestEnv, side: &mut Side, n: usize) -> Figures {
     failover(env, &ns.name, &ip, side, Failure::AgentKilled, &mut figures).await;
     failover(env, &ns.name, &ip, side, Failure::LinkCut, &mut figures).await;
     eprintln!("{}: {figures:?}", side.name());
+
+    match side {
+        Side::Berth { .. } => {
+            let (_class, addr) = berth_bgp(env, &ns.name, router).await;
+            bgp_convergence(env, router, addr, &mut figures).await;
+            env.kubectl(&[
+                "delete",
+                "bgppeers.berth.dev",
+                "bench-router",
+                "--wait=false",
+            ]);
+        }
+        Side::MetalLb(m) => {
+            m.peer_with(env, &router.ip.to_string(), NODE_ASN, ROUTER_ASN);
+            let addr = ip.parse().expect("IPv4 address");
+            bgp_convergence(env, router, addr, &mut figures).await;
+        }
+    }
     let _ = api
         .delete_collection(&DeleteParams::default(), &ListParams::default())
         .await;
@@ -471,6 +595,24 @@ async fn main() -> ExitCode {
     install_crds(&env);
     env.wait_agents_healthy().await;
     let n = services_wanted();
+    let plans: Vec<NodePlan> = env.info.nodes.iter().map(|n| n.plan.clone()).collect();
+    let neighbors: Vec<Neighbor> = plans
+        .iter()
+        .map(|n| Neighbor {
+            ip: n.ip,
+            asn: NODE_ASN,
+            password: None,
+        })
+        .collect();
+    let router = Router::start(
+        Kind::Frr,
+        ROUTER_INDEX,
+        &plans,
+        &neighbors,
+        false,
+        &env.info.log_dir,
+    )
+    .unwrap_or_else(|e| panic!("start FRR: {e}"));
 
     let class = ClassGuard::with_spec(
         &env,
@@ -479,6 +621,11 @@ async fn main() -> ExitCode {
     );
     let mut opts = ControllerOpts::new(&class.name, "kube-system");
     opts.aws = false;
+    // The controller's defaults, not the harness's short ones: at 500 Services a 4 s
+    // leader Lease was lost under the apiserver's load (the replica then exits).
+    opts.lease_duration = "15s";
+    opts.resync = "5m";
+    opts.gc_interval = "5m";
     let controller = ControllerProc::spawn(&env.info, "bench-berth-0", &opts)
         .unwrap_or_else(|e| panic!("start berth-controller: {e}"));
     let mut berth = Side::Berth {
@@ -486,7 +633,7 @@ async fn main() -> ExitCode {
         opts,
         class,
     };
-    let b = run(&env, &mut berth, n).await;
+    let b = run(&env, &mut berth, &router, n).await;
     drop(berth);
 
     let mut metallb = Side::MetalLb(
@@ -494,7 +641,7 @@ async fn main() -> ExitCode {
             .await
             .unwrap_or_else(|e| panic!("start MetalLB: {e}")),
     );
-    let m = run(&env, &mut metallb, n).await;
+    let m = run(&env, &mut metallb, &router, n).await;
     if let Side::MetalLb(mlb) = &mut metallb {
         let dead = mlb.dead();
         if !dead.is_empty() {

@@ -47,7 +47,8 @@ pub struct MetalLb {
     nodes: Vec<NodePlan>,
     controller: Option<Supervised>,
     speakers: BTreeMap<String, Supervised>,
-    restarts: u32,
+    /// Processes started, by name: a restarted one logs to a file of its own.
+    starts: BTreeMap<String, u32>,
 }
 
 impl MetalLb {
@@ -130,7 +131,7 @@ impl MetalLb {
             nodes: env.info.nodes.iter().map(|n| n.plan.clone()).collect(),
             controller: None,
             speakers: BTreeMap::new(),
-            restarts: 0,
+            starts: BTreeMap::new(),
         };
         m.start_controller()?;
         for n in m.nodes.clone() {
@@ -139,12 +140,14 @@ impl MetalLb {
         Ok(m)
     }
 
-    fn log(&self, name: &str) -> PathBuf {
-        let suffix = if self.restarts == 0 {
+    fn log(&mut self, name: &str) -> PathBuf {
+        let n = self.starts.entry(name.to_string()).or_default();
+        let suffix = if *n == 0 {
             String::new()
         } else {
-            format!(".{}", self.restarts)
+            format!(".{n}")
         };
+        *n += 1;
         self.log_dir.join(format!("metallb-{name}{suffix}.log"))
     }
 
@@ -166,15 +169,17 @@ impl MetalLb {
         Ok(())
     }
 
-    /// Every speaker peers with the router at `router` (hold 9 s, keepalive 3 s, as the
-    /// harness's FRR) and announces the pool over BGP as well.
+    /// Every speaker peers with the router at `router` (hold 9 s, as the harness's FRR)
+    /// and announces the pool over BGP as well.
     pub fn peer_with(&self, env: &TestEnv, router: &str, my_asn: u32, peer_asn: u32) {
         let objects = json!({
             "apiVersion": "v1", "kind": "List", "items": [
                 {"apiVersion": "metallb.io/v1beta2", "kind": "BGPPeer",
                  "metadata": {"name": "bench", "namespace": NAMESPACE},
                  "spec": {"myASN": my_asn, "peerASN": peer_asn, "peerAddress": router,
-                          "holdTime": "9s", "keepaliveTime": "3s"}},
+                          // Native mode refuses keepaliveTime: it keeps alive every
+                          // third of the hold time (3 s), as FRR does here.
+                          "holdTime": "9s"}},
                 {"apiVersion": "metallb.io/v1beta1", "kind": "BGPAdvertisement",
                  "metadata": {"name": "bench", "namespace": NAMESPACE},
                  "spec": {"ipAddressPools": ["bench"]}}
@@ -226,7 +231,6 @@ impl MetalLb {
             // SAFETY: kill(2) of our own child's process group.
             unsafe { libc::kill(-(p.pid() as i32), libc::SIGKILL) };
         }
-        self.restarts += 1;
         self.start_controller()
     }
 

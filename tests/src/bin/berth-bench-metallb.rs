@@ -442,7 +442,9 @@ async fn failover(
         Some(longest.as_secs_f64() * 1000.0),
     );
     drop(cut);
-    side.revive(&holder, hold).await;
+    if matches!(failure, Failure::AgentKilled) {
+        side.revive(&holder, hold).await;
+    }
     // Memberlist rejoins, the agent takes part again.
     tokio::time::sleep(Duration::from_secs(10)).await;
 }

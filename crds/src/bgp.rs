@@ -35,7 +35,9 @@ pub const STATUS_MANAGER_PREFIX: &str = "berth-nodeproxy/";
     .message("keepaliveTime must be shorter than holdTime"))]
 #[serde(rename_all = "camelCase")]
 pub struct BGPPeerSpec {
-    /// The router's address (IPv4 or IPv6).
+    /// The router's address (IPv4 or IPv6). A session to an IPv6 address also offers
+    /// IPv6 unicast (MP-BGP): the pool's IPv6 addresses go to the router with the node's
+    /// address on that session as next hop, when the router agrees to the family.
     #[schemars(length(min = 2, max = 45))]
     #[x_kube(validation = Rule::new("isIP(self)").message("address must be an IP address"))]
     pub address: String,
@@ -103,9 +105,11 @@ pub struct BGPSessionStatus {
     pub node: String,
     /// FSM state: `Idle`, `Connect`, `OpenSent`, `OpenConfirm` or `Established`.
     pub state: String,
-    /// Why the session is not established, as a word: `Connecting`, `Unreachable`,
-    /// `BadPeerAS`, `AuthenticationFailed`, `HoldTimerExpired`, `Notification`,
-    /// `InvalidConfig`; `Established` when it is.
+    /// Why the session is not established, as a word: `Connecting`, `Unreachable` (no
+    /// route, or no answer), `ConnectionRefused` (the router resets the connection),
+    /// `AuthenticationFailed` (no answer with TCP MD5 on: a wrong password looks like
+    /// that), `BadPeerAS`, `HoldTimerExpired`, `Notification`, `InvalidConfig`;
+    /// `Established` when it is.
     pub reason: String,
     /// The last error in words (the router's NOTIFICATION, the socket error), or what
     /// is announced.

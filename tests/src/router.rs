@@ -5,8 +5,12 @@
 //! layer-4 multipath hash, so connections spread). Every namespace, daemon, route and
 //! directory is removed on drop, also after a failed case; names start with `berth-` so
 //! the environment's sweep finds leftovers.
+//!
+//! The simulated cluster is IPv4-only: for IPv6 neighbors, [`Ipv6Nodes`] gives every
+//! node an address in [`BRIDGE6`], and the router takes one there too (and its client
+//! one of its own), so sessions, routes and traffic can run over IPv6.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -24,10 +28,65 @@ pub enum Kind {
     GoBgp,
 }
 
+/// The IPv6 prefix the IPv6 cases add on the node bridge (/64).
+pub const BRIDGE6: &str = "fd00:1846::";
+
+/// Node `index`'s IPv6 address on the bridge (given by [`Ipv6Nodes`]).
+pub fn node_ipv6(index: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x1846, 0, 0, 0, 0, u16::from(index), 0x10)
+}
+
+/// Every node's [`node_ipv6`] on its eth0, with IPv6 forwarding on (the nodes forward
+/// a load-balancer address's traffic to endpoints elsewhere); undone on drop.
+pub struct Ipv6Nodes {
+    nodes: Vec<NodePlan>,
+}
+
+impl Ipv6Nodes {
+    pub fn add(nodes: &[NodePlan]) -> Result<Self> {
+        let guard = Self {
+            nodes: nodes.to_vec(),
+        };
+        for n in nodes {
+            let cidr = format!("{}/64", node_ipv6(n.index));
+            ip_in(
+                &n.netns,
+                &["-6", "addr", "add", &cidr, "dev", "eth0", "nodad"],
+            )?;
+            sysctl(&n.netns, "net.ipv6.conf.all.forwarding=1")?;
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for Ipv6Nodes {
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            let cidr = format!("{}/64", node_ipv6(n.index));
+            run_quiet(
+                "ip",
+                &["-n", &n.netns, "-6", "addr", "del", &cidr, "dev", "eth0"],
+            );
+            run_quiet(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &n.netns,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv6.conf.all.forwarding=0",
+                ],
+            );
+        }
+    }
+}
+
 /// What a router is told about each node it peers with.
 #[derive(Clone, Debug)]
 pub struct Neighbor {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub asn: u32,
     pub password: Option<String>,
 }
@@ -37,8 +96,12 @@ pub struct Router {
     pub netns: String,
     /// The router's address on the node bridge (the BGPPeer's address).
     pub ip: Ipv4Addr,
+    /// The router's IPv6 address on the node bridge, when it has IPv6 neighbors.
+    pub ip6: Option<Ipv6Addr>,
     /// The client namespace behind the router and its address, for traffic cases.
     pub client: Option<(String, Ipv4Addr)>,
+    /// The client's IPv6 address, when the router has IPv6 neighbors.
+    pub client6: Option<Ipv6Addr>,
     client_cidr: String,
     host_link: String,
     nodes: Vec<NodePlan>,
@@ -60,7 +123,8 @@ fn sysctl(ns: &str, setting: &str) -> Result<()> {
 impl Router {
     /// Router number `index` (1..=50): `berth-rtr-<index>` at 198.18.0.(200+index), with
     /// a client namespace `berth-rclient-<index>` in 198.51.100.(4·index)/30 when
-    /// `with_client`.
+    /// `with_client`. With an IPv6 neighbor the router also takes fd00:1846::ff:<index>
+    /// (the nodes need [`Ipv6Nodes`] first) and its client fd00:5146:<index>::2/64.
     pub fn start(
         kind: Kind,
         index: u8,
@@ -71,10 +135,14 @@ impl Router {
     ) -> Result<Self> {
         let netns = format!("berth-rtr-{index}");
         let base = 4 * index;
+        let v6 = neighbors.iter().any(|n| n.ip.is_ipv6());
         let mut router = Self {
             kind,
             netns: netns.clone(),
             ip: Ipv4Addr::new(198, 18, 0, 200 + index),
+            ip6: v6.then(|| Ipv6Addr::new(0xfd00, 0x1846, 0, 0, 0, 0, 0xff, u16::from(index))),
+            client6: (v6 && with_client)
+                .then(|| Ipv6Addr::new(0xfd00, 0x5146, u16::from(index), 0, 0, 0, 0, 2)),
             client: with_client.then(|| {
                 (
                     format!("berth-rclient-{index}"),
@@ -131,6 +199,12 @@ impl Router {
         for key in ["all", "eth0"] {
             sysctl(ns, &format!("net.ipv4.conf.{key}.send_redirects=0"))?;
         }
+        if let Some(ip6) = self.ip6 {
+            let addr = format!("{ip6}/64");
+            ip_in(ns, &["-6", "addr", "add", &addr, "dev", "eth0", "nodad"])?;
+            sysctl(ns, "net.ipv6.conf.all.forwarding=1")?;
+            sysctl(ns, "net.ipv6.fib_multipath_hash_policy=1")?;
+        }
         let Some((client, client_ip)) = &self.client else {
             return Ok(());
         };
@@ -164,7 +238,59 @@ impl Router {
                 ],
             )?;
         }
+        if let (Some(ip6), Some(client6)) = (self.ip6, self.client6) {
+            let gw6 = self.gateway6();
+            let net = format!("{}/64", self.client6_net());
+            ip_in(
+                ns,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{gw6}/64"),
+                    "dev",
+                    "eth1",
+                    "nodad",
+                ],
+            )?;
+            ip_in(
+                client,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{client6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
+            ip_in(
+                client,
+                &["-6", "route", "add", "default", "via", &gw6.to_string()],
+            )?;
+            for n in &self.nodes {
+                ip_in(
+                    &n.netns,
+                    &["-6", "route", "replace", &net, "via", &ip6.to_string()],
+                )?;
+            }
+        }
         Ok(())
+    }
+
+    /// The client's IPv6 /64 (its address with the host part cleared).
+    fn client6_net(&self) -> Ipv6Addr {
+        let mut s = self.client6.map_or([0; 8], |a| a.segments());
+        s[4..].fill(0);
+        s.into()
+    }
+
+    /// The router's IPv6 address towards its client.
+    fn gateway6(&self) -> Ipv6Addr {
+        let mut s = self.client6_net().segments();
+        s[7] = 1;
+        s.into()
     }
 
     fn gateway(&self) -> Ipv4Addr {
@@ -205,6 +331,14 @@ impl Router {
             }
         }
         conf += " address-family ipv4 unicast\n  maximum-paths 16\n exit-address-family\n";
+        // IPv6 unicast is not on by default: activate it for the IPv6 neighbors.
+        if neighbors.iter().any(|n| n.ip.is_ipv6()) {
+            conf += " address-family ipv6 unicast\n  maximum-paths 16\n";
+            for n in neighbors.iter().filter(|n| n.ip.is_ipv6()) {
+                conf += &format!("  neighbor {} activate\n", n.ip);
+            }
+            conf += " exit-address-family\n";
+        }
         let path = self.dir.join("frr.conf");
         std::fs::write(&path, conf).map_err(Error::io("write", &path))?;
         // FRR drops to user frr: it must read its config and own its run directory.
@@ -248,6 +382,11 @@ impl Router {
                 conf += &format!("    auth-password = \"{pw}\"\n");
             }
             conf += "  [neighbors.transport.config]\n    passive-mode = true\n  [neighbors.timers.config]\n    hold-time = 9\n    keepalive-interval = 3\n";
+            // An IPv6 neighbor carries IPv6 unicast only: the IPv4 family offered by the
+            // node is refused.
+            if n.ip.is_ipv6() {
+                conf += "  [[neighbors.afi-safis]]\n    [neighbors.afi-safis.config]\n      afi-safi-name = \"ipv6-unicast\"\n";
+            }
         }
         let path = self.dir.join("gobgpd.toml");
         std::fs::write(&path, conf).map_err(Error::io("write", &path))?;
@@ -292,7 +431,8 @@ impl Router {
     }
 
     /// The BGP state of the session with `neighbor` (`Established`, `Active`, ...).
-    pub fn session_state(&self, neighbor: Ipv4Addr) -> Result<String> {
+    pub fn session_state(&self, neighbor: impl Into<IpAddr>) -> Result<String> {
+        let neighbor = neighbor.into();
         match self.kind {
             Kind::Frr => {
                 let v = self.vtysh(&format!("show bgp neighbors {neighbor} json"))?;
@@ -322,10 +462,28 @@ impl Router {
     /// The next hops the router has for host route `addr`: FRR's kernel-installed
     /// (`show ip route`) multipath entry, GoBGP's RIB paths.
     pub fn next_hops(&self, addr: Ipv4Addr) -> Result<Vec<Ipv4Addr>> {
-        let prefix = format!("{addr}/32");
-        let mut hops: Vec<Ipv4Addr> = match self.kind {
+        Ok(self
+            .hops(addr.into())?
+            .into_iter()
+            .filter_map(|h| h.parse().ok())
+            .collect())
+    }
+
+    /// [`Router::next_hops`] of an IPv6 host route (`show ipv6 route`, GoBGP's IPv6 RIB).
+    pub fn next_hops6(&self, addr: Ipv6Addr) -> Result<Vec<Ipv6Addr>> {
+        Ok(self
+            .hops(addr.into())?
+            .into_iter()
+            .filter_map(|h| h.parse().ok())
+            .collect())
+    }
+
+    fn hops(&self, addr: IpAddr) -> Result<Vec<String>> {
+        let prefix = format!("{addr}/{}", if addr.is_ipv4() { 32 } else { 128 });
+        let mut hops: Vec<String> = match self.kind {
             Kind::Frr => {
-                let v = self.vtysh(&format!("show ip route {prefix} json"))?;
+                let family = if addr.is_ipv4() { "ip" } else { "ipv6" };
+                let v = self.vtysh(&format!("show {family} route {prefix} json"))?;
                 v[&prefix]
                     .as_array()
                     .into_iter()
@@ -333,19 +491,21 @@ impl Router {
                     .filter(|r| r["selected"].as_bool() == Some(true))
                     .flat_map(|r| r["nexthops"].as_array().cloned().unwrap_or_default())
                     .filter(|h| h["active"].as_bool() == Some(true))
-                    .filter_map(|h| h["ip"].as_str()?.parse().ok())
+                    .filter_map(|h| Some(h["ip"].as_str()?.to_string()))
                     .collect()
             }
             Kind::GoBgp => {
-                let v = self.gobgp(&["global", "rib", &prefix])?;
+                let family = if addr.is_ipv4() { "ipv4" } else { "ipv6" };
+                let v = self.gobgp(&["global", "rib", "-a", family, &prefix])?;
+                // The next hop is NEXT_HOP's (type 3) for IPv4, MP_REACH_NLRI's (14) for IPv6.
                 v[&prefix]
                     .as_array()
                     .into_iter()
                     .flatten()
                     .filter_map(|p| {
                         p["attrs"].as_array()?.iter().find_map(|a| {
-                            (a["type"].as_u64() == Some(3))
-                                .then(|| a["nexthop"].as_str()?.parse().ok())
+                            matches!(a["type"].as_u64(), Some(3 | 14))
+                                .then(|| Some(a["nexthop"].as_str()?.to_string()))
                                 .flatten()
                         })
                     })
@@ -410,6 +570,10 @@ impl Router {
         run_quiet("ip", &["link", "del", &self.host_link]);
         for n in &self.nodes {
             run_quiet("ip", &["-n", &n.netns, "route", "del", &self.client_cidr]);
+            if self.client6.is_some() {
+                let net = format!("{}/64", self.client6_net());
+                run_quiet("ip", &["-n", &n.netns, "-6", "route", "del", &net]);
+            }
         }
         let _ = std::fs::remove_dir_all(self.frr_run_dir());
         let _ = std::fs::remove_dir_all(&self.dir);

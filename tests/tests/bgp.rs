@@ -4,24 +4,25 @@
 //! announces the addresses of the Services it serves with itself as next hop; FRR
 //! installs the multipath route and spreads a client's connections over the nodes. As in
 //! the L2 suite no controller runs: each case writes its Services' owner annotation and
-//! load-balancer status itself. Addresses come from 198.19.20.0/24, routers use indexes
-//! 1–3 (one per case), so the cases run in parallel. Needs root and the running local
-//! cluster with its node agents (`make test`).
+//! load-balancer status itself. Addresses come from 198.19.20.0/24 and fd00:1946::/120,
+//! routers use indexes 1–3 and 5–6 (none shared between cases), so the cases run in
+//! parallel. Needs root and the running local cluster with its node agents (`make test`).
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
-use std::process::Command;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use berth_e2e::controller::{ClassGuard, install_crds};
 use berth_e2e::net::NodePlan;
 use berth_e2e::paths;
-use berth_e2e::router::{Kind, NODE_ASN, Neighbor, ROUTER_ASN, Router};
+use berth_e2e::router::{Ipv6Nodes, Kind, NODE_ASN, Neighbor, ROUTER_ASN, Router, node_ipv6};
 use berth_e2e::service::ServiceBuilder;
-use berth_e2e::testing::{TestEnv, TestNamespace, curl_in};
+use berth_e2e::testing::{TestEnv, TestNamespace, curl_in, exec_in};
 use berth_e2e::wait::{Diagnostics, wait_until};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -51,7 +52,7 @@ fn neighbors(nodes: &[NodePlan], password: Option<&str>) -> Vec<Neighbor> {
     nodes
         .iter()
         .map(|n| Neighbor {
-            ip: n.ip,
+            ip: n.ip.into(),
             asn: NODE_ASN,
             password: password.map(str::to_string),
         })
@@ -196,14 +197,20 @@ fn dump(env: &TestEnv, router: &Router) -> Diagnostics {
 }
 
 async fn until_established(env: &TestEnv, router: &Router, nodes: &[NodePlan]) {
+    let addrs: Vec<IpAddr> = nodes.iter().map(|n| n.ip.into()).collect();
+    until_established_at(env, router, &addrs).await
+}
+
+/// Every session with the nodes at `addrs` Established at the router.
+async fn until_established_at(env: &TestEnv, router: &Router, addrs: &[IpAddr]) {
     wait_until(
         "every node's session Established at the router",
         WAIT,
         &dump(env, router),
         async || {
-            let states: Vec<String> = nodes
+            let states: Vec<String> = addrs
                 .iter()
-                .map(|n| router.session_state(n.ip).unwrap_or_else(|e| e.to_string()))
+                .map(|a| router.session_state(*a).unwrap_or_else(|e| e.to_string()))
                 .collect();
             if states.iter().all(|s| s.eq_ignore_ascii_case("established")) {
                 Ok(())
@@ -377,11 +384,13 @@ async fn frr_spreads_traffic_over_every_node_and_follows_the_pods() {
 }
 
 /// GoBGP with TCP MD5: every node's session comes up with the password from a Secret and
-/// the address is in GoBGP's RIB once per node. A second BGPPeer naming the wrong AS
-/// of an FRR router: its status names the mismatch for each node, and the GoBGP sessions
-/// and routes stay as they were.
+/// the address is in GoBGP's RIB once per node. Three failing BGPPeers beside it, each
+/// named in its status for each node: the wrong AS of an FRR router (`BadPeerAS`), the
+/// same GoBGP with a wrong password (`AuthenticationFailed`: GoBGP's kernel drops the
+/// badly signed segments), and an address on the bridge nobody answers (`Unreachable`).
+/// The GoBGP sessions and routes stay as they were.
 #[tokio::test]
-async fn gobgp_with_md5_and_a_wrong_asn_peer_beside_it() {
+async fn gobgp_with_md5_and_failing_peers_beside_it() {
     let (env, ns) = connect("bgp-gobgp").await;
     let nodes = nodes(&env);
     let password = "berth-e2e-md5";
@@ -424,26 +433,49 @@ async fn gobgp_with_md5_and_a_wrong_asn_peer_beside_it() {
     )
     .unwrap_or_else(|e| panic!("start FRR: {e}"));
     let wrong = PeerGuard::create(&env, &format!("{}-wrong", ns.name), peer_spec(&frr, 64999));
+    let wrong_secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bgp-wrong-password"},
+        "stringData": {"password": "not-the-password"}
+    }))
+    .expect("secret object");
+    Api::<Secret>::namespaced(env.client.clone(), &ns.name)
+        .create(&PostParams::default(), &wrong_secret)
+        .await
+        .expect("create secret");
+    let mut spec = peer_spec(&gobgp, ROUTER_ASN);
+    spec["passwordSecretRef"] = json!({"name": "bgp-wrong-password", "namespace": ns.name});
+    let bad_password = PeerGuard::create(&env, &format!("{}-badpw", ns.name), spec);
+    // On the node bridge, where no router is: nobody answers ARP for it.
+    let mut spec = peer_spec(&gobgp, ROUTER_ASN);
+    spec["address"] = json!("198.18.0.199");
+    let unreachable = PeerGuard::create(&env, &format!("{}-nobody", ns.name), spec);
+    let failing = [
+        (&wrong, "BadPeerAS", "64512"),
+        (&bad_password, "AuthenticationFailed", "TCP MD5"),
+        (&unreachable, "Unreachable", "198.18.0.199"),
+    ];
     wait_until(
-        "every node reports the wrong AS",
+        "every node reports each failing peer's reason",
         WAIT,
         &dump(&env, &frr),
         async || {
-            let s = wrong.sessions(&env);
-            let bad = s
-                .iter()
-                .filter(|(_, reason, msg)| {
-                    reason == "BadPeerAS" && msg.contains("Bad Peer AS") && msg.contains("64512")
-                })
-                .count();
-            if bad == nodes.len() {
-                Ok(())
-            } else {
-                Err(format!("{s:?}"))
+            for (peer, want, words) in &failing {
+                let s = peer.sessions(&env);
+                let bad = s
+                    .iter()
+                    .filter(|(_, reason, msg)| reason == want && msg.contains(words))
+                    .count();
+                if bad != nodes.len() {
+                    return Err(format!("{}: {s:?}", peer.name));
+                }
             }
+            Ok(())
         },
     )
     .await;
+    for (peer, _, _) in &failing {
+        println!("{}: {:?}", peer.name, peer.sessions(&env));
+    }
     for n in &nodes {
         let state = gobgp.session_state(n.ip).expect("GoBGP state");
         assert!(
@@ -462,4 +494,236 @@ async fn gobgp_with_md5_and_a_wrong_asn_peer_beside_it() {
         s.iter().all(|(_, r, _)| r == "Established") && s.len() == nodes.len(),
         "{s:?}"
     );
+}
+
+const POOL6: &str = "fd00:1946::/120";
+const BACKEND_PORT: u16 = 18746;
+
+/// The harness's pod server in a namespace, answering `v6-backend` on [`BACKEND_PORT`]
+/// (it listens on `::`); stopped on drop.
+struct Backend(Child);
+
+impl Backend {
+    fn start(netns: &str) -> Self {
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(paths::sibling_bin("berth-podserver"))
+            .args(["--name", "v6-backend", "--tcp", &BACKEND_PORT.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn berth-podserver");
+        Self(child)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One HTTP GET from `netns` (`-g`: the brackets of an IPv6 literal are no glob).
+fn get6(netns: &str, url: &str) -> Result<String, String> {
+    let out = exec_in(
+        netns,
+        &[
+            "curl",
+            "-g",
+            "-sS",
+            "--fail",
+            "--max-time",
+            "2",
+            "--noproxy",
+            "*",
+            url,
+        ],
+    )
+    .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+async fn until_hops6(
+    env: &TestEnv,
+    router: &Router,
+    addr: Ipv6Addr,
+    want: &[Ipv6Addr],
+    what: &str,
+) {
+    let want: BTreeSet<Ipv6Addr> = want.iter().copied().collect();
+    wait_until(what, WAIT, &dump(env, router), async || {
+        match router.next_hops6(addr) {
+            Ok(h) if h.iter().copied().collect::<BTreeSet<_>>() == want => Ok(()),
+            Ok(h) => Err(format!("next hops {h:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+}
+
+/// IPv6 over MP-BGP (RFC 4760): the simulated cluster is IPv4-only, so the case gives the
+/// nodes and both routers IPv6 addresses on the bridge ([`Ipv6Nodes`]) and peers with FRR
+/// (IPv4 and IPv6 unicast) and GoBGP (IPv6 unicast only) at their IPv6 addresses. An
+/// IPv6 pool address of an ETP=Cluster Service shows up in both routers' IPv6 tables
+/// with every node's IPv6 address as next hop; the FRR client's requests through the
+/// router reach the backend (a listener in the client namespace, named by an IPv6
+/// EndpointSlice). GoBGP refused IPv4: the class's IPv4 address is not sent to it and its
+/// status says so. Deleting the Service withdraws the route from both.
+#[tokio::test]
+async fn an_ipv6_pool_address_through_frr_and_gobgp() {
+    let (env, ns) = connect("bgp-v6").await;
+    let nodes = nodes(&env);
+    let _v6 = Ipv6Nodes::add(&nodes).unwrap_or_else(|e| panic!("node IPv6 addresses: {e}"));
+    let node6: Vec<Ipv6Addr> = nodes.iter().map(|n| node_ipv6(n.index)).collect();
+    let neighbors: Vec<Neighbor> = node6
+        .iter()
+        .map(|ip| Neighbor {
+            ip: (*ip).into(),
+            asn: NODE_ASN,
+            password: None,
+        })
+        .collect();
+    let log_dir = &env.info.log_dir;
+    let frr = Router::start(Kind::Frr, 5, &nodes, &neighbors, true, log_dir)
+        .unwrap_or_else(|e| panic!("start FRR: {e}"));
+    let gobgp = Router::start(Kind::GoBgp, 6, &nodes, &neighbors, false, log_dir)
+        .unwrap_or_else(|e| panic!("start GoBGP: {e}"));
+    let peer6 = |router: &Router, suffix: &str| {
+        let mut spec = peer_spec(router, ROUTER_ASN);
+        spec["address"] = json!(router.ip6.expect("router IPv6").to_string());
+        PeerGuard::create(&env, &format!("{}-{suffix}", ns.name), spec)
+    };
+    let peer_frr = peer6(&frr, "frr6");
+    let peer_gobgp = peer6(&gobgp, "gobgp6");
+    let class = ClassGuard::with_spec(
+        &env,
+        &format!("{}-bgp6", ns.name),
+        json!({"pool": {"addresses": [POOL6, POOL], "l2": false,
+                        "bgp": {"peers": [peer_frr.name, peer_gobgp.name]}}}),
+    );
+    let addrs: Vec<IpAddr> = node6.iter().map(|a| (*a).into()).collect();
+    until_established_at(&env, &frr, &addrs).await;
+    until_established_at(&env, &gobgp, &addrs).await;
+
+    let (client, _) = frr.client.clone().expect("client namespace");
+    let client6 = frr.client6.expect("client IPv6");
+    let _backend = Backend::start(&client);
+    let vip: Ipv6Addr = "fd00:1946::10".parse().expect("vip");
+    ServiceBuilder::load_balancer("web6")
+        .owner_class(&class.name)
+        .tcp(80, i32::from(BACKEND_PORT))
+        .create(&env, &ns.name)
+        .await;
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web6-v6", "labels": {"kubernetes.io/service-name": "web6"}},
+        "addressType": "IPv6",
+        "ports": [{"name": "", "port": BACKEND_PORT, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [client6.to_string()], "conditions": {"ready": true}}],
+    }))
+    .expect("slice object");
+    Api::<EndpointSlice>::namespaced(env.client.clone(), &ns.name)
+        .create(&PostParams::default(), &slice)
+        .await
+        .expect("create EndpointSlice");
+    Api::<Service>::namespaced(env.client.clone(), &ns.name)
+        .patch_status(
+            "web6",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [{"ip": vip.to_string(), "ipMode": "VIP"}]}}})),
+        )
+        .await
+        .expect("set the Service's status");
+    // An IPv4 address of the same class, which GoBGP's session does not carry.
+    let v4 = Ipv4Addr::new(198, 19, 20, 30);
+    lb_service(&env, &ns.name, "web4", &class.name, "none", false, v4).await;
+
+    until_hops6(
+        &env,
+        &frr,
+        vip,
+        &node6,
+        "every node's IPv6 address a next hop in FRR",
+    )
+    .await;
+    until_hops6(
+        &env,
+        &gobgp,
+        vip,
+        &node6,
+        "every node a path in GoBGP's IPv6 RIB",
+    )
+    .await;
+    let url = format!("http://[{vip}]/");
+    wait_until(
+        "the client reaches the backend over IPv6 through FRR",
+        WAIT,
+        &dump(&env, &frr),
+        async || match get6(&client, &url) {
+            Ok(body) if body == "v6-backend" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    let mut failed = Vec::new();
+    for _ in 0..30 {
+        if let Err(e) = get6(&client, &url) {
+            failed.push(e);
+        }
+    }
+    assert!(failed.is_empty(), "30 requests over IPv6: {failed:?}");
+    wait_until(
+        "the sessions' status names the families and what GoBGP does not take",
+        WAIT,
+        &dump(&env, &gobgp),
+        async || {
+            let f = peer_frr.sessions(&env);
+            let g = peer_gobgp.sessions(&env);
+            let ok = f.len() == nodes.len()
+                && g.len() == nodes.len()
+                && f.iter().all(|(_, r, m)| {
+                    r == "Established"
+                        && m.contains("IPv4 and IPv6 unicast")
+                        && !m.contains("not announced")
+                })
+                && g.iter().all(|(_, r, m)| {
+                    r == "Established"
+                        && m.contains("up, IPv6 unicast")
+                        && m.contains(
+                            "1 routes not announced: the router did not agree to IPv4 unicast",
+                        )
+                });
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("FRR {f:?}, GoBGP {g:?}"))
+            }
+        },
+    )
+    .await;
+    println!(
+        "FRR: {:?}\nGoBGP: {:?}",
+        peer_frr.sessions(&env),
+        peer_gobgp.sessions(&env)
+    );
+
+    Api::<Service>::namespaced(env.client.clone(), &ns.name)
+        .delete("web6", &DeleteParams::default())
+        .await
+        .expect("delete web6");
+    until_hops6(&env, &frr, vip, &[], "the IPv6 route withdrawn from FRR").await;
+    until_hops6(
+        &env,
+        &gobgp,
+        vip,
+        &[],
+        "the IPv6 route withdrawn from GoBGP",
+    )
+    .await;
 }

@@ -101,7 +101,7 @@ async fn sigterm_withdraws_first_and_a_failed_node_goes_with_the_hold_timer() {
     let neighbors: Vec<Neighbor> = nodes
         .iter()
         .map(|n| Neighbor {
-            ip: n.ip,
+            ip: n.ip.into(),
             asn: NODE_ASN,
             password: None,
         })

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::routes::{self, Routes};
-use super::wire::{self, Message, Notification, Speaker, code};
+use super::wire::{self, Families, Message, Notification, Speaker, code};
 
 /// Everything a session needs; a change restarts it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +28,17 @@ pub struct PeerConfig {
     pub password: Option<String>,
     /// This node's IPv4 address: router id and next hop.
     pub node_ip: Ipv4Addr,
+}
+
+impl PeerConfig {
+    /// What the OPEN offers: IPv4 unicast always, IPv6 unicast on a session over IPv6,
+    /// whose local address is the IPv6 routes' next hop.
+    pub fn families(&self) -> Families {
+        Families {
+            ipv4: true,
+            ipv6: self.address.is_ipv6(),
+        }
+    }
 }
 
 /// FSM states as RFC 4271 names them.
@@ -199,25 +210,37 @@ async fn connect(cfg: &PeerConfig) -> Result<TcpStream, Ended> {
     }
     match timeout(CONNECT_TIMEOUT, socket.connect(cfg.address)).await {
         Ok(Ok(s)) => Ok(s),
+        // A reset: the router is there but takes no session from this node.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(failed(
+            "ConnectionRefused",
+            format!(
+                "connect {}: {e}; is BGP running there with this node as a neighbor?",
+                cfg.address
+            ),
+        )),
         Ok(Err(e)) => Err(failed(
             "Unreachable",
             format!("connect {}: {e}", cfg.address),
         )),
-        Err(_) => {
-            let hint = if cfg.password.is_some() {
-                "; with TCP MD5 on, a wrong password looks the same (the router drops unsigned or badly signed segments)"
-            } else {
-                "; if the router expects a TCP MD5 password, it drops unsigned segments"
-            };
-            Err(failed(
-                "Unreachable",
-                format!(
-                    "no answer from {} within {}s{hint}",
-                    cfg.address,
-                    CONNECT_TIMEOUT.as_secs()
-                ),
-            ))
-        }
+        // With TCP MD5 on, silence is what a wrong password looks like: the router drops
+        // badly signed segments. Without it, the router is down or filtered, or it
+        // expects a password and drops unsigned segments.
+        Err(_) if cfg.password.is_some() => Err(failed(
+            "AuthenticationFailed",
+            format!(
+                "no answer from {} within {}s with TCP MD5 on: the router drops segments signed with another password (or it is down)",
+                cfg.address,
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        )),
+        Err(_) => Err(failed(
+            "Unreachable",
+            format!(
+                "no answer from {} within {}s; if the router expects a TCP MD5 password, it drops unsigned segments",
+                cfg.address,
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        )),
     }
 }
 
@@ -281,7 +304,8 @@ async fn attempt(
         _ = stop.changed() => return Ended { report: Report::new(State::Idle, "Stopped", "agent stopping"), stopped: true },
     };
     let _ = stream.set_nodelay(true);
-    let open = match wire::open(cfg.my_asn, cfg.hold_time, cfg.node_ip) {
+    let offered = cfg.families();
+    let open = match wire::open(cfg.my_asn, cfg.hold_time, cfg.node_ip, offered) {
         Ok(o) => o,
         Err(e) => return failed("InvalidConfig", e.to_string()),
     };
@@ -369,47 +393,68 @@ async fn attempt(
             .await;
         }
     }
+    let next_hop_v6 = match stream.local_addr() {
+        Ok(SocketAddr::V6(a)) if !a.ip().is_unspecified() => Some(*a.ip()),
+        _ => None,
+    };
     let speaker = Speaker {
         my_asn: cfg.my_asn,
         peer_asn: cfg.peer_asn,
         next_hop: cfg.node_ip,
+        next_hop_v6,
         router_id: cfg.node_ip,
         four_octet_as: theirs.four_octet_as,
+        families: offered.and(theirs.families),
     };
     established(cfg, stream, speaker, hold_for, routes, stop, report).await
 }
 
-fn v4(ips: &[IpAddr]) -> Vec<Ipv4Addr> {
-    ips.iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V4(v) => Some(*v),
-            IpAddr::V6(_) => None,
-        })
-        .collect()
-}
-
-/// Sends what moves the router from `sent` to `wanted` (IPv4 routes only: no MP-BGP yet).
+/// Sends what moves the router from `sent` to `wanted`, leaving out the routes the
+/// session does not carry; their count.
 async fn advertise(
     stream: &mut (impl AsyncWrite + Unpin),
     speaker: &Speaker,
     sent: &mut Routes,
     wanted: &Routes,
-) -> Result<(), Ended> {
-    let wanted: Routes = wanted
+) -> Result<usize, Ended> {
+    let carried: Routes = wanted
         .iter()
-        .filter(|(ip, _)| ip.is_ipv4())
+        .filter(|(ip, _)| speaker.carries(ip))
         .map(|(ip, a)| (*ip, a.clone()))
         .collect();
-    let (withdraw, announce) = routes::diff(sent, &wanted);
-    let announce = announce.into_iter().map(|(a, ips)| (a, v4(&ips))).collect();
+    let (withdraw, announce) = routes::diff(sent, &carried);
     let msgs = speaker
-        .updates(&v4(&withdraw), &announce)
+        .updates(&withdraw, &announce)
         .map_err(|e| failed("InvalidConfig", e.to_string()))?;
     for m in msgs {
         send(stream, &m).await?;
     }
-    *sent = wanted;
-    Ok(())
+    let left_out = wanted.len() - carried.len();
+    *sent = carried;
+    Ok(left_out)
+}
+
+/// The Established report's words: the families agreed to, and why routes are left out.
+fn up_message(cfg: &PeerConfig, speaker: &Speaker, left_out: usize) -> String {
+    let mut msg = format!(
+        "session with {} (AS {}) up, {}",
+        cfg.address,
+        cfg.peer_asn,
+        speaker.families.text()
+    );
+    if left_out > 0 {
+        let why = if !cfg.families().ipv6 {
+            "IPv6 routes need a BGPPeer with an IPv6 address"
+        } else if !speaker.families.ipv6 {
+            "the router did not agree to IPv6 unicast"
+        } else if !speaker.families.ipv4 {
+            "the router did not agree to IPv4 unicast"
+        } else {
+            "the session has no IPv6 local address for their next hop"
+        };
+        msg += &format!("; {left_out} routes not announced: {why}");
+    }
+    msg
 }
 
 async fn established(
@@ -430,19 +475,20 @@ async fn established(
     });
     // Hold time 0: neither side sends KEEPALIVEs nor expects them.
     let far = Duration::from_secs(3600 * 24 * 365);
-    let up = |announced: usize| Report {
+    let up = |announced: usize, left_out: usize| Report {
         state: State::Established,
         reason: "Established".into(),
-        message: format!("session with {} (AS {}) up", cfg.address, cfg.peer_asn),
+        message: up_message(cfg, &speaker, left_out),
         announced,
     };
     let (mut reader, mut writer) = stream.into_split();
     let mut sent = Routes::new();
     let wanted = routes.borrow_and_update().clone();
-    if let Err(e) = advertise(&mut writer, &speaker, &mut sent, &wanted).await {
-        return e;
-    }
-    let _ = report.send(up(sent.len()));
+    let left_out = match advertise(&mut writer, &speaker, &mut sent, &wanted).await {
+        Ok(n) => n,
+        Err(e) => return e,
+    };
+    let _ = report.send(up(sent.len(), left_out));
     tracing::info!(peer = %cfg.name, routes = sent.len(), "BGP session established");
     let mut next_keepalive = Instant::now() + keepalive_every.unwrap_or(far);
     let mut hold_deadline = Instant::now() + hold.unwrap_or(far);
@@ -497,10 +543,10 @@ async fn established(
                     return graceful(&mut writer, &speaker, &mut sent).await;
                 }
                 let wanted = routes.borrow_and_update().clone();
-                if let Err(e) = advertise(&mut writer, &speaker, &mut sent, &wanted).await {
-                    return e;
+                match advertise(&mut writer, &speaker, &mut sent, &wanted).await {
+                    Ok(left_out) => drop(report.send(up(sent.len(), left_out))),
+                    Err(e) => return e,
                 }
-                let _ = report.send(up(sent.len()));
             }
             _ = stop.changed() => return graceful(&mut writer, &speaker, &mut sent).await,
         }

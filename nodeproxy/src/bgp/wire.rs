@@ -1,14 +1,16 @@
 //! BGP messages on the wire. Encoding and decoding of OPEN, UPDATE and NOTIFICATION
-//! bodies is `zettabgp`'s; this module only frames them (RFC 4271 §4.1 header) and picks
+//! bodies is `zettabgp`'s, IPv6 routes included (its MP_REACH_NLRI / MP_UNREACH_NLRI
+//! attributes, RFC 4760); this module only frames them (RFC 4271 §4.1 header) and picks
 //! the parts the speaker reads.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use zettabgp::prelude::{
-    BgpAddrV4, BgpAddrs, BgpAttrItem, BgpAttrOrigin, BgpAttrUnknown, BgpCapability, BgpCommunity,
-    BgpCommunityList, BgpLocalpref, BgpMessage, BgpMessageType, BgpNextHop, BgpNotificationMessage,
-    BgpOpenMessage, BgpOrigin, BgpSessionParams, BgpTransportMode, BgpUpdateMessage,
+    BgpAddr, BgpAddrV4, BgpAddrV6, BgpAddrs, BgpAttrItem, BgpAttrOrigin, BgpAttrUnknown,
+    BgpCapability, BgpCommunity, BgpCommunityList, BgpLocalpref, BgpMPUpdates, BgpMPWithdraws,
+    BgpMessage, BgpMessageType, BgpNextHop, BgpNotificationMessage, BgpOpenMessage, BgpOrigin,
+    BgpSessionParams, BgpTransportMode, BgpUpdateMessage,
 };
 
 use super::routes::Attrs;
@@ -17,8 +19,10 @@ use super::routes::Attrs;
 pub const HEADER: usize = 19;
 /// Largest message without the extended-message capability.
 pub const MAX_MESSAGE: usize = 4096;
-/// Host routes per UPDATE: 5 bytes each, well inside [`MAX_MESSAGE`] with attributes.
+/// Host routes per UPDATE: 5 bytes each for IPv4, 17 for IPv6, well inside
+/// [`MAX_MESSAGE`] with attributes.
 const PREFIXES_PER_UPDATE: usize = 500;
+const PREFIXES_PER_UPDATE_V6: usize = 200;
 
 /// AS number written in the 2-byte OPEN field when the real one does not fit (RFC 6793).
 const AS_TRANS: u32 = 23456;
@@ -48,6 +52,51 @@ pub enum WireError {
     Encode { what: &'static str, detail: String },
 }
 
+/// Multiprotocol capability code (RFC 4760 §8) and the AFI/SAFI pairs the speaker knows.
+const CAP_MULTIPROTOCOL: u8 = 1;
+const AFI_IPV4: u16 = 1;
+const AFI_IPV6: u16 = 2;
+const SAFI_UNICAST: u8 = 1;
+
+/// The address families a session offers or carries: IPv4 and IPv6 unicast.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Families {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl Families {
+    /// What a peer without any multiprotocol capability supports (RFC 4760 §8).
+    pub const IPV4_ONLY: Self = Self {
+        ipv4: true,
+        ipv6: false,
+    };
+
+    /// The families both sides named.
+    pub fn and(self, other: Self) -> Self {
+        Self {
+            ipv4: self.ipv4 && other.ipv4,
+            ipv6: self.ipv6 && other.ipv6,
+        }
+    }
+
+    pub fn carries(self, ip: &IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(_) => self.ipv4,
+            IpAddr::V6(_) => self.ipv6,
+        }
+    }
+
+    pub fn text(self) -> &'static str {
+        match (self.ipv4, self.ipv6) {
+            (true, true) => "IPv4 and IPv6 unicast",
+            (true, false) => "IPv4 unicast",
+            (false, true) => "IPv6 unicast",
+            (false, false) => "no address family",
+        }
+    }
+}
+
 /// The peer's OPEN, as the speaker needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Open {
@@ -56,6 +105,8 @@ pub struct Open {
     pub hold_time: u16,
     pub router_id: Ipv4Addr,
     pub four_octet_as: bool,
+    /// The unicast families the peer's multiprotocol capabilities name.
+    pub families: Families,
 }
 
 /// A NOTIFICATION's code and subcode.
@@ -141,10 +192,23 @@ fn encode(
     Ok(frame(kind, &buf[..n]))
 }
 
-/// Our OPEN: IPv4 unicast and 4-octet AS capabilities.
-pub fn open(my_asn: u32, hold: u16, router_id: Ipv4Addr) -> Result<Vec<u8>, WireError> {
+/// Our OPEN: a multiprotocol capability per family in `families`, and 4-octet AS.
+pub fn open(
+    my_asn: u32,
+    hold: u16,
+    router_id: Ipv4Addr,
+    families: Families,
+) -> Result<Vec<u8>, WireError> {
     let p = params(my_asn, hold, router_id, true);
     let mut m: BgpOpenMessage = p.open_message();
+    m.caps = [
+        families.ipv4.then_some(BgpCapability::SafiIPv4u),
+        families.ipv6.then_some(BgpCapability::SafiIPv6u),
+        Some(BgpCapability::CapASN32(my_asn)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     m.as_num = if my_asn > u32::from(u16::MAX) {
         AS_TRANS
     } else {
@@ -168,8 +232,12 @@ pub struct Speaker {
     pub my_asn: u32,
     pub peer_asn: u32,
     pub next_hop: Ipv4Addr,
+    /// Next hop of IPv6 routes: this node's address on the session's side.
+    pub next_hop_v6: Option<Ipv6Addr>,
     pub router_id: Ipv4Addr,
     pub four_octet_as: bool,
+    /// The families both sides agreed to.
+    pub families: Families,
 }
 
 impl Speaker {
@@ -197,14 +265,24 @@ impl Speaker {
         BgpAttrItem::Unknown(attr)
     }
 
-    fn attrs(&self, a: &Attrs) -> Vec<BgpAttrItem> {
+    /// Whether routes to `ip` go to this peer: its family was agreed to and it has a
+    /// next hop.
+    pub fn carries(&self, ip: &IpAddr) -> bool {
+        self.families.carries(ip) && (ip.is_ipv4() || self.next_hop_v6.is_some())
+    }
+
+    /// Path attributes in type order; IPv4 routes take NEXT_HOP, IPv6 ones (`mp`) go in
+    /// MP_REACH_NLRI with its own next hop and no NEXT_HOP (RFC 4760 §3).
+    fn attrs(&self, a: &Attrs, mp: Option<BgpMPUpdates>) -> Vec<BgpAttrItem> {
         let mut attrs = vec![
             BgpAttrItem::Origin(BgpOrigin::new(BgpAttrOrigin::Igp)),
             self.as_path(),
-            BgpAttrItem::NextHop(BgpNextHop {
-                value: IpAddr::V4(self.next_hop),
-            }),
         ];
+        if mp.is_none() {
+            attrs.push(BgpAttrItem::NextHop(BgpNextHop {
+                value: IpAddr::V4(self.next_hop),
+            }));
+        }
         // LOCAL_PREF is for iBGP only (RFC 4271 §5.1.5).
         if let Some(lp) = a.local_pref.filter(|_| !self.ebgp()) {
             attrs.push(BgpAttrItem::LocalPref(BgpLocalpref::new(lp)));
@@ -218,34 +296,80 @@ impl Speaker {
                     .collect(),
             }));
         }
+        attrs.extend(mp.map(BgpAttrItem::MPUpdates));
         attrs
     }
 
-    /// UPDATEs withdrawing `withdraw` and announcing `announce` (IPv4 host routes; other
-    /// families are left out by the caller).
+    /// UPDATEs withdrawing `withdraw` and announcing `announce` as host routes: IPv4 in
+    /// the UPDATE's own fields, IPv6 in MP_REACH_NLRI / MP_UNREACH_NLRI. The caller
+    /// leaves out what the session does not [carry](Speaker::carries).
     pub fn updates(
         &self,
-        withdraw: &[Ipv4Addr],
-        announce: &BTreeMap<Attrs, Vec<Ipv4Addr>>,
+        withdraw: &[IpAddr],
+        announce: &BTreeMap<Attrs, Vec<IpAddr>>,
     ) -> Result<Vec<Vec<u8>>, WireError> {
         let p = params(self.my_asn, 0, self.router_id, self.four_octet_as);
-        let host = |ips: &[Ipv4Addr]| ips.iter().map(|ip| BgpAddrV4::new(*ip, 32)).collect();
+        let (w4, w6) = split(withdraw);
         let mut out = Vec::new();
-        for chunk in withdraw.chunks(PREFIXES_PER_UPDATE) {
+        for chunk in w4.chunks(PREFIXES_PER_UPDATE) {
             let mut m = BgpUpdateMessage::new();
-            m.withdraws = BgpAddrs::IPV4U(host(chunk));
+            m.withdraws = BgpAddrs::IPV4U(host4(chunk));
+            out.push(encode("UPDATE", BgpMessageType::Update, &p, &m)?);
+        }
+        for chunk in w6.chunks(PREFIXES_PER_UPDATE_V6) {
+            let mut m = BgpUpdateMessage::new();
+            m.attrs = vec![BgpAttrItem::MPWithdraws(BgpMPWithdraws::new(
+                BgpAddrs::IPV6U(host6(chunk)),
+            ))];
             out.push(encode("UPDATE", BgpMessageType::Update, &p, &m)?);
         }
         for (attrs, ips) in announce {
-            for chunk in ips.chunks(PREFIXES_PER_UPDATE) {
+            let (a4, a6) = split(ips);
+            for chunk in a4.chunks(PREFIXES_PER_UPDATE) {
                 let mut m = BgpUpdateMessage::new();
-                m.attrs = self.attrs(attrs);
-                m.updates = BgpAddrs::IPV4U(host(chunk));
+                m.attrs = self.attrs(attrs, None);
+                m.updates = BgpAddrs::IPV4U(host4(chunk));
+                out.push(encode("UPDATE", BgpMessageType::Update, &p, &m)?);
+            }
+            if a6.is_empty() {
+                continue;
+            }
+            let next_hop = self.next_hop_v6.ok_or_else(|| WireError::Encode {
+                what: "UPDATE",
+                detail: "IPv6 routes without an IPv6 next hop".into(),
+            })?;
+            for chunk in a6.chunks(PREFIXES_PER_UPDATE_V6) {
+                let mp = BgpMPUpdates {
+                    nexthop: BgpAddr::V6(next_hop),
+                    addrs: BgpAddrs::IPV6U(host6(chunk)),
+                };
+                let mut m = BgpUpdateMessage::new();
+                m.attrs = self.attrs(attrs, Some(mp));
                 out.push(encode("UPDATE", BgpMessageType::Update, &p, &m)?);
             }
         }
         Ok(out)
     }
+}
+
+fn split(ips: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for ip in ips {
+        match ip {
+            IpAddr::V4(a) => v4.push(*a),
+            IpAddr::V6(a) => v6.push(*a),
+        }
+    }
+    (v4, v6)
+}
+
+fn host4(ips: &[Ipv4Addr]) -> Vec<BgpAddrV4> {
+    ips.iter().map(|ip| BgpAddrV4::new(*ip, 32)).collect()
+}
+
+fn host6(ips: &[Ipv6Addr]) -> Vec<BgpAddrV6> {
+    ips.iter().map(|ip| BgpAddrV6::new(*ip, 128)).collect()
 }
 
 /// Type and body length from a header.
@@ -265,7 +389,8 @@ pub fn header(buf: &[u8; HEADER]) -> Result<(BgpMessageType, usize), WireError> 
 /// The fields of a peer's OPEN the speaker uses. Written here rather than through
 /// zettabgp's decoder, which refuses a whole OPEN over one capability it misreads (an
 /// FQDN capability carrying a domain name); the speaker needs only the fixed fields and
-/// the 4-octet AS capability, and skips every other capability as RFC 5492 allows.
+/// the 4-octet AS and multiprotocol capabilities, and skips every other capability as
+/// RFC 5492 allows.
 fn parse_open(body: &[u8]) -> Result<Open, WireError> {
     let bad = |detail: String| WireError::Decode {
         what: "OPEN",
@@ -285,6 +410,7 @@ fn parse_open(body: &[u8]) -> Result<Open, WireError> {
         .get(10..10 + params_len)
         .ok_or_else(|| bad("optional parameters longer than the message".into()))?;
     let mut four = None;
+    let mut families: Option<Families> = None;
     let mut rest = params;
     while let [kind, len, tail @ ..] = rest {
         let value = tail
@@ -300,6 +426,18 @@ fn parse_open(body: &[u8]) -> Result<Open, WireError> {
                 if *code == 65 && cval.len() == 4 {
                     four = Some(u32::from_be_bytes([cval[0], cval[1], cval[2], cval[3]]));
                 }
+                // AFI (2 bytes), reserved, SAFI.
+                if *code == CAP_MULTIPROTOCOL && cval.len() == 4 && cval[3] == SAFI_UNICAST {
+                    let f = families.get_or_insert_default();
+                    match u16::from_be_bytes([cval[0], cval[1]]) {
+                        AFI_IPV4 => f.ipv4 = true,
+                        AFI_IPV6 => f.ipv6 = true,
+                        _ => {}
+                    }
+                } else if *code == CAP_MULTIPROTOCOL {
+                    // Another family: the peer names its families, IPv4 is no longer implied.
+                    families.get_or_insert_default();
+                }
                 caps = &ctail[usize::from(*clen)..];
             }
         }
@@ -310,6 +448,7 @@ fn parse_open(body: &[u8]) -> Result<Open, WireError> {
         hold_time,
         router_id,
         four_octet_as: four.is_some(),
+        families: families.unwrap_or(Families::IPV4_ONLY),
     })
 }
 
@@ -349,7 +488,11 @@ mod tests {
     #[test]
     fn open_round_trips_with_four_octet_as() {
         let rid = Ipv4Addr::new(198, 18, 1, 10);
-        let Message::Open(o) = split(&open(64513, 9, rid).expect("open")) else {
+        let both = Families {
+            ipv4: true,
+            ipv6: true,
+        };
+        let Message::Open(o) = split(&open(64513, 9, rid, both).expect("open")) else {
             panic!("not an OPEN");
         };
         assert_eq!(
@@ -358,13 +501,51 @@ mod tests {
                 asn: 64513,
                 hold_time: 9,
                 router_id: rid,
-                four_octet_as: true
+                four_octet_as: true,
+                families: both,
             }
         );
-        let Message::Open(big) = split(&open(4_200_000_000, 90, rid).expect("open")) else {
+        let v4 = open(4_200_000_000, 90, rid, Families::IPV4_ONLY).expect("open");
+        let Message::Open(big) = split(&v4) else {
             panic!("not an OPEN");
         };
         assert_eq!(big.asn, 4_200_000_000);
+        assert_eq!(big.families, Families::IPV4_ONLY);
+        // The IPv6 unicast capability: code 1, length 4, AFI 2, reserved, SAFI 1.
+        let cap6 = [CAP_MULTIPROTOCOL, 4, 0, 2, 0, 1];
+        assert!(
+            !v4.windows(6).any(|w| w == cap6),
+            "no IPv6 offered: {v4:x?}"
+        );
+    }
+
+    /// An OPEN body of AS 64512 with these capabilities.
+    fn open_body(caps: &[u8]) -> Vec<u8> {
+        let mut body = vec![4, 0xfc, 0, 0, 9, 10, 0, 0, 1, (caps.len() + 2) as u8];
+        body.extend_from_slice(&[2, caps.len() as u8]);
+        body.extend_from_slice(caps);
+        body
+    }
+
+    #[test]
+    fn the_peers_families_come_from_its_multiprotocol_capabilities() {
+        let families = |caps: &[u8]| match parse(BgpMessageType::Open, &open_body(caps)) {
+            Ok(Message::Open(o)) => o.families,
+            other => panic!("{other:?}"),
+        };
+        // None at all: IPv4 unicast is implied.
+        assert_eq!(families(&[65, 4, 0, 0, 0xfc, 0]), Families::IPV4_ONLY);
+        let v6_only = Families {
+            ipv4: false,
+            ipv6: true,
+        };
+        assert_eq!(families(&[1, 4, 0, 2, 0, 1]), v6_only);
+        // IPv4 and IPv6 unicast, and IPv4 multicast (SAFI 2), which is not used.
+        let both = families(&[1, 4, 0, 1, 0, 1, 1, 4, 0, 2, 0, 1, 1, 4, 0, 1, 0, 2]);
+        assert_eq!((both.ipv4, both.ipv6), (true, true));
+        // Only a family the speaker does not know: nothing in common.
+        assert_eq!(families(&[1, 4, 0, 1, 0, 2]), Families::default());
+        assert_eq!(Families::IPV4_ONLY.and(v6_only), Families::default());
     }
 
     #[test]
@@ -374,21 +555,7 @@ mod tests {
         let mut caps = vec![73, 10, 1, b'r', 7];
         caps.extend_from_slice(b"example");
         caps.extend_from_slice(&[200, 1, 0, 65, 4, 0, 0, 0xfc, 0]);
-        let mut body = vec![
-            4,
-            0xfc,
-            0,
-            0,
-            9,
-            10,
-            0,
-            0,
-            1,
-            (caps.len() + 2) as u8,
-            2,
-            caps.len() as u8,
-        ];
-        body.extend_from_slice(&caps);
+        let body = open_body(&caps);
         let Message::Open(o) = parse(BgpMessageType::Open, &body).expect("open") else {
             panic!("not an OPEN");
         };
@@ -415,17 +582,26 @@ mod tests {
         assert!(header(&head).is_err());
     }
 
-    #[test]
-    fn updates_carry_path_next_hop_and_split_large_sets() {
-        let s = Speaker {
+    fn speaker() -> Speaker {
+        Speaker {
             my_asn: 64513,
             peer_asn: 64512,
             next_hop: Ipv4Addr::new(198, 18, 1, 10),
+            next_hop_v6: Some("fd00:1846::1:10".parse().expect("v6")),
             router_id: Ipv4Addr::new(198, 18, 1, 10),
             four_octet_as: true,
-        };
-        let ips: Vec<Ipv4Addr> = (0..1200u32)
-            .map(|i| Ipv4Addr::from(0xC613_0000 + i))
+            families: Families {
+                ipv4: true,
+                ipv6: true,
+            },
+        }
+    }
+
+    #[test]
+    fn updates_carry_path_next_hop_and_split_large_sets() {
+        let s = speaker();
+        let ips: Vec<IpAddr> = (0..1200u32)
+            .map(|i| IpAddr::V4(Ipv4Addr::from(0xC613_0000 + i)))
             .collect();
         let attrs = Attrs {
             communities: [0xFFFF_FF01].into(),
@@ -458,5 +634,73 @@ mod tests {
                 .any(|a| matches!(a, BgpAttrItem::LocalPref(_))),
             "no LOCAL_PREF to an eBGP peer"
         );
+    }
+
+    #[test]
+    fn ipv6_routes_go_in_mp_reach_and_mp_unreach_with_the_ipv6_next_hop() {
+        let s = speaker();
+        let v6 = |i: u16| IpAddr::V6(Ipv6Addr::new(0xfd00, 0x1946, 0, 0, 0, 0, 0, i));
+        let ips: Vec<IpAddr> = (0..450).map(v6).collect();
+        let attrs = Attrs::default();
+        let withdraw = [v6(1000), IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1))];
+        let msgs = s
+            .updates(&withdraw, &BTreeMap::from([(attrs, ips)]))
+            .expect("updates");
+        assert_eq!(msgs.len(), 2 + 3, "two withdrawals, 450 prefixes in three");
+        assert!(msgs.iter().all(|m| m.len() <= MAX_MESSAGE));
+        let p = params(64513, 0, s.router_id, true);
+        let decode = |m: &[u8]| {
+            let mut u = BgpUpdateMessage::new();
+            u.decode_from(&p, &m[HEADER..]).expect("decode");
+            u
+        };
+        let w = decode(&msgs[1]);
+        let unreach: Vec<_> = w
+            .attrs
+            .iter()
+            .filter_map(|a| match a {
+                BgpAttrItem::MPWithdraws(m) => Some(&m.addrs),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            matches!(unreach.as_slice(), [BgpAddrs::IPV6U(v)] if v == &host6(&[Ipv6Addr::new(0xfd00, 0x1946, 0, 0, 0, 0, 0, 1000)])),
+            "{unreach:?}"
+        );
+        let u = decode(&msgs[2]);
+        let reach = u
+            .attrs
+            .iter()
+            .find_map(|a| match a {
+                BgpAttrItem::MPUpdates(m) => Some(m),
+                _ => None,
+            })
+            .expect("MP_REACH_NLRI");
+        assert_eq!(reach.nexthop, BgpAddr::V6(s.next_hop_v6.expect("v6")));
+        assert!(
+            matches!(&reach.addrs, BgpAddrs::IPV6U(v) if v.len() == 200 && v[0].prefixlen == 128)
+        );
+        assert!(
+            u.get_attr_nexthop().is_none(),
+            "no IPv4 NEXT_HOP with IPv6 routes"
+        );
+        assert!(u.updates.is_empty(), "no IPv4 NLRI: {:?}", u.updates);
+
+        let no_hop = Speaker {
+            next_hop_v6: None,
+            ..s.clone()
+        };
+        assert!(!no_hop.carries(&v6(1)));
+        assert!(
+            no_hop
+                .updates(&[], &BTreeMap::from([(Attrs::default(), vec![v6(1)])]))
+                .is_err()
+        );
+        let v4_only = Speaker {
+            families: Families::IPV4_ONLY,
+            ..s
+        };
+        assert!(!v4_only.carries(&v6(1)));
+        assert!(v4_only.carries(&withdraw[1]));
     }
 }

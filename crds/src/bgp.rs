@@ -108,8 +108,9 @@ pub struct BGPSessionStatus {
     /// Why the session is not established, as a word: `Connecting`, `Unreachable` (no
     /// route, or no answer), `ConnectionRefused` (the router resets the connection),
     /// `AuthenticationFailed` (no answer with TCP MD5 on: a wrong password looks like
-    /// that), `BadPeerAS`, `HoldTimerExpired`, `Notification`, `InvalidConfig`;
-    /// `Established` when it is.
+    /// that), `BadPeerAS`, `HoldTimerExpired`, `Notification`, `SecretNotFound` (the
+    /// `passwordSecretRef` Secret or key is missing), `InvalidConfig`; `Established` when
+    /// it is.
     pub reason: String,
     /// The last error in words (the router's NOTIFICATION, the socket error), or what
     /// is announced.

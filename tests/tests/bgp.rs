@@ -387,8 +387,9 @@ async fn frr_spreads_traffic_over_every_node_and_follows_the_pods() {
 /// the address is in GoBGP's RIB once per node. Three failing BGPPeers beside it, each
 /// named in its status for each node: the wrong AS of an FRR router (`BadPeerAS`), the
 /// same GoBGP with a wrong password (`AuthenticationFailed`: GoBGP's kernel drops the
-/// badly signed segments), and an address on the bridge nobody answers (`Unreachable`).
-/// The GoBGP sessions and routes stay as they were.
+/// badly signed segments), an address on the bridge nobody answers (`Unreachable`), and
+/// a password Secret that does not exist (`SecretNotFound`, with a Warning Event from
+/// each node). The GoBGP sessions and routes stay as they were.
 #[tokio::test]
 async fn gobgp_with_md5_and_failing_peers_beside_it() {
     let (env, ns) = connect("bgp-gobgp").await;
@@ -449,10 +450,14 @@ async fn gobgp_with_md5_and_failing_peers_beside_it() {
     let mut spec = peer_spec(&gobgp, ROUTER_ASN);
     spec["address"] = json!("198.18.0.199");
     let unreachable = PeerGuard::create(&env, &format!("{}-nobody", ns.name), spec);
+    let mut spec = peer_spec(&gobgp, ROUTER_ASN);
+    spec["passwordSecretRef"] = json!({"name": "no-such-secret", "namespace": ns.name});
+    let no_secret = PeerGuard::create(&env, &format!("{}-nosecret", ns.name), spec);
     let failing = [
         (&wrong, "BadPeerAS", "64512"),
         (&bad_password, "AuthenticationFailed", "TCP MD5"),
         (&unreachable, "Unreachable", "198.18.0.199"),
+        (&no_secret, "SecretNotFound", "no-such-secret not found"),
     ];
     wait_until(
         "every node reports each failing peer's reason",
@@ -476,6 +481,39 @@ async fn gobgp_with_md5_and_failing_peers_beside_it() {
     for (peer, _, _) in &failing {
         println!("{}: {:?}", peer.name, peer.sessions(&env));
     }
+    wait_until(
+        "a Warning Event on the peer whose Secret is missing, from every node",
+        WAIT,
+        &dump(&env, &frr),
+        async || {
+            let out = env.kubectl(&[
+                "get",
+                "events",
+                "-A",
+                "--field-selector",
+                &format!(
+                    "involvedObject.name={},type=Warning,reason=SecretNotFound",
+                    no_secret.name
+                ),
+                "-o",
+                "json",
+            ]);
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            let notes: Vec<&str> = v["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["message"].as_str().or(e["note"].as_str()))
+                .filter(|m| m.contains("no-such-secret"))
+                .collect();
+            if notes.len() >= nodes.len() {
+                Ok(())
+            } else {
+                Err(format!("{notes:?}"))
+            }
+        },
+    )
+    .await;
     for n in &nodes {
         let state = gobgp.session_state(n.ip).expect("GoBGP state");
         assert!(

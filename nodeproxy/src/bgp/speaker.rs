@@ -19,9 +19,10 @@ use k8s_openapi::api::core::v1::{Node, Secret};
 use kube::api::{Patch, PatchParams};
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch;
 
 use super::routes::Routes;
@@ -41,11 +42,35 @@ const PASSWORD_REFRESH: Duration = Duration::from_secs(30);
 pub type RoutesView =
     Arc<dyn Fn(bool, &BTreeSet<String>) -> Option<BTreeMap<String, Routes>> + Send + Sync>;
 
+/// Why a peer cannot be used: the status reason and the words.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unusable {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Unusable {
+    fn invalid(message: impl Into<String>) -> Self {
+        Self {
+            reason: "InvalidConfig",
+            message: message.into(),
+        }
+    }
+
+    /// `passwordSecretRef` names a Secret or key that does not exist.
+    fn secret_missing(message: String) -> Self {
+        Self {
+            reason: "SecretNotFound",
+            message,
+        }
+    }
+}
+
 /// A password as last read: the Secret reference, when, and the outcome.
 type CachedPassword = (
     Option<SecretKeyRef>,
     Instant,
-    Result<Option<String>, String>,
+    Result<Option<String>, Unusable>,
 );
 
 struct Running {
@@ -75,11 +100,11 @@ impl Entry {
         }
     }
 
-    fn invalid(message: String) -> Self {
+    fn unusable(u: &Unusable) -> Self {
         Self {
             state: State::Idle.as_str().into(),
-            reason: "InvalidConfig".into(),
-            message,
+            reason: u.reason.into(),
+            message: u.message.clone(),
             announced: 0,
         }
     }
@@ -97,6 +122,8 @@ pub struct Speaker {
     /// Each peer's password as last read: (the Secret reference, when, the outcome).
     passwords: BTreeMap<String, CachedPassword>,
     warned: BTreeSet<String>,
+    /// Warning Events on BGPPeers this node cannot use.
+    recorder: Recorder,
 }
 
 fn reflect<K>(api: Api<K>, config: watcher::Config, listed: Arc<AtomicBool>) -> Store<K>
@@ -196,7 +223,7 @@ impl Speaker {
             listed[1].clone(),
         );
         Self {
-            client,
+            client: client.clone(),
             node: node.into(),
             peers,
             me,
@@ -205,6 +232,13 @@ impl Speaker {
             written: BTreeMap::new(),
             passwords: BTreeMap::new(),
             warned: BTreeSet::new(),
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "berth-nodeproxy".into(),
+                    instance: Some(node.into()),
+                },
+            ),
         }
     }
 
@@ -235,7 +269,7 @@ impl Speaker {
         futures::future::join_all(tasks).await;
     }
 
-    async fn password(&self, spec: &BGPPeerSpec) -> Result<Option<String>, String> {
+    async fn password(&self, spec: &BGPPeerSpec) -> Result<Option<String>, Unusable> {
         let Some(r) = &spec.password_secret_ref else {
             return Ok(None);
         };
@@ -243,16 +277,35 @@ impl Speaker {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &r.namespace);
         let secret = tokio::time::timeout(WRITE_TIMEOUT, api.get(&r.name))
             .await
-            .map_err(|_| format!("reading Secret {}/{} timed out", r.namespace, r.name))?
-            .map_err(|e| format!("Secret {}/{}: {e}", r.namespace, r.name))?;
+            .map_err(|_| {
+                Unusable::invalid(format!(
+                    "reading Secret {}/{} timed out",
+                    r.namespace, r.name
+                ))
+            })?
+            .map_err(|e| match e {
+                kube::Error::Api(a) if a.code == 404 => Unusable::secret_missing(format!(
+                    "passwordSecretRef: Secret {}/{} not found",
+                    r.namespace, r.name
+                )),
+                e => Unusable::invalid(format!("Secret {}/{}: {e}", r.namespace, r.name)),
+            })?;
         let value = secret
             .data
             .as_ref()
             .and_then(|d| d.get(key))
-            .ok_or_else(|| format!("Secret {}/{} has no key {key:?}", r.namespace, r.name))?;
-        String::from_utf8(value.0.clone())
-            .map(Some)
-            .map_err(|_| format!("Secret {}/{} key {key:?} is not UTF-8", r.namespace, r.name))
+            .ok_or_else(|| {
+                Unusable::secret_missing(format!(
+                    "passwordSecretRef: Secret {}/{} has no key {key:?}",
+                    r.namespace, r.name
+                ))
+            })?;
+        String::from_utf8(value.0.clone()).map(Some).map_err(|_| {
+            Unusable::invalid(format!(
+                "Secret {}/{} key {key:?} is not UTF-8",
+                r.namespace, r.name
+            ))
+        })
     }
 
     /// The peer's password, read again when its reference changes and every
@@ -262,7 +315,7 @@ impl Speaker {
         &mut self,
         peer: &str,
         spec: &BGPPeerSpec,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<String>, Unusable> {
         let reference = spec.password_secret_ref.clone();
         if let Some((r, at, outcome)) = self.passwords.get(peer)
             && *r == reference
@@ -297,21 +350,22 @@ impl Speaker {
                 Ok(false) => continue,
                 Ok(true) => {}
                 Err(e) => {
-                    entries.insert(name, Entry::invalid(e));
+                    entries.insert(name, Entry::unusable(&Unusable::invalid(e)));
                     continue;
                 }
             }
             let cfg = match self.cached_password(&name, &peer.spec).await {
-                Ok(pw) => peer_config(&name, &peer.spec, node_ip, pw),
+                Ok(pw) => peer_config(&name, &peer.spec, node_ip, pw).map_err(Unusable::invalid),
                 Err(e) => Err(e),
             };
             match cfg {
                 Ok(cfg) => drop(wanted.insert(name, cfg)),
                 Err(e) => {
-                    if self.warned.insert(format!("{name}: {e}")) {
-                        tracing::warn!(peer = %name, "BGP peer not usable: {e}");
+                    if self.warned.insert(format!("{name}: {}", e.message)) {
+                        tracing::warn!(peer = %name, "BGP peer not usable: {}", e.message);
+                        self.warn_event(&peer, &e);
                     }
-                    entries.insert(name, Entry::invalid(e));
+                    entries.insert(name, Entry::unusable(&e));
                 }
             }
         }
@@ -347,6 +401,25 @@ impl Speaker {
             entries.insert(name.clone(), Entry::of(&r.report.borrow()));
         }
         self.write_status(entries).await;
+    }
+
+    /// A Warning Event on the peer, off the loop (a slow apiserver never holds the
+    /// sessions back).
+    fn warn_event(&self, peer: &BGPPeer, e: &Unusable) {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: e.reason.into(),
+            note: Some(format!("node {}: {}", self.node, e.message)),
+            action: "Peer".into(),
+            secondary: None,
+        };
+        let reference = peer.object_ref(&());
+        let recorder = self.recorder.clone();
+        tokio::spawn(async move {
+            if let Err(err) = recorder.publish(&event, &reference).await {
+                tracing::debug!("cannot record event: {err}");
+            }
+        });
     }
 
     /// Writes the entries that changed, and removes this node's entry from peers it no

@@ -3,7 +3,8 @@
 //! session closes, so a request loop through the router sees no failure; a node that
 //! stops answering (its traffic dropped, its agent killed) loses its route when FRR's
 //! hold timer (9 s here) expires, and requests resume. Serial: it stops agents the other
-//! suites rely on. Addresses 198.19.21.0/24, router index 4.
+//! suites rely on. Addresses 198.19.21.0/24, router index 4. Also: a restarted agent
+//! removes its stale entry from a peer that stopped selecting its node.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -284,4 +285,87 @@ impl Drop for PeerDelete {
             ])
             .output();
     }
+}
+
+/// `status.nodes` of a BGPPeer as node names.
+fn status_nodes(env: &TestEnv, peer: &str) -> Vec<String> {
+    let out = env.kubectl(&["get", "bgppeer", peer, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    v["status"]["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some(e["node"].as_str()?.to_string()))
+        .collect()
+}
+
+/// A peer stops selecting a node while that node's agent is down: the restarted agent
+/// removes the entry its predecessor wrote in the peer's `status.nodes` (it has no
+/// session to report, and nobody else owns the entry). No router is needed: every node
+/// reports a session to an address nobody answers.
+#[tokio::test]
+async fn a_restarted_agent_removes_its_entry_from_a_peer_that_deselected_its_node() {
+    let env = TestEnv::connect().await;
+    install_crds(&env);
+    env.wait_agents_healthy().await;
+    let ns = env.namespace("bgp-stale").await;
+    let nodes: Vec<NodePlan> = env.info.nodes.iter().map(|n| n.plan.clone()).collect();
+    let name = ns.name.clone();
+    let apply = |selector: serde_json::Value| {
+        let mut spec = json!({"address": "198.18.0.198", "peerASN": ROUTER_ASN, "myASN": NODE_ASN});
+        if !selector.is_null() {
+            spec["nodeSelector"] = selector;
+        }
+        let obj = json!({"apiVersion": "berth.dev/v1alpha1", "kind": "BGPPeer",
+                         "metadata": {"name": name}, "spec": spec});
+        let path = std::env::temp_dir().join(format!("berth-e2e-bgppeer-{name}.json"));
+        std::fs::write(&path, obj.to_string()).expect("write peer");
+        env.kubectl(&["apply", "-f", &path.display().to_string()]);
+        let _ = std::fs::remove_file(&path);
+    };
+    apply(serde_json::Value::Null);
+    let _peer = PeerDelete(env.info.kubeconfig.display().to_string(), name.clone());
+    let diag = Diagnostics::new(&env).node_agents(&env.info);
+    let all: BTreeSet<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    wait_until("an entry from every node", WAIT, &diag, async || {
+        let s: BTreeSet<String> = status_nodes(&env, &name).into_iter().collect();
+        if s == all {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
+    })
+    .await;
+
+    let gone = &nodes[2];
+    let hold = HoldAgent::stop(&gone.name, libc::SIGKILL);
+    apply(
+        json!({"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "NotIn",
+                                       "values": [gone.name]}]}),
+    );
+    // Down, its agent cannot remove the entry; the others keep theirs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        status_nodes(&env, &name).contains(&gone.name),
+        "the stopped agent's entry is still there"
+    );
+    drop(hold);
+    nodeagent::wait_healthy(gone, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let rest: BTreeSet<String> = nodes[..2].iter().map(|n| n.name.clone()).collect();
+    wait_until(
+        "the restarted agent's stale entry removed, the others kept",
+        WAIT,
+        &diag,
+        async || {
+            let s: BTreeSet<String> = status_nodes(&env, &name).into_iter().collect();
+            if s == rest {
+                Ok(())
+            } else {
+                Err(format!("{s:?}"))
+            }
+        },
+    )
+    .await;
 }

@@ -344,10 +344,18 @@ impl Speaker {
         let node_ip = node.as_deref().and_then(node_ipv4);
         let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
         let mut wanted: BTreeMap<String, PeerConfig> = BTreeMap::new();
+        // Peers that no longer select this node but still carry its entry: written by
+        // this node's agent before it restarted, so not in `written`.
+        let mut leftover: BTreeSet<String> = BTreeSet::new();
         for peer in self.peers.state() {
             let name = peer.name_any();
             match selects(&peer.spec, &labels) {
-                Ok(false) => continue,
+                Ok(false) => {
+                    if has_entry(&peer, &self.node) {
+                        leftover.insert(name);
+                    }
+                    continue;
+                }
                 Ok(true) => {}
                 Err(e) => {
                     entries.insert(name, Entry::unusable(&Unusable::invalid(e)));
@@ -400,7 +408,7 @@ impl Speaker {
         for (name, r) in &self.sessions {
             entries.insert(name.clone(), Entry::of(&r.report.borrow()));
         }
-        self.write_status(entries).await;
+        self.write_status(entries, leftover).await;
     }
 
     /// A Warning Event on the peer, off the loop (a slow apiserver never holds the
@@ -424,12 +432,13 @@ impl Speaker {
 
     /// Writes the entries that changed, and removes this node's entry from peers it no
     /// longer reports on.
-    async fn write_status(&mut self, entries: BTreeMap<String, Entry>) {
-        let gone: Vec<String> = self
+    async fn write_status(&mut self, entries: BTreeMap<String, Entry>, leftover: BTreeSet<String>) {
+        let gone: BTreeSet<String> = self
             .written
             .keys()
             .filter(|n| !entries.contains_key(*n))
             .cloned()
+            .chain(leftover)
             .collect();
         for name in gone {
             if self.apply(&name, None).await {
@@ -504,6 +513,13 @@ fn start(cfg: PeerConfig) -> Running {
         report: report_rx,
         task,
     }
+}
+
+/// Whether `peer`'s status has an entry for `node`.
+fn has_entry(peer: &BGPPeer, node: &str) -> bool {
+    peer.status
+        .as_ref()
+        .is_some_and(|s| s.nodes.iter().any(|e| e.node == node))
 }
 
 fn node_ipv4(node: &Node) -> Option<Ipv4Addr> {

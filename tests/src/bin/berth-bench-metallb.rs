@@ -601,7 +601,7 @@ async fn main() -> ExitCode {
     let neighbors: Vec<Neighbor> = plans
         .iter()
         .map(|n| Neighbor {
-            ip: n.ip,
+            ip: n.ip.into(),
             asn: NODE_ASN,
             password: None,
         })

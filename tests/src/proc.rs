@@ -38,6 +38,30 @@ pub fn run_quiet(program: &str, args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
+/// Makes `cmd` a process that outlives its parent: a session of its own, and none of the
+/// descriptors the parent inherited. The e2e scripts' lock file is one of them: kept by an
+/// orphaned supervisor after its script was killed, it would block every later run (the
+/// next `up` sweeps such an orphan instead). Close-on-exec rather than close keeps std's
+/// own exec-error pipe working.
+pub fn detach(cmd: &mut Command) {
+    // SAFETY: setsid(2) and close_range(2) only, both async-signal-safe, between fork and
+    // exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            if libc::close_range(
+                3,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A long-lived child in its own process group, killed (group and all) on drop.
 /// It also dies with the harness: PR_SET_PDEATHSIG is set before exec.
 pub struct Supervised {
@@ -149,5 +173,49 @@ where
             });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// A detached child holds no descriptor its parent inherited without close-on-exec
+    /// (as a shell's `exec 9>lock` is).
+    #[test]
+    fn a_detached_child_keeps_no_inherited_descriptor() {
+        let dir = std::env::temp_dir().join(format!("berth-detach-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lock");
+        let file = File::create(&path).unwrap();
+        // SAFETY: clears FD_CLOEXEC on a descriptor this test owns.
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, 0) };
+        let held_by = |detached: bool| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("30").stdin(Stdio::null());
+            if detached {
+                detach(&mut cmd);
+            }
+            let mut child = cmd.spawn().unwrap();
+            let fds = std::fs::read_dir(format!("/proc/{}/fd", child.id())).unwrap();
+            let holds = fds
+                .flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == path));
+            let _ = child.kill();
+            let _ = child.wait();
+            holds
+        };
+        // The check itself sees an inherited descriptor.
+        assert!(
+            held_by(false),
+            "an undetached child inherits the descriptor"
+        );
+        assert!(
+            !held_by(true),
+            "the detached child kept the parent's descriptor"
+        );
+        drop(file);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

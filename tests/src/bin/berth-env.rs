@@ -11,7 +11,6 @@
 //!   old IDs (SIGUSR1 to the supervisor does the same).
 
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -184,13 +183,7 @@ fn up(nodes: u8) -> ExitCode {
         .stdin(Stdio::null())
         .stdout(log.try_clone().map(Stdio::from).unwrap_or(Stdio::null()))
         .stderr(Stdio::from(log));
-    // SAFETY: setsid(2) only, between fork and exec: the supervisor outlives this command.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    berth_e2e::proc::detach(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {

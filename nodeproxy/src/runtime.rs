@@ -216,7 +216,11 @@ fn warn_all(
     if let Some(event) = invalid_input_event(&warnings) {
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = shared.recorder.publish(&event, &reference).await {
+            if let Err(e) = shared
+                .recorder
+                .publish(&berth_runtime::events::distinct(&event), &reference)
+                .await
+            {
                 tracing::debug!("cannot record event: {e}");
             }
         });
@@ -829,7 +833,10 @@ async fn report_refusals(shared: Arc<Shared>, node: String) {
             tracing::warn!(service = %report.service, reason = report.refusal.reason.as_str(), "{}", report.refusal.message);
             if let Err(e) = shared
                 .recorder
-                .publish(&report.event(), &report.reference())
+                .publish(
+                    &berth_runtime::events::distinct(&report.event()),
+                    &report.reference(),
+                )
                 .await
             {
                 tracing::debug!("cannot record event: {e}");

@@ -107,16 +107,22 @@ fn cluster_ip(svc: &Service) -> String {
 
 /// Waits for a Warning Event with `reason` on Service `name`; its message.
 async fn warning(env: &TestEnv, ns: &str, name: &str, reason: &str) -> String {
+    warning_saying(env, ns, name, reason, "").await
+}
+
+/// Waits for a Warning Event with `reason` on Service `name` whose message contains
+/// `text`; its message.
+async fn warning_saying(env: &TestEnv, ns: &str, name: &str, reason: &str, text: &str) -> String {
     let mut found = String::new();
     wait_true(
-        &format!("Warning {reason} on Service {ns}/{name}"),
+        &format!("Warning {reason} saying {text:?} on Service {ns}/{name}"),
         Duration::from_secs(30),
         &dump(env).events(ns, name),
         async || {
             let events = env.events(ns, name).await;
             match events
                 .into_iter()
-                .find(|(t, r, _)| t == "Warning" && r == reason)
+                .find(|(t, r, m)| t == "Warning" && r == reason && m.contains(text))
             {
                 Some((_, _, m)) => {
                     found = m;
@@ -268,6 +274,19 @@ async fn external_ip_equal_to_a_node_address_is_refused() {
         let got = get(&env.info.client_netns, &url, SHORT);
         assert!(got.is_err(), "{url} from the client answered {got:?}");
     }
+    // Another node's address minutes later is another refusal, and its Event says so:
+    // the recorder's series would otherwise keep naming the first address.
+    let other_ip = env.info.nodes[2].plan.ip.to_string();
+    let api: Api<Service> = Api::namespaced(env.client.clone(), &ns.name);
+    api.patch(
+        "evil",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"externalIPs": [other_ip]}})),
+    )
+    .await
+    .expect("patch externalIPs");
+    let message = warning_saying(&env, &ns.name, "evil", "ExternalIPRefused", &other_ip).await;
+    assert!(message.contains("node address"), "{message}");
 }
 
 /// Two Services claim one externalIP and port: the older one keeps it although its name

@@ -7,6 +7,7 @@
 //!   holder does not announce the address again.
 //! - The announcing node is cordoned and drained: it hands the address over first (make
 //!   before break): at every moment some node carries the address, and no request fails.
+//!   The same when the cluster autoscaler taints it `ToBeDeletedByClusterAutoscaler`.
 //!
 //! Serial: it cuts a node off the network. Addresses 198.19.42.0/24, used by no other
 //! suite. No controller runs: the case writes the Service's owner annotation and status
@@ -29,6 +30,7 @@ use serde_json::json;
 const POOL: &str = "198.19.42.0/24";
 const ADDRESS: &str = "198.19.42.10";
 const DRAINED_ADDRESS: &str = "198.19.42.20";
+const SCALED_DOWN_ADDRESS: &str = "198.19.42.30";
 
 fn lease() -> Duration {
     Duration::from_secs(L2_LEASE_SECONDS)
@@ -258,20 +260,24 @@ async fn served_elsewhere(
     holder
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cordoned_and_drained_node_hands_its_address_over_first() {
-    let env = TestEnv::connect().await;
-    install_crds(&env);
-    env.wait_agents_healthy().await;
-    let ns = env.namespace("l2-drain").await;
-    let dump = Diagnostics::new(&env).node_agents(&env.info);
+/// Serves `app` on `ip` from a node other than its holder, runs `leave` on the holder
+/// under a request loop, and checks the hand-over: at every moment (sampled each 20 ms)
+/// some node carries `ip`, it ends on another node alone, and no request fails.
+async fn hands_over_when_leaving(
+    env: &TestEnv,
+    ns: &str,
+    app: &str,
+    ip: &str,
+    how: &str,
+    leave: impl FnOnce(&str),
+) {
+    let dump = Diagnostics::new(env).node_agents(&env.info);
     let class = ClassGuard::with_spec(
-        &env,
-        &format!("{}-lan", ns.name),
+        env,
+        &format!("{ns}-lan"),
         json!({"pool": {"addresses": [POOL]}}),
     );
-    let ip = DRAINED_ADDRESS;
-    let holder = served_elsewhere(&env, &dump, &ns.name, &class.name, "drained", ip).await;
+    let holder = served_elsewhere(env, &dump, ns, &class.name, app, ip).await;
     let url = format!("http://{ip}/");
     let load = RequestLoop::start(
         &env.info.client_netns,
@@ -281,30 +287,21 @@ async fn a_cordoned_and_drained_node_hands_its_address_over_first() {
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let started = Instant::now();
-    let _cordon = Cordon::new(&env, &holder);
-    env.kubectl(&[
-        "drain",
-        &holder,
-        "--ignore-daemonsets",
-        "--delete-emptydir-data",
-        "--force",
-        "--timeout=120s",
-    ]);
-    // Every 20 ms: who carries the address. Never nobody; in the end another node alone.
+    leave(&holder);
     let mut bare_moments = Vec::new();
     let next = loop {
         let on = env.nodes_with_address(ip);
         if on.is_empty() {
             bare_moments.push(started.elapsed());
         }
-        let h = lease_holder(&env, ip).await;
+        let h = lease_holder(env, ip).await;
         if let Some(h) = h.filter(|h| *h != holder && on == [h.clone()]) {
             break h;
         }
         assert!(
             started.elapsed() < settle(),
-            "{ip} not moved off the cordoned {holder}: Lease holder {:?}, on {on:?}",
-            lease_holder(&env, ip).await
+            "{ip} not moved off {holder} ({how}): Lease holder {:?}, on {on:?}",
+            lease_holder(env, ip).await
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -313,9 +310,8 @@ async fn a_cordoned_and_drained_node_hands_its_address_over_first() {
     let samples = load.finish();
     let (sent, failed, longest) = gap(&samples, started);
     eprintln!(
-        "L2 cordon + drain of {holder}: {ip} handed over to {next} after {:.2}s; {failed} of \
-         {sent} requests (one per 50 ms) failed; longest gap between two answered requests \
-         {} ms",
+        "L2 {how} of {holder}: {ip} handed over to {next} after {:.2}s; {failed} of {sent} \
+         requests (one per 50 ms) failed; longest gap between two answered requests {} ms",
         moved_after.as_secs_f64(),
         longest.as_millis()
     );
@@ -324,4 +320,91 @@ async fn a_cordoned_and_drained_node_hands_its_address_over_first() {
         "{ip} was on no node at {bare_moments:?} (break before make)"
     );
     assert_eq!(failed, 0, "requests failed during the hand-over");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cordoned_and_drained_node_hands_its_address_over_first() {
+    let env = TestEnv::connect().await;
+    install_crds(&env);
+    env.wait_agents_healthy().await;
+    let ns = env.namespace("l2-drain").await;
+    let mut cordon = None;
+    hands_over_when_leaving(
+        &env,
+        &ns.name,
+        "drained",
+        DRAINED_ADDRESS,
+        "cordon + drain",
+        |holder| {
+            cordon = Some(Cordon::new(&env, holder));
+            env.kubectl(&[
+                "drain",
+                holder,
+                "--ignore-daemonsets",
+                "--delete-emptydir-data",
+                "--force",
+                "--timeout=120s",
+            ]);
+        },
+    )
+    .await;
+}
+
+/// The cluster autoscaler's taint on the node it is about to remove, taken off on drop.
+struct AutoscalerTaint<'a> {
+    env: &'a TestEnv,
+    node: String,
+}
+
+const AUTOSCALER_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+impl<'a> AutoscalerTaint<'a> {
+    fn new(env: &'a TestEnv, node: &str) -> Self {
+        // The autoscaler's value is the time it chose the node; the effect NoSchedule.
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        env.kubectl(&[
+            "taint",
+            "node",
+            node,
+            &format!("{AUTOSCALER_TAINT}={since}:NoSchedule"),
+        ]);
+        Self {
+            env,
+            node: node.to_string(),
+        }
+    }
+}
+
+impl Drop for AutoscalerTaint<'_> {
+    fn drop(&mut self) {
+        let _ = self.env.kubectl_output(&[
+            "taint",
+            "node",
+            &self.node,
+            &format!("{AUTOSCALER_TAINT}-"),
+        ]);
+    }
+}
+
+/// The cluster autoscaler chose the announcing node for removal (its taint, without a
+/// cordon): the node hands its address over first, as when cordoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_the_autoscaler_removes_hands_its_address_over_first() {
+    let env = TestEnv::connect().await;
+    install_crds(&env);
+    env.wait_agents_healthy().await;
+    let ns = env.namespace("l2-scaledown").await;
+    let mut taint = None;
+    hands_over_when_leaving(
+        &env,
+        &ns.name,
+        "scaledown",
+        SCALED_DOWN_ADDRESS,
+        "autoscaler taint",
+        |holder| taint = Some(AutoscalerTaint::new(&env, holder)),
+    )
+    .await;
 }

@@ -88,6 +88,16 @@ pub fn sweep() {
     if let Some(pid) = pid.filter(|p| *p as u32 != std::process::id()) {
         stop_pid(pid, Duration::from_secs(60));
     }
+    // The network's names are the machine's, not the checkout's: a supervisor another
+    // checkout left behind (its script killed; the e2e lock, now free, is held by
+    // whoever sweeps) would keep them and fail this start with "File exists".
+    for pid in other_supervisors() {
+        tracing::warn!(
+            pid,
+            "stopping a local environment another checkout left running"
+        );
+        stop_pid(pid, Duration::from_secs(60));
+    }
     crate::oci::delete_all();
     net::sweep();
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
@@ -181,6 +191,30 @@ pub async fn restart_localstack(info: &EnvInfo) -> Result<()> {
 }
 
 /// SIGTERM, then SIGKILL after `grace`, to a berth-env supervisor found by its pid file.
+/// Every `berth-env serve` on this machine but this process.
+fn other_supervisors() -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid as u32 != std::process::id())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            is_supervisor(&cmdline)
+        })
+        .collect()
+}
+
+/// A NUL-separated command line of `berth-env serve …`.
+fn is_supervisor(cmdline: &[u8]) -> bool {
+    let mut args = cmdline.split(|b| *b == 0);
+    let exe = args.next().unwrap_or_default();
+    exe.rsplit(|b| *b == b'/').next() == Some(b"berth-env".as_slice())
+        && args.next() == Some(b"serve".as_slice())
+}
+
 pub fn stop_pid(pid: i32, grace: Duration) {
     let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     if !cmdline.contains("berth-env") {
@@ -412,5 +446,22 @@ impl Drop for Env {
         let _ = std::fs::remove_dir_all(&self.scratch);
         let _ = std::fs::remove_file(EnvInfo::path());
         let _ = std::fs::remove_file(&self.info.kubeconfig);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_supervisor;
+
+    #[test]
+    fn only_berth_env_serve_is_a_supervisor() {
+        assert!(is_supervisor(
+            b"/x/target/debug/berth-env\0serve\0--nodes\x003\0"
+        ));
+        assert!(is_supervisor(b"berth-env\0serve\0"));
+        assert!(!is_supervisor(b"/x/target/debug/berth-env\0up\0"));
+        assert!(!is_supervisor(b"/x/target/debug/berth-env-old\0serve\0"));
+        assert!(!is_supervisor(b"vim\0berth-env\0serve\0"));
+        assert!(!is_supervisor(b""));
     }
 }

@@ -15,13 +15,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth_crds::l2::{LEASE_LABEL, lease_name};
-use berth_crds::{ANNOTATION_OWNER_CLASS, CLASS_PREFIX, CONDITION_ANNOUNCED, LoadBalancerClass};
+use berth_crds::{
+    ANNOTATION_OWNER_CLASS, CLASS_PREFIX, CONDITION_ANNOUNCED, LABEL_EXCLUDE_FROM_LB,
+    LoadBalancerClass,
+};
 use berth_runtime::lease::Observations;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
+use kube::core::SelectorExt;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::Store;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -37,6 +41,8 @@ use crate::writes::Write;
 pub const FIELD_MANAGER: &str = "berth-controller-announcers";
 pub const REASON_L2: &str = "L2";
 pub const REASON_NOT_ANNOUNCED: &str = "NotAnnounced";
+/// The class's `announce.nodeSelector` selects no node: nobody may announce.
+pub const REASON_NO_ELIGIBLE_NODE: &str = "NoEligibleNode";
 pub const EVENT_REASON: &str = "AnnouncerChanged";
 
 /// How often holders are re-judged without a Lease event: a dead holder's Lease just
@@ -67,6 +73,29 @@ pub fn l2_addresses(svc: &Service, classes: &Store<LoadBalancerClass>) -> Vec<Ip
         .and_then(|c| c.spec.pool.as_ref().map(|p| p.l2 != Some(false)))
         .unwrap_or(false);
     if l2 { status_ips(svc) } else { Vec::new() }
+}
+
+/// Why no node may announce `svc`'s addresses: its owner class's `announce.nodeSelector`
+/// selects none of `nodes` that may carry load-balancer traffic. Pure.
+pub fn no_eligible_node(
+    svc: &Service,
+    classes: &Store<LoadBalancerClass>,
+    nodes: &[Arc<Node>],
+) -> Option<String> {
+    let owner = svc.annotations().get(ANNOTATION_OWNER_CLASS)?;
+    let class = classes
+        .state()
+        .into_iter()
+        .find(|c| c.name_any() == *owner)?;
+    let selector = class.spec.pool.as_ref()?.announce_nodes().ok()??;
+    let any = nodes
+        .iter()
+        .any(|n| !n.labels().contains_key(LABEL_EXCLUDE_FROM_LB) && selector.matches(n.labels()));
+    (!any).then(|| {
+        format!(
+            "no node may announce class {owner}: its announce.nodeSelector `{selector}` matches no node"
+        )
+    })
 }
 
 /// Whether this controller speaks for `svc`: its owner class, or before it has one its
@@ -112,13 +141,15 @@ fn holders_in(message: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// What to write on `svc`, announcing `addrs`, given each address's current holder.
-/// Only a change of holders (or of the address set) writes; the Event names each
-/// address whose holder changed, with the previous one. Pure.
+/// What to write on `svc`, announcing `addrs`, given each address's current holder and
+/// why no node may announce them, if so. Only a change of holders (or of the address
+/// set, or of that reason) writes; the Event names each address whose holder changed,
+/// with the previous one. Pure.
 pub fn announced(
     svc: &Service,
     addrs: &[IpAddr],
     holder: impl Fn(&IpAddr) -> Option<String>,
+    nobody: Option<&str>,
     now: Time,
 ) -> Announced {
     let previous = current(svc);
@@ -134,16 +165,19 @@ pub fn announced(
     }
     let holders: Vec<(IpAddr, Option<String>)> = addrs.iter().map(|a| (*a, holder(a))).collect();
     let all = holders.iter().all(|(_, h)| h.is_some());
-    let (status, reason) = if all {
-        ("True", REASON_L2)
-    } else {
-        ("False", REASON_NOT_ANNOUNCED)
+    let (status, reason) = match (all, nobody) {
+        (true, _) => ("True", REASON_L2),
+        (false, None) => ("False", REASON_NOT_ANNOUNCED),
+        (false, Some(_)) => ("False", REASON_NO_ELIGIBLE_NODE),
     };
-    let message = holders
+    let mut message = holders
         .iter()
         .map(|(a, h)| describe(a, h.as_deref()))
         .collect::<Vec<_>>()
         .join("; ");
+    if let (false, Some(why)) = (all, nobody) {
+        message = format!("{message}; {why}");
+    }
     if previous.is_some_and(|c| c.status == status && c.reason == reason && c.message == message) {
         return Announced::Unchanged;
     }
@@ -242,6 +276,7 @@ pub async fn run(ctx: Arc<Context>, leases: Leases) {
                 continue;
             }
             let addrs = l2_addresses(&svc, &ctx.stores.classes);
+            let nobody = no_eligible_node(&svc, &ctx.stores.classes, &ctx.stores.nodes.state());
             let decision = {
                 let seen = leases.seen.lock().unwrap_or_else(|p| p.into_inner());
                 let now = Instant::now();
@@ -249,6 +284,7 @@ pub async fn run(ctx: Arc<Context>, leases: Leases) {
                     &svc,
                     &addrs,
                     |a| holder(&seen, a, now),
+                    nobody.as_deref(),
                     Time(k8s_openapi::jiff::Timestamp::now()),
                 )
             };
@@ -339,6 +375,7 @@ mod tests {
             &s,
             &[ip("198.19.0.5")],
             by(&[("198.19.0.5", "node-a")]),
+            None,
             now(),
         );
         let Announced::Write {
@@ -363,6 +400,7 @@ mod tests {
             &s,
             &[ip("198.19.0.5")],
             by(&[("198.19.0.5", "node-a")]),
+            None,
             now(),
         );
         assert_eq!(a, Announced::Unchanged);
@@ -379,6 +417,7 @@ mod tests {
             &s,
             &[ip("198.19.0.5"), ip("fd00::5")],
             by(&[("198.19.0.5", "node-b"), ("fd00::5", "node-c")]),
+            None,
             now(),
         );
         let Announced::Write {
@@ -409,7 +448,7 @@ mod tests {
         let Announced::Write {
             condition: Some(c),
             event,
-        } = announced(&s, &[ip("198.19.0.5")], by(&[]), now())
+        } = announced(&s, &[ip("198.19.0.5")], by(&[]), None, now())
         else {
             panic!("a write")
         };
@@ -423,15 +462,62 @@ mod tests {
             Some("198.19.0.5 no longer announced (was node-a)")
         );
         assert_eq!(
-            announced(&s, &[], by(&[]), now()),
+            announced(&s, &[], by(&[]), None, now()),
             Announced::Write {
                 condition: None,
                 event: None
             }
         );
         assert_eq!(
-            announced(&svc(None), &[], by(&[]), now()),
+            announced(&svc(None), &[], by(&[]), None, now()),
             Announced::Unchanged
+        );
+    }
+
+    #[test]
+    fn a_class_selecting_no_node_says_so() {
+        let s = svc(None);
+        let why =
+            "no node may announce class edge: its announce.nodeSelector `rack=z` matches no node";
+        let Announced::Write {
+            condition: Some(c), ..
+        } = announced(&s, &[ip("198.19.0.5")], by(&[]), Some(why), now())
+        else {
+            panic!("a write")
+        };
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", REASON_NO_ELIGIBLE_NODE)
+        );
+        assert_eq!(c.message, format!("198.19.0.5 not announced; {why}"));
+        let node = |name: &str, rack: &str| -> Arc<Node> {
+            Arc::new(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "labels": {"rack": rack}}
+                }))
+                .expect("node"),
+            )
+        };
+        let class: LoadBalancerClass = serde_json::from_value(serde_json::json!({
+            "apiVersion": "berth.dev/v1alpha1", "kind": "LoadBalancerClass",
+            "metadata": {"name": "edge"},
+            "spec": {"pool": {"addresses": ["198.19.0.0/24"],
+                              "announce": {"nodeSelector": {"matchLabels": {"rack": "z"}}}}}
+        }))
+        .expect("class");
+        let classes = crate::stores::filled(vec![class]);
+        let mut owned = svc(None);
+        owned
+            .annotations_mut()
+            .insert(ANNOTATION_OWNER_CLASS.into(), "edge".into());
+        let nodes = [node("a", "x")];
+        let note = no_eligible_node(&owned, &classes, &nodes).expect("no node");
+        assert!(note.contains("rack=z"), "{note}");
+        assert_eq!(no_eligible_node(&owned, &classes, &[node("b", "z")]), None);
+        assert_eq!(
+            no_eligible_node(&s, &classes, &nodes),
+            None,
+            "not the class's"
         );
     }
 

@@ -412,6 +412,54 @@ pub struct PoolProvider {
     /// Announce the addresses to the `BGPPeer` routers from every node that serves them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bgp: Option<bgp::BgpAdvertisement>,
+    /// Which nodes announce the addresses (L2 and BGP alike), and on which interface L2
+    /// puts them (default: every node, on the agent's interface).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<AnnounceScope>,
+}
+
+/// Where a pool class's addresses are announced from (`spec.pool.announce`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnnounceScope {
+    /// Only nodes with matching labels announce: they alone take the addresses' L2 Leases
+    /// and advertise their BGP routes (default: every node). A selector the API cannot
+    /// parse refuses the class (`Accepted` False); one that matches no node leaves the
+    /// Services' `berth.dev/Announced` condition False, saying so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+    /// L2: the addresses are put on and announced from the first of these interfaces the
+    /// node has (names differ between kinds of machine: `[ens5, eth1]`). A node with none
+    /// of them takes none of the class's Leases and says so in a Warning Event on the
+    /// class. Default: the agent's interface (`--l2-interface`, or the one carrying the
+    /// node's address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 8),
+        inner(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,14}$"))
+    )]
+    pub interfaces: Option<Vec<String>>,
+}
+
+impl PoolProvider {
+    /// `announce.nodeSelector`, parsed (the one parser of it, for the controller and the
+    /// agents): `Ok(None)` lets every node announce.
+    pub fn announce_nodes(&self) -> Result<Option<kube::core::Selector>, String> {
+        let Some(sel) = self.announce.as_ref().and_then(|a| a.node_selector.clone()) else {
+            return Ok(None);
+        };
+        kube::core::Selector::try_from(sel)
+            .map(Some)
+            .map_err(|e| format!("announce.nodeSelector: {e}"))
+    }
+
+    /// `announce.interfaces` (empty: the agent's interface).
+    pub fn announce_interfaces(&self) -> &[String] {
+        self.announce
+            .as_ref()
+            .and_then(|a| a.interfaces.as_deref())
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -460,6 +508,7 @@ pub fn crd_files() -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::core::SelectorExt;
 
     #[test]
     fn committed_crd_yaml_matches_the_types() {
@@ -553,6 +602,27 @@ mod tests {
             serde_json::json!(["aws-load-balancer-controller"]),
             "{field}"
         );
+    }
+
+    #[test]
+    fn announce_scope_parses_and_refuses_a_bad_selector() {
+        let spec: LoadBalancerClassSpec = serde_yaml::from_str(
+            "pool:\n  addresses: [198.19.0.0/24]\n  announce:\n    nodeSelector: {matchLabels: {rack: a}}\n    interfaces: [ens5, eth1]\n",
+        )
+        .unwrap_or_default();
+        let pool = spec.pool.unwrap_or_default();
+        let sel = pool.announce_nodes().ok().flatten().expect("a selector");
+        assert!(sel.matches(&BTreeMap::from([("rack".into(), "a".into())])));
+        assert!(!sel.matches(&BTreeMap::new()));
+        assert_eq!(pool.announce_interfaces(), ["ens5", "eth1"]);
+        assert_eq!(PoolProvider::default().announce_nodes(), Ok(None));
+        assert!(PoolProvider::default().announce_interfaces().is_empty());
+        let bad: PoolProvider = serde_yaml::from_str(
+            "addresses: [198.19.0.0/24]\nannounce:\n  nodeSelector:\n    matchExpressions: [{key: rack, operator: In}]\n",
+        )
+        .unwrap_or_default();
+        let err = bad.announce_nodes().expect_err("In without values");
+        assert!(err.starts_with("announce.nodeSelector"), "{err}");
     }
 
     #[test]

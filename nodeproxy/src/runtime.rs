@@ -148,6 +148,8 @@ struct Shared {
     drift: Arc<Drift>,
     pools: Mutex<Pools>,
     leaving: Arc<Leaving>,
+    /// This node's labels: a pool class's scope selects on them (BGP).
+    labels: Mutex<BTreeMap<String, String>>,
 }
 
 impl Shared {
@@ -785,6 +787,8 @@ async fn watch_nodes(api: Api<Node>, me: String, shared: Arc<Shared>) {
                         idx.set_node_zone(convert::node_zone(&n));
                         shared.health.set_draining(healthcheck::draining(&n));
                         shared.leaving.set(healthcheck::leaving(&n));
+                        *shared.labels.lock().unwrap_or_else(|p| p.into_inner()) =
+                            n.labels().clone();
                     }
                 }
                 Ok(Event::Delete(n)) => {
@@ -850,17 +854,19 @@ async fn report_refusals(shared: Arc<Shared>, node: String) {
 /// The announcer's view of the model: pool addresses with their eligible nodes, among the
 /// nodes whose agent is alive.
 fn model_view(shared: Arc<Shared>, liveness: Liveness) -> ModelView {
-    Arc::new(move |classes, nodes| {
-        let nodes = liveness.live(nodes)?;
+    Arc::new(move |classes, labels| {
+        let names = labels.keys().cloned().collect();
+        let nodes = liveness.live(&names)?;
         let dead = liveness.dead();
         let idx = shared.index();
         if !idx.ready() {
             return None;
         }
         let mut warnings = Vec::new();
-        let wanted = announce::wanted(&idx.model, classes, &nodes, &mut warnings);
+        let wanted = announce::wanted(&idx.model, classes, &nodes, labels, &mut warnings);
         Some(Snapshot {
             wanted,
+            interfaces: announce::interfaces(&idx.model, classes),
             node_addresses: idx.model.node.addresses.clone(),
             warnings,
             dead,
@@ -913,9 +919,20 @@ fn bgp_view(shared: Arc<Shared>, liveness: Liveness) -> bgp::speaker::RoutesView
         if !idx.ready() || !pools.listed {
             return None;
         }
+        let labels = shared
+            .labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut warnings = Vec::new();
-        let routes =
-            bgp::routes::per_peer(&idx.model, &pools.classes, eligible, peers, &mut warnings);
+        let routes = bgp::routes::per_peer(
+            &idx.model,
+            &pools.classes,
+            eligible,
+            &labels,
+            peers,
+            &mut warnings,
+        );
         // Each once: the view runs several times a second.
         let mut warned = warned.lock().unwrap_or_else(|p| p.into_inner());
         for w in warnings {
@@ -954,6 +971,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
         drift: Arc::default(),
         pools: Mutex::default(),
         leaving: Arc::default(),
+        labels: Mutex::default(),
     });
     shared.index().set_policy(claims::Policy {
         external_ip_cidrs: args.external_ip_cidrs.clone(),

@@ -295,3 +295,29 @@ impl Drop for Cordon<'_> {
         let _ = self.env.kubectl_output(&["uncordon", &self.node]);
     }
 }
+
+/// A label `key=yes` on a node (`kubectl label`); removed on drop, also after a failure.
+pub struct NodeLabel<'a> {
+    env: &'a TestEnv,
+    node: String,
+    key: String,
+}
+
+impl<'a> NodeLabel<'a> {
+    pub fn new(env: &'a TestEnv, node: &str, key: &str) -> Self {
+        env.kubectl(&["label", "node", node, &format!("{key}=yes"), "--overwrite"]);
+        Self {
+            env,
+            node: node.to_string(),
+            key: key.to_string(),
+        }
+    }
+}
+
+impl Drop for NodeLabel<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .env
+            .kubectl_output(&["label", "node", &self.node, &format!("{}-", self.key)]);
+    }
+}

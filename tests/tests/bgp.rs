@@ -5,7 +5,7 @@
 //! installs the multipath route and spreads a client's connections over the nodes. As in
 //! the L2 suite no controller runs: each case writes its Services' owner annotation and
 //! load-balancer status itself. Addresses come from 198.19.20.0/24 and fd00:1946::/120,
-//! routers use indexes 1–3 and 5–6 (none shared between cases), so the cases run in
+//! routers use indexes 1–3, 5–6 and 8 (none shared between cases), so the cases run in
 //! parallel. Needs root and the running local cluster with its node agents (`make test`).
 
 use std::collections::BTreeSet;
@@ -18,7 +18,7 @@ use berth_e2e::net::NodePlan;
 use berth_e2e::paths;
 use berth_e2e::router::{Ipv6Nodes, Kind, NODE_ASN, Neighbor, ROUTER_ASN, Router, node_ipv6};
 use berth_e2e::service::ServiceBuilder;
-use berth_e2e::testing::{TestEnv, TestNamespace, curl_in, exec_in};
+use berth_e2e::testing::{NodeLabel, TestEnv, TestNamespace, curl_in, exec_in};
 use berth_e2e::wait::{Diagnostics, wait_until};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
@@ -762,6 +762,58 @@ async fn an_ipv6_pool_address_through_frr_and_gobgp() {
         vip,
         &[],
         "the IPv6 route withdrawn from GoBGP",
+    )
+    .await;
+}
+
+/// A class scoped by node label (`spec.pool.announce.nodeSelector`) is advertised from
+/// the nodes it selects alone: only the labelled node is a next hop at FRR, and when the
+/// label moves to another node, the route moves with it.
+#[tokio::test]
+async fn a_scoped_class_is_announced_only_from_the_nodes_it_selects() {
+    let (env, ns) = connect("bgp-scope").await;
+    let nodes = nodes(&env);
+    let router = Router::start(
+        Kind::Frr,
+        8,
+        &nodes,
+        &neighbors(&nodes, None),
+        false,
+        &env.info.log_dir,
+    )
+    .unwrap_or_else(|e| panic!("start FRR: {e}"));
+    let peer = PeerGuard::create(
+        &env,
+        &format!("{}-scope", ns.name),
+        peer_spec(&router, ROUTER_ASN),
+    );
+    let key = format!("berth-e2e.dev/{}", ns.name);
+    let label = NodeLabel::new(&env, &nodes[0].name, &key);
+    let class = ClassGuard::with_spec(
+        &env,
+        &format!("{}-bgp", ns.name),
+        json!({"pool": {"addresses": [POOL], "l2": false, "bgp": {"peers": [peer.name]},
+                        "announce": {"nodeSelector": {"matchLabels": {key.clone(): "yes"}}}}}),
+    );
+    until_established(&env, &router, &nodes).await;
+    let addr = Ipv4Addr::new(198, 19, 20, 40);
+    lb_service(&env, &ns.name, "web", &class.name, "nginx", false, addr).await;
+    until_hops(
+        &env,
+        &router,
+        addr,
+        &ips(&nodes, &[0]),
+        "only the labelled node a next hop",
+    )
+    .await;
+    drop(label);
+    let _label = NodeLabel::new(&env, &nodes[1].name, &key);
+    until_hops(
+        &env,
+        &router,
+        addr,
+        &ips(&nodes, &[1]),
+        "the route following the label to the other node",
     )
     .await;
 }

@@ -57,11 +57,13 @@ pub type Routes = BTreeMap<IpAddr, Attrs>;
 
 /// What this node announces to each peer (by peer name), given the peers it has
 /// sessions with. `eligible`: this node may carry load-balancer traffic at all (not
-/// labelled out of load balancers, not being deleted). Pure.
+/// labelled out of load balancers, not being deleted); `labels`: the node's, which a
+/// class's scope selects on. Pure.
 pub fn per_peer(
     model: &Model,
     classes: &BTreeMap<String, PoolClass>,
     eligible: bool,
+    labels: &BTreeMap<String, String>,
     peers: &BTreeSet<String>,
     warnings: &mut Vec<String>,
 ) -> BTreeMap<String, Routes> {
@@ -77,6 +79,7 @@ pub fn per_peer(
         };
         let Some((class, adv)) = classes
             .get(class_name)
+            .filter(|c| c.scope.selects(labels))
             .and_then(|c| c.bgp.as_ref().map(|a| (c, a)))
         else {
             continue;
@@ -143,6 +146,7 @@ mod tests {
             l2: false,
             addresses: AddressPool::parse(&["198.19.0.0/24"]).expect("pool"),
             bgp,
+            scope: Default::default(),
         }
     }
 
@@ -188,7 +192,14 @@ mod tests {
             .with_service(local)
             .with_service(remote);
         let mut w = Vec::new();
-        let out = per_peer(&model, &classes, true, &peers(&["r1", "r2"]), &mut w);
+        let out = per_peer(
+            &model,
+            &classes,
+            true,
+            &BTreeMap::new(),
+            &peers(&["r1", "r2"]),
+            &mut w,
+        );
         let want: BTreeSet<IpAddr> = [ip("198.19.0.2"), ip("198.19.0.3")].into();
         for p in ["r1", "r2"] {
             assert_eq!(out[p].keys().copied().collect::<BTreeSet<_>>(), want);
@@ -196,7 +207,14 @@ mod tests {
         }
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].contains("203.0.113.1"));
-        let none = per_peer(&model, &classes, false, &peers(&["r1"]), &mut w);
+        let none = per_peer(
+            &model,
+            &classes,
+            false,
+            &BTreeMap::new(),
+            &peers(&["r1"]),
+            &mut w,
+        );
         assert!(none["r1"].is_empty(), "an excluded node announces nothing");
     }
 
@@ -217,11 +235,39 @@ mod tests {
             &model,
             &classes,
             true,
+            &BTreeMap::new(),
             &peers(&["r1", "r2"]),
             &mut Vec::new(),
         );
         assert!(out["r1"].is_empty());
         assert_eq!(out["r2"].len(), 1);
+    }
+
+    #[test]
+    fn a_scoped_class_is_announced_only_from_the_nodes_it_selects() {
+        let mut scoped = class(Some(Advertisement::default()));
+        scoped.scope.nodes =
+            crate::l2::announce::ScopeNodes::Matching([("edge", "yes")].into_iter().collect());
+        let classes = BTreeMap::from([("bgp".to_string(), scoped)]);
+        let model = Model::test(NodeFacts::test("n1", "198.18.1.10")).with_service(lb(
+            "a",
+            "bgp",
+            "198.19.0.2",
+            false,
+        ));
+        let edge = BTreeMap::from([("edge".to_string(), "yes".to_string())]);
+        let mut w = Vec::new();
+        let on = per_peer(&model, &classes, true, &edge, &peers(&["r1"]), &mut w);
+        assert_eq!(on["r1"].len(), 1);
+        let off = per_peer(
+            &model,
+            &classes,
+            true,
+            &BTreeMap::new(),
+            &peers(&["r1"]),
+            &mut w,
+        );
+        assert!(off["r1"].is_empty(), "a node the class does not select");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use berth_crds::LoadBalancerClassSpec;
 use berth_crds::addresses::AddressPool;
 use berth_runtime::lease::Observed;
+use kube::core::{Selector, SelectorExt};
 use sha2::{Digest, Sha256};
 
 use crate::proxy::model::Model;
@@ -35,11 +36,44 @@ pub struct PoolClass {
     pub addresses: AddressPool,
     /// `spec.pool.bgp` when it is enabled: the BGP speaker announces the addresses.
     pub bgp: Option<crate::bgp::routes::Advertisement>,
+    /// `spec.pool.announce`.
+    pub scope: Scope,
 }
 
 impl PoolClass {
     pub fn contains(&self, ip: &IpAddr) -> bool {
         self.addresses.contains(ip)
+    }
+}
+
+/// Node labels by node name.
+pub type NodeLabels = BTreeMap<String, BTreeMap<String, String>>;
+
+/// Which nodes announce a class's addresses (L2 and BGP), and on which interfaces (L2).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    pub nodes: ScopeNodes,
+    /// The first of these the node has carries the addresses; empty: the agent's own.
+    pub interfaces: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ScopeNodes {
+    #[default]
+    Every,
+    Matching(Selector),
+    /// The selector does not parse (the controller refuses the class): nobody announces.
+    Invalid,
+}
+
+impl Scope {
+    /// Whether a node with `labels` announces the class.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        match &self.nodes {
+            ScopeNodes::Every => true,
+            ScopeNodes::Matching(s) => s.matches(labels),
+            ScopeNodes::Invalid => false,
+        }
     }
 }
 
@@ -49,6 +83,14 @@ pub fn pool_class(spec: &LoadBalancerClassSpec, warnings: &mut Vec<String>) -> O
     let pool = spec.pool.as_ref()?;
     let (addresses, errors) = AddressPool::parse_lenient(&pool.addresses);
     warnings.extend(errors.iter().map(|e| format!("pool addresses: {e}")));
+    let nodes = match pool.announce_nodes() {
+        Ok(None) => ScopeNodes::Every,
+        Ok(Some(s)) => ScopeNodes::Matching(s),
+        Err(e) => {
+            warnings.push(format!("{e}; no node announces the class"));
+            ScopeNodes::Invalid
+        }
+    };
     Some(PoolClass {
         l2: pool.l2 != Some(false),
         addresses,
@@ -56,22 +98,29 @@ pub fn pool_class(spec: &LoadBalancerClassSpec, warnings: &mut Vec<String>) -> O
             .bgp
             .as_ref()
             .and_then(|b| crate::bgp::routes::Advertisement::of(b, warnings)),
+        scope: Scope {
+            nodes,
+            interfaces: pool.announce_interfaces().to_vec(),
+        },
     })
 }
 
 /// Every address to announce with the nodes eligible for it: the load-balancer ingress
 /// IPs of Services whose owner class is a pool class with L2 on, inside that class's
 /// ranges. Eligible for one Service are `nodes` (the live ones not excluded from load
-/// balancers), with `externalTrafficPolicy: Local` only those with a ready local
+/// balancers) that the class's scope selects (by their `labels`; a node missing there
+/// has none), with `externalTrafficPolicy: Local` only those with a ready local
 /// endpoint; for an address several Services share, see [`serving_nodes`]. Addresses
 /// outside their class's ranges are left out with a warning. Pure.
 pub fn wanted(
     model: &Model,
     classes: &BTreeMap<String, PoolClass>,
     nodes: &BTreeSet<String>,
+    labels: &NodeLabels,
     warnings: &mut Vec<String>,
 ) -> BTreeMap<IpAddr, BTreeSet<String>> {
     let mut claims: BTreeMap<IpAddr, Vec<(String, BTreeSet<String>)>> = BTreeMap::new();
+    let no_labels = BTreeMap::new();
     for svc in model.services.values() {
         let Some(class_name) = svc.owner_class.as_deref() else {
             continue;
@@ -79,6 +128,12 @@ pub fn wanted(
         let Some(class) = classes.get(class_name).filter(|c| c.l2) else {
             continue;
         };
+        let nodes: BTreeSet<String> = nodes
+            .iter()
+            .filter(|n| class.scope.selects(labels.get(*n).unwrap_or(&no_labels)))
+            .cloned()
+            .collect();
+        let nodes = &nodes;
         let eligible: BTreeSet<String> = if svc.external_local {
             model
                 .slices_of(&svc.id)
@@ -118,6 +173,33 @@ pub fn wanted(
             (ip, serving)
         })
         .collect()
+}
+
+/// The class and the interfaces it names of each address (the first Service's class,
+/// in name order, for a shared address); addresses of classes naming none are left out.
+/// Pure.
+pub fn interfaces(
+    model: &Model,
+    classes: &BTreeMap<String, PoolClass>,
+) -> BTreeMap<IpAddr, (String, Vec<String>)> {
+    let mut out = BTreeMap::new();
+    for svc in model.services.values() {
+        let Some((name, class)) = svc
+            .owner_class
+            .as_deref()
+            .and_then(|c| classes.get_key_value(c))
+        else {
+            continue;
+        };
+        if class.scope.interfaces.is_empty() {
+            continue;
+        }
+        for ip in svc.load_balancer_ips.iter().filter(|ip| class.contains(ip)) {
+            out.entry(*ip)
+                .or_insert_with(|| (name.clone(), class.scope.interfaces.clone()));
+        }
+    }
+    out
 }
 
 /// The nodes to announce an address from, given each Service on it with its eligible
@@ -350,6 +432,7 @@ mod tests {
             l2,
             addresses: AddressPool::parse(entries).expect("pool"),
             bgp: None,
+            scope: Scope::default(),
         }
     }
 
@@ -407,7 +490,7 @@ mod tests {
         ));
         let mut w = Vec::new();
         assert_eq!(
-            wanted(&model, &classes, &all, &mut w),
+            wanted(&model, &classes, &all, &NodeLabels::new(), &mut w),
             BTreeMap::from([(ip("198.19.0.77"), all.clone())])
         );
         assert!(w.is_empty(), "{w:?}");
@@ -460,7 +543,7 @@ mod tests {
                     .with(Endpoint::test("10.244.4.5", "excluded")),
             );
         let mut w = Vec::new();
-        let got = wanted(&model, &classes, &all, &mut w);
+        let got = wanted(&model, &classes, &all, &NodeLabels::new(), &mut w);
         assert_eq!(
             got,
             BTreeMap::from([
@@ -470,6 +553,67 @@ mod tests {
         );
         assert_eq!(w.len(), 1, "only the out-of-range address warns: {w:?}");
         assert!(w[0].contains("198.19.7.1"), "{w:?}");
+    }
+
+    #[test]
+    fn a_scoped_class_is_announced_by_its_nodes_on_its_interfaces() {
+        let spec: LoadBalancerClassSpec = serde_json::from_value(serde_json::json!({
+            "pool": {"addresses": ["198.19.8.0/24"], "announce": {
+                "nodeSelector": {"matchLabels": {"edge": "yes"}}, "interfaces": ["ens5", "eth1"]}}
+        }))
+        .expect("spec");
+        let mut w = Vec::new();
+        let scoped = pool_class(&spec, &mut w).expect("pool");
+        assert!(w.is_empty(), "{w:?}");
+        let classes = BTreeMap::from([
+            ("edge".to_string(), scoped),
+            ("lan".to_string(), class(&["198.19.9.0/24"], true)),
+        ]);
+        let all = nodes(&["n1", "n2", "n3"]);
+        let edge = BTreeMap::from([("edge".to_string(), "yes".to_string())]);
+        let labels = NodeLabels::from([("n2".to_string(), edge.clone()), ("n3".into(), edge)]);
+        let mut local = lb("local", "edge", "198.19.8.3");
+        local.external_local = true;
+        let model = Model::test(NodeFacts::test("n1", "198.18.1.10"))
+            .with_service(lb("web", "edge", "198.19.8.1"))
+            .with_service(lb("lan", "lan", "198.19.9.1"))
+            .with_service(local.clone())
+            .with_slice(
+                "local-1",
+                Slice::test(&local)
+                    .with(Endpoint::test("10.244.1.5", "n1"))
+                    .with(Endpoint::test("10.244.2.5", "n2")),
+            );
+        let got = wanted(&model, &classes, &all, &labels, &mut w);
+        assert_eq!(
+            got,
+            BTreeMap::from([
+                (ip("198.19.8.1"), nodes(&["n2", "n3"])),
+                (ip("198.19.8.3"), nodes(&["n2"])),
+                (ip("198.19.9.1"), all.clone()),
+            ])
+        );
+        let ifaces = interfaces(&model, &classes);
+        let want = (
+            "edge".to_string(),
+            vec!["ens5".to_string(), "eth1".to_string()],
+        );
+        assert_eq!(
+            ifaces,
+            BTreeMap::from([(ip("198.19.8.1"), want.clone()), (ip("198.19.8.3"), want)])
+        );
+        let bad: LoadBalancerClassSpec = serde_json::from_value(serde_json::json!({
+            "pool": {"addresses": ["198.19.8.0/24"], "announce": {
+                "nodeSelector": {"matchExpressions": [{"key": "edge", "operator": "Near"}]}}}
+        }))
+        .expect("spec");
+        let invalid = pool_class(&bad, &mut w).expect("pool");
+        assert_eq!(invalid.scope.nodes, ScopeNodes::Invalid);
+        assert!(!invalid.scope.selects(&BTreeMap::new()));
+        assert!(
+            w.iter().any(|w| w.contains("announce.nodeSelector")),
+            "{w:?}"
+        );
     }
 
     /// Services with their eligible nodes.
@@ -536,7 +680,7 @@ mod tests {
                 Slice::test(&b).with(Endpoint::test("10.244.3.5", "n3")),
             );
         let mut w = Vec::new();
-        let got = wanted(&model, &classes, &all, &mut w);
+        let got = wanted(&model, &classes, &all, &NodeLabels::new(), &mut w);
         assert_eq!(got[&ip("198.19.8.7")], nodes(&["n2", "n3"]));
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].contains("ns/a") && w[0].contains("ns/b"), "{w:?}");
@@ -545,7 +689,7 @@ mod tests {
             Slice::test(&b).with(Endpoint::test("10.244.2.6", "n2")),
         );
         let mut w = Vec::new();
-        let got = wanted(&model, &classes, &all, &mut w);
+        let got = wanted(&model, &classes, &all, &NodeLabels::new(), &mut w);
         assert_eq!(got[&ip("198.19.8.7")], nodes(&["n2"]));
         assert!(w.is_empty(), "{w:?}");
     }

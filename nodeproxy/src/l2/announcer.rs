@@ -20,6 +20,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event};
@@ -27,7 +28,7 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::{Notify, watch};
 
 use crate::error::Error;
-use crate::l2::announce::{self, Action, AddrState, LeaseView, PoolClass, Timing};
+use crate::l2::announce::{self, Action, AddrState, LeaseView, NodeLabels, PoolClass, Timing};
 use crate::l2::link::{self, Interface};
 use crate::l2::schedule::{self, InFlight, Job, Outcome, Worker};
 use crate::metrics::Metrics;
@@ -36,16 +37,18 @@ use crate::metrics::Metrics;
 /// eligible nodes, and the node's own addresses (to find the interface).
 pub struct Snapshot {
     pub wanted: BTreeMap<IpAddr, BTreeSet<String>>,
+    /// Addresses whose class names its interfaces: (class, interface names).
+    pub interfaces: BTreeMap<IpAddr, (String, Vec<String>)>,
     pub node_addresses: Vec<IpAddr>,
     pub warnings: Vec<String>,
     /// Nodes peer probes find dead: their Leases are takeable at once.
     pub dead: BTreeSet<String>,
 }
 
-/// Computes a [`Snapshot`] from the classes and node names; `None` until the model's
-/// watches have listed.
+/// Computes a [`Snapshot`] from the classes and the nodes (with their labels); `None`
+/// until the model's watches have listed.
 pub type ModelView =
-    Arc<dyn Fn(&BTreeMap<String, PoolClass>, &BTreeSet<String>) -> Option<Snapshot> + Send + Sync>;
+    Arc<dyn Fn(&BTreeMap<String, PoolClass>, &NodeLabels) -> Option<Snapshot> + Send + Sync>;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -122,9 +125,18 @@ pub struct Announcer {
     /// Brings the next step forward: peer probes found a node dead (or alive again), or a
     /// Lease was released.
     wake: Arc<Notify>,
+    /// The agent's interface: addresses of classes naming none go there.
     iface: Option<Interface>,
+    /// Interfaces named by classes, as found on this node (looked up again at each
+    /// sweep: one may be recreated).
+    named: BTreeMap<String, Interface>,
+    /// Where each wanted address of a class naming interfaces goes, this step.
+    targets: BTreeMap<IpAddr, Interface>,
+    /// Which interface each address this node put on one is on (absent: the agent's).
+    placed: BTreeMap<IpAddr, Interface>,
     last_interface_sync: Option<Instant>,
     warned: BTreeSet<String>,
+    recorder: Recorder,
 }
 
 /// Watch retries doubling from 0.5 s up to 5 s: the CRD may be installed after the agent
@@ -223,6 +235,13 @@ impl Announcer {
     /// Starts the watches; [`Announcer::run`] then does the work.
     pub fn new(client: Client, cfg: Config, metrics: Arc<Metrics>, wake: Arc<Notify>) -> Self {
         let listed: [Arc<AtomicBool>; 3] = Default::default();
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "berth-nodeproxy".into(),
+                instance: Some(cfg.node.clone()),
+            },
+        );
         let classes = reflect(
             "LoadBalancerClass",
             Api::all(client.clone()),
@@ -278,8 +297,12 @@ impl Announcer {
             handing_over: BTreeMap::new(),
             wake,
             iface: None,
+            named: BTreeMap::new(),
+            targets: BTreeMap::new(),
+            placed: BTreeMap::new(),
             last_interface_sync: None,
             warned: BTreeSet::new(),
+            recorder,
         }
     }
 
@@ -326,13 +349,10 @@ impl Announcer {
     /// Settles finished writes; a change of the interface triggers a sweep of stale
     /// addresses.
     async fn finish(&mut self, outcomes: Vec<(IpAddr, Outcome)>) {
-        let Some(iface) = self.iface.clone() else {
-            return;
-        };
-        if outcomes.is_empty() {
+        if self.iface.is_none() || outcomes.is_empty() {
             return;
         }
-        if self.settle(&iface, outcomes).await {
+        if self.settle(outcomes).await {
             self.remove_stale().await;
         }
         self.metrics.l2_held(self.held.len());
@@ -384,19 +404,17 @@ impl Announcer {
         if !self.find_interface(&snap.node_addresses).await {
             return;
         }
-        let Some(iface) = self.iface.clone() else {
-            return;
-        };
         self.dead = snap.dead.clone();
-        let handed = self.handed_over(&snap.wanted);
-        let mut plan = self.plan(&snap.wanted);
+        let mut wanted = snap.wanted;
+        self.place(&snap.interfaces, &mut wanted).await;
+        let handed = self.handed_over(&wanted);
+        let mut plan = self.plan(&wanted);
         plan.withdraw.extend(handed);
-        self.takeable_since
-            .retain(|a, _| snap.wanted.contains_key(a));
+        self.takeable_since.retain(|a, _| wanted.contains_key(a));
         let changed = !plan.withdraw.is_empty();
         // Addresses leave the interface before their Leases are given up: two nodes
         // never answer for one address.
-        self.withdraw(&iface, plan.withdraw).await;
+        self.withdraw(plan.withdraw).await;
         for addr in plan.lost {
             tracing::info!(address = %addr, "stopped announcing pool address (lost the Lease)");
             self.metrics.l2_transition("lost");
@@ -551,7 +569,7 @@ impl Announcer {
 
     /// Applies the Lease writes' outcomes; refreshes or adds the addresses of renewed and
     /// taken Leases in one netlink exchange. True when the interface changed.
-    async fn settle(&mut self, iface: &Interface, outcomes: Vec<(IpAddr, Outcome)>) -> bool {
+    async fn settle(&mut self, outcomes: Vec<(IpAddr, Outcome)>) -> bool {
         let mut taken = Vec::new();
         let mut refresh = Vec::new();
         for (addr, outcome) in outcomes {
@@ -592,7 +610,7 @@ impl Announcer {
                 }
                 Outcome::Lost => {
                     if self.held.remove(&addr).is_some() {
-                        self.withdraw(iface, vec![addr]).await;
+                        self.withdraw(vec![addr]).await;
                         tracing::info!(address = %addr, "stopped announcing pool address (lost the Lease)");
                         self.metrics.l2_transition("lost");
                     }
@@ -607,9 +625,8 @@ impl Announcer {
                 Outcome::Unchanged => {}
             }
         }
-        let lifetime = link::lifetime(self.cfg.timing.duration);
         let hold = taken.iter().map(|t| t.0).chain(refresh).collect();
-        let failed = link::apply(iface, hold, Vec::new(), lifetime).await;
+        let failed = self.hold(hold).await;
         let mut not_added = Vec::new();
         for (addr, e) in failed {
             if taken.iter().any(|t| t.0 == addr) {
@@ -622,7 +639,7 @@ impl Announcer {
         let changed = !taken.is_empty();
         for (addr, previous) in taken {
             if !not_added.contains(&addr) {
-                self.announced(iface, addr, previous);
+                self.announced(addr, previous);
             }
         }
         self.release_some(not_added).await;
@@ -642,8 +659,119 @@ impl Announcer {
         }
     }
 
-    /// A taken address is on the interface: announce it.
-    fn announced(&self, iface: &Interface, addr: IpAddr, previous: Option<String>) {
+    /// Puts (or keeps) addresses on their interfaces, each on its class's when it names
+    /// one, else the agent's; an address whose interface changed leaves the old one.
+    /// Returns the failures.
+    async fn hold(&mut self, addrs: Vec<IpAddr>) -> Vec<(IpAddr, Error)> {
+        let Some(default) = self.iface.clone() else {
+            return Vec::new();
+        };
+        let lifetime = link::lifetime(self.cfg.timing.duration);
+        let mut by_iface: BTreeMap<i32, (Interface, Vec<IpAddr>, Vec<IpAddr>)> = BTreeMap::new();
+        for addr in addrs {
+            let to = self.targets.get(&addr).cloned().unwrap_or(default.clone());
+            let from = self
+                .placed
+                .insert(addr, to.clone())
+                .unwrap_or(default.clone());
+            if from.index != to.index {
+                let e = by_iface.entry(from.index).or_insert((from, vec![], vec![]));
+                e.2.push(addr);
+            }
+            let e = by_iface.entry(to.index).or_insert((to, vec![], vec![]));
+            e.1.push(addr);
+        }
+        let mut failed = Vec::new();
+        for (iface, hold, remove) in by_iface.into_values() {
+            failed.extend(link::apply(&iface, hold, remove, lifetime).await);
+        }
+        failed
+    }
+
+    /// The interface of each address of a class naming interfaces: the first of them
+    /// this node has. Where it has none, this node is taken out of the address's
+    /// eligible nodes (it does not take the Lease; it hands it over if it holds it), and
+    /// says so once in a Warning Event on the class.
+    async fn place(
+        &mut self,
+        interfaces: &BTreeMap<IpAddr, (String, Vec<String>)>,
+        wanted: &mut BTreeMap<IpAddr, BTreeSet<String>>,
+    ) {
+        self.targets.clear();
+        let mut missing: BTreeSet<String> = BTreeSet::new();
+        let mut unplaced: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (addr, (class, names)) in interfaces {
+            let Some(eligible) = wanted.get_mut(addr) else {
+                continue;
+            };
+            let mut found = None;
+            for name in names {
+                if missing.contains(name) {
+                    continue;
+                }
+                if let Some(i) = self.named.get(name) {
+                    found = Some(i.clone());
+                    break;
+                }
+                match link::interface_named(name).await {
+                    Ok(i) => {
+                        self.named.insert(name.clone(), i.clone());
+                        found = Some(i);
+                        break;
+                    }
+                    Err(_) => drop(missing.insert(name.clone())),
+                }
+            }
+            match found {
+                Some(i) => drop(self.targets.insert(*addr, i)),
+                None => {
+                    eligible.remove(&self.cfg.node);
+                    unplaced.insert(class.clone(), names.clone());
+                }
+            }
+        }
+        for (class, names) in unplaced {
+            let note = format!(
+                "node {} has none of the interfaces {names:?} of LoadBalancerClass {class}: \
+                 it does not announce the class's addresses over L2",
+                self.cfg.node
+            );
+            if !self.warned.insert(note.clone()) {
+                continue;
+            }
+            tracing::warn!("L2 announcement: {note}");
+            let event = KubeEvent {
+                type_: EventType::Warning,
+                reason: "InterfaceNotFound".into(),
+                note: Some(note),
+                action: "Announce".into(),
+                secondary: None,
+            };
+            let uid = self
+                .watched
+                .classes
+                .state()
+                .iter()
+                .find(|c| c.name_any() == class)
+                .and_then(|c| c.uid());
+            let reference = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("berth.dev/v1alpha1".into()),
+                kind: Some("LoadBalancerClass".into()),
+                name: Some(class),
+                uid,
+                ..Default::default()
+            };
+            if let Err(e) = self.recorder.publish(&event, &reference).await {
+                tracing::debug!("cannot record event: {e}");
+            }
+        }
+    }
+
+    /// A taken address is on its interface: announce it.
+    fn announced(&self, addr: IpAddr, previous: Option<String>) {
+        let Some(iface) = self.placed.get(&addr).or(self.iface.as_ref()).cloned() else {
+            return;
+        };
         tracing::info!(
             address = %addr,
             interface = %iface.name,
@@ -652,7 +780,7 @@ impl Announcer {
         );
         self.metrics.l2_transition("acquired");
         self.set_announcing(addr, true);
-        self.send_garps(iface.clone(), addr);
+        self.send_garps(iface, addr);
     }
 
     /// The pool classes and the model's addresses with their eligible nodes; `None` until
@@ -661,13 +789,13 @@ impl Announcer {
         let mut warnings = Vec::new();
         let classes = pool_classes(&self.watched.classes, &mut warnings);
         // As for other load balancers, excluded nodes do not announce.
-        let nodes: BTreeSet<String> = self
+        let nodes: NodeLabels = self
             .watched
             .nodes
             .state()
             .iter()
             .filter(|n| !n.labels().contains_key(berth_crds::LABEL_EXCLUDE_FROM_LB))
-            .map(|n| n.name_any())
+            .map(|n| (n.name_any(), n.labels().clone()))
             .collect();
         let snap = model(&classes, &nodes)?;
         for w in warnings.into_iter().chain(snap.warnings.iter().cloned()) {
@@ -770,23 +898,35 @@ impl Announcer {
         });
     }
 
-    /// Takes addresses off the interface and stops their gratuitous ARPs.
-    async fn withdraw(&self, iface: &Interface, addrs: Vec<IpAddr>) {
-        for a in &addrs {
-            self.set_announcing(*a, false);
+    /// Takes addresses off their interfaces and stops their gratuitous ARPs.
+    async fn withdraw(&mut self, addrs: Vec<IpAddr>) {
+        let Some(default) = self.iface.clone() else {
+            return;
+        };
+        let mut by_iface: BTreeMap<i32, (Interface, Vec<IpAddr>)> = BTreeMap::new();
+        for a in addrs {
+            self.set_announcing(a, false);
+            let iface = self.placed.remove(&a).unwrap_or(default.clone());
+            by_iface
+                .entry(iface.index)
+                .or_insert((iface, vec![]))
+                .1
+                .push(a);
         }
         let lifetime = link::lifetime(self.cfg.timing.duration);
-        for (addr, e) in link::apply(iface, Vec::new(), addrs, lifetime).await {
-            tracing::warn!(address = %addr, "removing the address: {e}");
+        for (iface, addrs) in by_iface.into_values() {
+            for (addr, e) in link::apply(&iface, Vec::new(), addrs, lifetime).await {
+                tracing::warn!(address = %addr, "removing the address: {e}");
+            }
         }
     }
 
     /// Removes these held addresses, then frees their Leases so other nodes take them at
     /// once.
     async fn release_some(&mut self, addrs: Vec<IpAddr>) {
-        let Some(iface) = self.iface.clone() else {
+        if self.iface.is_none() {
             return;
-        };
+        }
         let jobs: Vec<(IpAddr, Job)> = addrs
             .into_iter()
             .filter_map(|a| {
@@ -800,8 +940,7 @@ impl Announcer {
                 ))
             })
             .collect();
-        self.withdraw(&iface, jobs.iter().map(|j| j.0).collect())
-            .await;
+        self.withdraw(jobs.iter().map(|j| j.0).collect()).await;
         for (addr, outcome) in self.worker.run(jobs).await {
             if let Outcome::Released { .. } = outcome {
                 tracing::info!(address = %addr, "stopped announcing pool address (released the Lease)");
@@ -814,9 +953,9 @@ impl Announcer {
     /// interface once another node holds its Lease (make-before-break), or after
     /// [`STOP_HANDOVER`] for those nobody took; handed-over addresses go the same way.
     async fn release_all(&mut self) {
-        let Some(iface) = self.iface.clone() else {
+        if self.iface.is_none() {
             return;
-        };
+        }
         let jobs: Vec<(IpAddr, Job)> = std::mem::take(&mut self.held)
             .into_iter()
             .map(|(a, h)| {
@@ -844,46 +983,63 @@ impl Announcer {
             .collect();
         loop {
             let done = self.handed_over(&wanted);
-            self.withdraw(&iface, done).await;
+            self.withdraw(done).await;
             if self.handing_over.is_empty() || Instant::now() >= until {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let rest: Vec<IpAddr> = std::mem::take(&mut self.handing_over).into_keys().collect();
-        self.withdraw(&iface, rest).await;
+        self.withdraw(rest).await;
     }
 
     /// Removes the addresses berth put on the interface that this node does not hold:
     /// left by an agent killed earlier (on this node, before a restart) or released
     /// while a removal failed. Only addresses stamped as berth's are touched.
     async fn remove_stale(&mut self) {
-        let Some(iface) = self.iface.clone() else {
+        let Some(default) = self.iface.clone() else {
             return;
         };
-        let on = match link::addresses(&iface).await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!("listing addresses of {}: {e}", iface.name);
-                return;
-            }
-        };
         self.last_interface_sync = Some(Instant::now());
-        let held: BTreeSet<IpAddr> = self
+        // Every interface berth may have put an address on: the agent's, and those the
+        // classes name (their cache refreshed here: one may have been recreated).
+        let mut ifaces: BTreeMap<i32, Interface> =
+            BTreeMap::from([(default.index, default.clone())]);
+        ifaces.extend(self.placed.values().map(|i| (i.index, i.clone())));
+        ifaces.extend(self.named.values().map(|i| (i.index, i.clone())));
+        self.named.clear();
+        let mine: Vec<IpAddr> = self
             .held
             .keys()
             .chain(self.handing_over.keys())
             .copied()
             .collect();
-        let stale = link::stale(&on, &held);
         let lifetime = link::lifetime(self.cfg.timing.duration);
-        let failed = link::apply(&iface, Vec::new(), stale.clone(), lifetime).await;
-        for addr in stale {
-            match failed.iter().find(|f| f.0 == addr) {
-                None => {
-                    tracing::info!(address = %addr, interface = %iface.name, "removed a pool address this node does not hold")
+        for iface in ifaces.into_values() {
+            let on = match link::addresses(&iface).await {
+                Ok(a) => a,
+                // Gone since: its addresses went with it.
+                Err(e) => {
+                    tracing::debug!("listing addresses of {}: {e}", iface.name);
+                    continue;
                 }
-                Some((_, e)) => tracing::warn!(address = %addr, "removing a stale address: {e}"),
+            };
+            let here: BTreeSet<IpAddr> = mine
+                .iter()
+                .filter(|a| self.placed.get(a).unwrap_or(&default).index == iface.index)
+                .copied()
+                .collect();
+            let stale = link::stale(&on, &here);
+            let failed = link::apply(&iface, Vec::new(), stale.clone(), lifetime).await;
+            for addr in stale {
+                match failed.iter().find(|f| f.0 == addr) {
+                    None => {
+                        tracing::info!(address = %addr, interface = %iface.name, "removed a pool address this node does not hold")
+                    }
+                    Some((_, e)) => {
+                        tracing::warn!(address = %addr, "removing a stale address: {e}")
+                    }
+                }
             }
         }
     }

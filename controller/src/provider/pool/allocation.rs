@@ -63,6 +63,10 @@ impl PoolClass {
         };
         let service_selector = selector("serviceSelector", &spec.service_selector);
         let namespace_selector = selector("namespaceSelector", &spec.namespace_selector);
+        // Parsed here only to refuse the class: the agents apply it.
+        if let Err(e) = spec.announce_nodes() {
+            errors.push(e);
+        }
         match pool {
             Some(pool) if errors.is_empty() => Ok(Self {
                 name: name.to_string(),

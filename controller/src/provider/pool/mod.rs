@@ -463,6 +463,18 @@ mod tests {
         let bad = verdict("lab", &spec(&["198.19.1.1/29"]), &[], &[]);
         assert!(!bad.accepted && bad.reason == reason::INVALID_SPEC && bad.addresses.is_none());
         assert!(bad.message.contains("host bits"), "{}", bad.message);
+        let mut scoped = spec(&["198.19.1.0/29"]);
+        scoped.announce = serde_json::from_value(serde_json::json!({
+            "nodeSelector": {"matchExpressions": [{"key": "rack", "operator": "Near"}]}
+        }))
+        .expect("scope");
+        let refused = verdict("lab", &scoped, &[], &[]);
+        assert!(!refused.accepted && refused.reason == reason::INVALID_SPEC);
+        assert!(
+            refused.message.contains("announce.nodeSelector"),
+            "{}",
+            refused.message
+        );
     }
 
     fn node(name: &str, addresses: &[(&str, &str)]) -> Arc<Node> {

@@ -1,13 +1,16 @@
 //! Who announces each pool Service's addresses, on the Service itself: the
 //! `berth.dev/Announced` condition (`True`/`L2` naming the node that holds each
-//! address's L2 Lease, `False`/`NotAnnounced` while an address has no current holder)
-//! and an `AnnouncerChanged` Event whenever the holders change. Lease renewals change
-//! nothing, so they cause no write.
+//! address's L2 Lease; for classes advertising over BGP the peers with the nodes
+//! advertising to each, reason `BGP` or `L2AndBGP`, see [`bgp`]; `False`/`NotAnnounced`
+//! while an address has no current holder or no node advertises it, `NoEligibleNode`
+//! when the class's `announce.nodeSelector` selects no node) and an `AnnouncerChanged`
+//! Event whenever the holders or advertisers change. Lease renewals change nothing, so
+//! they cause no write.
 //!
-//! The decision is the pure [`announced`] (Service and holders → condition and Event);
-//! [`run`] feeds it from a watch of the agents' Leases and the Service store and writes
-//! under a field manager of its own, so the reconciler's status writes and these never
-//! remove each other's condition.
+//! The decision is the pure [`announced`] (Service, holders and advertisers → condition
+//! and Event); [`run`] feeds it from watches of the agents' Leases and the BGPPeers and
+//! the stores, and writes under a field manager of its own, so the reconciler's status
+//! writes and these never remove each other's condition.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -32,6 +35,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 
+pub mod bgp;
+
+use berth_crds::bgp::BGPPeer;
+
 use crate::config::Config;
 use crate::provider::pool::allocation::status_ips;
 use crate::service::Context;
@@ -40,6 +47,8 @@ use crate::writes::Write;
 /// Field manager of the condition (not the reconciler's: see the module doc).
 pub const FIELD_MANAGER: &str = "berth-controller-announcers";
 pub const REASON_L2: &str = "L2";
+pub const REASON_BGP: &str = "BGP";
+pub const REASON_L2_AND_BGP: &str = "L2AndBGP";
 pub const REASON_NOT_ANNOUNCED: &str = "NotAnnounced";
 /// The class's `announce.nodeSelector` selects no node: nobody may announce.
 pub const REASON_NO_ELIGIBLE_NODE: &str = "NoEligibleNode";
@@ -98,6 +107,19 @@ pub fn no_eligible_node(
     })
 }
 
+/// The pool block of `svc`'s owner class.
+fn owner_pool(
+    svc: &Service,
+    classes: &Store<LoadBalancerClass>,
+) -> Option<berth_crds::PoolProvider> {
+    let owner = svc.annotations().get(ANNOTATION_OWNER_CLASS)?;
+    classes
+        .state()
+        .iter()
+        .find(|c| c.name_any() == *owner)
+        .and_then(|c| c.spec.pool.clone())
+}
+
 /// Whether this controller speaks for `svc`: its owner class, or before it has one its
 /// requested class, is one of this controller's. Others' Services are never written.
 fn handled(svc: &Service, config: &Config) -> bool {
@@ -141,19 +163,43 @@ fn holders_in(message: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// What to write on `svc`, announcing `addrs`, given each address's current holder and
-/// why no node may announce them, if so. Only a change of holders (or of the address
-/// set, or of that reason) writes; the Event names each address whose holder changed,
-/// with the previous one. Pure.
+/// How the BGP part of a condition message starts (it is the message's last part).
+pub const BGP_PREFIX: &str =
+    "over BGP (derived from the BGPPeers' Established sessions and the endpoints): ";
+
+/// The BGP part of a condition message: each peer with the nodes advertising to it.
+fn describe_bgp(advertisers: &bgp::Advertisers) -> String {
+    if advertisers.is_empty() {
+        return format!("{BGP_PREFIX}no BGPPeer");
+    }
+    let peers: Vec<String> = advertisers
+        .iter()
+        .map(|(peer, nodes)| match nodes.is_empty() {
+            true => format!("{peer} via no node"),
+            false => format!(
+                "{peer} via {}",
+                nodes.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        })
+        .collect();
+    format!("{BGP_PREFIX}{}", peers.join("; "))
+}
+
+/// What to write on `svc`, announcing `addrs` over L2 given each address's current
+/// holder, its addresses over BGP by `advertisers` (when its class advertises them), and
+/// why no node may announce them, if so. Only a change of holders or advertisers (or of
+/// the address set, or of that reason) writes; the Event names each address whose holder
+/// changed, with the previous one, and the BGP advertisers before and after. Pure.
 pub fn announced(
     svc: &Service,
     addrs: &[IpAddr],
     holder: impl Fn(&IpAddr) -> Option<String>,
+    advertisers: Option<&bgp::Advertisers>,
     nobody: Option<&str>,
     now: Time,
 ) -> Announced {
     let previous = current(svc);
-    if addrs.is_empty() {
+    if addrs.is_empty() && advertisers.is_none() {
         return if previous.is_some() {
             Announced::Write {
                 condition: None,
@@ -164,24 +210,45 @@ pub fn announced(
         };
     }
     let holders: Vec<(IpAddr, Option<String>)> = addrs.iter().map(|a| (*a, holder(a))).collect();
-    let all = holders.iter().all(|(_, h)| h.is_some());
+    let l2_held = holders.iter().all(|(_, h)| h.is_some());
+    let bgp_up = advertisers.is_none_or(|a| a.values().any(|n| !n.is_empty()));
+    let all = l2_held && bgp_up;
     let (status, reason) = match (all, nobody) {
-        (true, _) => ("True", REASON_L2),
+        (true, _) => (
+            "True",
+            match (addrs.is_empty(), advertisers.is_some()) {
+                (false, true) => REASON_L2_AND_BGP,
+                (true, _) => REASON_BGP,
+                (false, false) => REASON_L2,
+            },
+        ),
         (false, None) => ("False", REASON_NOT_ANNOUNCED),
         (false, Some(_)) => ("False", REASON_NO_ELIGIBLE_NODE),
     };
-    let mut message = holders
+    let mut parts: Vec<String> = holders
         .iter()
         .map(|(a, h)| describe(a, h.as_deref()))
-        .collect::<Vec<_>>()
-        .join("; ");
+        .collect();
     if let (false, Some(why)) = (all, nobody) {
-        message = format!("{message}; {why}");
+        parts.push(why.to_string());
     }
+    let bgp_part = advertisers.map(describe_bgp);
+    parts.extend(bgp_part.clone());
+    let message = parts.join("; ");
     if previous.is_some_and(|c| c.status == status && c.reason == reason && c.message == message) {
         return Announced::Unchanged;
     }
     let was = previous.map(|c| holders_in(&c.message)).unwrap_or_default();
+    let was_bgp = previous.and_then(|c| {
+        c.message
+            .find(BGP_PREFIX)
+            .map(|i| &c.message[i + BGP_PREFIX.len()..])
+    });
+    let now_bgp = bgp_part.as_deref().map(|p| &p[BGP_PREFIX.len()..]);
+    let bgp_change = (was_bgp != now_bgp).then(|| match now_bgp {
+        Some(n) => format!("over BGP now {n} (was {})", was_bgp.unwrap_or("none")),
+        None => format!("no longer over BGP (was {})", was_bgp.unwrap_or("none")),
+    });
     let changes: Vec<String> = holders
         .iter()
         .filter(|(a, h)| was.get(&a.to_string()) != h.as_ref())
@@ -192,6 +259,7 @@ pub fn announced(
                 None => format!("{a} no longer announced (was {before})"),
             }
         })
+        .chain(bgp_change)
         .collect();
     let last_transition_time = match previous {
         Some(c) if c.status == status => c.last_transition_time.clone(),
@@ -225,6 +293,8 @@ pub fn holder(leases: &Observations, addr: &IpAddr, now: Instant) -> Option<Stri
 pub struct Leases {
     seen: Arc<Mutex<Observations>>,
     wake: Arc<Notify>,
+    /// The BGPPeers, whose status says which nodes' sessions are up ([`bgp`]).
+    peers: Store<BGPPeer>,
 }
 
 impl Leases {
@@ -234,6 +304,7 @@ impl Leases {
         let leases = Self {
             seen: Arc::default(),
             wake: Arc::new(Notify::new()),
+            peers: bgp::watch_peers(client),
         };
         let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
         let config = watcher::Config::default().labels(LEASE_LABEL);
@@ -271,11 +342,16 @@ fn holders_of(leases: &Observations) -> Vec<(String, Option<String>)> {
 pub async fn run(ctx: Arc<Context>, leases: Leases) {
     let token = ctx.writer.fence().token();
     loop {
+        let (peers, nodes) = (leases.peers.state(), ctx.stores.nodes.state());
+        let slices = ctx.stores.slices.state();
         for svc in ctx.stores.services.state() {
             if !handled(&svc, &ctx.config) {
                 continue;
             }
             let addrs = l2_addresses(&svc, &ctx.stores.classes);
+            let advertisers = owner_pool(&svc, &ctx.stores.classes)
+                .filter(|_| !status_ips(&svc).is_empty())
+                .and_then(|pool| bgp::advertisers(&svc, &pool, &peers, &nodes, &slices));
             let nobody = no_eligible_node(&svc, &ctx.stores.classes, &ctx.stores.nodes.state());
             let decision = {
                 let seen = leases.seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -284,6 +360,7 @@ pub async fn run(ctx: Arc<Context>, leases: Leases) {
                     &svc,
                     &addrs,
                     |a| holder(&seen, a, now),
+                    advertisers.as_ref(),
                     nobody.as_deref(),
                     Time(k8s_openapi::jiff::Timestamp::now()),
                 )
@@ -376,6 +453,7 @@ mod tests {
             &[ip("198.19.0.5")],
             by(&[("198.19.0.5", "node-a")]),
             None,
+            None,
             now(),
         );
         let Announced::Write {
@@ -401,6 +479,7 @@ mod tests {
             &[ip("198.19.0.5")],
             by(&[("198.19.0.5", "node-a")]),
             None,
+            None,
             now(),
         );
         assert_eq!(a, Announced::Unchanged);
@@ -417,6 +496,7 @@ mod tests {
             &s,
             &[ip("198.19.0.5"), ip("fd00::5")],
             by(&[("198.19.0.5", "node-b"), ("fd00::5", "node-c")]),
+            None,
             None,
             now(),
         );
@@ -448,7 +528,7 @@ mod tests {
         let Announced::Write {
             condition: Some(c),
             event,
-        } = announced(&s, &[ip("198.19.0.5")], by(&[]), None, now())
+        } = announced(&s, &[ip("198.19.0.5")], by(&[]), None, None, now())
         else {
             panic!("a write")
         };
@@ -462,14 +542,14 @@ mod tests {
             Some("198.19.0.5 no longer announced (was node-a)")
         );
         assert_eq!(
-            announced(&s, &[], by(&[]), None, now()),
+            announced(&s, &[], by(&[]), None, None, now()),
             Announced::Write {
                 condition: None,
                 event: None
             }
         );
         assert_eq!(
-            announced(&svc(None), &[], by(&[]), None, now()),
+            announced(&svc(None), &[], by(&[]), None, None, now()),
             Announced::Unchanged
         );
     }
@@ -481,7 +561,7 @@ mod tests {
             "no node may announce class edge: its announce.nodeSelector `rack=z` matches no node";
         let Announced::Write {
             condition: Some(c), ..
-        } = announced(&s, &[ip("198.19.0.5")], by(&[]), Some(why), now())
+        } = announced(&s, &[ip("198.19.0.5")], by(&[]), None, Some(why), now())
         else {
             panic!("a write")
         };
@@ -538,5 +618,118 @@ mod tests {
         );
         assert_eq!(holder(&seen, &a, t0 + Duration::from_secs(8)), None);
         assert_eq!(holder(&seen, &ip("198.19.0.6"), t0), None);
+    }
+}
+
+#[cfg(test)]
+mod bgp_tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn svc(message: Option<&str>) -> Service {
+        let mut s: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "app"},
+            "spec": {"type": "LoadBalancer"},
+        }))
+        .expect("service");
+        if let Some(m) = message {
+            s.status = serde_json::from_value(serde_json::json!({"conditions": [{
+                "type": CONDITION_ANNOUNCED, "status": "True", "reason": REASON_BGP,
+                "message": m, "lastTransitionTime": "2026-01-01T00:00:00Z"
+            }]}))
+            .expect("status");
+        }
+        s
+    }
+
+    fn adv(list: &[(&str, &[&str])]) -> bgp::Advertisers {
+        list.iter()
+            .map(|(p, n)| {
+                (
+                    p.to_string(),
+                    n.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>(),
+                )
+            })
+            .collect()
+    }
+
+    fn now() -> Time {
+        Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn bgp_advertisers_are_named_and_their_change_is_an_event() {
+        let first = adv(&[("r1", &["node-a"])]);
+        let Announced::Write {
+            condition: Some(c),
+            event,
+        } = announced(&svc(None), &[], |_| None, Some(&first), None, now())
+        else {
+            panic!("a write")
+        };
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", REASON_BGP));
+        assert_eq!(c.message, format!("{BGP_PREFIX}r1 via node-a"));
+        assert_eq!(
+            event.as_deref(),
+            Some("over BGP now r1 via node-a (was none)")
+        );
+
+        let s = svc(Some(&c.message));
+        assert_eq!(
+            announced(&s, &[], |_| None, Some(&first), None, now()),
+            Announced::Unchanged
+        );
+        let more = adv(&[("r1", &["node-a", "node-b"])]);
+        let Announced::Write { event, .. } = announced(&s, &[], |_| None, Some(&more), None, now())
+        else {
+            panic!("a write")
+        };
+        assert_eq!(
+            event.as_deref(),
+            Some("over BGP now r1 via node-a, node-b (was r1 via node-a)")
+        );
+        let none = adv(&[("r1", &[])]);
+        let Announced::Write {
+            condition: Some(c), ..
+        } = announced(&s, &[], |_| None, Some(&none), None, now())
+        else {
+            panic!("a write")
+        };
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", REASON_NOT_ANNOUNCED)
+        );
+        assert_eq!(c.message, format!("{BGP_PREFIX}r1 via no node"));
+        assert_eq!(
+            announced(&s, &[], |_| None, None, None, now()),
+            Announced::Write {
+                condition: None,
+                event: None
+            }
+        );
+    }
+
+    #[test]
+    fn l2_and_bgp_together() {
+        let a: IpAddr = "198.19.0.5".parse().expect("ip");
+        let both = adv(&[("r1", &["node-a"])]);
+        let Announced::Write {
+            condition: Some(c), ..
+        } = announced(
+            &svc(None),
+            &[a],
+            |_| Some("node-b".into()),
+            Some(&both),
+            None,
+            now(),
+        )
+        else {
+            panic!("a write")
+        };
+        assert_eq!(c.reason, REASON_L2_AND_BGP);
+        assert_eq!(
+            c.message,
+            format!("198.19.0.5 announced by node-b; {BGP_PREFIX}r1 via node-a")
+        );
     }
 }

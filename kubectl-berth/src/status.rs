@@ -342,7 +342,11 @@ pub async fn detail(
                     c.status, c.reason, c.message
                 ));
             }
-            for ip in status_ips(svc) {
+            // A class with L2 off has no Leases; its BGP advertisers are in the condition.
+            let l2 = class
+                .and_then(|c| c.spec.pool.as_ref())
+                .is_some_and(|p| p.l2 != Some(false));
+            for ip in status_ips(svc).into_iter().filter(|_| l2) {
                 let lease = cluster::l2_lease(client, &ip).await?;
                 out.push_str(&format!(
                     "  {}\n",

@@ -4,8 +4,10 @@
 //! announces the addresses of the Services it serves with itself as next hop; FRR
 //! installs the multipath route and spreads a client's connections over the nodes. As in
 //! the L2 suite no controller runs: each case writes its Services' owner annotation and
-//! load-balancer status itself. Addresses come from 198.19.20.0/24 and fd00:1946::/120,
-//! routers use indexes 1–3, 5–6 and 8 (none shared between cases), so the cases run in
+//! load-balancer status itself, except the who-advertises case, whose controller
+//! allocates from 198.19.22.0/29 and writes the `berth.dev/Announced` condition.
+//! Addresses come from 198.19.20.0/24 and fd00:1946::/120, routers use indexes 1–3, 5–6,
+//! 8 and 9 (none shared between cases), so the cases run in
 //! parallel. Needs root and the running local cluster with its node agents (`make test`).
 
 use std::collections::BTreeSet;
@@ -13,12 +15,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use berth_e2e::controller::{ClassGuard, install_crds};
+use berth_e2e::controller::{ClassGuard, ControllerOpts, ControllerProc, install_crds};
 use berth_e2e::net::NodePlan;
 use berth_e2e::paths;
 use berth_e2e::router::{Ipv6Nodes, Kind, NODE_ASN, Neighbor, ROUTER_ASN, Router, node_ipv6};
 use berth_e2e::service::ServiceBuilder;
-use berth_e2e::testing::{NodeLabel, TestEnv, TestNamespace, curl_in, exec_in};
+use berth_e2e::testing::{NodeLabel, TestEnv, TestNamespace, curl_in, exec_in, lb_ips};
 use berth_e2e::wait::{Diagnostics, wait_until};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
@@ -816,4 +818,142 @@ async fn a_scoped_class_is_announced_only_from_the_nodes_it_selects() {
         "the route following the label to the other node",
     )
     .await;
+}
+
+/// The Service's `berth.dev/Announced` condition as (status, reason, message).
+fn announced(svc: &Service) -> Option<(String, String, String)> {
+    svc.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == berth_crds::CONDITION_ANNOUNCED)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Who advertises a BGP Service, on the Service: the controller's `berth.dev/Announced`
+/// condition names the peer and the nodes advertising an ETP=Local Service (those with
+/// a pod, as FRR's next hops show), follows the pods onto a second node with an
+/// `AnnouncerChanged` Event, and `kubectl berth status` shows it.
+#[tokio::test]
+async fn the_announced_condition_names_the_bgp_advertisers() {
+    let (env, ns) = connect("bgp-who").await;
+    let nodes = nodes(&env);
+    let router = Router::start(
+        Kind::Frr,
+        9,
+        &nodes,
+        &neighbors(&nodes, None),
+        false,
+        &env.info.log_dir,
+    )
+    .unwrap_or_else(|e| panic!("start FRR: {e}"));
+    let peer = PeerGuard::create(
+        &env,
+        &format!("{}-who", ns.name),
+        peer_spec(&router, ROUTER_ASN),
+    );
+    let class = ClassGuard::with_spec(
+        &env,
+        &format!("{}-who", ns.name),
+        json!({"pool": {"addresses": ["198.19.22.0/29"], "l2": false,
+                        "bgp": {"peers": [peer.name]}}}),
+    );
+    let mut opts = ControllerOpts::new(&class.name, &ns.name);
+    opts.aws = false;
+    let controller =
+        ControllerProc::spawn(&env.info, "bgp-who", &opts).unwrap_or_else(|e| panic!("{e}"));
+    let diag = dump(&env, &router)
+        .controllers(std::slice::from_ref(&controller))
+        .events(&ns.name, "web");
+    until_established(&env, &router, &nodes).await;
+    nginx_on(&env, &ns.name, "pods-a", "nginx", &nodes[0].name, 1).await;
+    ServiceBuilder::load_balancer("web")
+        .class(&class.lb_class())
+        .app("nginx")
+        .external_local(true)
+        .tcp(80, 80)
+        .create(&env, &ns.name)
+        .await;
+    let api: Api<Service> = Api::namespaced(env.client.clone(), &ns.name);
+    let ip = wait_until("an address", WAIT, &diag, async || {
+        let svc = api.get("web").await.map_err(|e| e.to_string())?;
+        lb_ips(&svc).first().cloned().ok_or("no address yet".into())
+    })
+    .await;
+    let addr: Ipv4Addr = ip.parse().expect("IPv4 address");
+    let until_named = async |via: &str| {
+        let want = format!("{} via {via}", peer.name);
+        wait_until(
+            "the condition naming the advertisers",
+            WAIT,
+            &diag,
+            async || {
+                let svc = api.get("web").await.map_err(|e| e.to_string())?;
+                match announced(&svc) {
+                    Some((s, r, m)) if s == "True" && r == "BGP" && m.ends_with(&want) => Ok(m),
+                    c => Err(format!("condition {c:?}, want ... {want}")),
+                }
+            },
+        )
+        .await
+    };
+    until_hops(
+        &env,
+        &router,
+        addr,
+        &ips(&nodes, &[0]),
+        "the pod's node a next hop",
+    )
+    .await;
+    let message = until_named(&nodes[0].name).await;
+    assert!(message.contains("derived from"), "{message}");
+
+    nginx_on(&env, &ns.name, "pods-b", "nginx", &nodes[1].name, 1).await;
+    until_hops(
+        &env,
+        &router,
+        addr,
+        &ips(&nodes, &[0, 1]),
+        "both pods' nodes next hops",
+    )
+    .await;
+    let mut both = [nodes[0].name.clone(), nodes[1].name.clone()];
+    both.sort();
+    let via = both.join(", ");
+    until_named(&via).await;
+    let note = format!(
+        "over BGP now {} via {via} (was {} via {})",
+        peer.name, peer.name, nodes[0].name
+    );
+    wait_until("the AnnouncerChanged Event", WAIT, &diag, async || {
+        let events = env.events(&ns.name, "web").await;
+        if events
+            .iter()
+            .any(|(t, r, m)| t == "Normal" && r == "AnnouncerChanged" && m.contains(&note))
+        {
+            Ok(())
+        } else {
+            Err(format!("events {events:?}"))
+        }
+    })
+    .await;
+    let out = Command::new(paths::sibling_bin("kubectl-berth"))
+        .args(["--cluster-name", &env.info.cluster_name])
+        .args(["--region", &env.info.region])
+        .args(["--aws-endpoint", &env.info.localstack_endpoint])
+        .args(["status", "-n", &ns.name, "web"])
+        .env("KUBECONFIG", &env.info.kubeconfig)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .expect("kubectl-berth");
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("Announced: True (BGP)")
+            && status.contains(&format!("{} via {via}", peer.name)),
+        "kubectl berth status:\n{status}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

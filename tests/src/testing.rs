@@ -179,6 +179,8 @@ pub fn curl_in(netns: &str, url: &str, timeout: Duration) -> Result<String> {
         netns,
         &[
             "curl",
+            // No URL globbing: the brackets of an IPv6 literal are part of the address.
+            "-g",
             "-sS",
             "--fail",
             "--max-time",
@@ -196,6 +198,33 @@ pub fn curl_in(netns: &str, url: &str, timeout: Duration) -> Result<String> {
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
+    }
+}
+
+/// The harness's pod server run straight in a namespace (no Pod), answering `name` on a
+/// TCP port; it listens on `::`, so on the namespace's IPv4 and IPv6 addresses. Stopped
+/// on drop.
+pub struct PodServer(std::process::Child);
+
+impl PodServer {
+    pub fn start(netns: &str, name: &str, port: u16) -> Self {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(crate::paths::sibling_bin("berth-podserver"))
+            .args(["--name", name, "--tcp", &port.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn berth-podserver");
+        Self(child)
+    }
+}
+
+impl Drop for PodServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use berth_e2e::controller::{ClassGuard, ControllerOpts, ControllerProc, install_crds};
@@ -20,7 +20,7 @@ use berth_e2e::net::NodePlan;
 use berth_e2e::paths;
 use berth_e2e::router::{Ipv6Nodes, Kind, NODE_ASN, Neighbor, ROUTER_ASN, Router, node_ipv6};
 use berth_e2e::service::ServiceBuilder;
-use berth_e2e::testing::{NodeLabel, TestEnv, TestNamespace, curl_in, exec_in, lb_ips};
+use berth_e2e::testing::{NodeLabel, PodServer, TestEnv, TestNamespace, curl_in, lb_ips};
 use berth_e2e::wait::{Diagnostics, wait_until};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
@@ -539,54 +539,11 @@ async fn gobgp_with_md5_and_failing_peers_beside_it() {
 const POOL6: &str = "fd00:1946::/120";
 const BACKEND_PORT: u16 = 18746;
 
-/// The harness's pod server in a namespace, answering `v6-backend` on [`BACKEND_PORT`]
-/// (it listens on `::`); stopped on drop.
-struct Backend(Child);
-
-impl Backend {
-    fn start(netns: &str) -> Self {
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(paths::sibling_bin("berth-podserver"))
-            .args(["--name", "v6-backend", "--tcp", &BACKEND_PORT.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn berth-podserver");
-        Self(child)
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// One HTTP GET from `netns` (`-g`: the brackets of an IPv6 literal are no glob).
+/// One HTTP GET from `netns`, its body trimmed.
 fn get6(netns: &str, url: &str) -> Result<String, String> {
-    let out = exec_in(
-        netns,
-        &[
-            "curl",
-            "-g",
-            "-sS",
-            "--fail",
-            "--max-time",
-            "2",
-            "--noproxy",
-            "*",
-            url,
-        ],
-    )
-    .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
+    curl_in(netns, url, Duration::from_secs(2))
+        .map(|b| b.trim().to_string())
+        .map_err(|e| e.to_string())
 }
 
 async fn until_hops6(
@@ -653,7 +610,7 @@ async fn an_ipv6_pool_address_through_frr_and_gobgp() {
 
     let (client, _) = frr.client.clone().expect("client namespace");
     let client6 = frr.client6.expect("client IPv6");
-    let _backend = Backend::start(&client);
+    let _backend = PodServer::start(&client, "v6-backend", BACKEND_PORT);
     let vip: Ipv6Addr = "fd00:1946::10".parse().expect("vip");
     ServiceBuilder::load_balancer("web6")
         .owner_class(&class.name)

@@ -12,15 +12,14 @@
 //! No controller runs: the case writes the owner annotation and the status itself.
 //! Serial: it kills an agent.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use berth_e2e::controller::{ClassGuard, install_crds};
 use berth_e2e::l2::{lease_holder, mac_of};
 use berth_e2e::nodeagent::{self, HoldAgent, L2_LEASE_SECONDS};
-use berth_e2e::paths;
 use berth_e2e::service::ServiceBuilder;
-use berth_e2e::testing::{TestEnv, exec_in};
+use berth_e2e::testing::{PodServer, TestEnv, curl_in, exec_in};
 use berth_e2e::wait::{Diagnostics, wait_until};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -96,55 +95,11 @@ impl Drop for V6Setup {
     }
 }
 
-/// The harness's pod server in the client namespace, answering `v6-backend` on
-/// [`BACKEND_PORT`] (it listens on `::`, so on the client's IPv6 address too); stopped on
-/// drop.
-struct Backend(Child);
-
-impl Backend {
-    fn start(netns: &str) -> Self {
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(paths::sibling_bin("berth-podserver"))
-            .args(["--name", "v6-backend", "--tcp", &BACKEND_PORT.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn berth-podserver");
-        Self(child)
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// One HTTP GET from `netns` (`-g`: the brackets of an IPv6 literal are no glob).
+/// One HTTP GET from `netns`, its body trimmed.
 fn get(netns: &str, url: &str) -> Result<String, String> {
-    let out = exec_in(
-        netns,
-        &[
-            "curl",
-            "-g",
-            "-sS",
-            "--fail",
-            "--max-time",
-            "2",
-            "--noproxy",
-            "*",
-            url,
-        ],
-    )
-    .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
+    curl_in(netns, url, Duration::from_secs(2))
+        .map(|b| b.trim().to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// The client's neighbour entry for [`VIP`]: (MAC, state), if any.
@@ -214,7 +169,7 @@ async fn an_ipv6_pool_address_moves_with_unsolicited_neighbour_advertisements() 
         );
         v6.forwarding(&n.plan.netns);
     }
-    let _backend = Backend::start(&client);
+    let _backend = PodServer::start(&client, "v6-backend", BACKEND_PORT);
 
     let class = ClassGuard::with_spec(
         &env,

@@ -297,102 +297,16 @@ async fn attempt(
 ) -> Ended {
     // Until established, the report keeps the last failure's reason and words: a peer
     // that keeps failing shows why, not that it is trying again.
-    let progress = |state| report.send_modify(|r| r.state = state);
-    progress(State::Connect);
+    report.send_modify(|r| r.state = State::Connect);
     let mut stream = tokio::select! {
         r = connect(cfg) => match r { Ok(s) => s, Err(e) => return e },
         _ = stop.changed() => return Ended { report: Report::new(State::Idle, "Stopped", "agent stopping"), stopped: true },
     };
     let _ = stream.set_nodelay(true);
-    let offered = cfg.families();
-    let open = match wire::open(cfg.my_asn, cfg.hold_time, cfg.node_ip, offered) {
-        Ok(o) => o,
-        Err(e) => return failed("InvalidConfig", e.to_string()),
+    let (theirs, hold_for) = match handshake(cfg, &mut stream, report).await {
+        Ok(h) => h,
+        Err(e) => return e,
     };
-    if let Err(e) = send(&mut stream, &open).await {
-        return e;
-    }
-    progress(State::OpenSent);
-    let theirs = match timeout(OPEN_TIMEOUT, read_message(&mut stream)).await {
-        Err(_) => return failed("OpenTimeout", "no OPEN from the router within 30s"),
-        Ok(Err(e)) => return failed("ConnectionLost", format!("waiting for OPEN: {e}")),
-        Ok(Ok(Message::Notification(n))) => return received(n),
-        Ok(Ok(Message::Open(o))) => o,
-        Ok(Ok(other)) => {
-            let n = Notification {
-                code: code::FSM_ERROR,
-                subcode: 0,
-            };
-            return notify(
-                &mut stream,
-                n,
-                "Notification",
-                format!("expected OPEN, got {other:?}"),
-            )
-            .await;
-        }
-    };
-    if theirs.asn != cfg.peer_asn {
-        let n = Notification {
-            code: code::OPEN_ERROR,
-            subcode: code::BAD_PEER_AS,
-        };
-        let msg = format!(
-            "Bad Peer AS: the router at {} says AS {}, peerASN is {}",
-            cfg.address, theirs.asn, cfg.peer_asn
-        );
-        return notify(&mut stream, n, "BadPeerAS", msg).await;
-    }
-    let hold = cfg.hold_time.min(theirs.hold_time);
-    if hold == 1 || hold == 2 {
-        let n = Notification {
-            code: code::OPEN_ERROR,
-            subcode: code::UNACCEPTABLE_HOLD_TIME,
-        };
-        return notify(
-            &mut stream,
-            n,
-            "OpenError",
-            format!("hold time {hold}s is not allowed"),
-        )
-        .await;
-    }
-    if let Err(e) = send(&mut stream, &wire::keepalive()).await {
-        return e;
-    }
-    progress(State::OpenConfirm);
-    let hold_for = (hold > 0).then(|| Duration::from_secs(u64::from(hold)));
-    match timeout(hold_for.unwrap_or(OPEN_TIMEOUT), read_message(&mut stream)).await {
-        Err(_) => {
-            let n = Notification {
-                code: code::HOLD_TIMER_EXPIRED,
-                subcode: 0,
-            };
-            return notify(
-                &mut stream,
-                n,
-                "HoldTimerExpired",
-                "no KEEPALIVE after OPEN".into(),
-            )
-            .await;
-        }
-        Ok(Err(e)) => return failed("ConnectionLost", format!("waiting for KEEPALIVE: {e}")),
-        Ok(Ok(Message::Notification(n))) => return received(n),
-        Ok(Ok(Message::Keepalive)) => {}
-        Ok(Ok(other)) => {
-            let n = Notification {
-                code: code::FSM_ERROR,
-                subcode: 0,
-            };
-            return notify(
-                &mut stream,
-                n,
-                "Notification",
-                format!("expected KEEPALIVE, got {other:?}"),
-            )
-            .await;
-        }
-    }
     let next_hop_v6 = match stream.local_addr() {
         Ok(SocketAddr::V6(a)) if !a.ip().is_unspecified() => Some(*a.ip()),
         _ => None,
@@ -404,9 +318,83 @@ async fn attempt(
         next_hop_v6,
         router_id: cfg.node_ip,
         four_octet_as: theirs.four_octet_as,
-        families: offered.and(theirs.families),
+        families: cfg.families().and(theirs.families),
     };
     established(cfg, stream, speaker, hold_for, routes, stop, report).await
+}
+
+/// OPEN sent, the router's OPEN checked (its AS, the hold time), KEEPALIVEs exchanged:
+/// the router's OPEN and the agreed hold time (None: no hold timer).
+async fn handshake(
+    cfg: &PeerConfig,
+    stream: &mut TcpStream,
+    report: &watch::Sender<Report>,
+) -> Result<(wire::Open, Option<Duration>), Ended> {
+    let open = wire::open(cfg.my_asn, cfg.hold_time, cfg.node_ip, cfg.families())
+        .map_err(|e| failed("InvalidConfig", e.to_string()))?;
+    send(stream, &open).await?;
+    report.send_modify(|r| r.state = State::OpenSent);
+    let theirs = match timeout(OPEN_TIMEOUT, read_message(stream)).await {
+        Err(_) => return Err(failed("OpenTimeout", "no OPEN from the router within 30s")),
+        Ok(Err(e)) => return Err(failed("ConnectionLost", format!("waiting for OPEN: {e}"))),
+        Ok(Ok(Message::Notification(n))) => return Err(received(n)),
+        Ok(Ok(Message::Open(o))) => o,
+        Ok(Ok(other)) => {
+            let n = Notification {
+                code: code::FSM_ERROR,
+                subcode: 0,
+            };
+            let msg = format!("expected OPEN, got {other:?}");
+            return Err(notify(stream, n, "Notification", msg).await);
+        }
+    };
+    if theirs.asn != cfg.peer_asn {
+        let n = Notification {
+            code: code::OPEN_ERROR,
+            subcode: code::BAD_PEER_AS,
+        };
+        let msg = format!(
+            "Bad Peer AS: the router at {} says AS {}, peerASN is {}",
+            cfg.address, theirs.asn, cfg.peer_asn
+        );
+        return Err(notify(stream, n, "BadPeerAS", msg).await);
+    }
+    let hold = cfg.hold_time.min(theirs.hold_time);
+    if hold == 1 || hold == 2 {
+        let n = Notification {
+            code: code::OPEN_ERROR,
+            subcode: code::UNACCEPTABLE_HOLD_TIME,
+        };
+        let msg = format!("hold time {hold}s is not allowed");
+        return Err(notify(stream, n, "OpenError", msg).await);
+    }
+    send(stream, &wire::keepalive()).await?;
+    report.send_modify(|r| r.state = State::OpenConfirm);
+    let hold_for = (hold > 0).then(|| Duration::from_secs(u64::from(hold)));
+    match timeout(hold_for.unwrap_or(OPEN_TIMEOUT), read_message(stream)).await {
+        Err(_) => {
+            let n = Notification {
+                code: code::HOLD_TIMER_EXPIRED,
+                subcode: 0,
+            };
+            let msg = "no KEEPALIVE after OPEN".to_string();
+            Err(notify(stream, n, "HoldTimerExpired", msg).await)
+        }
+        Ok(Err(e)) => Err(failed(
+            "ConnectionLost",
+            format!("waiting for KEEPALIVE: {e}"),
+        )),
+        Ok(Ok(Message::Notification(n))) => Err(received(n)),
+        Ok(Ok(Message::Keepalive)) => Ok((theirs, hold_for)),
+        Ok(Ok(other)) => {
+            let n = Notification {
+                code: code::FSM_ERROR,
+                subcode: 0,
+            };
+            let msg = format!("expected KEEPALIVE, got {other:?}");
+            Err(notify(stream, n, "Notification", msg).await)
+        }
+    }
 }
 
 /// Sends what moves the router from `sent` to `wanted`, leaving out the routes the

@@ -240,6 +240,33 @@ fn ips(nodes: &[NodePlan], which: &[usize]) -> Vec<Ipv4Addr> {
     which.iter().map(|i| nodes[*i].ip).collect()
 }
 
+/// FRR router `number` peering with every node (with its own client namespace when
+/// `with_client`), and the BGPPeer `<namespace>-<suffix>` naming it.
+fn frr_with_peer(
+    env: &TestEnv,
+    ns: &TestNamespace,
+    nodes: &[NodePlan],
+    number: u8,
+    with_client: bool,
+    suffix: &str,
+) -> (Router, PeerGuard) {
+    let router = Router::start(
+        Kind::Frr,
+        number,
+        nodes,
+        &neighbors(nodes, None),
+        with_client,
+        &env.info.log_dir,
+    )
+    .unwrap_or_else(|e| panic!("start FRR: {e}"));
+    let peer = PeerGuard::create(
+        env,
+        &format!("{}-{suffix}", ns.name),
+        peer_spec(&router, ROUTER_ASN),
+    );
+    (router, peer)
+}
+
 /// FRR: every node's session comes up and reports Established in the BGPPeer's status;
 /// the ETP=Cluster address gets every node as next hop and the client's 300 connections
 /// through the router spread over all of them; ETP=Local next hops follow the pods as
@@ -248,20 +275,7 @@ fn ips(nodes: &[NodePlan], which: &[usize]) -> Vec<Ipv4Addr> {
 async fn frr_spreads_traffic_over_every_node_and_follows_the_pods() {
     let (env, ns) = connect("bgp-frr").await;
     let nodes = nodes(&env);
-    let router = Router::start(
-        Kind::Frr,
-        1,
-        &nodes,
-        &neighbors(&nodes, None),
-        true,
-        &env.info.log_dir,
-    )
-    .unwrap_or_else(|e| panic!("start FRR: {e}"));
-    let peer = PeerGuard::create(
-        &env,
-        &format!("{}-frr", ns.name),
-        peer_spec(&router, ROUTER_ASN),
-    );
+    let (router, peer) = frr_with_peer(&env, &ns, &nodes, 1, true, "frr");
     let class = bgp_class(&env, &ns, &peer.name);
     until_established(&env, &router, &nodes).await;
     wait_until(
@@ -732,20 +746,7 @@ async fn an_ipv6_pool_address_through_frr_and_gobgp() {
 async fn a_scoped_class_is_announced_only_from_the_nodes_it_selects() {
     let (env, ns) = connect("bgp-scope").await;
     let nodes = nodes(&env);
-    let router = Router::start(
-        Kind::Frr,
-        8,
-        &nodes,
-        &neighbors(&nodes, None),
-        false,
-        &env.info.log_dir,
-    )
-    .unwrap_or_else(|e| panic!("start FRR: {e}"));
-    let peer = PeerGuard::create(
-        &env,
-        &format!("{}-scope", ns.name),
-        peer_spec(&router, ROUTER_ASN),
-    );
+    let (router, peer) = frr_with_peer(&env, &ns, &nodes, 8, false, "scope");
     let key = format!("berth-e2e.dev/{}", ns.name);
     let label = NodeLabel::new(&env, &nodes[0].name, &key);
     let class = ClassGuard::with_spec(
@@ -796,20 +797,7 @@ fn announced(svc: &Service) -> Option<(String, String, String)> {
 async fn the_announced_condition_names_the_bgp_advertisers() {
     let (env, ns) = connect("bgp-who").await;
     let nodes = nodes(&env);
-    let router = Router::start(
-        Kind::Frr,
-        9,
-        &nodes,
-        &neighbors(&nodes, None),
-        false,
-        &env.info.log_dir,
-    )
-    .unwrap_or_else(|e| panic!("start FRR: {e}"));
-    let peer = PeerGuard::create(
-        &env,
-        &format!("{}-who", ns.name),
-        peer_spec(&router, ROUTER_ASN),
-    );
+    let (router, peer) = frr_with_peer(&env, &ns, &nodes, 9, false, "who");
     let class = ClassGuard::with_spec(
         &env,
         &format!("{}-who", ns.name),
